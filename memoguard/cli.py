@@ -1,0 +1,35 @@
+"""python -m memoguard {demo,scan,bench,calibrate,train-filter-demo} ...
+
+Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
+this file only routes. Heavy imports (diffusers) happen inside the commands.
+"""
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("memoguard.demo", "sample a few prompts on the bundled model and write an HTML report"),
+    "scan": ("memoguard.scan", "score prompts (one, or a txt/CSV/JSONL file) at the first step"),
+    "bench": ("memoguard.bench", "measure detection, explanation, mitigation and overhead on the bundled model"),
+    "calibrate": ("memoguard.calibrate", "score benign prompts on a model and save a calibration file"),
+    "train-filter-demo": ("memoguard.filter_demo", "train with and without the memorization filter and compare"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memoguard", description="MemoGuard: memorization in diffusion models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args.module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

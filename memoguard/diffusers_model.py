@@ -1,0 +1,154 @@
+"""The standalone path: any local diffusers SD1.x / SD2.x / SDXL pipeline folder as a DiffusionModel.
+
+Components are loaded with the standard diffusers/transformers `from_pretrained` from local
+files only. The bundled tiny model is such a folder without a VAE (it works in pixel space).
+Prompts longer than one 77-token window are split into 75-token chunks, each wrapped in
+BOS/EOS and encoded separately, then concatenated, as A1111 and ComfyUI do.
+"""
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .model import DiffusionModel, PromptEncoding
+
+BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+CHUNK = 75
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def _display(token: str) -> str:
+    return token.replace("</w>", "")
+
+
+class DiffusersModel(DiffusionModel):
+    def __init__(self, unet, text_encoders, tokenizers, scheduler, vae=None, name="model",
+                 device="cpu", dtype=torch.float32):
+        self.unet, self.text_encoders, self.tokenizers = unet, text_encoders, tokenizers
+        self.scheduler, self.vae, self.name = scheduler, vae, name
+        self.device, self.dtype = torch.device(device), dtype
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        kinds = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+        if prediction not in kinds:
+            raise ModelLoadError(f"unknown prediction_type {prediction!r} in the scheduler config")
+        self.parameterization = kinds[prediction]
+        self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.is_sdxl = len(text_encoders) == 2
+
+    # -- DiffusionModel -------------------------------------------------------------------
+    def raw_prediction(self, x, t, embedding, extra):
+        kwargs = {}
+        if self.is_sdxl:
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra["text_embeds"], "time_ids": extra["time_ids"]}
+        return self.unet(x.to(self.dtype), t, encoder_hidden_states=embedding.to(self.dtype), **kwargs).sample
+
+    def coefficients(self, t):
+        abar = self.alphas_cumprod[torch.as_tensor(t, device=self.device).long()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.timesteps.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, prompts: List[str]) -> PromptEncoding:
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError("encode() takes a list of prompt strings")
+        tok = self.tokenizers[0]
+        pieces = [tok(p, add_special_tokens=False, truncation=False).input_ids for p in prompts]
+        n_chunks = max(1, max((len(ids) + CHUNK - 1) // CHUNK for ids in pieces))
+        rows, masks, frozen, pads = [], [], [], []
+        for ids in pieces:
+            row, mask, bos, is_pad = [], [], [], []
+            for c in range(n_chunks):
+                chunk = ids[c * CHUNK:(c + 1) * CHUNK]
+                pad = CHUNK - len(chunk)
+                row += [tok.bos_token_id] + chunk + [tok.eos_token_id] + [tok.pad_token_id] * pad
+                mask += [False] + [True] * len(chunk) + [False] * (pad + 1)
+                bos += [True] + [False] * (CHUNK + 1)
+                is_pad += [False] * (len(chunk) + 2) + [True] * pad
+            rows.append(row), masks.append(mask), frozen.append(bos), pads.append(is_pad)
+        ids = torch.tensor(rows, device=self.device)
+        if self.is_sdxl:  # the second tokenizer pads with its own id ("!" in SDXL)
+            ids_2 = ids.masked_fill(torch.tensor(pads, device=self.device), self.tokenizers[1].pad_token_id)
+        hidden, pooled = [], None
+        for c in range(n_chunks):
+            window = ids[:, c * 77:(c + 1) * 77]
+            if self.is_sdxl:
+                outs = [te(w, output_hidden_states=True)
+                        for te, w in zip(self.text_encoders, (window, ids_2[:, c * 77:(c + 1) * 77]))]
+                hidden.append(torch.cat([o.hidden_states[-2] for o in outs], dim=-1))
+                pooled = outs[1].text_embeds if pooled is None else pooled
+            else:
+                hidden.append(self.text_encoders[0](window).last_hidden_state)
+        extra = {}
+        if self.is_sdxl:
+            h, w = self.image_size()
+            extra = {"text_embeds": pooled.to(self.dtype),
+                     "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(prompts), device=self.device, dtype=self.dtype)}
+        tokens = [[_display(t) for t in tok.convert_ids_to_tokens(row)] for row in rows]
+        return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), tokens, torch.tensor(masks),
+                              torch.tensor(frozen), extra)
+
+    # -- images ---------------------------------------------------------------------------
+    def latent_shape(self):
+        s = self.unet.config.sample_size
+        return (self.unet.config.in_channels, s, s)
+
+    def image_size(self):
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        return self.unet.config.sample_size * scale, self.unet.config.sample_size * scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, H, W, 3) float in [0, 1] on the CPU."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((latents.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def load_model(folder: Optional[Path] = None, device: str = "cpu", dtype=torch.float32) -> DiffusersModel:
+    """Load a local diffusers pipeline folder (the bundled tiny model by default)."""
+    try:
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    except ImportError as e:
+        raise ModelLoadError("the standalone path needs diffusers and transformers: "
+                             "pip install -e '.[standalone]'") from e
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.set_verbosity_error()  # "accelerate not installed" etc. would bury our output
+    transformers_logging.set_verbosity_error()
+    folder = Path(folder or BUNDLED_MODEL)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{index_file} is unreadable: {e}") from None
+    sdxl = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        tokenizers = [CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)]
+        encoders = [CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)]
+        if sdxl:
+            tokenizers.append(CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True))
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", local_files_only=True))
+        has_vae = isinstance(index.get("vae"), list) and index["vae"][0] is not None
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True) if has_vae else None
+    except Exception as e:  # diffusers/transformers raise many types for missing or corrupt files
+        raise ModelLoadError(f"could not load the model in {folder}: {type(e).__name__}: {e}") from None
+    for m in [unet, *encoders] + ([vae] if vae is not None else []):
+        m.to(device).eval().requires_grad_(False)
+        if dtype != torch.float32:
+            m.to(dtype)
+    return DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=folder.name, device=device, dtype=dtype)

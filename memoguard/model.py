@@ -1,0 +1,108 @@
+"""The small interface every host adapter implements, and what the core builds on it.
+
+A `DiffusionModel` answers two questions: "what noise does the model see in x at t under this
+prompt embedding" (`eps`, differentiable in the embedding) and "what is this prompt as
+text-encoder output" (`encode`). With `coefficients(t)` (x_t = alpha*x0 + sigma*eps) the core can
+run a generic DDIM step in any convention, so explanation over several steps and mitigation
+work the same for diffusers, ComfyUI and A1111 models.
+"""
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from .score import check_parameterization, to_eps
+
+
+@dataclass
+class PromptEncoding:
+    """Text-encoder output of a batch of prompts, with the tokens behind each position.
+
+    embedding: (B, L, C), L = 77 * chunks. tokens[b][i] is the string at position i.
+    prompt_mask[b, i] is True for real prompt tokens (not BOS, EOS or padding).
+    frozen_mask[b, i] is True where mitigation must not move the embedding (every BOS).
+    extra: model-specific conditioning that is not optimised (SDXL pooled text, size ids).
+    """
+    embedding: torch.Tensor
+    tokens: List[List[str]]
+    prompt_mask: torch.Tensor
+    frozen_mask: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.embedding.dim() != 3:
+            raise ValueError(f"prompt embedding must be (batch, tokens, channels), got {tuple(self.embedding.shape)}")
+        b, l, _ = self.embedding.shape
+        for name in ("prompt_mask", "frozen_mask"):
+            if tuple(getattr(self, name).shape) != (b, l):
+                raise ValueError(f"{name} must be ({b}, {l}), got {tuple(getattr(self, name).shape)}")
+
+    def with_embedding(self, embedding: torch.Tensor) -> "PromptEncoding":
+        return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra)
+
+    def prompt_tokens(self, b: int = 0) -> List[str]:
+        return [tok for tok, keep in zip(self.tokens[b], self.prompt_mask[b].tolist()) if keep]
+
+
+class DiffusionModel(ABC):
+    """Contract for adapters. Gradients must flow from `eps` back to `embedding`."""
+
+    parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
+    init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
+
+    @abstractmethod
+    def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
+        """The network's output for a batch (same batch size for x, t and embedding)."""
+
+    @abstractmethod
+    def coefficients(self, t: torch.Tensor):
+        """(alpha, sigma) at t so that x_t = alpha * x0 + sigma * eps; scalars or (B,) tensors."""
+
+    @abstractmethod
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The sampling schedule, noisiest first, `steps` entries."""
+
+    @abstractmethod
+    def encode(self, prompts: List[str]) -> PromptEncoding:
+        """Text-encoder output for each prompt; the same length L for the whole batch."""
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: Optional[dict] = None) -> torch.Tensor:
+        check_parameterization(self.parameterization)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        alpha, sigma = self.coefficients(t)
+        pred = self.raw_prediction(x, t, embedding, extra or {})
+        return to_eps(pred, self.parameterization, x, alpha, sigma)
+
+    def eps_pair(self, x, t, cond: PromptEncoding, uncond: PromptEncoding, cond_embedding=None):
+        """(eps_c, eps_u) from one batched call, as classifier-free guidance computes them."""
+        cond_emb = cond.embedding if cond_embedding is None else cond_embedding
+        uncond_emb = match_length(uncond.embedding, cond_emb.shape[1]).expand(cond_emb.shape[0], -1, -1)
+        extra = {k: torch.cat([v, _batch_like(uncond.extra[k], v)]) for k, v in cond.extra.items()}
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        eps = self.eps(torch.cat([x, x]), t.repeat(2), torch.cat([cond_emb, uncond_emb.to(cond_emb.dtype)]), extra)
+        return eps.chunk(2)
+
+
+def _batch_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.expand(like.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
+
+
+def match_length(embedding: torch.Tensor, length: int) -> torch.Tensor:
+    """Repeat a one-chunk (uncond) embedding to `length` tokens, as A1111 and ComfyUI do."""
+    if embedding.shape[1] == length:
+        return embedding
+    if length % embedding.shape[1]:
+        raise ValueError(f"cannot match an embedding of {embedding.shape[1]} tokens to {length}")
+    return embedding.repeat(1, length // embedding.shape[1], 1)
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, coeff_now, coeff_next) -> torch.Tensor:
+    """Deterministic DDIM update in any (alpha, sigma) convention."""
+    (a, s), (a2, s2) = coeff_now, coeff_next
+    x0 = (x - _col(s, x) * eps) / _col(a, x)
+    return _col(a2, x) * x0 + _col(s2, x) * eps
+
+
+def _col(v, like):
+    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() else v

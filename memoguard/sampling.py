@@ -1,0 +1,48 @@
+"""Classifier-free-guided DDIM sampling on a `DiffusionModel`, with the score recorded for free.
+
+The standalone path (CLI, benchmarks) samples with this; host adapters use their hosts' own
+samplers and only call the score functions.
+"""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .model import DiffusionModel, PromptEncoding, ddim_step
+from .score import ScoreTrace
+
+CLEAN = (1.0, 0.0)  # (alpha, sigma) of the finished image in every convention
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, rms gaps (B,) on device)
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor
+    trace: Optional[ScoreTrace]
+
+
+def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """x_T for each image, one CPU generator per seed so that batch size does not change images."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return (torch.stack(noise) * model.init_noise_sigma).to(device, dtype)
+
+
+@torch.no_grad()
+def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
+           steps: int = 20, guidance: float = 7.5, monitor: bool = True,
+           cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None) -> SampleResult:
+    """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes."""
+    ts = model.timesteps(steps)
+    x = x_T
+    trace = ScoreTrace() if monitor else None
+    for i, t in enumerate(ts):
+        eps_c, eps_u = model.eps_pair(x, t, cond, uncond, cond_embedding)
+        if trace is not None:
+            gaps = trace.record(i, eps_c - eps_u, float(t))
+            if on_step is not None:
+                on_step(i, len(ts), gaps)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        coeff_next = model.coefficients(ts[i + 1]) if i + 1 < len(ts) else CLEAN
+        x = ddim_step(x, eps, model.coefficients(t), coeff_next)
+    return SampleResult(x, trace)
+

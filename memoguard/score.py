@@ -1,0 +1,149 @@
+"""The detection score: the size of the text-conditional noise prediction, per image.
+
+Every host speaks one of a few conventions. All of them fit x_t = alpha * x0 + sigma * eps:
+  - VP timestep models (diffusers, A1111's DDIM/PLMS/UniPC): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t)
+  - k-diffusion / ComfyUI denoised outputs (x = x0 + sigma * eps): alpha = 1
+  - rectified flow (SD3, Flux; x = sigma * eps + (1 - sigma) * x0): alpha = 1 - sigma
+and a prediction is one of: "eps" (noise), "v" (alpha*eps - sigma*x0, VP only), "x0" (the
+denoised image) or "flow" (velocity eps - x0). eps_c - eps_u is linear in pred_c - pred_u, so the
+score needs neither x nor a second conversion.
+
+Two forms of the gap: the paper's raw L2 over the whole latent, and the RMS (raw / sqrt(numel
+per image)), which does not grow with resolution. Verdicts and calibrations use the RMS.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+PARAMETERIZATIONS = ("eps", "v", "x0", "flow")
+Number = Union[float, torch.Tensor]
+
+
+class ScoreUnavailable(ValueError):
+    """The gap cannot be computed from what the host handed over (e.g. no uncond at cfg = 1)."""
+
+
+def check_parameterization(parameterization: str) -> str:
+    if parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {parameterization!r}; expected one of "
+                         f"{', '.join(PARAMETERIZATIONS)} ('epsilon' -> 'eps', 'v_prediction' -> 'v')")
+    return parameterization
+
+
+def _per_image(value: Number, like: torch.Tensor) -> Number:
+    """Broadcast a scalar or per-image (B,) coefficient against a (B, ...) tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return value.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+    return float(value)
+
+
+def to_eps(pred: torch.Tensor, parameterization: str, x: torch.Tensor, alpha: Number, sigma: Number) -> torch.Tensor:
+    """A model output in any parameterization -> the noise eps of x = alpha * x0 + sigma * eps."""
+    check_parameterization(parameterization)
+    a, s = _per_image(alpha, pred), _per_image(sigma, pred)
+    if parameterization == "eps":
+        return pred
+    if parameterization == "v":  # v = a*eps - s*x0 with a^2 + s^2 = 1
+        return a * pred + s * x
+    if parameterization == "x0":
+        return (x - a * pred) / s
+    return x + a * pred  # flow: velocity u = eps - x0, a = 1 - sigma
+
+
+def eps_difference(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, parameterization: str,
+                   alpha: Number = 1.0, sigma: Optional[Number] = None) -> torch.Tensor:
+    """eps(x, c) - eps(x, empty) from two model outputs of the same x (x cancels out)."""
+    check_parameterization(parameterization)
+    if pred_cond.shape != pred_uncond.shape:
+        raise ValueError(f"cond and uncond predictions differ in shape: {tuple(pred_cond.shape)} "
+                         f"vs {tuple(pred_uncond.shape)}")
+    diff = pred_cond - pred_uncond
+    if parameterization == "eps":
+        return diff
+    a = _per_image(alpha, diff)
+    if parameterization in ("v", "flow"):
+        return a * diff
+    if sigma is None:
+        raise ValueError("an 'x0' (denoised) prediction needs sigma to give eps")
+    return -a / _per_image(sigma, diff) * diff
+
+
+def l2_per_image(diff: torch.Tensor) -> torch.Tensor:
+    """The paper's raw gap: L2 norm over every non-batch element -> (B,)."""
+    return diff.flatten(1).float().norm(dim=1)
+
+
+def rms_per_image(diff: torch.Tensor) -> torch.Tensor:
+    """Resolution-independent gap: raw L2 / sqrt(elements per image) -> (B,)."""
+    return l2_per_image(diff) / math.sqrt(diff[0].numel())
+
+
+def uncond_is_missing(pred_uncond: Optional[torch.Tensor]) -> bool:
+    """ComfyUI skips the uncond pass at cfg = 1 and hands over zeros; treat those as missing."""
+    return pred_uncond is None or not bool(torch.any(pred_uncond != 0))
+
+
+@dataclass
+class ScoreTrace:
+    """Per-step gaps of one generation (all images of a batch).
+
+    record() keeps device tensors and never synchronises; steps() moves them to the CPU at
+    once. Samplers of second order evaluate the model more than once per step: only the first
+    call of each step is kept, so a step's score is always taken at the step's own x_t.
+    """
+    numel: Optional[int] = None                  # elements per image, for the raw form
+    _steps: list = field(default_factory=list)   # [(step, sigma_or_t, rms tensor (B,))]
+    unavailable: Optional[str] = None            # why no score exists (cfg = 1, NGMS ...)
+
+    def record(self, step: int, diff: torch.Tensor, t: Optional[float] = None) -> torch.Tensor:
+        """Record eps_c - eps_u of one step; returns its RMS gap per image (device tensor)."""
+        if self._steps and self._steps[-1][0] >= step:
+            return self._steps[-1][2]
+        rms = rms_per_image(diff.detach())
+        self.numel = diff[0].numel()
+        self._steps.append((step, t, rms))
+        return rms
+
+    def mark_unavailable(self, reason: str) -> None:
+        self.unavailable = reason
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def per_step(self) -> torch.Tensor:
+        """(steps, B) float CPU tensor of RMS gaps; NaN where the model output was not finite."""
+        if not self._steps:
+            return torch.empty(0, 0)
+        return torch.stack([r for _, _, r in self._steps]).cpu()
+
+    def step_indices(self) -> list:
+        return [s for s, _, _ in self._steps]
+
+    def score(self, window: int = 1, start: int = 0) -> torch.Tensor:
+        """Mean RMS gap over steps [start, start + window) per image -> (B,). First step by default."""
+        if self.unavailable:
+            raise ScoreUnavailable(self.unavailable)
+        gaps = self.per_step()
+        if gaps.numel() == 0:
+            raise ScoreUnavailable("no sampling step was recorded")
+        if window < 1 or start < 0:
+            raise ValueError(f"window must be >= 1 and start >= 0 (got window={window}, start={start})")
+        return gaps[start:start + window].mean(dim=0)
+
+    def raw_score(self, window: int = 1, start: int = 0) -> torch.Tensor:
+        """The paper's raw L2 form of score()."""
+        return self.score(window, start) * math.sqrt(self.numel)
+
+    def to_dict(self) -> dict:
+        gaps = self.per_step()
+        return {"steps": self.step_indices(), "t": [t for _, t, _ in self._steps],
+                "rms": gaps.T.tolist(), "numel": self.numel, "unavailable": self.unavailable}
+
+
+def coefficients_vp(alphas_cumprod: torch.Tensor, t: Union[int, torch.Tensor]):
+    """(alpha, sigma) of a VP (DDPM-style) schedule at integer timestep(s) t."""
+    abar = alphas_cumprod[torch.as_tensor(t, device=alphas_cumprod.device).long()]
+    return abar.sqrt(), (1 - abar).sqrt()
+
