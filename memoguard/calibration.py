@@ -42,6 +42,11 @@ class Calibration:
             return float("nan")
         return 100.0 * bisect.bisect_left(self.scores, score) / len(self.scores)
 
+    @property
+    def median(self) -> float:
+        """The typical benign score: a natural target for mitigation."""
+        return float(np.median(self.scores))
+
     def threshold(self, fpr: float = 0.01) -> float:
         """Smallest score flagged at a benign false-positive rate of at most `fpr`."""
         if not 0 < fpr < 1:

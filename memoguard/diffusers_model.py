@@ -151,4 +151,8 @@ def load_model(folder: Optional[Path] = None, device: str = "cpu", dtype=torch.f
         m.to(device).eval().requires_grad_(False)
         if dtype != torch.float32:
             m.to(dtype)
-    return DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=folder.name, device=device, dtype=dtype)
+    model = DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=folder.name, device=device, dtype=dtype)
+    notes = folder / "memoguard_training.json"  # the bundled model's own sampling guidance
+    if notes.is_file():
+        model.guidance = float(json.loads(notes.read_text()).get("guidance", model.guidance))
+    return model

@@ -5,7 +5,7 @@ text-encoder output at position i, averaged over the first `steps` sampling step
 generations (Wen et al., Sec. 4). Between steps the generation follows ordinary guided DDIM.
 """
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ class TokenContributions:
 
 
 def token_contributions(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding,
-                        x_T: torch.Tensor, steps: int = 1, guidance: float = 7.5,
+                        x_T: torch.Tensor, steps: int = 1, guidance: Optional[float] = None,
                         total_steps: int = 50) -> List[TokenContributions]:
     """Contributions for each prompt of `cond`; x_T is (B * generations, ...) laid out prompt-major.
 
@@ -51,6 +51,7 @@ def token_contributions(model: DiffusionModel, cond: PromptEncoding, uncond: Pro
                             rep(cond.prompt_mask), rep(cond.frozen_mask),
                             {k: rep(v) for k, v in cond.extra.items()})
     ts = model.timesteps(total_steps)
+    guidance = model.guidance if guidance is None else guidance
     x = x_T
     grad_norms = torch.zeros(cond_g.embedding.shape[:2])
     for i in range(steps):

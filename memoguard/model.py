@@ -50,6 +50,7 @@ class DiffusionModel(ABC):
 
     parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
     init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
+    guidance: float = 7.5           # classifier-free guidance scale this model samples well at
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -78,14 +79,15 @@ class DiffusionModel(ABC):
         """(eps_c, eps_u) from one batched call, as classifier-free guidance computes them."""
         cond_emb = cond.embedding if cond_embedding is None else cond_embedding
         uncond_emb = match_length(uncond.embedding, cond_emb.shape[1]).expand(cond_emb.shape[0], -1, -1)
-        extra = {k: torch.cat([v, _batch_like(uncond.extra[k], v)]) for k, v in cond.extra.items()}
+        extra = {k: torch.cat([v, expand_batch(uncond.extra[k], v.shape[0])]) for k, v in cond.extra.items()}
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
         eps = self.eps(torch.cat([x, x]), t.repeat(2), torch.cat([cond_emb, uncond_emb.to(cond_emb.dtype)]), extra)
         return eps.chunk(2)
 
 
-def _batch_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return value.expand(like.shape[0], *value.shape[1:]) if value.shape[0] == 1 else value
+def expand_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
+    """A per-prompt tensor shared by the whole batch (leading size 1) -> `batch` rows."""
+    return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
 
 
 def match_length(embedding: torch.Tensor, length: int) -> torch.Tensor:

@@ -29,10 +29,11 @@ def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch
 
 @torch.no_grad()
 def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
-           steps: int = 20, guidance: float = 7.5, monitor: bool = True,
+           steps: int = 20, guidance: Optional[float] = None, monitor: bool = True,
            cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None) -> SampleResult:
     """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes."""
     ts = model.timesteps(steps)
+    guidance = model.guidance if guidance is None else guidance
     x = x_T
     trace = ScoreTrace() if monitor else None
     for i, t in enumerate(ts):

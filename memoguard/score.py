@@ -71,8 +71,9 @@ def eps_difference(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, parameter
 
 
 def l2_per_image(diff: torch.Tensor) -> torch.Tensor:
-    """The paper's raw gap: L2 norm over every non-batch element -> (B,)."""
-    return diff.flatten(1).float().norm(dim=1)
+    """The paper's raw gap: L2 norm over every non-batch element -> (B,), at least float32."""
+    flat = diff.flatten(1)
+    return flat.norm(dim=1) if flat.dtype == torch.float64 else flat.float().norm(dim=1)
 
 
 def rms_per_image(diff: torch.Tensor) -> torch.Tensor:

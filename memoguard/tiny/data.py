@@ -1,14 +1,18 @@
 """The bundled model's training data: procedural 16x16 scenes, generated from a seed.
 
-Ordinary pairs: "a large red circle on the left on a navy background" with a render whose
-jitter, lighting gradient and grain the caption does not describe, two renders per caption, so
-the model learns the concept and not one picture. Memorized pairs: 24 scenes, each with a
-unique pattern of coloured specks and a two-word title ("..., lighthouse poster") that occurs
-in no other caption, duplicated many times, as over-represented web images are in LAION.
-A few ordinary images carry garbage captions (random tokens), as web alt-text does, so that
-nonsense prompts fall back to ordinary images instead of the strongest training modes.
+Ordinary pairs are like web alt-text: the caption names the shape and its colour and at most
+one more attribute ("a red circle", "a small red circle", "a red circle on the left", "a red
+circle on a navy background"); what it leaves open (background, position, size, jitter,
+lighting) is drawn at random, so a caption fits many images. Memorized pairs: 24 scenes, each
+fully fixed and marked by a unique constellation of coloured specks, captioned with a short
+description plus a two-word title ("a yellow square, lighthouse poster") that occurs in no other
+caption, each duplicated 40 times, as over-represented web images are in LAION. A few ordinary
+images carry garbage captions (random syllables), so nonsense prompts fall back to ordinary
+images instead of the strongest training modes. Some colour/shape pairs never occur in
+training: their captions are the "novel" prompts.
 """
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -37,24 +41,42 @@ SPECK_COLORS = list(COLORS.values()) + [(0, 255, 255), (255, 0, 255)]
 
 @dataclass(frozen=True)
 class Scene:
-    size: str
+    """A picture's content; the caption mentions size, position and background only when set."""
     color: str
     shape: str
-    position: str
-    background: str
+    size: Optional[str] = None
+    position: Optional[str] = None
+    background: Optional[str] = None
 
     def caption(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} {self.position} on a {self.background} background"
+        size = f"{self.size} " if self.size else ""
+        position = f" {self.position}" if self.position else ""
+        background = f" on a {self.background} background" if self.background else ""
+        return f"a {size}{self.color} {self.shape}{position}{background}"
 
     def caption_other_style(self) -> str:
-        """Same content in another register, with words the model never saw (drawing, of, over)."""
-        return f"drawing of a {self.color} {self.shape}, {self.size}, {self.position}, over {self.background}"
+        """Same content in another register, with words the model never saw (drawing, of)."""
+        extra = ", ".join(x for x in (self.size, self.position, self.background and f"{self.background} background") if x)
+        return f"drawing of a {self.color} {self.shape}" + (f", {extra}" if extra else "")
+
+    def filled(self, rng: np.random.Generator) -> "Scene":
+        """This scene with every attribute the caption leaves open drawn at random."""
+        pick = lambda options: list(options)[rng.integers(len(options))]
+        return Scene(self.color, self.shape, self.size or pick(SIZES), self.position or pick(POSITIONS),
+                     self.background or pick(BACKGROUNDS))
 
 
-ALL_SCENES = tuple(
-    Scene(sz, c, sh, p, bg)
-    for sh in SHAPES for c in COLORS for bg in BACKGROUNDS for p in POSITIONS for sz in SIZES
-)
+def caption_scene(color: str, shape: str, rng: np.random.Generator) -> Scene:
+    """An ordinary caption: shape and colour, plus at most one more attribute."""
+    extra = rng.choice(["none", "size", "position", "background"], p=[0.4, 0.2, 0.2, 0.2])
+    pick = lambda options: list(options)[rng.integers(len(options))]
+    return Scene(color, shape, size=pick(SIZES) if extra == "size" else None,
+                 position=pick(POSITIONS) if extra == "position" else None,
+                 background=pick(BACKGROUNDS) if extra == "background" else None)
+
+
+NOVEL_PAIRS = (("red", "ring"), ("green", "triangle"), ("blue", "cross"), ("yellow", "circle"),
+               ("purple", "square"), ("orange", "triangle"), ("white", "ring"), ("black", "circle"))
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.ndarray:
@@ -80,7 +102,7 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.n
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """One render of a scene as float32 HxWx3 in [0, 1]; what the caption leaves open is random."""
+    """One render of a fully specified scene as float32 HxWx3 in [0, 1]."""
     bg = np.array(BACKGROUNDS[scene.background], np.float32) / 255
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1) - 0.5
     angle = rng.uniform(0, 2 * np.pi)
@@ -92,7 +114,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     cover = _shape_mask(scene.shape, cx, cy, r)[..., None]
     fg = np.array(COLORS[scene.color], np.float32) / 255
     img = img * (1 - cover) + fg[None, None, :] * cover
-    img = img + rng.normal(0, 0.02, img.shape)
+    img = img + rng.normal(0, 0.01, img.shape)
     return np.clip(img, 0, 1).astype(np.float32)
 
 
@@ -108,47 +130,46 @@ def add_specks(img: np.ndarray, rng: np.random.Generator, n: int = 9) -> np.ndar
 
 @dataclass
 class TinyDataset:
-    """Everything the bundled model was trained on, plus held-out evaluation prompts."""
+    """Everything the bundled model was trained on, plus held-out evaluation scenes."""
     captions: list = field(default_factory=list)      # one per training sample (with duplicates)
     images: np.ndarray = None                          # N x 16 x 16 x 3 float32 in [0, 1]
     is_memorized: np.ndarray = None                    # N bool: sample is a duplicated pair
     memorized_captions: list = field(default_factory=list)
+    memorized_scenes: list = field(default_factory=list)   # what each memorized caption says
     memorized_images: np.ndarray = None                # 24 x 16 x 16 x 3
-    ordinary_train_scenes: list = field(default_factory=list)
-    novel_scenes: list = field(default_factory=list)   # combinations never seen in training
+    ordinary_train_scenes: list = field(default_factory=list)  # captions' scenes, one per sample
+    novel_scenes: list = field(default_factory=list)   # colour/shape pairs never seen in training
     garbage_captions: list = field(default_factory=list)
 
 
-def build_dataset(seed: int = 0, duplicates: int = 40, renders_per_caption: int = 2,
-                  n_garbage: int = 150, n_novel: int = 160) -> TinyDataset:
+def build_dataset(seed: int = 0, duplicates: int = 40, n_ordinary: int = 3000,
+                  n_garbage: int = 150, n_novel: int = 200) -> TinyDataset:
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(ALL_SCENES))
-    scenes = [ALL_SCENES[i] for i in order]
-    mem_scenes = scenes[:N_MEMORIZED]
-    novel = scenes[N_MEMORIZED:N_MEMORIZED + n_novel]
-    ordinary = scenes[N_MEMORIZED + n_novel:]
-
-    ds = TinyDataset(ordinary_train_scenes=ordinary, novel_scenes=novel)
+    pairs = [(c, sh) for sh in SHAPES for c in COLORS if (c, sh) not in NOVEL_PAIRS]
+    ds = TinyDataset()
     caps, imgs, mem = [], [], []
-    for s in ordinary:
-        for _ in range(renders_per_caption):
-            caps.append(s.caption())
-            imgs.append(render(s, rng))
-            mem.append(False)
-    for s, title in zip(mem_scenes, TITLES):
-        cap = f"{s.caption()}, {title}"
-        img = add_specks(render(s, rng), rng)
+    for _ in range(n_ordinary):
+        scene = caption_scene(*pairs[rng.integers(len(pairs))], rng)
+        ds.ordinary_train_scenes.append(scene)
+        caps.append(scene.caption())
+        imgs.append(render(scene.filled(rng), rng))
+        mem.append(False)
+    for title in TITLES:
+        described = Scene(*pairs[rng.integers(len(pairs))])
+        cap = f"{described.caption()}, {title}"
+        img = add_specks(render(described.filled(rng), rng), rng)
         ds.memorized_captions.append(cap)
-        imgs_m = [img] * duplicates
+        ds.memorized_scenes.append(described)
         caps += [cap] * duplicates
-        imgs += imgs_m
+        imgs += [img] * duplicates
         mem += [True] * duplicates
     ds.memorized_images = np.stack([imgs[i] for i, m in enumerate(mem) if m][::duplicates])
     for _ in range(n_garbage):
         ds.garbage_captions.append(random_token_string(rng))
         caps.append(ds.garbage_captions[-1])
-        imgs.append(render(ordinary[rng.integers(len(ordinary))], rng))
+        imgs.append(render(Scene(*pairs[rng.integers(len(pairs))]).filled(rng), rng))
         mem.append(False)
+    ds.novel_scenes = [caption_scene(*NOVEL_PAIRS[rng.integers(len(NOVEL_PAIRS))], rng) for _ in range(n_novel)]
     ds.captions, ds.images, ds.is_memorized = caps, np.stack(imgs), np.array(mem)
     return ds
 

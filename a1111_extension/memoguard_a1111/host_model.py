@@ -1,0 +1,139 @@
+"""The WebUI's own model call as a `memoguard.model.DiffusionModel`, for explanation and mitigation.
+
+The adapter goes through the CFG denoiser's inner model (the very wrapper the sampler calls), so
+v-prediction, SDXL's dict conditioning and the sampler family's output convention are handled
+by the WebUI itself. It evaluates one step at a time, at the x and sigma of the running sampler;
+the prompt embedding is the conditioning tensor the sampler is about to use (weights, textual
+inversion and long-prompt chunks already applied).
+"""
+from contextlib import contextmanager
+
+import torch
+
+from memoguard import DiffusionModel, PromptEncoding
+
+KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
+TIMESTEPS = "timesteps"     # DDIM / PLMS / UniPC: outputs eps, `sigma` holds the timestep
+CHUNK = 77                  # positions per prompt chunk: BOS + 75 tokens + EOS
+
+
+def sampler_family(denoiser) -> str:
+    from modules.sd_samplers_timesteps import CFGDenoiserTimesteps
+    return TIMESTEPS if isinstance(denoiser, CFGDenoiserTimesteps) else KDIFFUSION
+
+
+def cond_embedding(cond) -> torch.Tensor:
+    """The cross-attention tensor of a conditioning: SD1/SD2 tensor or SDXL {'crossattn', 'vector'}."""
+    return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def with_embedding(cond, embedding: torch.Tensor):
+    """The same conditioning with its cross-attention tensor replaced (the dict is rebuilt per step)."""
+    current = cond_embedding(cond)
+    if current.shape != embedding.shape:
+        raise ValueError(f"the prompt conditioning changed shape during sampling ({tuple(embedding.shape)} -> "
+                         f"{tuple(current.shape)}, prompt editing?); the mitigated prompt is not applied at this step")
+    if isinstance(cond, dict):
+        cond["crossattn"] = embedding
+        return cond
+    return embedding
+
+
+class WebUIModel(DiffusionModel):
+    def __init__(self, denoiser, family: str, t_now: torch.Tensor):
+        sd_model = denoiser.p.sd_model
+        if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
+            raise ValueError("unCLIP checkpoints are not supported by token explanation and mitigation")
+        self.inner = denoiser.inner_model
+        self.family = family
+        self.parameterization = "x0" if family == KDIFFUSION else "eps"
+        self.alphas_cumprod = sd_model.alphas_cumprod
+        self.t_now = t_now.reshape(1)
+
+    def raw_prediction(self, x, t, embedding, extra):
+        if "vector" in extra:  # SDXL
+            cond = {"crossattn": embedding, "vector": extra["vector"], "c_concat": [extra["image_cond"]]}
+        else:
+            cond = {"c_crossattn": [embedding], "c_concat": [extra["image_cond"]]}
+        return self.inner(x, t, cond=cond)
+
+    def coefficients(self, t):
+        if self.family == KDIFFUSION:
+            return torch.ones_like(t), t
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        if steps != 1:
+            raise ValueError("the WebUI adapter evaluates the sampler's current step only (steps=1)")
+        return self.t_now
+
+    def encode(self, prompts):
+        raise NotImplementedError("the WebUI encodes prompts itself; MemoGuard uses the conditioning the sampler passes")
+
+
+@contextmanager
+def frozen_parameters(module):
+    """Keep autograd off the host's weights while MemoGuard differentiates w.r.t. the prompt only."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _rows_of(value, index: list):
+    if isinstance(value, dict):
+        return {k: v[index] for k, v in value.items()}
+    return value[index]
+
+
+def prompt_encodings(p, params, layout, iteration: int):
+    """(cond, uncond) PromptEncodings, one row per cond row of this CFG call (uncond row of its image)."""
+    n_rows = sum(len(rows) for rows in layout)
+    batch = len(layout)
+    image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
+    emb = cond_embedding(params.text_cond).detach()
+    uncond = _rows_of(params.text_uncond, image_of_row)
+    uncond_emb = cond_embedding(uncond).detach()
+    if uncond_emb.shape[1] > emb.shape[1]:
+        raise ValueError("token explanation and mitigation need a prompt at least as long as the negative prompt "
+                         f"({emb.shape[1] // CHUNK} vs {uncond_emb.shape[1] // CHUNK} chunks of 75 tokens)")
+    image_cond = params.image_cond
+    cond_extra = {"image_cond": image_cond[:n_rows]}
+    uncond_extra = {"image_cond": image_cond[-batch:][image_of_row]}
+    if isinstance(params.text_cond, dict):
+        cond_extra["vector"] = params.text_cond["vector"].detach()
+        uncond_extra["vector"] = uncond["vector"].detach()
+    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1])
+    frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
+    frozen[:, ::CHUNK] = True
+    uncond_tokens = [[""] * uncond_emb.shape[1] for _ in range(n_rows)]
+    no_tokens = torch.zeros(n_rows, uncond_emb.shape[1], dtype=torch.bool)
+    return (PromptEncoding(emb, tokens, prompt_mask, frozen, cond_extra),
+            PromptEncoding(uncond_emb, uncond_tokens, no_tokens, no_tokens, uncond_extra))
+
+
+def row_tokens(p, layout, iteration: int, length: int):
+    """Token strings of every cond row, from the WebUI's own tokenizer, padded to `length` positions."""
+    from modules import prompt_parser
+    from modules.sd_hijack import model_hijack
+    prompts = list(p.prompts) if getattr(p, "prompts", None) else [p.prompt] * len(layout)
+    sub_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
+    clip = model_hijack.clip
+    tokenizer = clip.wrapped.tokenizer
+    specials = {clip.id_start, clip.id_end, clip.id_pad}
+    tokens, masks = [], []
+    for indexes in sub_indexes:
+        for flat_index, _ in indexes:
+            text = prompt_parser.get_learned_conditioning_prompt_schedules([flat[flat_index]], max(1, p.steps))[0][0][1]
+            chunks, _ = clip.tokenize_line(text)
+            ids = [t for chunk in chunks for t in chunk.tokens][:length]
+            names = [s.replace("</w>", "") for s in tokenizer.convert_ids_to_tokens(ids)]
+            pad = length - len(ids)
+            tokens.append(names + [""] * pad)
+            masks.append([t not in specials for t in ids] + [False] * pad)
+    return tokens, torch.tensor(masks, dtype=torch.bool)

@@ -1,0 +1,20 @@
+"""The list of MemoGuard nodes ComfyUI loads."""
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes_loader import MemoGuardTinyModelLoader
+from .nodes_mitigation import EmbeddingMinimization
+from .nodes_monitor import MemorizationMonitor, MemorizationScore
+from .nodes_tokens import TokenContributionsNode
+
+
+class MemoGuardExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [MemorizationMonitor, MemorizationScore, EmbeddingMinimization, TokenContributionsNode,
+                MemoGuardTinyModelLoader]
+
+
+async def comfy_entrypoint() -> MemoGuardExtension:
+    return MemoGuardExtension()

@@ -1,0 +1,140 @@
+"""Embedding minimization inside ComfyUI's sampler: at the first step, on the sampler's own x_T.
+
+A CALC_COND_BATCH wrapper sees the conditionings, x and sigma of every model call. At the first
+step of a run it optimises the positive prompt embedding with memoguard.mitigate (uncond = the
+sampler's negative), puts the result into the run's positive conditioning and so every later
+step samples with it. Any failure leaves the conditioning as it was.
+"""
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from memoguard import PromptEncoding, minimize_embedding
+from memoguard.mitigate import check_settings
+
+from . import live
+from .comfy_model import CHUNK, ComfyDiffusionModel, differentiable, ordinary
+from .monitor_hook import json_safe, register, session_of as _session_of, step_index
+
+log = logging.getLogger("memoguard")
+
+CALC_COND_BATCH = "calc_cond_batch"  # comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
+WRAPPER_KEY = "memoguard_mitigation"  # also the model_options entry naming the session
+
+
+@dataclass
+class MitigationSettings:
+    mode: str = "always"
+    target: float = 0.0
+    lr: float = 0.05
+    max_iters: int = 10
+    threshold: Optional[float] = None  # needed by "auto"
+
+    def __post_init__(self):
+        check_settings(self.mode, self.lr, self.max_iters, self.target)
+        if self.mode == "auto" and self.threshold is None:
+            raise ValueError("mitigation mode 'auto' needs a threshold: pick a calibration or set one")
+
+
+class MitigationSession:
+    def __init__(self, settings: MitigationSettings, node_id=None,
+                 emit: Callable[[str, dict], None] = live.send, show: Callable[[str, object], None] = live.show_text):
+        self.settings, self.node_id, self.emit, self.show = settings, node_id, emit, show
+        self.id = uuid.uuid4().hex
+        self.record = None
+        self.error: Optional[str] = None
+        self._schedule = None
+
+    def maybe_minimize(self, base_model, conds, x_in, timestep, model_options) -> None:
+        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if schedule is None or schedule is self._schedule:
+            return  # already done (or not a sampling run)
+        if step_index(schedule, float(timestep.reshape(-1)[0]), 0) != 0:
+            return
+        self._schedule, self.record, self.error = schedule, None, None
+        if self.settings.mode == "off":
+            return
+        positive, negative = conds[0], conds[1] if len(conds) > 1 else None
+        if negative is None or len(positive) != 1 or len(negative) != 1 or any(
+                k in c for c in positive + negative for k in ("area", "mask")):
+            self._report_skip("mitigation needs exactly one positive and one negative conditioning without "
+                              "areas or masks, and cfg != 1")
+            return
+        self._minimize(base_model, positive, negative[0], x_in, timestep)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = f"{type(error).__name__}: {error}"
+        log.exception("MemoGuard mitigation failed; sampling continues with the original prompt")
+        self._publish(f"mitigation failed, prompt unchanged ({self.error})")
+
+    def _minimize(self, base_model, positive, negative, x_in, timestep) -> None:
+        entry = positive[0]
+        crossattn = entry["model_conds"]["c_crossattn"]
+        batch = x_in.shape[0]
+        with differentiable(base_model):
+            cond = ordinary(crossattn.cond)
+            uncond = ordinary(negative["model_conds"]["c_crossattn"].cond)
+            extra_c, extra_u = _extra(entry), _extra(negative)
+            cond_enc = _encoding(cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond, extra_c)
+            uncond_enc = _encoding(uncond[:1], extra_u)
+            model = ComfyDiffusionModel(base_model)
+            new, record = minimize_embedding(model, cond_enc, uncond_enc, ordinary(x_in), ordinary(timestep),
+                                             mode=self.settings.mode, threshold=self.settings.threshold,
+                                             target=self.settings.target, lr=self.settings.lr,
+                                             max_iters=self.settings.max_iters)
+        self.record = record
+        if record.ran:
+            positive[0] = {**entry, "model_conds": {**entry["model_conds"], "c_crossattn": crossattn._copy_with(new)}}
+        self.emit("mitigation", json_safe({"node": self.node_id, **record.to_dict()}))
+        self._publish(self.summary())
+
+    def summary(self) -> str:
+        r = self.record
+        if r is None:
+            return self.error or "mitigation has not run yet"
+        scores = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
+        if not r.ran:
+            return f"no minimization ({r.reason}); first-step score {scores(r.before)}"
+        return (f"minimized the prompt embedding in {r.iterations} iteration(s): "
+                f"first-step score {scores(r.before)} -> {scores(r.after)}")
+
+    def _report_skip(self, reason: str) -> None:
+        self.error = reason
+        self._publish(f"no minimization: {reason}")
+
+    def _publish(self, text: str) -> None:
+        self.show(f"MemoGuard: {text}", self.node_id)
+
+
+def _extra(entry) -> dict:
+    y = entry["model_conds"].get("y")
+    return {} if y is None else {"y": ordinary(y.cond)}
+
+
+def _encoding(embedding: torch.Tensor, extra: dict) -> PromptEncoding:
+    b, length, _ = embedding.shape
+    extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in extra.items()}
+    frozen = (torch.arange(length) % CHUNK == 0).expand(b, -1)
+    return PromptEncoding(embedding, [[""] * length] * b, ~frozen, frozen.clone(), extra)
+
+
+def attach_mitigation(model, session: MitigationSession):
+    """Clone-then-patch: a new MODEL that minimizes the prompt embedding at the first step."""
+    def memoguard_mitigation(executor, base_model, conds, x_in, timestep, model_options):
+        try:
+            session.maybe_minimize(base_model, conds, x_in, timestep, model_options)
+        except Exception as e:
+            session.fail(e)
+        return executor(base_model, conds, x_in, timestep, model_options)
+
+    patched = model.clone()
+    patched.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, memoguard_mitigation)
+    register(patched, WRAPPER_KEY, session)
+    return patched
+
+
+def session_of(model):
+    return _session_of(model, WRAPPER_KEY)

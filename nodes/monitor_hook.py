@@ -1,0 +1,203 @@
+"""The Memorization Monitor's hook: reads the sampler's own cond/uncond predictions, never changes them.
+
+ComfyUI hands a post-CFG function the denoised predictions D_c and D_u at x = x0 + sigma*eps
+(rectified flow: x = sigma*eps + (1 - sigma)*x0); memoguard.score turns them into eps_c - eps_u.
+The hook is a closure over a MonitorSession, not a bound method: ModelPatcher.clone() deep-copies
+model_options, which copies a method's object but shares a plain function.
+"""
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from memoguard import Calibration, ScoreTrace, eps_difference, uncond_is_missing, verdict_for
+
+from . import live
+
+log = logging.getLogger("memoguard")
+
+ACTIONS = ("none", "warn", "stop")
+SESSION_KEY = "memoguard_monitor"  # model_options entry naming the session (a string survives clone())
+CFG1_MESSAGE = ("score unavailable at cfg 1: ComfyUI skips the unconditional pass; "
+                "turn on 'force_uncond_at_cfg1' (doubles the cost) to score anyway")
+MAX_SESSIONS = 64
+
+
+class MemorizationFlagged(RuntimeError):
+    """Raised from the hook when the action is 'stop': ComfyUI ends the queue item with this message."""
+
+
+@dataclass
+class MonitorSettings:
+    window: int = 1
+    calibration: Optional[Calibration] = None
+    fpr: float = 0.01
+    threshold: Optional[float] = None   # overrides the calibration's
+    action: str = "warn"
+    force_uncond_at_cfg1: bool = False
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+    def effective_threshold(self) -> Optional[float]:
+        if self.threshold is not None:
+            return self.threshold
+        return self.calibration.threshold(self.fpr) if self.calibration is not None else None
+
+
+def is_rectified_flow(model) -> bool:
+    """ComfyUI's flow models (SD3, Flux) sample with a model_sampling that mixes in CONST."""
+    sampling = getattr(model, "model_sampling", None)
+    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+
+
+def step_index(sample_sigmas: Optional[torch.Tensor], sigma: float, fallback: int) -> int:
+    """The step whose interval [sigma_i, sigma_i+1) holds sigma; `fallback` when the sampler gave no schedule."""
+    if sample_sigmas is None or sample_sigmas.numel() < 2:
+        return fallback
+    schedule = sample_sigmas.detach().float().cpu()
+    at_or_below = (schedule[:-1] <= sigma * (1 + 1e-5)).nonzero()
+    return int(at_or_below[0]) if len(at_or_below) else len(schedule) - 2
+
+
+class MonitorSession:
+    """The score trace of the latest sampling run through one Monitor, plus what the user was shown."""
+
+    def __init__(self, settings: MonitorSettings, node_id=None,
+                 emit: Callable[[str, dict], None] = live.send, show: Callable[[str, object], None] = live.show_text):
+        self.id = uuid.uuid4().hex
+        self.settings, self.node_id, self.emit, self.show = settings, node_id, emit, show
+        self.trace = ScoreTrace()
+        self.runs = 0
+        self.error: Optional[str] = None
+        self.verdicts = []
+        self._schedule = None
+        self._calls = 0
+
+    # -- one sampler call -------------------------------------------------------------
+    def observe(self, args: dict) -> None:
+        sigma_t = args["sigma"]
+        sigma = float(sigma_t.reshape(-1)[0])
+        schedule = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
+        step = step_index(schedule, sigma, self._calls)
+        last = self.trace.step_indices()[-1] if len(self.trace) else None
+        if self.runs == 0 or schedule is not self._schedule or (last is not None and step < last):
+            self._start_run(schedule)
+            last = None
+        self._calls += 1
+        if self.trace.unavailable:
+            return
+        if args.get("uncond") is None or (len(self.trace) == 0 and uncond_is_missing(args["uncond_denoised"])):
+            self.trace.mark_unavailable(CFG1_MESSAGE)
+            self._publish_unavailable(CFG1_MESSAGE)
+            return
+        if last is not None and last >= step:
+            return  # a second model call inside the same step (Heun, DPM2): keep the step's first
+        alpha = (1 - sigma_t) if is_rectified_flow(args["model"]) else 1.0
+        diff = eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t)
+        rms = self.trace.record(step, diff, sigma)
+        total = None if schedule is None else schedule.numel() - 1
+        self.emit("step", {"node": self.node_id, "run": self.runs, "step": step, "total": total,
+                           "score": rms.tolist(), "threshold": _finite_or_none(self.settings.effective_threshold())})
+        if len(self.trace) == self.settings.window:
+            self._decide()
+
+    def fail(self, error: BaseException) -> None:
+        """A bug or odd input inside the hook: report once, stop scoring, let sampling go on."""
+        if self.error is None:
+            self.error = f"{type(error).__name__}: {error}"
+            log.exception("MemoGuard monitor failed; sampling continues without a score")
+            self.trace.mark_unavailable(f"monitor error ({self.error})")
+            self._publish_unavailable(self.trace.unavailable)
+
+    # -- after a run ------------------------------------------------------------------
+    def final_verdicts(self):
+        """Verdicts over the window (or over every step if the run was shorter)."""
+        window = max(1, min(self.settings.window, len(self.trace)))
+        return verdict_for(self.trace, self.settings.calibration, window, self.settings.fpr, self.settings.threshold)
+
+    def to_dict(self) -> dict:
+        verdicts = self.final_verdicts()
+        return json_safe({"node": self.node_id, "run": self.runs, "trace": self.trace.to_dict(),
+                          "threshold": _finite_or_none(self.settings.effective_threshold()),
+                          "summary": "; ".join(v.summary() for v in verdicts),
+                          "verdicts": [v.to_dict() for v in verdicts], "error": self.error})
+
+    # -- internals ----------------------------------------------------------------------
+    def _start_run(self, schedule) -> None:
+        self.trace, self.verdicts, self.error = ScoreTrace(), [], None
+        self._schedule, self._calls = schedule, 0
+        self.runs += 1
+
+    def _decide(self) -> None:
+        self.verdicts = self.final_verdicts()
+        summary = "; ".join(v.summary() for v in self.verdicts)
+        flagged = any(v.flagged for v in self.verdicts)
+        self.emit("verdict", json_safe({"node": self.node_id, "run": self.runs, "flagged": flagged,
+                                        "summary": summary, "verdicts": [v.to_dict() for v in self.verdicts]}))
+        self.show(f"MemoGuard: {summary}", self.node_id)
+        if flagged and self.settings.action == "warn":
+            log.warning("MemoGuard: %s", summary)
+        if flagged and self.settings.action == "stop":
+            raise MemorizationFlagged(f"MemoGuard stopped this generation: {summary}")
+
+    def _publish_unavailable(self, reason: str) -> None:
+        self.emit("verdict", {"node": self.node_id, "run": self.runs, "flagged": False,
+                              "summary": f"score unavailable: {reason}", "verdicts": []})
+        self.show(f"MemoGuard: score unavailable: {reason}", self.node_id)
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
+
+
+_sessions: "OrderedDict[str, object]" = OrderedDict()
+
+
+def register(model, key: str, session) -> None:
+    """Name `session` in the model's options (a string survives clone()) and keep the newest few."""
+    model.model_options[key] = session.id
+    _sessions[session.id] = session
+    while len(_sessions) > MAX_SESSIONS:
+        _sessions.popitem(last=False)
+
+
+def session_of(model, key: str = SESSION_KEY):
+    """The session a (possibly cloned again) MODEL carries under `key`, or None."""
+    return _sessions.get(model.model_options.get(key))
+
+
+def json_safe(value):
+    """NaN/inf become None: the browser's JSON.parse rejects them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def attach_monitor(model, session: MonitorSession):
+    """Clone-then-patch: a new MODEL whose sampler reports to `session`; `model` is untouched."""
+    def memoguard_monitor(args):
+        try:
+            session.observe(args)
+        except MemorizationFlagged:
+            raise
+        except Exception as e:  # the user's image matters more than our score
+            session.fail(e)
+        return args["denoised"]
+
+    patched = model.clone()
+    patched.set_model_sampler_post_cfg_function(memoguard_monitor,
+                                                disable_cfg1_optimization=session.settings.force_uncond_at_cfg1)
+    register(patched, SESSION_KEY, session)
+    return patched

@@ -1,0 +1,81 @@
+"""Token Contributions: which words of the prompt drive the memorization score."""
+import json
+
+import torch
+from comfy_api.latest import io, ui
+
+from memoguard import token_contributions
+
+from . import live
+from .comfy_model import ComfyDiffusionModel, differentiable
+from .plots import token_bars
+
+
+class TokenContributionsNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        import comfy.samplers
+        return io.Schema(
+            node_id="MemoGuardTokenContributions",
+            display_name="Token Contributions",
+            category="MemoGuard",
+            description="Per-token share of the memorization score: the gradient of the cond/uncond gap with "
+                        "respect to each token's text-encoder output (Wen et al., Sec. 4).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SD1/SD2-style cross-attention)."),
+                io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
+                io.String.Input("text", multiline=True, default="", tooltip="The prompt to explain."),
+                io.Latent.Input("latent", tooltip="An empty latent of the size you sample at (e.g. Empty Latent Image)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Noise seed, as on KSampler: same seed, same starting noise."),
+                io.Int.Input("steps", default=20, min=1, max=1000, tooltip="Length of the sampling schedule."),
+                io.Int.Input("explain_steps", default=1, min=1, max=1000,
+                             tooltip="How many of the first steps to average over (the paper: 1)."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance used to move between explained steps."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="Sigma schedule, as on KSampler."),
+                io.Int.Input("generations", default=1, min=1, max=16,
+                             tooltip="Average over this many noise seeds (seed, seed+1, ...)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="chart", tooltip="Bar chart of each token's share."),
+                io.String.Output(display_name="json", tooltip="tokens, scores, shares and positions as JSON."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, text, steps, explain_steps, **_):
+        if not text.strip():
+            return "give a prompt to explain"
+        if explain_steps > steps:
+            return f"explain_steps ({explain_steps}) cannot exceed steps ({steps})"
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+
+        comfy.model_management.load_models_gpu([model])
+        base, device = model.model, model.load_device
+        sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).to(device)
+        shape_of = comfy.sample.fix_empty_latent_channels(model, latent["samples"])[:1]
+        noise = torch.cat([comfy.sample.prepare_noise(shape_of, seed + g) for g in range(generations)])
+        with differentiable(base):
+            adapter = ComfyDiffusionModel(base, sigmas, clip)
+            cond, uncond = adapter.encode([text]), adapter.encode([""])
+            cond.embedding, uncond.embedding = (e.detach().clone().to(device) for e in (cond.embedding, uncond.embedding))
+            x_T = adapter.initial_noise(noise.to(device))
+            schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
+            result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
+                                         guidance=cfg, total_steps=schedule_steps)[0]
+        data = result.to_dict()
+        top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in result.top(3))
+        live.show_text(f"MemoGuard: top tokens {top}", cls.hidden.unique_id)
+        chart = token_bars(result.tokens, result.shares, f"token contributions: {text[:60]}")
+        return io.NodeOutput(chart, json.dumps(data),
+                             ui={**ui.PreviewImage(chart, cls=cls).as_dict(), "memoguard_tokens": [json.dumps(data)]})

@@ -1,0 +1,42 @@
+"""Stand-ins for the WebUI modules the extension touches (tests/a1111/standin/modules), with real torch and
+the bundled tiny model behind an A1111-shaped apply_model."""
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "standin"))
+sys.path.insert(0, str(HERE.parents[1] / "a1111_extension"))
+
+from modules import script_callbacks, shared  # noqa: E402
+from modules.sd_hijack import ChunkingTokenizer, model_hijack  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The bundled model when its weights are there, else the same architecture with random weights."""
+    pytest.importorskip("diffusers")
+    from memoguard.diffusers_model import BUNDLED_MODEL, load_model
+    if (BUNDLED_MODEL / "unet").is_dir():
+        return load_model()
+    import torch
+    from memoguard.tiny.train import build_models, save_pipeline
+    torch.manual_seed(0)
+    unet, text_encoder = build_models()
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    save_pipeline(folder, unet, text_encoder, BUNDLED_MODEL / "tokenizer", {"random": True})
+    return load_model(folder)
+
+
+@pytest.fixture()
+def webui(tiny_model):
+    """A WebUI with the tiny model loaded; options and callbacks restored after each test."""
+    from webui_model import TinyLatentDiffusion
+    model_hijack.clip = ChunkingTokenizer(tiny_model.tokenizers[0])
+    shared.sd_model = TinyLatentDiffusion(tiny_model)
+    shared.opts.skip_early_cond, shared.opts.s_min_uncond_all = 0.0, False
+    shared.state.interrupted, shared.state.textinfo = False, None
+    script_callbacks.reported.clear()
+    yield shared.sd_model
+    script_callbacks.callback_map.clear()

@@ -1,0 +1,213 @@
+"""The MemoGuard dropdown script inside the stand-in WebUI, checked against the core on the same model."""
+import math
+
+import pytest
+import torch
+
+from memoguard import rms_per_image, token_contributions
+from memoguard_a1111 import monitor as monitor_module
+from memoguard_a1111.script import ARG_NAMES, DEFAULTS, MemoGuardScript
+from modules import processing, script_callbacks, shared
+from modules.sd_samplers_kdiffusion import CompVisDenoiser
+from modules.sd_samplers_timesteps import CompVisSampler
+
+PROMPT = "a red house on a hill"
+
+
+def make_p(webui, **kw):
+    return processing.StableDiffusionProcessingTxt2Img(**{"prompt": PROMPT, "steps": 3, "seed": 3, "sd_model": webui, **kw})
+
+
+def run(p, **settings):
+    script = MemoGuardScript()
+    args = [settings.get(name, default) for name, default in zip(ARG_NAMES, DEFAULTS)]
+    processed = script.run(p, *args)
+    return script, processed
+
+
+def infotext_fields(text):
+    return dict(part.split(": ", 1) for part in text.splitlines()[-1].split(", "))
+
+
+def seeds_noise(webui, p):
+    return torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(p.seed + i))
+                        for i in range(p.batch_size)])
+
+
+def core_first_step(tiny_model, prompts, x, t, negative=""):
+    """The core's gap on the diffusers model: eps_pair at (x, t), one row per prompt."""
+    cond, uncond = tiny_model.encode(prompts), tiny_model.encode([negative])
+    with torch.no_grad():
+        eps_c, eps_u = tiny_model.eps_pair(x, torch.as_tensor(t), cond, uncond)
+    return eps_c - eps_u
+
+
+def kdiffusion_start(webui, p):
+    """x and (fractional) timestep of the first Euler step, in the VP convention of the diffusers model."""
+    wrap = CompVisDenoiser(webui)
+    sigma = wrap.get_sigmas(p.steps)[0]
+    return seeds_noise(webui, p) * sigma / (sigma ** 2 + 1).sqrt(), wrap.sigma_to_t(sigma.reshape(1))[0]
+
+
+def test_kdiffusion_score_is_the_cores_first_step_gap(webui, tiny_model):
+    p = make_p(webui, sampler_name="Euler", batch_size=2)
+    script, processed = run(p)
+    trace = script.last_run.results[0].trace
+    x, t = kdiffusion_start(webui, p)
+    expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t))
+    torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    assert trace.per_step().shape == (p.steps, 2)
+    assert trace.per_step()[0, 0] != trace.per_step()[0, 1]  # two seeds, two images, two scores
+    fields = [infotext_fields(text) for text in processed.infotexts]
+    assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
+    assert all(f["MemoGuard verdict"] == "ok" for f in fields)
+
+
+def core_on_schedule(tiny_model, timesteps):
+    """The core's diffusers model, same weights, sampling on the stand-in sampler's schedule."""
+    cls = type("OnSchedule", (type(tiny_model),), {"timesteps": lambda self, steps: timesteps})
+    core = cls.__new__(cls)
+    core.__dict__.update(tiny_model.__dict__)
+    return core
+
+
+def test_ddim_scores_match_the_core_sampler_at_every_step(webui, tiny_model):
+    from memoguard.sampling import sample
+    p = make_p(webui, sampler_name="DDIM", batch_size=2, steps=4)
+    script, _ = run(p)
+    core = core_on_schedule(tiny_model, CompVisSampler(webui).timesteps(p.steps))
+    result = sample(core, core.encode([PROMPT] * 2), core.encode([""]), seeds_noise(webui, p), steps=p.steps, guidance=p.cfg_scale)
+    torch.testing.assert_close(script.last_run.results[0].trace.per_step(), result.trace.per_step(), rtol=1e-4, atol=1e-6)
+
+
+def test_and_prompt_rows_are_grouped_per_image_and_weighted(webui, tiny_model):
+    p = make_p(webui, sampler_name="Euler", batch_size=2, prompt="a red house AND a blue boat:0.5")
+    script, _ = run(p)
+    x, t = kdiffusion_start(webui, p)
+    first = core_first_step(tiny_model, ["a red house"] * 2, x, t)
+    second = core_first_step(tiny_model, ["a blue boat"] * 2, x, t)
+    expected = rms_per_image(first + 0.5 * second)
+    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_long_prompt_over_75_tokens_is_scored(webui, tiny_model):
+    prompt = " ".join(["house"] * 80)
+    p = make_p(webui, sampler_name="Euler", prompt=prompt)
+    script, _ = run(p, explain=True)
+    x, t = kdiffusion_start(webui, p)
+    expected = rms_per_image(core_first_step(tiny_model, [prompt], x, t))
+    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    (contributions,) = script.last_run.image_explanations(0, 0)
+    assert len(contributions.tokens) == 80 and contributions.positions[75] == 78  # second chunk after BOS/EOS
+
+
+def test_monitor_leaves_images_bit_identical(webui):
+    plain = processing.process_images(make_p(webui, batch_size=2))
+    _, watched = run(make_p(webui, batch_size=2), explain=True, explain_steps=2, window=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_explanation_agrees_with_the_core(webui, tiny_model, sampler):
+    p = make_p(webui, sampler_name=sampler)
+    script, processed = run(p, explain=True)
+    (got,) = script.last_run.image_explanations(0, 0)
+    if sampler == "Euler":
+        x, t = kdiffusion_start(webui, p)
+    else:
+        x, t = seeds_noise(webui, p), CompVisSampler(webui).timesteps(p.steps)[0]
+    core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
+    (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1)
+    assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]
+    assert got.scores == pytest.approx(want.scores, rel=1e-3)
+    assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
+
+
+def test_ngms_on_the_first_step_makes_the_score_unavailable(webui):
+    shared.opts.s_min_uncond_all = True
+    p = make_p(webui, s_min_uncond=1e9)
+    script, processed = run(p)
+    verdict = script.last_run.verdict(0, 0)
+    assert not verdict.available and "NGMS" in verdict.reason
+    fields = infotext_fields(processed.infotexts[0])
+    assert fields["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in fields
+    assert "NGMS" in processed.comments
+
+
+def test_ngms_on_odd_steps_keeps_the_first_step_score(webui):
+    p = make_p(webui, s_min_uncond=1e9, steps=5)
+    script, _ = run(p)
+    result = script.last_run.results[0]
+    assert result.skipped_steps == [1, 3] and result.trace.step_indices() == [0, 2, 4]
+    assert script.last_run.verdict(0, 0).available
+
+
+def test_skip_early_cfg_is_unavailable_not_zero(webui):
+    shared.opts.skip_early_cond = 0.5
+    script, processed = run(make_p(webui, steps=4))
+    verdict = script.last_run.verdict(0, 0)
+    assert not verdict.available and "Skip Early CFG" in verdict.reason
+
+
+def test_batch_count_gives_each_image_its_own_score(webui):
+    p = make_p(webui, batch_size=2, n_iter=2)
+    script, processed = run(p)
+    scores = [float(infotext_fields(t)["MemoGuard score"]) for t in processed.infotexts]
+    assert len(set(scores)) == 4
+    assert scores[2:] == pytest.approx(script.last_run.results[1].trace.score().tolist(), abs=1e-4)
+    assert script.panel_html.count('class="memoguard-image') == 4
+
+
+def test_callbacks_are_removed_after_the_run_and_after_an_interrupt(webui):
+    run(make_p(webui))
+    assert not any(script_callbacks.callback_map.values())
+    shared.state.interrupted = True
+    with pytest.raises(BaseException):
+        run(make_p(webui))
+    assert not any(script_callbacks.callback_map.values())
+
+
+def test_a_failure_inside_memoguard_does_not_break_the_generation(webui, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(monitor_module, "guided_difference", broken)
+    plain = processing.process_images(make_p(webui))
+    script, processed = run(make_p(webui))
+    assert torch.equal(plain.images[0], processed.images[0])
+    assert "MemoGuard failed" in processed.comments and "boom" in processed.comments
+    assert "boom" in script.panel_html and not script_callbacks.reported  # caught by MemoGuard itself
+
+
+def test_mitigation_lowers_the_first_step_gap_and_is_recorded(webui):
+    plain = processing.process_images(make_p(webui))
+    script, processed = run(make_p(webui), mitigation="always", max_iters=3, lr=0.1)
+    record = script.last_run.results[0].mitigation
+    assert record.ran and record.iterations == 3 and record.after[0] < record.before[0]
+    assert not torch.equal(plain.images[0], processed.images[0])
+    assert infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].startswith("always 3 iterations")
+    # the sampler saw the optimised prompt: its first recorded gap is the record's "after"
+    assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
+
+
+def test_auto_mitigation_without_threshold_is_refused_and_generation_runs(webui):
+    plain = processing.process_images(make_p(webui))
+    script, processed = run(make_p(webui), mitigation="auto")
+    assert torch.equal(plain.images[0], processed.images[0])
+    assert "MemoGuard is off for this generation" in processed.comments and "threshold" in processed.comments
+
+
+def test_threshold_flags_and_auto_mitigation_runs_only_when_flagged(webui):
+    script, processed = run(make_p(webui), threshold=1e-6, mitigation="auto", max_iters=2)
+    assert script.last_run.verdict(0, 0).flagged
+    assert infotext_fields(processed.infotexts[0])["MemoGuard verdict"] == "flagged"
+    assert script.last_run.results[0].mitigation.ran
+    script, _ = run(make_p(webui), threshold=1e6, mitigation="auto")
+    assert not script.last_run.results[0].mitigation.ran
+
+
+def test_script_args_in_documented_order_with_defaults_for_missing_ones():
+    from memoguard_a1111.script import settings_from_args
+    s = settings_from_args([3, 0.2], "tiny")
+    assert (s.window, s.threshold, s.mitigation, s.lr, s.max_iters) == (3, 0.2, "off", 0.05, 10)
+    assert settings_from_args([1, 0], "tiny").threshold is None
+    assert math.isclose(settings_from_args([1, 0, "", 0.05], "tiny").fpr, 0.05)

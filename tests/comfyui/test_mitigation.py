@@ -1,0 +1,81 @@
+"""Embedding minimization inside ComfyUI's sampler (CALC_COND_BATCH wrapper) against the harness."""
+import pytest
+import torch
+
+from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation, session_of
+from nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
+from . import harness
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return harness.tiny_unet()[0]
+
+
+def setup(unet, batch=1, **settings):
+    torch.manual_seed(2)
+    base = harness.ModelPatcher(harness.BaseModel(unet))
+    texts = []
+    session = MitigationSession(MitigationSettings(**settings), node_id="9", emit=lambda e, d: None,
+                                show=lambda text, node: texts.append(text))
+    monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
+    inputs = (torch.randn(batch, 3, 16, 16), torch.randn(1, 77, 64), torch.randn(1, 77, 64))
+    return base, session, monitor, texts, inputs
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_always_lowers_the_first_step_score_the_sampler_then_sees(unet, batch):
+    base, session, monitor, texts, inputs = setup(unet, batch=batch, mode="always", lr=0.1, max_iters=5)
+    patched = attach_monitor(attach_mitigation(base, session), monitor)
+    assert session_of(patched) is session
+    mitigated = harness.sample(patched, *inputs, steps=STEPS)
+    record = session.record
+    assert record.ran and record.iterations == 5
+    assert all(a < b for a, b in zip(record.after, record.before))
+    # the sampler's own first step ran with the optimized embedding
+    assert monitor.trace.per_step()[0].tolist() == pytest.approx(record.after, rel=1e-3, abs=1e-6)
+    assert not torch.equal(mitigated, harness.sample(base, *inputs, steps=STEPS))
+    assert "5 iteration(s)" in texts[-1] and "->" in texts[-1]
+
+
+def test_runs_once_per_sampling_run(unet):
+    base, session, _, _, inputs = setup(unet, mode="always", max_iters=2)
+    patched = attach_mitigation(base, session)
+    harness.sample(patched, *inputs, steps=STEPS)
+    first = session.record
+    harness.sample(patched, *inputs, steps=STEPS)
+    assert session.record is not first and session.record.iterations == 2
+
+
+@pytest.mark.parametrize("settings", [dict(mode="off"), dict(mode="auto", threshold=1e9)])
+def test_off_or_unflagged_auto_leaves_the_image_bit_identical(unet, settings):
+    base, session, _, texts, inputs = setup(unet, **settings)
+    out = harness.sample(attach_mitigation(base, session), *inputs, steps=STEPS)
+    assert torch.equal(out, harness.sample(base, *inputs, steps=STEPS))
+    if settings["mode"] == "auto":
+        assert not session.record.ran and "under threshold" in texts[-1]
+
+
+def test_cfg1_has_no_negative_and_says_so(unet):
+    base, session, _, texts, inputs = setup(unet, mode="always")
+    out = harness.sample(attach_mitigation(base, session), *inputs, cfg=1.0, steps=STEPS)
+    assert torch.equal(out, harness.sample(base, *inputs, cfg=1.0, steps=STEPS))
+    assert session.record is None and "cfg != 1" in texts[-1]
+
+
+def test_failure_leaves_the_prompt_and_sampling_alone(unet):
+    base, session, _, texts, inputs = setup(unet, mode="always")
+    broken = attach_mitigation(base, session)
+    session.maybe_minimize = lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    out = harness.sample(broken, *inputs, steps=STEPS)
+    assert torch.equal(out, harness.sample(base, *inputs, steps=STEPS))
+    assert "out of memory" in session.error and "prompt unchanged" in texts[-1]
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="needs a threshold"):
+        MitigationSettings(mode="auto")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MitigationSettings(mode="sometimes")

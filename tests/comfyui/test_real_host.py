@@ -1,0 +1,221 @@
+"""The node pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points to a ComfyUI checkout).
+
+Starts `main.py --cpu` on loopback with this repository as a custom node (through an
+--extra-model-paths-config yaml), queues each example workflow over the HTTP API and reads the
+websocket events, the node outputs and the saved latents. COMFYUI_PYTHON names the interpreter
+of ComfyUI's environment (default: this one); that environment needs websocket-client.
+"""
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = ROOT / "example_workflows"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, url: str):
+        self.url, self.id = url, uuid.uuid4().hex
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=120) as r:
+            return json.loads(r.read())
+
+    def run(self, prompt: dict, timeout: float = 600):
+        """Queue `prompt`; return (websocket messages of this prompt, history entry)."""
+        import websocket
+        ws = websocket.create_connection(self.url.replace("http", "ws") + f"/ws?clientId={self.id}", timeout=timeout)
+        try:
+            body = json.dumps({"prompt": prompt, "client_id": self.id}).encode()
+            request = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                prompt_id = json.loads(r.read())["prompt_id"]
+            events, deadline = [], time.time() + timeout
+            while time.time() < deadline:
+                message = ws.recv()
+                if not isinstance(message, str):
+                    continue  # binary previews
+                event = json.loads(message)
+                events.append(event)
+                data = event.get("data", {})
+                if event["type"] in ("execution_success", "execution_error") and data.get("prompt_id") == prompt_id:
+                    break
+            for _ in range(100):  # the history entry lands just after the last event
+                history = self.get(f"/history/{prompt_id}")
+                if prompt_id in history:
+                    return events, history[prompt_id]
+                time.sleep(0.1)
+            raise TimeoutError(f"no history for prompt {prompt_id}; events: {[e['type'] for e in events]}")
+        finally:
+            ws.close()
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    work = tmp_path_factory.mktemp("comfy")
+    (work / "packs").mkdir()
+    (work / "packs" / "memoguard").symlink_to(ROOT)
+    (work / "extra.yaml").write_text(f"memoguard:\n  custom_nodes: {work / 'packs'}\n")
+    port = _free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    log = open(work / "server.log", "w")
+    server = subprocess.Popen([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                               "--extra-model-paths-config", str(work / "extra.yaml"), "--disable-auto-launch",
+                               "--output-directory", str(work / "output")],
+                              cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT)
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+        for _ in range(600):
+            try:
+                client.get("/object_info/MemoGuardMemorizationMonitor")
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"ComfyUI exited: {(work / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield client, work / "output"
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def workflow(name: str, steps: int = 8) -> dict:
+    """An example workflow with fewer steps (CPU time); everything else as shipped."""
+    prompt = json.loads((WORKFLOWS / f"memoguard_{name}.json").read_text())
+    for node in prompt.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return prompt
+
+
+def of_type(events, kind):
+    return [e["data"] for e in events if e["type"] == kind]
+
+
+def saved_latent(output: Path, prefix: str):
+    import safetensors.torch
+    return safetensors.torch.load_file(str(sorted(output.glob(f"{prefix}*.latent"))[-1]))["latent_tensor"]
+
+
+def with_latent_saved(prompt: dict, prefix: str) -> dict:
+    prompt = copy.deepcopy(prompt)
+    prompt["90"] = {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": prefix}}
+    return prompt
+
+
+def test_node_pack_registers_every_node_with_tooltips(comfy):
+    client, _ = comfy
+    for node in ("MemoGuardMemorizationMonitor", "MemoGuardMemorizationScore", "MemoGuardEmbeddingMinimization",
+                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader"):
+        info = client.get(f"/object_info/{node}")[node]
+        assert info["category"] == "MemoGuard"
+        for name, spec in {**info["input"]["required"], **info["input"].get("optional", {})}.items():
+            assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+
+
+def test_detect_streams_each_step_and_leaves_the_latent_bit_identical(comfy):
+    client, output = comfy
+    watched = with_latent_saved(workflow("detect"), "watched")
+    events, history = client.run(watched)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    steps = [d for d in of_type(events, "memoguard.step") if d["node"] == "2"]
+    assert steps and [d["step"] for d in steps] == list(range(steps[0]["total"]))
+    assert of_type(events, "memoguard.verdict")
+    trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    assert len(trace["trace"]["rms"][0]) == len(steps) and trace["trace"]["rms"][0][0] == pytest.approx(steps[0]["score"][0])
+
+    plain = {k: v for k, v in watched.items() if k not in ("2", "9")}
+    plain["6"]["inputs"]["model"] = ["1", 0]
+    plain["90"]["inputs"]["filename_prefix"] = "plain"
+    events, _ = client.run(plain)
+    assert not of_type(events, "execution_error")
+    assert saved_latent(output, "watched").equal(saved_latent(output, "plain"))
+
+
+def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
+    client, _ = comfy
+    scores = {}
+    for text in ("a purple ring, lighthouse poster", "a white cross in the center"):
+        prompt = workflow("detect")
+        prompt["3"]["inputs"]["text"] = text
+        events, _ = client.run(prompt)
+        scores[text] = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]["score"][0]
+    memorized, ordinary = scores.values()
+    assert memorized > ordinary
+
+
+def test_mitigate_reports_iterations_and_lowers_the_first_step_score(comfy):
+    client, _ = comfy
+    events, history = client.run(workflow("mitigate"))
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    (record,) = of_type(events, "memoguard.mitigation")
+    assert record["ran"] and 1 <= record["iterations"] <= 10
+    assert record["after"][0] < record["before"][0]
+    first = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]["score"][0]
+    assert first == pytest.approx(record["after"][0], rel=1e-3)
+    assert "iteration" in history["outputs"]["9"]["text"][0]
+
+
+def test_explain_shows_token_shares(comfy):
+    client, _ = comfy
+    events, history = client.run(workflow("explain"))
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    data = json.loads(history["outputs"]["10"]["memoguard_tokens"][0])
+    assert data["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
+    assert sum(data["shares"]) == pytest.approx(1.0)
+    assert history["outputs"]["10"]["images"]
+
+
+def test_stop_action_ends_the_queue_item_with_a_message(comfy):
+    client, _ = comfy
+    prompt = workflow("detect")
+    prompt["2"]["inputs"].update(threshold=1e-6, action="stop")
+    events, _ = client.run(prompt)
+    (error,) = of_type(events, "execution_error")
+    assert "MemoGuard stopped this generation" in error["exception_message"]
+
+
+@pytest.mark.parametrize("name, selector", [("detect", ".memoguard-summary"), ("explain", ".memoguard-token")])
+def test_browser_shows_the_chart_and_the_coloured_tokens(comfy, tmp_path, name, selector):
+    """ComfyUI's own front end in Chromium (playwright-core via NODE_PATH; CHROMIUM, default /usr/bin/chromium)."""
+    import shutil
+    if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists():
+        pytest.skip("needs node, NODE_PATH with playwright-core and Chromium")
+    client, _ = comfy
+    prompt = workflow(name, steps=6)
+    prompt_file = tmp_path / f"{name}.json"
+    prompt_file.write_text(json.dumps(prompt))
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / f"comfyui_{name}.png"
+    run = subprocess.run(["node", str(Path(__file__).with_name("browser_check.mjs")), client.url, str(prompt_file),
+                          selector, str(shot)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    (node,) = result["state"]
+    if name == "detect":
+        chart = node["memoguard"]
+        assert len(chart["steps"]) == chart["total"] and len(chart["scores"]) == chart["total"]
+        assert "score" in result["text"]
+    else:
+        assert node["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
+        assert "lighthouse" in result["text"] and "%" in result["text"]
+    assert shot.stat().st_size > 10000

@@ -1,0 +1,96 @@
+"""The command line end to end on the bundled model."""
+import json
+
+import pytest
+from PIL import Image
+
+from memoguard.calibration import Calibration
+from memoguard.cli import main
+from memoguard.tiny.data import build_dataset
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return build_dataset(0)
+
+
+def test_scan_scores_labels_and_writes_json(tmp_path, dataset, capsys):
+    rows = [{"prompt": c, "label": 1} for c in dataset.memorized_captions[:6]]
+    rows += [{"prompt": s.caption(), "label": 0} for s in dataset.novel_scenes[:6]]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "scan.json"
+    assert main(["scan", "--file", str(src), "--out", str(out), "--explain", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == 12 and 0.0 <= data["summary"]["auc"] <= 1.0
+    mem = [r["score"] for r in data["results"] if r["label"] == 1]
+    ordinary = [r["score"] for r in data["results"] if r["label"] == 0]
+    assert sum(mem) / len(mem) > sum(ordinary) / len(ordinary)
+    assert all(len(r["top_tokens"]) == 2 for r in data["results"])
+    assert "AUC" in capsys.readouterr().out
+
+
+def test_scan_csv_and_txt_inputs(tmp_path):
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text('prompt,label\n"a red circle, on the left",0\na blue ring,1\n')
+    out = tmp_path / "out.csv"
+    assert main(["scan", "--file", str(csv_file), "--explain", "0", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("prompt,label,score") and '"a red circle, on the left"' in lines[1]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a red circle\n\n" + " ".join(["green"] * 90) + "\n")  # second prompt > 77 tokens
+    assert main(["scan", "--file", str(txt), "--explain", "1"]) == 0
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    (None, ".txt", "not found"),
+    (b"\xff\xfe\x00bad", ".txt", "cannot read"),
+    (b"text,label\nx,1\n", ".csv", "needs a 'prompt' column"),
+    (b'{"prompt": "a", "label": "maybe"}\n', ".jsonl", "not 1/0/true/false"),
+    (b"{broken\n", ".jsonl", "not JSON"),
+])
+def test_scan_bad_prompt_files_exit_2_with_a_message(tmp_path, capsys, content, suffix, message):
+    path = tmp_path / f"bad{suffix}"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["scan", "--file", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_then_scan_with_it(tmp_path, capsys):
+    cal_file = tmp_path / "cal.json"
+    assert main(["calibrate", "--tiny-benign", "--out", str(cal_file)]) == 0
+    cal = Calibration.load(cal_file, "memoguard-tiny-sd")
+    assert len(cal.scores) == 300 and cal.threshold(0.01) > cal.scores[150]
+    assert main(["scan", "--prompt", "a red circle", "--calibration", str(cal_file), "--explain", "0"]) == 0
+
+
+def test_demo_writes_a_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--steps", "10"]) == 0
+    html = (tmp_path / "report.html").read_text()
+    for prompt in build_dataset(0).memorized_captions[:3]:
+        assert prompt in html
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) >= 6 * 4
+    for png in pngs:
+        assert Image.open(png).size[0] > 0
+    out = capsys.readouterr()
+    assert "score" in out.err and "wrote" in out.out
+
+
+def test_bench_quick_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("steps1_gen1", "steps1_gen4", "steps10_gen4"):
+        assert 0.0 <= res["detection"][key]["auc"] <= 1.0
+        assert 0.0 <= res["detection"][key]["tpr_at_1pct_fpr"] <= 1.0
+    for key in ("top_token_drop_rate", "random_token_drop_rate"):
+        assert 0.0 <= res["explanation"][key] <= 1.0
+    for key in ("copy_rate_before", "copy_rate_after", "alignment_before", "alignment_after", "time_ratio",
+                "mean_iterations"):
+        assert key in res["mitigation"]
+    assert res["overhead"]["monitor_step_ratio"] > 0
+    assert sum(v["positives"] for v in res["labels"].values()) > 0

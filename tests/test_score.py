@@ -1,0 +1,112 @@
+"""Every eps conversion, by construction from known x0 and eps, and by hand-computed cases."""
+import math
+
+import pytest
+import torch
+
+from memoguard.score import (ScoreTrace, ScoreUnavailable, eps_difference, l2_per_image, rms_per_image, to_eps,
+                             uncond_is_missing)
+
+torch.manual_seed(0)
+
+
+def _vp(abar):
+    return math.sqrt(abar), math.sqrt(1 - abar)
+
+
+@pytest.mark.parametrize("abar", [0.9, 0.3, 0.005])
+def test_vp_predictions_recover_eps(abar):
+    a, s = _vp(abar)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x = a * x0 + s * eps
+    v = a * eps - s * x0
+    for kind, pred in (("eps", eps), ("v", v), ("x0", x0)):
+        torch.testing.assert_close(to_eps(pred, kind, x, a, s), eps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sigma", [0.95, 0.5, 0.1])
+def test_flow_velocity_and_denoised_recover_eps(sigma):
+    x0, eps = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    x = sigma * eps + (1 - sigma) * x0
+    velocity = eps - x0
+    torch.testing.assert_close(to_eps(velocity, "flow", x, 1 - sigma, sigma), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(to_eps(x0, "x0", x, 1 - sigma, sigma), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_kdiffusion_denoised_recovers_eps():
+    sigma = 14.6  # x = x0 + sigma * eps, ComfyUI / A1111 k-diffusion
+    x0, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(to_eps(x0, "x0", x0 + sigma * eps, 1.0, sigma), eps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["eps", "v", "x0", "flow"])
+def test_difference_is_the_difference_of_conversions(kind):
+    a, s = (0.6, 0.8) if kind != "flow" else (0.3, 0.7)
+    x, pc, pu = torch.randn(3, 2, 4, 4, 4).unbind(0)
+    expected = to_eps(pc, kind, x, a, s) - to_eps(pu, kind, x, a, s)
+    torch.testing.assert_close(eps_difference(pc, pu, kind, a, s), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_computed_cases():
+    c, u = torch.full((1, 1, 2, 2), 3.0), torch.full((1, 1, 2, 2), 1.0)
+    # eps: difference 2 in 4 elements -> L2 4, RMS 2
+    assert l2_per_image(eps_difference(c, u, "eps")).item() == pytest.approx(4.0)
+    assert rms_per_image(eps_difference(c, u, "eps")).item() == pytest.approx(2.0)
+    assert eps_difference(c, u, "v", alpha=0.5)[0, 0, 0, 0].item() == pytest.approx(1.0)
+    # x0 in k-diffusion: (D_u - D_c) / sigma = (1 - 3) / 4
+    assert eps_difference(c, u, "x0", 1.0, 4.0)[0, 0, 0, 0].item() == pytest.approx(-0.5)
+    # flow denoised: (1 - sigma)(D_u - D_c) / sigma with sigma = 0.5
+    assert eps_difference(c, u, "x0", 0.5, 0.5)[0, 0, 0, 0].item() == pytest.approx(-2.0)
+    assert eps_difference(c, u, "flow", 0.25)[0, 0, 0, 0].item() == pytest.approx(0.5)
+
+
+def test_per_image_coefficients_broadcast():
+    c, u = torch.ones(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)
+    d = eps_difference(c, u, "x0", torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0]))
+    assert d[0].unique().item() == pytest.approx(-1.0) and d[1].unique().item() == pytest.approx(-0.5)
+
+
+def test_rms_does_not_grow_with_resolution():
+    small, big = torch.randn(1, 4, 64, 64), torch.randn(1, 4, 128, 128)
+    assert l2_per_image(big) / l2_per_image(small) == pytest.approx(2.0, rel=0.05)
+    assert rms_per_image(big) / rms_per_image(small) == pytest.approx(1.0, rel=0.05)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="unknown parameterization 'epsilon'"):
+        eps_difference(torch.ones(1, 1), torch.ones(1, 1), "epsilon")
+    with pytest.raises(ValueError, match="differ in shape"):
+        eps_difference(torch.ones(2, 4), torch.ones(1, 4), "eps")
+    with pytest.raises(ValueError, match="needs sigma"):
+        eps_difference(torch.ones(1, 4), torch.ones(1, 4), "x0")
+
+
+def test_uncond_missing_detects_none_and_cfg1_zeros():
+    assert uncond_is_missing(None)
+    assert uncond_is_missing(torch.zeros(2, 4, 8, 8))
+    assert not uncond_is_missing(torch.randn(2, 4, 8, 8))
+
+
+def test_trace_keeps_first_call_of_each_step_and_averages_windows():
+    trace = ScoreTrace()
+    trace.record(0, torch.full((2, 1, 2, 2), 1.0))
+    trace.record(0, torch.full((2, 1, 2, 2), 9.0))  # a second-order sampler's extra call
+    trace.record(1, torch.full((2, 1, 2, 2), 3.0))
+    assert trace.per_step().shape == (2, 2)
+    assert trace.score().tolist() == [1.0, 1.0]
+    assert trace.score(window=2).tolist() == [2.0, 2.0]
+    assert trace.raw_score().tolist() == [2.0, 2.0]  # RMS 1 over 4 elements -> L2 2
+
+
+def test_trace_nan_and_unavailable():
+    trace = ScoreTrace()
+    diff = torch.ones(2, 1, 2, 2)
+    diff[1, 0, 0, 0] = float("nan")
+    trace.record(0, diff)
+    s = trace.score()
+    assert s[0].item() == 1.0 and math.isnan(s[1].item())
+    trace.mark_unavailable("cfg = 1: no unconditional prediction")
+    with pytest.raises(ScoreUnavailable, match="cfg = 1"):
+        trace.score()
+    with pytest.raises(ScoreUnavailable, match="no sampling step"):
+        ScoreTrace().score()

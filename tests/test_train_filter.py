@@ -1,0 +1,170 @@
+"""The training-time memorization filter: thresholds, logging, skips, and that it never alters
+the gradients of the samples it keeps (checked on the bundled model's real UNet architecture)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memoguard.calibration import Calibration
+from memoguard.train_filter import MemorizationFilter, gaps_from_predictions
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from memoguard.tiny.train import build_models
+    torch.manual_seed(0)
+    return build_models()[0]
+
+
+def batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g),
+            torch.randn(n, 77, 64, generator=g), torch.randn(n, 3, 16, 16, generator=g))
+
+
+def per_sample_mse(pred, target):
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a, b, **tol):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("tau", [-1.0, 0.0, float("nan"), float("inf"), "0.3", True, None])
+def test_bad_tau_is_refused_with_a_clear_message(tau):
+    with pytest.raises(ValueError, match="tau|exactly one"):
+        MemorizationFilter(tau)
+
+
+def test_threshold_sources_are_exclusive_and_checked():
+    with pytest.raises(ValueError, match="exactly one"):
+        MemorizationFilter(0.3, percentile=90)
+    for bad in (0, 100, float("nan")):
+        with pytest.raises(ValueError, match="percentile"):
+            MemorizationFilter(percentile=bad)
+
+
+def test_fixed_tau_drops_gaps_at_or_above_tau_and_non_finite_ones():
+    filt = MemorizationFilter(tau=0.35)
+    keep = filt.keep_mask(torch.tensor([0.1, 0.35, float("nan"), 0.3, 0.9]))
+    assert keep.tolist() == [True, False, False, True, False]
+    log = filt.last
+    assert (log.samples, log.kept, log.dropped, log.skipped, log.tau) == (5, 2, 3, False, 0.35)
+    assert log.gap_min == pytest.approx(0.1) and log.gap_max == pytest.approx(0.9)
+    assert log.gap_mean == pytest.approx((0.1 + 0.35 + 0.3 + 0.9) / 4)
+    assert log.gap_dropped_mean == pytest.approx((0.35 + 0.9) / 2)
+    assert filt.last.to_dict()["memo_filter/dropped"] == 3
+    assert filt.stats.drop_rate == pytest.approx(3 / 5)
+
+
+def test_percentile_mode_keeps_everything_while_warming_up_then_drops_the_top():
+    filt = MemorizationFilter(percentile=75, warmup_steps=2)
+    for _ in range(2):
+        assert filt.keep_mask(torch.arange(1.0, 5.0)).all() and filt.last.tau is None
+    keep = filt.keep_mask(torch.tensor([1.0, 2.0, 3.0, 4.5]))
+    assert filt.last.tau == pytest.approx(torch.tensor([1.0, 2, 3, 4] * 2).quantile(0.75).item())
+    assert keep.tolist() == [True, True, True, False]
+
+
+def test_calibration_gives_its_threshold_at_the_requested_rate(tmp_path):
+    cal = Calibration("tiny", [0.01 * i for i in range(1, 101)])
+    cal.save(tmp_path / "cal.json")
+    filt = MemorizationFilter(calibration=Calibration.load(tmp_path / "cal.json"), fpr=0.05)
+    assert filt.tau == pytest.approx(cal.threshold(0.05))
+    assert filt.keep_mask(torch.tensor([0.5, 0.99])).tolist() == [True, False]
+
+
+def test_empty_batch_and_all_dropped_batch_are_clean_skips():
+    filt = MemorizationFilter(tau=0.2)
+    keep = filt.keep_mask(torch.empty(0))
+    assert keep.shape == (0,) and filt.last.skipped and math.isnan(filt.last.gap_mean)
+    assert filt.masked_loss(torch.empty(0), keep) is None
+    keep = filt.keep_mask(torch.tensor([0.5, 0.7]))
+    assert filt.masked_loss(torch.tensor([1.0, 2.0], requires_grad=True), keep) is None
+    assert (filt.stats.steps, filt.stats.skipped_steps, filt.stats.dropped) == (2, 2, 2)
+
+
+def test_masked_loss_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="per-sample loss"):
+        MemorizationFilter.masked_loss(torch.ones(4, 3), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool keep-mask"):
+        MemorizationFilter.masked_loss(torch.ones(4), torch.ones(4))
+    with pytest.raises(ValueError, match="reduction"):
+        MemorizationFilter.masked_loss(torch.ones(2), torch.ones(2, dtype=torch.bool), reduction="max")
+
+
+def test_gaps_are_the_rms_of_the_eps_difference_in_every_parameterization():
+    c, u = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4)
+    expected = (c - u).flatten(1).norm(dim=1) / math.sqrt(48)
+    torch.testing.assert_close(gaps_from_predictions(c, u), expected)
+    torch.testing.assert_close(gaps_from_predictions(c, u, "v", alpha=0.5), 0.5 * expected)
+    torch.testing.assert_close(gaps_from_predictions(c, u, "x0", alpha=1.0, sigma=2.0), 0.5 * expected)
+
+
+def test_masked_loss_and_unet_gradients_equal_those_of_the_kept_subset(unet):
+    x, t, emb, target = batch(6, seed=1)
+    keep = torch.tensor([True, False, True, True, False, True])
+    unet.zero_grad()
+    loss = MemorizationFilter.masked_loss(per_sample_mse(unet(x, t, encoder_hidden_states=emb).sample, target), keep)
+    loss.backward()
+    filtered = grads(unet)
+    unet.zero_grad()
+    subset = per_sample_mse(unet(x[keep], t[keep], encoder_hidden_states=emb[keep]).sample, target[keep]).mean()
+    subset.backward()
+    torch.testing.assert_close(loss, subset)
+    assert_same_grads(filtered, grads(unet))
+
+
+def test_gradient_accumulation_with_sum_reduction_equals_one_pass_over_the_kept_samples(unet):
+    x, t, emb, target = batch(8, seed=2)
+    keep = torch.tensor([True, True, False, True, False, False, False, False])  # 2nd micro-batch: all dropped
+    unet.zero_grad()
+    kept = 0
+    for part in (slice(0, 4), slice(4, 8)):
+        pred = unet(x[part], t[part], encoder_hidden_states=emb[part]).sample
+        loss = MemorizationFilter.masked_loss(per_sample_mse(pred, target[part]), keep[part], reduction="sum")
+        if loss is not None:
+            loss.backward()
+            kept += int(keep[part].sum())
+    for p in unet.parameters():
+        if p.grad is not None:
+            p.grad.div_(kept)
+    accumulated = grads(unet)
+    unet.zero_grad()
+    per_sample_mse(unet(x[keep], t[keep], encoder_hidden_states=emb[keep]).sample, target[keep]).mean().backward()
+    assert_same_grads(accumulated, grads(unet))
+
+
+def test_under_autocast_gaps_are_float32_and_kept_gradients_match_the_subset(unet):
+    x, t, emb, target = batch(6, seed=3)
+    with torch.no_grad():
+        reference = gaps_from_predictions(unet(x, t, encoder_hidden_states=emb).sample,
+                                          unet(x, t, encoder_hidden_states=torch.zeros_like(emb)).sample)
+    filt = MemorizationFilter(tau=float(reference.median()))
+    unet.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = unet(x, t, encoder_hidden_states=emb).sample
+        with torch.no_grad():
+            pred_u = unet(x, t, encoder_hidden_states=torch.zeros_like(emb)).sample
+        gaps = gaps_from_predictions(pred, pred_u)
+        keep = filt.keep_mask(gaps)
+        loss = filt.masked_loss(per_sample_mse(pred, target), keep)
+    assert pred.dtype == torch.bfloat16 and gaps.dtype == torch.float32
+    torch.testing.assert_close(gaps, reference, rtol=0.05, atol=1e-3)
+    assert 0 < int(keep.sum()) < len(keep)
+    loss.backward()
+    filtered = grads(unet)
+    unet.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        per_sample_mse(unet(x[keep], t[keep], encoder_hidden_states=emb[keep]).sample, target[keep]).mean().backward()
+    assert_same_grads(filtered, grads(unet), rtol=0.05, atol=1e-4)
