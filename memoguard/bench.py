@@ -66,7 +66,7 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     t_start = time.time()
     ds = build_dataset(0)
     train_images = unique_training_images(ds.images)
-    prompts = eval_prompts(ds, per_kind=30 if quick else 100)
+    prompts = eval_prompts(ds, per_kind=20 if quick else 100)
     label_steps = 20 if quick else 50
     texts = [p.text for p in prompts]
     kinds = np.array([p.kind for p in prompts])
