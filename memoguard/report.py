@@ -29,12 +29,13 @@ def image_strip(images: np.ndarray, scale: int = 8) -> Image.Image:
 
 
 def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = None,
-               labels: Optional[Sequence[str]] = None, size=(360, 180)) -> Image.Image:
+               labels: Optional[Sequence[str]] = None, size=(360, 180), title: str = "") -> Image.Image:
     """Score per step, one line per series, with the threshold as a dashed red line."""
     w, h = size
-    pad_l, pad_r, pad_t, pad_b = 44, 8, 10, 22
+    pad_l, pad_r, pad_t, pad_b = 44, 8, 24 if title else 10, 22
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
+    d.text((pad_l, 4), title[:80], fill="black")
     values = [v for s in series for v in s if math.isfinite(v)]
     if threshold is not None and math.isfinite(threshold):
         values.append(threshold)
@@ -66,14 +67,15 @@ def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = N
     return img
 
 
-def token_bars(tokens: Sequence[str], shares: Sequence[float], width: int = 360) -> Image.Image:
+def token_bars(tokens: Sequence[str], shares: Sequence[float], width: int = 360, title: str = "") -> Image.Image:
     """Horizontal bars, one per token, length = share of the total contribution."""
-    row = 16
-    img = Image.new("RGB", (width, max(row * len(tokens) + 8, 24)), "white")
+    row, top_pad = 16, 20 if title else 4
+    img = Image.new("RGB", (width, max(row * len(tokens) + top_pad + 4, 24)), "white")
     d = ImageDraw.Draw(img)
+    d.text((4, 4), title[:80], fill="black")
     top = max(shares) if shares else 1.0
     for i, (tok, share) in enumerate(zip(tokens, shares)):
-        y = 4 + i * row
+        y = top_pad + i * row
         d.text((4, y), tok[:14], fill="black")
         length = (width - 150) * (share / top if top > 0 else 0)
         d.rectangle([100, y + 2, 100 + length, y + row - 3], fill=share_color(share / top if top else 0))

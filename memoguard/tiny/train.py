@@ -67,6 +67,7 @@ def train(out: Path, steps: int, batch: int, seed: int, tokenizer_dir: Path, lr:
     save_pipeline(out, unet, text_encoder, tokenizer_dir, meta={
         "seed": seed, "steps": steps, "batch": batch, "train_seconds": round(time.time() - t0),
         "pairs": len(ids), "duplicated_pairs": int(ds.is_memorized.sum()),
+        "guidance": SAMPLING_GUIDANCE,
     })
 
 
