@@ -11,7 +11,7 @@ from .mitigate import MitigationRecord, minimize_embedding
 from .model import DiffusionModel, PromptEncoding
 from .score import (PARAMETERIZATIONS, ScoreTrace, ScoreUnavailable, eps_difference, l2_per_image,
                     rms_per_image, to_eps, uncond_is_missing)
-from .train_filter import MemorizationFilter, gaps_from_predictions
+from .train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 from .verdict import Verdict, verdict_for
 
 __version__ = "0.1.0"

@@ -1,15 +1,17 @@
 """`python -m memoguard train-filter-demo --json FILE [--quick]`: does the training filter stop copying?
 
-Fine-tunes the bundled model twice on the same data, batches, noise and timesteps (one seed):
-the ordinary training pairs plus a few new scenes, each with a unique speck pattern and a title
-the model never saw, duplicated many times. One run trains plainly; the other with a
-`MemorizationFilter` whose tau comes from the base model's gaps on ordinary training pairs,
-measured the training way (random timesteps, own noise), at a 5 % rate. The two runs step in
-turn, so their per-step times are measured side by side under the same machine load.
+Fine-tunes the bundled model three times on the same data, batches, noise and timesteps (one
+seed): the ordinary training pairs plus a few new scenes, each with a unique speck pattern and a
+title the model never saw, duplicated many times. "plain" trains plainly; "per-sample" with the
+paper's filter, its gaps taken relative to the base model's ordinary gap at the same timestep (a
+`TimestepReference`) and tau dropping 5 % of the base model's ordinary training samples, measured
+the training way (random timesteps, own noise); "filtered" with the same filter barring captions
+dropped too often (`bar_alpha`). The runs take turns step by step, so their per-step times are
+measured side by side under the same machine load.
 
-Then, for the base model and both fine-tunes, with the judge of memoguard/tiny/judge.py:
-copy rate on the duplicated captions (the copy test of judge.py: far nearer one training image than its neighbours),
-alignment and copy rate on ordinary training captions, and the denoising loss on fixed noise.
+Then, for the base model and every fine-tune, with the judge of memoguard/tiny/judge.py: copy
+rate on the duplicated captions (far nearer one training image than its neighbours), alignment
+and copy rate on ordinary training captions, and the denoising loss on fixed noise.
 """
 import json
 import time
@@ -26,7 +28,7 @@ from .pipeline import generate
 from .tiny.data import Scene, add_specks, build_dataset, render, to_tensor_batch
 from .tiny.judge import alignment, is_copy, unique_training_images
 from .tiny.train import SCHEDULER_CONFIG, tokenize, training_steps
-from .train_filter import MemorizationFilter, gaps_from_predictions
+from .train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 
 # Titles whose words occur in no caption the bundled model was trained on.
 NEW_TITLES = ("basalt overture", "zephyr almanac", "indigo reverie", "granite folio", "cinder ballad",
@@ -36,22 +38,25 @@ NEW_TITLES = ("basalt overture", "zephyr almanac", "indigo reverie", "granite fo
 
 @dataclass
 class DemoSettings:
-    steps: int = 400               # optimizer steps per run (both runs get the same budget)
+    steps: int = 600               # optimizer steps per run (both runs get the same budget)
     batch: int = 32
     lr: float = 1e-3
     warmup: int = 20
-    duplicated: int = 8            # new scenes, each duplicated `duplicates` times
-    duplicates: int = 300
-    fpr: float = 0.05              # share of the base model's ordinary training gaps at or above tau
+    duplicated: int = 4            # new scenes, each duplicated `duplicates` times
+    duplicates: int = 400
+    fpr: float = 0.05              # share of the base model's ordinary training gaps the filter drops
     calibration_samples: int = 512
     loss_samples: int = 256        # fixed-noise samples for the denoising loss of each model
-    seeds: int = 4                 # generations per duplicated caption
+    seeds: int = 8                 # generations per duplicated caption
     ordinary_prompts: int = 48     # ordinary captions, one generation each
     sample_steps: int = 50         # DDIM steps of the evaluation generations
+    bar_alpha: float = 1e-4        # a caption dropped this improbably often for an ordinary one is barred
+    key_warmup: int = 100          # steps before captions are counted (their words get learned first)
 
 
-QUICK = DemoSettings(steps=120, duplicated=4, calibration_samples=256, loss_samples=128, seeds=4,
-                     ordinary_prompts=24, sample_steps=20)
+# A smoke run of the whole protocol: too few steps for the plain run to memorize much.
+QUICK = DemoSettings(steps=80, key_warmup=25, calibration_samples=256, loss_samples=64, seeds=2,
+                     ordinary_prompts=12, sample_steps=20)
 
 
 def add_arguments(p):
@@ -59,7 +64,7 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="smaller budget and evaluation (aimed at under 3 min on 2 idle cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the batches and the noise")
     p.add_argument("--model", type=Path, default=None, help="diffusers folder to fine-tune (default: the bundled model)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 400, quick 120)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600, quick 80)")
     p.add_argument("--tau", type=float, default=None,
                    help="fixed threshold (RMS gap); default: calibrated on the base model's ordinary training gaps")
 
@@ -74,6 +79,7 @@ class FineTuneData:
     duplicated_captions: list
     ordinary_captions: list
     ordinary_scenes: list
+    captions: list                 # (N,) caption of each pair: the key the filter bars by
 
 
 def finetune_data(tokenizer, settings: DemoSettings, seed: int) -> FineTuneData:
@@ -93,7 +99,8 @@ def finetune_data(tokenizer, settings: DemoSettings, seed: int) -> FineTuneData:
     ordinary = [by_caption[c] for c in sorted(rng.choice(sorted(by_caption), settings.ordinary_prompts, replace=False))]
     return FineTuneData(to_tensor_batch(images), ids, empty_ids,
                         np.r_[np.zeros(int(plain.sum()), bool), np.ones(len(new_captions) * settings.duplicates, bool)],
-                        unique_training_images(images), new_captions, [o.caption() for o in ordinary], ordinary)
+                        unique_training_images(images), new_captions, [o.caption() for o in ordinary], ordinary,
+                        captions)
 
 
 def _noised(images, ids, empty_ids, n: int, seed: int):
@@ -109,7 +116,7 @@ def _noised(images, ids, empty_ids, n: int, seed: int):
 
 @torch.no_grad()
 def training_gaps_and_loss(unet, text_encoder, images, ids, empty_ids, n: int, seed: int, chunk: int = 128):
-    """Per-sample gaps and denoising losses of n training samples, measured as the filter sees them."""
+    """Per-sample gaps, denoising losses and timesteps of n training samples, measured as the filter sees them."""
     tok, noise, t, xt = _noised(images, ids, empty_ids, n, seed)
     empty = text_encoder(empty_ids[None]).last_hidden_state
     gaps, losses = [], []
@@ -120,7 +127,7 @@ def training_gaps_and_loss(unet, text_encoder, images, ids, empty_ids, n: int, s
         pred_u = unet(xt[sl], t[sl], encoder_hidden_states=empty.expand_as(emb)).sample
         gaps.append(gaps_from_predictions(pred, pred_u))
         losses.append(F.mse_loss(pred, noise[sl], reduction="none").mean(dim=(1, 2, 3)))
-    return torch.cat(gaps), torch.cat(losses)
+    return torch.cat(gaps), torch.cat(losses), t
 
 
 def _subset(data: FineTuneData, mask: np.ndarray):
@@ -136,7 +143,7 @@ def evaluate(model, data: FineTuneData, settings: DemoSettings, seed: int) -> di
     te = model.text_encoders[0]
     losses = {}
     for name, mask in (("ordinary", ~data.is_duplicated), ("duplicated", data.is_duplicated)):
-        _, loss = training_gaps_and_loss(model.unet, te, *_subset(data, mask), n=settings.loss_samples, seed=seed + 7)
+        _, loss, _ = training_gaps_and_loss(model.unet, te, *_subset(data, mask), n=settings.loss_samples, seed=seed + 7)
         losses[name] = float(loss.mean())
     return {"copy_rate_duplicated": float(is_copy(dup_flat, data.unique_images).mean()),
             "copy_rate_ordinary": float(is_copy(ord_flat, data.unique_images).mean()),
@@ -145,41 +152,62 @@ def evaluate(model, data: FineTuneData, settings: DemoSettings, seed: int) -> di
 
 
 def run_demo(settings: DemoSettings, seed: int = 0, model_dir=None, tau=None, log=print) -> dict:
+    """Plain fine-tune vs the filter, same batches; returns everything `format_report` prints.
+
+    Default arms: "plain"; "per-sample" (the paper's filter: relative gap against a calibrated
+    tau); "filtered" (the same, and captions barred once dropped too often: the recommended
+    set-up). With a fixed `tau` (raw gap, no calibration): "plain" and "filtered" only.
+    """
     t_start = time.perf_counter()
-    filt = None if tau is None else MemorizationFilter(tau=tau)  # a bad tau fails before any work
+    fixed = None if tau is None else MemorizationFilter(tau=tau)  # a bad tau fails before any work
     torch.manual_seed(seed)
     base = load_model(model_dir)
     data = finetune_data(base.tokenizers[0], settings, seed)
     log(f"fine-tune set: {len(data.ids)} pairs, {len(data.duplicated_captions)} new captions x "
         f"{settings.duplicates} ({data.is_duplicated.mean():.0%} of the pairs)")
-    if filt is None:
-        gaps, _ = training_gaps_and_loss(base.unet, base.text_encoders[0], *_subset(data, ~data.is_duplicated),
-                                         n=settings.calibration_samples, seed=seed + 3)
-        filt = MemorizationFilter(calibration=Calibration("base-training-gaps", gaps.tolist()), fpr=settings.fpr)
-        tau_source = f"{1 - settings.fpr:.0%} of the base model's gaps on {settings.calibration_samples} ordinary training samples"
+    if fixed is None:
+        gaps, _, t = training_gaps_and_loss(base.unet, base.text_encoders[0], *_subset(data, ~data.is_duplicated),
+                                            n=settings.calibration_samples, seed=seed + 3)
+        reference = TimestepReference.fit(gaps, t)
+        calibration = Calibration("base-training-gaps", reference.relative(gaps, t).tolist())
+        filters = {"per-sample": MemorizationFilter(calibration=calibration, fpr=settings.fpr, reference=reference),
+                   "filtered": MemorizationFilter(calibration=calibration, fpr=settings.fpr, reference=reference,
+                                                  bar_alpha=settings.bar_alpha, warmup_steps=settings.key_warmup)}
+        tau_source = (f"{1 - settings.fpr:.0%} of the base model's gaps on {settings.calibration_samples} ordinary "
+                      "training samples, relative to their timestep band's median")
     else:
-        tau_source = "given"
-    log(f"tau = {filt.tau:.4f} ({tau_source})")
+        filters, tau_source = {"filtered": fixed}, "given (raw gap)"
+    final = filters["filtered"]
+    log(f"tau = {final.tau:.4f} ({tau_source})")
 
-    runs = {name: load_model(model_dir) for name in ("plain", "filtered")}
+    arms = {"plain": None, **filters}
+    runs = {name: load_model(model_dir) for name in arms}
     loops, times, losses = {}, {name: [] for name in runs}, {name: [] for name in runs}
+    dropped = {name: {"duplicated": [0, 0], "ordinary": [0, 0]} for name in filters}  # [dropped, seen]
     for name, m in runs.items():
         for module in (m.unet, m.text_encoders[0]):
             module.train().requires_grad_(True)
         loops[name] = training_steps(m.unet, m.text_encoders[0], data.images, data.ids, data.empty_ids,
                                      settings.steps, settings.batch, seed, settings.lr, settings.warmup,
-                                     loss_filter=filt if name == "filtered" else None)
+                                     loss_filter=arms[name], keys=data.captions)
+    is_dup = torch.from_numpy(data.is_duplicated)
     log_every = max(1, settings.steps // 6)
     for step in range(settings.steps):
-        for name in runs:  # the two runs alternate: same load on the machine for both
+        for name in runs:  # the runs take turns: the same machine load for each
             t0 = time.perf_counter()
-            _, loss = next(loops[name])
+            outcome = next(loops[name])
             times[name].append(time.perf_counter() - t0)
-            losses[name].append(loss)
+            losses[name].append(outcome.loss)
+            if outcome.kept is not None:
+                dup = is_dup[outcome.indices]
+                for kind, rows in (("duplicated", dup), ("ordinary", ~dup)):
+                    dropped[name][kind][0] += int((~outcome.kept[rows]).sum())
+                    dropped[name][kind][1] += int(rows.sum())
         if step % log_every == 0 or step == settings.steps - 1:
-            log(f"step {step:4d}  loss plain {losses['plain'][-1]:.4f}  filtered "
-                f"{'skipped' if losses['filtered'][-1] is None else format(losses['filtered'][-1], '.4f')}  "
-                f"dropped {filt.last.dropped}/{filt.last.samples} (gap mean {filt.last.gap_mean:.3f}, max {filt.last.gap_max:.3f})")
+            log(f"step {step:4d}  loss " + "  ".join(
+                f"{name} {'skipped' if losses[name][-1] is None else format(losses[name][-1], '.4f')}" for name in runs)
+                + f"  filtered: dropped {final.last.dropped}/{final.last.samples} (gap mean {final.last.gap_mean:.3f},"
+                  f" max {final.last.gap_max:.3f}), {len(final.barred)} captions barred")
     for m in runs.values():
         for module in (m.unet, m.text_encoders[0]):
             module.eval().requires_grad_(False)
@@ -192,6 +220,12 @@ def run_demo(settings: DemoSettings, seed: int = 0, model_dir=None, tau=None, lo
         kept_losses = [v for v in losses[name][-tail:] if v is not None]
         results[name]["train_loss_last_steps"] = float(np.mean(kept_losses)) if kept_losses else None
         results[name]["seconds_per_step"] = step_time[name]
+    for name, filt in filters.items():
+        stats = filt.stats
+        results[name]["filter"] = {
+            "tau": filt.tau, "steps": stats.steps, "skipped_steps": stats.skipped_steps, "drop_rate": stats.drop_rate,
+            **{f"drop_rate_{kind}": d / n if n else None for kind, (d, n) in dropped[name].items()},
+            "barred_captions": {caption: step for caption, step in filt.barred.items()}}
     plain, filtered = results["plain"], results["filtered"]
     summary = {
         "copy_rate_ratio": _ratio(filtered["copy_rate_duplicated"], plain["copy_rate_duplicated"]),
@@ -203,9 +237,8 @@ def run_demo(settings: DemoSettings, seed: int = 0, model_dir=None, tau=None, lo
         "alignment_within_10pct": summary["alignment_ratio"] is not None and abs(summary["alignment_ratio"] - 1) <= 0.10,
         "overhead_at_most_1.6x": summary["overhead_per_step"] <= 1.6,
     }
-    stats = filt.stats
-    return {"settings": asdict(settings), "seed": seed, "tau": filt.tau, "tau_source": tau_source,
-            "filter": {"steps": stats.steps, "skipped_steps": stats.skipped_steps, "drop_rate": stats.drop_rate},
+    return {"settings": asdict(settings), "seed": seed, "tau": final.tau, "tau_source": tau_source,
+            "ordinary_gap_by_timestep_band": final.reference.medians if final.reference else None,
             "models": results, "summary": summary, "seconds_total": time.perf_counter() - t_start,
             "threads": torch.get_num_threads()}
 
@@ -222,8 +255,12 @@ def format_report(r: dict) -> str:
                     f"{m['denoising_loss']['duplicated']:9.4f} {m.get('seconds_per_step', float('nan')):7.3f}")
     s = r["summary"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
-    rows.append(f"tau {r['tau']:.4f}; filter dropped {r['filter']['drop_rate']:.1%} of samples, "
-                f"skipped {r['filter']['skipped_steps']} of {r['filter']['steps']} steps")
+    for name, m in r["models"].items():
+        if "filter" in m:
+            f = m["filter"]
+            rows.append(f"{name}: tau {f['tau']:.4f}; dropped {f['drop_rate']:.1%} of samples ({fmt(f['drop_rate_duplicated'], '.1%')} "
+                        f"of duplicated, {fmt(f['drop_rate_ordinary'], '.1%')} of ordinary), skipped {f['skipped_steps']} of "
+                        f"{f['steps']} steps, {len(f['barred_captions'])} captions barred")
     rows.append(f"copy rate filtered/plain {fmt(s['copy_rate_ratio'], '.2f')} (target <= 0.25); alignment "
                 f"filtered/plain {fmt(s['alignment_ratio'], '.3f')} (target 0.9-1.1); overhead "
                 f"{s['overhead_per_step']:.2f}x per step (target <= 1.6); {r['seconds_total']:.0f} s in all")

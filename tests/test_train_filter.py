@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from memoguard.calibration import Calibration
-from memoguard.train_filter import MemorizationFilter, gaps_from_predictions
+from memoguard.train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -82,6 +82,77 @@ def test_calibration_gives_its_threshold_at_the_requested_rate(tmp_path):
     filt = MemorizationFilter(calibration=Calibration.load(tmp_path / "cal.json"), fpr=0.05)
     assert filt.tau == pytest.approx(cal.threshold(0.05))
     assert filt.keep_mask(torch.tensor([0.5, 0.99])).tolist() == [True, False]
+
+
+def test_timestep_reference_holds_the_median_gap_of_each_band():
+    t = torch.arange(1000)
+    gaps = 0.2 - 0.15 * t / 1000  # ordinary gaps fall with t, as on real models
+    ref = TimestepReference.fit(gaps, t, bands=4)
+    expected = [float(gaps[a:a + 250].median()) for a in (0, 250, 500, 750)]
+    assert ref.medians == pytest.approx(expected)
+    rel = ref.relative(torch.tensor([0.2, 0.2]), torch.tensor([10, 990]))
+    assert rel.tolist() == pytest.approx([0.2 / expected[0], 0.2 / expected[3]])
+
+
+def test_with_a_reference_one_tau_drops_unusual_gaps_at_every_timestep(tmp_path):
+    ref = TimestepReference([0.1, 0.02])  # ordinary gaps: 0.1 at t < 500, 0.02 above
+    ref.save(tmp_path / "ref.json")
+    filt = MemorizationFilter(tau=2.0, reference=TimestepReference.load(tmp_path / "ref.json"))
+    # raw 0.15 at small t is ordinary-ish (1.5x); raw 0.05 at large t is 2.5x the ordinary gap there
+    keep = filt.keep_mask(torch.tensor([0.15, 0.05, 0.03]), torch.tensor([100, 900, 600]))
+    assert keep.tolist() == [True, False, True]
+    assert filt.last.gap_max == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="timesteps"):
+        filt.keep_mask(torch.tensor([0.1]))
+    with pytest.raises(ValueError, match="one timestep per gap"):
+        filt.keep_mask(torch.tensor([0.1, 0.2]), torch.tensor([5]))
+
+
+def test_timestep_reference_refuses_thin_bands_and_bad_medians():
+    with pytest.raises(ValueError, match="band 3 of 4"):
+        TimestepReference.fit(torch.rand(100), torch.randint(0, 700, (100,)), bands=4)
+    for bad in ([], [0.1, 0.0], [0.1, float("nan")]):
+        with pytest.raises(ValueError, match="finite numbers > 0"):
+            TimestepReference(bad)
+
+
+def test_a_key_dropped_far_more_often_than_the_nominal_rate_is_barred_and_ordinary_ones_are_not():
+    cal = Calibration("tiny", [0.01 * i for i in range(1, 101)])  # fpr 0.05: tau ~0.95
+    filt = MemorizationFilter(calibration=cal, fpr=0.05, bar_alpha=1e-4, warmup_steps=0)
+    high, low = torch.tensor(0.99), torch.tensor(0.1)
+    for step in range(200):  # "ordinary" is dropped exactly at the nominal 5 %, "copied" every third visit
+        gaps = torch.stack([high if step % 20 == 0 else low, high if step % 3 == 0 else low, low])
+        keep = filt.keep_mask(gaps, keys=["ordinary", "copied", None])
+    assert "ordinary" not in filt.barred and "copied" in filt.barred
+    barred_at = filt.barred["copied"]
+    assert 0 < barred_at < 60
+    # once barred, a copied sample is dropped even with an ordinary gap; None keys are never barred
+    keep = filt.keep_mask(torch.tensor([0.1, 0.1, 0.1]), keys=["ordinary", "copied", None])
+    assert keep.tolist() == [True, False, True]
+    assert (filt.last.dropped_by_key, filt.last.barred_keys) == (1, 1)
+    assert filt.barred["copied"] == barred_at
+
+
+def test_keys_are_not_counted_during_the_warm_up():
+    cal = Calibration("tiny", [0.01 * i for i in range(1, 101)])
+    filt = MemorizationFilter(calibration=cal, fpr=0.05, bar_alpha=1e-4, warmup_steps=10)
+    for _ in range(10):  # a caption the model has not learned yet: high gap at first
+        filt.keep_mask(torch.tensor([0.99]), keys=["new words"])
+    assert filt.barred == {} and filt.key_counts == {}
+    for _ in range(10):
+        filt.keep_mask(torch.tensor([0.99]), keys=["new words"])
+    assert "new words" in filt.barred
+
+
+def test_barring_needs_a_nominal_rate_and_one_key_per_sample():
+    with pytest.raises(ValueError, match="nominal drop rate"):
+        MemorizationFilter(tau=0.3, bar_alpha=1e-4)
+    with pytest.raises(ValueError, match="bar_alpha"):
+        MemorizationFilter(percentile=95, bar_alpha=1.5)
+    filt = MemorizationFilter(percentile=95, warmup_steps=0, bar_alpha=1e-4)
+    assert filt.nominal_drop_rate == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="one key per sample"):
+        filt.keep_mask(torch.tensor([0.1, 0.2]), keys=["a"])
 
 
 def test_empty_batch_and_all_dropped_batch_are_clean_skips():

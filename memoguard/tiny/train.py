@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ def train(out: Path, steps: int, batch: int, seed: int, tokenizer_dir: Path, lr:
     images = to_tensor_batch(ds.images)
     ids, empty_ids = tokenize(tokenizer, list(ds.captions))
     t0 = time.time()
-    for step, loss in training_steps(unet, text_encoder, images, ids, empty_ids, steps, batch, seed, lr):
+    for step, loss, *_ in training_steps(unet, text_encoder, images, ids, empty_ids, steps, batch, seed, lr):
         if step % 100 == 0 or step == steps - 1:
             print(f"step {step:5d} loss {loss:.4f} lr {learning_rate(step, steps, lr):.2e} {time.time() - t0:6.0f}s", flush=True)
     save_pipeline(out, unet, text_encoder, tokenizer_dir, meta={
@@ -83,14 +84,23 @@ def learning_rate(step: int, steps: int, lr: float, warmup: int = 100) -> float:
     return lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(step / steps * 3.14159)).item()))
 
 
+class TrainingStep(NamedTuple):
+    step: int
+    loss: Optional[float]          # None: the filter kept no sample and the step was skipped
+    indices: torch.Tensor          # (batch,) rows of the training set in this batch
+    kept: Optional[torch.Tensor]   # (batch,) bool keep-mask of the filter; None without one
+
+
 def training_steps(unet, text_encoder, images, ids, empty_ids, steps: int, batch: int, seed: int,
-                   lr: float = 1e-3, warmup: int = 100, loss_filter=None):
-    """The training loop, one optimizer step per iteration; yields (step, loss or None).
+                   lr: float = 1e-3, warmup: int = 100, loss_filter=None, keys=None):
+    """The training loop, one optimizer step per iteration; yields a TrainingStep.
 
     Deterministic from `seed` (batches, caption drop, noise and timesteps come from one
     generator). With a `MemorizationFilter` as loss_filter, each step also runs the empty
     prompt through the UNet without gradients and trains only on the samples the filter keeps;
     a step where it keeps none is skipped (loss None) and still counts towards the budget.
+    `keys` (one per training pair, e.g. captions) go to the filter for barring; caption-dropped
+    samples carry no key.
     """
     from diffusers import DDPMScheduler
 
@@ -112,20 +122,22 @@ def training_steps(unet, text_encoder, images, ids, empty_ids, steps: int, batch
         xt = sched.add_noise(x0, noise, t)
         emb = text_encoder(tok).last_hidden_state
         pred = unet(xt, t, encoder_hidden_states=emb).sample
+        keep = None
         if loss_filter is None:
             loss = F.mse_loss(pred, noise)
         else:
             with torch.no_grad():
                 empty = text_encoder(empty_ids[None]).last_hidden_state
                 pred_u = unet(xt, t, encoder_hidden_states=empty.expand_as(emb)).sample
-            keep = loss_filter.keep_mask(gaps_from_predictions(pred, pred_u))
+            batch_keys = None if keys is None else [None if d else keys[i] for i, d in zip(idx.tolist(), drop.tolist())]
+            keep = loss_filter.keep_mask(gaps_from_predictions(pred, pred_u), t, batch_keys)
             loss = loss_filter.masked_loss(F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)), keep)
         opt.zero_grad(set_to_none=True)
         if loss is not None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-        yield step, None if loss is None else loss.item()
+        yield TrainingStep(step, None if loss is None else loss.item(), idx, keep)
 
 
 def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, meta: dict):
