@@ -123,15 +123,19 @@ class ScoreTrace:
         return [s for s, _, _ in self._steps]
 
     def score(self, window: int = 1, start: int = 0) -> torch.Tensor:
-        """Mean RMS gap over steps [start, start + window) per image -> (B,). First step by default."""
+        """Mean RMS gap over the recorded steps numbered [start, start + window) per image -> (B,).
+        First step by default; a window none of whose steps was recorded has no score."""
         if self.unavailable:
             raise ScoreUnavailable(self.unavailable)
-        gaps = self.per_step()
-        if gaps.numel() == 0:
-            raise ScoreUnavailable("no sampling step was recorded")
         if window < 1 or start < 0:
             raise ValueError(f"window must be >= 1 and start >= 0 (got window={window}, start={start})")
-        return gaps[start:start + window].mean(dim=0)
+        if not self._steps:
+            raise ScoreUnavailable("no sampling step was recorded")
+        rows = [i for i, step in enumerate(self.step_indices()) if start <= step < start + window]
+        if not rows:
+            raise ScoreUnavailable(f"steps {start} to {start + window - 1} were not recorded "
+                                   f"(recorded: {self.step_indices()[0]} to {self.step_indices()[-1]})")
+        return self.per_step()[rows].mean(dim=0)
 
     def raw_score(self, window: int = 1, start: int = 0) -> torch.Tensor:
         """The paper's raw L2 form of score()."""

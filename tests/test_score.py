@@ -98,6 +98,16 @@ def test_trace_keeps_first_call_of_each_step_and_averages_windows():
     assert trace.raw_score().tolist() == [2.0, 2.0]  # RMS 1 over 4 elements -> L2 2
 
 
+def test_trace_scores_steps_by_number_not_by_recording_order():
+    trace = ScoreTrace()  # step 0 was never recorded (e.g. a hook that failed on it)
+    trace.record(1, torch.full((1, 1, 2, 2), 3.0))
+    trace.record(2, torch.full((1, 1, 2, 2), 5.0))
+    with pytest.raises(ScoreUnavailable, match="steps 0 to 0 were not recorded"):
+        trace.score()
+    assert trace.score(window=2).tolist() == [3.0]
+    assert trace.score(window=2, start=1).tolist() == [4.0]
+
+
 def test_trace_nan_and_unavailable():
     trace = ScoreTrace()
     diff = torch.ones(2, 1, 2, 2)

@@ -108,7 +108,9 @@ def prompt_encodings(p, params, layout, iteration: int):
     if isinstance(params.text_cond, dict):
         cond_extra["vector"] = params.text_cond["vector"].detach()
         uncond_extra["vector"] = uncond["vector"].detach()
-    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1])
+    from modules.sd_hijack import model_hijack
+    clip = model_hijack.clip
+    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], clip, clip.wrapped.tokenizer)
     frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
     frozen[:, ::CHUNK] = True
     uncond_tokens = [[""] * uncond_emb.shape[1] for _ in range(n_rows)]
@@ -117,14 +119,14 @@ def prompt_encodings(p, params, layout, iteration: int):
             PromptEncoding(uncond_emb, uncond_tokens, no_tokens, no_tokens, uncond_extra))
 
 
-def row_tokens(p, layout, iteration: int, length: int):
-    """Token strings of every cond row, from the WebUI's own tokenizer, padded to `length` positions."""
+def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
+    """Token strings of every cond row, padded to `length` positions.
+
+    clip: the WebUI's prompt chunker (tokenize_line, id_start/id_end/id_pad); tokenizer: its CLIP tokenizer.
+    """
     from modules import prompt_parser
-    from modules.sd_hijack import model_hijack
     prompts = list(p.prompts) if getattr(p, "prompts", None) else [p.prompt] * len(layout)
     sub_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
-    clip = model_hijack.clip
-    tokenizer = clip.wrapped.tokenizer
     specials = {clip.id_start, clip.id_end, clip.id_pad}
     tokens, masks = [], []
     for indexes in sub_indexes:

@@ -5,25 +5,33 @@ per image (one row per AND sub-prompt, in the order of the MulticondLearnedCondi
 one uncond row per image. k-diffusion samplers output denoised x0 (x = x0 + sigma * eps), the
 timestep samplers (DDIM, PLMS, UniPC) output eps and carry the timestep in `sigma`.
 on_cfg_denoised has no sigma, so on_cfg_denoiser stashes it for the call that follows.
+Forge fires on_cfg_denoiser only: ForgeRunMonitor reads the predictions from a post-CFG patch (forge.py).
 """
+import math
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
-from memoguard import MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, token_contributions
+from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, token_contributions,
+                       uncond_is_missing)
 from memoguard.calibration import Calibration
+from memoguard.host_autograd import differentiable, ordinary
 from memoguard.mitigate import check_settings
 from memoguard.verdict import verdict_for
 
+from . import forge
 from .host_model import (KDIFFUSION, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings, sampler_family,
                          with_embedding)
 
 # A1111 writes these keys into p.extra_generation_params at a step whose uncond pass it skipped
 # and puts copies of the cond rows where the uncond rows belong.
 SKIPPED_UNCOND_KEYS = ("NGMS", "Skip Early CFG")
+FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, so there is no gap to measure; "
+                     "use a CFG scale other than 1 to score")
 
 
 @dataclass
@@ -141,32 +149,43 @@ class RunMonitor:
         iteration = int(getattr(self.p, "iteration", 0))
         result = self.results.setdefault(iteration, IterationResult())
         step = int(denoiser.step)
-        pending = Pending(iteration, step, sampler_family(denoiser), layout, params.sigma[-batch:])
+        pending = Pending(iteration, step, self._family(denoiser), layout, params.sigma[-batch:])
+        # a failing explanation or mitigation is reported; the step is still scored
         if step < self.settings.explain_steps and self.settings.explain:
-            self._explain(params, pending, result)
+            self._attempt("explaining tokens", self._explain, params, pending, result)
         if step == 0 and self.settings.mitigation != "off" and result.mitigation is None:
-            self._mitigate(params, pending, result)
+            self._attempt("mitigating", self._mitigate, params, pending, result)
         if result.embedding is not None:
             params.text_cond = with_embedding(params.text_cond, result.embedding)
         self._pending = pending
 
+    def _family(self, denoiser) -> str:
+        return sampler_family(denoiser)
+
     def _after(self, params, pending: Pending) -> None:
+        if self._uncond_was_skipped(params.x, pending):
+            self._skip(pending, self._skipped_keys_reason(pending))
+        else:
+            self._record(pending, guided_difference(params.x, pending.layout, pending.family, pending.sigma))
+
+    def _record(self, pending: Pending, diff: torch.Tensor) -> None:
         result = self.results[pending.iteration]
-        x_out = params.x
-        batch = len(pending.layout)
-        if self._uncond_was_skipped(x_out, pending):
-            result.skipped_steps.append(pending.step)
-            if pending.step < self.settings.window:
-                result.trace.mark_unavailable(
-                    f"the WebUI skipped the negative-prompt pass at step {pending.step + 1} "
-                    f"({' / '.join(k for k in SKIPPED_UNCOND_KEYS if k in self.p.extra_generation_params)}), "
-                    "so there is no gap to measure; set NGMS / 'Skip Early CFG' to 0 to score")
-            return
-        diff = guided_difference(x_out, pending.layout, pending.family, pending.sigma)
         gaps = result.trace.record(pending.step, diff, float(pending.sigma[0]))
         if self.state is not None and not result.trace.unavailable:
-            shown = ", ".join(f"{g:.4f}" for g in gaps[:4].tolist()) + (" ..." if batch > 4 else "")
+            shown = ", ".join(f"{g:.4f}" for g in gaps[:4].tolist()) + (" ..." if len(gaps) > 4 else "")
             self.state.textinfo = f"MemoGuard step {pending.step + 1}: score {shown}"
+
+    def _skip(self, pending: Pending, reason: str) -> None:
+        """A step without an uncond pass: not recorded; inside the verdict window the score is unavailable."""
+        result = self.results[pending.iteration]
+        result.skipped_steps.append(pending.step)
+        if pending.step < self.settings.window:
+            result.trace.mark_unavailable(reason)
+
+    def _skipped_keys_reason(self, pending: Pending) -> str:
+        return (f"the WebUI skipped the negative-prompt pass at step {pending.step + 1} "
+                f"({' / '.join(k for k in SKIPPED_UNCOND_KEYS if k in self.p.extra_generation_params)}), "
+                "so there is no gap to measure; set NGMS / 'Skip Early CFG' to 0 to score")
 
     def _uncond_was_skipped(self, x_out, pending: Pending) -> bool:
         if not any(k in self.p.extra_generation_params for k in SKIPPED_UNCOND_KEYS):
@@ -174,33 +193,38 @@ class RunMonitor:
         first_rows = [rows[0][0] for rows in pending.layout]
         return torch.equal(x_out[-len(pending.layout):], x_out[first_rows])
 
-    def _host_model(self, params, pending: Pending) -> WebUIModel:
-        return WebUIModel(params.denoiser, pending.family, params.sigma[:1])
+    @contextmanager
+    def _gradient_inputs(self, params, pending: Pending):
+        """(model, cond, uncond, x of the cond rows, t) for the core, with autograd kept off the host's weights."""
+        model = WebUIModel(params.denoiser, pending.family, params.sigma[:1])
+        cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
+        with frozen_parameters(self.p.sd_model):
+            yield model, cond, uncond, params.x[:cond.embedding.shape[0]], params.sigma[0]
 
     def _explain(self, params, pending: Pending, result: IterationResult) -> None:
-        model = self._host_model(params, pending)
-        cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
-        n_rows = cond.embedding.shape[0]
-        with frozen_parameters(self.p.sd_model):
-            contributions = token_contributions(model, cond, uncond, params.x[:n_rows], steps=1, total_steps=1)
+        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, _):
+            contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1)
         if not result.explanations:
-            result.explanations = [[] for _ in range(n_rows)]
+            result.explanations = [[] for _ in contributions]
             result.rows_per_image = [[r for r, _ in rows] for rows in pending.layout]
         for row, c in enumerate(contributions):
             result.explanations[row].append(c)
 
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
-        model = self._host_model(params, pending)
-        cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
-        n_rows = cond.embedding.shape[0]
         s = self.settings
-        with frozen_parameters(self.p.sd_model):
-            embedding, record = minimize_embedding(model, cond, uncond, params.x[:n_rows], params.sigma[0],
-                                                   mode=s.mitigation, threshold=s.flag_threshold(),
-                                                   target=s.target, lr=s.lr, max_iters=s.max_iters)
+        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
+            embedding, record = minimize_embedding(model, cond, uncond, x, t, mode=s.mitigation,
+                                                   threshold=s.flag_threshold(), target=s.target, lr=s.lr,
+                                                   max_iters=s.max_iters)
         result.mitigation = record
         if record.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
+
+    def _attempt(self, doing: str, action, *args) -> None:
+        try:
+            action(*args)
+        except Exception as e:
+            self._fail(doing, e)
 
     def _fail(self, where: str, error: Exception) -> None:
         message = f"MemoGuard failed {where}: {type(error).__name__}: {error}"
@@ -231,6 +255,50 @@ class RunMonitor:
         if result is None or not result.explanations or position >= len(result.rows_per_image):
             return []
         return [average_contributions(result.explanations[row]) for row in result.rows_per_image[position]]
+
+
+class ForgeRunMonitor(RunMonitor):
+    """Forge: on_cfg_denoiser as on A1111, the score from a post-CFG patch on the sampling's UNet."""
+
+    def __init__(self, p, settings: Settings, shared_state=None):
+        super().__init__(p, settings, shared_state)
+        self.post_cfg = self._post_cfg_hook()
+
+    def _post_cfg_hook(self):
+        # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
+        def memoguard_post_cfg(args):
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                try:
+                    self._after_post_cfg(args, pending)
+                except Exception as e:  # never break the user's generation
+                    self._fail("after the model call", e)
+            return args["denoised"]
+        return memoguard_post_cfg
+
+    def _before(self, params) -> None:
+        super()._before(params)
+        if self._pending is not None:
+            forge.install_post_cfg(params.denoiser, self.post_cfg)
+
+    def _family(self, denoiser) -> str:
+        return "forge"  # every Forge sampler calls the model in k-diffusion form (DDIM's timesteps become sigmas)
+
+    def _after_post_cfg(self, args: dict, pending: Pending) -> None:
+        cfg_one = math.isclose(float(self.p.cfg_scale), 1.0)
+        if (cfg_one or any(k in self.p.extra_generation_params for k in SKIPPED_UNCOND_KEYS)) \
+                and uncond_is_missing(args["uncond_denoised"]):  # Forge hands over zeros for a skipped pass
+            self._skip(pending, FORGE_CFG1_REASON if cfg_one else self._skipped_keys_reason(pending))
+        else:
+            self._record(pending, forge.guided_difference(args))
+
+    @contextmanager
+    def _gradient_inputs(self, params, pending: Pending):
+        kmodel = forge.forge_unet(params.denoiser).model
+        forge.check_supported(kmodel)  # before touching the weights
+        with differentiable(kmodel), frozen_parameters(kmodel):  # Forge samples under inference mode
+            cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary)
+            yield forge.ForgeModel(kmodel, ordinary(params.sigma[:1])), cond, uncond, x, ordinary(params.sigma[0])
 
 
 def average_contributions(per_step):

@@ -3,14 +3,14 @@
 API (/sdapi/v1/txt2img, /sdapi/v1/img2img): "script_name": "memoguard" and "script_args" in the
 order of ARG_NAMES (missing trailing values take the defaults below).
 """
-import importlib.util
 import math
 
 from modules import processing, script_callbacks, scripts, shared
 
 from memoguard.calibration import Calibration, CalibrationError
 
-from .monitor import RunMonitor, Settings
+from .forge import is_forge
+from .monitor import ForgeRunMonitor, RunMonitor, Settings
 from .panel import image_panel, mitigation_text, panel, top_tokens_text, verdict_label
 
 # (argument, gradio component, label, default, hint, options); script_args follow this order.
@@ -36,10 +36,6 @@ CONTROLS = (
 ROWS = ((0, 1), (2, 3), (4, 5), (6, 7, 8, 9))
 ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
-
-
-def is_forge() -> bool:
-    return importlib.util.find_spec("modules_forge") is not None
 
 
 def settings_from_args(args, checkpoint_name: str) -> Settings:
@@ -73,8 +69,6 @@ class MemoGuardScript(scripts.Script):
         import gradio as gr
         tab = "img2img" if is_img2img else "txt2img"
         with gr.Group(elem_id=f"memoguard_{tab}"):
-            if is_forge():
-                gr.Markdown("**MemoGuard does not support Forge yet**: generation runs normally and is not scored.")
             controls = []
             for row in ROWS:
                 with gr.Row():
@@ -91,19 +85,16 @@ class MemoGuardScript(scripts.Script):
             component.change(fn=lambda: self.panel_html, inputs=[], outputs=[self.panel], show_progress=False)
 
     def run(self, p, *args):
-        if is_forge():
-            p.comment("MemoGuard does not support Forge yet: this generation was not scored.")
-            return processing.process_images(p)
         checkpoint = getattr(getattr(p.sd_model, "sd_checkpoint_info", None), "model_name", "")
         try:
             settings = settings_from_args(args, checkpoint)
         except (ValueError, TypeError) as e:  # CalibrationError is a ValueError
             p.comment(f"MemoGuard is off for this generation: {e}")
             return processing.process_images(p)
-        monitor = RunMonitor(p, settings, shared.state)
+        monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
         self._add_infotext(p, monitor)
         script_callbacks.on_cfg_denoiser(monitor.on_cfg_denoiser)
-        script_callbacks.on_cfg_denoised(monitor.on_cfg_denoised)
+        script_callbacks.on_cfg_denoised(monitor.on_cfg_denoised)  # never fired by Forge: harmless there
         try:
             processed = processing.process_images(p)
         finally:

@@ -40,3 +40,18 @@ def webui(tiny_model):
     script_callbacks.reported.clear()
     yield shared.sd_model
     script_callbacks.callback_map.clear()
+
+
+@pytest.fixture()
+def forge(tiny_model, monkeypatch):
+    """The same stand-in WebUI playing Forge: modules_forge importable, the tiny model behind forge_objects."""
+    monkeypatch.syspath_prepend(str(HERE / "standin_forge"))
+    from forge_model import TinyForgeDiffusion
+    monkeypatch.setattr(model_hijack, "clip", None)  # Forge tokenizes through sd_model.text_processing_engine
+    shared.sd_model = TinyForgeDiffusion(tiny_model)
+    shared.opts.skip_early_cond, shared.opts.s_min_uncond_all = 0.0, False
+    shared.state.interrupted, shared.state.textinfo = False, None
+    script_callbacks.reported.clear()
+    yield shared.sd_model
+    script_callbacks.callback_map.clear()
+    sys.modules.pop("modules_forge", None)  # find_spec would still find it there: back to A1111

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from modules import prompt_parser, shared
+from modules import prompt_parser, sd_samplers_common, shared
 from modules.sd_samplers_kdiffusion import KDiffusionSampler
 from modules.sd_samplers_timesteps import CompVisSampler
 
@@ -68,15 +68,19 @@ def quote(value):
 def process_images(p):
     model = p.sd_model or shared.sd_model
     images, infotexts = [], []
-    with torch.no_grad():  # as the WebUI: no_grad, not inference_mode
+    forge = sd_samplers_common.running_forge()
+    with torch.inference_mode() if forge else torch.no_grad():  # A1111: no_grad; Forge: inference_mode
         for iteration in range(p.n_iter):
             p.iteration = iteration
             p.prompts = [p.prompt] * p.batch_size
             seeds = [p.seed + iteration * p.batch_size + i for i in range(p.batch_size)]
             noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
             cond = prompt_parser.get_multicond_learned_conditioning(model, p.prompts, p.steps)
-            uncond = prompt_parser.get_learned_conditioning(model, [p.negative_prompt] * p.batch_size, p.steps)
+            uncond = None if forge and p.cfg_scale == 1 else \
+                prompt_parser.get_learned_conditioning(model, [p.negative_prompt] * p.batch_size, p.steps)  # Forge: none at CFG 1
             sampler = SAMPLERS[p.sampler_name](model)
+            if forge:  # Forge resets its model objects before every sampling
+                model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
             image_cond = torch.zeros(p.batch_size, 5, 1, 1)
             samples = sampler.sample(p, noise, cond, uncond, image_cond)
             for i in range(p.batch_size):

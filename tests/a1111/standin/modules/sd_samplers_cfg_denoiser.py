@@ -24,7 +24,9 @@ class CFGDenoiser(torch.nn.Module):
         if state.interrupted:
             raise sd_samplers_common.InterruptedException
         conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
-        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
+        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step) if uncond is not None else None
+        if sd_samplers_common.running_forge():
+            return self.forward_forge(x, sigma, uncond, conds_list, tensor, cond_scale, s_min_uncond, image_cond)
         batch = len(conds_list)
         counts = [len(c) for c in conds_list]
         x_in = torch.cat([x[i:i + 1].expand(n, *x.shape[1:]) for i, n in enumerate(counts)] + [x])
@@ -60,5 +62,20 @@ class CFGDenoiser(torch.nn.Module):
         for i, conds in enumerate(conds_list):
             for row, weight in conds:
                 denoised[i] += (x_out[row] - denoised_uncond[i]) * (weight * scale)
+        self.step += 1
+        return denoised
+
+    def forward_forge(self, x, sigma, uncond, conds_list, tensor, cond_scale, s_min_uncond, image_cond):
+        """Forge's forward: one x row per image in the callback params, no on_cfg_denoised, CFG in the backend."""
+        from backend.sampling.sampling_function import sampling_function
+        params = CFGDenoiserParams(x, image_cond, sigma, state.sampling_step, state.sampling_steps, tensor, uncond, self)
+        cfg_denoiser_callback(params)
+        if opts.skip_early_cond and self.step / self.total_steps <= opts.skip_early_cond:
+            cond_scale = 1.0
+            self.p.extra_generation_params["Skip Early CFG"] = opts.skip_early_cond
+        elif (self.step % 2 or opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            cond_scale = 1.0
+            self.p.extra_generation_params["NGMS"] = s_min_uncond
+        denoised, _, _ = sampling_function(self, denoiser_params=params, cond_scale=cond_scale, cond_composition=conds_list)
         self.step += 1
         return denoised

@@ -1,4 +1,10 @@
 """Stand-in for modules/sd_samplers_common.py."""
+import importlib.util
+
+
+def running_forge() -> bool:
+    """The stand-in plays Forge when tests/a1111/standin_forge is on sys.path (the `forge` fixture)."""
+    return importlib.util.find_spec("modules_forge") is not None
 
 
 class InterruptedException(BaseException):

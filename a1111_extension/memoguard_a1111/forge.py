@@ -1,0 +1,140 @@
+"""Forge glue: the post-CFG patch that scores, and Forge's UNet as a `memoguard.DiffusionModel`.
+
+Forge fires on_cfg_denoiser but never on_cfg_denoised; its sampling function (ComfyUI-like)
+runs the functions in `forge_objects.unet.model_options["sampler_post_cfg_function"]` with
+cond_denoised / uncond_denoised (denoised x0 at x = x0 + sigma*eps; rectified flow:
+x = sigma*eps + (1 - sigma)*x0) and skips the uncond pass whenever the CFG scale is 1 (also
+under NGMS and Skip Early CFG), handing over zeros. `forge_objects` is reset from
+`forge_objects_after_applying_lora` before every sampling, so the patch is re-applied per
+sampling, on a clone. Forge samples under torch.inference_mode: gradients go through
+memoguard.host_autograd.
+"""
+import importlib.util
+
+import torch
+
+from memoguard import DiffusionModel, PromptEncoding, eps_difference
+
+from .host_model import CHUNK, cond_embedding, row_tokens
+
+
+def is_forge() -> bool:
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def forge_objects(denoiser):
+    """The ForgeObjects Forge's sampling function reads its UnetPatcher from (the sampler's shared.sd_model)."""
+    return denoiser.inner_model.inner_model.forge_objects
+
+
+def forge_unet(denoiser):
+    return forge_objects(denoiser).unet
+
+
+def install_post_cfg(denoiser, hook) -> None:
+    """Clone-then-patch the UNet this sampling uses, once (a deep-copied model_options keeps a plain function)."""
+    objects = forge_objects(denoiser)
+    if hook in objects.unet.model_options.get("sampler_post_cfg_function", []):
+        return
+    patched = objects.unet.clone()
+    patched.set_model_sampler_post_cfg_function(hook)
+    objects.unet = patched
+
+
+def is_rectified_flow(kmodel) -> bool:
+    return getattr(kmodel.predictor, "prediction_type", None) == "const"
+
+
+def guided_difference(args: dict) -> torch.Tensor:
+    """eps_c - eps_u per image from a post-CFG call, scaled as Forge's CFG scales AND prompts (edit strength)."""
+    sigma = args["sigma"]
+    alpha = (1 - sigma) if is_rectified_flow(args["model"]) else 1.0
+    diff = eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma)
+    strength = sum(item.get("strength", 1) for item in args["cond"])
+    return diff if strength == 1 else strength * diff
+
+
+def check_supported(kmodel) -> None:
+    """Gradient features map embedding positions to CLIP tokens: not possible on T5-conditioned flow models."""
+    if is_rectified_flow(kmodel):
+        raise ValueError(f"{type(kmodel.diffusion_model).__name__} is a rectified-flow model (SD3, Flux): token "
+                         "explanation and mitigation support SD1.x, SD2.x and SDXL only; the score still works")
+
+
+class ForgeModel(DiffusionModel):
+    """Forge's KModel (UNet + predictor): apply_model(x, sigma, c_crossattn=...) returns denoised x0.
+
+    Not for rectified-flow models (check_supported first). ControlNet and model_options patches
+    (FreeU, attention patches) are not applied here: the gradient features see the checkpoint's own UNet.
+    """
+
+    parameterization = "x0"
+
+    def __init__(self, kmodel, sigma_now: torch.Tensor):
+        self.kmodel = kmodel
+        self.sigma_now = sigma_now.reshape(1)
+
+    def raw_prediction(self, x, t, embedding, extra):
+        return self.kmodel.apply_model(x, t, c_crossattn=embedding, transformer_options={}, **extra)
+
+    def coefficients(self, t):
+        return torch.ones_like(t), t
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        if steps != 1:
+            raise ValueError("the Forge adapter evaluates the sampler's current step only (steps=1)")
+        return self.sigma_now
+
+    def encode(self, prompts):
+        raise NotImplementedError("Forge encodes prompts itself; MemoGuard uses the conditioning the sampler passes")
+
+
+def text_engine(sd_model):
+    """Forge's prompt tokenizer: SD1/SD2 `text_processing_engine`, SDXL `text_processing_engine_l` (CLIP-L)."""
+    engine = getattr(sd_model, "text_processing_engine", None) or getattr(sd_model, "text_processing_engine_l", None)
+    if engine is None:
+        raise ValueError(f"token explanation and mitigation support SD1, SD2 and SDXL checkpoints on Forge, "
+                         f"not {type(sd_model).__name__}")
+    return engine
+
+
+def _model_extras(params, unet, rows: list, x: torch.Tensor) -> dict:
+    """The conditioning Forge adds beside the prompt: SDXL's pooled vector (y), an inpainting model's c_concat."""
+    extra = {}
+    image_cond = unet.extra_concat_condition if unet.extra_concat_condition is not None else params.image_cond
+    if isinstance(image_cond, torch.Tensor) and image_cond.shape[0] == x.shape[0] and image_cond.shape[2:] == x.shape[2:]:
+        extra["c_concat"] = image_cond[rows]
+    return extra
+
+
+def prompt_encodings(p, params, layout, iteration: int, copy):
+    """(cond, uncond, x) for the cond rows of this CFG call; `copy` makes host tensors autograd-safe.
+
+    On Forge the callback sees one x row per image (not A1111's cond rows + uncond rows).
+    """
+    if params.text_uncond is None:
+        raise ValueError("Forge encodes no negative prompt at CFG scale 1: token explanation and mitigation need "
+                         "a CFG scale other than 1")
+    unet = forge_unet(params.denoiser)
+    image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
+    n_rows = len(image_of_row)
+    emb = copy(cond_embedding(params.text_cond))
+    uncond_emb = copy(cond_embedding(params.text_uncond))[image_of_row]
+    if uncond_emb.shape[1] > emb.shape[1]:
+        raise ValueError("token explanation and mitigation need a prompt at least as long as the negative prompt "
+                         f"({emb.shape[1] // CHUNK} vs {uncond_emb.shape[1] // CHUNK} chunks of 75 tokens)")
+    x = copy(params.x)
+    cond_extra = {k: copy(v) for k, v in _model_extras(params, unet, image_of_row, x).items()}
+    uncond_extra = dict(cond_extra)
+    if isinstance(params.text_cond, dict):
+        cond_extra["y"] = copy(params.text_cond["vector"])
+        uncond_extra["y"] = copy(params.text_uncond["vector"])[image_of_row]
+    engine = text_engine(params.denoiser.inner_model.inner_model)
+    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
+    frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
+    frozen[:, ::CHUNK] = True
+    no_tokens = torch.zeros(n_rows, uncond_emb.shape[1], dtype=torch.bool)
+    return (PromptEncoding(emb, tokens, prompt_mask, frozen, cond_extra),
+            PromptEncoding(uncond_emb, [[""] * uncond_emb.shape[1] for _ in range(n_rows)], no_tokens, no_tokens,
+                           uncond_extra),
+            x[image_of_row])

@@ -1,0 +1,43 @@
+"""The bundled tiny model behind a Forge-shaped sd_model: forge_objects.unet (a UnetPatcher over a KModel) with
+its weights loaded as inference tensors, as Forge loads them, and a text_processing_engine (no model_hijack.clip)."""
+import copy
+from types import SimpleNamespace
+
+import torch
+
+from backend.diffusion_engine.base import ForgeObjects
+from backend.modules.k_model import KModel
+from backend.modules.k_prediction import Prediction
+from backend.patcher.unet import UnetPatcher
+from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+
+
+def loaded_under_inference_mode(module: torch.nn.Module) -> torch.nn.Module:
+    with torch.inference_mode():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None:
+                    sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+    assert all(p.is_inference() for p in module.parameters())
+    return module
+
+
+class TinyForgeDiffusion:
+    def __init__(self, diffusers_model):
+        self.alphas_cumprod = diffusers_model.alphas_cumprod
+        self.latent_shape = diffusers_model.latent_shape()
+        self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd")
+        self.text_encoder = diffusers_model.text_encoders[0]
+        self.text_processing_engine = ClassicTextProcessingEngine(diffusers_model.tokenizers[0])
+        kmodel = KModel(loaded_under_inference_mode(copy.deepcopy(diffusers_model.unet)), Prediction(self.alphas_cumprod))
+        self.forge_objects = ForgeObjects(UnetPatcher(kmodel), None, None, None)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+
+    def get_learned_conditioning(self, prompts):
+        """One (77 * chunks, C) tensor per prompt, each 77-token chunk encoded on its own."""
+        conds = []
+        for prompt in prompts:
+            ids = torch.tensor([chunk.tokens for chunk in self.text_processing_engine.tokenize_line(prompt)[0]])
+            conds.append(self.text_encoder(ids).last_hidden_state.reshape(-1, self.text_encoder.config.hidden_size))
+        return conds

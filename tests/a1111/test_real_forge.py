@@ -1,0 +1,59 @@
+"""The extension inside a real Stable Diffusion WebUI Forge, headless on CPU, through the HTTP API.
+
+Skipped unless FORGE_DIR points to a Forge checkout whose environment is set up (FORGE_PYTHON, default
+FORGE_DIR/venv/bin/python, with requirements_versions.txt installed; repositories/huggingface_guess at the
+commit Forge pins) and a checkpoint is found (FORGE_CKPT, or the first .safetensors in
+FORGE_DIR/models/Stable-diffusion). Run with HF_HUB_OFFLINE=1: Forge's model configs are bundled.
+"""
+import os
+from pathlib import Path
+
+import pytest
+
+from real_host import call, checkpoint, errors_logged, fields, infotext, pixels, running_webui, txt2img
+
+FORGE_DIR = os.environ.get("FORGE_DIR")
+pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
+MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    root = Path(FORGE_DIR)
+    python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
+    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu",
+             "--no-half", "--ckpt", str(checkpoint(root, "FORGE_CKPT"))]
+    data = tmp_path_factory.mktemp("forge-data")
+    with running_webui(root, python, flags, data) as base:
+        yield base
+        assert not errors_logged(data)
+
+
+def test_forge_scores_explains_and_leaves_the_image_unchanged(forge):
+    assert "memoguard" in call(forge + "/sdapi/v1/scripts")["txt2img"]
+    plain = txt2img(forge, "Euler")
+    watched = txt2img(forge, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
+    print("infotext with MemoGuard on Forge:", infotext(watched))
+    got = fields(watched)
+    assert float(got["MemoGuard score"]) > 0 and got["MemoGuard verdict"] == "ok"
+    assert got["MemoGuard tokens"]
+    assert pixels(plain["images"][0]) == pixels(watched["images"][0])  # the PNGs differ in their infotext chunk
+    callbacks = call(forge + "/memoguard-probe/cfg-callbacks")
+    assert not any("RunMonitor" in name for names in callbacks.values() for name in names), callbacks
+    assert call(forge + "/memoguard-probe/forge-post-cfg") == []  # patched a clone, not the model's UNet
+
+
+def test_forge_cfg_1_is_unavailable(forge):
+    got = fields(txt2img(forge, "Euler", MONITOR_ONLY, cfg_scale=1))
+    assert got["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in got
+
+
+def test_forge_timestep_sampler_is_scored(forge):
+    assert float(fields(txt2img(forge, "DDIM", MONITOR_ONLY))["MemoGuard score"]) > 0
+
+
+def test_forge_mitigation_optimises_under_inference_mode(forge):
+    result = txt2img(forge, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2])
+    print("infotext with mitigation on Forge:", infotext(result))
+    mode, iterations, _, before, _, after = fields(result)["MemoGuard mitigation"].split()
+    assert (mode, iterations) == ("always", "2") and float(after) < float(before)
