@@ -21,7 +21,8 @@ function panel(node, name, height) {
   el.className = "memoguard-panel";
   Object.assign(el.style, { width: "100%", height: `${height}px`, overflow: "auto", font: "12px sans-serif",
                             color: "var(--input-text, #ddd)", boxSizing: "border-box", padding: "4px" });
-  node.addDOMWidget(name, "memoguard", el, { serialize: false, hideOnZoom: false, getMinHeight: () => height });
+  const widget = node.addDOMWidget(name, "memoguard", el, { serialize: false, hideOnZoom: false, getMinHeight: () => height });
+  widget.serialize = false; // the graph's widgets_values: the front end reads this flag, not the option
   return el;
 }
 

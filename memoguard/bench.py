@@ -19,7 +19,7 @@ from .mitigate import minimize_embedding
 from .pipeline import generate
 from .sampling import initial_noise, sample
 from .tiny.data import build_dataset
-from .tiny.judge import COPY_RATIO, alignment, is_copy, nearest_training, unique_training_images
+from .tiny.judge import COPY_RATIO, alignment, is_copy, unique_training_images
 from .tiny.prompts import KINDS, eval_prompts
 
 MITIGATION_STEPS = 20

@@ -10,7 +10,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from .calibration import Calibration, CalibrationError, roc_auc, tpr_at_fpr
 from .pipeline import DEFAULT_STEPS, first_step_scores

@@ -1,62 +1,70 @@
 """memoguard.DiffusionModel over a loaded ComfyUI model, so the core's explanation and mitigation run on it.
 
-ComfyUI's timestep is sigma and its models return the denoised image at x = x0 + sigma*eps
-(rectified flow: x = sigma*eps + (1 - sigma)*x0): parameterization "x0", alpha = 1 (or 1 - sigma).
-ComfyUI executes nodes under torch.inference_mode(); gradients need `differentiable(...)` first.
+ComfyUI's timestep is sigma and its models return the denoised image at x = x0 + sigma*eps:
+parameterization "x0", alpha = 1. ComfyUI executes nodes under torch.inference_mode(); gradients
+need `differentiable(...)` first (memoguard.host_autograd, shared with the Forge adapter).
+
+Supported: cross-attention UNets whose conditioning is CLIP's 77-slot chunks (SD1.x, SD2.x,
+SDXL). SDXL's `y` (pooled text + size ids) is built by the model's own `extra_conds`, as the
+sampler builds it, and rides along unoptimised. Rectified-flow models (SD3, Flux) are refused:
+their T5 positions do not line up with CLIP tokens and BOS slots.
 """
-from contextlib import contextmanager
 from typing import List, Optional
 
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
+from memoguard.host_autograd import ordinary
 
 from .monitor_hook import is_rectified_flow
 
 CHUNK = 77  # ComfyUI pads every prompt chunk to 77 positions, BOS first
+SUPPORTED = "SD1.x, SD2.x and SDXL"
+CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
 
 
-def _make_parameters_differentiable(module: torch.nn.Module) -> None:
-    """Inference-mode weights cannot be saved for backward: swap them for ordinary copies (same values)."""
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None and p.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
-        for name, b in list(sub._buffers.items()):
-            if b is not None and b.is_inference():
-                sub._buffers[name] = b.clone()
+class UnsupportedModel(ValueError):
+    """A model family whose conditioning MemoGuard's gradient features cannot map to prompt tokens."""
 
 
-@contextmanager
-def differentiable(base_model: torch.nn.Module):
-    """Leave ComfyUI's inference mode so autograd can run through `base_model`."""
-    with torch.inference_mode(False):
-        _make_parameters_differentiable(base_model)
-        yield
+def check_supported(base_model) -> None:
+    if is_rectified_flow(base_model):
+        raise UnsupportedModel(f"{type(base_model).__name__} is a rectified-flow model (SD3, Flux): token "
+                               f"contributions and embedding minimization support {SUPPORTED} only")
 
 
-def ordinary(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A copy that autograd accepts (call inside `differentiable`)."""
-    return None if t is None else t.detach().clone()
+def split_model_conds(model_conds: dict):
+    """(text-encoder output, the other model inputs such as SDXL's y) from a conditioning's model_conds."""
+    if CROSSATTN not in model_conds:
+        raise UnsupportedModel(f"this model's conditioning has no {CROSSATTN} (has {sorted(model_conds)}): "
+                               f"supported are {SUPPORTED}")
+    extra = {k: ordinary(v.cond) for k, v in model_conds.items() if k != CROSSATTN}
+    return ordinary(model_conds[CROSSATTN].cond), extra
 
 
 class ComfyDiffusionModel(DiffusionModel):
-    """A ComfyUI BaseModel (ModelPatcher.model) with a sampling schedule and, for encode(), a CLIP."""
+    """A ComfyUI BaseModel (ModelPatcher.model) with a sampling schedule and, for encode(), a CLIP.
+
+    noise: the sampler-shaped noise; encode() derives SDXL's size conditioning from it exactly as
+    the sampler does (comfy.samplers.encode_model_conds: width/height = latent size x 8).
+    """
 
     parameterization = "x0"
 
-    def __init__(self, base_model, sigmas: Optional[torch.Tensor] = None, clip=None):
+    def __init__(self, base_model, sigmas: Optional[torch.Tensor] = None, clip=None,
+                 noise: Optional[torch.Tensor] = None):
+        check_supported(base_model)
         self.base = base_model
-        self.flow = is_rectified_flow(base_model)
         self.sigmas = sigmas
         self.clip = clip
+        self.noise = noise
 
     def raw_prediction(self, x, t, embedding, extra):
         return self.base.apply_model(x, t, c_crossattn=embedding, **extra)
 
     def coefficients(self, t):
         t = torch.as_tensor(t, dtype=torch.float32)
-        return (1 - t if self.flow else torch.ones_like(t)), t
+        return torch.ones_like(t), t
 
     def timesteps(self, steps: int) -> torch.Tensor:
         if self.sigmas is None or len(self.sigmas) - 1 != steps:
@@ -69,20 +77,36 @@ class ComfyDiffusionModel(DiffusionModel):
         sigma = self.sigmas[:1].to(noise.device)
         return self.base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
 
-    def encode(self, prompts: List[str]) -> PromptEncoding:
-        rows = [self._encode_one(p) for p in prompts]
+    def encode(self, prompts: List[str], prompt_type: str = "positive") -> PromptEncoding:
+        """prompt_type: the sampler input the prompts stand for (some models, e.g. SDXL's refiner, differ)."""
+        rows = [self._encode_one(p, prompt_type) for p in prompts]
         length = max(r[0].shape[1] for r in rows)
         if any(r[0].shape[1] != length for r in rows):
             raise ValueError("prompts of different lengths (in 77-token chunks) cannot be batched")
+        extra = {k: torch.cat([r[4][k] for r in rows]) for k in rows[0][4]}
         return PromptEncoding(torch.cat([r[0] for r in rows]), [r[1] for r in rows],
-                              torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]))
+                              torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]), extra)
 
-    def _encode_one(self, text: str):
+    def _encode_one(self, text: str, prompt_type: str):
         with_ids = self.clip.tokenize(text, return_word_ids=True)
         key = next(iter(with_ids))  # "l" for SD1; SDXL's "g" has the same positions
         pairs = [p for chunk in with_ids[key] for p in chunk]
         names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
-        cond = self.clip.encode_from_tokens(self.clip.tokenize(text))
+        cond, options = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))[0]
+        embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
+        if embedding.shape[1] != len(pairs):
+            raise UnsupportedModel(f"the conditioning has {embedding.shape[1]} positions but the tokenizer "
+                                   f"{len(pairs)}: supported are {SUPPORTED}")
         word_ids = torch.tensor([wid for _, _, wid in pairs])
         slots = torch.arange(len(pairs)) % CHUNK
-        return (cond, [n.replace("</w>", "") for n in names], word_ids > 0, slots == 0)
+        return (embedding, [n.replace("</w>", "") for n in names], word_ids > 0, slots == 0, extra)
+
+    def _model_conds(self, cond, options: dict, prompt_type: str) -> dict:
+        """The model inputs the sampler would build from this CONDITIONING entry (encode_model_conds)."""
+        if self.noise is None:
+            raise ValueError("encode() needs the sampler-shaped noise (ComfyDiffusionModel(..., noise=...))")
+        noise = self.noise
+        params = {**options, "cross_attn": cond, "device": noise.device, "noise": noise,
+                  "width": options.get("width", noise.shape[3] * 8), "height": options.get("height", noise.shape[2] * 8),
+                  "prompt_type": options.get("prompt_type", prompt_type)}
+        return self.base.extra_conds(**params)

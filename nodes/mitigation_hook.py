@@ -16,7 +16,9 @@ from memoguard import PromptEncoding, minimize_embedding
 from memoguard.mitigate import check_settings
 
 from . import live
-from .comfy_model import CHUNK, ComfyDiffusionModel, differentiable, ordinary
+from memoguard.host_autograd import differentiable, ordinary
+
+from .comfy_model import CHUNK, CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, split_model_conds
 from .monitor_hook import json_safe, register, session_of as _session_of, step_index
 
 log = logging.getLogger("memoguard")
@@ -63,6 +65,11 @@ class MitigationSession:
             self._report_skip("mitigation needs exactly one positive and one negative conditioning without "
                               "areas or masks, and cfg != 1")
             return
+        try:
+            check_supported(base_model)
+        except UnsupportedModel as e:
+            self._report_skip(str(e))
+            return
         self._minimize(base_model, positive, negative[0], x_in, timestep)
 
     def fail(self, error: BaseException) -> None:
@@ -72,14 +79,12 @@ class MitigationSession:
 
     def _minimize(self, base_model, positive, negative, x_in, timestep) -> None:
         entry = positive[0]
-        crossattn = entry["model_conds"]["c_crossattn"]
         batch = x_in.shape[0]
         with differentiable(base_model):
-            cond = ordinary(crossattn.cond)
-            uncond = ordinary(negative["model_conds"]["c_crossattn"].cond)
-            extra_c, extra_u = _extra(entry), _extra(negative)
+            cond, extra_c = split_model_conds(entry["model_conds"])
+            uncond, extra_u = split_model_conds(negative["model_conds"])
             cond_enc = _encoding(cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond, extra_c)
-            uncond_enc = _encoding(uncond[:1], extra_u)
+            uncond_enc = _encoding(uncond[:1], {k: v[:1] for k, v in extra_u.items()})
             model = ComfyDiffusionModel(base_model)
             new, record = minimize_embedding(model, cond_enc, uncond_enc, ordinary(x_in), ordinary(timestep),
                                              mode=self.settings.mode, threshold=self.settings.threshold,
@@ -87,7 +92,8 @@ class MitigationSession:
                                              max_iters=self.settings.max_iters)
         self.record = record
         if record.ran:
-            positive[0] = {**entry, "model_conds": {**entry["model_conds"], "c_crossattn": crossattn._copy_with(new)}}
+            crossattn = entry["model_conds"][CROSSATTN]
+            positive[0] = {**entry, "model_conds": {**entry["model_conds"], CROSSATTN: crossattn._copy_with(new)}}
         self.emit("mitigation", json_safe({"node": self.node_id, **record.to_dict()}))
         self._publish(self.summary())
 
@@ -107,11 +113,6 @@ class MitigationSession:
 
     def _publish(self, text: str) -> None:
         self.show(f"MemoGuard: {text}", self.node_id)
-
-
-def _extra(entry) -> dict:
-    y = entry["model_conds"].get("y")
-    return {} if y is None else {"y": ordinary(y.cond)}
 
 
 def _encoding(embedding: torch.Tensor, extra: dict) -> PromptEncoding:

@@ -14,7 +14,8 @@ class EmbeddingMinimization(io.ComfyNode):
             display_name="Embedding Minimization",
             category="MemoGuard",
             description="At the sampler's first step, on its own starting noise, nudges the prompt embedding "
-                        "(AdamW) until the memorization score drops; every step then uses the new embedding.",
+                        "(AdamW) until the memorization score drops; every step then uses the new embedding. "
+                        "SD1.x, SD2.x and SDXL; on SD3/Flux it says so and leaves the prompt unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model your sampler uses."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",

@@ -5,9 +5,10 @@ import torch
 from comfy_api.latest import io, ui
 
 from memoguard import token_contributions
+from memoguard.host_autograd import differentiable
 
 from . import live
-from .comfy_model import ComfyDiffusionModel, differentiable
+from .comfy_model import ComfyDiffusionModel
 from .plots import token_bars
 
 
@@ -20,9 +21,10 @@ class TokenContributionsNode(io.ComfyNode):
             display_name="Token Contributions",
             category="MemoGuard",
             description="Per-token share of the memorization score: the gradient of the cond/uncond gap with "
-                        "respect to each token's text-encoder output (Wen et al., Sec. 4).",
+                        "respect to each token's text-encoder output (Wen et al., Sec. 4). SD1.x, SD2.x and SDXL; "
+                        "SD3/Flux are refused with a message.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model (SD1/SD2-style cross-attention)."),
+                io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x or SDXL (not SD3/Flux)."),
                 io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
                 io.String.Input("text", multiline=True, default="", tooltip="The prompt to explain."),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you sample at (e.g. Empty Latent Image)."),
@@ -65,11 +67,14 @@ class TokenContributionsNode(io.ComfyNode):
         sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).to(device)
         shape_of = comfy.sample.fix_empty_latent_channels(model, latent["samples"])[:1]
         noise = torch.cat([comfy.sample.prepare_noise(shape_of, seed + g) for g in range(generations)])
+        noise = noise.to(device)
         with differentiable(base):
-            adapter = ComfyDiffusionModel(base, sigmas, clip)
-            cond, uncond = adapter.encode([text]), adapter.encode([""])
-            cond.embedding, uncond.embedding = (e.detach().clone().to(device) for e in (cond.embedding, uncond.embedding))
-            x_T = adapter.initial_noise(noise.to(device))
+            adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
+            cond, uncond = adapter.encode([text]), adapter.encode([""], prompt_type="negative")
+            for enc in (cond, uncond):
+                enc.embedding = enc.embedding.to(device)
+                enc.extra = {k: v.to(device) for k, v in enc.extra.items()}
+            x_T = adapter.initial_noise(noise)
             schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
                                          guidance=cfg, total_steps=schedule_steps)[0]

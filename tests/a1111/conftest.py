@@ -29,17 +29,22 @@ def tiny_model(tmp_path_factory):
     return load_model(folder)
 
 
+def _serve(sd_model):
+    """Load `sd_model` into the stand-in WebUI with default options; clear callbacks afterwards."""
+    shared.sd_model = sd_model
+    shared.opts.skip_early_cond, shared.opts.s_min_uncond_all = 0.0, False
+    shared.state.interrupted, shared.state.textinfo = False, None
+    script_callbacks.reported.clear()
+    yield sd_model
+    script_callbacks.callback_map.clear()
+
+
 @pytest.fixture()
 def webui(tiny_model):
     """A WebUI with the tiny model loaded; options and callbacks restored after each test."""
     from webui_model import TinyLatentDiffusion
     model_hijack.clip = ChunkingTokenizer(tiny_model.tokenizers[0])
-    shared.sd_model = TinyLatentDiffusion(tiny_model)
-    shared.opts.skip_early_cond, shared.opts.s_min_uncond_all = 0.0, False
-    shared.state.interrupted, shared.state.textinfo = False, None
-    script_callbacks.reported.clear()
-    yield shared.sd_model
-    script_callbacks.callback_map.clear()
+    yield from _serve(TinyLatentDiffusion(tiny_model))
 
 
 @pytest.fixture()
@@ -48,10 +53,5 @@ def forge(tiny_model, monkeypatch):
     monkeypatch.syspath_prepend(str(HERE / "standin_forge"))
     from forge_model import TinyForgeDiffusion
     monkeypatch.setattr(model_hijack, "clip", None)  # Forge tokenizes through sd_model.text_processing_engine
-    shared.sd_model = TinyForgeDiffusion(tiny_model)
-    shared.opts.skip_early_cond, shared.opts.s_min_uncond_all = 0.0, False
-    shared.state.interrupted, shared.state.textinfo = False, None
-    script_callbacks.reported.clear()
-    yield shared.sd_model
-    script_callbacks.callback_map.clear()
+    yield from _serve(TinyForgeDiffusion(tiny_model))
     sys.modules.pop("modules_forge", None)  # find_spec would still find it there: back to A1111

@@ -80,7 +80,10 @@ def test_ddim_scores_match_the_core_sampler_at_every_step(webui, tiny_model):
     torch.testing.assert_close(script.last_run.results[0].trace.per_step(), result.trace.per_step(), rtol=1e-4, atol=1e-6)
 
 
-def test_and_prompt_rows_are_grouped_per_image_and_weighted(webui, tiny_model):
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_and_prompt_rows_are_grouped_per_image_and_weighted(host, tiny_model, request):
+    """A1111 lays out one cond row per sub-prompt; Forge scales its CFG the same way: one expected score."""
+    webui = request.getfixturevalue(host)
     p = make_p(webui, sampler_name="Euler", batch_size=2, prompt="a red house AND a blue boat:0.5")
     script, _ = run(p)
     x, t = kdiffusion_start(webui, p)

@@ -12,8 +12,17 @@ What is reproduced, after comfy/samplers.py and comfy/model_patcher.py (ComfyUI 
 - A sampling run puts the schedule into model_options["transformer_options"]["sample_sigmas"]
   of a per-run copy of model_options; the conditionings are per-run lists of dicts whose
   "model_conds" hold CONDCrossAttn objects; everything runs under torch.inference_mode().
-- Models are k-diffusion denoisers: apply_model(x, sigma, c_crossattn=...) returns x0 for
-  x = x0 + sigma*eps (EPS), or for x = sigma*eps + (1 - sigma)*x0 (CONST, rectified flow).
+- Models are k-diffusion denoisers: apply_model(x, sigma, c_crossattn=..., **other model_conds)
+  returns x0 for x = x0 + sigma*eps (EPS), or for x = sigma*eps + (1 - sigma)*x0 (CONST, rectified flow).
+- CONDITIONING is [[cond, {"pooled_output": ...}]]; before sampling each entry becomes
+  {**options, "cross_attn": cond, "model_conds": ...} (sampler_helpers.convert_cond) and
+  encode_model_conds calls model.extra_conds(**entry, device, noise, width=latent W*8,
+  height=latent H*8, prompt_type="positive"/"negative"); extra_conds returns CONDs:
+  c_crossattn, and y for SDXL = [pooled, Timestep(256) of height, width, crop_h, crop_w,
+  target_height, target_width] (model_base.SDXL.encode_adm).
+- CLIP: tokenize(text, return_word_ids=True) -> {"l": [[(id, weight, word_id) x 77], ...]};
+  tokenizer.untokenize(pairs) -> [(pair, "word</w>")]; encode_from_tokens_scheduled(tokens)
+  -> [[cond, {"pooled_output": pooled}]].
 """
 import copy
 import math
@@ -21,12 +30,16 @@ import math
 import torch
 
 
-class CONDCrossAttn:
+class CONDRegular:
     def __init__(self, cond):
         self.cond = cond
 
     def _copy_with(self, cond):
         return self.__class__(cond)
+
+
+class CONDCrossAttn(CONDRegular):
+    pass
 
 
 class ModelPatcher:
@@ -110,11 +123,45 @@ class BaseModel(torch.nn.Module):
         self.model_sampling = ModelSamplingFlow() if flow else ModelSamplingDiscrete()
         self.flow = flow
 
-    def apply_model(self, x, t, c_crossattn=None, **kwargs):
+    def apply_model(self, x, t, c_crossattn=None, y=None):
         sigma = t.reshape(-1, *([1] * (x.dim() - 1)))
         xc = x if self.flow else x / torch.sqrt(sigma ** 2 + 1)
-        out = self.diffusion_model(xc, self.model_sampling.timestep(t), encoder_hidden_states=c_crossattn).sample
+        out = self.diffusion_model(xc, self.model_sampling.timestep(t), encoder_hidden_states=c_crossattn,
+                                   class_labels=y).sample
         return x - out * sigma  # EPS: x - eps*sigma; CONST: x - v*sigma with v = eps - x0
+
+    def encode_adm(self, **kwargs):
+        return None
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        adm = self.encode_adm(**kwargs)
+        if adm is not None:
+            out["y"] = CONDRegular(adm)
+        if kwargs.get("cross_attn") is not None:
+            out["c_crossattn"] = CONDCrossAttn(kwargs["cross_attn"])
+        return out
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class SDXL(BaseModel):
+    """SDXL's conditioning: y = pooled text ++ six 256-wide sinusoidal size embeddings."""
+
+    SIZE_CHANNELS = 6 * 256
+
+    def encode_adm(self, **kwargs):
+        pooled = kwargs["pooled_output"]
+        width, height = kwargs.get("width", 768), kwargs.get("height", 768)
+        sizes = [height, width, kwargs.get("crop_h", 0), kwargs.get("crop_w", 0),
+                 kwargs.get("target_height", height), kwargs.get("target_width", width)]
+        flat = torch.flatten(torch.cat([timestep_embedding(torch.Tensor([v]), 256) for v in sizes]))
+        return torch.cat((pooled, flat.unsqueeze(0).repeat(pooled.shape[0], 1)), dim=1)
 
 
 # -- sampling -----------------------------------------------------------------------------
@@ -125,9 +172,9 @@ def calc_cond_batch(model, conds, x, timestep, model_options):
             if cond is None:
                 out.append(torch.zeros_like(x))
                 continue
-            emb = cond[0]["model_conds"]["c_crossattn"].cond
-            emb = emb.expand(x.shape[0], -1, -1) if emb.shape[0] == 1 else emb
-            out.append(model.apply_model(x, timestep, c_crossattn=emb))
+            inputs = {k: v.cond.expand(x.shape[0], *v.cond.shape[1:]) if v.cond.shape[0] == 1 else v.cond
+                      for k, v in cond[0]["model_conds"].items()}
+            out.append(model.apply_model(x, timestep, **inputs))
         return out
 
     call = run
@@ -163,12 +210,21 @@ def schedule(model, steps):
     return torch.cat([ms.sigmas[idx], torch.zeros(1)])
 
 
-def conditioning(embedding):
-    return [{"model_conds": {"c_crossattn": CONDCrossAttn(embedding)}}]
+def model_conds(model, conditioning, noise, prompt_type):
+    """A CONDITIONING as the sampler hands it to calc_cond_batch (convert_cond + encode_model_conds)."""
+    if isinstance(conditioning, torch.Tensor):
+        conditioning = [[conditioning, {}]]
+    out = []
+    for cond, options in conditioning:
+        entry = {**options, "cross_attn": cond, "model_conds": {}}
+        params = {**entry, "device": noise.device, "noise": noise, "width": entry.get("width", noise.shape[3] * 8),
+                  "height": entry.get("height", noise.shape[2] * 8), "prompt_type": entry.get("prompt_type", prompt_type)}
+        out.append({**entry, "model_conds": model.extra_conds(**params)})
+    return out
 
 
 def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler"):
-    """A full-denoise run like KSampler: returns the final latent."""
+    """A full-denoise run like KSampler: returns the final latent. positive/negative: CONDITIONING or a tensor."""
     with torch.inference_mode():
         model = patcher.model
         sigmas = schedule(model, steps)
@@ -176,7 +232,8 @@ def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler"
         model_options["transformer_options"]["wrappers"] = {
             k: [fn for fns in w.values() for fn in fns] for k, w in patcher.wrappers.items()}
         model_options["transformer_options"]["sample_sigmas"] = sigmas
-        conds = {"positive": conditioning(positive), "negative": conditioning(negative)}
+        conds = {"positive": model_conds(model, positive, noise, "positive"),
+                 "negative": model_conds(model, negative, noise, "negative")}
         x = model.model_sampling.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
 
         def denoise(x, sigma):
@@ -199,3 +256,135 @@ def tiny_unet(seed=0):
     torch.manual_seed(seed)
     unet, text_encoder = build_models()
     return unet.eval(), text_encoder.eval()
+
+
+def tiny_sdxl_unet(pooled_channels=64, seed=0):
+    """The tiny UNet with SDXL's y input: an ADM projection of pooled text + size embeddings."""
+    from diffusers import UNet2DConditionModel
+    unet, _ = tiny_unet(seed)
+    config = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # "_use_default_values" would undo ours
+    config.update(class_embed_type="projection", projection_class_embeddings_input_dim=pooled_channels + SDXL.SIZE_CHANNELS)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+class CLIP:
+    """ComfyUI's CLIP object over the bundled tokenizer and a transformers CLIPTextModel (one 77-slot chunk)."""
+
+    def __init__(self, text_encoder):
+        from transformers import CLIPTokenizer
+        from memoguard.diffusers_model import BUNDLED_MODEL
+        self.text_encoder = text_encoder
+        self.tokenizer = _Tokenizer(CLIPTokenizer.from_pretrained(BUNDLED_MODEL / "tokenizer"))
+
+    def tokenize(self, text, return_word_ids=False):
+        tok = self.tokenizer.hf
+        ids, word_ids = [], []
+        for word_id, word in enumerate(text.split(), start=1):
+            pieces = tok(word, add_special_tokens=False).input_ids
+            ids += pieces
+            word_ids += [word_id] * len(pieces)
+        pad = 75 - len(ids)
+        ids = [tok.bos_token_id] + ids + [tok.eos_token_id] * (pad + 1)
+        word_ids = [0] + word_ids + [0] * (pad + 1)
+        chunk = [(i, 1.0, w) if return_word_ids else (i, 1.0) for i, w in zip(ids, word_ids)]
+        return {"l": [chunk]}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        ids = torch.tensor([[t[0] for t in tokens["l"][0]]])
+        with torch.no_grad():
+            out = self.text_encoder(ids)
+        return [[out.last_hidden_state, {"pooled_output": out.pooler_output}]]
+
+
+class _Tokenizer:
+    def __init__(self, hf):
+        self.hf = hf
+
+    def untokenize(self, pairs):
+        return [(pair, self.hf.convert_ids_to_tokens(pair[0])) for pair in pairs]
+
+
+# -- node definitions (what /object_info serves) --------------------------------------------------
+# ComfyUI's core nodes used by the example workflows, as /object_info describes them (nodes.py);
+# test_real_host checks these against the real server.
+SAMPLERS = ["euler", "heun", "dpmpp_2m", "ddim"]
+SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "ddim_uniform", "beta"]
+CORE_NODES = {
+    "CLIPTextEncode": {"text": ["STRING", {"multiline": True}], "clip": ["CLIP", {}]},
+    "EmptyLatentImage": {"width": ["INT", {}], "height": ["INT", {}], "batch_size": ["INT", {}]},
+    "KSampler": {"model": ["MODEL", {}], "seed": ["INT", {"control_after_generate": True}], "steps": ["INT", {}],
+                 "cfg": ["FLOAT", {}], "sampler_name": [SAMPLERS, {}], "scheduler": [SCHEDULERS, {}],
+                 "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
+                 "latent_image": ["LATENT", {}], "denoise": ["FLOAT", {}]},
+    "VAEDecode": {"samples": ["LATENT", {}], "vae": ["VAE", {}]},
+    "SaveImage": {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {}]},
+}
+
+
+def node_definitions() -> dict:
+    """/object_info-style definitions of ComfyUI's core nodes above and of the pack's own nodes."""
+    definitions = {name: {"input": {"required": spec}, "input_order": {"required": list(spec)}}
+                   for name, spec in CORE_NODES.items()}
+    for schema in _pack_schemas():
+        required = {i.name: [i.io_type, i.options] for i in schema["inputs"] if not i.options.get("optional")}
+        optional = {i.name: [i.io_type, i.options] for i in schema["inputs"] if i.options.get("optional")}
+        definitions[schema["node_id"]] = {
+            "input": {"required": required, "optional": optional},
+            "input_order": {"required": list(required), "optional": list(optional)},
+            "output": [o.io_type for o in schema["outputs"]],
+            "output_name": [o.options.get("display_name") for o in schema["outputs"]]}
+    return definitions
+
+
+def _pack_schemas():
+    """The pack's V3 node schemas, built against a stand-in for comfy_api.latest (no ComfyUI in CI)."""
+    import importlib
+    import sys
+    import types
+
+    class Slot:
+        def __init__(self, io_type, name=None, **options):
+            self.io_type, self.name, self.options = io_type, name, options
+
+    class IOType:
+        def __init__(self, io_type):
+            self.io_type = io_type
+
+        def Input(self, name, **options):
+            return Slot(self.io_type, name, **options)
+
+        def Output(self, **options):
+            return Slot(self.io_type, **options)
+
+    io = types.ModuleType("comfy_api.latest.io")
+    for attr, io_type in {"Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Latent": "LATENT", "Image": "IMAGE",
+                          "Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN",
+                          "Combo": "COMBO"}.items():
+        setattr(io, attr, IOType(io_type))
+    io.Schema = lambda **kwargs: kwargs
+    io.ComfyNode, io.NodeOutput = object, object
+    io.Hidden = types.SimpleNamespace(unique_id="UNIQUE_ID")
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ui = io, types.ModuleType("comfy_api.latest.ui")
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSampler = types.SimpleNamespace(SAMPLERS=SAMPLERS, SCHEDULERS=SCHEDULERS)
+    comfy = types.ModuleType("comfy")
+    comfy.samplers = samplers
+    stand_ins = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy": comfy,
+                 "comfy.samplers": samplers}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        modules = [importlib.import_module(f"nodes.{name}") for name in
+                   ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens")]
+        return [obj.define_schema() for m in modules for obj in vars(m).values()
+                if isinstance(obj, type) and obj.__module__ == m.__name__ and hasattr(obj, "define_schema")]
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        for name in [m for m in sys.modules if m.startswith("nodes.nodes_")]:
+            del sys.modules[name]  # they hold the stand-ins

@@ -1,11 +1,14 @@
 """The node pack inside a real ComfyUI server (skipped unless COMFYUI_DIR points to a ComfyUI checkout).
 
 Starts `main.py --cpu` on loopback with this repository as a custom node (through an
---extra-model-paths-config yaml), queues each example workflow over the HTTP API and reads the
-websocket events, the node outputs and the saved latents. COMFYUI_PYTHON names the interpreter
-of ComfyUI's environment (default: this one); that environment needs websocket-client.
+--extra-model-paths-config yaml), checks that the example workflows are listed and served as
+workflow templates, derives each one's API prompt from its graph with the server's /object_info,
+queues it over the HTTP API and reads the websocket events, the node outputs and the saved latents.
+COMFYUI_PYTHON names the interpreter of ComfyUI's environment (default: this one); that
+environment needs websocket-client.
 """
 import copy
+import functools
 import json
 import os
 import socket
@@ -18,10 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from . import harness
+from .workflow_format import api_prompt, load, widget_inputs
+
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = ROOT / "example_workflows"
+PACK = "memoguard"  # the folder name ComfyUI sees, and so the template group
+TEMPLATES = ("memoguard_detect", "memoguard_mitigate", "memoguard_explain")
 
 
 def _free_port() -> int:
@@ -37,6 +44,10 @@ class Client:
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=120) as r:
             return json.loads(r.read())
+
+    @functools.cached_property
+    def definitions(self) -> dict:
+        return self.get("/object_info")
 
     def run(self, prompt: dict, timeout: float = 600):
         """Queue `prompt`; return (websocket messages of this prompt, history entry)."""
@@ -71,7 +82,7 @@ class Client:
 def comfy(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy")
     (work / "packs").mkdir()
-    (work / "packs" / "memoguard").symlink_to(ROOT)
+    (work / "packs" / PACK).symlink_to(ROOT)
     (work / "extra.yaml").write_text(f"memoguard:\n  custom_nodes: {work / 'packs'}\n")
     port = _free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -97,9 +108,9 @@ def comfy(tmp_path_factory):
         log.close()
 
 
-def workflow(name: str, steps: int = 8) -> dict:
-    """An example workflow with fewer steps (CPU time); everything else as shipped."""
-    prompt = json.loads((WORKFLOWS / f"memoguard_{name}.json").read_text())
+def workflow(client: Client, name: str, steps: int = 8) -> dict:
+    """An example workflow's API prompt with fewer steps (CPU time); everything else as shipped."""
+    prompt = api_prompt(load(f"memoguard_{name}"), client.definitions)
     for node in prompt.values():
         if "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps
@@ -131,9 +142,28 @@ def test_node_pack_registers_every_node_with_tooltips(comfy):
             assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
 
 
+def test_example_workflows_are_listed_and_served_as_templates(comfy):
+    client, _ = comfy
+    assert sorted(client.get("/workflow_templates")[PACK]) == sorted(TEMPLATES)
+    for name in TEMPLATES:
+        served = client.get(f"/api/workflow_templates/{PACK}/{name}.json")
+        assert served == load(name) and {"nodes", "links", "version"} <= set(served)
+
+
+def test_ci_node_definitions_match_the_server(comfy):
+    """The harness's stand-ins (pack schemas without ComfyUI, core node table) read like /object_info."""
+    client, _ = comfy
+    mirrored = harness.node_definitions()
+    for node_type in {n["type"] for name in TEMPLATES for n in load(name)["nodes"]}:
+        real = client.definitions[node_type]
+        assert widget_inputs(mirrored[node_type]) == widget_inputs(real), node_type
+        if "output" in mirrored[node_type]:
+            assert mirrored[node_type]["output"] == real["output"], node_type
+
+
 def test_detect_streams_each_step_and_leaves_the_latent_bit_identical(comfy):
     client, output = comfy
-    watched = with_latent_saved(workflow("detect"), "watched")
+    watched = with_latent_saved(workflow(client, "detect"), "watched")
     events, history = client.run(watched)
     assert not of_type(events, "execution_error"), of_type(events, "execution_error")
     steps = [d for d in of_type(events, "memoguard.step") if d["node"] == "2"]
@@ -154,7 +184,7 @@ def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
     client, _ = comfy
     scores = {}
     for text in ("a purple ring, lighthouse poster", "a white cross in the center"):
-        prompt = workflow("detect")
+        prompt = workflow(client, "detect")
         prompt["3"]["inputs"]["text"] = text
         events, _ = client.run(prompt)
         scores[text] = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]["score"][0]
@@ -164,7 +194,7 @@ def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
 
 def test_mitigate_reports_iterations_and_lowers_the_first_step_score(comfy):
     client, _ = comfy
-    events, history = client.run(workflow("mitigate"))
+    events, history = client.run(workflow(client, "mitigate"))
     assert not of_type(events, "execution_error"), of_type(events, "execution_error")
     (record,) = of_type(events, "memoguard.mitigation")
     assert record["ran"] and 1 <= record["iterations"] <= 10
@@ -176,7 +206,7 @@ def test_mitigate_reports_iterations_and_lowers_the_first_step_score(comfy):
 
 def test_explain_shows_token_shares(comfy):
     client, _ = comfy
-    events, history = client.run(workflow("explain"))
+    events, history = client.run(workflow(client, "explain"))
     assert not of_type(events, "execution_error"), of_type(events, "execution_error")
     data = json.loads(history["outputs"]["10"]["memoguard_tokens"][0])
     assert data["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
@@ -186,36 +216,60 @@ def test_explain_shows_token_shares(comfy):
 
 def test_stop_action_ends_the_queue_item_with_a_message(comfy):
     client, _ = comfy
-    prompt = workflow("detect")
+    prompt = workflow(client, "detect")
     prompt["2"]["inputs"].update(threshold=1e-6, action="stop")
     events, _ = client.run(prompt)
     (error,) = of_type(events, "execution_error")
     assert "MemoGuard stopped this generation" in error["exception_message"]
 
 
-@pytest.mark.parametrize("name, selector", [("detect", ".memoguard-summary"), ("explain", ".memoguard-token")])
-def test_browser_shows_the_chart_and_the_coloured_tokens(comfy, tmp_path, name, selector):
+@pytest.mark.parametrize("name, selector", [("detect", ".memoguard-summary"), ("mitigate", ".memoguard-summary"),
+                                            ("explain", ".memoguard-token")])
+def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name, selector):
     """ComfyUI's own front end in Chromium (playwright-core via NODE_PATH; CHROMIUM, default /usr/bin/chromium)."""
     import shutil
     if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists():
         pytest.skip("needs node, NODE_PATH with playwright-core and Chromium")
     client, _ = comfy
-    prompt = workflow(name, steps=6)
-    prompt_file = tmp_path / f"{name}.json"
-    prompt_file.write_text(json.dumps(prompt))
     artifacts = ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / f"comfyui_{name}.png"
-    run = subprocess.run(["node", str(Path(__file__).with_name("browser_check.mjs")), client.url, str(prompt_file),
-                          selector, str(shot)], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(["node", str(Path(__file__).with_name("browser_check.mjs")), client.url, PACK,
+                          f"memoguard_{name}", selector, str(shot), "6"], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    (node,) = result["state"]
-    if name == "detect":
-        chart = node["memoguard"]
+    assert f"memoguard_{name}" in result["listed"] and result["missing"] == []
+    # what the front end queues from the graph is what the tests derive from it
+    queued = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in result["prompt"].items()}
+    assert queued == api_prompt(load(f"memoguard_{name}"), client.definitions)
+    state = {node["type"]: node for node in result["state"]}
+    if name == "explain":
+        assert state["MemoGuardTokenContributions"]["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
+        assert "lighthouse" in result["text"] and "%" in result["text"]
+    else:
+        chart = state["MemoGuardMemorizationMonitor"]["memoguard"]
         assert len(chart["steps"]) == chart["total"] and len(chart["scores"]) == chart["total"]
         assert "score" in result["text"]
-    else:
-        assert node["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
-        assert "lighthouse" in result["text"] and "%" in result["text"]
+    if name == "mitigate":
+        mitigation = state["MemoGuardEmbeddingMinimization"]["mitigation"]
+        assert mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
+        assert any("minimized" in panel for panel in result["panels"])
     assert shot.stat().st_size > 10000
+
+
+def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
+    """tests/comfyui/real_host_sdxl.py in ComfyUI's Python: ComfyUI's own SDXL class, tiny and random."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(Path(__file__).with_name("real_host_sdxl.py"))], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["model"] == "SDXL" and out["y_shape"] == [1, 64 + 6 * 256]
+    # the adapter builds y as the sampler does: the same first-step score
+    assert out["adapter_first_step"] == pytest.approx(out["sampler_first_step"], rel=1e-5)
+    assert out["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
+    assert sum(out["tokens"]["shares"]) == pytest.approx(1.0) and min(out["tokens"]["scores"]) > 0
+    mitigation = out["mitigation"]
+    assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
+    assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
+    assert "rectified-flow" in out["flow_refused"]

@@ -1,0 +1,107 @@
+"""Token Contributions and Embedding Minimization on a tiny SDXL model inside a real ComfyUI.
+
+Run by test_real_host.py with ComfyUI's Python and COMFYUI_DIR; prints one JSON line. The model is
+ComfyUI's own SDXL class (supported_models.SDXL, model_base.SDXL: y = pooled text + size ids via
+encode_adm) with a small UNet and random weights, paired with MemoGuard's tiny CLIP (width 64).
+"""
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from comfyui_host import load_comfy  # noqa: E402
+
+TEXT = "a purple ring, lighthouse poster"
+STEPS = 4
+
+
+def tiny_sdxl(pooled_channels: int):
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SDXL({
+        "model_channels": 32, "use_linear_in_transformer": True, "context_dim": 64, "num_classes": "sequential",
+        "adm_in_channels": pooled_channels + 6 * 256, "use_temporal_attention": False, "in_channels": 4,
+        "out_channels": 4, "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 1],
+        "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": 1, "use_checkpoint": False,
+        "image_size": 32, "use_spatial_transformer": True, "legacy": False})
+    model = config.get_model({})
+    torch.manual_seed(0)
+    with torch.no_grad():  # comfy.ops skips initialisation
+        for name, p in model.diffusion_model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.05)
+            else:  # 1-d weights are norm scales
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+    return comfy.model_patcher.ModelPatcher(model, comfy.model_management.get_torch_device(),
+                                            comfy.model_management.unet_offload_device())
+
+
+def main():
+    load_comfy()
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    from comfy_api.latest import io
+    from memoguard import rms_per_image
+    from memoguard_pack.nodes import tiny_loader
+    from memoguard.host_autograd import differentiable
+    from memoguard_pack.nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
+    from memoguard_pack.nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
+    from memoguard_pack.nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
+    from memoguard_pack.nodes.nodes_tokens import TokenContributionsNode
+
+    quiet = dict(emit=lambda e, d: None, show=lambda t, n: None)
+    out = {}
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        clip = tiny_loader.load_clip()
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        model = tiny_sdxl(positive[0][1]["pooled_output"].shape[-1])
+        out["model"] = type(model.model).__name__
+        latent = torch.zeros(1, 4, 16, 16)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        run = lambda m: comfy.sample.sample(m, noise, STEPS, 7.5, "euler", "normal", positive, negative, latent,
+                                            disable_pbar=True, seed=0)
+
+        monitor = MonitorSession(MonitorSettings(), **quiet)
+        run(attach_monitor(model, monitor))
+        out["sampler_first_step"] = monitor.trace.per_step()[0].tolist()
+
+        # the adapter's own route (what Token Contributions uses): CLIP -> extra_conds -> y
+        comfy.model_management.load_models_gpu([model])
+        base = model.model
+        sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, "normal", STEPS)
+        with differentiable(base):
+            adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
+            cond, uncond = adapter.encode([TEXT]), adapter.encode([""], prompt_type="negative")
+            eps_c, eps_u = adapter.eps_pair(adapter.initial_noise(noise), sigmas[0], cond, uncond)
+        out["y_shape"] = list(cond.extra["y"].shape)
+        out["adapter_first_step"] = rms_per_image(eps_c - eps_u).tolist()
+
+        node = TokenContributionsNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "10"})
+        _, data = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
+        out["tokens"] = json.loads(data)
+
+        session = MitigationSession(MitigationSettings(mode="always", max_iters=5), **quiet)
+        after_monitor = MonitorSession(MonitorSettings(), **quiet)
+        run(attach_monitor(attach_mitigation(model, session), after_monitor))
+        out["mitigation"] = {"error": session.error, **session.record.to_dict(),
+                             "sampler_first_step": after_monitor.trace.per_step()[0].tolist()}
+
+        flow = types.SimpleNamespace(model_sampling=comfy.model_base.model_sampling(
+            base.model_config, comfy.model_base.ModelType.FLOW))
+        try:
+            ComfyDiffusionModel(flow)
+            out["flow_refused"] = None
+        except UnsupportedModel as e:
+            out["flow_refused"] = str(e)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""SDXL-style conditioning (y = pooled text + size ids) and the refusal of flow models, against the harness."""
+import pytest
+import torch
+
+from memoguard import rms_per_image, token_contributions
+from memoguard.host_autograd import differentiable
+from nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
+from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
+from nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
+from . import harness
+
+STEPS = 3
+TEXT = "a purple ring, lighthouse poster"
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """A tiny SDXL-like model and CLIP whose weights are inference tensors, as ComfyUI loads them."""
+    with torch.inference_mode():
+        _, text_encoder = harness.tiny_unet()
+        base = harness.SDXL(harness.tiny_sdxl_unet(pooled_channels=text_encoder.config.hidden_size))
+    return base, harness.CLIP(text_encoder)
+
+
+def monitored(base, **settings):
+    session = MonitorSession(MonitorSettings(**settings), emit=lambda e, d: None, show=lambda t, n: None)
+    return attach_monitor(harness.ModelPatcher(base), session), session
+
+
+def test_token_contributions_build_y_as_the_sampler_does(sdxl):
+    base, clip = sdxl
+    torch.manual_seed(4)
+    noise = torch.randn(1, 3, 16, 16)
+    patched, monitor = monitored(base)
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    harness.sample(patched, noise, positive, negative, steps=STEPS)
+    sigmas = harness.schedule(base, STEPS)
+    with torch.inference_mode(), differentiable(base):
+        adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
+        cond, uncond = adapter.encode([TEXT]), adapter.encode([""], prompt_type="negative")
+        assert cond.extra["y"].shape == (1, 64 + harness.SDXL.SIZE_CHANNELS)
+        x_T = adapter.initial_noise(noise.clone())
+        eps_c, eps_u = adapter.eps_pair(x_T, sigmas[0], cond, uncond)
+        result = token_contributions(adapter, cond, uncond, x_T, steps=2, total_steps=STEPS)[0]
+    # the adapter's first-step gap is the sampler's own: same y (pooled text and 128x128 size ids)
+    assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(monitor.trace.per_step()[0].tolist(), rel=1e-4)
+    assert result.tokens == ["a", "purple", "ring", ",", "lighthouse", "poster"]
+    assert sum(result.shares) == pytest.approx(1.0) and all(s > 0 for s in result.scores)
+
+
+def test_mitigation_keeps_y_and_the_sampler_starts_from_the_minimized_score(sdxl):
+    base, clip = sdxl
+    torch.manual_seed(5)
+    noise = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    session = MitigationSession(MitigationSettings(mode="always", lr=0.1, max_iters=4),
+                                emit=lambda e, d: None, show=lambda t, n: None)
+    monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda t, n: None)
+    patched = attach_monitor(attach_mitigation(harness.ModelPatcher(base), session), monitor)
+    harness.sample(patched, noise, positive, negative, steps=STEPS)
+    record = session.record
+    assert session.error is None and record.ran and record.iterations == 4
+    assert all(a < b for a, b in zip(record.after, record.before))
+    assert monitor.trace.per_step()[0].tolist() == pytest.approx(record.after, rel=1e-3, abs=1e-6)
+
+
+def test_flow_models_are_refused_with_a_message_and_left_alone():
+    with torch.inference_mode():
+        unet, _ = harness.tiny_unet()
+        flow = harness.BaseModel(unet, flow=True)
+    with pytest.raises(UnsupportedModel, match="rectified-flow.*SD1.x, SD2.x and SDXL"):
+        ComfyDiffusionModel(flow)
+    texts = []
+    session = MitigationSession(MitigationSettings(mode="always"), emit=lambda e, d: None,
+                                show=lambda text, node: texts.append(text))
+    torch.manual_seed(6)
+    inputs = (torch.randn(1, 3, 16, 16), torch.randn(1, 77, 64), torch.randn(1, 77, 64))
+    plain = harness.ModelPatcher(flow)
+    out = harness.sample(attach_mitigation(plain, session), *inputs, steps=STEPS)
+    assert torch.equal(out, harness.sample(plain, *inputs, steps=STEPS))
+    assert session.record is None and "rectified-flow" in texts[-1] and "prompt unchanged" not in texts[-1]
