@@ -115,6 +115,8 @@ class MemoGuardScript(scripts.Script):
         p.extra_generation_params["MemoGuard score"] = score
         p.extra_generation_params["MemoGuard verdict"] = \
             lambda iteration=0, position_in_batch=0, **_: verdict_label(monitor.verdict(iteration, position_in_batch))
+        # the API's info and PNG info carry no processed.comments: the note on the hires pass goes here too
+        p.extra_generation_params["MemoGuard hires pass"] = lambda **_: "not scored" if monitor.hires_seen else None
         s = monitor.settings
         if s.calibration is not None:
             def percentile(iteration=0, position_in_batch=0, **_):

@@ -7,6 +7,7 @@ callbacks still registered and, on Forge, the post-CFG functions on the model's 
 import base64
 import io
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 1800
 PROBE = '''
+import importlib.util
+
+import torch
 from modules import script_callbacks, shared
+
+_first = {}  # image 0's inputs at step 0 of the last first pass (A1111's row layout)
+
+
+def _capture(params):
+    d = params.denoiser
+    if d is None or d.step != 0 or d.p.is_hr_pass:
+        return
+    _first.update(x=params.x[:1].clone(), sigma=params.sigma[:1].clone(), cond=params.text_cond[:1].clone(),
+                  uncond=params.text_uncond[:1].clone(), image_cond=params.image_cond[:1].clone(), wrap=d.inner_model)
 
 def _routes(demo, app):
     @app.get("/memoguard-probe/cfg-callbacks")
@@ -35,7 +49,28 @@ def _routes(demo, app):
         functions = [] if objects is None else objects.unet.model_options.get("sampler_post_cfg_function", [])
         return [f.__qualname__ for f in functions]
 
+    @app.get("/memoguard-probe/first-step-gap")
+    def first_step_gap():
+        """The core's formula on the raw UNet output (eps or v, as the checkpoint's config says) at image 0's
+        first step, computed apart from the CFG wrapper the extension reads its x0 / eps from."""
+        from memoguard import eps_difference, rms_per_image
+        model, f = shared.sd_model, _first
+        with torch.no_grad():
+            if hasattr(f["wrap"], "sigma_to_t"):  # k-diffusion: x = x0 + sigma * eps, the UNet sees x / sqrt(sigma^2 + 1)
+                alpha = (f["sigma"] ** 2 + 1) ** -0.5
+                x, t = f["x"] * alpha, f["wrap"].sigma_to_t(f["sigma"])
+            else:  # timestep samplers: sigma holds the timestep, x is the UNet's input
+                alpha = model.alphas_cumprod[f["sigma"].long()].sqrt()
+                x, t = f["x"], f["sigma"]
+            out = [model.apply_model(x, t, cond={"c_crossattn": [c], "c_concat": [f["image_cond"]]})
+                   for c in (f["cond"], f["uncond"])]
+            gap = rms_per_image(eps_difference(out[0], out[1], model.parameterization, float(alpha)))
+        return {"parameterization": model.parameterization, "gap": float(gap[0])}
+
+
 script_callbacks.on_app_started(_routes)
+if importlib.util.find_spec("modules_forge") is None:  # Forge's UNet is not called through sd_model.apply_model
+    script_callbacks.on_cfg_denoiser(_capture)
 '''
 
 
@@ -95,11 +130,49 @@ def running_webui(root: Path, python: str, flags: list, data: Path):
 
 
 def txt2img(base, sampler, script_args=None, **overrides):
+    return _generate(base + "/sdapi/v1/txt2img", sampler, script_args, overrides)
+
+
+def img2img(base, sampler, init_png_base64, script_args=None, **overrides):
+    return _generate(base + "/sdapi/v1/img2img", sampler, script_args,
+                     {"init_images": [init_png_base64], "denoising_strength": 0.5, **overrides})
+
+
+def _generate(url, sampler, script_args, overrides):
     payload = {"prompt": "a red house on a hill", "negative_prompt": "", "seed": 7, "steps": 3, "width": 64,
                "height": 64, "cfg_scale": 7, "sampler_name": sampler, "batch_size": 1, **overrides}
     if script_args is not None:
         payload.update(script_name="memoguard", script_args=script_args)
-    return call(base + "/sdapi/v1/txt2img", payload)
+    return call(url, payload)
+
+
+# 64 -> 128 with the latent upscaler (no upscaler weights needed), 2 second-pass steps
+HIRES = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5)
+MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
+
+
+@contextmanager
+def a1111(tmp_path_factory, ckpt_env: str, required: bool = False):
+    """A1111_DIR's WebUI on CPU with the checkpoint named by ckpt_env (skip when unset and required)."""
+    root = Path(os.environ["A1111_DIR"])
+    if required and not os.environ.get(ckpt_env):
+        pytest.skip(f"{ckpt_env} is not set")
+    python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
+    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--test-server", "--do-not-download-clip",
+             "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env))]
+    data = tmp_path_factory.mktemp("webui-data")
+    with running_webui(root, python, flags, data) as base:
+        yield base
+        assert not errors_logged(data)
+
+
+def assert_core_gap(base, result):
+    """The infotext score (4 decimals) is the core's formula on the raw UNet outputs of the first step."""
+    score = float(fields(result)["MemoGuard score"])
+    probe = call(base + "/memoguard-probe/first-step-gap")
+    assert math.isfinite(score) and score > 0
+    assert abs(score - probe["gap"]) <= 1e-4 + 1e-3 * probe["gap"], (score, probe)
+    return probe
 
 
 def pixels(png_base64):

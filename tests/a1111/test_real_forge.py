@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from real_host import call, checkpoint, errors_logged, fields, infotext, pixels, running_webui, txt2img
+from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fields, img2img, infotext, pixels,
+                       running_webui, txt2img)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
-MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
+# Forge's API leaves hr_additional_modules None and its hires sampling then fails on `in None` (script on or off)
+FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
 
 
 @pytest.fixture(scope="module")
@@ -57,3 +59,23 @@ def test_forge_mitigation_optimises_under_inference_mode(forge):
     print("infotext with mitigation on Forge:", infotext(result))
     mode, iterations, _, before, _, after = fields(result)["MemoGuard mitigation"].split()
     assert (mode, iterations) == ("always", "2") and float(after) < float(before)
+
+
+def test_forge_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(forge):
+    plain = txt2img(forge, "Euler", **FORGE_HIRES)
+    watched = txt2img(forge, "Euler", MONITOR_ONLY, **FORGE_HIRES)
+    print("infotext with hires fix on Forge:", infotext(watched))
+    got = fields(watched)
+    assert got["MemoGuard hires pass"] == "not scored"
+    assert got["MemoGuard score"] == fields(txt2img(forge, "Euler", MONITOR_ONLY))["MemoGuard score"]  # first pass
+    size, data = pixels(watched["images"][0])
+    assert size == (128, 128) and (size, data) == pixels(plain["images"][0])
+
+
+def test_forge_img2img_is_scored_and_leaves_the_image_unchanged(forge):
+    init = txt2img(forge, "Euler")["images"][0]
+    plain = img2img(forge, "Euler", init)
+    watched = img2img(forge, "Euler", init, MONITOR_ONLY)
+    print("infotext with img2img on Forge:", infotext(watched))
+    assert float(fields(watched)["MemoGuard score"]) > 0
+    assert pixels(plain["images"][0]) == pixels(watched["images"][0])

@@ -5,11 +5,11 @@ requirements, repositories/ populated, a CLIP tokenizer+config in the HF cache) 
 is found (A1111_CKPT, or the first .safetensors in A1111_DIR/models/Stable-diffusion).
 """
 import os
-from pathlib import Path
 
 import pytest
 
-from real_host import call, checkpoint, fields, infotext, pixels, running_webui, txt2img
+from real_host import (HIRES, MONITOR_ONLY, a1111, assert_core_gap, call, fields, img2img, infotext, pixels,
+                       txt2img)
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set (path to a WebUI checkout with its environment)")
@@ -17,32 +17,55 @@ pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set (pat
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    root = Path(A1111_DIR)
-    python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
-    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--test-server", "--do-not-download-clip",
-             "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, "A1111_CKPT"))]
-    with running_webui(root, python, flags, tmp_path_factory.mktemp("webui-data")) as base:
+    with a1111(tmp_path_factory, "A1111_CKPT") as base:
         yield base
 
 
-def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui):
+@pytest.fixture(scope="module")
+def euler_plain(webui):
+    return txt2img(webui, "Euler")
+
+
+def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui, euler_plain):
     assert "memoguard" in call(webui + "/sdapi/v1/scripts")["txt2img"]
-    plain = txt2img(webui, "Euler")
     watched = txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
     got = fields(watched)
-    assert float(got["MemoGuard score"]) > 0 and got["MemoGuard verdict"] == "ok"
-    assert got["MemoGuard tokens"]
+    assert got["MemoGuard verdict"] == "ok" and got["MemoGuard tokens"]
+    assert "MemoGuard hires pass" not in got
+    assert assert_core_gap(webui, watched)["parameterization"] == "eps"
     print("infotext with MemoGuard:", infotext(watched))
-    assert pixels(plain["images"][0]) == pixels(watched["images"][0])  # the PNGs differ in their infotext chunk
+    assert pixels(euler_plain["images"][0]) == pixels(watched["images"][0])  # the PNGs differ in their infotext chunk
     callbacks = call(webui + "/memoguard-probe/cfg-callbacks")
     assert not any("RunMonitor" in name for names in callbacks.values() for name in names), callbacks
 
 
 def test_timestep_sampler_is_scored(webui):
-    assert float(fields(txt2img(webui, "DDIM", [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]))["MemoGuard score"]) > 0
+    assert_core_gap(webui, txt2img(webui, "DDIM", MONITOR_ONLY))
 
 
 def test_mitigation_optimises_through_the_webui_model(webui):
     got = fields(txt2img(webui, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2]))
     mode, iterations, _, before, _, after = got["MemoGuard mitigation"].split()
     assert (mode, iterations) == ("always", "2") and float(after) < float(before)
+
+
+def test_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(webui, euler_plain):
+    plain = txt2img(webui, "Euler", **HIRES)
+    watched = txt2img(webui, "Euler", MONITOR_ONLY, **HIRES)
+    print("infotext with hires fix:", infotext(watched))
+    got = fields(watched)
+    assert got["MemoGuard hires pass"] == "not scored"
+    assert_core_gap(webui, watched)  # the probe's step 0 is the first pass's (it skips the hires pass too)
+    size, data = pixels(watched["images"][0])
+    assert size == (128, 128) and (size, data) == pixels(plain["images"][0])
+
+
+def test_img2img_is_scored_and_leaves_the_image_unchanged(webui, euler_plain):
+    init = euler_plain["images"][0]
+    assert "memoguard" in call(webui + "/sdapi/v1/scripts")["img2img"]
+    plain = img2img(webui, "Euler", init)
+    watched = img2img(webui, "Euler", init, MONITOR_ONLY)
+    print("infotext with img2img:", infotext(watched))
+    assert fields(watched)["MemoGuard verdict"] == "ok"
+    assert_core_gap(webui, watched)
+    assert pixels(plain["images"][0]) == pixels(watched["images"][0])

@@ -110,6 +110,17 @@ def test_monitor_leaves_images_bit_identical(webui):
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
+def test_hires_pass_is_not_scored_and_the_infotext_says_so(webui):
+    plain = processing.process_images(make_p(webui, enable_hr=True))
+    script, watched = run(make_p(webui, enable_hr=True))
+    _, first_pass_only = run(make_p(webui))
+    got, unhired = infotext_fields(watched.infotexts[0]), infotext_fields(first_pass_only.infotexts[0])
+    assert got["MemoGuard hires pass"] == "not scored" and "MemoGuard hires pass" not in unhired
+    assert "hires-fix pass is not scored" in watched.comments
+    assert len(script.last_run.results[0].trace) == 3 and got["MemoGuard score"] == unhired["MemoGuard score"]
+    assert torch.equal(plain.images[0], watched.images[0])
+
+
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_explanation_agrees_with_the_core(webui, tiny_model, sampler):
     p = make_p(webui, sampler_name=sampler)

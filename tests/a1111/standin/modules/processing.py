@@ -27,6 +27,7 @@ class StableDiffusionProcessingTxt2Img:
     extra_generation_params: dict = field(default_factory=dict)
     comments: dict = field(default_factory=dict)
     is_hr_pass: bool = False
+    enable_hr: bool = False
     iteration: int = 0
     prompts: list = field(default_factory=list)
     scripts: Optional[object] = None
@@ -83,6 +84,10 @@ def process_images(p):
                 model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()
             image_cond = torch.zeros(p.batch_size, 5, 1, 1)
             samples = sampler.sample(p, noise, cond, uncond, image_cond)
+            if p.enable_hr:  # A1111's hires fix: a second sampling of the same p, flagged while it runs
+                p.is_hr_pass = True
+                samples = SAMPLERS[p.sampler_name](model).sample(p, samples, cond, uncond, image_cond)
+                p.is_hr_pass = False
             for i in range(p.batch_size):
                 images.append(samples[i])
                 infotexts.append(create_infotext(p, iteration, i))
