@@ -109,14 +109,46 @@ def prompt_encodings(p, params, layout, iteration: int):
         cond_extra["vector"] = params.text_cond["vector"].detach()
         uncond_extra["vector"] = uncond["vector"].detach()
     from modules.sd_hijack import model_hijack
-    clip = model_hijack.clip
-    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], clip, clip.wrapped.tokenizer)
+    clip = prompt_chunker(model_hijack.clip)
+    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
     frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
     frozen[:, ::CHUNK] = True
     uncond_tokens = [[""] * uncond_emb.shape[1] for _ in range(n_rows)]
     no_tokens = torch.zeros(n_rows, uncond_emb.shape[1], dtype=torch.bool)
     return (PromptEncoding(emb, tokens, prompt_mask, frozen, cond_extra),
             PromptEncoding(uncond_emb, uncond_tokens, no_tokens, no_tokens, uncond_extra))
+
+
+def prompt_chunker(clip):
+    """The WebUI's CLIP prompt chunker. SDXL: model_hijack.clip is sgm's GeneralConditioner (no tokenize_line,
+    an empty `wrapped`); its first text embedder, CLIP-L, holds the HF tokenizer and chunks prompts at the
+    positions OpenCLIP-G uses."""
+    if hasattr(clip, "tokenize_line"):
+        return clip
+    for embedder in getattr(clip, "embedders", ()):
+        if hasattr(embedder, "tokenize_line"):
+            return embedder
+    raise ValueError("token explanation and mitigation need the WebUI's CLIP tokenizer; this model has none")
+
+
+class _OpenClipTokenNames:
+    """OpenCLIP's BPE (SD2's text encoder) behind the one tokenizer call row_tokens makes."""
+
+    def __init__(self, bpe):
+        self.decoder = bpe.decoder
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.decoder[i] for i in ids]
+
+
+def chunker_tokenizer(clip):
+    """The chunker's tokenizer: CLIP's HF tokenizer (SD1, SDXL's CLIP-L); on SD2 the chunker wraps OpenCLIP,
+    whose BPE the WebUI keeps as a module global, not on the model."""
+    tokenizer = getattr(clip.wrapped, "tokenizer", None)
+    if tokenizer is not None:
+        return tokenizer
+    from modules import sd_hijack_open_clip
+    return _OpenClipTokenNames(sd_hijack_open_clip.tokenizer)
 
 
 def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):

@@ -55,3 +55,12 @@ def forge(tiny_model, monkeypatch):
     monkeypatch.setattr(model_hijack, "clip", None)  # Forge tokenizes through sd_model.text_processing_engine
     yield from _serve(TinyForgeDiffusion(tiny_model))
     sys.modules.pop("modules_forge", None)  # find_spec would still find it there: back to A1111
+
+
+@pytest.fixture()
+def webui_xl(tiny_model):
+    """The WebUI with an SDXL-shaped model: dict conditioning, model_hijack.clip its conditioner."""
+    from webui_model import TinyXLDiffusion
+    model = TinyXLDiffusion(tiny_model)
+    model_hijack.clip = model.conditioner
+    yield from _serve(model)

@@ -139,13 +139,14 @@ def img2img(base, sampler, init_png_base64, script_args=None, **overrides):
 
 
 def _generate(url, sampler, script_args, overrides):
-    payload = {"prompt": "a red house on a hill", "negative_prompt": "", "seed": 7, "steps": 3, "width": 64,
+    payload = {"prompt": PROMPT, "negative_prompt": "", "seed": 7, "steps": 3, "width": 64,
                "height": 64, "cfg_scale": 7, "sampler_name": sampler, "batch_size": 1, **overrides}
     if script_args is not None:
         payload.update(script_name="memoguard", script_args=script_args)
     return call(url, payload)
 
 
+PROMPT = "a red house on a hill"
 # 64 -> 128 with the latent upscaler (no upscaler weights needed), 2 second-pass steps
 HIRES = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5)
 MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]

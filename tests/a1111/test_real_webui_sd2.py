@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from real_host import MONITOR_ONLY, a1111, assert_core_gap, fields, infotext, pixels, txt2img
+from real_host import MONITOR_ONLY, PROMPT, a1111, assert_core_gap, fields, infotext, pixels, txt2img
 
 pytestmark = pytest.mark.skipif(not os.environ.get("A1111_DIR"), reason="A1111_DIR is not set")
 
@@ -28,3 +28,12 @@ def test_v_prediction_is_scored_as_the_core_scores_it(webui, sampler):
     assert math.isfinite(float(fields(watched)["MemoGuard score"]))
     assert assert_core_gap(webui, watched)["parameterization"] == "v"
     assert pixels(plain["images"][0]) == pixels(watched["images"][0])
+
+
+def test_explanation_and_mitigation_read_sd2s_openclip_tokens(webui):
+    got = fields(txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "always", 0, 0.05, 2]))
+    print("SD2-v explanation + mitigation:", got)
+    words = got["MemoGuard tokens"].split()[::2]  # "word share% word share% ..."; absent if explanation failed
+    assert set(words) <= set(PROMPT.split()), words  # OpenCLIP's BPE strings, not ids or CLIP-L's
+    mode, iterations, _, before, _, after = got["MemoGuard mitigation"].split()
+    assert mode == "always" and float(after) < float(before)

@@ -1,4 +1,4 @@
-"""Stand-in for modules/prompt_parser.py: AND composition (no prompt editing, no emphasis)."""
+"""Stand-in for modules/prompt_parser.py: AND composition (no prompt editing, no emphasis), SDXL's dict conds."""
 import re
 
 import torch
@@ -15,6 +15,14 @@ class ScheduledPromptConditioning:
 class ComposableScheduledPromptConditioning:
     def __init__(self, schedules, weight=1.0):
         self.schedules, self.weight = schedules, weight
+
+
+class DictWithShape(dict):
+    """SDXL's conditioning {"crossattn": (B, 77k, C), "vector": (B, adm)}; its shape is the crossattn one."""
+
+    @property
+    def shape(self):
+        return self["crossattn"].shape
 
 
 class MulticondLearnedConditioning:
@@ -42,9 +50,8 @@ def get_multicond_prompt_list(prompts):
 
 def get_multicond_learned_conditioning(model, prompts, steps):
     res_indexes, flat, _ = get_multicond_prompt_list(prompts)
-    conds = model.get_learned_conditioning(flat)
-    batch = [[ComposableScheduledPromptConditioning([ScheduledPromptConditioning(steps, conds[i])], w) for i, w in indexes]
-             for indexes in res_indexes]
+    schedules = get_learned_conditioning(model, flat, steps)
+    batch = [[ComposableScheduledPromptConditioning(schedules[i], w) for i, w in indexes] for indexes in res_indexes]
     return MulticondLearnedConditioning((len(prompts),), batch)
 
 
@@ -54,6 +61,13 @@ def stack_conds(conds):
     return torch.stack([torch.cat([c, c[-1:].repeat(length - c.shape[0], 1)]) if c.shape[0] < length else c for c in conds])
 
 
+def stack_rows(conds):
+    """One batch from per-row conds; SDXL's dicts are stacked key by key."""
+    if isinstance(conds[0], dict):
+        return DictWithShape({key: stack_conds([c[key] for c in conds]) for key in conds[0]})
+    return stack_conds(conds)
+
+
 def reconstruct_multicond_batch(c, current_step):
     tensors, conds_list = [], []
     for composable in c.batch:
@@ -61,13 +75,14 @@ def reconstruct_multicond_batch(c, current_step):
         for prompt in composable:
             conds_list[-1].append((len(tensors), prompt.weight))
             tensors.append(prompt.schedules[0].cond)
-    return conds_list, stack_conds(tensors)
+    return conds_list, stack_rows(tensors)
 
 
 def reconstruct_cond_batch(c, current_step):
-    return stack_conds([schedules[0].cond for schedules in c])
+    return stack_rows([schedules[0].cond for schedules in c])
 
 
 def get_learned_conditioning(model, prompts, steps):
     conds = model.get_learned_conditioning(list(prompts))
-    return [[ScheduledPromptConditioning(steps, cond)] for cond in conds]
+    rows = [{key: v[i] for key, v in conds.items()} for i in range(len(prompts))] if isinstance(conds, dict) else conds
+    return [[ScheduledPromptConditioning(steps, cond)] for cond in rows]

@@ -1,9 +1,16 @@
-"""Stand-in for the WebUI's CFG denoiser: row layout, callbacks, skipped-uncond copies, AND combination."""
+"""Stand-in for the WebUI's CFG denoiser: row layout, callbacks, skipped-uncond copies, AND combination, SDXL dicts."""
 import torch
 
 from modules import prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoisedParams, CFGDenoiserParams, cfg_denoised_callback, cfg_denoiser_callback
 from modules.shared import opts, state
+
+
+def catenate_conds(conds):
+    """SDXL's dict conds are concatenated key by key."""
+    if isinstance(conds[0], dict):
+        return {key: torch.cat([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)
 
 
 class CFGDenoiser(torch.nn.Module):
@@ -46,12 +53,13 @@ class CFGDenoiser(torch.nn.Module):
             self.p.extra_generation_params["NGMS"] = s_min_uncond
         n_cond = tensor.shape[0]
         def run(rows, c):
-            return self.inner_model(x_in[rows], sigma_in[rows], cond={"c_crossattn": [c], "c_concat": [image_cond_in[rows]]})
+            text = c if isinstance(uncond, dict) else {"c_crossattn": [c]}  # SDXL: the dict's keys go as they are
+            return self.inner_model(x_in[rows], sigma_in[rows], cond={**text, "c_concat": [image_cond_in[rows]]})
         if skip_uncond:
             x_out = run(slice(0, n_cond), tensor)
             x_out = torch.cat([x_out, x_out[[c[0][0] for c in conds_list]]])
         elif tensor.shape[1] == uncond.shape[1]:
-            x_out = run(slice(None), torch.cat([tensor, uncond]))
+            x_out = run(slice(None), catenate_conds([tensor, uncond]))
         else:  # prompt and negative prompt of different lengths: two model calls
             x_out = torch.cat([run(slice(0, n_cond), tensor), run(slice(n_cond, None), uncond)])
         cfg_denoised_callback(CFGDenoisedParams(x_out, state.sampling_step, state.sampling_steps, self.inner_model))
