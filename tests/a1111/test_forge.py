@@ -2,12 +2,13 @@
 import pytest
 import torch
 
-from memoguard import rms_per_image, token_contributions
+from memoguard import rms_per_image
 from memoguard_a1111 import forge as forge_module
 from memoguard_a1111.monitor import ForgeRunMonitor
 from modules import processing, script_callbacks, shared
 from modules.sd_samplers_kdiffusion import CompVisDenoiser
-from test_script import PROMPT, core_first_step, core_on_schedule, infotext_fields, kdiffusion_start, make_p, run
+from test_script import (PROMPT, assert_explanation_is_the_cores, core_first_step, infotext_fields, kdiffusion_start,
+                         make_p, run)
 
 
 def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_model):
@@ -50,11 +51,7 @@ def test_forge_explanation_agrees_with_the_core_under_inference_mode(forge, tiny
     assert not script.last_run.errors
     (got,) = script.last_run.image_explanations(0, 0)
     x, t = kdiffusion_start(forge, p)
-    core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
-    (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1)
-    assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]
-    assert got.scores == pytest.approx(want.scores, rel=1e-3)
-    assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
+    assert_explanation_is_the_cores(got, processed, tiny_model, x, t)
 
 
 def test_forge_mitigation_lowers_the_gap_and_the_sampler_uses_it(forge):

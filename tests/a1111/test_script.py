@@ -29,6 +29,15 @@ def infotext_fields(text):
     return dict(part.split(": ", 1) for part in text.splitlines()[-1].split(", "))
 
 
+def assert_explanation_is_the_cores(got, processed, tiny_model, x, t):
+    """The script's first-step token contributions equal the core's at the same x and t, and reach the infotext."""
+    core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
+    (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1)
+    assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]
+    assert got.scores == pytest.approx(want.scores, rel=1e-3)
+    assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
+
+
 def seeds_noise(webui, p):
     return torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(p.seed + i))
                         for i in range(p.batch_size)])
@@ -130,11 +139,7 @@ def test_explanation_agrees_with_the_core(webui, tiny_model, sampler):
         x, t = kdiffusion_start(webui, p)
     else:
         x, t = seeds_noise(webui, p), CompVisSampler(webui).timesteps(p.steps)[0]
-    core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
-    (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1)
-    assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]
-    assert got.scores == pytest.approx(want.scores, rel=1e-3)
-    assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
+    assert_explanation_is_the_cores(got, processed, tiny_model, x, t)
 
 
 def test_ngms_on_the_first_step_makes_the_score_unavailable(webui):
