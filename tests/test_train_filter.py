@@ -239,3 +239,34 @@ def test_under_autocast_gaps_are_float32_and_kept_gradients_match_the_subset(une
     with torch.autocast("cpu", dtype=torch.bfloat16):
         per_sample_mse(unet(x[keep], t[keep], encoder_hidden_states=emb[keep]).sample, target[keep]).mean().backward()
     assert_same_grads(filtered, grads(unet), rtol=0.05, atol=1e-4)
+
+
+def test_readme_lora_loop_trains_only_the_adapter_on_the_kept_samples(unet):
+    """README's peft example: the gap is the adapted model's; only LoRA weights learn, from kept samples only."""
+    peft = pytest.importorskip("peft")
+    import copy
+    lora_unet = copy.deepcopy(unet)
+    lora_unet.requires_grad_(False)
+    lora_unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                          target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    noisy, t, cond, noise = batch(6, seed=4)
+    empty = torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(5))
+
+    def lora_step(x, ts, c, target, filt):
+        lora_unet.zero_grad(set_to_none=True)
+        model_pred = lora_unet(x, ts, c).sample
+        with torch.no_grad():
+            pred_u = lora_unet(x, ts, empty.expand_as(c)).sample
+        keep = filt.keep_mask(gaps_from_predictions(model_pred, pred_u))
+        loss = filt.masked_loss(F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)), keep)
+        loss.backward()
+        return keep, {n: p.grad.clone() for n, p in lora_unet.named_parameters() if p.grad is not None}
+
+    with torch.no_grad():
+        gaps = gaps_from_predictions(lora_unet(noisy, t, cond).sample, lora_unet(noisy, t, empty.expand_as(cond)).sample)
+    tau = float(gaps.median())  # about half the batch is dropped
+    keep, filtered = lora_step(noisy, t, cond, noise, MemorizationFilter(tau=tau))
+    assert 0 < int(keep.sum()) < 6
+    assert filtered and all("lora" in name for name in filtered)
+    _, subset = lora_step(noisy[keep], t[keep], cond[keep], noise[keep], MemorizationFilter(tau=1e9))
+    assert_same_grads(filtered, subset, rtol=1e-4, atol=1e-7)
