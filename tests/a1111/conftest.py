@@ -47,14 +47,24 @@ def webui(tiny_model):
     yield from _serve(TinyLatentDiffusion(tiny_model))
 
 
+def _serve_forge(model_class_name, tiny_model, monkeypatch):
+    """The stand-in WebUI playing Forge: modules_forge importable, the tiny model behind forge_objects."""
+    monkeypatch.syspath_prepend(str(HERE / "standin_forge"))
+    import forge_model
+    monkeypatch.setattr(model_hijack, "clip", None)  # Forge tokenizes through the sd_model's text processing engines
+    yield from _serve(getattr(forge_model, model_class_name)(tiny_model))
+    sys.modules.pop("modules_forge", None)  # find_spec would still find it there: back to A1111
+
+
 @pytest.fixture()
 def forge(tiny_model, monkeypatch):
-    """The same stand-in WebUI playing Forge: modules_forge importable, the tiny model behind forge_objects."""
-    monkeypatch.syspath_prepend(str(HERE / "standin_forge"))
-    from forge_model import TinyForgeDiffusion
-    monkeypatch.setattr(model_hijack, "clip", None)  # Forge tokenizes through sd_model.text_processing_engine
-    yield from _serve(TinyForgeDiffusion(tiny_model))
-    sys.modules.pop("modules_forge", None)  # find_spec would still find it there: back to A1111
+    yield from _serve_forge("TinyForgeDiffusion", tiny_model, monkeypatch)
+
+
+@pytest.fixture()
+def forge_xl(tiny_model, monkeypatch):
+    """Forge with an SDXL checkpoint: dict conds, y passed to KModel.apply_model, text_processing_engine_l."""
+    yield from _serve_forge("TinyForgeXLDiffusion", tiny_model, monkeypatch)
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
 """The bundled tiny model behind a Forge-shaped sd_model: forge_objects.unet (a UnetPatcher over a KModel) with
-its weights loaded as inference tensors, as Forge loads them, and a text_processing_engine (no model_hijack.clip)."""
+its weights loaded as inference tensors, as Forge loads them, and a text_processing_engine (no model_hijack.clip);
+an SDXL variant (TinyForgeXLDiffusion)."""
 import copy
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ from backend.modules.k_model import KModel
 from backend.modules.k_prediction import Prediction
 from backend.patcher.unet import UnetPatcher
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
+from webui_model import TinyXLDiffusion
 
 
 def loaded_under_inference_mode(module: torch.nn.Module) -> torch.nn.Module:
@@ -23,13 +25,16 @@ def loaded_under_inference_mode(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class TinyForgeDiffusion:
-    def __init__(self, diffusers_model):
+    engine_name = "text_processing_engine"  # SDXL: text_processing_engine_l (and _g, which MemoGuard does not read)
+
+    def __init__(self, diffusers_model, unet=None):
         self.alphas_cumprod = diffusers_model.alphas_cumprod
         self.latent_shape = diffusers_model.latent_shape()
         self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd")
         self.text_encoder = diffusers_model.text_encoders[0]
-        self.text_processing_engine = ClassicTextProcessingEngine(diffusers_model.tokenizers[0])
-        kmodel = KModel(loaded_under_inference_mode(copy.deepcopy(diffusers_model.unet)), Prediction(self.alphas_cumprod))
+        setattr(self, self.engine_name, ClassicTextProcessingEngine(diffusers_model.tokenizers[0]))
+        unet = loaded_under_inference_mode(copy.deepcopy(diffusers_model.unet if unet is None else unet))
+        kmodel = KModel(unet, Prediction(self.alphas_cumprod))
         self.forge_objects = ForgeObjects(UnetPatcher(kmodel), None, None, None)
         self.forge_objects_original = self.forge_objects.shallow_copy()
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
@@ -41,3 +46,19 @@ class TinyForgeDiffusion:
             ids = torch.tensor([chunk.tokens for chunk in self.text_processing_engine.tokenize_line(prompt)[0]])
             conds.append(self.text_encoder(ids).last_hidden_state.reshape(-1, self.text_encoder.config.hidden_size))
         return conds
+
+
+class TinyForgeXLDiffusion(TinyForgeDiffusion):
+    """Forge's SDXL engine on the tiny model: the A1111 SDXL stand-in's UNet (y = "vector") and conditioning,
+    encoded under inference mode; prompts tokenized by text_processing_engine_l (CLIP-L), no text_processing_engine."""
+    engine_name = "text_processing_engine_l"
+
+    def __init__(self, diffusers_model):
+        self.xl = TinyXLDiffusion(diffusers_model)
+        super().__init__(diffusers_model, self.xl.unet)
+        self.sd_checkpoint_info = self.xl.sd_checkpoint_info
+
+    def get_learned_conditioning(self, prompts):
+        """A plain {"crossattn", "vector"} dict for the batch, as Forge's StableDiffusionXL returns."""
+        with torch.inference_mode():
+            return dict(self.xl.get_learned_conditioning(prompts))

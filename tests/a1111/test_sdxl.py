@@ -60,23 +60,27 @@ def test_monitor_leaves_sdxl_images_bit_identical(webui_xl, sampler):
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
-def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl):
-    p = make_p(webui_xl, sampler_name="Euler")
-    script, processed = run(p, explain=True)
-    assert not script.last_run.errors
-    (got,) = script.last_run.image_explanations(0, 0)
-    x, t = kdiffusion_start(webui_xl, p)
-    t = t.reshape(1)
-    cond, uncond = conditioning(webui_xl, PROMPT), conditioning(webui_xl, "")
+def assert_explanation_is_the_gradient(got, processed, model, x, t):
+    """The first-step token shares are the gap's gradient norms at the prompt's tokens, through model.apply_model."""
+    t = torch.as_tensor(t).reshape(1)
+    cond, uncond = conditioning(model, PROMPT), conditioning(model, "")
     emb = cond["crossattn"].clone().requires_grad_(True)
     with torch.enable_grad():
-        gap = l2_per_image(webui_xl.apply_model(x, t, {**cond, "crossattn": emb}) - webui_xl.apply_model(x, t, uncond))
+        gap = l2_per_image(model.apply_model(x, t, {**cond, "crossattn": emb}) - model.apply_model(x, t, uncond))
         (grad,) = torch.autograd.grad(gap.sum(), [emb])
     norms = grad[0].norm(dim=-1)[got.positions]
     assert got.tokens == ["a", "red", "house", "on", "a", "hill"] and got.positions == [1, 2, 3, 4, 5, 6]
     assert sum(got.shares) == pytest.approx(1.0)
     assert got.shares == pytest.approx((norms / norms.sum()).tolist(), rel=1e-3)
     assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
+
+
+def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl):
+    p = make_p(webui_xl, sampler_name="Euler")
+    script, processed = run(p, explain=True)
+    assert not script.last_run.errors
+    (got,) = script.last_run.image_explanations(0, 0)
+    assert_explanation_is_the_gradient(got, processed, webui_xl, *kdiffusion_start(webui_xl, p))
 
 
 def test_mitigation_lowers_the_gap_and_leaves_the_vector_alone(webui_xl, monkeypatch):
