@@ -1,15 +1,18 @@
-"""`python -m memoguard calibrate`: benign scores on a model -> a calibration file entry.
+"""`python -m memoguard calibrate`: benign scores on a model -> a calibration, stored under the model's key.
 
-For a user's own model the shipped benign list (assets/benign_prompts.txt) is the default. The
-bundled tiny model only knows its own small vocabulary, so `--tiny-benign` calibrates it on
-ordinary captions of its own kind (fresh combinations and another style, none in the bench).
+The key is the weights fingerprint (memoguard.identity) that ComfyUI's and the WebUI's MemoGuard
+compute from the weights they load, so a calibration made here is found there (copy the file into
+their models/memoguard folder) and vice versa. For a user's own model the shipped benign list
+(assets/benign_prompts.txt) is the default. The bundled tiny model only knows its own small
+vocabulary, so `--tiny-benign` calibrates it on ordinary captions of its own kind (fresh
+combinations and another style, none in the bench).
 """
 import sys
 from pathlib import Path
 
-from .calibration import Calibration, CalibrationError, default_benign_prompts
-from .pipeline import DEFAULT_STEPS, first_step_scores
-from .scan import BUNDLED_KEY, PromptFileError, read_prompts
+from .calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
+from .pipeline import DEFAULT_STEPS
+from .scan import PromptFileError, read_prompts
 
 
 def tiny_benign_prompts(n: int = 300, seed: int = 99):
@@ -22,33 +25,60 @@ def tiny_benign_prompts(n: int = 300, seed: int = 99):
     return [s.caption() if i % 3 else s.caption_other_style() for i, s in enumerate(picked)]
 
 
+def _ints(text: str):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def add_arguments(p):
     p.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (default: bundled tiny model)")
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the bundled model's kind")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="schedule whose first timestep is scored")
-    p.add_argument("--out", type=Path, required=True, help="calibration JSON to create or update")
-    p.add_argument("--key", default=None, help="model key in the file (default: the model folder's name)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
+    p.add_argument("--extra-timesteps", type=_ints, default=[], metavar="T[,T...]",
+                   help="also score the first step at these timesteps, e.g. 999 (where the hosts' k-diffusion "
+                        "samplers start); 2 UNet evaluations per prompt each")
+    p.add_argument("--band-prompts", type=int, default=32,
+                   help="prompts sampled in full for the per-step benign band of the charts (0: no band)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale of the band runs (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per UNet call")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"calibration file to create or update (default: <key>.json in {default_store_folder()})")
 
 
 def run(args) -> int:
-    from .diffusers_model import load_model
+    from .diffusers_model import ModelLoadError, load_model
+    from .measure import calibrate
     try:
         prompts = (tiny_benign_prompts() if args.tiny_benign
                    else [p for p, _ in read_prompts(args.prompts)] if args.prompts else default_benign_prompts())
         model = load_model(args.model)
-    except PromptFileError as e:
+    except (PromptFileError, ModelLoadError) as e:
         print(f"memoguard calibrate: {e}", file=sys.stderr)
         return 2
-    key = args.key or (BUNDLED_KEY if args.model is None else model.name)
-    scores = first_step_scores(model, prompts, list(range(args.seeds)), args.steps).mean(1)
+
+    def progress(stage, done, total):
+        sys.stderr.write(f"\r  {stage}: {done}/{total} prompts")
+        if done == total:
+            sys.stderr.write("\n")
+
     try:
-        cal = Calibration(key, scores.tolist(), meta={"steps": args.steps, "seeds": args.seeds, "prompts": len(prompts)})
-    except CalibrationError as e:
+        cal = calibrate(model, prompts, model_key=model.model_key, shape=model.latent_shape(), steps=args.steps,
+                        seeds=list(range(args.seeds)), guidance=args.guidance, band_prompts=args.band_prompts,
+                        extra_timesteps=args.extra_timesteps, batch_size=args.batch_size,
+                        conditions={"host": "diffusers", "prediction": model.parameterization, "model": model.name},
+                        progress=progress)
+        if args.out is not None:
+            cal.save(args.out)
+            out = args.out
+        else:
+            out = CalibrationStore(default_store_folder()).save(cal)
+    except (CalibrationError, OSError) as e:
         print(f"memoguard calibrate: {e}", file=sys.stderr)
         return 2
-    cal.save(args.out)
-    print(f"{key}: {len(cal.scores)} benign scores, median {cal.scores[len(cal.scores) // 2]:.4f}, "
-          f"threshold at 1% FPR {cal.threshold(0.01):.4f} -> {args.out}")
+    print(f"{model.name} ({cal.model_key}): {len(cal.scores)} benign scores at noise level "
+          f"{cal.conditions['noise_level']:.4g}, median {cal.median:.4f}, threshold at 1% FPR "
+          f"{cal.threshold(0.01):.4f}{', band over ' + str(len(cal.band.median)) + ' steps' if cal.band else ''} -> {out}")
+    print("Hosts find it by the model's key: copy the file into ComfyUI/models/memoguard/ or "
+          "stable-diffusion-webui/models/memoguard/.")
     return 0

@@ -2,24 +2,81 @@
 
 A calibration holds the sorted first-step (or windowed) RMS scores of ordinary prompts on one
 model at one setting. It answers "which percentile of benign prompts is this score" and "what
-threshold gives a false-positive rate of f". Files are small JSON, keyed by model, so one file
-can serve several checkpoints.
+threshold gives a false-positive rate of f". It records what it was measured at (`conditions`:
+the model's prediction type, the noise level of the first step, the latent size, the host), so a
+run that differs in a way that changes the score can say so, and optionally a `Band`: the benign
+score along a whole sampling run, for charts. Files are small JSON, keyed by model
+(memoguard.identity's weights fingerprint), so one file can serve several checkpoints; a
+`CalibrationStore` keeps one file per model in a folder.
+
+Noise level: sigma / alpha of x_t = alpha * x0 + sigma * eps, the noise-to-signal ratio. It is the
+k-diffusion sigma of ComfyUI and the WebUI, sqrt((1 - abar_t) / abar_t) of a timestep t, and
+sigma / (1 - sigma) of a rectified-flow model: one coordinate for every host and scheduler.
 """
 import bisect
 import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+NOISE_TOLERANCE = 0.02   # relative difference in first-step noise level that changes the score
 
 
 class CalibrationError(ValueError):
     pass
+
+
+@dataclass
+class Band:
+    """The benign score along a sampling run: per step its noise level, median and a high quantile.
+
+    Indexed by noise level rather than step number, so that `at()` can place the band under a run
+    with another step count or scheduler (log-linear in the noise level between the measured steps).
+    `settings` records what the band was sampled with (sampler, scheduler, steps, guidance): the
+    trajectory depends on the guidance scale above all.
+    """
+    noise_levels: List[float]   # noisiest first
+    median: List[float]
+    high: List[float]
+    quantile: float = 0.99
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.noise_levels)
+        if n < 2 or len(self.median) != n or len(self.high) != n:
+            raise CalibrationError(f"a band needs matching noise levels, medians and quantiles for at least 2 steps "
+                                   f"(got {n}, {len(self.median)}, {len(self.high)})")
+        if any(not (a > b) for a, b in zip(self.noise_levels, self.noise_levels[1:])) or self.noise_levels[-1] <= 0:
+            raise CalibrationError("a band's noise levels must be positive and strictly decreasing")
+
+    @classmethod
+    def from_runs(cls, noise_levels: Sequence[float], gaps: np.ndarray, quantile: float = 0.99,
+                  settings: Optional[dict] = None) -> "Band":
+        """gaps: (runs, steps) RMS gaps of benign generations sampled on the schedule `noise_levels`.
+        The last step of a schedule may sit at noise level 0 (the clean image): it is left out."""
+        gaps = np.asarray(gaps, float)
+        keep = [i for i, s in enumerate(noise_levels) if s > 0]
+        return cls([float(noise_levels[i]) for i in keep], np.median(gaps[:, keep], axis=0).tolist(),
+                    np.quantile(gaps[:, keep], quantile, axis=0).tolist(), quantile, dict(settings or {}))
+
+    def at(self, noise_level: float) -> Optional[Tuple[float, float]]:
+        """(median, high) at a noise level, or None outside the measured range."""
+        lo, hi = self.noise_levels[-1], self.noise_levels[0]
+        if not math.isfinite(noise_level) or not lo * (1 - NOISE_TOLERANCE) <= noise_level <= hi * (1 + NOISE_TOLERANCE):
+            return None
+        xs = np.log(self.noise_levels[::-1])
+        x = math.log(min(max(noise_level, lo), hi))
+        return float(np.interp(x, xs, self.median[::-1])), float(np.interp(x, xs, self.high[::-1]))
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -29,12 +86,18 @@ class Calibration:
     window: int = 1                # steps the scores average over
     guidance: float = 7.5
     meta: dict = field(default_factory=dict)
+    conditions: dict = field(default_factory=dict)   # prediction, noise_level, latent, host (see check())
+    band: Optional[Band] = None
+    # the same benign prompts' first-step scores at other first-step noise levels (other samplers/schedulers)
+    other_levels: Dict[str, List[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         finite = sorted(float(s) for s in self.scores if math.isfinite(float(s)))
         if len(finite) < 10:
             raise CalibrationError(f"a calibration needs at least 10 finite benign scores, got {len(finite)}")
         self.scores = finite
+        self.other_levels = {str(k): sorted(float(x) for x in v if math.isfinite(float(x)))
+                             for k, v in self.other_levels.items()}
 
     def percentile(self, score: float) -> float:
         """Share of benign scores strictly below `score`, in percent."""
@@ -54,15 +117,61 @@ class Calibration:
         k = min(len(self.scores) - 1, math.ceil((1 - fpr) * len(self.scores)) - 1)
         return float(np.nextafter(self.scores[k], np.inf))
 
+    def at_noise_level(self, noise_level: Optional[float]) -> "Calibration":
+        """This calibration as measured at the first-step noise level nearest `noise_level` (itself when it
+        recorded no other level within tolerance)."""
+        level = self.conditions.get("noise_level")
+        if noise_level is None or not level or abs(noise_level - level) <= NOISE_TOLERANCE * level:
+            return self
+        for other, scores in self.other_levels.items():
+            if abs(noise_level - float(other)) <= NOISE_TOLERANCE * float(other):
+                rest = {k: v for k, v in self.other_levels.items() if k != other}
+                rest[repr(float(level))] = self.scores
+                return replace(self, scores=scores, conditions={**self.conditions, "noise_level": float(other)},
+                               other_levels=rest)
+        return self
+
+    def check(self, prediction: Optional[str] = None, noise_level: Optional[float] = None,
+              latent: Optional[Sequence[int]] = None) -> List[str]:
+        """What differs between this run and the calibration in a way that changes the score (empty: none).
+        Conditions the calibration did not record are not compared."""
+        c, out = self.conditions, []
+        if prediction and c.get("prediction") and prediction != c["prediction"]:
+            out.append(f"calibrated for {c['prediction']}-prediction, this run samples {prediction}-prediction")
+        level = c.get("noise_level")
+        if noise_level is not None and level and abs(noise_level - level) > NOISE_TOLERANCE * level:
+            out.append(f"calibrated at a first-step noise level of {level:.4g}, this run starts at "
+                       f"{noise_level:.4g} (another sampler or scheduler)")
+        if latent and c.get("latent") and list(latent)[-2:] != list(c["latent"])[-2:]:
+            out.append(f"calibrated at latent size {'x'.join(map(str, c['latent'][-2:]))}, this run is "
+                       f"{'x'.join(map(str, list(latent)[-2:]))}")
+        return out
+
     def to_dict(self) -> dict:
-        return {"scores": self.scores, "window": self.window, "guidance": self.guidance, "meta": self.meta}
+        return {"scores": self.scores, "window": self.window, "guidance": self.guidance, "meta": self.meta,
+                "conditions": self.conditions, "band": self.band.to_dict() if self.band is not None else None,
+                "other_levels": self.other_levels}
+
+    @classmethod
+    def from_dict(cls, model_key: str, entry: dict) -> "Calibration":
+        try:
+            band = entry.get("band")
+            return cls(model_key, entry["scores"], entry.get("window", 1), entry.get("guidance", 7.5),
+                       entry.get("meta", {}), entry.get("conditions", {}), Band(**band) if band else None,
+                       entry.get("other_levels", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CalibrationError(f"the calibration of {model_key!r} is malformed: {e}") from None
 
     def save(self, path) -> None:
         """Add or replace this model's entry in a calibration file."""
         path = Path(path)
         data = _read(path) if path.exists() else {"format": FORMAT_VERSION, "models": {}}
+        data["format"] = FORMAT_VERSION
         data["models"][self.model_key] = self.to_dict()
-        path.write_text(json.dumps(data, indent=1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)  # never leave a half-written file behind
 
     @classmethod
     def load(cls, path, model_key: str = None) -> "Calibration":
@@ -75,8 +184,13 @@ class Calibration:
         if model_key not in models:
             raise CalibrationError(f"{path} has no calibration for model {model_key!r} "
                                    f"(it has: {', '.join(models) or 'none'})")
-        entry = models[model_key]
-        return cls(model_key, entry["scores"], entry.get("window", 1), entry.get("guidance", 7.5), entry.get("meta", {}))
+        return cls.from_dict(model_key, models[model_key])
+
+    @classmethod
+    def find(cls, path, model_key: str) -> Optional["Calibration"]:
+        """This model's entry in a file, None when the file has none; a broken file is an error."""
+        data = _read(Path(path))
+        return cls.from_dict(model_key, data["models"][model_key]) if model_key in data["models"] else None
 
 
 def _read(path: Path) -> dict:
@@ -86,9 +200,42 @@ def _read(path: Path) -> dict:
         raise CalibrationError(f"calibration file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CalibrationError(f"calibration file {path} is unreadable: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION or not isinstance(data.get("models"), dict):
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS or not isinstance(data.get("models"), dict):
         raise CalibrationError(f"{path} is not a MemoGuard calibration file (format {FORMAT_VERSION})")
     return data
+
+
+BUNDLED_FILE = resources.files("memoguard.assets").joinpath("calibration.json")
+
+
+class CalibrationStore:
+    """Calibrations kept as one file per model key in a folder (the hosts' models/memoguard, the CLI's
+    default folder); lookups fall back to the calibration shipped for the bundled tiny model."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).expanduser()
+
+    def path_for(self, model_key: str) -> Path:
+        return self.folder / f"{model_key}.json"
+
+    def save(self, calibration: Calibration) -> Path:
+        path = self.path_for(calibration.model_key)
+        calibration.save(path)
+        return path
+
+    def find(self, model_key: str) -> Optional[Calibration]:
+        """The calibration of this model key, or None. A corrupt file raises CalibrationError (never silently
+        ignored: a user who calibrated must learn that the result is unusable)."""
+        path = self.path_for(model_key)
+        if path.is_file():
+            return Calibration.find(path, model_key)
+        with resources.as_file(BUNDLED_FILE) as bundled:
+            return Calibration.find(bundled, model_key)
+
+
+def default_store_folder() -> Path:
+    """Where the CLI keeps calibrations: $MEMOGUARD_CALIBRATIONS, else ~/.cache/memoguard/calibrations."""
+    return Path(os.environ.get("MEMOGUARD_CALIBRATIONS", Path.home() / ".cache" / "memoguard" / "calibrations"))
 
 
 def default_benign_prompts() -> List[str]:

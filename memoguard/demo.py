@@ -16,7 +16,7 @@ from .explain import token_contributions
 from .mitigate import minimize_embedding
 from .pipeline import DEFAULT_STEPS
 from .sampling import initial_noise, sample
-from .scan import BUNDLED_KEY, load_calibration
+from .scan import load_calibration
 from .verdict import verdict_for
 
 DEMO_SEED = 7
@@ -60,7 +60,7 @@ def run(args) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = load_model()
-    calibration = load_calibration(None, BUNDLED_KEY)
+    calibration, _ = load_calibration(None, model, args.steps)
     threshold = calibration.threshold(args.fpr) if calibration else None
     train_images = unique_training_images(build_dataset(0).images)
     uncond = model.encode([""])

@@ -1,4 +1,5 @@
-"""The standalone path: any local diffusers SD1.x / SD2.x / SDXL pipeline folder as a DiffusionModel.
+"""The standalone path: any local diffusers SD1.x / SD2.x / SDXL pipeline folder, or a single-file
+checkpoint of those families (memoguard.checkpoints), as a DiffusionModel.
 
 Components are loaded with the standard diffusers/transformers `from_pretrained` from local
 files only. The bundled tiny model is such a folder without a VAE (it works in pixel space).
@@ -11,10 +12,12 @@ from typing import List, Optional
 
 import torch
 
+from .identity import weights_fingerprint
 from .model import DiffusionModel, PromptEncoding
 
 BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
 CHUNK = 75
+PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
 
 
 class ModelLoadError(RuntimeError):
@@ -39,6 +42,14 @@ class DiffusersModel(DiffusionModel):
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.is_sdxl = len(text_encoders) == 2
+        self._key = None
+
+    @property
+    def model_key(self) -> str:
+        """The weights fingerprint calibrations are stored under (memoguard.identity), the same in every host."""
+        if self._key is None:
+            self._key = weights_fingerprint(self.unet)
+        return self._key
 
     # -- DiffusionModel -------------------------------------------------------------------
     def raw_prediction(self, x, t, embedding, extra):
@@ -114,8 +125,14 @@ class DiffusersModel(DiffusionModel):
         return ((latents.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-def load_model(folder: Optional[Path] = None, device: str = "cpu", dtype=torch.float32) -> DiffusersModel:
-    """Load a local diffusers pipeline folder (the bundled tiny model by default)."""
+def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.float32, prediction: str = "auto",
+               config: Optional[Path] = None) -> DiffusersModel:
+    """Load a local diffusers pipeline folder (the bundled tiny model by default) or a single-file SD1.x /
+    SD2.x / SDXL checkpoint (.safetensors / .ckpt in the original LDM layout, offline: memoguard.checkpoints).
+
+    prediction: "auto" (a folder: its scheduler config; a file: see memoguard.checkpoints), "eps" or "v".
+    config: for a single file of a non-standard architecture, a diffusers-layout folder with its configs.
+    """
     try:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -126,7 +143,16 @@ def load_model(folder: Optional[Path] = None, device: str = "cpu", dtype=torch.f
     from transformers.utils import logging as transformers_logging
     diffusers_logging.set_verbosity_error()  # "accelerate not installed" etc. would bury our output
     transformers_logging.set_verbosity_error()
-    folder = Path(folder or BUNDLED_MODEL)
+    folder = Path(path or BUNDLED_MODEL)
+    if prediction not in PREDICTIONS:
+        raise ModelLoadError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
+    if folder.is_file():
+        from .checkpoints import load_checkpoint
+        return load_checkpoint(folder, device, dtype, prediction=prediction, config=config)
+    if not folder.exists():
+        raise ModelLoadError(f"{folder} does not exist (no model_index.json folder, no .safetensors/.ckpt file)")
+    if config is not None:
+        raise ModelLoadError(f"config= is for single-file checkpoints; {folder} is a folder")
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
@@ -147,12 +173,21 @@ def load_model(folder: Optional[Path] = None, device: str = "cpu", dtype=torch.f
         vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True) if has_vae else None
     except Exception as e:  # diffusers/transformers raise many types for missing or corrupt files
         raise ModelLoadError(f"could not load the model in {folder}: {type(e).__name__}: {e}") from None
+    if prediction != "auto":
+        scheduler = DDIMScheduler.from_config(scheduler.config,
+                                              prediction_type="v_prediction" if prediction == "v" else "epsilon")
+    return build_model(unet, encoders, tokenizers, scheduler, vae, folder.name, device, dtype, notes_dir=folder)
+
+
+def build_model(unet, encoders, tokenizers, scheduler, vae, name, device="cpu", dtype=torch.float32,
+                notes_dir: Optional[Path] = None) -> DiffusersModel:
+    """Loaded components -> DiffusersModel, frozen on `device` in `dtype` (shared by folders and single files)."""
     for m in [unet, *encoders] + ([vae] if vae is not None else []):
         m.to(device).eval().requires_grad_(False)
         if dtype != torch.float32:
             m.to(dtype)
-    model = DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=folder.name, device=device, dtype=dtype)
-    notes = folder / "memoguard_training.json"  # the bundled model's own sampling guidance
-    if notes.is_file():
+    model = DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=name, device=device, dtype=dtype)
+    notes = notes_dir / "memoguard_training.json" if notes_dir is not None else None  # the bundled model's guidance
+    if notes is not None and notes.is_file():
         model.guidance = float(json.loads(notes.read_text()).get("guidance", model.guidance))
     return model

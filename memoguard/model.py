@@ -49,6 +49,7 @@ class DiffusionModel(ABC):
     """Contract for adapters. Gradients must flow from `eps` back to `embedding`."""
 
     parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
+    prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
     init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
     guidance: float = 7.5           # classifier-free guidance scale this model samples well at
 
@@ -67,6 +68,15 @@ class DiffusionModel(ABC):
     @abstractmethod
     def encode(self, prompts: List[str]) -> PromptEncoding:
         """Text-encoder output for each prompt; the same length L for the whole batch."""
+
+    def noise_level(self, t) -> float:
+        """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""
+        alpha, sigma = self.coefficients(torch.as_tensor(t).reshape(1))
+        return float(torch.as_tensor(sigma).reshape(-1)[0] / torch.as_tensor(alpha).reshape(-1)[0])
+
+    def initial_x(self, noise: torch.Tensor) -> torch.Tensor:
+        """x at the first step of a full-denoise run from unit Gaussian noise."""
+        return noise * self.init_noise_sigma
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: Optional[dict] = None) -> torch.Tensor:
         check_parameterization(self.parameterization)

@@ -8,9 +8,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import DiffusionModel, PromptEncoding
+from .measure import first_step_gaps, repeat_encoding
+from .model import DiffusionModel
 from .sampling import initial_noise, sample
-from .score import rms_per_image
 
 DEFAULT_STEPS = 50     # the paper's DDIM schedule; the first step is its first timestep
 
@@ -20,27 +20,10 @@ def _batches(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-def _encode_repeated(model: DiffusionModel, prompts: Sequence[str], gens: int) -> PromptEncoding:
-    enc = model.encode(list(prompts))
-    rep = lambda t: t.repeat_interleave(gens, dim=0)
-    return PromptEncoding(rep(enc.embedding), [t for t in enc.tokens for _ in range(gens)],
-                          rep(enc.prompt_mask), rep(enc.frozen_mask), {k: rep(v) for k, v in enc.extra.items()})
-
-
-@torch.no_grad()
 def first_step_scores(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int],
                       steps: int = DEFAULT_STEPS, batch_size: int = 128) -> np.ndarray:
     """(P, G) RMS gap at the first step of a `steps` schedule: two UNet evaluations per image."""
-    uncond = model.encode([""])
-    t_first = model.timesteps(steps)[0]
-    out = np.zeros((len(prompts), len(seeds)))
-    per = max(1, batch_size // len(seeds))
-    for sl in _batches(len(prompts), per):
-        cond = _encode_repeated(model, prompts[sl], len(seeds))
-        x = initial_noise(model, model.latent_shape(), list(seeds) * (sl.stop - sl.start), model.device)
-        eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
-        out[sl] = rms_per_image(eps_c - eps_u).reshape(-1, len(seeds)).cpu().numpy()
-    return out
+    return first_step_gaps(model, prompts, seeds, model.latent_shape(), model.timesteps(steps)[0], batch_size)
 
 
 def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], steps: int = DEFAULT_STEPS,
@@ -57,7 +40,7 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     images, gaps = [], []
     per = max(1, batch_size // gens)
     for sl in _batches(len(prompts), per):
-        cond = _encode_repeated(model, prompts[sl], gens)
+        cond = repeat_encoding(model.encode(list(prompts[sl])), gens)
         emb = None if embeddings is None else embeddings[sl].repeat_interleave(gens, dim=0)
         x = initial_noise(model, model.latent_shape(), list(seeds) * (sl.stop - sl.start), model.device)
         result = sample(model, cond, uncond, x, steps, guidance, cond_embedding=emb, on_step=on_step)

@@ -24,7 +24,7 @@ class SampleResult:
 def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """x_T for each image, one CPU generator per seed so that batch size does not change images."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-    return (torch.stack(noise) * model.init_noise_sigma).to(device, dtype)
+    return model.initial_x(torch.stack(noise).to(device, dtype))
 
 
 @torch.no_grad()

@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 
 
-from .calibration import Calibration, CalibrationError, roc_auc, tpr_at_fpr
+from .calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
 from .pipeline import DEFAULT_STEPS, first_step_scores
 
-BUNDLED_CALIBRATION = Path(__file__).resolve().parent / "assets" / "calibration.json"
-BUNDLED_KEY = "memoguard-tiny-sd"
 _TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
 
 
@@ -66,13 +64,22 @@ def read_prompts(path: Path):
     return rows
 
 
-def load_calibration(path, model_key):
+def load_calibration(path, model, steps: int):
+    """The model's calibration (from `path`, else the default store or the bundled preset) at the noise level
+    of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none."""
+    key = model.model_key
     if path is not None:
-        return Calibration.load(path, model_key)
-    try:
-        return Calibration.load(BUNDLED_CALIBRATION, model_key)
-    except CalibrationError:
-        return None
+        calibration = Calibration.find(path, key)
+        if calibration is None:
+            raise CalibrationError(f"{path} has no calibration for this model ({model.name}, key {key}); "
+                                   f"run `memoguard calibrate --model ...` on it")
+    else:
+        calibration = CalibrationStore(default_store_folder()).find(key)
+    if calibration is None:
+        return None, []
+    level = model.noise_level(model.timesteps(steps)[0])
+    calibration = calibration.at_noise_level(level)
+    return calibration, calibration.check(model.parameterization, level, model.latent_shape())
 
 
 def add_arguments(p):
@@ -80,7 +87,8 @@ def add_arguments(p):
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--file", type=Path, help="prompts as .txt, .csv (prompt[,label]) or .jsonl")
     p.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (default: bundled tiny model)")
-    p.add_argument("--calibration", type=Path, default=None, help="calibration JSON (default: bundled, for the bundled model)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration JSON (default: the model's own in the calibration folder, or the bundled preset)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt (scores are averaged)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="schedule whose first timestep is scored")
@@ -121,22 +129,24 @@ def _fmt(x: float) -> str:
 
 
 def run(args) -> int:
-    from .diffusers_model import load_model
+    from .diffusers_model import ModelLoadError, load_model
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
         model = load_model(args.model)
-        key = BUNDLED_KEY if args.model is None else model.name
-        calibration = load_calibration(args.calibration, key)
-    except (PromptFileError, CalibrationError) as e:
+        calibration, notes = load_calibration(args.calibration, model, args.steps)
+    except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if not rows[0][0].strip() and len(rows) == 1:
         print("note: the empty prompt is the unconditional prompt itself: its score is 0 by definition", file=sys.stderr)
     if calibration is None:
-        print(f"note: no calibration for {key!r}: scores only, no verdict (run `memoguard calibrate`)", file=sys.stderr)
+        print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated "
+              f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
     results, summary = scan(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain)
     for r in results:
-        flag = "FLAG" if r["flagged"] else "ok  "
+        flag = "FLAG" if r["flagged"] else "ok  " if calibration else "unc."
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in r["top_tokens"])
         print(f"{flag} {_fmt(r['score'])} p{_fmt(r['percentile'])[:5]:>6}  {r['prompt'][:70]!s:70}  {top}")
     if "auc" in summary:

@@ -1,10 +1,17 @@
-"""From a score trace and a calibration to what the user reads: score, percentile, flagged."""
+"""From a score trace and a calibration to what the user reads: score, percentile, flagged.
+
+Without a threshold (no calibration of this model, no threshold given) there is no verdict, only
+a raw score: the label is "uncalibrated", never "ok", and the text says how to calibrate.
+"""
 import math
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 from .calibration import Calibration
 from .score import ScoreTrace, ScoreUnavailable
+
+HOW_TO_CALIBRATE = "calibrate this model to get a verdict (python -m memoguard calibrate --model PATH)"
+LABELS = ("ok", "flagged", "uncalibrated", "unavailable")
 
 
 @dataclass
@@ -15,28 +22,46 @@ class Verdict:
     percentile: float = float("nan")  # among the calibration's benign prompts
     threshold: float = float("nan")
     flagged: bool = False
-    reason: str = ""                 # why unavailable, or what the verdict rests on
+    reason: str = ""                 # why unavailable, what the verdict rests on, or how to calibrate
+    notes: List[str] = field(default_factory=list)  # how this run differs from its calibration
+
+    @property
+    def calibrated(self) -> bool:
+        return math.isfinite(self.threshold)
+
+    @property
+    def label(self) -> str:
+        """One word for infotexts and badges: ok | flagged | uncalibrated | unavailable."""
+        if not self.available:
+            return "unavailable"
+        if not self.calibrated:
+            return "uncalibrated"
+        return "flagged" if self.flagged else "ok"
 
     def summary(self) -> str:
         if not self.available:
             return f"score unavailable: {self.reason}"
+        if not self.calibrated:
+            return f"uncalibrated: score {self.score:.4f} ({self.reason or HOW_TO_CALIBRATE})"
         label = "LIKELY MEMORIZED" if self.flagged else "ok"
         pct = f", {self.percentile:.1f}th percentile of benign" if math.isfinite(self.percentile) else ""
-        thr = f", threshold {self.threshold:.4f}" if math.isfinite(self.threshold) else ""
-        return f"{label}: score {self.score:.4f}{pct}{thr}"
+        notes = "".join(f"; note: {n}" for n in self.notes)
+        return f"{label}: score {self.score:.4f}{pct}, threshold {self.threshold:.4f}{notes}"
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "label": self.label}
 
 
 def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, window: int = 1,
-                fpr: float = 0.01, threshold: Optional[float] = None) -> List[Verdict]:
-    """One verdict per image of the traced batch. An explicit threshold overrides the calibration's."""
+                fpr: float = 0.01, threshold: Optional[float] = None, images: Optional[int] = None,
+                uncalibrated_hint: str = HOW_TO_CALIBRATE, notes: Sequence[str] = ()) -> List[Verdict]:
+    """One verdict per image of the traced batch (`images` of them when the score is unavailable; 1 if not
+    given). An explicit threshold overrides the calibration's; `notes` say how the run differs from it."""
     try:
         scores = trace.score(window)
         raws = trace.raw_score(window)
     except ScoreUnavailable as e:
-        return [Verdict(False, reason=str(e))]
+        return [Verdict(False, reason=str(e)) for _ in range(images or 1)]
     if threshold is None and calibration is not None:
         threshold = calibration.threshold(fpr)
     out = []
@@ -45,7 +70,9 @@ def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, wi
             out.append(Verdict(False, reason="the model's prediction was not finite (NaN/inf)"))
             continue
         pct = calibration.percentile(s) if calibration is not None else float("nan")
-        thr = float("nan") if threshold is None else float(threshold)
-        out.append(Verdict(True, s, r, pct, thr, bool(threshold is not None and s >= threshold),
-                           f"first {window} step(s)"))
+        if threshold is None:
+            out.append(Verdict(True, s, r, pct, reason=uncalibrated_hint))
+            continue
+        out.append(Verdict(True, s, r, pct, float(threshold), bool(s >= threshold), f"first {window} step(s)",
+                           list(notes)))
     return out

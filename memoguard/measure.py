@@ -1,0 +1,100 @@
+"""Calibrating a model: benign first-step scores for the verdict, and a benign band along a run.
+
+Works on any `DiffusionModel` that can encode prompts and give a schedule, so ComfyUI, the WebUI
+and the CLI all calibrate through their own model call. Cost:
+  - verdict: two UNet evaluations per prompt and noise level (cond and uncond of one batched call);
+  - band:    2 x steps evaluations per band prompt (a full guided DDIM run, = Euler in sigma form).
+"""
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .calibration import Band, Calibration, CalibrationError
+from .model import DiffusionModel, PromptEncoding
+from .sampling import initial_noise, sample
+from .score import rms_per_image
+
+Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
+
+
+def repeat_encoding(enc: PromptEncoding, times: int) -> PromptEncoding:
+    """Each prompt's rows repeated `times` times in place (prompt-major)."""
+    rep = lambda t: t.repeat_interleave(times, dim=0)
+    return PromptEncoding(rep(enc.embedding), [t for t in enc.tokens for _ in range(times)], rep(enc.prompt_mask),
+                          rep(enc.frozen_mask), {k: rep(v) for k, v in enc.extra.items()})
+
+
+@torch.no_grad()
+def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
+                    batch_size: int = 32, progress: Optional[Progress] = None) -> np.ndarray:
+    """(P, G) RMS gap at the first step (timestep / sigma `t_first`) of each prompt x seed."""
+    uncond = model.encode([""])
+    out = np.zeros((len(prompts), len(seeds)))
+    per = max(1, batch_size // len(seeds))
+    for start in range(0, len(prompts), per):
+        stop = min(len(prompts), start + per)
+        cond = repeat_encoding(model.encode(list(prompts[start:stop])), len(seeds))
+        x = initial_noise(model, shape, list(seeds) * (stop - start), _device(cond))
+        eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
+        out[start:stop] = rms_per_image(eps_c - eps_u).reshape(-1, len(seeds)).cpu().numpy()
+        if progress is not None:
+            progress(stop, len(prompts))
+    return out
+
+
+@torch.no_grad()
+def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, steps: int, guidance: float,
+              batch_size: int = 8, progress: Optional[Progress] = None) -> np.ndarray:
+    """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...)."""
+    uncond = model.encode([""])
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        stop = min(len(prompts), start + batch_size)
+        cond = model.encode(list(prompts[start:stop]))
+        x = initial_noise(model, shape, range(seed + start, seed + stop), _device(cond))
+        rows.append(sample(model, cond, uncond, x, steps, guidance).trace.per_step().T.numpy())
+        if progress is not None:
+            progress(stop, len(prompts))
+    return np.concatenate(rows)
+
+
+def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, shape, steps: int,
+              seeds: Sequence[int] = (0,), guidance: Optional[float] = None, band_prompts: int = 32,
+              band_quantile: float = 0.99, extra_timesteps: Sequence = (), batch_size: int = 32,
+              conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None
+              ) -> Calibration:
+    """A calibration of `model` from benign `prompts` at the first step of its `steps`-step schedule.
+
+    band_prompts: how many of the prompts also get a full run for the band (0: no band).
+    extra_timesteps: first steps at these timesteps (the model's own t convention) are scored as well
+    (other_levels), for samplers and schedulers that start their runs at other noise levels. conditions: what the host adds (host, prediction, sampler ...).
+    """
+    if not prompts:
+        raise CalibrationError("calibration needs benign prompts; got none")
+    guidance = model.guidance if guidance is None else float(guidance)
+    report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
+    t_first = model.timesteps(steps)[0]
+    scores = first_step_gaps(model, prompts, seeds, shape, t_first, batch_size, report("first step")).mean(1)
+    other = {}
+    for t in extra_timesteps:
+        t = torch.as_tensor(t, device=t_first.device, dtype=t_first.dtype)
+        level = model.noise_level(t)
+        if level != model.noise_level(t_first):
+            other[repr(level)] = first_step_gaps(model, prompts, seeds, shape, t, batch_size,
+                                                 report(f"first step at t={float(t):g}")).mean(1).tolist()
+    band = None
+    if band_prompts:
+        chosen = list(prompts[:band_prompts])
+        gaps = band_gaps(model, chosen, 1000, shape, steps, guidance, max(1, batch_size // 4), report("band"))
+        levels = [model.noise_level(t) for t in model.timesteps(steps)]
+        band = Band.from_runs(levels, gaps, band_quantile, {"steps": steps, "guidance": guidance,
+                                                             "sampler": "ddim", "prompts": len(chosen)})
+    cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape),
+            "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}
+    return Calibration(model_key, scores.tolist(), 1, guidance,
+                       {"prompts": len(prompts), "seeds": len(seeds), "steps": steps}, cond, band, other)
+
+
+def _device(enc: PromptEncoding):
+    return enc.embedding.device
