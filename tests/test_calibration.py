@@ -82,3 +82,107 @@ def test_verdict_flags_by_threshold_and_reports_unavailable():
 def test_shipped_benign_prompts_are_a_few_hundred_distinct():
     prompts = default_benign_prompts()
     assert len(prompts) >= 200 and len(set(prompts)) == len(prompts)
+
+
+# -- model identity, conditions, bands, the store ----------------------------------------------------------
+
+def test_fingerprint_ignores_names_layouts_and_precision_but_not_weights():
+    import torch
+    from memoguard.identity import weights_fingerprint
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1), torch.nn.GroupNorm(2, 8))
+    lin = torch.nn.ModuleDict({"norm": torch.nn.GroupNorm(2, 8), "proj": torch.nn.Linear(8, 8)})
+    with torch.no_grad():  # the same weights as a 1x1 conv and as a linear layer, under other names and order
+        lin["proj"].weight.copy_(conv[0].weight.reshape(8, 8))
+        lin["proj"].bias.copy_(conv[0].bias)
+        lin["norm"].weight.copy_(conv[1].weight)
+        lin["norm"].bias.copy_(conv[1].bias)
+    key = weights_fingerprint(conv)
+    assert key.startswith("unet-") and key == weights_fingerprint(lin) == weights_fingerprint(conv.half())
+    assert key == weights_fingerprint(conv.to(torch.bfloat16))
+    conv.float()
+    with torch.no_grad():
+        conv[0].weight.mul_(-1)
+    assert weights_fingerprint(conv) != key
+
+
+def test_band_interpolates_in_noise_level_and_refuses_outside():
+    from memoguard.calibration import Band
+    gaps = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [2.0, 3.0, 4.0]])
+    band = Band.from_runs([10.0, 1.0, 0.1, 0.0][:3], gaps, quantile=1.0)
+    assert band.median == [2.0, 3.0, 4.0] and band.high == [3.0, 4.0, 5.0]
+    assert band.at(1.0) == (3.0, 4.0)
+    median, high = band.at(np.sqrt(10.0))  # halfway in log noise level
+    assert median == pytest.approx(2.5) and high == pytest.approx(3.5)
+    assert band.at(20.0) is None and band.at(0.05) is None
+    last_clean = Band.from_runs([10.0, 1.0, 0.0], gaps, quantile=1.0)  # a schedule ending at the clean image
+    assert last_clean.noise_levels == [10.0, 1.0]
+    with pytest.raises(CalibrationError, match="decreasing"):
+        Band([1.0, 2.0], [0, 0], [0, 0])
+
+
+def test_conditions_pick_the_level_and_say_what_differs(tmp_path):
+    cal = Calibration("k", list(np.linspace(0.1, 0.2, 20)), conditions={"noise_level": 14.6, "latent": [4, 64, 64],
+                                                                        "prediction": "eps"},
+                      other_levels={"11.0": list(np.linspace(1.0, 2.0, 20))})
+    assert cal.check("eps", 14.7, [4, 64, 64]) == []
+    notes = cal.check("v", 10.0, [4, 96, 64])
+    assert len(notes) == 3 and "v-prediction" in notes[0] and "14.6" in notes[1] and "64x64" in notes[2]
+    other = cal.at_noise_level(11.05)
+    assert other.scores[0] == 1.0 and other.conditions["noise_level"] == 11.0 and other.check(noise_level=11.05) == []
+    assert other.at_noise_level(14.6).scores == cal.scores  # and back
+    assert cal.at_noise_level(5.0) is cal
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert again.other_levels == cal.other_levels and again.conditions == cal.conditions
+
+
+def test_store_finds_by_key_falls_back_to_the_bundled_preset_and_reports_corruption(tmp_path, tiny_model):
+    from memoguard.calibration import Band, CalibrationStore
+    store = CalibrationStore(tmp_path)
+    assert store.find("unet-0000000000000000") is None
+    bundled = store.find(tiny_model.model_key)
+    assert bundled is not None and bundled.band is not None and bundled.conditions["host"] == "diffusers"
+    cal = Calibration("unet-1111111111111111", list(range(20)), band=Band([2.0, 1.0], [0.1, 0.2], [0.3, 0.4]))
+    path = store.save(cal)
+    assert path.name == "unet-1111111111111111.json"
+    found = store.find("unet-1111111111111111")
+    assert found.scores == cal.scores and found.band.at(1.5) is not None
+    path.write_text("{truncated")
+    with pytest.raises(CalibrationError, match="unreadable"):
+        store.find("unet-1111111111111111")
+
+
+def test_without_a_threshold_the_verdict_is_uncalibrated_never_ok():
+    import torch
+    trace = ScoreTrace()
+    trace.record(0, torch.full((2, 1, 2, 2), 0.5))
+    verdicts = verdict_for(trace, None, images=2)
+    assert [v.label for v in verdicts] == ["uncalibrated", "uncalibrated"]
+    assert verdicts[0].summary().startswith("uncalibrated: score 0.5000") and "calibrate" in verdicts[0].summary()
+    assert "ok" not in verdicts[0].summary().split()
+    cal = Calibration("m", list(np.linspace(0, 1, 101)))
+    (v, _) = verdict_for(trace, cal, notes=["calibrated at another noise level"])
+    assert v.label == "ok" and "another noise level" in v.summary()
+    empty = ScoreTrace()
+    empty.mark_unavailable("cfg 1")
+    assert [v.label for v in verdict_for(empty, cal, images=3)] == ["unavailable"] * 3
+
+
+def test_calibrate_runs_the_verdict_and_the_band_through_the_model(tiny_model):
+    from memoguard.measure import calibrate, first_step_gaps
+    prompts = [f"a {c} circle" for c in ("red", "blue", "green", "purple", "orange", "yellow")] * 2
+    calls = []
+    cal = calibrate(tiny_model, prompts, model_key="k", shape=tiny_model.latent_shape(), steps=6, band_prompts=3,
+                    extra_timesteps=[999], batch_size=4, conditions={"host": "test"},
+                    progress=lambda stage, done, total: calls.append((stage, done, total)))
+    direct = first_step_gaps(tiny_model, prompts, [0], tiny_model.latent_shape(), tiny_model.timesteps(6)[0])
+    assert cal.scores == sorted(direct[:, 0].tolist())
+    levels = [tiny_model.noise_level(t) for t in tiny_model.timesteps(6)]
+    assert cal.band.noise_levels == pytest.approx(levels) and len(cal.band.high) == 6
+    assert all(h >= m for h, m in zip(cal.band.high, cal.band.median))
+    assert cal.conditions == {"host": "test", "noise_level": pytest.approx(levels[0]), "latent": [3, 16, 16],
+                              "prediction": "eps"}
+    (level,) = cal.other_levels
+    assert float(level) == pytest.approx(tiny_model.noise_level(999))
+    assert ("band", 3, 3) in calls and ("first step", 12, 12) in calls

@@ -60,12 +60,47 @@ def test_scan_bad_prompt_files_exit_2_with_a_message(tmp_path, capsys, content, 
     assert message in capsys.readouterr().err
 
 
-def test_calibrate_then_scan_with_it(tmp_path, capsys):
+def test_calibrate_then_scan_with_it(tmp_path, capsys, tiny_model, random_model_dir):
     cal_file = tmp_path / "cal.json"
-    assert main(["calibrate", "--tiny-benign", "--out", str(cal_file)]) == 0
-    cal = Calibration.load(cal_file, "memoguard-tiny-sd")
+    assert main(["calibrate", "--tiny-benign", "--band-prompts", "4", "--steps", "10", "--out", str(cal_file)]) == 0
+    cal = Calibration.load(cal_file, tiny_model.model_key)
     assert len(cal.scores) == 300 and cal.threshold(0.01) > cal.scores[150]
+    assert cal.conditions["noise_level"] == pytest.approx(tiny_model.noise_level(tiny_model.timesteps(10)[0]))
+    assert cal.band is not None and len(cal.band.median) == 10 and cal.band.settings["prompts"] == 4
+    capsys.readouterr()
+    assert main(["scan", "--prompt", "a red circle", "--calibration", str(cal_file), "--explain", "0",
+                 "--steps", "10"]) == 0
+    assert "ok" in capsys.readouterr().out
+    # the paper's 50-step schedule starts at another noise level than the calibration's: said, not hidden
     assert main(["scan", "--prompt", "a red circle", "--calibration", str(cal_file), "--explain", "0"]) == 0
+    assert "first-step noise level" in capsys.readouterr().err
+    # a calibration of one model is never applied to another
+    assert main(["scan", "--model", str(random_model_dir), "--prompt", "a red circle", "--calibration",
+                 str(cal_file), "--explain", "0"]) == 2
+    assert "has no calibration for this model" in capsys.readouterr().err
+
+
+def test_calibrations_are_found_by_model_key(tmp_path, capsys, monkeypatch, random_model_dir):
+    monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path / "store"))
+    assert main(["scan", "--model", str(random_model_dir), "--prompt", "a red circle", "--explain", "0"]) == 0
+    out = capsys.readouterr()
+    assert "uncalibrated" in out.err and "unc." in out.out and "ok" not in out.out.split()
+    assert main(["calibrate", "--model", str(random_model_dir), "--tiny-benign", "--band-prompts", "0"]) == 0
+    assert len(list((tmp_path / "store").glob("unet-*.json"))) == 1
+    capsys.readouterr()
+    assert main(["scan", "--model", str(random_model_dir), "--prompt", "a red circle", "--explain", "0"]) == 0
+    out = capsys.readouterr()
+    assert "uncalibrated" not in out.err and out.out.split()[0] in ("ok", "FLAG")
+    # the bundled model keeps its shipped preset, whatever the folder holds
+    assert main(["scan", "--prompt", "a purple ring, lighthouse poster", "--explain", "0"]) == 0
+    assert capsys.readouterr().out.split()[0] == "FLAG"
+
+
+def test_corrupt_calibration_is_a_clear_error(tmp_path, capsys, monkeypatch, tiny_model):
+    monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path))
+    (tmp_path / f"{tiny_model.model_key}.json").write_text("{half a file")
+    assert main(["scan", "--prompt", "a red circle", "--explain", "0"]) == 2
+    assert "unreadable" in capsys.readouterr().err
 
 
 def test_demo_writes_a_report(tmp_path, capsys):
