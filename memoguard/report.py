@@ -6,12 +6,14 @@ IMAGE outputs and panels.
 import html
 import io
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 PALETTE = [(220, 60, 60), (60, 120, 220), (40, 160, 90), (230, 150, 30), (150, 80, 200), (90, 90, 90)]
+# score lines, one per image (red is kept for the threshold and for "flagged"); js/memoguard.js uses the same
+LINE_COLORS = [(45, 110, 220), (235, 130, 20), (40, 160, 90), (150, 80, 200), (0, 160, 170), (120, 90, 60)]
 
 
 def to_png(img: Image.Image) -> bytes:
@@ -28,58 +30,264 @@ def image_strip(images: np.ndarray, scale: int = 8) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = None,
-               labels: Optional[Sequence[str]] = None, size=(360, 180), title: str = "") -> Image.Image:
-    """Score per step, one line per series, with the threshold as a dashed red line."""
+BAND_FILL = (207, 223, 242)      # benign band, median..high quantile
+BAND_EDGE = (120, 150, 195)      # its median line
+WINDOW_FILL = (252, 243, 214)    # the verdict window's steps
+GRID = (232, 232, 232)
+THRESHOLD = (200, 0, 0)
+NO_BAND_TEXT = "no benign band (uncalibrated, or this run is outside the calibrated range)"
+
+
+def _finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def nice_ticks(hi: float, count: int = 4) -> List[float]:
+    """0 and round values up to about `hi` (1, 2, 2.5 or 5 times a power of ten apart)."""
+    if not _finite(hi) or hi <= 0:
+        return [0.0]
+    raw = hi / max(count, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    return [round(k * step, 12) for k in range(int(hi / step + 1e-9) + 1)]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if v else "0"
+
+
+def _wrap(d: ImageDraw.ImageDraw, text: str, width: float, font) -> List[str]:
+    """Greedy word wrap to `width` pixels (a word longer than a line is cut at the line end)."""
+    lines, line = [], ""
+    for word in str(text).split():
+        trial = f"{line} {word}".strip()
+        if d.textlength(trial, font=font) <= width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+        while d.textlength(line, font=font) > width and len(line) > 1:
+            cut = len(line)
+            while cut > 1 and d.textlength(line[:cut], font=font) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    if line:
+        lines.append(line)
+    return lines
+
+
+class PlotAxes:
+    """Where score_plot puts a (step, score) point: step i (0-based) and score v -> pixel (x, y)."""
+
+    def __init__(self, left: int, top: int, right: int, bottom: int, steps: int, hi: float):
+        self.left, self.top, self.right, self.bottom = left, top, right, bottom
+        self.steps, self.hi = max(int(steps), 1), hi
+
+    def x(self, i: float) -> float:
+        if self.steps == 1:
+            return (self.left + self.right) / 2
+        return self.left + (self.right - self.left) * i / (self.steps - 1)
+
+    def y(self, v: float) -> float:
+        return self.bottom - (self.bottom - self.top) * min(max(v / self.hi, 0.0), 1.05)
+
+    def column(self, i: float) -> Tuple[float, float]:
+        """Horizontal extent of step i's column (half-way to its neighbours), clipped to the plot."""
+        half = (self.right - self.left) / (2 * max(self.steps - 1, 1)) if self.steps > 1 else (self.right - self.left) / 2
+        return max(self.left, self.x(i) - half), min(self.right, self.x(i) + half)
+
+
+def _band_rows(band, n):
+    rows = list(band or [])[:n]
+    out = []
+    for row in rows:
+        if row is not None and len(row) >= 2 and _finite(row[0]) and _finite(row[1]):
+            out.append((float(row[0]), float(row[1])))
+        else:
+            out.append(None)
+    return out + [None] * (n - len(out))
+
+
+def score_axes(series: Sequence[Sequence[float]], threshold: Optional[float] = None, size=(360, 180),
+               title: str = "", band=None, window: Optional[int] = None, legend_lines: int = 0,
+               note_lines: int = 0) -> Optional[PlotAxes]:
+    """The axes score_plot draws on (None when there is nothing to draw)."""
     w, h = size
-    pad_l, pad_r, pad_t, pad_b = 44, 8, 24 if title else 10, 22
+    series = [list(s) for s in (series or [])]
+    n = max([len(s) for s in series] + [len(band or [])] + [0])
+    values = [float(v) for s in series for v in s if _finite(v)]
+    if not values:
+        return None
+    values += [hi for row in _band_rows(band, n) if row for hi in row]
+    if _finite(threshold):
+        values.append(float(threshold))
+    if not values or n == 0:
+        return None
+    top_value = max(values)
+    ticks = nice_ticks(top_value * 1.1 if top_value > 0 else 1.0)
+    hi = max(top_value * 1.08, ticks[-1]) or 1.0
+    pad_t = (16 if title else 6) + 6
+    pad_b = 30 + 12 * (legend_lines + note_lines)
+    pad_l = 8 + 6 * max(len(_fmt(t)) for t in ticks)
+    axes = PlotAxes(pad_l, pad_t, w - 10, h - pad_b, n, hi)
+    axes.ticks = [t for t in ticks if t <= hi * 1.0001]
+    return axes
+
+
+def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = None,
+               labels: Optional[Sequence[str]] = None, size=(360, 180), title: str = "", *,
+               band: Optional[Sequence[Optional[Sequence[float]]]] = None, window: Optional[int] = None,
+               notes: Sequence[str] = (), no_band: str = NO_BAND_TEXT, empty: str = "no score") -> Image.Image:
+    """Score per step, one coloured line per series (image), over the benign band.
+
+    series[k][i]: score of image k at step i (NaN/None = missing). band[i]: (median, high) of benign
+    prompts at step i, or None where the calibration does not cover the step. window: the verdict's
+    steps (from step 0), shaded; the threshold (dashed red) is drawn across those steps only (across
+    every step when window is None). labels[k]: legend text of series k (e.g. "image 1: flagged").
+    Never raises on empty, all-NaN or single-point input: it says so in words instead.
+    """
+    w, h = size
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
-    d.text((pad_l, 4), title[:80], fill="black")
-    values = [v for s in series for v in s if math.isfinite(v)]
-    if threshold is not None and math.isfinite(threshold):
-        values.append(threshold)
-    if not values:
-        d.text((pad_l, h // 2), "no score", fill="black")
+    font = ImageFont.load_default()
+    series = [list(s) for s in (series or [])]
+    labels = [str(x) for x in (labels or [])][:len(series)] if series else []
+    legend = labels[:4] + ([f"... {len(labels) - 4} more"] if len(labels) > 4 else [])
+    note_text = [line for note in notes for line in _wrap(d, f"note: {note}", w - 16, font)][:3]
+    if title:
+        d.text((6, 4), (_wrap(d, title, w - 12, font) or [""])[0], fill="black", font=font)
+    axes = score_axes(series, threshold, size, title, band, window, len(legend), len(note_text))
+    if axes is None:
+        y = h // 2 - 6
+        for line in _wrap(d, empty, w - 20, font)[:4]:
+            d.text((10, y), line, fill=(90, 90, 90), font=font)
+            y += 12
         return img
-    hi = max(values) * 1.1 or 1.0
-    n = max(len(s) for s in series)
-    x_of = lambda i: pad_l + (w - pad_l - pad_r) * (i / max(n - 1, 1))
-    y_of = lambda v: h - pad_b - (h - pad_t - pad_b) * (v / hi)
-    d.line([(pad_l, pad_t), (pad_l, h - pad_b), (w - pad_r, h - pad_b)], fill="black")
-    d.text((2, pad_t - 4), f"{hi:.3g}", fill="black")
-    d.text((2, h - pad_b - 6), "0", fill="black")
-    d.text((pad_l, h - pad_b + 6), "step 1", fill="black")
-    d.text((w - pad_r - 40, h - pad_b + 6), f"step {n}", fill="black")
-    if threshold is not None and math.isfinite(threshold):
-        y = y_of(threshold)
-        for x in range(pad_l, w - pad_r, 8):
-            d.line([(x, y), (min(x + 4, w - pad_r), y)], fill=(200, 0, 0))
+    n = axes.steps
+    rows = _band_rows(band, n)
+    # verdict window
+    if window is not None and window >= 1:
+        x0, _ = axes.column(0)
+        _, x1 = axes.column(min(window, n) - 1)
+        d.rectangle([x0, axes.top, x1, axes.bottom], fill=WINDOW_FILL)
+    # grid and y ticks
+    for t in axes.ticks:
+        y = axes.y(t)
+        d.line([(axes.left, y), (axes.right, y)], fill=GRID)
+        label = _fmt(t)
+        d.text((axes.left - 4 - d.textlength(label, font=font), y - 6), label, fill="black", font=font)
+    # band: shaded median..high per step, joined between neighbouring steps that both have one
+    if any(rows):
+        for i, row in enumerate(rows):
+            nxt = rows[i + 1] if i + 1 < n else None
+            if row and nxt:
+                d.polygon([(axes.x(i), axes.y(row[1])), (axes.x(i + 1), axes.y(nxt[1])),
+                           (axes.x(i + 1), axes.y(nxt[0])), (axes.x(i), axes.y(row[0]))], fill=BAND_FILL)
+            elif row and not (i > 0 and rows[i - 1]):
+                x0, x1 = axes.x(i) - 3, axes.x(i) + 3   # an isolated step: a short bar
+                d.rectangle([x0, axes.y(row[1]), x1, axes.y(row[0])], fill=BAND_FILL)
+        for i in range(n - 1):
+            if rows[i] and rows[i + 1]:
+                d.line([(axes.x(i), axes.y(rows[i][0])), (axes.x(i + 1), axes.y(rows[i + 1][0]))], fill=BAND_EDGE)
+    elif no_band:
+        for j, line in enumerate(_wrap(d, no_band, axes.right - axes.left - 12, font)[:2]):
+            d.text((axes.left + 6, axes.top + 2 + 12 * j), line, fill=(110, 110, 110), font=font)
+    # threshold over the window
+    if _finite(threshold):
+        y = axes.y(float(threshold))
+        x_end = axes.column(min(window, n) - 1)[1] if window else axes.right
+        x0 = axes.column(0)[0] if window else axes.left
+        x = x0
+        while x < x_end:
+            d.line([(x, y), (min(x + 5, x_end), y)], fill=THRESHOLD, width=2)
+            x += 9
+    # lines, one per image; every point also a dot, so a single step shows
     for k, s in enumerate(series):
-        pts = [(x_of(i), y_of(v)) for i, v in enumerate(s) if math.isfinite(v)]
-        color = PALETTE[k % len(PALETTE)]
-        if len(pts) > 1:
-            d.line(pts, fill=color, width=2)
-        for x, y in pts[:1]:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        if labels:
-            d.text((pad_l + 6, pad_t + 12 * k), labels[k][:40], fill=color)
+        color = LINE_COLORS[k % len(LINE_COLORS)]
+        run = []
+        for i, v in enumerate(list(s)[:n] + [None]):
+            if _finite(v):
+                run.append((axes.x(i), axes.y(float(v))))
+                continue
+            if len(run) > 1:
+                d.line(run, fill=color, width=2)
+            run = []
+        for i, v in enumerate(s[:n]):
+            if _finite(v):
+                x, y = axes.x(i), axes.y(float(v))
+                d.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color)
+    # axes, x ticks (steps numbered from 1)
+    d.line([(axes.left, axes.top), (axes.left, axes.bottom), (axes.right, axes.bottom)], fill="black")
+    every = max(1, math.ceil(n / 10))
+    every = next(m for m in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000, every) if m >= every)
+    for i in range(n):
+        if (i + 1) % every and i != 0:
+            continue
+        x = axes.x(i)
+        d.line([(x, axes.bottom), (x, axes.bottom + 3)], fill="black")
+        label = str(i + 1)
+        d.text((x - d.textlength(label, font=font) / 2, axes.bottom + 4), label, fill="black", font=font)
+    d.text((axes.right - d.textlength("step", font=font), axes.bottom + 15), "step", fill=(90, 90, 90), font=font)
+    key = []
+    if any(rows):
+        key.append(("benign band", BAND_FILL))
+    if window:
+        key.append((f"verdict window ({min(window, n)} step{'s' if min(window, n) > 1 else ''})", WINDOW_FILL))
+    x = axes.left
+    for text, color in key:
+        d.rectangle([x, axes.bottom + 18, x + 8, axes.bottom + 26], fill=color, outline=(150, 150, 150))
+        d.text((x + 11, axes.bottom + 16), text, fill=(90, 90, 90), font=font)
+        x += 20 + d.textlength(text, font=font)
+    y = axes.bottom + 30
+    for k, text in enumerate(legend):
+        color = LINE_COLORS[k % len(LINE_COLORS)] if k < 4 else (90, 90, 90)
+        d.rectangle([8, y + 3, 16, y + 9], fill=color)
+        d.text((20, y), (_wrap(d, text, w - 28, font) or [""])[0], fill="black", font=font)
+        y += 12
+    for line in note_text:
+        d.text((8, y), line, fill=(140, 90, 0), font=font)
+        y += 12
     return img
 
 
-def token_bars(tokens: Sequence[str], shares: Sequence[float], width: int = 360, title: str = "") -> Image.Image:
-    """Horizontal bars, one per token, length = share of the total contribution."""
+def token_bars(tokens: Sequence[str], shares: Sequence[float], width: int = 360, title: str = "",
+               max_rows: int = 16) -> Image.Image:
+    """Horizontal bars, length = share of the total contribution. Up to `max_rows` tokens in prompt
+    order; a longer prompt shows its `max_rows - 1` largest tokens (largest first) and a line for the
+    rest, so the picture's height stays bounded."""
     row, top_pad = 16, 20 if title else 4
-    img = Image.new("RGB", (width, max(row * len(tokens) + top_pad + 4, 24)), "white")
+    tokens = [str(t) for t in tokens]
+    shares = [float(s) if _finite(s) else 0.0 for s in shares][:len(tokens)]
+    tokens = tokens[:len(shares)]
+    order = list(range(len(tokens)))
+    rest = []
+    if len(tokens) > max_rows:
+        ranked = sorted(order, key=lambda i: -shares[i])
+        order, rest = ranked[:max(max_rows - 1, 1)], ranked[max(max_rows - 1, 1):]
+    lines = len(order) + (1 if rest else 0)
+    img = Image.new("RGB", (width, max(row * lines + top_pad + 4, 24)), "white")
     d = ImageDraw.Draw(img)
-    d.text((4, 4), title[:80], fill="black")
+    font = ImageFont.load_default()
+    d.text((4, 4), title[:80], fill="black", font=font)
+    if not tokens:
+        d.text((4, top_pad), "no tokens", fill=(90, 90, 90), font=font)
+        return img
     top = max(shares) if shares else 1.0
-    for i, (tok, share) in enumerate(zip(tokens, shares)):
-        y = top_pad + i * row
-        d.text((4, y), tok[:14], fill="black")
+    for k, i in enumerate(order):
+        tok, share = tokens[i], shares[i]
+        y = top_pad + k * row
+        d.text((4, y), tok[:14], fill="black", font=font)
         length = (width - 150) * (share / top if top > 0 else 0)
         d.rectangle([100, y + 2, 100 + length, y + row - 3], fill=share_color(share / top if top else 0))
-        d.text((106 + length, y), f"{100 * share:.1f}%", fill="black")
+        d.text((106 + length, y), f"{100 * share:.1f}%", fill="black", font=font)
+    if rest:
+        y = top_pad + len(order) * row
+        d.text((4, y), f"... {len(rest)} more tokens, {100 * sum(shares[i] for i in rest):.1f}% together",
+               fill=(90, 90, 90), font=font)
     return img
 
 
