@@ -75,6 +75,11 @@ class Band:
         x = math.log(min(max(noise_level, lo), hi))
         return float(np.interp(x, xs, self.median[::-1])), float(np.interp(x, xs, self.high[::-1]))
 
+    def serves(self, guidance: Optional[float]) -> bool:
+        """Whether runs at this guidance scale may be drawn against the band (the trajectory depends on it)."""
+        measured = self.settings.get("guidance")
+        return guidance is None or measured is None or math.isclose(float(guidance), float(measured), rel_tol=1e-3)
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
@@ -132,9 +137,9 @@ class Calibration:
         return self
 
     def check(self, prediction: Optional[str] = None, noise_level: Optional[float] = None,
-              latent: Optional[Sequence[int]] = None) -> List[str]:
+              latent: Optional[Sequence[int]] = None, guidance: Optional[float] = None) -> List[str]:
         """What differs between this run and the calibration in a way that changes the score (empty: none).
-        Conditions the calibration did not record are not compared."""
+        Conditions the calibration did not record are not compared; `guidance` is compared with the band's."""
         c, out = self.conditions, []
         if prediction and c.get("prediction") and prediction != c["prediction"]:
             out.append(f"calibrated for {c['prediction']}-prediction, this run samples {prediction}-prediction")
@@ -145,6 +150,9 @@ class Calibration:
         if latent and c.get("latent") and list(latent)[-2:] != list(c["latent"])[-2:]:
             out.append(f"calibrated at latent size {'x'.join(map(str, c['latent'][-2:]))}, this run is "
                        f"{'x'.join(map(str, list(latent)[-2:]))}")
+        if self.band is not None and not self.band.serves(guidance):
+            out.append(f"band measured at cfg {self.band.settings['guidance']:g}, this run uses cfg {guidance:g}: "
+                       "the band shows benign runs at the other scale")
         return out
 
     def to_dict(self) -> dict:

@@ -186,3 +186,13 @@ def test_calibrate_runs_the_verdict_and_the_band_through_the_model(tiny_model):
     (level,) = cal.other_levels
     assert float(level) == pytest.approx(tiny_model.noise_level(999))
     assert ("band", 3, 3) in calls and ("first step", 12, 12) in calls
+
+
+def test_a_band_measured_at_another_guidance_says_so():
+    from memoguard.calibration import Band
+    band = Band([2.0, 1.0], [0.1, 0.2], [0.3, 0.4], settings={"guidance": 3.0})
+    cal = Calibration("k", list(range(20)), band=band)
+    assert band.serves(3.0) and band.serves(None) and not band.serves(7.5)
+    assert cal.check(guidance=3.0) == []
+    (note,) = cal.check(guidance=7.5)
+    assert "cfg 3" in note and "cfg 7.5" in note
