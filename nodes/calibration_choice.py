@@ -1,29 +1,151 @@
-"""Which calibration a node uses: the bundled model's preset, a user's file, or none."""
+"""Which calibration a run uses: the one made for the weights the sampler is running, found by their key.
+
+A calibration is only true for the weights it was measured on. The key is memoguard.identity's
+weights fingerprint of the denoiser (`diffusion_model`), the same in ComfyUI, the WebUI and the CLI.
+It is taken once per sampling run, at the first step, from the model the sampler calls, so LoRA
+patches that ComfyUI has baked into the weights count. Repeated runs of the same weights (same
+ComfyUI patch set) reuse the key without hashing again.
+
+Choices: "auto" looks the key up in ComfyUI's models/memoguard folder(s) (a MemoGuard Calibrate
+node saves there), then in the preset bundled for MemoGuard's tiny model; "file" reads a given
+file but also only uses it when it holds this key; "none" gives raw scores only. Nothing here
+raises: a missing calibration or a broken file becomes a message and an "uncalibrated" verdict.
+"""
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 from memoguard import Calibration, CalibrationError
+from memoguard.calibration import BUNDLED_FILE, CalibrationStore
+from memoguard.identity import weights_fingerprint
 
-BUNDLED_FILE = Path(__file__).resolve().parents[1] / "memoguard" / "assets" / "calibration.json"
-BUNDLED_KEY = "memoguard-tiny-sd"
-CHOICES = ("bundled tiny model", "file", "none")
-TOOLTIP = ("Benign-prompt scores that turn a score into a percentile and a threshold. 'bundled tiny model' "
-           "fits only MemoGuard's tiny model; for your own checkpoint make one with "
-           "`python -m memoguard calibrate` and pick 'file'.")
+log = logging.getLogger("memoguard")
+
+FOLDER_NAME = "memoguard"   # folder_paths name: ComfyUI/models/memoguard, or an extra_model_paths entry
+CHOICES = ("auto", "file", "none")
+TOOLTIP = ("Benign-prompt scores that turn the score into a verdict. 'auto': the calibration made for the "
+           "loaded weights (MemoGuard Calibrate node, saved in models/memoguard; MemoGuard's tiny model has "
+           "one built in). 'file': a calibration JSON, used only if it was made for these weights. "
+           "'none': raw scores, no verdict.")
+HOW_TO = ("add a MemoGuard Calibrate node with this MODEL and CLIP and run it once; it saves to "
+          "models/memoguard and 'auto' finds it")
 
 
-def load_calibration(choice: str, path: str = "", model_key: str = "") -> Tuple[Optional[Calibration], str]:
-    """(calibration or None, a note for the user). Never raises: a bad file means no calibration, said clearly."""
-    if choice == "none":
-        return None, "no calibration: scores shown without percentile"
-    if choice == "bundled tiny model":
-        path, model_key = BUNDLED_FILE, BUNDLED_KEY
-    elif choice != "file":
-        return None, f"unknown calibration choice {choice!r}; expected one of {', '.join(CHOICES)}"
-    if not str(path).strip():
-        return None, "calibration 'file' chosen but no path given: scores shown without percentile"
+def calibration_folders() -> list:
+    """The folders 'auto' searches, first = where the Calibrate node saves. Empty outside ComfyUI."""
     try:
-        calibration = Calibration.load(Path(str(path).strip()).expanduser(), model_key.strip() or None)
-    except CalibrationError as e:
-        return None, f"calibration not used: {e}"
-    return calibration, f"calibration {calibration.model_key} ({len(calibration.scores)} benign prompts)"
+        import folder_paths
+    except ImportError:
+        return []
+    default = os.path.join(folder_paths.models_dir, FOLDER_NAME)
+    folder_paths.add_model_folder_path(FOLDER_NAME, default)  # after any extra_model_paths entry
+    return folder_paths.get_folder_paths(FOLDER_NAME)
+
+
+# -- what the sampler is running -----------------------------------------------------------------
+_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def model_key(base_model) -> str:
+    """Weights fingerprint of a ComfyUI BaseModel's diffusion_model, cached per ComfyUI patch state."""
+    module = base_model.diffusion_model
+    state = (getattr(base_model, "current_weight_patches_uuid", None), getattr(base_model, "model_lowvram", None),
+             getattr(base_model, "lowvram_patch_counter", None))
+    cached = _keys.get(module)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    key = weights_fingerprint(module)
+    _keys[module] = (state, key)
+    return key
+
+
+def prediction_of(base_model) -> Optional[str]:
+    """eps / v / flow (as memoguard.calibration records it) from ComfyUI's model_type; None if unknown."""
+    kind = getattr(getattr(base_model, "model_type", None), "name", None)
+    if kind is None:
+        return "flow" if is_flow(base_model) else None
+    if "FLOW" in kind or kind == "FLUX":
+        return "flow"
+    if kind.startswith("V_PREDICTION"):
+        return "v"
+    return {"EPS": "eps", "EDM": "edm"}.get(kind, kind.lower())
+
+
+def is_flow(base_model) -> bool:
+    sampling = getattr(base_model, "model_sampling", None)
+    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+
+
+def noise_level(base_model, sigma: float) -> float:
+    """memoguard's noise level (sigma / alpha) of ComfyUI's sigma: sigma itself, sigma/(1-sigma) for flow."""
+    if is_flow(base_model):
+        return sigma / (1 - sigma) if sigma < 1 else float("inf")
+    return sigma
+
+
+# -- finding the calibration -------------------------------------------------------------------------
+@dataclass
+class CalibrationSource:
+    """Where a node takes its calibration from; resolve() is called once per run with the run's key."""
+    choice: str = "auto"
+    path: str = ""
+    folders: Optional[Sequence] = None   # None: ComfyUI's models/memoguard folders
+
+    def __post_init__(self):
+        if self.choice not in CHOICES:
+            raise ValueError(f"calibration must be one of {', '.join(CHOICES)}, got {self.choice!r}")
+
+    def describe(self) -> str:
+        if self.choice == "none":
+            return "calibration 'none': raw scores, no verdict"
+        if self.choice == "file":
+            return f"calibration file {self.path.strip() or '(no path given)'}, if it was made for the loaded weights"
+        return "calibration 'auto': the one made for the loaded weights"
+
+    def resolve(self, key: str) -> Tuple[Optional[Calibration], str]:
+        """(calibration of exactly this model key or None, what the user is told). Never raises."""
+        if self.choice == "none":
+            return None, "calibration 'none' chosen: raw score only"
+        if self.choice == "file":
+            return self._from_file(key)
+        return self._auto(key)
+
+    def _from_file(self, key: str):
+        path = str(self.path).strip()
+        if not path:
+            return None, "calibration 'file' chosen but no calibration_file given"
+        try:
+            return Calibration.load(Path(path).expanduser(), key), f"calibration {key} from {path}"
+        except CalibrationError as e:
+            if "has no calibration for model" in str(e):
+                return None, (f"calibration file not used: it was made for another model ({e}); a calibration "
+                              f"of one model is never applied to another; {HOW_TO}")
+            return None, f"calibration file not used: {e}"
+
+    def _auto(self, key: str):
+        folders = calibration_folders() if self.folders is None else list(self.folders)
+        for folder in folders:
+            store = CalibrationStore(folder)
+            path = store.path_for(key)
+            if not path.is_file():
+                continue
+            try:
+                return Calibration.find(path, key) or _missing(key), f"calibration {key} from {path}"
+            except CalibrationError as e:
+                return None, f"calibration for this model is unusable ({e}); delete the file or calibrate again"
+        try:
+            with resources.as_file(BUNDLED_FILE) as bundled:
+                found = Calibration.find(bundled, key)
+        except CalibrationError as e:  # a broken installation: say so, never fall back silently
+            return None, f"MemoGuard's bundled calibration is unusable ({e})"
+        if found is not None:
+            return found, f"calibration {key} (bundled with MemoGuard for its tiny model)"
+        return None, f"no calibration for this model ({key}): {HOW_TO}"
+
+
+def _missing(key):
+    raise CalibrationError(f"the file for {key} does not hold that key")

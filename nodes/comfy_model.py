@@ -9,6 +9,7 @@ SDXL). SDXL's `y` (pooled text + size ids) is built by the model's own `extra_co
 sampler builds it, and rides along unoptimised. Rectified-flow models (SD3, Flux) are refused:
 their T5 positions do not line up with CLIP tokens and BOS slots.
 """
+import math
 from typing import List, Optional
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.host_autograd import ordinary
 
+from .calibration_choice import prediction_of
 from .monitor_hook import is_rectified_flow
 
 CHUNK = 77  # ComfyUI pads every prompt chunk to 77 positions, BOS first
@@ -52,12 +54,14 @@ class ComfyDiffusionModel(DiffusionModel):
     parameterization = "x0"
 
     def __init__(self, base_model, sigmas: Optional[torch.Tensor] = None, clip=None,
-                 noise: Optional[torch.Tensor] = None):
+                 noise: Optional[torch.Tensor] = None, device=None):
         check_supported(base_model)
         self.base = base_model
         self.sigmas = sigmas
         self.clip = clip
         self.noise = noise
+        self.device = device  # where encode() puts the conditioning (CLIP outputs land on the CPU)
+        self.prediction = prediction_of(base_model)  # what the checkpoint predicts, for calibrations
 
     def raw_prediction(self, x, t, embedding, extra):
         return self.base.apply_model(x, t, c_crossattn=embedding, **extra)
@@ -72,10 +76,14 @@ class ComfyDiffusionModel(DiffusionModel):
                              f"-step schedule, not {steps}")
         return self.sigmas[:-1]
 
-    def initial_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """x at the first sigma, scaled exactly as ComfyUI's samplers scale a full-denoise start."""
+    def initial_x(self, noise: torch.Tensor) -> torch.Tensor:
+        """x at the first sigma, scaled exactly as ComfyUI's KSampler scales a txt2img start (its
+        max_denoise: sqrt(1 + sigma^2) only when the schedule starts at the model's sigma_max)."""
         sigma = self.sigmas[:1].to(noise.device)
-        return self.base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=True)
+        sigma_max = float(self.base.model_sampling.sigma_max)
+        first = float(sigma[0])
+        max_denoise = math.isclose(sigma_max, first, rel_tol=1e-05) or first > sigma_max
+        return self.base.model_sampling.noise_scaling(sigma, noise, torch.zeros_like(noise), max_denoise=max_denoise)
 
     def encode(self, prompts: List[str], prompt_type: str = "positive") -> PromptEncoding:
         """prompt_type: the sampler input the prompts stand for (some models, e.g. SDXL's refiner, differ)."""
@@ -84,7 +92,10 @@ class ComfyDiffusionModel(DiffusionModel):
         if any(r[0].shape[1] != length for r in rows):
             raise ValueError("prompts of different lengths (in 77-token chunks) cannot be batched")
         extra = {k: torch.cat([r[4][k] for r in rows]) for k in rows[0][4]}
-        return PromptEncoding(torch.cat([r[0] for r in rows]), [r[1] for r in rows],
+        embedding = torch.cat([r[0] for r in rows])
+        if self.device is not None:
+            embedding, extra = embedding.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
+        return PromptEncoding(embedding, [r[1] for r in rows],
                               torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]), extra)
 
     def _encode_one(self, text: str, prompt_type: str):

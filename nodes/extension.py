@@ -3,6 +3,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .nodes_calibration import MemoGuardCalibrate
 from .nodes_loader import MemoGuardTinyModelLoader
 from .nodes_mitigation import EmbeddingMinimization
 from .nodes_monitor import MemorizationMonitor, MemorizationScore
@@ -13,7 +14,7 @@ class MemoGuardExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [MemorizationMonitor, MemorizationScore, EmbeddingMinimization, TokenContributionsNode,
-                MemoGuardTinyModelLoader]
+                MemoGuardTinyModelLoader, MemoGuardCalibrate]
 
 
 async def comfy_entrypoint() -> MemoGuardExtension:

@@ -18,6 +18,7 @@ from memoguard.mitigate import check_settings
 from . import live
 from memoguard.host_autograd import differentiable, ordinary
 
+from .calibration_choice import CalibrationSource, model_key, noise_level, prediction_of
 from .comfy_model import CHUNK, CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, split_model_conds
 from .monitor_hook import json_safe, register, session_of as _session_of, step_index
 
@@ -33,11 +34,14 @@ class MitigationSettings:
     target: float = 0.0
     lr: float = 0.05
     max_iters: int = 10
-    threshold: Optional[float] = None  # needed by "auto"
+    threshold: Optional[float] = None  # "auto": this, else the calibration's (resolved per run)
+    calibration: Optional[CalibrationSource] = None
+    fpr: float = 0.01
 
     def __post_init__(self):
         check_settings(self.mode, self.lr, self.max_iters, self.target)
-        if self.mode == "auto" and self.threshold is None:
+        if self.mode == "auto" and self.threshold is None and (self.calibration is None or
+                                                               self.calibration.choice == "none"):
             raise ValueError("mitigation mode 'auto' needs a threshold: pick a calibration or set one")
 
 
@@ -48,6 +52,7 @@ class MitigationSession:
         self.id = uuid.uuid4().hex
         self.record = None
         self.error: Optional[str] = None
+        self.notes: list = []
         self._schedule = None
 
     def maybe_minimize(self, base_model, conds, x_in, timestep, model_options) -> None:
@@ -56,7 +61,7 @@ class MitigationSession:
             return  # already done (or not a sampling run)
         if step_index(schedule, float(timestep.reshape(-1)[0]), 0) != 0:
             return
-        self._schedule, self.record, self.error = schedule, None, None
+        self._schedule, self.record, self.error, self.notes = schedule, None, None, []
         if self.settings.mode == "off":
             return
         positive, negative = conds[0], conds[1] if len(conds) > 1 else None
@@ -70,14 +75,30 @@ class MitigationSession:
         except UnsupportedModel as e:
             self._report_skip(str(e))
             return
-        self._minimize(base_model, positive, negative[0], x_in, timestep)
+        threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in)
+        if self.settings.mode == "auto" and threshold is None:
+            return
+        self._minimize(base_model, positive, negative[0], x_in, timestep, threshold)
+
+    def _threshold(self, base_model, first_sigma: float, x_in):
+        """(threshold, notes) of this run: the explicit one, else the calibration of these weights."""
+        s = self.settings
+        if s.threshold is not None or s.mode != "auto":
+            return s.threshold, []
+        cal, note = s.calibration.resolve(model_key(base_model))
+        if cal is None:
+            self._report_skip(f"mode 'auto' has no threshold for this model: {note}; or set threshold > 0")
+            return None, []
+        level = noise_level(base_model, first_sigma)
+        cal = cal.at_noise_level(level)
+        return cal.threshold(s.fpr), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]))
 
     def fail(self, error: BaseException) -> None:
         self.error = f"{type(error).__name__}: {error}"
         log.exception("MemoGuard mitigation failed; sampling continues with the original prompt")
         self._publish(f"mitigation failed, prompt unchanged ({self.error})")
 
-    def _minimize(self, base_model, positive, negative, x_in, timestep) -> None:
+    def _minimize(self, base_model, positive, negative, x_in, timestep, threshold) -> None:
         entry = positive[0]
         batch = x_in.shape[0]
         with differentiable(base_model):
@@ -87,14 +108,14 @@ class MitigationSession:
             uncond_enc = _encoding(uncond[:1], {k: v[:1] for k, v in extra_u.items()})
             model = ComfyDiffusionModel(base_model)
             new, record = minimize_embedding(model, cond_enc, uncond_enc, ordinary(x_in), ordinary(timestep),
-                                             mode=self.settings.mode, threshold=self.settings.threshold,
+                                             mode=self.settings.mode, threshold=threshold,
                                              target=self.settings.target, lr=self.settings.lr,
                                              max_iters=self.settings.max_iters)
         self.record = record
         if record.ran:
             crossattn = entry["model_conds"][CROSSATTN]
             positive[0] = {**entry, "model_conds": {**entry["model_conds"], CROSSATTN: crossattn._copy_with(new)}}
-        self.emit("mitigation", json_safe({"node": self.node_id, **record.to_dict()}))
+        self.emit("mitigation", json_safe({"node": self.node_id, **record.to_dict(), "notes": list(self.notes)}))
         self._publish(self.summary())
 
     def summary(self) -> str:
@@ -102,10 +123,11 @@ class MitigationSession:
         if r is None:
             return self.error or "mitigation has not run yet"
         scores = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
+        notes = "".join(f"; note: {n}" for n in self.notes)
         if not r.ran:
-            return f"no minimization ({r.reason}); first-step score {scores(r.before)}"
+            return f"no minimization ({r.reason}); first-step score {scores(r.before)}{notes}"
         return (f"minimized the prompt embedding in {r.iterations} iteration(s): "
-                f"first-step score {scores(r.before)} -> {scores(r.after)}")
+                f"first-step score {scores(r.before)} -> {scores(r.after)}{notes}")
 
     def _report_skip(self, reason: str) -> None:
         self.error = reason

@@ -9,22 +9,25 @@ import logging
 import math
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
 
 import torch
 
 from memoguard import Calibration, ScoreTrace, eps_difference, uncond_is_missing, verdict_for
+from memoguard.calibration import Band
 
 from . import live
+from .calibration_choice import CalibrationSource, is_flow, model_key, noise_level, prediction_of
 
 log = logging.getLogger("memoguard")
 
 ACTIONS = ("none", "warn", "stop")
 SESSION_KEY = "memoguard_monitor"  # model_options entry naming the session (a string survives clone())
-CFG1_MESSAGE = ("score unavailable at cfg 1: ComfyUI skips the unconditional pass; "
-                "turn on 'force_uncond_at_cfg1' (doubles the cost) to score anyway")
+CFG1_MESSAGE = ("ComfyUI skips the unconditional pass at cfg 1; turn on 'force_uncond_at_cfg1' "
+                "(doubles the cost) to score anyway")
 MAX_SESSIONS = 64
+GUIDANCE_TOLERANCE = 0.01  # the band applies to runs at the cfg it was sampled with
 
 
 class MemorizationFlagged(RuntimeError):
@@ -34,7 +37,7 @@ class MemorizationFlagged(RuntimeError):
 @dataclass
 class MonitorSettings:
     window: int = 1
-    calibration: Optional[Calibration] = None
+    calibration: CalibrationSource = field(default_factory=CalibrationSource)
     fpr: float = 0.01
     threshold: Optional[float] = None   # overrides the calibration's
     action: str = "warn"
@@ -45,17 +48,58 @@ class MonitorSettings:
             raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if not 0 < self.fpr < 1:
+            raise ValueError(f"false_positive_rate must be in (0, 1), got {self.fpr}")
 
-    def effective_threshold(self) -> Optional[float]:
-        if self.threshold is not None:
-            return self.threshold
-        return self.calibration.threshold(self.fpr) if self.calibration is not None else None
+
+@dataclass
+class RunContext:
+    """What one sampling run is judged against; resolved once, at the run's first step."""
+    key: Optional[str] = None
+    calibration: Optional[Calibration] = None
+    threshold: Optional[float] = None
+    source: str = ""                      # where the calibration came from, or why there is none
+    notes: List[str] = field(default_factory=list)  # how this run differs from the calibration
+    band: Optional[Band] = None           # None when absent or not applicable to this run
+    images: int = 1
+
+    @property
+    def hint(self) -> str:
+        return self.source
+
+
+def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, latent_shape, cond_scale) -> RunContext:
+    """The calibration, threshold, notes and band of a run on `base_model` starting at `first_sigma`."""
+    ctx = RunContext(images=int(latent_shape[0]))
+    level = noise_level(base_model, first_sigma)
+    try:
+        ctx.key = model_key(base_model) if settings.calibration.choice != "none" else None
+    except Exception as e:  # an odd model: no calibration, said so
+        log.exception("MemoGuard could not fingerprint the model")
+        ctx.source = f"could not identify the model's weights ({type(e).__name__}: {e})"
+    else:
+        cal, ctx.source = settings.calibration.resolve(ctx.key)
+        if cal is not None:
+            cal = cal.at_noise_level(level)
+            ctx.calibration = cal
+            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]))
+            ctx.band = cal.band
+            guidance = None if cal.band is None else cal.band.settings.get("guidance", cal.guidance)
+            if cal.band is not None and guidance is not None and cond_scale is not None and \
+                    abs(float(cond_scale) - float(guidance)) > GUIDANCE_TOLERANCE * float(guidance):
+                ctx.band = None
+                ctx.notes.append(f"benign band not drawn: it was sampled at cfg {float(guidance):g}, "
+                                 f"this run uses cfg {float(cond_scale):g}")
+    if settings.threshold is not None:
+        ctx.threshold = float(settings.threshold)
+    elif ctx.calibration is not None:
+        ctx.threshold = ctx.calibration.threshold(settings.fpr)
+    return ctx
 
 
 def is_rectified_flow(model) -> bool:
     """ComfyUI's flow models (SD3, Flux) sample with a model_sampling that mixes in CONST."""
-    sampling = getattr(model, "model_sampling", None)
-    return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
+    return is_flow(model)
 
 
 def step_index(sample_sigmas: Optional[torch.Tensor], sigma: float, fallback: int) -> int:
@@ -78,6 +122,9 @@ class MonitorSession:
         self.runs = 0
         self.error: Optional[str] = None
         self.verdicts = []
+        self.ctx: Optional[RunContext] = None
+        self.total: Optional[int] = None
+        self._bands: list = []
         self._schedule = None
         self._calls = 0
 
@@ -89,7 +136,7 @@ class MonitorSession:
         step = step_index(schedule, sigma, self._calls)
         last = self.trace.step_indices()[-1] if len(self.trace) else None
         if self.runs == 0 or schedule is not self._schedule or (last is not None and step < last):
-            self._start_run(schedule)
+            self._start_run(schedule, args, sigma)
             last = None
         self._calls += 1
         if self.trace.unavailable:
@@ -103,10 +150,16 @@ class MonitorSession:
         alpha = (1 - sigma_t) if is_rectified_flow(args["model"]) else 1.0
         diff = eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t)
         rms = self.trace.record(step, diff, sigma)
-        total = None if schedule is None else schedule.numel() - 1
-        self.emit("step", {"node": self.node_id, "run": self.runs, "step": step, "total": total,
-                           "score": rms.tolist(), "threshold": _finite_or_none(self.settings.effective_threshold())})
-        if len(self.trace) == self.settings.window:
+        band = self._band_at(args["model"], sigma)
+        self._bands.append(band)
+        decided = len(self.trace) == self.settings.window
+        if decided:
+            self.verdicts = self.final_verdicts()
+        self.emit("step", {"node": self.node_id, "run": self.runs, "step": step, "total": self.total,
+                           "score": json_safe(rms.tolist()), "sigma": sigma, "band": band,
+                           "window": self.settings.window, "threshold": _finite_or_none(self.ctx.threshold),
+                           "label": self.label()})
+        if decided:
             self._decide()
 
     def fail(self, error: BaseException) -> None:
@@ -118,30 +171,62 @@ class MonitorSession:
             self._publish_unavailable(self.trace.unavailable)
 
     # -- after a run ------------------------------------------------------------------
-    def final_verdicts(self):
-        """Verdicts over the window (or over every step if the run was shorter)."""
+    def final_verdicts(self, images: Optional[int] = None):
+        """One verdict per image over the window (or over every step if the run was shorter)."""
+        ctx = self.ctx or RunContext(source="no sampling run went through this Monitor yet", images=images or 1)
         window = max(1, min(self.settings.window, len(self.trace)))
-        return verdict_for(self.trace, self.settings.calibration, window, self.settings.fpr, self.settings.threshold)
+        return verdict_for(self.trace, ctx.calibration, window, self.settings.fpr, ctx.threshold,
+                           images=images or ctx.images, uncalibrated_hint=ctx.hint, notes=ctx.notes)
 
-    def to_dict(self) -> dict:
-        verdicts = self.final_verdicts()
-        return json_safe({"node": self.node_id, "run": self.runs, "trace": self.trace.to_dict(),
-                          "threshold": _finite_or_none(self.settings.effective_threshold()),
-                          "summary": "; ".join(v.summary() for v in verdicts),
-                          "verdicts": [v.to_dict() for v in verdicts], "error": self.error})
+    def label(self, verdicts=None) -> str:
+        """ok | flagged | uncalibrated | unavailable for the run (any image flagged: flagged); 'pending'
+        while the verdict window is still running."""
+        if self.trace.unavailable:
+            return "unavailable"
+        if self.ctx is None or self.ctx.threshold is None:
+            return "uncalibrated"
+        verdicts = self.verdicts if verdicts is None else verdicts
+        if not verdicts:
+            return "pending"
+        labels = {v.label for v in verdicts}
+        for label in ("flagged", "ok", "uncalibrated"):
+            if label in labels:
+                return label
+        return "unavailable"
+
+    def to_dict(self, images: Optional[int] = None) -> dict:
+        verdicts = self.final_verdicts(images)
+        ctx = self.ctx or RunContext()
+        trace = self.trace.to_dict()
+        return json_safe({"node": self.node_id, "run": self.runs, "total": self.total, "trace": trace,
+                          "sigma": trace["t"], "band": list(self._bands), "window": self.settings.window,
+                          "threshold": _finite_or_none(ctx.threshold),
+                          "summary": "; ".join(v.summary() for v in verdicts), "label": self.label(verdicts),
+                          "verdicts": [v.to_dict() for v in verdicts], "notes": list(ctx.notes),
+                          "calibration": ctx.source, "model_key": ctx.key, "error": self.error})
 
     # -- internals ----------------------------------------------------------------------
-    def _start_run(self, schedule) -> None:
-        self.trace, self.verdicts, self.error = ScoreTrace(), [], None
+    def _start_run(self, schedule, args, sigma) -> None:
+        self.trace, self.verdicts, self.error, self._bands = ScoreTrace(), [], None, []
         self._schedule, self._calls = schedule, 0
         self.runs += 1
+        self.total = None if schedule is None else schedule.numel() - 1
+        first = sigma if schedule is None else float(schedule.reshape(-1)[0])
+        self.ctx = resolve_run(self.settings, args["model"], first, tuple(args["input"].shape), args.get("cond_scale"))
+
+    def _band_at(self, base_model, sigma: float):
+        band = self.ctx.band
+        if band is None:
+            return None
+        at = band.at(noise_level(base_model, sigma))
+        return None if at is None else [at[0], at[1]]
 
     def _decide(self) -> None:
-        self.verdicts = self.final_verdicts()
         summary = "; ".join(v.summary() for v in self.verdicts)
         flagged = any(v.flagged for v in self.verdicts)
         self.emit("verdict", json_safe({"node": self.node_id, "run": self.runs, "flagged": flagged,
-                                        "summary": summary, "verdicts": [v.to_dict() for v in self.verdicts]}))
+                                        "summary": summary, "verdicts": [v.to_dict() for v in self.verdicts],
+                                        "notes": list(self.ctx.notes)}))
         self.show(f"MemoGuard: {summary}", self.node_id)
         if flagged and self.settings.action == "warn":
             log.warning("MemoGuard: %s", summary)
@@ -149,8 +234,11 @@ class MonitorSession:
             raise MemorizationFlagged(f"MemoGuard stopped this generation: {summary}")
 
     def _publish_unavailable(self, reason: str) -> None:
-        self.emit("verdict", {"node": self.node_id, "run": self.runs, "flagged": False,
-                              "summary": f"score unavailable: {reason}", "verdicts": []})
+        self.verdicts = self.final_verdicts()
+        notes = list(self.ctx.notes) if self.ctx is not None else []
+        self.emit("verdict", json_safe({"node": self.node_id, "run": self.runs, "flagged": False,
+                                        "summary": f"score unavailable: {reason}",
+                                        "verdicts": [v.to_dict() for v in self.verdicts], "notes": notes}))
         self.show(f"MemoGuard: score unavailable: {reason}", self.node_id)
 
 

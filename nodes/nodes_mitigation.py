@@ -1,7 +1,7 @@
 """Embedding Minimization (MODEL -> MODEL): steer the prompt away from a memorized image."""
 from comfy_api.latest import io
 
-from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, load_calibration
+from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
 from .mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
 from memoguard.mitigate import MODES
 
@@ -29,7 +29,8 @@ class EmbeddingMinimization(io.ComfyNode):
                              tooltip="Most optimizer steps; each costs a forward and backward pass."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0],
                                tooltip="For 'auto': " + CALIBRATION_TOOLTIP),
-                io.String.Input("calibration_file", default="", tooltip="Calibration JSON for 'file'."),
+                io.String.Input("calibration_file", default="", tooltip="Calibration JSON for 'file' (only its "
+                                "entry for the loaded weights is used)."),
                 io.Float.Input("false_positive_rate", default=0.01, min=0.0001, max=0.5, step=0.001,
                                tooltip="For 'auto': the threshold lets this share of benign prompts through."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
@@ -40,19 +41,9 @@ class EmbeddingMinimization(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, mode, calibration, threshold, **_):
-        if mode == "auto" and calibration == "none" and threshold <= 0:
-            return "mode 'auto' needs a threshold: pick a calibration or set threshold > 0"
-        return True
-
-    @classmethod
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
                 false_positive_rate, threshold) -> io.NodeOutput:
-        chosen = threshold if threshold > 0 else None
-        if chosen is None and mode == "auto":
-            cal, note = load_calibration(calibration, calibration_file)
-            if cal is None:
-                raise ValueError(f"mode 'auto' needs a threshold and the calibration gave none ({note})")
-            chosen = cal.threshold(false_positive_rate)
-        settings = MitigationSettings(mode, target, learning_rate, max_iters, chosen)
+        # the calibration is looked up at the sampler's first step, by the weights it runs
+        settings = MitigationSettings(mode, target, learning_rate, max_iters, threshold if threshold > 0 else None,
+                                      CalibrationSource(calibration, calibration_file), false_positive_rate)
         return io.NodeOutput(attach_mitigation(model, MitigationSession(settings, cls.hidden.unique_id)))

@@ -1,14 +1,17 @@
 """Memorization Monitor (MODEL -> MODEL) and Memorization Score readout."""
 import json
+import logging
 import math
 
 from comfy_api.latest import io, ui
 
 from . import live
-from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, load_calibration
+from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
 from .mitigation_hook import session_of as mitigation_of
 from .monitor_hook import ACTIONS, MonitorSession, MonitorSettings, attach_monitor, session_of
-from .plots import score_plot
+from .plots import score_plot, to_image_tensor
+
+log = logging.getLogger("memoguard")
 
 
 class MemorizationMonitor(io.ComfyNode):
@@ -26,14 +29,13 @@ class MemorizationMonitor(io.ComfyNode):
                              tooltip="Steps the verdict averages over, from the first. The paper's detector "
                                      "uses the first step only."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0], tooltip=CALIBRATION_TOOLTIP),
-                io.String.Input("calibration_file", default="", tooltip="Path of a calibration JSON "
-                                "(used when calibration is 'file')."),
-                io.String.Input("calibration_model", default="", tooltip="Model key inside the calibration "
-                                "file; empty when the file holds one model."),
+                io.String.Input("calibration_file", default="", tooltip="Path of a calibration JSON (used when "
+                                "calibration is 'file'; only its entry for the loaded weights is used)."),
                 io.Float.Input("false_positive_rate", default=0.01, min=0.0001, max=0.5, step=0.001,
                                tooltip="Share of benign prompts allowed above the threshold."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
-                               tooltip="Flag at or above this score; 0 = take it from the calibration."),
+                               tooltip="Flag at or above this score; 0 = take it from the calibration "
+                                       "(no calibration and 0: 'uncalibrated', raw score only)."),
                 io.Combo.Input("action", options=list(ACTIONS), default="warn",
                                tooltip="When flagged: 'none' only shows it, 'warn' also logs a warning, "
                                        "'stop' ends the queue item with a message."),
@@ -46,15 +48,14 @@ class MemorizationMonitor(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, window, calibration, calibration_file, calibration_model, false_positive_rate,
-                threshold, action, force_uncond_at_cfg1) -> io.NodeOutput:
-        cal, note = load_calibration(calibration, calibration_file, calibration_model)
-        settings = MonitorSettings(window, cal, false_positive_rate, threshold if threshold > 0 else None,
+    def execute(cls, model, window, calibration, calibration_file, false_positive_rate, threshold, action,
+                force_uncond_at_cfg1) -> io.NodeOutput:
+        source = CalibrationSource(calibration, calibration_file)
+        settings = MonitorSettings(window, source, false_positive_rate, threshold if threshold > 0 else None,
                                    action, force_uncond_at_cfg1)
-        if settings.effective_threshold() is None:
-            note += "; no threshold, so nothing is flagged"
         node_id = cls.hidden.unique_id
-        live.show_text(f"MemoGuard: {note}", node_id)
+        note = f"threshold {threshold:g} (set by hand)" if threshold > 0 else source.describe()
+        live.show_text(f"MemoGuard: {note}; the verdict comes at step {window}", node_id)
         return io.NodeOutput(attach_monitor(model, MonitorSession(settings, node_id)))
 
 
@@ -86,7 +87,8 @@ class MemorizationScore(io.ComfyNode):
         if session is None:
             raise ValueError("this MODEL has no Memorization Monitor: connect the Monitor's output model "
                              "(the one your sampler used)")
-        verdicts = session.final_verdicts()
+        images = _batch_size(samples)
+        verdicts = session.final_verdicts(images)
         lines = [f"image {i}: {v.summary()}" for i, v in enumerate(verdicts)]
         mitigation = mitigation_of(model)
         if mitigation is not None:
@@ -94,9 +96,35 @@ class MemorizationScore(io.ComfyNode):
         summary = "\n".join(lines)
         scores = [v.score for v in verdicts if v.available]
         score = max(scores) if scores else math.nan
-        per_step = session.trace.per_step().tolist()
-        plot = score_plot(per_step, session.settings.effective_threshold(), summary.splitlines()[0])
-        data = session.to_dict()
+        data = session.to_dict(images)
+        plot = _plot(session, data["threshold"], lines[0] if lines else "")
         preview = ui.PreviewImage(plot, cls=cls).as_dict()
         return io.NodeOutput(score, any(v.flagged for v in verdicts), summary, plot,
                              ui={**preview, "memoguard_trace": [json.dumps(data)], "text": [summary]})
+
+
+def _batch_size(samples) -> int:
+    try:
+        return int(samples["samples"].shape[0])
+    except Exception:
+        return 1
+
+
+def _plot(session, threshold, title: str):
+    """The score chart; whatever happens there, a picture (an unavailable score never stops a workflow)."""
+    per_step = session.trace.per_step().tolist()
+    try:
+        if not per_step:
+            return message_image(title or "no score")
+        return score_plot(per_step, threshold, title)
+    except Exception:
+        log.exception("MemoGuard could not draw the score plot")
+        return message_image(title or "no score")
+
+
+def message_image(text: str, size=(512, 256)):
+    """A white picture with one line of text, as an IMAGE tensor."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((12, size[1] // 2 - 6), text[:90], fill="black")
+    return to_image_tensor(img)

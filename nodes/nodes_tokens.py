@@ -9,7 +9,18 @@ from memoguard.host_autograd import differentiable
 
 from . import live
 from .comfy_model import ComfyDiffusionModel
+from .latents import sampler_latent
+from .nodes_monitor import message_image
 from .plots import token_bars
+
+
+def input_problem(text: str, steps: int, explain_steps: int):
+    """What is wrong with the inputs, in one sentence; None when they are fine."""
+    if not text.strip():
+        return "the text is empty: give the prompt to explain"
+    if explain_steps > steps:
+        return f"explain_steps ({explain_steps}) cannot exceed steps ({steps})"
+    return None
 
 
 class TokenContributionsNode(io.ComfyNode):
@@ -49,15 +60,14 @@ class TokenContributionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, text, steps, explain_steps, **_):
-        if not text.strip():
-            return "give a prompt to explain"
-        if explain_steps > steps:
-            return f"explain_steps ({explain_steps}) cannot exceed steps ({steps})"
-        return True
-
-    @classmethod
     def execute(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations) -> io.NodeOutput:
+        problem = input_problem(text, steps, explain_steps)
+        if problem is not None:  # one message, and the rest of the workflow still runs
+            live.show_text(f"MemoGuard: {problem}", cls.hidden.unique_id)
+            chart = message_image(f"Token Contributions: {problem}")
+            data = json.dumps({"error": problem})
+            return io.NodeOutput(chart, data, ui={**ui.PreviewImage(chart, cls=cls).as_dict(),
+                                                  "memoguard_tokens": [data], "text": [problem]})
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -65,16 +75,13 @@ class TokenContributionsNode(io.ComfyNode):
         comfy.model_management.load_models_gpu([model])
         base, device = model.model, model.load_device
         sigmas = comfy.samplers.calculate_sigmas(base.model_sampling, scheduler, steps).to(device)
-        shape_of = comfy.sample.fix_empty_latent_channels(model, latent["samples"])[:1]
+        shape_of = sampler_latent(model, latent)[:1]  # the size KSampler samples this latent at
         noise = torch.cat([comfy.sample.prepare_noise(shape_of, seed + g) for g in range(generations)])
         noise = noise.to(device)
         with differentiable(base):
-            adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
+            adapter = ComfyDiffusionModel(base, sigmas, clip, noise, device=device)
             cond, uncond = adapter.encode([text]), adapter.encode([""], prompt_type="negative")
-            for enc in (cond, uncond):
-                enc.embedding = enc.embedding.to(device)
-                enc.extra = {k: v.to(device) for k, v in enc.extra.items()}
-            x_T = adapter.initial_noise(noise)
+            x_T = adapter.initial_x(noise)
             schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
                                          guidance=cfg, total_steps=schedule_steps)[0]

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 
 BUNDLED = Path(__file__).resolve().parents[1] / "memoguard" / "assets" / "tiny-sd"
+# The workflows feed this 16x16-pixel model an Empty Latent Image of 128x128, i.e. a 16x16 latent.
+# ComfyUI 0.33 resizes an empty latent by (the latent node's downscale ratio, 8) / (the model's
+# latent format's): declaring 8 keeps it 16x16 there, as v0.3.64 (which never resizes) samples it.
+SPACIAL_DOWNSCALE = 8
 
 
 class TinyModelError(RuntimeError):
@@ -55,6 +59,11 @@ def unet_config_for(diffusers_config: dict) -> dict:
     }
 
 
+def tiny_latent_format(pixel_format):
+    """ComfyUI's pixel-space latent format (3 channels, values as is) sized like Empty Latent Image's."""
+    return type("MemoGuardTinyPixels", (pixel_format,), {"spacial_downscale_ratio": SPACIAL_DOWNSCALE})()
+
+
 def load_model(folder: Path = BUNDLED):
     import comfy.latent_formats
     import comfy.model_management
@@ -66,7 +75,7 @@ def load_model(folder: Path = BUNDLED):
     diffusers_config = _read_json(folder / "unet" / "config.json")
     unet_config = unet_config_for(diffusers_config)
     model_config = comfy.supported_models.SD15(unet_config)
-    model_config.latent_format = comfy.latent_formats.ChromaRadiance()  # 3 channels, pixel values as is
+    model_config.latent_format = tiny_latent_format(comfy.latent_formats.ChromaRadiance)
     model = model_config.get_model({})
     key_map = comfy.utils.unet_to_diffusers(unet_config)
     weights = _load_weights(folder / "unet")

@@ -24,7 +24,9 @@ What is reproduced, after comfy/samplers.py and comfy/model_patcher.py (ComfyUI 
   tokenizer.untokenize(pairs) -> [(pair, "word</w>")]; encode_from_tokens_scheduled(tokens)
   -> [[cond, {"pooled_output": pooled}]].
 """
+import contextlib
 import copy
+import enum
 import math
 
 import torch
@@ -58,6 +60,9 @@ class ModelPatcher:
         self.model_options.setdefault("sampler_post_cfg_function", []).append(fn)
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
+
+    def get_model_object(self, name):
+        return getattr(self.model, name)
 
     def add_wrapper_with_key(self, wrapper_type, key, wrapper):
         self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
@@ -114,6 +119,57 @@ class ModelSamplingFlow(torch.nn.Module, CONST):
         return sigma * noise + (1 - sigma) * latent_image
 
 
+class ModelType(enum.Enum):  # comfy.model_base.ModelType (the members used here)
+    EPS = 1
+    V_PREDICTION = 2
+    FLOW = 6
+
+
+class LatentFormat:  # comfy.latent_formats (0.33.0 has spacial_downscale_ratio; v0.3.64 does not)
+    latent_channels = 4
+    latent_dimensions = 2
+    spacial_downscale_ratio = 8
+
+
+class ChromaRadiance(LatentFormat):
+    latent_channels = 3
+    spacial_downscale_ratio = 1
+
+
+def fix_empty_latent_channels_v0364(model, latent_image):
+    """comfy/sample.py at v0.3.64: channels only."""
+    latent_format = model.get_model_object("latent_format")
+    if latent_format.latent_channels != latent_image.shape[1] and torch.count_nonzero(latent_image) == 0:
+        latent_image = _repeat_to(latent_image, latent_format.latent_channels)
+    return latent_image
+
+
+def fix_empty_latent_channels_033(model, latent_image, downscale_ratio_spacial=None, downscale_ratio_temporal=None):
+    """comfy/sample.py at 0.33.0: channels, then an empty latent resized by the latent node's downscale ratio
+    over the model's latent format's (nearest-exact)."""
+    latent_format = model.get_model_object("latent_format")
+    if torch.count_nonzero(latent_image) == 0:
+        if latent_format.latent_channels != latent_image.shape[1]:
+            latent_image = _repeat_to(latent_image, latent_format.latent_channels)
+        if downscale_ratio_spacial is not None and downscale_ratio_spacial != latent_format.spacial_downscale_ratio:
+            ratio = downscale_ratio_spacial / latent_format.spacial_downscale_ratio
+            size = (round(latent_image.shape[-2] * ratio), round(latent_image.shape[-1] * ratio))
+            latent_image = torch.nn.functional.interpolate(latent_image, size=size, mode="nearest-exact")
+    return latent_image
+
+
+def _repeat_to(tensor, channels):  # comfy.utils.repeat_to_batch_size on dim 1
+    if tensor.shape[1] > channels:
+        return tensor.narrow(1, 0, channels)
+    return tensor.repeat(1, math.ceil(channels / tensor.shape[1]), 1, 1).narrow(1, 0, channels)
+
+
+def empty_latent_image(width, height, batch_size=1, version="0.33.0"):
+    """EmptyLatentImage: 4 x H/8 x W/8 zeros; 0.33.0 adds downscale_ratio_spacial 8."""
+    latent = {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
+    return {**latent, "downscale_ratio_spacial": 8} if version == "0.33.0" else latent
+
+
 class BaseModel(torch.nn.Module):
     """A diffusers UNet2DConditionModel as ComfyUI's BaseModel: eps models or rectified flow."""
 
@@ -121,6 +177,8 @@ class BaseModel(torch.nn.Module):
         super().__init__()
         self.diffusion_model = unet
         self.model_sampling = ModelSamplingFlow() if flow else ModelSamplingDiscrete()
+        self.model_type = ModelType.FLOW if flow else ModelType.EPS
+        self.latent_format = LatentFormat()
         self.flow = flow
 
     def apply_model(self, x, t, c_crossattn=None, y=None):
@@ -223,18 +281,21 @@ def model_conds(model, conditioning, noise, prompt_type):
     return out
 
 
-def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler"):
+def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler", sigmas=None):
     """A full-denoise run like KSampler: returns the final latent. positive/negative: CONDITIONING or a tensor."""
     with torch.inference_mode():
         model = patcher.model
-        sigmas = schedule(model, steps)
+        sigmas = schedule(model, steps) if sigmas is None else sigmas
+        steps = len(sigmas) - 1
         model_options = copy.deepcopy(patcher.model_options)
         model_options["transformer_options"]["wrappers"] = {
             k: [fn for fns in w.values() for fn in fns] for k, w in patcher.wrappers.items()}
         model_options["transformer_options"]["sample_sigmas"] = sigmas
         conds = {"positive": model_conds(model, positive, noise, "positive"),
                  "negative": model_conds(model, negative, noise, "negative")}
-        x = model.model_sampling.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
+        max_denoise = math.isclose(float(model.model_sampling.sigma_max), float(sigmas[0]), rel_tol=1e-5) or \
+            float(sigmas[0]) > float(model.model_sampling.sigma_max)  # KSampler.max_denoise
+        x = model.model_sampling.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=max_denoise)
 
         def denoise(x, sigma):
             t = sigma.expand(x.shape[0])
@@ -337,9 +398,14 @@ def node_definitions() -> dict:
     return definitions
 
 
-def _pack_schemas():
-    """The pack's V3 node schemas, built against a stand-in for comfy_api.latest (no ComfyUI in CI)."""
-    import importlib
+class NodeOutput:
+    def __init__(self, *values, ui=None):
+        self.values, self.ui = values, ui
+
+
+@contextlib.contextmanager
+def comfy_api_stand_in():
+    """comfy_api.latest (io, ui) and comfy.samplers stand-ins while the pack's nodes_*.py are imported and run."""
     import sys
     import types
 
@@ -357,16 +423,25 @@ def _pack_schemas():
         def Output(self, **options):
             return Slot(self.io_type, **options)
 
+    class PreviewImage:
+        def __init__(self, image, cls=None):
+            self.image = image
+
+        def as_dict(self):
+            return {"images": [tuple(self.image.shape)]}
+
     io = types.ModuleType("comfy_api.latest.io")
     for attr, io_type in {"Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Latent": "LATENT", "Image": "IMAGE",
                           "Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN",
                           "Combo": "COMBO"}.items():
         setattr(io, attr, IOType(io_type))
     io.Schema = lambda **kwargs: kwargs
-    io.ComfyNode, io.NodeOutput = object, object
+    io.ComfyNode, io.NodeOutput = object, NodeOutput
     io.Hidden = types.SimpleNamespace(unique_id="UNIQUE_ID")
+    ui = types.ModuleType("comfy_api.latest.ui")
+    ui.PreviewImage = PreviewImage
     latest = types.ModuleType("comfy_api.latest")
-    latest.io, latest.ui = io, types.ModuleType("comfy_api.latest.ui")
+    latest.io, latest.ui = io, ui
     samplers = types.ModuleType("comfy.samplers")
     samplers.KSampler = types.SimpleNamespace(SAMPLERS=SAMPLERS, SCHEDULERS=SCHEDULERS)
     comfy = types.ModuleType("comfy")
@@ -376,10 +451,7 @@ def _pack_schemas():
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
-        modules = [importlib.import_module(f"nodes.{name}") for name in
-                   ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens")]
-        return [obj.define_schema() for m in modules for obj in vars(m).values()
-                if isinstance(obj, type) and obj.__module__ == m.__name__ and hasattr(obj, "define_schema")]
+        yield
     finally:
         for name, module in saved.items():
             if module is None:
@@ -388,3 +460,15 @@ def _pack_schemas():
                 sys.modules[name] = module
         for name in [m for m in sys.modules if m.startswith("nodes.nodes_")]:
             del sys.modules[name]  # they hold the stand-ins
+
+
+PACK_NODE_MODULES = ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens", "nodes_calibration")
+
+
+def _pack_schemas():
+    """The pack's V3 node schemas, built against a stand-in for comfy_api.latest (no ComfyUI in CI)."""
+    import importlib
+    with comfy_api_stand_in():
+        modules = [importlib.import_module(f"nodes.{name}") for name in PACK_NODE_MODULES]
+        return [obj.define_schema() for m in modules for obj in vars(m).values()
+                if isinstance(obj, type) and obj.__module__ == m.__name__ and hasattr(obj, "define_schema")]

@@ -79,7 +79,7 @@ def main():
         with differentiable(base):
             adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
             cond, uncond = adapter.encode([TEXT]), adapter.encode([""], prompt_type="negative")
-            eps_c, eps_u = adapter.eps_pair(adapter.initial_noise(noise), sigmas[0], cond, uncond)
+            eps_c, eps_u = adapter.eps_pair(adapter.initial_x(noise), sigmas[0], cond, uncond)
         out["y_shape"] = list(cond.extra["y"].shape)
         out["adapter_first_step"] = rms_per_image(eps_c - eps_u).tolist()
 

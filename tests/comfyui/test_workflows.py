@@ -55,3 +55,8 @@ def test_the_examples_wire_memoguard_as_documented(definitions):
     for prompt in (detect, mitigate):
         (latent,) = [v for v in prompt.values() if v["class_type"] == "EmptyLatentImage"]
         assert (latent["inputs"]["width"], latent["inputs"]["height"]) == (128, 128)  # 16x16 pixels
+        (ksampler,) = [v for v in prompt.values() if v["class_type"] == "KSampler"]
+        assert ksampler["inputs"]["cfg"] == 3.0  # the bundled model's guidance: its benign band applies
+        for node in prompt.values():
+            if "calibration" in node["inputs"]:
+                assert node["inputs"]["calibration"] == "auto"
