@@ -28,6 +28,8 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "memoguard"  # the folder name ComfyUI sees, and so the template group
+MODELS = Path(os.environ.get("MEMOGUARD_TEST_CHECKPOINTS", "/work/hosts/models"))  # random-sd15*.safetensors
+BUNDLED_KEY = "unet-681368e6af6f82b5"  # memoguard/assets/calibration.json, measured on the diffusers model
 TEMPLATES = ("memoguard_detect", "memoguard_mitigate", "memoguard_explain")
 
 
@@ -83,7 +85,8 @@ def comfy(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy")
     (work / "packs").mkdir()
     (work / "packs" / PACK).symlink_to(ROOT)
-    (work / "extra.yaml").write_text(f"memoguard:\n  custom_nodes: {work / 'packs'}\n")
+    (work / "extra.yaml").write_text(f"memoguard:\n  custom_nodes: {work / 'packs'}\n  checkpoints: {MODELS}\n"
+                                     f"  memoguard: {work / 'calibrations'}\n")
     port = _free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(work / "server.log", "w")
@@ -101,6 +104,7 @@ def comfy(tmp_path_factory):
                 if server.poll() is not None:
                     pytest.fail(f"ComfyUI exited: {(work / 'server.log').read_text()[-3000:]}")
                 time.sleep(0.5)
+        client.work = work
         yield client, work / "output"
     finally:
         server.terminate()
@@ -135,7 +139,7 @@ def with_latent_saved(prompt: dict, prefix: str) -> dict:
 def test_node_pack_registers_every_node_with_tooltips(comfy):
     client, _ = comfy
     for node in ("MemoGuardMemorizationMonitor", "MemoGuardMemorizationScore", "MemoGuardEmbeddingMinimization",
-                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader"):
+                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader", "MemoGuardCalibrate"):
         info = client.get(f"/object_info/{node}")[node]
         assert info["category"] == "MemoGuard"
         for name, spec in {**info["input"]["required"], **info["input"].get("optional", {})}.items():
@@ -273,3 +277,93 @@ def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
     assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
     assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
     assert "rectified-flow" in out["flow_refused"]
+
+
+def _version(client) -> str:
+    return client.get("/system_stats")["system"].get("comfyui_version", "?")
+
+
+def test_detect_samples_the_tiny_model_at_16x16_with_its_bundled_calibration(comfy):
+    """ComfyUI 0.33 resizes empty latents by the latent format's ratio; the workflows must still run at 16x16."""
+    client, output = comfy
+    prompt = with_latent_saved(api_prompt(load("memoguard_detect"), client.definitions), "detect16")
+    started = time.time()
+    events, history = client.run(prompt)
+    seconds = time.time() - started
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    latent = saved_latent(output, "detect16")
+    assert tuple(latent.shape) == (1, 3, 16, 16)
+    trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    assert trace["model_key"] == BUNDLED_KEY  # the tiny loader's UNet has the diffusers model's key
+    assert "bundled with MemoGuard" in trace["calibration"] and trace["notes"] == []
+    assert trace["verdicts"][0]["label"] == "flagged" and trace["label"] == "flagged"
+    steps = [d for d in of_type(events, "memoguard.step") if d["node"] == "2"]
+    assert len(steps) == 20 and all(d["band"] is not None for d in steps[:-1]) and steps[0]["threshold"]
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / f"comfyui_detect16_{_version(client)}.json").write_text(json.dumps({
+        "version": _version(client), "seconds": seconds, "first_step": steps[0]["score"][0],
+        "threshold": steps[0]["threshold"], "latent_sum": float(latent.double().sum()),
+        "latent_abs_sum": float(latent.double().abs().sum())}))
+
+
+CALIBRATION_PROMPTS = "\n".join(f"a photo of a {c} {t}" for c in ("red", "blue", "green", "small")
+                                 for t in ("house", "car", "tree"))
+
+
+def sd15_prompt(checkpoint: str, calibrate: bool, seed: int = 0) -> dict:
+    """Checkpoint -> Calibrate only, or -> Monitor 'auto' -> KSampler 64x64 pixels, 4 steps -> Score."""
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a blue house", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "2": {"class_type": "MemoGuardMemorizationMonitor", "inputs": {
+            "model": ["1", 0], "window": 1, "calibration": "auto", "calibration_file": "", "false_positive_rate": 0.01,
+            "threshold": 0.0, "action": "warn", "force_uncond_at_cfg1": False}},
+        "6": {"class_type": "KSampler", "inputs": {
+            "model": ["2", 0], "seed": seed, "steps": 4, "cfg": 7.5, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}},
+        "9": {"class_type": "MemoGuardMemorizationScore", "inputs": {"model": ["2", 0], "samples": ["6", 0]}},
+    }
+    if calibrate:
+        prompt = {k: prompt[k] for k in ("1", "5")}
+        prompt["20"] = {"class_type": "MemoGuardCalibrate", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "latent": ["5", 0], "steps": 4, "scheduler": "normal", "cfg": 7.5,
+            "prompts": CALIBRATION_PROMPTS, "band_prompts": 2, "seed": 0, "batch_size": 4}}
+    return prompt
+
+
+@pytest.mark.skipif(not (MODELS / "random-sd15.safetensors").exists() or not (MODELS / "random-sd15-b.safetensors").exists(),
+                    reason="needs tests/hosts/make_random_sd15.py checkpoints")
+def test_calibrate_node_on_a_checkpoint_then_auto_uses_it_and_only_for_that_checkpoint(comfy):
+    client, _ = comfy
+    started = time.time()
+    events, history = client.run(sd15_prompt("random-sd15.safetensors", calibrate=True), timeout=1800)
+    calibrate_seconds = time.time() - started
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    summary = history["outputs"]["20"]["text"][0]
+    saved = sorted((client.work / "calibrations").glob("unet-*.json"))
+    assert len(saved) == 1 and str(saved[0]) in summary and "12 benign prompts" in summary
+    key = saved[0].stem
+    events, history = client.run(sd15_prompt("random-sd15.safetensors", calibrate=False), timeout=1800)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    stored = json.loads(saved[0].read_text())["models"][key]
+    assert trace["model_key"] == key and str(saved[0]) in trace["calibration"]
+    assert trace["verdicts"][0]["label"] in ("ok", "flagged") and trace["notes"] == []
+    assert stored["conditions"]["host"] == "comfyui" and stored["conditions"]["latent"] == [4, 8, 8]
+    step0 = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]
+    assert step0["band"] is not None and step0["threshold"] == pytest.approx(trace["threshold"])
+
+    events, history = client.run(sd15_prompt("random-sd15-b.safetensors", calibrate=False, seed=1), timeout=1800)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    trace_b = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    assert trace_b["model_key"] != key
+    assert trace_b["verdicts"][0]["label"] == "uncalibrated" and trace_b["threshold"] is None
+    assert "no calibration for this model" in trace_b["summary"] and "MemoGuard Calibrate" in trace_b["summary"]
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / f"comfyui_calibrate_sd15_{_version(client)}.json").write_text(json.dumps({
+        "version": _version(client), "calibrate_prompt_seconds": calibrate_seconds, "summary": summary,
+        "verdict_a": trace["summary"], "verdict_b": trace_b["summary"], "key_a": key, "key_b": trace_b["model_key"]}))
