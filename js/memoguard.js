@@ -79,6 +79,29 @@ function niceTicks(hi, count = 4) {
 }
 const fmt = (v) => (v ? Number(v.toPrecision(3)).toString() : "0");
 
+// The score axis: linear from 0, or logarithmic when the values span more than LOG_SPAN (the gap grows many
+// times over a run: on a linear axis the first steps, where the verdict is taken, would be squashed flat).
+// Same rule as memoguard/report.py. at(v) -> 0..1 of the plot height.
+const LOG_SPAN = 6;
+function yScale(values, measure) {
+  const vals = values.filter(finite);
+  const top = Math.max(...vals, 0), positive = vals.filter((v) => v > 0), lo = Math.min(...positive);
+  if (positive.length && top / lo > LOG_SPAN) {
+    const ymin = lo / 1.15, ymax = top * 1.15, l0 = Math.log(ymin), span = Math.log(ymax) - l0;
+    let ticks = [];
+    for (let e = Math.floor(Math.log10(ymin)); e <= Math.ceil(Math.log10(ymax)); e++)
+      for (const m of [1, 2, 5]) { const t = +(m * 10 ** e).toPrecision(12); if (t >= ymin && t <= ymax) ticks.push(t); }
+    if (ticks.length > 6) ticks = ticks.filter((t) => /^1|^5/.test(t.toExponential()));
+    return { log: true, ticks, hi: ymax, labelWidth: Math.max(...ticks.map((t) => measure(t)), 0),
+             at: (v) => (finite(v) && v > 0 ? Math.min(Math.max((Math.log(v) - l0) / span, 0), 1.05) : 0) };
+  }
+  let ticks = niceTicks(top > 0 ? top * 1.1 : 1);
+  const hi = Math.max(top * 1.08, ticks.at(-1)) || 1;
+  ticks = ticks.filter((t) => t <= hi * 1.0001);
+  return { log: false, ticks, hi, labelWidth: Math.max(...ticks.map((t) => measure(t))),
+           at: (v) => Math.min(Math.max(v / hi, 0), 1.05) };
+}
+
 // "score unavailable: score unavailable at cfg 1: ..." -> one prefix (and never add one of our own)
 function clean(text) {
   return String(text ?? "").replace(/^(score unavailable:\s*)+(?=score unavailable)/i, "").trim();
@@ -103,12 +126,16 @@ function runLabel(state) {
 }
 
 // Why there is no band, in words (null when one is drawn for every step).
-function bandMessage(state, rows) {
+function bandMessage(state, rows, steps) {
   const label = runLabel(state);
   const has = rows.filter(Boolean).length;
   if (has === rows.length && has) return null;
   const noteBand = (state.notes ?? []).find((n) => /band/i.test(n));
-  if (has) return "benign band only where the calibration measured this noise level";
+  if (has) {
+    const missing = rows.map((r, i) => (r ? null : steps[i] + 1)).filter(Boolean);
+    const list = missing.length > 4 ? `${missing.slice(0, 3).join(", ")}, ...` : missing.join(", ");
+    return `no band at step${missing.length > 1 ? "s" : ""} ${list}: outside the calibrated noise range`;
+  }
   if (label === "unavailable") return null; // the chart already says the score is unavailable
   if (label === "uncalibrated" || (!finite(state.threshold) && label !== "pending"))
     return "no benign band: this model is uncalibrated";
@@ -141,14 +168,13 @@ function drawCanvas(canvas, state, width, height) {
     info.message = text;
     return info;
   }
-  const top = Math.max(...values, ...bandAt.filter(Boolean).map((b) => b[1]), finite(state.threshold) ? state.threshold : 0);
-  let ticks = niceTicks(top > 0 ? top * 1.1 : 1);
-  const hi = Math.max(top * 1.08, ticks.at(-1)) || 1;
-  ticks = ticks.filter((t) => t <= hi * 1.0001);
-  const left = 6 + Math.max(...ticks.map((t) => ctx.measureText(fmt(t)).width)), right = width - 6;
+  const scale = yScale([...values, ...bandAt.filter(Boolean).flat(), ...(finite(state.threshold) ? [state.threshold] : [])],
+                       (t) => ctx.measureText(fmt(t)).width);
+  const { ticks, hi } = scale;
+  const left = 6 + scale.labelWidth, right = width - 6;
   const topY = 6, bottom = height - 16;
   const x = (i) => (n === 1 ? (left + right) / 2 : left + (right - left) * i / (n - 1));
-  const y = (v) => bottom - (bottom - topY) * Math.min(Math.max(v / hi, 0), 1.05);
+  const y = (v) => bottom - (bottom - topY) * scale.at(v);
   const half = n > 1 ? (right - left) / (2 * (n - 1)) : (right - left) / 2;
   // verdict window
   const win = finite(state.window) && state.window >= 1 ? Math.min(state.window, n) : null;
@@ -179,7 +205,7 @@ function drawCanvas(canvas, state, width, height) {
     if (bandAt[i] && bandAt[i + 1]) { ctx.moveTo(x(i), y(bandAt[i][0])); ctx.lineTo(x(i + 1), y(bandAt[i + 1][0])); }
   }
   ctx.stroke();
-  info.message = bandMessage(state, bandAt);
+  info.message = bandMessage(state, state.steps.map((st) => bandAt[st] ?? null), state.steps);
   if (info.message) {
     ctx.fillStyle = "#bbb"; ctx.textAlign = "left"; ctx.fillText(info.message, left + 4, topY + 7, right - left - 8);
   }
@@ -222,7 +248,7 @@ function drawCanvas(canvas, state, width, height) {
     ctx.fillText(String(i + 1), x(i), bottom + 9);
   }
   if (left >= 24) { ctx.textAlign = "left"; ctx.fillText("step", 1, bottom + 9); }
-  Object.assign(info, { left, right, top: topY, bottom, hi, n });
+  Object.assign(info, { left, right, top: topY, bottom, hi, n, log: scale.log, x, y });
   return info;
 }
 

@@ -55,6 +55,16 @@ def nice_ticks(hi: float, count: int = 4) -> List[float]:
     return [round(k * step, 12) for k in range(int(hi / step + 1e-9) + 1)]
 
 
+LOG_SPAN = 6   # values spanning more than this factor get a logarithmic score axis (as js/memoguard.js)
+
+
+def log_ticks(lo: float, hi: float) -> List[float]:
+    """1-2-5 values between lo and hi (only 1s and 5s when that gives more than 6)."""
+    ticks = [float(f"{m}e{e}") for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5) if lo <= float(f"{m}e{e}") <= hi]
+    return [t for t in ticks if f"{t:e}"[0] in "15"] if len(ticks) > 6 else ticks
+
+
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if v else "0"
 
@@ -83,9 +93,11 @@ def _wrap(d: ImageDraw.ImageDraw, text: str, width: float, font) -> List[str]:
 class PlotAxes:
     """Where score_plot puts a (step, score) point: step i (0-based) and score v -> pixel (x, y)."""
 
-    def __init__(self, left: int, top: int, right: int, bottom: int, steps: int, hi: float):
+    def __init__(self, left: int, top: int, right: int, bottom: int, steps: int, hi: float, lo: Optional[float] = None):
         self.left, self.top, self.right, self.bottom = left, top, right, bottom
         self.steps, self.hi = max(int(steps), 1), hi
+        self.lo = lo                   # set: logarithmic score axis from lo to hi
+        self.ticks: List[float] = []
 
     def x(self, i: float) -> float:
         if self.steps == 1:
@@ -93,7 +105,11 @@ class PlotAxes:
         return self.left + (self.right - self.left) * i / (self.steps - 1)
 
     def y(self, v: float) -> float:
-        return self.bottom - (self.bottom - self.top) * min(max(v / self.hi, 0.0), 1.05)
+        if self.lo is not None:
+            at = (math.log(v) - math.log(self.lo)) / (math.log(self.hi) - math.log(self.lo)) if v > 0 else 0.0
+        else:
+            at = v / self.hi
+        return self.bottom - (self.bottom - self.top) * min(max(at, 0.0), 1.05)
 
     def column(self, i: float) -> Tuple[float, float]:
         """Horizontal extent of step i's column (half-way to its neighbours), clipped to the plot."""
@@ -128,12 +144,18 @@ def score_axes(series: Sequence[Sequence[float]], threshold: Optional[float] = N
     if not values or n == 0:
         return None
     top_value = max(values)
-    ticks = nice_ticks(top_value * 1.1 if top_value > 0 else 1.0)
-    hi = max(top_value * 1.08, ticks[-1]) or 1.0
+    positive = [v for v in values if v > 0]
+    lo = None
+    if positive and top_value / min(positive) > LOG_SPAN:
+        lo, hi = min(positive) / 1.15, top_value * 1.15
+        ticks = log_ticks(lo, hi)
+    else:
+        ticks = nice_ticks(top_value * 1.1 if top_value > 0 else 1.0)
+        hi = max(top_value * 1.08, ticks[-1]) or 1.0
     pad_t = (16 if title else 6) + 6
     pad_b = 30 + 12 * (legend_lines + note_lines)
     pad_l = 8 + 6 * max(len(_fmt(t)) for t in ticks)
-    axes = PlotAxes(pad_l, pad_t, w - 10, h - pad_b, n, hi)
+    axes = PlotAxes(pad_l, pad_t, w - 10, h - pad_b, n, hi, lo)
     axes.ticks = [t for t in ticks if t <= hi * 1.0001]
     return axes
 

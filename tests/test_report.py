@@ -102,3 +102,14 @@ def test_long_prompts_give_a_bounded_bar_chart():
     assert short.height < img.height
     assert report.token_bars([], [], width=512).size[0] == 512
     assert report.token_bars(["a"], [math.nan]).height > 0
+
+
+def test_scores_spanning_many_times_get_a_log_axis_so_the_first_steps_stay_readable():
+    series = [[0.0277, 0.0303, 0.045, 0.0715, 0.116, 0.196, 0.468]]
+    axes = report.score_axes(series, 0.0262, SIZE)
+    assert axes.lo is not None and axes.ticks == [0.05, 0.1, 0.2] or axes.ticks[0] <= 0.05
+    # the first step sits well above the bottom: 0.0277 vs 0.0262 is a visible gap, not one pixel
+    assert axes.y(0.0262) - axes.y(0.0277) >= 3
+    img = report.score_plot(series, 0.0262, size=SIZE, window=1)
+    assert img.getpixel((round(axes.x(0)), round(axes.y(0.0277)))) == report.LINE_COLORS[0]
+    assert report.score_axes([[0.02, 0.03]], None, SIZE).lo is None

@@ -15,6 +15,7 @@ const screenshot = process.argv[2];
 
 const PAGE = `<!doctype html><html><body style="background:#353535;color:#ddd;margin:8px;font:12px sans-serif">
 <div id="grid" style="display:grid;grid-template-columns:repeat(3,340px);gap:10px"></div>
+<script>window.errs = []; window.addEventListener("error", (e) => window.errs.push(e.message + " " + e.lineno + ":" + e.colno));</script>
 <script type="module">
 import { app, api } from "/scripts/app.js";
 await import("/extensions/memoguard/memoguard.js");
@@ -88,11 +89,14 @@ try {
     }
     send("progress_text", { nodeId: "1", text: "MemoGuard: ok: score 0.0170; LIKELY MEMORIZED: score 0.0400" });
     const d = n1.memoguardDrawn, ctx = n1.memoguardChart.querySelector("canvas").getContext("2d");
-    const X = (i) => d.left + (d.right - d.left) * i / (d.n - 1), Y = (v) => d.bottom - (d.bottom - d.top) * v / d.hi;
+
+    if (typeof d.x !== "function") throw new Error(`chart not drawn: ${window.errs.join("; ")}`);
+    const X = d.x, Y = d.y;
     const px = (x, y) => Array.from(ctx.getImageData(Math.round(x), Math.round(y), 1, 1).data);
     const xm = (X(3) + X(4)) / 2;
     out.bandInside = px(xm, Y((0.045 + 0.062) / 4 + (0.06 + 0.08) / 4));
-    out.bandAbove = px(xm, Y(0.095));
+    out.bandAbove = px(xm, Y(0.1));
+    out.log = d.log;
     out.thresholdInWindow = px(X(0) + 3, Y(0.0232));
     out.thresholdLater = px(X(3), Y(0.0232));
     out.n1 = { drawn: d, text: n1.memoguardChart.textContent, dataset: { ...n1.memoguardChart.dataset } };
@@ -119,7 +123,7 @@ try {
     const n4 = make(4, M, "one point");
     send("memoguard.step", { node: "4", run: 1, step: 0, total: 1, score: [0.03], sigma: 14.6, band: [0.015, 0.022], window: 1, threshold: 0.0232, label: "pending" });
     const d4 = n4.memoguardDrawn, ctx4 = n4.memoguardChart.querySelector("canvas").getContext("2d");
-    out.onePoint = Array.from(ctx4.getImageData(Math.round((d4.left + d4.right) / 2), Math.round(d4.bottom - (d4.bottom - d4.top) * 0.03 / d4.hi), 1, 1).data);
+    out.onePoint = Array.from(ctx4.getImageData(Math.round(d4.x(0)), Math.round(d4.y(0.03)), 1, 1).data);
     out.n4 = { drawn: d4, text: n4.memoguardChart.textContent };
     // 5. calibrated, but the run is outside the band's range
     const n5 = make(5, M, "outside the calibrated range");
