@@ -216,6 +216,9 @@ function drawCanvas(canvas, state, width, height) {
     ctx.moveTo(x0, y(state.threshold)); ctx.lineTo(x1, y(state.threshold)); ctx.stroke(); ctx.setLineDash([]);
     info.thresholdSteps = win ?? n;
   }
+  // axes under the lines, so a point on an axis stays visible
+  ctx.strokeStyle = "#888"; ctx.lineWidth = 1; ctx.beginPath();
+  ctx.moveTo(left, topY); ctx.lineTo(left, bottom); ctx.lineTo(right, bottom); ctx.stroke();
   // one line per image; every point a dot too, so a single step is visible
   for (let b = 0; b < images; b++) {
     const color = LINE_COLORS[b % LINE_COLORS.length];
@@ -236,9 +239,8 @@ function drawCanvas(canvas, state, width, height) {
       info.points++;
     });
   }
-  // axes, x ticks (steps from 1)
-  ctx.strokeStyle = "#888"; ctx.lineWidth = 1; ctx.beginPath();
-  ctx.moveTo(left, topY); ctx.lineTo(left, bottom); ctx.lineTo(right, bottom); ctx.stroke();
+  // x ticks (steps from 1)
+  ctx.strokeStyle = "#888"; ctx.lineWidth = 1;
   let every = Math.max(1, Math.ceil(n / Math.max(2, Math.floor((right - left) / 28))));
   every = [1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000].find((m) => m >= every) ?? every;
   ctx.fillStyle = "#aaa"; ctx.textAlign = "center";

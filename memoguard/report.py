@@ -227,6 +227,8 @@ def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = N
         while x < x_end:
             d.line([(x, y), (min(x + 5, x_end), y)], fill=THRESHOLD, width=2)
             x += 9
+    # axes under the lines, so a point on an axis stays visible
+    d.line([(axes.left, axes.top), (axes.left, axes.bottom), (axes.right, axes.bottom)], fill="black")
     # lines, one per image; every point also a dot, so a single step shows
     for k, s in enumerate(series):
         color = LINE_COLORS[k % len(LINE_COLORS)]
@@ -242,8 +244,7 @@ def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = N
             if _finite(v):
                 x, y = axes.x(i), axes.y(float(v))
                 d.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=color)
-    # axes, x ticks (steps numbered from 1)
-    d.line([(axes.left, axes.top), (axes.left, axes.bottom), (axes.right, axes.bottom)], fill="black")
+    # x ticks (steps numbered from 1)
     every = max(1, math.ceil(n / 10))
     every = next(m for m in (1, 2, 5, 10, 20, 25, 50, 100, 200, 500, 1000, every) if m >= every)
     for i in range(n):
