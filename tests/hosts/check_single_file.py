@@ -1,0 +1,138 @@
+"""Outside CI: does memoguard's single-file loader read SD2 / SDXL checkpoints exactly as ComfyUI does?
+
+Step 1, in a ComfyUI venv: build a random-weight model with ComfyUI's own classes (as make_random_sd15.py),
+save it with comfy.sd.save_checkpoint (the original LDM/SGM key layout, fp16) and record ComfyUI's text
+conditioning of a prompt and its raw UNet output on a fixed latent and timestep (fp32 compute on the fp16
+weights), plus ComfyUI's own prediction-type verdict for the file:
+    /work/hosts/comfy-venv/bin/python tests/hosts/check_single_file.py make --family sd2 --out /tmp/sd2.safetensors
+Step 2, in MemoGuard's venv: load the file with memoguard.diffusers_model.load_model and compare:
+    .venv/bin/python tests/hosts/check_single_file.py compare --out /tmp/sd2.safetensors
+(the reference goes to OUT + ".ref.pt"). Memory: SDXL needs ~8 GB in step 1 and ~14 GB in step 2 (~7 GB with --dtype float16).
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+PROMPT = "a photograph of an astronaut riding a horse"
+T = 500
+SIZE = 16  # latent side of the comparison (the UNet is resolution-agnostic)
+
+UNET = {
+    "sd2": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+            'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+            'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
+            'transformer_depth_middle': 1, 'use_linear_in_transformer': True, 'context_dim': 1024,
+            'num_head_channels': 64, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            'use_temporal_attention': False, 'use_temporal_resblock': False},
+    "sdxl": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
+             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
+             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             'use_temporal_attention': False, 'use_temporal_resblock': False},
+}
+
+
+def peak_gib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def make(a):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from make_random_sd15 import comfy_imports, init_module
+    out = os.path.abspath(a.out)
+    comfy = comfy_imports(a.comfyui_dir)
+    import torch
+    g = torch.Generator().manual_seed(a.seed)
+    cpu = torch.device("cpu")
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET[a.family]))
+    want = {"sd2": comfy.supported_models.SD20, "sdxl": comfy.supported_models.SDXL}[a.family]
+    assert type(config) is want, type(config)
+    config.set_inference_dtype(torch.float16, torch.float32)  # fp16 weights, fp32 compute (manual cast)
+    base = config.get_model({}, device=cpu)
+    init_module(base.diffusion_model, torch, g)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32, "load_device": cpu,
+                                                               "offload_device": cpu, "initial_device": cpu})
+    init_module(clip.cond_stage_model, torch, g)
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    init_module(ae, torch, g)
+    with torch.inference_mode(False), torch.no_grad():
+        clip.cond_stage_model.half().float()  # the reference uses exactly the fp16 weights the file will hold
+        tokens = clip.tokenize(PROMPT)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        empty, empty_pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
+        x = torch.randn(1, 4, SIZE, SIZE, generator=g)
+        t = torch.tensor([float(T)])
+        kwargs = {}
+        if a.family == "sdxl":
+            kwargs["y"] = base.encode_adm(pooled_output=pooled, width=1024, height=1024)
+        eps = base.diffusion_model(x, t, context=cond.float(), **kwargs)
+        conv = base.diffusion_model.out[-1]  # eps std ~1, as make_random_sd15.py
+        s = 1.0 / float(eps.std())
+        conv.weight.data.mul_(s)
+        conv.bias.data.mul_(s)
+        eps = base.diffusion_model(x, t, context=cond.float(), **kwargs)
+        clip.cond_stage_model.half()
+        ae.half()
+        vae = comfy.sd.VAE(sd=ae.state_dict())
+        vae.first_stage_model.half()
+        comfy.sd.save_checkpoint(out, model, clip=clip, vae=vae,
+                                 metadata={"memoguard": f"random {a.family}, seed {a.seed}, tests/hosts/check_single_file.py"})
+    import safetensors.torch
+    sd = safetensors.torch.load_file(out)
+    verdict = config.model_type(sd, "model.diffusion_model.").name if hasattr(config, "model_type") else "EPS"
+    torch.save({"family": a.family, "prompt": PROMPT, "t": T, "x": x, "cond": cond.float(), "pooled": pooled,
+                "empty": empty.float(), "eps": eps.float(), "comfy_model_type": verdict}, out + ".ref.pt")
+    print(f"{a.family}: saved {out} ({os.path.getsize(out) / 2**30:.2f} GiB, {len(sd)} tensors); ComfyUI reads it as "
+          f"{verdict}; eps std {float(eps.std()):.3f}; peak RSS {peak_gib():.1f} GiB")
+
+
+def compare(a):
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from memoguard.diffusers_model import load_model
+    ref = torch.load(a.out + ".ref.pt", weights_only=True)
+    t0 = time.time()
+    dtype = getattr(torch, a.dtype)
+    model = load_model(a.out, dtype=dtype)
+    load_s = time.time() - t0
+    enc = model.encode([ref["prompt"]])
+    empty = model.encode([""])
+    with torch.no_grad():
+        eps = model.raw_prediction(ref["x"], torch.tensor([ref["t"]]), enc.embedding, enc.extra).float()
+
+    def rel(a_, b):
+        return float((a_.float() - b.float()).abs().max() / b.float().abs().max())
+
+    print(f"{ref['family']}: memoguard loaded {os.path.basename(a.out)} in {load_s:.1f} s as {model.family} "
+          f"({model.parameterization}, {model.prediction_source}; ComfyUI: {ref['comfy_model_type']}), latent "
+          f"{model.latent_shape()}, image {model.image_size()}, key {model.model_key}")
+    print(f"  text conditioning max rel diff {rel(enc.embedding, ref['cond']):.2e}, empty prompt "
+          f"{rel(empty.embedding, ref['empty']):.2e}")
+    if model.is_sdxl:
+        print(f"  pooled max rel diff {rel(enc.extra['text_embeds'], ref['pooled'].float()):.2e}")
+    print(f"  UNet eps max rel diff {rel(eps, ref['eps']):.2e} (eps std {float(ref['eps'].std()):.3f}); "
+          f"peak RSS {peak_gib():.1f} GiB")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["make", "compare"])
+    ap.add_argument("--family", choices=sorted(UNET), default="sd2")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                    help="compare: memoguard's dtype (float16 halves the memory, SDXL in float32 needs ~14 GB)")
+    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/work/hosts/ComfyUI"))
+    a = ap.parse_args()
+    make(a) if a.step == "make" else compare(a)
+
+
+if __name__ == "__main__":
+    main()

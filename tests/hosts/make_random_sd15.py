@@ -1,0 +1,137 @@
+"""A random-weight SD1.5 checkpoint (LDM single-file layout, fp16 .safetensors, ~2 GB) built with ComfyUI's own classes.
+
+Run with a ComfyUI venv from anywhere; COMFYUI_DIR (default /work/hosts/ComfyUI) is the checkout:
+    /work/hosts/comfy-venv/bin/python tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
+
+supported_models.SD15 (model_channels 320, context 768: detected as SD15 by every host) + its CLIP-L text
+encoder + the SD AutoencoderKL. comfy.ops skips init and LDM zero-initialises output projections (a UNet
+that then ignores the prompt) - so every conv/linear weight is drawn here: normal(0, 1/sqrt(fan_in)),
+biases normal(0, 0.02), norm weights 1 / biases normal(0, 0.02), embeddings normal(0, 0.02). The UNet's
+final conv is then scaled so eps has std ~1, the VAE decoder's final conv so pixels have std ~0.5 before
+clamping (images neither constant nor saturated). Saved with comfy.sd.save_checkpoint.
+"""
+import argparse
+import math
+import os
+import sys
+
+
+def comfy_imports(comfy_dir):
+    sys.path.insert(0, comfy_dir)
+    os.chdir(comfy_dir)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import utils.extra_config  # noqa: F401  (before nodes/server, as main.py does)
+    import comfy.model_management  # noqa: F401
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.model_detection
+    return comfy
+
+
+def init_module(module, torch, generator):
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    for m in module.modules():
+        own = dict(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        if isinstance(m, torch.nn.Embedding):
+            for p in own.values():
+                p.data.normal_(0, 0.02, generator=generator)
+        elif isinstance(m, norms) or type(m).__name__.endswith("Norm"):
+            for name, p in own.items():
+                if name == "weight":
+                    p.data.fill_(1.0)
+                else:
+                    p.data.normal_(0, 0.02, generator=generator)
+        else:
+            for name, p in own.items():
+                if p.dim() >= 2:
+                    fan_in = p[0].numel()
+                    p.data.normal_(0, 1 / math.sqrt(fan_in), generator=generator)
+                elif p.numel() == 1 and "scale" in name:
+                    pass  # e.g. logit_scale: keep the constructor's value
+                else:
+                    p.data.normal_(0, 0.02, generator=generator)
+    for name, p in module.named_parameters():
+        if p.numel() > 1 and not p.detach().float().abs().gt(0).any():
+            raise RuntimeError(f"all-zero parameter after init: {name}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/work/hosts/ComfyUI"))
+    a = ap.parse_args()
+    out = os.path.abspath(a.out)
+    comfy = comfy_imports(a.comfyui_dir)
+    import torch
+    g = torch.Generator().manual_seed(a.seed)
+    torch.manual_seed(a.seed)
+    cpu = torch.device("cpu")
+
+    # UNet: SD15's full openaimodel config, as model_detection writes it for an SD1.5 checkpoint
+    unet_config = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+                   'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+                   'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
+                   'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
+                   'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+                   'use_temporal_attention': False, 'use_temporal_resblock': False}
+    config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
+    assert type(config) is comfy.supported_models.SD15, type(config)
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, device=cpu)
+    init_module(base.diffusion_model, torch, g)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32, "load_device": cpu,
+                                                               "offload_device": cpu, "initial_device": cpu})
+    init_module(clip.cond_stage_model, torch, g)
+
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
+    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    init_module(ae, torch, g)
+
+    with torch.inference_mode(False), torch.no_grad():
+        # scale the UNet's last conv: eps std ~1 on a noisy latent with a real prompt's conditioning
+        tokens = clip.tokenize("a photograph of an astronaut riding a horse")
+        cond = clip.encode_from_tokens(tokens).float()
+        x = torch.randn(1, 4, 8, 8, generator=g)
+        t = torch.tensor([500.0])
+        eps = base.diffusion_model(x, t, context=cond)
+        conv = base.diffusion_model.out[-1]
+        s = 1.0 / float(eps.std())
+        conv.weight.data.mul_(s)
+        conv.bias.data.mul_(s)
+        ae_out = ae.decode(torch.randn(1, 4, 8, 8, generator=g))
+        s2 = 0.5 / float(ae_out.std())
+        ae.decoder.conv_out.weight.data.mul_(s2)
+        ae.decoder.conv_out.bias.data.mul_(s2)
+        print(f"unet eps std {float(eps.std()):.3g} -> scaled x{s:.3g}; vae out std {float(ae_out.std()):.3g} -> x{s2:.3g}")
+
+        base.diffusion_model.half()
+        clip.cond_stage_model.half()
+        ae.half()
+        vae = comfy.sd.VAE(sd=ae.state_dict())
+        vae.first_stage_model.half()  # VAE() loads into its own working dtype (fp32 on CPU)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        comfy.sd.save_checkpoint(out, model, clip=clip, vae=vae,
+                                 metadata={"memoguard": f"random SD1.5, seed {a.seed}, tests/hosts/make_random_sd15.py"})
+    os.chmod(out, 0o644)
+    import safetensors
+    with safetensors.safe_open(out, "pt") as f:
+        keys = list(f.keys())
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in keys}
+        zero = [k for k in keys if f.get_tensor(k).numel() > 1 and not f.get_tensor(k).float().abs().gt(0).any()]
+    prefixes = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in keys})
+    print(f"saved {out}: {os.path.getsize(out) / 2**30:.2f} GiB, {len(keys)} tensors, dtypes {dtypes}, prefixes {prefixes}")
+    if zero:
+        raise SystemExit(f"all-zero tensors in the file: {zero[:10]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Real-host suite of the A1111 extension against a real Automatic1111 WebUI (set up by checkout_webuis.sh
+# and setup_a1111.sh). Extra arguments go to pytest (e.g. -k hires, or test file names).
+#
+#   tests/hosts/run_a1111_real.sh                 # tests/a1111/test_real_webui.py (SD1.5)
+#   A1111_SD2_CKPT=/path/sd2-768v.safetensors tests/hosts/run_a1111_real.sh   # + test_real_webui_sd2.py
+#
+# Env (defaults under HOSTS=/work/hosts): A1111_DIR, A1111_PYTHON (A1111_DIR/venv/bin/python), A1111_CKPT
+# (HOSTS/models/random-sd15.safetensors), HF_HOME (HOSTS/hf), PYTHON: the test runner's python with pytest
+# and Pillow (default: the repository's .venv, else python3). One WebUI at a time (RAM).
+set -euo pipefail
+REPO=${MEMOGUARD_REPO:-$(cd "$(dirname "$0")/../.." && pwd)}  # MEMOGUARD_REPO: test another checkout
+HOSTS=${HOSTS:-/work/hosts}
+export A1111_DIR=${A1111_DIR:-$HOSTS/a1111}
+export A1111_PYTHON=${A1111_PYTHON:-$A1111_DIR/venv/bin/python}
+export A1111_CKPT=${A1111_CKPT:-$HOSTS/models/random-sd15.safetensors}
+export HF_HOME=${HF_HOME:-$HOSTS/hf} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+PY=${PYTHON:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || echo python3 )}
+for f in "$A1111_DIR/launch.py" "$A1111_PYTHON" "$A1111_CKPT"; do
+  [ -e "$f" ] || { echo "missing $f: see tests/hosts/README.md (A1111 / Forge)" >&2; exit 2; }
+done
+if [ $# -eq 0 ]; then
+  set -- test_real_webui.py
+  [ -z "${A1111_SD2_CKPT:-}" ] || set -- "$@" test_real_webui_sd2.py
+fi
+# from tests/a1111 with --rootdir=.: the repository root's __init__.py (ComfyUI entry) must not be imported
+cd "$REPO/tests/a1111"
+PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} exec "$PY" -m pytest -q -s -rA -p no:cacheprovider --rootdir=. "$@"
