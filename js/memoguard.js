@@ -15,6 +15,7 @@ const SCORE = "MemoGuardMemorizationScore";
 const TOKENS = "MemoGuardTokenContributions";
 const MITIGATION = "MemoGuardEmbeddingMinimization";
 const PROGRESS_WIDGET = "$$node-text-preview"; // ComfyUI's progress-text widget (send_progress_text)
+const PANEL_NODES = [MONITOR, TOKENS, MITIGATION];  // their panel shows the progress text instead
 // the same colours as memoguard/report.py LINE_COLORS (red is the threshold's and "flagged"'s)
 const LINE_COLORS = ["#2d6edc", "#eb8214", "#28a05a", "#9650c8", "#00a0aa", "#785a3c"];
 const LABEL_COLORS = { ok: "#3cb45a", flagged: "#ff5050", uncalibrated: "#e0a020", unavailable: "#999", pending: "#999" };
@@ -59,6 +60,13 @@ function el(tag, props = {}, style = {}) {
   const e = Object.assign(document.createElement(tag), props);
   Object.assign(e.style, style);
   return e;
+}
+
+// A node's progress text, when it says something its panel does not already show.
+function statusLine(node, shown) {
+  const status = clean(node.properties?.memoguard_status);
+  if (!status || shown.includes(status)) return null;
+  return el("div", { className: "memoguard-status", textContent: status }, { color: "#999", fontSize: "11px", flex: "0 0 auto" });
 }
 
 // -- Monitor chart ---------------------------------------------------------------------------------------
@@ -335,6 +343,7 @@ function drawChart(node) {
   drawInfo(info, state);
   info.dataset.flagged = String(Boolean(state.flagged));
   info.dataset.label = runLabel(state) ?? "";
+  info.style.maxHeight = state.scores.flat().some(finite) ? "45%" : "75%"; // no chart to show: more room for text
   drawPlot(node);
 }
 
@@ -368,10 +377,19 @@ function onVerdict({ detail }) {
 
 function onProgressText({ detail }) {
   const node = nodeById(detail?.nodeId);
-  if (!node || node.type !== MONITOR || !node.properties) return;
-  const state = node.properties.memoguard ?? (node.properties.memoguard = emptyTrace());
-  state.status = String(detail.text ?? "").replace(/^MemoGuard:\s*/, "");
-  drawChart(node);
+  if (!node || !PANEL_NODES.includes(node.type) || !node.properties) return;
+  const text = String(detail.text ?? "").replace(/^MemoGuard:\s*/, "");
+  if (node.type === MONITOR) {
+    const state = node.properties.memoguard ?? (node.properties.memoguard = emptyTrace());
+    state.status = text;
+    drawChart(node);
+  } else if (node.type === TOKENS) {
+    node.properties.memoguard_status = text;
+    drawTokens(node);
+  } else if (node.type === MITIGATION) {
+    node.properties.memoguard_status = text;
+    showMitigation(node);
+  }
 }
 
 function restoreFromScore(output) {
@@ -397,18 +415,21 @@ function restoreFromScore(output) {
 
 // -- Token colours --------------------------------------------------------------------------------------
 function drawTokens(node) {
-  const data = node.properties.memoguard_tokens;
+  const data = node.properties?.memoguard_tokens;
   const root = node.memoguardTokens;
-  if (!root || !data) return;
+  if (!root) return;
   root.replaceChildren();
-  if (!Array.isArray(data.tokens) || !data.tokens.length) {
-    root.append(el("div", { className: "memoguard-text", textContent: clean(data.error) || "no tokens" }));
+  if (!data || !Array.isArray(data.tokens) || !data.tokens.length) {
+    const text = clean(data?.error) || (data ? "no tokens" : "");
+    if (text) root.append(el("div", { className: "memoguard-text", textContent: text }));
+    const status = statusLine(node, text);
+    if (status) root.append(status);
     return;
   }
   const shares = data.tokens.map((_, i) => (finite(data.shares?.[i]) ? data.shares[i] : 0));
   const top = Math.max(...shares, 1e-9);
   const ranked = shares.map((s, i) => [s, i]).sort((a, b) => b[0] - a[0]).slice(0, 5);
-  root.append(el("div", { className: "memoguard-text",
+  if (data.tokens.length > 12) root.append(el("div", { className: "memoguard-text",
                           textContent: `${data.tokens.length} tokens; largest: ` +
                             ranked.map(([s, i]) => `${data.tokens[i]} ${(100 * s).toFixed(0)}%`).join(", ") },
                  { flex: "0 0 auto", fontSize: "11px", color: "#aaa" }));
@@ -427,16 +448,28 @@ function drawTokens(node) {
     box.append(span);
   });
   root.append(box);
+  const status = statusLine(node, root.textContent);
+  if (status && !/^top tokens/.test(status.textContent)) root.append(status);  // "top tokens ..." = the header
 }
 
 function onMitigation({ detail }) {
   const node = nodeById(detail.node);
   if (!node || node.type !== MITIGATION) return;
   node.properties.memoguard_mitigation = detail;
+  showMitigation(node);
+}
+
+function showMitigation(node) {
+  const root = node.memoguardMitigation, detail = node.properties?.memoguard_mitigation;
+  if (!root) return;
   const fmt4 = (xs) => (xs ?? []).map((v) => (finite(v) ? v.toFixed(4) : "?")).join(", ");
-  node.memoguardMitigation.textContent = detail.ran
+  const text = !detail ? "" : detail.ran
     ? `minimized: ${detail.iterations} iteration(s), score ${fmt4(detail.before)} → ${fmt4(detail.after)}`
-    : `not run: ${detail.reason}`;
+    : `not run: ${clean(detail.reason)}`;
+  root.replaceChildren(el("div", { className: "memoguard-text", textContent: text }));
+  const status = statusLine(node, text);
+  const numbers = (s) => (s.match(/\d+\.\d+/g) ?? []).join(" ");
+  if (status && !(detail && numbers(status.textContent) && numbers(text).includes(numbers(status.textContent)))) root.append(status);
 }
 
 app.registerExtension({
@@ -451,13 +484,15 @@ app.registerExtension({
     const created = nodeType.prototype.onNodeCreated;
     const configured = nodeType.prototype.onConfigure;
     const executed = nodeType.prototype.onExecuted;
-    if (nodeData.name === MONITOR) {
+    if (PANEL_NODES.includes(nodeData.name)) {
       const addCustomWidget = nodeType.prototype.addCustomWidget;
       nodeType.prototype.addCustomWidget = function (widget) {
         const added = addCustomWidget.apply(this, arguments);
         if (widget?.name === PROGRESS_WIDGET) hideProgressWidget(widget, added);
         return added;
       };
+    }
+    if (nodeData.name === MONITOR) {
       nodeType.prototype.onNodeCreated = function () {
         created?.apply(this, arguments);
         this.memoguardChart = panel(this, "memoguard_chart", 120);
@@ -498,8 +533,7 @@ app.registerExtension({
       };
       nodeType.prototype.onConfigure = function () {
         configured?.apply(this, arguments);
-        const detail = this.properties.memoguard_mitigation;
-        if (detail) onMitigation({ detail: { ...detail, node: this.id } });
+        showMitigation(this);
       };
     }
   },

@@ -40,7 +40,10 @@ try {
   }, [pack, template, steps, overrides]);
   // sizes once the front end has laid the loaded graph out (arrange runs on draw)
   const sizes = () => page.evaluate((pattern) => Object.fromEntries(window.app.graph._nodes
-    .filter((n) => new RegExp(pattern).test(n.type)).map((n) => [n.id, [n.type, ...n.size.map(Math.round)]])),
+    .filter((n) => new RegExp(pattern).test(n.type))
+    .map((n) => [n.id, [n.type, ...n.size.map(Math.round), Boolean(n.memoguardChart || n.memoguardTokens || n.memoguardMitigation),
+                        Boolean(n.imgs?.length || n.images?.length),
+                        (n.widgets ?? []).filter((w) => w.name === "$$node-text-preview" && !w.memoguardHidden).length]])),
     MEMOGUARD_NODES.source);
   await page.evaluate(() => window.app.canvas.setDirty(true, true));
   await page.waitForTimeout(1500);
@@ -57,8 +60,14 @@ try {
   await page.keyboard.press("Escape"); // the first-run template dialog
   await page.waitForTimeout(1500);      // let late events (progress text, executed) land and the canvas redraw
   const after = await sizes();
-  const grown = Object.entries(after).filter(([id, [, , h]]) => before[id] && h > before[id][2])
-    .map(([id, [type, w, h]]) => `${type} #${id}: ${before[id][1]}x${before[id][2]} -> ${w}x${h}`);
+  // a node with a MemoGuard panel must keep its size (an image preview, e.g. the Score node's plot, may grow its node
+  // as ComfyUI's own preview nodes do: reported, not an error)
+  const change = ([id, [type, w, h]]) => `${type} #${id}: ${before[id][1]}x${before[id][2]} -> ${w}x${h}`;
+  const changed = Object.entries(after).filter(([id, [, , h]]) => before[id] && h > before[id][2]);
+  const grown = changed.filter(([, [, , , panel, preview]]) => panel && !preview).map(change);
+  const grownPreview = changed.filter(([, [, , , panel, preview]]) => !panel || preview).map(change);
+  const progressShown = Object.entries(after).filter(([, [, , , panel, , shown]]) => panel && shown)
+    .map(([id, [type]]) => `${type} #${id}: ComfyUI's progress-text widget is showing (the panel shows that text)`);
   const monitorShot = screenshot.replace(/\.png$/, "_monitor.png");
   const rect = await page.evaluate(() => {  // the Monitor node on screen at 100 %, placed at the top left
     const node = window.app.graph._nodes.find((n) => n.type === "MemoGuardMemorizationMonitor");
@@ -83,7 +92,7 @@ try {
     .filter((n) => n.properties?.memoguard || n.properties?.memoguard_tokens || n.properties?.memoguard_mitigation)
     .map((n) => ({ type: n.type, memoguard: n.properties.memoguard, tokens: n.properties.memoguard_tokens,
                    mitigation: n.properties.memoguard_mitigation })));
-  const problems = [...grown.map((g) => `node grew during the run: ${g}`)];
+  const problems = [...grown.map((g) => `node grew during the run: ${g}`), ...progressShown];
   for (const c of charts) {
     if (Number(c.points) !== c.recorded) problems.push(`Monitor #${c.id}: ${c.points} points drawn for ${c.recorded} scores`);
     if (c.sentBand && Number(c.bandSteps) === 0) problems.push(`Monitor #${c.id}: band sent for ${c.sentBand} steps, none drawn`);
@@ -91,7 +100,7 @@ try {
     if (expect === "band" && !(Number(c.bandSteps) > 0)) problems.push(`Monitor #${c.id}: no band drawn (${c.message})`);
     if (expect === "unavailable" && !/unavailable/i.test(c.text + c.message)) problems.push(`Monitor #${c.id}: does not say unavailable`);
   }
-  console.log(JSON.stringify({ ...loaded, text, panels, state, errors, sizes: { before, after }, charts, problems }));
+  console.log(JSON.stringify({ ...loaded, text, panels, state, errors, sizes: { before, after }, grownPreview, charts, problems }));
   if (errors.length) process.exitCode = 2;
   else if (problems.length) process.exitCode = 3;
 } finally {
