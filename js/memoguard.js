@@ -178,11 +178,14 @@ function drawCanvas(canvas, state, width, height) {
   }
   const scale = yScale([...values, ...bandAt.filter(Boolean).flat(), ...(finite(state.threshold) ? [state.threshold] : [])],
                        (t) => ctx.measureText(fmt(t)).width);
-  const { ticks, hi } = scale;
   const left = 6 + scale.labelWidth, right = width - 6;
   const topY = 6, bottom = height - 16;
   const x = (i) => (n === 1 ? (left + right) / 2 : left + (right - left) * i / (n - 1));
   const y = (v) => bottom - (bottom - topY) * scale.at(v);
+  // no two tick labels closer than 12 px (a short chart keeps every other one, and so on)
+  let ticks = scale.ticks;
+  for (let k = 2; ticks.length > 1 && Math.abs(y(ticks[0]) - y(ticks[1])) < 12 && k <= 8; k++)
+    ticks = scale.ticks.filter((_, i) => i % k === 0);
   const half = n > 1 ? (right - left) / (2 * (n - 1)) : (right - left) / 2;
   // verdict window
   const win = finite(state.window) && state.window >= 1 ? Math.min(state.window, n) : null;
@@ -258,7 +261,7 @@ function drawCanvas(canvas, state, width, height) {
     ctx.fillText(String(i + 1), x(i), bottom + 9);
   }
   if (left >= 24) { ctx.textAlign = "left"; ctx.fillText("step", 1, bottom + 9); }
-  Object.assign(info, { left, right, top: topY, bottom, hi, n, log: scale.log, x, y });
+  Object.assign(info, { left, right, top: topY, bottom, hi: scale.hi, n, log: scale.log, x, y });
   return info;
 }
 

@@ -197,7 +197,12 @@ def score_plot(series: Sequence[Sequence[float]], threshold: Optional[float] = N
         _, x1 = axes.column(min(window, n) - 1)
         d.rectangle([x0, axes.top, x1, axes.bottom], fill=WINDOW_FILL)
     # grid and y ticks
-    for t in axes.ticks:
+    ticks = axes.ticks
+    for k in range(2, 9):   # no two tick labels closer than 12 px
+        if len(ticks) < 2 or abs(axes.y(ticks[0]) - axes.y(ticks[1])) >= 12:
+            break
+        ticks = axes.ticks[::k]
+    for t in ticks:
         y = axes.y(t)
         d.line([(axes.left, y), (axes.right, y)], fill=GRID)
         label = _fmt(t)

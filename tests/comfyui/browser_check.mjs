@@ -73,12 +73,14 @@ try {
     const node = window.app.graph._nodes.find((n) => n.type === "MemoGuardMemorizationMonitor");
     if (!node) return null;
     const c = window.app.canvas, title = window.LiteGraph.NODE_TITLE_HEIGHT ?? 30;
-    c.ds.scale = 1; c.ds.offset[0] = 40 - node.pos[0]; c.ds.offset[1] = 40 + title - node.pos[1]; c.setDirty(true, true);
+    // clear of the side bar and the tool bars, which newer front ends float over the canvas
+    const at = [160, 130];
+    c.ds.scale = 1; c.ds.offset[0] = at[0] - node.pos[0]; c.ds.offset[1] = at[1] + title - node.pos[1]; c.setDirty(true, true);
     const box = c.canvas.getBoundingClientRect();
-    return { x: box.left + 20, y: box.top + 20, width: node.size[0] + 40, height: node.size[1] + title + 60 };
+    return { x: box.left + at[0] - 20, y: box.top + at[1] - 20, width: node.size[0] + 40, height: node.size[1] + title + 60 };
   });
   if (rect) { await page.waitForTimeout(800); await page.screenshot({ path: monitorShot, clip: rect }); }
-  await page.evaluate(() => { window.app.canvas.ds.scale = 0.7; window.app.canvas.ds.offset[0] = 0; window.app.canvas.ds.offset[1] = 0; window.app.canvas.setDirty(true, true); });
+  await page.evaluate(() => { window.app.canvas.ds.scale = 0.7; window.app.canvas.ds.offset[0] = 90; window.app.canvas.ds.offset[1] = 90; window.app.canvas.setDirty(true, true); });
   await page.waitForTimeout(1000);
   await page.screenshot({ path: screenshot });
   const charts = await page.evaluate(() => window.app.graph._nodes.filter((n) => n.memoguardChart).map((n) => ({
