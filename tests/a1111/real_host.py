@@ -106,7 +106,9 @@ def running_webui(root: Path, python: str, flags: list, data: Path):
     (data / "extensions" / "memoguard-probe" / "scripts" / "probe.py").write_text(PROBE)
     port = _free_port()
     log = open(data / "webui.log", "w")
-    server = subprocess.Popen([python, "launch.py", *flags, "--nowebui", "--port", str(port), "--data-dir", str(data)],
+    # --server-name: with --nowebui the WebUIs' API server binds 0.0.0.0 unless told otherwise
+    server = subprocess.Popen([python, "launch.py", *flags, "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
+                               "--data-dir", str(data)],
                               cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + STARTUP_TIMEOUT_S

@@ -5,7 +5,8 @@ set -euo pipefail
 HOSTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$HOSTS_DIR/../.." && pwd)
 PYTHON311=${PYTHON311:-/root/.pyenv/versions/3.11.7/bin/python}
-# CPU build: the plain PyPI torch wheels are CUDA builds that pull several GB of nvidia packages.
+# CPU build, found through pip's find-links (/opt/wheels here; elsewhere e.g. PIP_EXTRA_INDEX_URL=
+# https://download.pytorch.org/whl/cpu): the plain PyPI torch wheels are CUDA builds pulling GBs of nvidia packages.
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0+cpu}
 # The torchvision release made for torch 2.13 (PyPI only has its CUDA-linked build; see guard_torchvision).
 TORCHVISION_SPEC=${TORCHVISION_SPEC:-torchvision==0.28.0}
