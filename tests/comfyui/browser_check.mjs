@@ -28,6 +28,9 @@ try {
   const loaded = await page.evaluate(async ([pack, template, steps, overrides]) => {
     const listed = (await (await fetch("/api/workflow_templates")).json())[pack] ?? [];
     const workflow = await (await fetch(`/api/workflow_templates/${pack}/${template}.json`)).json();
+    // the card's thumbnail: the front end asks for <name>.jpg next to the template
+    const thumb = await fetch(`/api/workflow_templates/${pack}/${template}.jpg`);
+    const thumbnail = { status: thumb.status, type: thumb.headers.get("content-type"), bytes: (await thumb.arrayBuffer()).byteLength };
     await window.app.loadGraphData(workflow, true, true, template);
     const nodes = window.app.graph._nodes;
     const missing = nodes.filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type);
@@ -36,7 +39,7 @@ try {
       if (w.name === "steps") w.value = Number(steps);
       if (w.name in overrides) w.value = overrides[w.name];
     }
-    return { listed, missing, prompt, nodes: nodes.length };
+    return { listed, missing, prompt, nodes: nodes.length, thumbnail };
   }, [pack, template, steps, overrides]);
   // sizes once the front end has laid the loaded graph out (arrange runs on draw)
   const sizes = () => page.evaluate((pattern) => Object.fromEntries(window.app.graph._nodes
@@ -95,6 +98,7 @@ try {
     .map((n) => ({ type: n.type, memoguard: n.properties.memoguard, tokens: n.properties.memoguard_tokens,
                    mitigation: n.properties.memoguard_mitigation })));
   const problems = [...grown.map((g) => `node grew during the run: ${g}`), ...progressShown];
+  if (loaded.thumbnail.status !== 200 || !/^image\//.test(loaded.thumbnail.type ?? "")) problems.push(`no thumbnail: ${JSON.stringify(loaded.thumbnail)}`);
   for (const c of charts) {
     if (Number(c.points) !== c.recorded) problems.push(`Monitor #${c.id}: ${c.points} points drawn for ${c.recorded} scores`);
     if (c.sentBand && Number(c.bandSteps) === 0) problems.push(`Monitor #${c.id}: band sent for ${c.sentBand} steps, none drawn`);
