@@ -29,7 +29,9 @@ SEEDS = (0, 1, 2, 3)
 def add_arguments(p):
     p.add_argument("--json", type=Path, required=True, help="where to write the results")
     p.add_argument("--quick", action="store_true", help="fewer prompts and a 20-step schedule (< 2 min on 2 cores)")
-    p.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the bundled model)")
+    p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: the bundled model)")
+    p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
+                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
     p.add_argument("--target", type=float, default=None,
                    help="mitigation target (RMS gap); default: the median first-step score of the negatives")
 
@@ -182,7 +184,7 @@ def overhead_bench(model, prompts, repeats: int) -> dict:
 def run(args) -> int:
     from .diffusers_model import load_model
     torch.manual_seed(0)
-    model = load_model(args.model)
+    model = load_model(args.model, prediction=args.prediction)
     res = run_bench(model, args.quick, args.target)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))

@@ -30,7 +30,9 @@ def _ints(text: str):
 
 
 def add_arguments(p):
-    p.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (default: bundled tiny model)")
+    p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
+    p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
+                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the bundled model's kind")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
@@ -52,7 +54,7 @@ def run(args) -> int:
     try:
         prompts = (tiny_benign_prompts() if args.tiny_benign
                    else [p for p, _ in read_prompts(args.prompts)] if args.prompts else default_benign_prompts())
-        model = load_model(args.model)
+        model = load_model(args.model, prediction=args.prediction)
     except (PromptFileError, ModelLoadError) as e:
         print(f"memoguard calibrate: {e}", file=sys.stderr)
         return 2

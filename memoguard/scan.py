@@ -86,7 +86,9 @@ def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--file", type=Path, help="prompts as .txt, .csv (prompt[,label]) or .jsonl")
-    p.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (default: bundled tiny model)")
+    p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
+    p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
+                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration JSON (default: the model's own in the calibration folder, or the bundled preset)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
@@ -132,7 +134,7 @@ def run(args) -> int:
     from .diffusers_model import ModelLoadError, load_model
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
-        model = load_model(args.model)
+        model = load_model(args.model, prediction=args.prediction)
         calibration, notes = load_calibration(args.calibration, model, args.steps)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Outside CI: does memoguard's single-file loader read SD2 / SDXL checkpoints exactly as ComfyUI does?
+"""Outside CI: does memoguard's single-file loader read SD1 / SD2 / SDXL checkpoints exactly as ComfyUI does?
 
 Step 1, in a ComfyUI venv: build a random-weight model with ComfyUI's own classes (as make_random_sd15.py),
 save it with comfy.sd.save_checkpoint (the original LDM/SGM key layout, fp16) and record ComfyUI's text
@@ -20,6 +20,12 @@ T = 500
 SIZE = 16  # latent side of the comparison (the UNet is resolution-agnostic)
 
 UNET = {
+    "sd1": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+            'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+            'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
+            'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 8,
+            'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            'use_temporal_attention': False, 'use_temporal_resblock': False},
     "sd2": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
             'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
@@ -48,7 +54,8 @@ def make(a):
     g = torch.Generator().manual_seed(a.seed)
     cpu = torch.device("cpu")
     config = comfy.model_detection.model_config_from_unet_config(dict(UNET[a.family]))
-    want = {"sd2": comfy.supported_models.SD20, "sdxl": comfy.supported_models.SDXL}[a.family]
+    want = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
+            "sdxl": comfy.supported_models.SDXL}[a.family]
     assert type(config) is want, type(config)
     config.set_inference_dtype(torch.float16, torch.float32)  # fp16 weights, fp32 compute (manual cast)
     base = config.get_model({}, device=cpu)
