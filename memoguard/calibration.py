@@ -217,28 +217,39 @@ BUNDLED_FILE = resources.files("memoguard.assets").joinpath("calibration.json")
 
 
 class CalibrationStore:
-    """Calibrations kept as one file per model key in a folder (the hosts' models/memoguard, the CLI's
-    default folder); lookups fall back to the calibration shipped for the bundled tiny model."""
+    """Calibrations kept as one file per model key in folders (the hosts' models/memoguard, the CLI's
+    default folder); the first folder is where new ones are saved. Lookups fall back to the calibration
+    shipped for the bundled tiny model."""
 
-    def __init__(self, folder):
-        self.folder = Path(folder).expanduser()
+    BUNDLED = "bundled with MemoGuard for its tiny model"
+
+    def __init__(self, folder, *more):
+        self.folders = [Path(f).expanduser() for f in (folder, *more)]
 
     def path_for(self, model_key: str) -> Path:
-        return self.folder / f"{model_key}.json"
+        return self.folders[0] / f"{model_key}.json"
 
     def save(self, calibration: Calibration) -> Path:
         path = self.path_for(calibration.model_key)
         calibration.save(path)
         return path
 
-    def find(self, model_key: str) -> Optional[Calibration]:
-        """The calibration of this model key, or None. A corrupt file raises CalibrationError (never silently
-        ignored: a user who calibrated must learn that the result is unusable)."""
-        path = self.path_for(model_key)
-        if path.is_file():
-            return Calibration.find(path, model_key)
+    def locate(self, model_key: str) -> Tuple[Optional[Calibration], str]:
+        """(calibration of this model key or None, where it came from: a path or BUNDLED). A corrupt file
+        raises CalibrationError (never skipped: a user who calibrated must learn the result is unusable)."""
+        for folder in self.folders:
+            path = folder / f"{model_key}.json"
+            if path.is_file():
+                found = Calibration.find(path, model_key)
+                if found is None:
+                    raise CalibrationError(f"{path} is named after {model_key} but does not hold it")
+                return found, str(path)
         with resources.as_file(BUNDLED_FILE) as bundled:
-            return Calibration.find(bundled, model_key)
+            found = Calibration.find(bundled, model_key)
+        return found, self.BUNDLED if found is not None else ""
+
+    def find(self, model_key: str) -> Optional[Calibration]:
+        return self.locate(model_key)[0]
 
 
 def default_store_folder() -> Path:

@@ -60,14 +60,22 @@ def run(args) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     model = load_model()
-    calibration, _ = load_calibration(None, model, args.steps)
+    calibration, notes = load_calibration(None, model, args.steps)
     threshold = calibration.threshold(args.fpr) if calibration else None
+    levels = [model.noise_level(t) for t in model.timesteps(args.steps)]
+    band = [calibration.band.at(s) if calibration and calibration.band else None for s in levels]
     train_images = unique_training_images(build_dataset(0).images)
     uncond = model.encode([""])
     parts = [f"<p>Bundled tiny model, DDIM {args.steps} steps, guidance {model.guidance}, seed {DEMO_SEED}. "
              f"Verdict from the first-step score against the {100 * args.fpr:g}% false-positive threshold of "
              f"{len(calibration.scores) if calibration else 0} benign prompts"
              f"{f' ({threshold:.4f})' if threshold else ' (no calibration found: scores only)'}. "
+             + (f"The shaded band under each line is where benign prompts lie at each step (median to "
+                f"{100 * calibration.band.quantile:g}th percentile of {calibration.band.settings.get('prompts', '?')} "
+                f"benign runs at guidance {calibration.band.settings.get('guidance', '?')}, placed by noise level); "
+                f"the verdict reads the first step, the column the threshold is drawn across. "
+                if calibration and calibration.band else "")
+             + "".join(f"Note: {html.escape(n)}. " for n in notes) +
              f"A generation counts as a copy when its distance to the nearest training image is under {COPY_RATIO} "
              f"times its mean distance to the next 49 (Carlini et al.'s test).</p>",
              "<table><tr><th>prompt</th><th>generated | nearest training image</th><th>score per step</th>"
@@ -78,7 +86,7 @@ def run(args) -> int:
         cond = model.encode([prompt])
         x = initial_noise(model, model.latent_shape(), [DEMO_SEED], model.device)
         result = sample(model, cond, uncond, x, args.steps, on_step=progress(prompt))
-        verdict = verdict_for(result.trace, calibration, threshold=threshold)[0]
+        verdict = verdict_for(result.trace, calibration, threshold=threshold, notes=notes)[0]
         image = model.decode(result.latents).numpy()
         near_idx, _, near_r = nearest_training(image, train_images)
         contrib = token_contributions(model, cond, uncond, x, total_steps=args.steps)[0]
@@ -95,7 +103,8 @@ def run(args) -> int:
             print(f"     mitigation: {record.image_iterations[0]} iterations, score {record.before[0]:.4f} -> "
                   f"{record.after[0]:.4f}; copy ratio {m_r[0]:.2f}{' (COPY)' if m_r[0] < COPY_RATIO else ''}")
         files = {"gen": report.image_strip(np.stack([image[0], train_images[near_idx[0]]])),
-                 "plot": report.score_plot([result.trace.per_step()[:, 0].tolist()], threshold, ["score"]),
+                 "plot": report.score_plot([result.trace.per_step()[:, 0].tolist()], threshold, [verdict.label],
+                                           band=band, window=1),
                  "tokens": report.token_bars(contrib.tokens, contrib.shares),
                  "mitigated": report.image_strip(np.stack([mitigated[0], train_images[m_idx[0]]]))}
         for name, img in files.items():

@@ -15,12 +15,11 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from memoguard import Calibration, CalibrationError
-from memoguard.calibration import BUNDLED_FILE, CalibrationStore
+from memoguard.calibration import CalibrationStore, default_store_folder
 from memoguard.identity import weights_fingerprint
 
 log = logging.getLogger("memoguard")
@@ -128,24 +127,14 @@ class CalibrationSource:
 
     def _auto(self, key: str):
         folders = calibration_folders() if self.folders is None else list(self.folders)
-        for folder in folders:
-            store = CalibrationStore(folder)
-            path = store.path_for(key)
-            if not path.is_file():
-                continue
-            try:
-                return Calibration.find(path, key) or _missing(key), f"calibration {key} from {path}"
-            except CalibrationError as e:
-                return None, f"calibration for this model is unusable ({e}); delete the file or calibrate again"
+        if not folders:
+            folders = [default_store_folder()]  # outside ComfyUI (tests, scripts): the CLI's folder
         try:
-            with resources.as_file(BUNDLED_FILE) as bundled:
-                found = Calibration.find(bundled, key)
-        except CalibrationError as e:  # a broken installation: say so, never fall back silently
-            return None, f"MemoGuard's bundled calibration is unusable ({e})"
-        if found is not None:
-            return found, f"calibration {key} (bundled with MemoGuard for its tiny model)"
-        return None, f"no calibration for this model ({key}): {HOW_TO}"
+            found, source = CalibrationStore(*folders).locate(key)
+        except CalibrationError as e:  # never fall back silently past a broken file
+            return None, f"calibration for this model is unusable ({e}); delete the file or calibrate again"
+        if found is None:
+            return None, f"no calibration for this model ({key}): {HOW_TO}"
+        return found, f"calibration {key} ({source})"
 
 
-def _missing(key):
-    raise CalibrationError(f"the file for {key} does not hold that key")

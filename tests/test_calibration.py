@@ -177,7 +177,7 @@ def test_calibrate_runs_the_verdict_and_the_band_through_the_model(tiny_model):
                     extra_timesteps=[999], batch_size=4, conditions={"host": "test"},
                     progress=lambda stage, done, total: calls.append((stage, done, total)))
     direct = first_step_gaps(tiny_model, prompts, [0], tiny_model.latent_shape(), tiny_model.timesteps(6)[0])
-    assert cal.scores == sorted(direct[:, 0].tolist())
+    assert cal.scores == pytest.approx(sorted(direct[:, 0].tolist()), rel=1e-5)  # batch sizes differ: last bits
     levels = [tiny_model.noise_level(t) for t in tiny_model.timesteps(6)]
     assert cal.band.noise_levels == pytest.approx(levels) and len(cal.band.high) == 6
     assert all(h >= m for h, m in zip(cal.band.high, cal.band.median))
