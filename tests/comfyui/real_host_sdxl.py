@@ -4,6 +4,7 @@ Run by test_real_host.py with ComfyUI's Python and COMFYUI_DIR; prints one JSON 
 ComfyUI's own SDXL class (supported_models.SDXL, model_base.SDXL: y = pooled text + size ids via
 encode_adm) with a small UNet and random weights, paired with MemoGuard's tiny CLIP (width 64).
 """
+import inspect
 import json
 import sys
 import types
@@ -83,7 +84,9 @@ def main():
         out["y_shape"] = list(cond.extra["y"].shape)
         out["adapter_first_step"] = rms_per_image(eps_c - eps_u).tolist()
 
-        node = TokenContributionsNode.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "10"})
+        hidden = {io.Hidden.unique_id: "10"}
+        takes_v3_data = "v3_data" in inspect.signature(TokenContributionsNode.PREPARE_CLASS_CLONE).parameters
+        node = TokenContributionsNode.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if takes_v3_data else hidden)
         _, data = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
         out["tokens"] = json.loads(data)
 
