@@ -29,6 +29,13 @@ def _ints(text: str):
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def full_range_timesteps(model, steps: int):
+    """`steps` integer timesteps from the noisiest (T - 1) to the cleanest (1), noisiest first."""
+    import torch
+    last = len(model.alphas_cumprod) - 1
+    return torch.linspace(last, 1, max(2, steps), device=model.device).round().long()
+
+
 def add_arguments(p):
     p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
@@ -43,6 +50,9 @@ def add_arguments(p):
     p.add_argument("--band-prompts", type=int, default=32,
                    help="prompts sampled in full for the per-step benign band of the charts (0: no band)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale of the band runs (default: the model's)")
+    p.add_argument("--band-steps", type=int, default=50,
+                   help="steps of the band runs, spread over the whole schedule (t = T-1 ... 1), so that the band "
+                        "covers where k-diffusion samplers start (sigma max) and where DDIM ends")
     p.add_argument("--batch-size", type=int, default=32, help="images per UNet call")
     p.add_argument("--out", type=Path, default=None,
                    help=f"calibration file to create or update (default: <key>.json in {default_store_folder()})")
@@ -68,6 +78,7 @@ def run(args) -> int:
         cal = calibrate(model, prompts, model_key=model.model_key, shape=model.latent_shape(), steps=args.steps,
                         seeds=list(range(args.seeds)), guidance=args.guidance, band_prompts=args.band_prompts,
                         extra_timesteps=args.extra_timesteps, batch_size=args.batch_size,
+                        band_timesteps=full_range_timesteps(model, args.band_steps),
                         conditions={"host": "diffusers", "prediction": model.parameterization, "model": model.name},
                         progress=progress)
         if args.out is not None:

@@ -45,15 +45,17 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
 
 @torch.no_grad()
 def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, steps: int, guidance: float,
-              batch_size: int = 8, progress: Optional[Progress] = None) -> np.ndarray:
-    """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...)."""
+              batch_size: int = 8, progress: Optional[Progress] = None,
+              timesteps: Optional[torch.Tensor] = None) -> np.ndarray:
+    """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...), on the
+    model's `steps`-step schedule or on explicit `timesteps`."""
     uncond = model.encode([""])
     rows = []
     for start in range(0, len(prompts), batch_size):
         stop = min(len(prompts), start + batch_size)
         cond = model.encode(list(prompts[start:stop]))
         x = initial_noise(model, shape, range(seed + start, seed + stop), _device(cond))
-        rows.append(sample(model, cond, uncond, x, steps, guidance).trace.per_step().T.numpy())
+        rows.append(sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy())
         if progress is not None:
             progress(stop, len(prompts))
     return np.concatenate(rows)
@@ -62,11 +64,13 @@ def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, s
 def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, shape, steps: int,
               seeds: Sequence[int] = (0,), guidance: Optional[float] = None, band_prompts: int = 32,
               band_quantile: float = 0.99, extra_timesteps: Sequence = (), batch_size: int = 32,
-              conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None
-              ) -> Calibration:
+              conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None,
+              band_timesteps: Optional[torch.Tensor] = None) -> Calibration:
     """A calibration of `model` from benign `prompts` at the first step of its `steps`-step schedule.
 
-    band_prompts: how many of the prompts also get a full run for the band (0: no band).
+    band_prompts: how many of the prompts also get a full run for the band (0: no band); band_timesteps: the
+    schedule of those runs (default: the model's `steps`-step one), e.g. one spanning the whole noise range
+    so that the band serves schedulers that start higher or end lower.
     extra_timesteps: first steps at these timesteps (the model's own t convention) are scored as well
     (other_levels), for samplers and schedulers that start their runs at other noise levels. conditions: what the host adds (host, prediction, sampler ...).
     """
@@ -86,10 +90,11 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
     band = None
     if band_prompts:
         chosen = list(prompts[:band_prompts])
-        gaps = band_gaps(model, chosen, 1000, shape, steps, guidance, max(1, batch_size // 4), report("band"))
-        levels = [model.noise_level(t) for t in model.timesteps(steps)]
-        band = Band.from_runs(levels, gaps, band_quantile, {"steps": steps, "guidance": guidance,
-                                                             "sampler": "ddim", "prompts": len(chosen)})
+        schedule = model.timesteps(steps) if band_timesteps is None else band_timesteps
+        gaps = band_gaps(model, chosen, 1000, shape, len(schedule), guidance, max(1, batch_size // 4),
+                         report("band"), schedule)
+        band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_quantile,
+                              {"steps": len(schedule), "guidance": guidance, "sampler": "ddim", "prompts": len(chosen)})
     cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape),
             "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}
     return Calibration(model_key, scores.tolist(), 1, guidance,

@@ -30,9 +30,11 @@ def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch
 @torch.no_grad()
 def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
            steps: int = 20, guidance: Optional[float] = None, monitor: bool = True,
-           cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None) -> SampleResult:
-    """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes."""
-    ts = model.timesteps(steps)
+           cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None,
+           timesteps: Optional[torch.Tensor] = None) -> SampleResult:
+    """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes.
+    timesteps: an explicit schedule (noisiest first) instead of the model's `steps`-step one."""
+    ts = model.timesteps(steps) if timesteps is None else timesteps
     guidance = model.guidance if guidance is None else guidance
     x = x_T
     trace = ScoreTrace() if monitor else None

@@ -1,6 +1,5 @@
 """Memorization Monitor (MODEL -> MODEL) and Memorization Score readout."""
 import json
-import logging
 import math
 
 from comfy_api.latest import io, ui
@@ -9,9 +8,7 @@ from . import live
 from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
 from .mitigation_hook import session_of as mitigation_of
 from .monitor_hook import ACTIONS, MonitorSession, MonitorSettings, attach_monitor, session_of
-from .plots import score_plot, to_image_tensor
-
-log = logging.getLogger("memoguard")
+from .plots import score_plot
 
 
 class MemorizationMonitor(io.ComfyNode):
@@ -97,7 +94,9 @@ class MemorizationScore(io.ComfyNode):
         scores = [v.score for v in verdicts if v.available]
         score = max(scores) if scores else math.nan
         data = session.to_dict(images)
-        plot = _plot(session, data["threshold"], lines[0] if lines else "")
+        plot = score_plot(session.trace.per_step().tolist(), data["threshold"], lines[0] if lines else "",
+                          band=data.get("band"), window=data.get("window"), notes=data.get("notes", ()),
+                          labels=[f"image {i + 1}: {v['label']}" for i, v in enumerate(data["verdicts"])])
         preview = ui.PreviewImage(plot, cls=cls).as_dict()
         return io.NodeOutput(score, any(v.flagged for v in verdicts), summary, plot,
                              ui={**preview, "memoguard_trace": [json.dumps(data)], "text": [summary]})
@@ -108,23 +107,3 @@ def _batch_size(samples) -> int:
         return int(samples["samples"].shape[0])
     except Exception:
         return 1
-
-
-def _plot(session, threshold, title: str):
-    """The score chart; whatever happens there, a picture (an unavailable score never stops a workflow)."""
-    per_step = session.trace.per_step().tolist()
-    try:
-        if not per_step:
-            return message_image(title or "no score")
-        return score_plot(per_step, threshold, title)
-    except Exception:
-        log.exception("MemoGuard could not draw the score plot")
-        return message_image(title or "no score")
-
-
-def message_image(text: str, size=(512, 256)):
-    """A white picture with one line of text, as an IMAGE tensor."""
-    from PIL import Image, ImageDraw
-    img = Image.new("RGB", size, "white")
-    ImageDraw.Draw(img).text((12, size[1] // 2 - 6), text[:90], fill="black")
-    return to_image_tensor(img)

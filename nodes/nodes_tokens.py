@@ -10,8 +10,7 @@ from memoguard.host_autograd import differentiable
 from . import live
 from .comfy_model import ComfyDiffusionModel
 from .latents import sampler_latent
-from .nodes_monitor import message_image
-from .plots import token_bars
+from .plots import message_image, token_bars
 
 
 def input_problem(text: str, steps: int, explain_steps: int):

@@ -47,3 +47,10 @@ def token_bars(tokens: List[str], shares: List[float], title: str) -> torch.Tens
         return to_image_tensor(report.token_bars(tokens, shares, width=512, title=title))
     except Exception as e:  # noqa: BLE001
         return to_image_tensor(_failed((512, 64), "token chart", e))
+
+
+def message_image(text: str, size=(512, 256)):
+    """A white picture with one line of text, as an IMAGE tensor."""
+    img = Image.new("RGB", size, "white")
+    ImageDraw.Draw(img).text((12, size[1] // 2 - 6), text[:90], fill="black")
+    return to_image_tensor(img)
