@@ -16,16 +16,18 @@ from typing import Dict, List, Optional
 
 import torch
 
-from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, token_contributions,
-                       uncond_is_missing)
-from memoguard.calibration import Calibration
+from memoguard import (MitigationRecord, PromptEncoding, ScoreTrace, Verdict, eps_difference, minimize_embedding,
+                       rms_per_image, token_contributions, uncond_is_missing)
+from memoguard.calibration import Calibration, CalibrationError
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.mitigate import check_settings
 from memoguard.verdict import verdict_for
 
+from . import calibrate as calibration_glue
 from . import forge
-from .host_model import (KDIFFUSION, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings, sampler_family,
-                         with_embedding)
+from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings,
+                         sampler_family, with_embedding)
+from .model_identity import model_key
 
 # A1111 writes these keys into p.extra_generation_params at a step whose uncond pass it skipped
 # and puts copies of the cond rows where the uncond rows belong.
@@ -38,7 +40,7 @@ FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, so th
 class Settings:
     window: int = 1                     # steps the score averages over, from the first
     threshold: Optional[float] = None   # overrides the calibration's threshold
-    calibration: Optional[Calibration] = None
+    calibration_file: str = ""          # explicit calibration (must be this model's); else found by model key
     fpr: float = 0.01
     explain: bool = False
     explain_steps: int = 1
@@ -53,13 +55,6 @@ class Settings:
         if not 0 < self.fpr < 1:
             raise ValueError(f"false-positive rate must be in (0, 1), got {self.fpr}")
         check_settings(self.mitigation, self.lr, self.max_iters, self.target)
-        if self.mitigation == "auto" and self.flag_threshold() is None:
-            raise ValueError("mitigation 'auto' needs a threshold or a calibration file to decide what is flagged")
-
-    def flag_threshold(self) -> Optional[float]:
-        if self.threshold is not None:
-            return self.threshold
-        return self.calibration.threshold(self.fpr) if self.calibration is not None else None
 
 
 @dataclass
@@ -79,8 +74,10 @@ class IterationResult:
     skipped_steps: List[int] = field(default_factory=list)
     explanations: list = field(default_factory=list)   # per cond row: [TokenContributions per step]
     rows_per_image: List[List[int]] = field(default_factory=list)
-    mitigation: Optional[MitigationRecord] = None
+    mitigation: Optional[MitigationRecord] = None       # per image (AND sub-prompts combined)
     embedding: Optional[torch.Tensor] = None            # the mitigated cond rows, used for every step
+    levels: List[float] = field(default_factory=list)   # noise level (sigma / alpha) of each recorded step
+    latent: Optional[tuple] = None                      # (C, H, W) of the sampled latent
 
 
 def cond_layout(denoiser) -> List[List[tuple]]:
@@ -109,6 +106,25 @@ def guided_difference(x_out: torch.Tensor, layout, family: str, sigma: torch.Ten
     return torch.cat(out)
 
 
+def combine_rows(diff_rows: torch.Tensor, layout) -> torch.Tensor:
+    """Per-row eps_c - eps_u (cond rows in layout order) -> per image, AND sub-prompts weighted as CFG adds them."""
+    out, row = [], 0
+    for rows in layout:
+        d = sum(weight * diff_rows[row + k:row + k + 1] for k, (_, weight) in enumerate(rows))
+        out.append(d)
+        row += len(rows)
+    return torch.cat(out)
+
+
+def single_prompt_images(layout) -> bool:
+    return all(len(rows) == 1 and rows[0][1] == 1.0 for rows in layout)
+
+
+def select_rows(enc: PromptEncoding, rows: List[int]) -> PromptEncoding:
+    return PromptEncoding(enc.embedding[rows], [enc.tokens[r] for r in rows], enc.prompt_mask[rows],
+                          enc.frozen_mask[rows], {k: v[rows] for k, v in enc.extra.items()})
+
+
 class RunMonitor:
     """Callbacks for one Script.run(). Every callback catches its own errors: sampling goes on."""
 
@@ -118,6 +134,13 @@ class RunMonitor:
         self.errors: List[str] = []
         self.hires_seen = False
         self._pending: Optional[Pending] = None
+        # which model this is and its calibration: resolved once, after the run's first model call
+        self.model_key: Optional[str] = None
+        self.calibration: Optional[Calibration] = None
+        self.calibration_source = ""            # where the calibration came from
+        self.calibration_problem = ""           # why none applies (other model's file, corrupt file ...)
+        self._resolved = False
+        self._verdicts: Dict[int, tuple] = {}
 
     # -- callbacks ------------------------------------------------------------------------
     def on_cfg_denoiser(self, params) -> None:
@@ -148,6 +171,8 @@ class RunMonitor:
         batch = len(layout)
         iteration = int(getattr(self.p, "iteration", 0))
         result = self.results.setdefault(iteration, IterationResult())
+        if result.latent is None:
+            result.latent = tuple(params.x.shape[1:])
         step = int(denoiser.step)
         pending = Pending(iteration, step, self._family(denoiser), layout, params.sigma[-batch:])
         # a failing explanation or mitigation is reported; the step is still scored
@@ -167,10 +192,22 @@ class RunMonitor:
             self._skip(pending, self._skipped_keys_reason(pending))
         else:
             self._record(pending, guided_difference(params.x, pending.layout, pending.family, pending.sigma))
+        self.resolve_calibration()  # after the first model call: A1111's Lora has merged its weights by now
+
+    def _noise_level(self, pending: Pending, t: float) -> float:
+        """sigma / alpha of the step: the k-diffusion sigma; a timestep sampler's t through alphas_cumprod."""
+        if pending.family == TIMESTEPS:
+            abar = float(self.p.sd_model.alphas_cumprod[int(round(t))])
+            return math.sqrt((1 - abar) / abar)
+        return t
 
     def _record(self, pending: Pending, diff: torch.Tensor) -> None:
         result = self.results[pending.iteration]
-        gaps = result.trace.record(pending.step, diff, float(pending.sigma[0]))
+        t = float(pending.sigma[0])
+        recorded = len(result.trace)
+        gaps = result.trace.record(pending.step, diff, t)
+        if len(result.trace) > recorded:
+            result.levels.append(self._noise_level(pending, t))
         if self.state is not None and not result.trace.unavailable:
             shown = ", ".join(f"{g:.4f}" for g in gaps[:4].tolist()) + (" ..." if len(gaps) > 4 else "")
             self.state.textinfo = f"MemoGuard step {pending.step + 1}: score {shown}"
@@ -211,14 +248,52 @@ class RunMonitor:
             result.explanations[row].append(c)
 
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
-        s = self.settings
+        """Optimise the prompt rows of the images to mitigate; the record is per image (AND rows combined)."""
+        s, layout = self.settings, pending.layout
         with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
-            embedding, record = minimize_embedding(model, cond, uncond, x, t, mode=s.mitigation,
-                                                   threshold=s.flag_threshold(), target=s.target, lr=s.lr,
-                                                   max_iters=s.max_iters)
-        result.mitigation = record
-        if record.ran:
+            with torch.no_grad():
+                before = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding)
+            images = list(range(len(layout)))
+            if s.mitigation == "auto":  # decided on each image's own (combined) score; weights are final now
+                threshold = self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
+                if threshold is None:
+                    result.mitigation = MitigationRecord("auto", False, before=before, after=before,
+                                                         image_iterations=[0] * len(layout),
+                                                         reason="no calibration of this checkpoint and no threshold")
+                    return
+                images = [i for i in images if before[i] >= threshold]
+                if not images:
+                    result.mitigation = MitigationRecord("auto", False, before=before, after=before,
+                                                         image_iterations=[0] * len(layout),
+                                                         reason=f"first-step score under threshold {threshold:.4g}")
+                    return
+            rows_of = [[r for r, _ in rows] for rows in layout]
+            rows = [r for i in images for r in rows_of[i]]
+            sub_emb, sub = minimize_embedding(model, select_rows(cond, rows), select_rows(uncond, rows), x[rows], t,
+                                              mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters)
+            embedding = cond.embedding.detach().clone()
+            embedding[rows] = sub_emb.to(embedding.dtype)
+            if not sub.ran:
+                after = before
+            elif single_prompt_images(layout):  # one row per image: the core's per-row numbers are the image's
+                after = list(before)
+                for k, i in enumerate(images):
+                    after[i] = sub.after[k]
+            else:
+                with torch.no_grad():
+                    after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)
+        row_moves = dict(zip(rows, sub.image_iterations))
+        result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations,
+                                             [max([row_moves.get(r, 0) for r in rs] or [0]) for rs in rows_of],
+                                             sub.losses, before, after, sub.reason)
+        if sub.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
+
+    @staticmethod
+    def _image_gaps(model, cond, uncond, x, t, layout, embedding) -> List[float]:
+        """First-step RMS gap of each image with the cond rows at `embedding`, AND sub-prompts combined."""
+        eps_c, eps_u = model.eps_pair(x, t, cond, uncond, embedding)
+        return rms_per_image(combine_rows(eps_c - eps_u, layout)).float().cpu().tolist()
 
     def _attempt(self, doing: str, action, *args) -> None:
         try:
@@ -235,15 +310,90 @@ class RunMonitor:
         if self.state is not None:
             self.state.textinfo = message
 
+    # -- calibration ----------------------------------------------------------------------
+    def prediction(self) -> str:
+        return calibration_glue.prediction_of(self.p.sd_model)
+
+    def resolve_calibration(self) -> None:
+        """Key of the weights being sampled, and the calibration made for that key (never another model's)."""
+        if self._resolved:
+            return
+        self._resolved = True
+        try:
+            self.model_key = self._model_key()
+        except Exception as e:
+            self.calibration_problem = f"the model could not be identified ({type(e).__name__}: {e})"
+            return
+        path = self.settings.calibration_file
+        try:
+            if path:
+                self.calibration = Calibration.find(path, self.model_key)
+                if self.calibration is None:
+                    try:
+                        other = f"model {Calibration.load(path).model_key}"
+                    except CalibrationError as e:  # several models in the file: the message lists them
+                        other = str(e)
+                    self.calibration_problem = (f"calibration file {path} is not for this checkpoint ({self.model_key}; "
+                                                f"file: {other}): not applied")
+                else:
+                    self.calibration_source = path
+            else:
+                store = calibration_glue.store()
+                self.calibration = store.find(self.model_key)
+                if self.calibration is not None:
+                    found = store.path_for(self.model_key)
+                    self.calibration_source = str(found) if found.is_file() else "bundled calibration"
+        except CalibrationError as e:  # a corrupt or unreadable file: said, never silently skipped
+            self.calibration, self.calibration_problem = None, str(e)
+
+    def _model_key(self) -> str:
+        return model_key(self.p.sd_model)
+
+    def first_level(self, result: IterationResult) -> Optional[float]:
+        return result.levels[0] if result.levels else None
+
+    def calibration_for(self, result: IterationResult, level: Optional[float] = None) -> Optional[Calibration]:
+        self.resolve_calibration()
+        level = self.first_level(result) if level is None else level
+        return None if self.calibration is None else self.calibration.at_noise_level(level)
+
+    def flag_threshold(self, result: IterationResult, level: Optional[float] = None) -> Optional[float]:
+        s = self.settings
+        if s.threshold is not None:
+            return s.threshold
+        calibration = self.calibration_for(result, level)
+        return calibration.threshold(s.fpr) if calibration is not None else None
+
+    def notes(self, result: IterationResult) -> List[str]:
+        """How this run differs from its calibration in ways that change the score."""
+        calibration = self.calibration_for(result)
+        if calibration is None:
+            return []
+        notes = calibration.check(self.prediction(), self.first_level(result), result.latent)
+        if self.settings.window != calibration.window:
+            notes.append(f"calibrated on {calibration.window} step(s), this verdict averages {self.settings.window}")
+        return notes
+
+    def uncalibrated_hint(self) -> str:
+        problem = f"{self.calibration_problem}; " if self.calibration_problem else ""
+        which = f" ({self.model_key})" if self.model_key else ""
+        return f"{problem}no calibration for this checkpoint{which}: {calibration_glue.HOW_TO}"
+
     # -- results --------------------------------------------------------------------------
     def verdicts(self, iteration: int) -> List[Verdict]:
+        batch = int(getattr(self.p, "batch_size", 1))
         result = self.results.get(iteration)
         if result is None:
             reason = self.errors[0] if self.errors else "no sampling step of the first pass was seen"
-            return [Verdict(False, reason=reason)] * int(getattr(self.p, "batch_size", 1))
+            return [Verdict(False, reason=reason) for _ in range(batch)]
+        cached = self._verdicts.get(iteration)
+        if cached is not None and cached[0] == len(result.trace):
+            return cached[1]
         s = self.settings
-        verdicts = verdict_for(result.trace, s.calibration, s.window, s.fpr, s.threshold)
-        return verdicts * int(getattr(self.p, "batch_size", 1)) if len(verdicts) == 1 else verdicts
+        verdicts = verdict_for(result.trace, self.calibration_for(result), s.window, s.fpr, s.threshold, images=batch,
+                               uncalibrated_hint=self.uncalibrated_hint(), notes=self.notes(result))
+        self._verdicts[iteration] = (len(result.trace), verdicts)
+        return verdicts
 
     def verdict(self, iteration: int, position: int) -> Verdict:
         verdicts = self.verdicts(iteration)
@@ -263,6 +413,7 @@ class ForgeRunMonitor(RunMonitor):
     def __init__(self, p, settings: Settings, shared_state=None):
         super().__init__(p, settings, shared_state)
         self.post_cfg = self._post_cfg_hook()
+        self._flow = False
 
     def _post_cfg_hook(self):
         # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
@@ -279,6 +430,7 @@ class ForgeRunMonitor(RunMonitor):
     def _before(self, params) -> None:
         super()._before(params)
         if self._pending is not None:
+            self._flow = forge.is_rectified_flow(forge.forge_unet(params.denoiser).model)
             forge.install_post_cfg(params.denoiser, self.post_cfg)
 
     def _family(self, denoiser) -> str:
@@ -291,6 +443,11 @@ class ForgeRunMonitor(RunMonitor):
             self._skip(pending, FORGE_CFG1_REASON if cfg_one else self._skipped_keys_reason(pending))
         else:
             self._record(pending, forge.guided_difference(args))
+        self.resolve_calibration()  # the UNet this sampling loaded, LoRA patches applied
+
+    def _noise_level(self, pending: Pending, t: float) -> float:
+        """Forge calls every model in sigma form; a rectified flow's x = (1 - sigma) x0 + sigma eps."""
+        return t / (1 - t) if self._flow and t < 1 else t
 
     @contextmanager
     def _gradient_inputs(self, params, pending: Pending):

@@ -1,17 +1,22 @@
 """The "MemoGuard" entry of the txt2img / img2img Script dropdown.
 
 API (/sdapi/v1/txt2img, /sdapi/v1/img2img): "script_name": "memoguard" and "script_args" in the
-order of ARG_NAMES (missing trailing values take the defaults below).
+order of ARG_NAMES (missing trailing values take the defaults below). Calibration:
+POST /memoguard/v1/calibrate (calibrate.py), or the "Calibrate this checkpoint" button.
 """
+import hashlib
+import json
 import math
+import sys
+from collections import OrderedDict
 
 from modules import processing, script_callbacks, scripts, shared
 
-from memoguard.calibration import Calibration, CalibrationError
-
+from . import calibrate as calibration_glue
+from .args import parse_args
 from .forge import is_forge
 from .monitor import ForgeRunMonitor, RunMonitor, Settings
-from .panel import image_panel, mitigation_text, panel, top_tokens_text, verdict_label
+from .panel import Chart, image_panel, mitigation_text, panel, top_tokens_text
 
 # (argument, gradio component, label, default, hint, options); script_args follow this order.
 CONTROLS = (
@@ -19,7 +24,8 @@ CONTROLS = (
      "Average the gap over the first N steps; 1 = first step, as in the paper", dict(minimum=1, maximum=50, step=1)),
     ("threshold", "Number", "Threshold", 0.0, "Flag images whose score reaches this value; 0 = use the calibration", {}),
     ("calibration_file", "Textbox", "Calibration file", "",
-     "JSON from `python -m memoguard calibrate`; gives percentiles and a threshold", {}),
+     "Empty: the calibration of this checkpoint from models/memoguard (found by model key). A path: that "
+     "file, which must be for this checkpoint", {}),
     ("fpr", "Slider", "False-positive rate", 0.01, "Share of benign prompts the calibrated threshold may flag",
      dict(minimum=0.001, maximum=0.2, step=0.001)),
     ("explain", "Checkbox", "Explain tokens", False,
@@ -38,26 +44,89 @@ ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
 
 
-def settings_from_args(args, checkpoint_name: str) -> Settings:
-    values = dict(zip(ARG_NAMES, DEFAULTS))
-    values.update(zip(ARG_NAMES, args))
-    calibration = None
-    path = str(values["calibration_file"] or "").strip()
-    if path:
-        try:
-            calibration = Calibration.load(path)
-        except CalibrationError:  # a file with several models: take this checkpoint's entry
-            calibration = Calibration.load(path, checkpoint_name)
-    threshold = float(values["threshold"] or 0.0)
-    return Settings(window=int(values["window"]), threshold=threshold if threshold > 0 else None,
-                    calibration=calibration, fpr=float(values["fpr"]), explain=bool(values["explain"]),
-                    explain_steps=int(values["explain_steps"]), mitigation=str(values["mitigation"]),
-                    target=float(values["target"]), lr=float(values["lr"]), max_iters=int(values["max_iters"]))
+def settings_from_args(args) -> Settings:
+    """Settings from script_args (UI or API), every value type- and range-checked (args.ArgumentError)."""
+    v = parse_args(args, ARG_NAMES, DEFAULTS)
+    return Settings(window=v["window"], threshold=v["threshold"] if v["threshold"] > 0 else None,
+                    calibration_file=v["calibration_file"], fpr=v["fpr"], explain=v["explain"],
+                    explain_steps=v["explain_steps"], mitigation=v["mitigation"], target=v["target"], lr=v["lr"],
+                    max_iters=v["max_iters"])
+
+
+def image_of(kwargs) -> tuple:
+    """(iteration, position in batch) of the image whose infotext the WebUI is writing.
+
+    create_infotext hands callables its locals. For each saved image the WebUI calls it with the
+    current batch's prompt list and index = position in that batch, leaving iteration and
+    position_in_batch at 0 (p.iteration is the batch being written); Processed.infotext passes
+    iteration and position_in_batch, and index is then the image's number in the whole job.
+    """
+    p = kwargs.get("p")
+    batch = max(1, int(getattr(p, "batch_size", 1) or 1))
+    if kwargs.get("use_main_prompt"):
+        return 0, 0
+    index = kwargs.get("index")
+    if index is None:
+        return int(kwargs.get("iteration") or 0), int(kwargs.get("position_in_batch") or 0)
+    index = int(index)
+    if p is not None and kwargs.get("all_prompts") is getattr(p, "prompts", None):  # the current batch's list
+        return int(getattr(p, "iteration", 0) or 0), index
+    return divmod(index, batch)
+
+
+# Panels of recent runs, found again by what the WebUI's generation info says about the run (per session):
+# two tabs or users never see each other's panel.
+PANELS_KEPT = 64
+_panels: "OrderedDict[str, str]" = OrderedDict()
+
+
+def panel_key(job_timestamp, all_seeds, all_prompts, infotexts) -> str:
+    blob = json.dumps([str(job_timestamp), list(all_seeds or []), list(all_prompts or []), list(infotexts or [])],
+                      default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def remember_panel(processed, html_text: str) -> str:
+    key = panel_key(getattr(processed, "job_timestamp", ""), getattr(processed, "all_seeds", []),
+                    getattr(processed, "all_prompts", []), getattr(processed, "infotexts", []))
+    _panels[key] = html_text
+    _panels.move_to_end(key)
+    while len(_panels) > PANELS_KEPT:
+        _panels.popitem(last=False)
+    return key
+
+
+def panel_for(generation_info: str) -> str:
+    """The panel of the run this generation-info JSON (Processed.js()) describes; empty for other runs."""
+    try:
+        info = json.loads(generation_info or "{}")
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(info, dict):
+        return ""
+    return _panels.get(panel_key(info.get("job_timestamp", ""), info.get("all_seeds", []),
+                                 info.get("all_prompts", []), info.get("infotexts", [])), "")
+
+
+CALIBRATION_CONTROLS = (
+    ("prompts", "Slider", "Benign prompts", calibration_glue.DEFAULTS["prompts"],
+     "How many of the shipped benign prompts to score (2 UNet evaluations each, batched)",
+     dict(minimum=10, maximum=500, step=1)),
+    ("band_prompts", "Slider", "Band runs", calibration_glue.DEFAULTS["band_prompts"],
+     "Full sampling runs for the per-step band in the plot (2 x steps evaluations each); 0 = no band",
+     dict(minimum=0, maximum=64, step=1)),
+    ("steps", "Slider", "Steps", calibration_glue.DEFAULTS["steps"],
+     "Steps of the band's runs (Euler, Automatic schedule); the verdict uses the first step",
+     dict(minimum=2, maximum=150, step=1)),
+    ("width", "Slider", "Width", calibration_glue.DEFAULTS["width"], "Image width the calibration samples at",
+     dict(minimum=64, maximum=2048, step=64)),
+    ("height", "Slider", "Height", calibration_glue.DEFAULTS["height"], "Image height the calibration samples at",
+     dict(minimum=64, maximum=2048, step=64)),
+)
 
 
 class MemoGuardScript(scripts.Script):
-    panel_html = ""   # the last generation's panel, shown when the output panel updates
-    last_run = None   # the last generation's RunMonitor
+    last_run = None   # this instance's most recent RunMonitor (for tests and debugging; the UI uses _panels)
 
     def title(self):
         return "MemoGuard"
@@ -75,21 +144,34 @@ class MemoGuardScript(scripts.Script):
                     for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
                         controls.append(getattr(gr, component)(value=default, label=label, info=hint,
                                                                elem_id=f"memoguard_{name}_{tab}", **options))
+            with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"memoguard_calibrate_{tab}"):
+                # not returned: these are no script_args
+                with gr.Row():
+                    settings = [getattr(gr, component)(value=default, label=label, info=hint,
+                                                       elem_id=f"memoguard_cal_{name}_{tab}", **options)
+                                for name, component, label, default, hint, options in CALIBRATION_CONTROLS]
+                button = gr.Button("Calibrate this checkpoint", elem_id=f"memoguard_cal_button_{tab}")
+                status = gr.HTML(f"<div class='memoguard-note'>Saved to models/memoguard/&lt;model key&gt;.json and "
+                                 f"used automatically for this checkpoint. API: POST {calibration_glue.ROUTE}</div>",
+                                 elem_id=f"memoguard_cal_status_{tab}")
+                button.click(fn=calibration_glue.ui_calibrate, inputs=settings, outputs=[status])
             self.panel = gr.HTML(elem_id=f"memoguard_panel_{tab}")
         return controls
 
     def after_component(self, component, **kwargs):
-        # The hidden generation-info textbox changes once per finished generation: refresh the panel then.
+        # The generation-info textbox of this session changes once per finished generation: show that run's panel.
         tab = "img2img" if self.is_img2img else "txt2img"
         if kwargs.get("elem_id") == f"generation_info_{tab}" and getattr(self, "panel", None) is not None:
-            component.change(fn=lambda: self.panel_html, inputs=[], outputs=[self.panel], show_progress=False)
+            component.change(fn=panel_for, inputs=[component], outputs=[self.panel], show_progress=False)
 
     def run(self, p, *args):
-        checkpoint = getattr(getattr(p.sd_model, "sd_checkpoint_info", None), "model_name", "")
         try:
-            settings = settings_from_args(args, checkpoint)
-        except (ValueError, TypeError) as e:  # CalibrationError is a ValueError
-            p.comment(f"MemoGuard is off for this generation: {e}")
+            settings = settings_from_args(args)
+        except ValueError as e:  # wrong script_args: said where API users look (infotext / info) and in the log
+            message = f"{e}; MemoGuard did not run for this generation"
+            print(f"MemoGuard error: {message}", file=sys.stderr)
+            p.extra_generation_params["MemoGuard error"] = message
+            p.comment(f"MemoGuard error: {message}")
             return processing.process_images(p)
         monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
         self._add_infotext(p, monitor)
@@ -100,35 +182,52 @@ class MemoGuardScript(scripts.Script):
         finally:
             script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoiser)
             script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoised)
+            if str(getattr(shared.state, "textinfo", None) or "").startswith("MemoGuard"):
+                shared.state.textinfo = None  # /sdapi/v1/progress must not show this run's text after it
         self.last_run = monitor
-        self.panel_html = self._panel(p, monitor)
+        remember_panel(processed, self._panel(p, monitor))
         processed.comments += "".join(f"{line}\n" for line in self._summary(p, monitor))
         return processed
 
     @staticmethod
     def _add_infotext(p, monitor: RunMonitor) -> None:
         """Values are computed when each image's infotext is written, after its sampling."""
-        def score(iteration=0, position_in_batch=0, **_):
-            v = monitor.verdict(iteration, position_in_batch)
+        def verdict(kwargs):
+            return monitor.verdict(*image_of(kwargs))
+
+        def score(**kw):
+            v = verdict(kw)
             return f"{v.score:.4f}" if v.available else None
 
-        p.extra_generation_params["MemoGuard score"] = score
-        p.extra_generation_params["MemoGuard verdict"] = \
-            lambda iteration=0, position_in_batch=0, **_: verdict_label(monitor.verdict(iteration, position_in_batch))
+        def percentile(**kw):
+            v = verdict(kw)
+            return f"{v.percentile:.1f}" if v.available and math.isfinite(v.percentile) else None
+
+        def notes(**kw):
+            v = verdict(kw)
+            return "; ".join(v.notes) or None
+
+        def errors(**_):
+            return "; ".join(monitor.errors + ([monitor.calibration_problem] if monitor.calibration_problem else [])) \
+                or None
+
+        extra = p.extra_generation_params
+        extra["MemoGuard score"] = score
+        extra["MemoGuard verdict"] = lambda **kw: verdict(kw).label
+        extra["MemoGuard percentile"] = percentile
+        extra["MemoGuard model"] = lambda **_: monitor.model_key
+        extra["MemoGuard note"] = notes
+        extra["MemoGuard error"] = errors
         # the API's info and PNG info carry no processed.comments: the note on the hires pass goes here too
-        p.extra_generation_params["MemoGuard hires pass"] = lambda **_: "not scored" if monitor.hires_seen else None
+        extra["MemoGuard hires pass"] = lambda **_: "not scored" if monitor.hires_seen else None
         s = monitor.settings
-        if s.calibration is not None:
-            def percentile(iteration=0, position_in_batch=0, **_):
-                v = monitor.verdict(iteration, position_in_batch)
-                return f"{v.percentile:.1f}" if v.available and math.isfinite(v.percentile) else None
-            p.extra_generation_params["MemoGuard percentile"] = percentile
         if s.mitigation != "off":
-            p.extra_generation_params["MemoGuard mitigation"] = lambda iteration=0, position_in_batch=0, **_: \
-                mitigation_text(_mitigation(monitor, iteration), position_in_batch)
+            def mitigation(**kw):
+                iteration, position = image_of(kw)
+                return mitigation_text(_mitigation(monitor, iteration), position)
+            extra["MemoGuard mitigation"] = mitigation
         if s.explain:
-            p.extra_generation_params["MemoGuard tokens"] = lambda iteration=0, position_in_batch=0, **_: \
-                top_tokens_text(monitor.image_explanations(iteration, position_in_batch))
+            extra["MemoGuard tokens"] = lambda **kw: top_tokens_text(monitor.image_explanations(*image_of(kw)))
 
     @staticmethod
     def _images(p):
@@ -144,8 +243,34 @@ class MemoGuardScript(scripts.Script):
             parts.append(image_panel(f"Image {iteration * p.batch_size + position + 1}",
                                      monitor.verdict(iteration, position), gaps,
                                      monitor.image_explanations(iteration, position),
-                                     mitigation_text(_mitigation(monitor, iteration), position)))
-        return panel(parts, monitor.errors, self._notes(monitor))
+                                     mitigation_text(_mitigation(monitor, iteration), position),
+                                     self._chart(p, monitor, result)))
+        return panel(parts, monitor.errors, list(self._notes(monitor)))
+
+    @staticmethod
+    def _chart(p, monitor: RunMonitor, result) -> Chart:
+        if result is None:
+            return Chart([], [], monitor.settings.window, None, "")
+        chart = Chart(list(result.levels), result.trace.step_indices(), monitor.settings.window)
+        calibration = monitor.calibration_for(result)
+        if calibration is None:
+            chart.band_note = "no band: this checkpoint is not calibrated"
+        elif calibration.band is None:
+            chart.band_note = "no band: the calibration has none (calibrate with band runs > 0)"
+        else:
+            band = calibration.band
+            differs = calibration.check(monitor.prediction(), None, result.latent)
+            guidance = band.settings.get("guidance")
+            cfg = float(getattr(p, "cfg_scale", guidance or 0) or 0)
+            if differs:
+                chart.band_note = f"no band: {differs[0]}"
+            elif guidance and abs(cfg - float(guidance)) > 0.1 * float(guidance):
+                chart.band_note = f"no band: it was sampled at CFG {float(guidance):g}, this run uses CFG {cfg:g}"
+            else:
+                chart.band = band
+                chart.band_note = (f"blue: benign band (median to {band.quantile:.0%} quantile of "
+                                   f"{band.settings.get('prompts', '?')} calibration runs)")
+        return chart
 
     def _summary(self, p, monitor: RunMonitor):
         for iteration, position in self._images(p):
@@ -156,6 +281,8 @@ class MemoGuardScript(scripts.Script):
 
     @staticmethod
     def _notes(monitor: RunMonitor):
+        if monitor.calibration_problem:
+            yield f"MemoGuard: {monitor.calibration_problem}"
         if monitor.hires_seen:
             yield "MemoGuard scores the first pass only; the hires-fix pass is not scored."
 
@@ -163,3 +290,6 @@ class MemoGuardScript(scripts.Script):
 def _mitigation(monitor: RunMonitor, iteration: int):
     result = monitor.results.get(iteration)
     return result.mitigation if result is not None else None
+
+
+script_callbacks.on_app_started(calibration_glue.register_api)

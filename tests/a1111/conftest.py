@@ -29,6 +29,17 @@ def tiny_model(tmp_path_factory):
     return load_model(folder)
 
 
+@pytest.fixture(autouse=True)
+def models_folder(tmp_path, monkeypatch):
+    """The WebUI's models folder (calibrations go to <models_path>/memoguard); no model key cached across tests."""
+    from modules import paths
+    from memoguard_a1111 import model_identity
+    monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
+    model_identity.forget()
+    yield tmp_path / "models"
+    model_identity.forget()
+
+
 def _serve(sd_model):
     """Load `sd_model` into the stand-in WebUI with default options; clear callbacks afterwards."""
     shared.sd_model = sd_model

@@ -22,7 +22,7 @@ def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_mod
     assert trace.per_step().shape == (p.steps, 2)
     fields = [infotext_fields(text) for text in processed.infotexts]
     assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert all(f["MemoGuard verdict"] == "ok" for f in fields)
+    assert [f["MemoGuard verdict"] for f in fields] == [script.last_run.verdict(0, i).label for i in range(2)]
     assert shared.state.textinfo.startswith(f"MemoGuard step {p.steps}: score ")
     assert not script.last_run.errors
 

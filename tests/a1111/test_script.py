@@ -6,7 +6,7 @@ import torch
 
 from memoguard import rms_per_image, token_contributions
 from memoguard_a1111 import monitor as monitor_module
-from memoguard_a1111.script import ARG_NAMES, DEFAULTS, MemoGuardScript
+from memoguard_a1111.script import ARG_NAMES, DEFAULTS, MemoGuardScript, panel_for
 from modules import processing, script_callbacks, shared
 from modules.sd_samplers_kdiffusion import CompVisDenoiser
 from modules.sd_samplers_timesteps import CompVisSampler
@@ -26,7 +26,19 @@ def run(p, **settings):
 
 
 def infotext_fields(text):
-    return dict(part.split(": ", 1) for part in text.splitlines()[-1].split(", "))
+    """The last infotext line's "key: value" pairs; JSON-quoted values (holding commas or colons) unquoted."""
+    import json
+    parts, current, quoted = [], "", False
+    for ch in text.splitlines()[-1]:
+        quoted = not quoted if ch == '"' else quoted
+        if ch == "," and not quoted:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    parts.append(current.strip())
+    pairs = dict(part.split(": ", 1) for part in parts if part)
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs.items()}
 
 
 def assert_explanation_is_the_cores(got, processed, tiny_model, x, t):
@@ -69,7 +81,7 @@ def test_kdiffusion_score_is_the_cores_first_step_gap(webui, tiny_model):
     assert trace.per_step()[0, 0] != trace.per_step()[0, 1]  # two seeds, two images, two scores
     fields = [infotext_fields(text) for text in processed.infotexts]
     assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert all(f["MemoGuard verdict"] == "ok" for f in fields)
+    assert [f["MemoGuard verdict"] for f in fields] == [script.last_run.verdict(0, i).label for i in range(2)]
 
 
 def core_on_schedule(tiny_model, timesteps):
@@ -174,7 +186,7 @@ def test_batch_count_gives_each_image_its_own_score(webui):
     scores = [float(infotext_fields(t)["MemoGuard score"]) for t in processed.infotexts]
     assert len(set(scores)) == 4
     assert scores[2:] == pytest.approx(script.last_run.results[1].trace.score().tolist(), abs=1e-4)
-    assert script.panel_html.count('class="memoguard-image') == 4
+    assert panel_for(processed.js()).count('class="memoguard-image') == 4
 
 
 def test_callbacks_are_removed_after_the_run_and_after_an_interrupt(webui):
@@ -194,7 +206,8 @@ def test_a_failure_inside_memoguard_does_not_break_the_generation(webui, monkeyp
     script, processed = run(make_p(webui))
     assert torch.equal(plain.images[0], processed.images[0])
     assert "MemoGuard failed" in processed.comments and "boom" in processed.comments
-    assert "boom" in script.panel_html and not script_callbacks.reported  # caught by MemoGuard itself
+    assert "boom" in panel_for(processed.js()) and not script_callbacks.reported  # caught by MemoGuard itself
+    assert "boom" in infotext_fields(processed.infotexts[0])["MemoGuard error"]  # API users see it too
 
 
 def test_mitigation_lowers_the_first_step_gap_and_is_recorded(webui):
@@ -208,11 +221,15 @@ def test_mitigation_lowers_the_first_step_gap_and_is_recorded(webui):
     assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
 
 
-def test_auto_mitigation_without_threshold_is_refused_and_generation_runs(webui):
-    plain = processing.process_images(make_p(webui))
-    script, processed = run(make_p(webui), mitigation="auto")
+def test_auto_mitigation_without_threshold_or_calibration_says_so_and_generation_runs(webui, tiny_model):
+    from test_issue9 import other_model
+    shared.sd_model = b = other_model(webui, tiny_model)  # no calibration (the bundled model has one)
+    plain = processing.process_images(make_p(b))
+    script, processed = run(make_p(b), mitigation="auto")
     assert torch.equal(plain.images[0], processed.images[0])
-    assert "MemoGuard is off for this generation" in processed.comments and "threshold" in processed.comments
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard mitigation"] == "auto not run (no calibration of this checkpoint and no threshold)"
+    assert got["MemoGuard verdict"] == "uncalibrated"
 
 
 def test_threshold_flags_and_auto_mitigation_runs_only_when_flagged(webui):
@@ -226,7 +243,7 @@ def test_threshold_flags_and_auto_mitigation_runs_only_when_flagged(webui):
 
 def test_script_args_in_documented_order_with_defaults_for_missing_ones():
     from memoguard_a1111.script import settings_from_args
-    s = settings_from_args([3, 0.2], "tiny")
+    s = settings_from_args([3, 0.2])
     assert (s.window, s.threshold, s.mitigation, s.lr, s.max_iters) == (3, 0.2, "off", 0.05, 10)
-    assert settings_from_args([1, 0], "tiny").threshold is None
-    assert math.isclose(settings_from_args([1, 0, "", 0.05], "tiny").fpr, 0.05)
+    assert settings_from_args([1, 0]).threshold is None
+    assert math.isclose(settings_from_args([1, 0, "", 0.05]).fpr, 0.05)

@@ -17,7 +17,7 @@ class TinyLatentDiffusion:
         self.unet = diffusers_model.unet
         self.text_encoder = diffusers_model.text_encoders[0]
         self.alphas_cumprod = diffusers_model.alphas_cumprod
-        self.model = SimpleNamespace(conditioning_key="crossattn")
+        self.model = SimpleNamespace(conditioning_key="crossattn", diffusion_model=self.unet)
         self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd")
         self.latent_shape = diffusers_model.latent_shape()
 
@@ -47,6 +47,7 @@ class TinyXLDiffusion(TinyLatentDiffusion):
     def __init__(self, diffusers_model):
         super().__init__(diffusers_model)
         self.unet = tiny_sdxl_unet(pooled_channels=self.text_encoder.config.hidden_size)
+        self.model.diffusion_model = self.unet
         self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sdxl")
         self.conditioner = SimpleNamespace(embedders=[ChunkingTokenizer(diffusers_model.tokenizers[0])],
                                            wrapped=torch.nn.Module())

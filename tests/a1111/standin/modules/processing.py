@@ -30,6 +30,9 @@ class StableDiffusionProcessingTxt2Img:
     enable_hr: bool = False
     iteration: int = 0
     prompts: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    all_prompts: list = field(default_factory=list)
+    all_seeds: list = field(default_factory=list)
     scripts: Optional[object] = None
 
     def comment(self, text):
@@ -41,15 +44,36 @@ class Processed:
     images: list
     infotexts: list
     comments: str = ""
+    all_prompts: list = field(default_factory=list)
+    all_seeds: list = field(default_factory=list)
+    job_timestamp: str = ""
+    batch_size: int = 1
 
     @property
     def info(self):
         return self.infotexts[0]
 
+    def js(self):
+        """What the WebUI puts into the hidden generation-info textbox (a subset of its keys)."""
+        return json.dumps({"prompt": self.all_prompts[0] if self.all_prompts else "", "all_prompts": self.all_prompts,
+                           "all_seeds": self.all_seeds, "job_timestamp": self.job_timestamp,
+                           "infotexts": self.infotexts}, default=lambda o: None)
 
-def create_infotext(p, iteration=0, position_in_batch=0):
-    index = iteration * p.batch_size + position_in_batch
-    params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": p.seed + index,
+    def infotext(self, p, index):
+        """As the WebUI's Processed.infotext: iteration and position passed, index computed inside."""
+        return create_infotext(p, self.all_prompts, self.all_seeds, [], comments=[],
+                               position_in_batch=index % self.batch_size, iteration=index // self.batch_size)
+
+
+def create_infotext(p, all_prompts, all_seeds, all_subseeds, comments=None, iteration=0, position_in_batch=0,
+                    use_main_prompt=False, index=None, all_negative_prompts=None):
+    """As the WebUI's: callables in extra_generation_params get locals(), and for the images of a batch the
+    WebUI passes the batch's own prompt list with index = position in that batch (iteration stays 0)."""
+    if use_main_prompt:
+        index = 0
+    elif index is None:
+        index = position_in_batch + iteration * p.batch_size
+    params = {"Steps": p.steps, "Sampler": p.sampler_name, "CFG scale": p.cfg_scale, "Seed": all_seeds[index],
               **p.extra_generation_params}
     for key, value in params.items():
         if callable(value):
@@ -57,7 +81,7 @@ def create_infotext(p, iteration=0, position_in_batch=0):
                 params[key] = value(**locals())
             except Exception:
                 params[key] = None
-    return p.prompts[position_in_batch] + "\n" + ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
+    return all_prompts[index] + "\n" + ", ".join(f"{k}: {quote(v)}" for k, v in params.items() if v is not None)
 
 
 def quote(value):
@@ -70,11 +94,14 @@ def process_images(p):
     model = p.sd_model or shared.sd_model
     images, infotexts = [], []
     forge = sd_samplers_common.running_forge()
+    p.all_prompts = [p.prompt] * (p.n_iter * p.batch_size)
+    p.all_seeds = [p.seed + i for i in range(p.n_iter * p.batch_size)]
     with torch.inference_mode() if forge else torch.no_grad():  # A1111: no_grad; Forge: inference_mode
         for iteration in range(p.n_iter):
             p.iteration = iteration
-            p.prompts = [p.prompt] * p.batch_size
-            seeds = [p.seed + iteration * p.batch_size + i for i in range(p.batch_size)]
+            p.prompts = p.all_prompts[iteration * p.batch_size:(iteration + 1) * p.batch_size]
+            p.seeds = p.all_seeds[iteration * p.batch_size:(iteration + 1) * p.batch_size]
+            seeds = p.seeds
             noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
             cond = prompt_parser.get_multicond_learned_conditioning(model, p.prompts, p.steps)
             uncond = None if forge and p.cfg_scale == 1 else \
@@ -90,5 +117,7 @@ def process_images(p):
                 p.is_hr_pass = False
             for i in range(p.batch_size):
                 images.append(samples[i])
-                infotexts.append(create_infotext(p, iteration, i))
-    return Processed(images, infotexts, "".join(f"{c}\n" for c in p.comments))
+                infotexts.append(create_infotext(p, p.prompts, p.seeds, [], index=i))  # as the WebUI: index in batch
+    shared.state.job_timestamp = getattr(shared.state, "job_timestamp", 0) + 1
+    return Processed(images, infotexts, "".join(f"{c}\n" for c in p.comments), list(p.all_prompts),
+                     list(p.all_seeds), str(shared.state.job_timestamp), p.batch_size)

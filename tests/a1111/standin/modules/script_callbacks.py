@@ -28,6 +28,14 @@ def on_cfg_denoised(callback):
     callback_map["cfg_denoised"].append(callback)
 
 
+def on_app_started(callback):
+    callback_map["app_started"].append(callback)
+
+
+def app_started_callback(demo, app):
+    _run("app_started", (demo, app))
+
+
 def remove_callbacks_for_function(callback):
     for callbacks in callback_map.values():
         callbacks[:] = [c for c in callbacks if c != callback]
@@ -36,7 +44,7 @@ def remove_callbacks_for_function(callback):
 def _run(kind, params):
     for callback in list(callback_map[kind]):
         try:
-            callback(params)
+            callback(*params) if kind == "app_started" else callback(params)
         except Exception:  # the WebUI reports and goes on
             reported.append(traceback.format_exc())
             print(reported[-1], file=sys.stderr)

@@ -1,0 +1,288 @@
+"""Issue 9 on the stand-in WebUI / Forge: calibration where the model is, verdicts by model key, per-image infotexts,
+validated script_args, AND-prompt mitigation record, progress text, per-run panels, the panel's plot."""
+import copy
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memoguard import rms_per_image
+from memoguard.calibration import Calibration
+from memoguard.identity import weights_fingerprint
+from memoguard.sampling import initial_noise
+from memoguard_a1111 import calibrate as calibration_glue
+from memoguard_a1111 import model_identity
+from memoguard_a1111.script import MemoGuardScript, panel_for
+from modules import processing, script_callbacks, shared
+from modules.sd_samplers_kdiffusion import CompVisDenoiser
+from test_script import PROMPT, core_first_step, infotext_fields, make_p, run
+
+SMALL = dict(prompts=10, band_prompts=2, steps=3, width=128, height=128)  # the tiny model's 16x16 latent
+
+
+def calibrate_small(**overrides):
+    return calibration_glue.calibrate_current({**SMALL, **overrides})
+
+
+def scores_of(processed):
+    return [float(infotext_fields(t)["MemoGuard score"]) for t in processed.infotexts]
+
+
+# -- calibration inside the WebUI ---------------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_calibration_runs_through_the_webui_model_and_is_saved_by_key(host, tiny_model, models_folder, request):
+    webui = request.getfixturevalue(host)
+    answer = calibrate_small()
+    key = weights_fingerprint(tiny_model.unet)  # the same weights on both hosts: one key
+    assert answer["model_key"] == key
+    path = models_folder / "memoguard" / f"{key}.json"
+    assert answer["saved_to"] == str(path) and path.is_file()
+    calibration = Calibration.load(path)
+    assert calibration.conditions["host"] == ("forge" if host == "forge" else "a1111")
+    assert calibration.conditions["prediction"] == "eps" and calibration.conditions["latent"] == [3, 16, 16]
+    assert calibration.band is not None and len(calibration.band.noise_levels) == 3
+    assert answer["threshold"] == pytest.approx(calibration.threshold(0.01))
+    # first-step scores: the core's gap on the diffusers model at the WebUI's first sigma, seed 0
+    wrap = CompVisDenoiser(webui)
+    sigma = wrap.get_sigmas(3)[0]
+    prompts = calibration_glue.default_benign_prompts()[:10]
+    noise = torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(0))] * 10)
+    x_vp = noise * sigma / (sigma ** 2 + 1).sqrt()
+    want = rms_per_image(core_first_step(tiny_model, prompts, x_vp, wrap.sigma_to_t(sigma.reshape(1))[0]))
+    assert calibration.scores == pytest.approx(sorted(want.tolist()), rel=1e-3)
+    assert calibration.conditions["noise_level"] == pytest.approx(float(sigma))
+    assert shared.state.textinfo is None  # progress text cleared
+
+
+def test_verdict_uses_the_calibration_of_this_checkpoint_only(webui, tiny_model):
+    shared.sd_model = b = other_model(webui, tiny_model)  # (the bundled tiny model has a bundled calibration)
+    _, uncalibrated = run(make_p(b))
+    got = infotext_fields(uncalibrated.infotexts[0])
+    assert got["MemoGuard verdict"] == "uncalibrated" and float(got["MemoGuard score"]) > 0  # never "ok"
+    assert got["MemoGuard model"] == weights_fingerprint(b.unet)
+    assert "Calibrate this checkpoint" in panel_for(uncalibrated.js())
+    shared.sd_model = webui
+    answer = calibrate_small()
+    script, processed = run(make_p(webui))
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard verdict"] in ("ok", "flagged") and "MemoGuard percentile" in got
+    v = script.last_run.verdict(0, 0)
+    assert v.threshold == pytest.approx(answer["threshold"]) and v.flagged == (v.score >= answer["threshold"])
+    assert "MemoGuard note" not in got and "MemoGuard error" not in got
+
+
+def other_model(webui_model, tiny_model):
+    """A second checkpoint: the same architecture, other weights (as random-sd15-b)."""
+    from webui_model import TinyLatentDiffusion
+    other = copy.copy(tiny_model)
+    other.unet = copy.deepcopy(tiny_model.unet)
+    with torch.no_grad():
+        for p in other.unet.parameters():
+            p.mul_(-1)
+    model = TinyLatentDiffusion(other)
+    model.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd-b")
+    return model
+
+
+def test_second_checkpoint_is_uncalibrated_and_a_file_of_another_model_is_refused(webui, tiny_model):
+    calibrate_small()
+    own = Calibration.load(next((calibration_glue.store_folder()).glob("*.json")))
+    shared.sd_model = b = other_model(webui, tiny_model)
+    _, processed = run(make_p(b))
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard model"] != own.model_key
+    path = calibration_glue.store().path_for(own.model_key)
+    _, processed = run(make_p(b), calibration_file=str(path))
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard verdict"] == "uncalibrated"
+    assert "not for this checkpoint" in got["MemoGuard error"] and own.model_key in got["MemoGuard error"]
+
+
+def test_corrupt_calibration_file_is_a_clear_message_not_a_crash(webui, tiny_model):
+    folder = calibration_glue.store_folder()
+    folder.mkdir(parents=True)
+    (folder / f"{weights_fingerprint(tiny_model.unet)}.json").write_text("{not json")
+    plain = processing.process_images(make_p(webui))
+    _, processed = run(make_p(webui))
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard verdict"] == "uncalibrated" and "unreadable" in got["MemoGuard error"]
+    assert torch.equal(plain.images[0], processed.images[0])
+
+
+def test_a_run_that_differs_from_the_calibration_says_so(webui):
+    calibrate_small(width=64, height=64)  # an 8x8 latent; the stand-in samples 16x16
+    script, processed = run(make_p(webui))
+    got = infotext_fields(processed.infotexts[0])
+    assert "calibrated at latent size 8x8, this run is 16x16" in got["MemoGuard note"]
+    assert "latent size 8x8" in panel_for(processed.js())
+
+
+def test_calibration_request_errors_are_clear(webui):
+    for bad, word in ((dict(prompts=3), "prompts"), (dict(steps="x"), "steps"), (dict(width=100), "multiple of 8"),
+                      (dict(colour=1), "unknown")):
+        with pytest.raises(calibration_glue.CalibrationError, match=word):
+            calibrate_small(**bad)
+
+
+def test_api_route_answers_json(webui, models_folder):
+    routes = {}
+    app = SimpleNamespace(add_api_route=lambda path, fn, methods: routes.setdefault(path, fn))
+    pytest.importorskip("fastapi")
+    script_callbacks.app_started_callback(None, app)
+    fn = routes[calibration_glue.ROUTE]
+    bad = fn({"prompts": 2})
+    assert bad.status_code == 400 and b"prompts" in bad.body
+    good = fn(dict(SMALL))
+    assert good["model_key"].startswith("unet-") and good["saved_to"].startswith(str(models_folder))
+
+
+def test_lazily_merged_lora_weights_get_their_own_key(webui, tiny_model, monkeypatch):
+    """A1111's Lora merges its weights in the first forward of a run: the key is taken after it."""
+    calibrate_small()
+    base_key = weights_fingerprint(tiny_model.unet)
+    unet = webui.unet
+    saved = [p.detach().clone() for p in unet.parameters()]
+
+    def merge_once(module, args):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.neg_()
+        handle.remove()
+
+    handle = unet.register_forward_pre_hook(merge_once)
+    monkeypatch.setitem(sys.modules, "networks", SimpleNamespace(loaded_networks=[
+        SimpleNamespace(name="lora", te_multiplier=1.0, unet_multiplier=1.0, dyn_dim=None)]))
+    try:
+        _, processed = run(make_p(webui))
+    finally:
+        with torch.no_grad():
+            for p, s in zip(unet.parameters(), saved):
+                p.copy_(s)
+    got = infotext_fields(processed.infotexts[0])
+    assert got["MemoGuard model"] != base_key and got["MemoGuard verdict"] == "uncalibrated"
+
+
+# -- per-image infotexts ----------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_each_image_infotext_is_its_own(host, request):
+    """batch 2 x n_iter 2: every infotext carries its own image's score, verdict, mitigation (not image 1's)."""
+    webui = request.getfixturevalue(host)
+    p = make_p(webui, batch_size=2, n_iter=2)
+    script, processed = run(p, mitigation="always", max_iters=1)
+    scores = scores_of(processed)
+    assert len(set(scores)) == 4
+    monitor = script.last_run
+    for index, text in enumerate(processed.infotexts):
+        iteration, position = divmod(index, 2)
+        assert float(infotext_fields(text)["MemoGuard score"]) == pytest.approx(
+            monitor.verdict(iteration, position).score, abs=1e-4)
+        record = monitor.results[iteration].mitigation
+        assert infotext_fields(text)["MemoGuard mitigation"].endswith(f"{record.after[position]:.4f}")
+    # each equals what a single-image run of that seed gives
+    for index in range(4):
+        _, single = run(make_p(webui, seed=p.seed + index), mitigation="always", max_iters=1)
+        assert scores_of(single)[0] == pytest.approx(scores[index], abs=2e-4)
+    # a threshold between the scores: flagged images are recorded as flagged, the others as ok
+    _, monitored = run(make_p(webui, batch_size=2, n_iter=2))
+    plain_scores = scores_of(monitored)
+    threshold = sum(sorted(plain_scores)[1:3]) / 2  # between the 2nd and 3rd (4-decimal values)
+    _, judged = run(make_p(webui, batch_size=2, n_iter=2), threshold=threshold)
+    for text, score in zip(judged.infotexts, plain_scores):
+        assert infotext_fields(text)["MemoGuard verdict"] == ("flagged" if score >= threshold else "ok")
+    assert processed.infotext(p, 3) == processed.infotexts[3]  # Processed.infotext(index) agrees too
+
+
+# -- script_args validation -------------------------------------------------------------------
+@pytest.mark.parametrize("args, word", [(["abc"], "window"), ([1, 0, "", 0.01, False, 1, "bogus"], "mitigation"),
+                                        ([1, 0, "", 0.01, "maybe"], "explain"), ([1, -1], "threshold"),
+                                        ([1, 0, "", 2.0], "fpr"), ([1, 0, 5], "calibration_file")])
+def test_invalid_script_args_are_reported_and_the_image_still_returned(webui, args, word, capsys):
+    plain = processing.process_images(make_p(webui))
+    processed = MemoGuardScript().run(make_p(webui), *args)
+    got = infotext_fields(processed.infotexts[0])
+    assert word in got["MemoGuard error"] and "did not run" in got["MemoGuard error"]
+    assert torch.equal(plain.images[0], processed.images[0])
+    assert "MemoGuard error" in capsys.readouterr().err
+
+
+def test_boolean_strings_are_parsed(webui):
+    off = MemoGuardScript().run(make_p(webui), 1, 0, "", 0.01, "false")
+    on = MemoGuardScript().run(make_p(webui), 1, 0, "", 0.01, "true")
+    assert "MemoGuard tokens" not in infotext_fields(off.infotexts[0])
+    assert infotext_fields(on.infotexts[0])["MemoGuard tokens"]
+    numeric = MemoGuardScript().run(make_p(webui), "2", "0", "", "0.05")
+    assert "MemoGuard error" not in infotext_fields(numeric.infotexts[0])
+
+
+# -- AND prompt mitigation record ------------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_and_prompt_mitigation_records_the_images_combined_score(host, request):
+    webui = request.getfixturevalue(host)
+    prompt = "a red house AND a blue boat"
+    _, plain = run(make_p(webui, prompt=prompt))
+    script, processed = run(make_p(webui, prompt=prompt), mitigation="always", max_iters=2, lr=0.1)
+    mode, iterations, _, before, _, after = infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].split()
+    assert float(before) == pytest.approx(scores_of(plain)[0], abs=1e-4)  # the image's score, not sub-prompt 1's
+    sampled = script.last_run.results[0].trace.per_step()[0, 0].item()
+    assert float(after) == pytest.approx(sampled, abs=1e-4) and float(after) < float(before)
+
+
+def test_auto_mitigation_decides_on_the_images_combined_score(webui):
+    prompt = "a red house AND a blue boat"
+    _, plain = run(make_p(webui, prompt=prompt))
+    combined = scores_of(plain)[0]
+    script, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", max_iters=1)
+    assert script.last_run.results[0].mitigation.ran
+    script, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", max_iters=1)
+    assert not script.last_run.results[0].mitigation.ran
+
+
+def test_auto_mitigation_uses_the_stored_calibration(webui):
+    answer = calibrate_small()
+    script, processed = run(make_p(webui), mitigation="auto", max_iters=1)
+    record = script.last_run.results[0].mitigation
+    assert record.ran == (record.before[0] >= answer["threshold"])
+    assert "no calibration" not in (record.reason or "")
+
+
+# -- progress text, per-run panels, the plot -------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_progress_text_is_cleared_when_the_run_ends(host, request):
+    webui = request.getfixturevalue(host)
+    run(make_p(webui))
+    assert shared.state.textinfo is None
+
+
+def test_panels_are_per_run(webui):
+    script = MemoGuardScript()
+    first = script.run(make_p(webui, prompt="a red house"), 1, 1e-6)      # flagged
+    second = script.run(make_p(webui, prompt="a blue boat"), 1, 1e6)      # ok
+    a, b = panel_for(first.js()), panel_for(second.js())
+    assert "LIKELY MEMORIZED" in a and "LIKELY MEMORIZED" not in b and a != b
+    assert panel_for(processing.process_images(make_p(webui)).js()) == ""  # a run without MemoGuard: no panel
+    assert panel_for("not json") == ""
+
+
+def test_plot_has_axes_values_band_and_window(webui):
+    calibrate_small()
+    _, processed = run(make_p(webui, cfg_scale=7.0), window=2)
+    html = panel_for(processed.js())
+    assert "sampling step" in html and "score (RMS gap)" in html
+    assert html.count("<text") >= 8                   # tick values on both axes
+    assert 'class="memoguard-band"' in html and "benign band" in html
+    assert 'class="memoguard-window"' in html and "steps 1-2" in html
+    _, other_cfg = run(make_p(webui, cfg_scale=3.0))
+    assert "no band: it was sampled at CFG 7" in panel_for(other_cfg.js())
+
+
+def test_plot_says_when_there_is_no_band(webui, tiny_model):
+    shared.sd_model = b = other_model(webui, tiny_model)
+    _, processed = run(make_p(b))
+    html = panel_for(processed.js())
+    assert "no band: this checkpoint is not calibrated" in html and 'class="memoguard-band"' not in html
+    shared.sd_model = webui
+    calibrate_small(band_prompts=0)
+    _, processed = run(make_p(webui))
+    assert "the calibration has none" in panel_for(processed.js())
