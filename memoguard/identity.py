@@ -10,6 +10,8 @@ weights are rounded to fp16/bf16; a fine-tune, a merge or a baked-in LoRA flips 
 hundreds of thousands of sampled signs and so gets a key of its own.
 """
 import hashlib
+import weakref
+from typing import Hashable
 
 import torch
 
@@ -38,6 +40,28 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         entries.append(n.to_bytes(8, "little") + bytes(_pack(bits)))
     digest = hashlib.sha256(b"".join(sorted(entries))).hexdigest()
     return PREFIX + digest[:16]
+
+
+_cached: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> (state, key)
+
+
+def cached_fingerprint(module: torch.nn.Module, state: Hashable = None) -> str:
+    """weights_fingerprint(module), computed again only when `state` changes: the host's own record of what
+    could have changed the weights (the checkpoint, the LoRA patches merged into them ...)."""
+    cached = _cached.get(module)
+    if cached is not None and cached[0] == state:
+        return cached[1]
+    key = weights_fingerprint(module)
+    _cached[module] = (state, key)
+    return key
+
+
+def forget(module: torch.nn.Module = None) -> None:
+    """Drop the cached keys (all, or one module's), e.g. after weights were changed in place."""
+    if module is None:
+        _cached.clear()
+    else:
+        _cached.pop(module, None)
 
 
 def _pack(bits: torch.Tensor):

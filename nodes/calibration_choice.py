@@ -13,14 +13,13 @@ raises: a missing calibration or a broken file becomes a message and an "uncalib
 """
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from memoguard import Calibration, CalibrationError
 from memoguard.calibration import CalibrationStore, default_store_folder
-from memoguard.identity import weights_fingerprint
+from memoguard.identity import cached_fingerprint
 
 log = logging.getLogger("memoguard")
 
@@ -46,20 +45,11 @@ def calibration_folders() -> list:
 
 
 # -- what the sampler is running -----------------------------------------------------------------
-_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def model_key(base_model) -> str:
     """Weights fingerprint of a ComfyUI BaseModel's diffusion_model, cached per ComfyUI patch state."""
-    module = base_model.diffusion_model
     state = (getattr(base_model, "current_weight_patches_uuid", None), getattr(base_model, "model_lowvram", None),
              getattr(base_model, "lowvram_patch_counter", None))
-    cached = _keys.get(module)
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    key = weights_fingerprint(module)
-    _keys[module] = (state, key)
-    return key
+    return cached_fingerprint(base_model.diffusion_model, state)
 
 
 def prediction_of(base_model) -> Optional[str]:

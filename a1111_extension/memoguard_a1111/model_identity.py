@@ -8,11 +8,8 @@ result is cached per denoiser module and "what could have changed its weights" (
 networks A1111 has loaded, the LoRA patches on Forge's UNet), so a run's per-step cost is nil.
 """
 import sys
-import weakref
 
-from memoguard.identity import weights_fingerprint
-
-_cache = weakref.WeakKeyDictionary()  # denoiser module -> (signature, key)
+from memoguard.identity import cached_fingerprint
 
 
 def denoiser_module(sd_model, unet_patcher=None):
@@ -36,22 +33,7 @@ def _signature(sd_model, unet_patcher=None):
 
 def model_key(sd_model, unet_patcher=None) -> str:
     """'unet-<16 hex>' of the weights the sampler uses now (call after the run's first model call)."""
-    module = denoiser_module(sd_model, unet_patcher)
-    signature = _signature(sd_model, unet_patcher)
-    cached = _cache.get(module)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    key = weights_fingerprint(module)
-    _cache[module] = (signature, key)
-    return key
-
-
-def forget(module=None) -> None:
-    """Drop cached keys (all, or one module's): for tests and after weights were changed in place."""
-    if module is None:
-        _cache.clear()
-    else:
-        _cache.pop(module, None)
+    return cached_fingerprint(denoiser_module(sd_model, unet_patcher), _signature(sd_model, unet_patcher))
 
 
 def checkpoint_name(sd_model) -> str:

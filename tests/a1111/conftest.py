@@ -33,11 +33,11 @@ def tiny_model(tmp_path_factory):
 def models_folder(tmp_path, monkeypatch):
     """The WebUI's models folder (calibrations go to <models_path>/memoguard); no model key cached across tests."""
     from modules import paths
-    from memoguard_a1111 import model_identity
+    from memoguard import identity
     monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
-    model_identity.forget()
+    identity.forget()
     yield tmp_path / "models"
-    model_identity.forget()
+    identity.forget()
 
 
 def _serve(sd_model):
