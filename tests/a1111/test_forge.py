@@ -13,6 +13,8 @@ from test_script import (PROMPT, assert_explanation_is_the_cores, core_first_ste
 
 def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_model):
     p = make_p(forge, sampler_name="Euler", batch_size=2)
+    shown = []  # the progress text as the next step's callback sees it
+    script_callbacks.on_cfg_denoiser(lambda params: shown.append(shared.state.textinfo))
     script, processed = run(p)
     assert isinstance(script.last_run, ForgeRunMonitor)
     trace = script.last_run.results[0].trace
@@ -23,7 +25,7 @@ def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_mod
     fields = [infotext_fields(text) for text in processed.infotexts]
     assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
     assert [f["MemoGuard verdict"] for f in fields] == [script.last_run.verdict(0, i).label for i in range(2)]
-    assert shared.state.textinfo.startswith(f"MemoGuard step {p.steps}: score ")
+    assert shown[-1].startswith(f"MemoGuard step {p.steps - 1}: score ") and shared.state.textinfo is None
     assert not script.last_run.errors
 
 

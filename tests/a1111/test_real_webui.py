@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+import real_checks
 from real_host import (HIRES, MONITOR_ONLY, a1111, assert_core_gap, call, fields, img2img, infotext, pixels,
                        txt2img)
 
@@ -30,7 +31,7 @@ def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui, euler
     assert "memoguard" in call(webui + "/sdapi/v1/scripts")["txt2img"]
     watched = txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
     got = fields(watched)
-    assert got["MemoGuard verdict"] == "ok" and got["MemoGuard tokens"]
+    assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard tokens"]  # not calibrated yet: never "ok"
     assert "MemoGuard hires pass" not in got
     assert assert_core_gap(webui, watched)["parameterization"] == "eps"
     print("infotext with MemoGuard:", infotext(watched))
@@ -66,6 +67,36 @@ def test_img2img_is_scored_and_leaves_the_image_unchanged(webui, euler_plain):
     plain = img2img(webui, "Euler", init)
     watched = img2img(webui, "Euler", init, MONITOR_ONLY)
     print("infotext with img2img:", infotext(watched))
-    assert fields(watched)["MemoGuard verdict"] == "ok"
+    assert fields(watched)["MemoGuard verdict"] == "uncalibrated"
     assert_core_gap(webui, watched)
     assert pixels(plain["images"][0]) == pixels(watched["images"][0])
+
+
+# -- issue 9 (the calibration persists in this module's data dir: these run after the uncalibrated tests) ----------
+def test_batch_and_n_iter_infotexts_are_per_image(webui):
+    real_checks.batch_infotexts_are_per_image(webui)
+
+
+def test_invalid_script_args_are_reported_in_info(webui):
+    real_checks.invalid_script_args_are_reported(webui)
+
+
+def test_and_prompt_mitigation_records_the_images_score(webui):
+    real_checks.and_prompt_record_is_the_images(webui)
+
+
+def test_progress_text_is_cleared_after_the_job(webui):
+    real_checks.progress_text_is_cleared(webui)
+
+
+@pytest.fixture(scope="module")
+def calibrated(webui):
+    return real_checks.calibrate_and_judge(webui, "a1111")
+
+
+def test_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
+    assert calibrated["model_key"]
+
+
+def test_second_checkpoint_is_uncalibrated(webui, calibrated):
+    real_checks.second_checkpoint_is_uncalibrated(webui, calibrated["model_key"], real_checks.checkpoint_b("A1111_CKPT"))

@@ -1,0 +1,160 @@
+"""Issue 9 checks shared by the real A1111 and Forge suites (test_real_webui.py, test_real_forge.py).
+
+Each takes the base URL of a running WebUI (real_host.running_webui) with the random SD1.5 loaded. The
+calibration is kept small (10 prompts, 2 band runs of 3 steps, 64x64) so that it costs CPU seconds.
+"""
+import json
+import math
+import os
+import time
+import urllib.error
+from pathlib import Path
+
+from real_host import MONITOR_ONLY, call, pixels, txt2img
+
+SMALL_CALIBRATION = dict(prompts=10, band_prompts=2, steps=3, width=64, height=64)
+ROUTE = "/memoguard/v1/calibrate"
+AND_PROMPT = "a dog AND a photo of a cat"
+
+
+def all_fields(result):
+    """MemoGuard (and other) key/value pairs of every image's infotext."""
+    out = []
+    for text in json.loads(result["info"])["infotexts"]:
+        out.append(dict(part.split(": ", 1) for part in split_params(text.splitlines()[-1]) if ": " in part))
+    return out
+
+
+def first(result):
+    return all_fields(result)[0]
+
+
+def split_params(line):
+    """The WebUI's "k: v, k: v" with JSON-quoted values that may hold commas."""
+    parts, current, quoted = [], "", False
+    for ch in line:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current.strip())
+    return parts
+
+
+def unquote(value):
+    return json.loads(value) if value.startswith('"') else value
+
+
+def post_error(url, payload):
+    try:
+        call(url, payload)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    raise AssertionError(f"{url} accepted {payload}")
+
+
+def calibrate_and_judge(base, host):
+    """POST /memoguard/v1/calibrate on the loaded checkpoint; the script's verdicts then use it by key."""
+    code, body = post_error(base + ROUTE, dict(SMALL_CALIBRATION, prompts=3))
+    assert code == 400 and "prompts" in body["error"], body
+    started = time.time()
+    answer = call(base + ROUTE, SMALL_CALIBRATION)
+    print(f"calibration on {host} ({time.time() - started:.0f} s):", json.dumps(answer))
+    assert answer["model_key"].startswith("unet-") and math.isfinite(answer["threshold"]) and answer["band"]
+    saved = Path(answer["saved_to"])
+    data_dir = Path(call(base + "/sdapi/v1/cmd-flags")["data_dir"])
+    assert saved == data_dir / "models" / "memoguard" / f"{answer['model_key']}.json" and saved.is_file()
+    conditions = json.loads(saved.read_text())["models"][answer["model_key"]]["conditions"]
+    assert conditions["host"] == host and conditions["prediction"] == "eps" and conditions["latent"] == [4, 8, 8]
+    assert not (call(base + "/sdapi/v1/progress")["textinfo"] or "").startswith("MemoGuard")
+    got = first(txt2img(base, "Euler", MONITOR_ONLY))
+    print(f"infotext after calibration on {host}:", got)
+    assert got["MemoGuard model"] == answer["model_key"]
+    assert got["MemoGuard verdict"] in ("ok", "flagged") and "MemoGuard percentile" in got
+    assert (got["MemoGuard verdict"] == "flagged") == (float(got["MemoGuard score"]) >= answer["threshold"])
+    assert "MemoGuard note" not in got and "MemoGuard error" not in got
+    return answer
+
+
+def second_checkpoint_is_uncalibrated(base, calibrated_key, checkpoint_b):
+    """Another checkpoint (random-sd15-b) loaded: its own key, no calibration applies."""
+    data_dir = Path(call(base + "/sdapi/v1/cmd-flags")["data_dir"])
+    folder = data_dir / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / Path(checkpoint_b).name
+    if not link.exists():
+        link.symlink_to(checkpoint_b)
+    call(base + "/sdapi/v1/refresh-checkpoints", {})
+    name = Path(checkpoint_b).stem
+    titles = [m["title"] for m in call(base + "/sdapi/v1/sd-models") if m["model_name"] == name]
+    assert titles, call(base + "/sdapi/v1/sd-models")
+    try:
+        result = txt2img(base, "Euler", MONITOR_ONLY, override_settings={"sd_model_checkpoint": titles[0]},
+                         override_settings_restore_afterwards=True)
+        got = first(result)
+        print("infotext on the second checkpoint:", got)
+        assert got.get("Model") == name or name in json.loads(result["info"])["infotexts"][0]
+        assert got["MemoGuard verdict"] == "uncalibrated" and float(got["MemoGuard score"]) > 0
+        assert got["MemoGuard model"] != calibrated_key
+    finally:
+        pass
+
+
+def batch_infotexts_are_per_image(base):
+    """batch_size 2 and n_iter 2: each infotext equals a single-image run of its seed; a threshold between the two
+    images' scores flags exactly the image above it; monitor-only batches stay bit-identical."""
+    plain = txt2img(base, "Euler", batch_size=2)
+    batched = txt2img(base, "Euler", MONITOR_ONLY, batch_size=2)
+    assert [pixels(i) for i in plain["images"]] == [pixels(i) for i in batched["images"]]
+    per_image = all_fields(batched)
+    singles = [first(txt2img(base, "Euler", MONITOR_ONLY, seed=seed)) for seed in (7, 8)]
+    print("batch of 2:", [f["MemoGuard score"] for f in per_image], "singles:", [f["MemoGuard score"] for f in singles])
+    assert len(per_image) == 2 and per_image[0]["MemoGuard score"] != per_image[1]["MemoGuard score"]
+    for got, single in zip(per_image, singles):
+        assert abs(float(got["MemoGuard score"]) - float(single["MemoGuard score"])) <= 2e-4, (got, single)
+        assert got["MemoGuard verdict"] == single["MemoGuard verdict"]
+    iterations = all_fields(txt2img(base, "Euler", MONITOR_ONLY, n_iter=2))
+    for got, single in zip(iterations, singles):
+        assert abs(float(got["MemoGuard score"]) - float(single["MemoGuard score"])) <= 2e-4, (got, single)
+    scores = [float(f["MemoGuard score"]) for f in per_image]
+    threshold = round((scores[0] + scores[1]) / 2, 6)
+    args = list(MONITOR_ONLY)
+    args[1] = threshold
+    judged = all_fields(txt2img(base, "Euler", args, batch_size=2))
+    verdicts = [f["MemoGuard verdict"] for f in judged]
+    print(f"threshold {threshold}:", verdicts)
+    assert verdicts == ["flagged" if s >= threshold else "ok" for s in scores] and "flagged" in verdicts
+
+
+def invalid_script_args_are_reported(base):
+    for args, word in ((["abc"], "window"), ([1, 0, "", 0.01, False, 1, "bogus"], "mitigation")):
+        result = txt2img(base, "Euler", args)
+        got = first(result)
+        assert result["images"] and word in unquote(got["MemoGuard error"]), got
+        assert "MemoGuard score" not in got
+    off = first(txt2img(base, "Euler", [1, 0, "", 0.01, "false"]))
+    assert "MemoGuard tokens" not in off and "MemoGuard error" not in off and "MemoGuard score" in off
+
+
+def and_prompt_record_is_the_images(base):
+    plain = first(txt2img(base, "Euler", MONITOR_ONLY, prompt=AND_PROMPT))
+    mitigated = first(txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2], prompt=AND_PROMPT))
+    print("AND prompt:", plain["MemoGuard score"], mitigated["MemoGuard mitigation"], mitigated["MemoGuard score"])
+    mode, iterations, _, before, _, after = mitigated["MemoGuard mitigation"].split()
+    assert abs(float(before) - float(plain["MemoGuard score"])) <= 2e-4
+    assert abs(float(after) - float(mitigated["MemoGuard score"])) <= 2e-4 and float(after) < float(before)
+
+
+def progress_text_is_cleared(base):
+    txt2img(base, "Euler", MONITOR_ONLY)
+    text = call(base + "/sdapi/v1/progress")["textinfo"] or ""
+    assert not text.startswith("MemoGuard"), text
+
+
+def checkpoint_b(ckpt_env):
+    first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
+    return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))
