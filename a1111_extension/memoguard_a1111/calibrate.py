@@ -248,8 +248,12 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
     """Calibrate shared.sd_model; returns what the API answers. Raises CalibrationError with a clear message."""
     from modules import shared
     s = check_request(dict(settings or {}))
+    if is_forge():  # Forge loads the selected checkpoint lazily, at the first generation
+        from modules import sd_models
+        if hasattr(sd_models, "forge_model_reload"):
+            sd_models.forge_model_reload()
     sd_model = shared.sd_model
-    if sd_model is None:
+    if sd_model is None or not (hasattr(sd_model, "forge_objects") or hasattr(sd_model, "model")):
         raise CalibrationError("no checkpoint is loaded")
     if not lock.acquire(blocking=False):
         raise CalibrationError("a calibration is already running")

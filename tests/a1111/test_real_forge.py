@@ -109,4 +109,4 @@ def test_forge_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
 
 
 def test_forge_second_checkpoint_is_uncalibrated(forge, calibrated):
-    real_checks.second_checkpoint_is_uncalibrated(forge, calibrated["model_key"], real_checks.checkpoint_b("FORGE_CKPT"))
+    real_checks.second_checkpoint_is_uncalibrated(forge, calibrated, real_checks.checkpoint_b("FORGE_CKPT"))

@@ -99,4 +99,4 @@ def test_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
 
 
 def test_second_checkpoint_is_uncalibrated(webui, calibrated):
-    real_checks.second_checkpoint_is_uncalibrated(webui, calibrated["model_key"], real_checks.checkpoint_b("A1111_CKPT"))
+    real_checks.second_checkpoint_is_uncalibrated(webui, calibrated, real_checks.checkpoint_b("A1111_CKPT"))
