@@ -286,3 +286,11 @@ def test_plot_says_when_there_is_no_band(webui, tiny_model):
     calibrate_small(band_prompts=0)
     _, processed = run(make_p(webui))
     assert "the calibration has none" in panel_for(processed.js())
+
+
+def test_calibrate_button_reports_progress_and_result(webui, tiny_model):
+    shown = list(calibration_glue.ui_calibrate(10, 2, 3, 128, 128))
+    assert "Calibrated" in shown[-1] and weights_fingerprint(tiny_model.unet) in shown[-1]
+    assert calibration_glue.store().path_for(weights_fingerprint(tiny_model.unet)).is_file()
+    failed = list(calibration_glue.ui_calibrate(3, 2, 3, 128, 128))
+    assert "calibration failed" in failed[-1] and "prompts" in failed[-1]
