@@ -3,7 +3,7 @@
 // node outputs (memoguard_trace, memoguard_tokens) that ComfyUI re-sends for cached runs. The last data is kept
 // in node.properties so a saved workflow shows it again when reloaded.
 //
-// The chart: score per step, one line per image, over the benign band (median..high quantile of ordinary
+// The chart: score per step, one line per image, over the benign band (median..upper edge of ordinary
 // prompts at each step's noise level, from the calibration); the verdict window shaded, the threshold dashed
 // across it only (the threshold is a first-steps threshold: later steps are judged by the band). Without a band
 // it says why in words. The verdict per image, notes and status are text below the chart: one place, wrapped.

@@ -106,9 +106,55 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
                                    for q in (75, 90)}
     log(f"mitigation: copy {res['mitigation']['copy_rate_before']:.2f} -> {res['mitigation']['copy_rate_after']:.2f}, "
         f"time ratio {res['mitigation']['time_ratio']:.2f}")
+    res["band"] = band_bench(model, texts, positive, gaps, label_steps, quick)
+    log(f"band: benign inside at every step {res['band']['same_schedule']['benign_inside_every_step']:.2f}, "
+        f"positives above at step 1 {res['band']['same_schedule']['positive_above_step1']:.2f}")
     res["overhead"] = overhead_bench(model, texts[:16], repeats=3 if quick else 7)
     res["seconds"] = round(time.time() - t_start, 1)
     return res
+
+
+def band_shares(band, levels, lines: np.ndarray, positive: np.ndarray, first_steps: int = 3) -> dict:
+    """How runs sit against a band placed by noise level: lines (prompts, generations, steps)."""
+    high = np.array([np.nan if band.at(s) is None else band.at(s)[1] for s in levels])
+    covered = np.isfinite(high)
+    above = lines > high  # NaN (outside the band's range) compares False
+    benign, pos = above[~positive][..., covered], above[positive]
+    return {"steps_covered": int(covered.sum()), "steps": len(levels),
+            "benign_inside_every_step": float((~benign.any(-1)).mean()) if benign.size else float("nan"),
+            "benign_step_outside_rate": float(benign.mean()) if benign.size else float("nan"),
+            "positive_above_step1": float(pos[..., 0].mean()) if pos.size else float("nan"),
+            f"positive_above_in_first_{first_steps}": float(pos[..., :first_steps].any(-1).mean()) if pos.size
+            else float("nan"),
+            "benign_generations": int(benign.shape[0] * benign.shape[1]) if benign.size else 0,
+            "positive_generations": int(pos.shape[0] * pos.shape[1]) if pos.size else 0}
+
+
+def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int, quick: bool) -> dict:
+    """Issue 9's band, measured: a benign band from calibration prompts (none of the bench's) at the model's
+    guidance, placed under the bench's own runs by noise level; then under a run with half the steps (does
+    one band serve another step count?) and at guidance 7.5 (does it serve another CFG scale?)."""
+    from .calibrate import tiny_benign_prompts
+    from .calibration import Band
+    from .measure import band_gaps
+    shape = model.latent_shape()
+    n_band = 16 if quick else 64
+    t0 = time.perf_counter()
+    band_runs = band_gaps(model, tiny_benign_prompts()[:n_band], 1000, shape, steps, model.guidance)
+    seconds = time.perf_counter() - t0
+    levels = [model.noise_level(t) for t in model.timesteps(steps)]
+    band = Band.from_runs(levels, band_runs, 0.01, {"steps": steps, "guidance": model.guidance})
+    out = {"band_prompts": n_band, "fpr": 0.01, "seconds": round(seconds, 1),
+           "same_schedule": band_shares(band, levels, gaps, positive)}
+    subset = np.r_[np.nonzero(positive)[0], np.nonzero(~positive)[0][:: 2 if quick else 4]]
+    sub_texts, sub_pos = [texts[i] for i in subset], positive[subset]
+    for name, n, guidance in (("half_steps", steps // 2, None), ("guidance_7.5", steps, 7.5)):
+        _, other = generate(model, sub_texts, SEEDS[:2], steps=n, guidance=guidance)
+        other_levels = [model.noise_level(t) for t in model.timesteps(n)]
+        out[name] = {"steps_run": n, "guidance_run": guidance or model.guidance,
+                     **band_shares(band, other_levels, other, sub_pos)}
+    out["band"] = band.to_dict()
+    return out
 
 
 def explanation_bench(model, prompts, threshold: float, steps: int) -> dict:

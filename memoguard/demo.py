@@ -70,9 +70,10 @@ def run(args) -> int:
              f"Verdict from the first-step score against the {100 * args.fpr:g}% false-positive threshold of "
              f"{len(calibration.scores) if calibration else 0} benign prompts"
              f"{f' ({threshold:.4f})' if threshold else ' (no calibration found: scores only)'}. "
-             + (f"The shaded band under each line is where benign prompts lie at each step (median to "
-                f"{100 * calibration.band.quantile:g}th percentile of {calibration.band.settings.get('prompts', '?')} "
-                f"benign runs at guidance {calibration.band.settings.get('guidance', '?')}, placed by noise level); "
+             + (f"The shaded band under each line is where benign prompts lie at each step: from the median up to "
+                f"the level only {100 * calibration.band.fpr:g}% of benign runs exceed at that step (fitted to "
+                f"{calibration.band.settings.get('prompts', '?')} benign runs at guidance "
+                f"{calibration.band.settings.get('guidance', '?')}, placed by noise level); "
                 f"the verdict reads the first step, the column the threshold is drawn across. "
                 if calibration and calibration.band else "")
              + "".join(f"Note: {html.escape(n)}. " for n in notes) +

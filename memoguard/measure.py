@@ -63,7 +63,7 @@ def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, s
 
 def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, shape, steps: int,
               seeds: Sequence[int] = (0,), guidance: Optional[float] = None, band_prompts: int = 32,
-              band_quantile: float = 0.99, extra_timesteps: Sequence = (), batch_size: int = 32,
+              band_fpr: float = 0.01, extra_timesteps: Sequence = (), batch_size: int = 32,
               conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None,
               band_timesteps: Optional[torch.Tensor] = None) -> Calibration:
     """A calibration of `model` from benign `prompts` at the first step of its `steps`-step schedule.
@@ -93,7 +93,7 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
         schedule = model.timesteps(steps) if band_timesteps is None else band_timesteps
         gaps = band_gaps(model, chosen, 1000, shape, len(schedule), guidance, max(1, batch_size // 4),
                          report("band"), schedule)
-        band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_quantile,
+        band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_fpr,
                               {"steps": len(schedule), "guidance": guidance, "sampler": "ddim", "prompts": len(chosen)})
     cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape),
             "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}

@@ -30,7 +30,7 @@ def image_strip(images: np.ndarray, scale: int = 8) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
 
-BAND_FILL = (207, 223, 242)      # benign band, median..high quantile
+BAND_FILL = (207, 223, 242)      # benign band, median..upper edge
 BAND_EDGE = (120, 150, 195)      # its median line
 WINDOW_FILL = (252, 243, 214)    # the verdict window's steps
 GRID = (232, 232, 232)

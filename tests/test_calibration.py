@@ -109,13 +109,19 @@ def test_fingerprint_ignores_names_layouts_and_precision_but_not_weights():
 def test_band_interpolates_in_noise_level_and_refuses_outside():
     from memoguard.calibration import Band
     gaps = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [2.0, 3.0, 4.0]])
-    band = Band.from_runs([10.0, 1.0, 0.1, 0.0][:3], gaps, quantile=1.0)
-    assert band.median == [2.0, 3.0, 4.0] and band.high == [3.0, 4.0, 5.0]
-    assert band.at(1.0) == (3.0, 4.0)
+    band = Band.from_runs([10.0, 1.0, 0.1, 0.0][:3], gaps, fpr=0.01)
+    logs = np.log(gaps)
+    expected = np.exp(logs.mean(0) + 2.3263479 * logs.std(0, ddof=1))  # the 99 % normal quantile of the logs
+    assert band.median == [2.0, 3.0, 4.0] and band.high == pytest.approx(expected.tolist())
+    assert band.at(1.0) == pytest.approx((3.0, expected[1]))
     median, high = band.at(np.sqrt(10.0))  # halfway in log noise level
-    assert median == pytest.approx(2.5) and high == pytest.approx(3.5)
+    assert median == pytest.approx(2.5) and high == pytest.approx((expected[0] + expected[1]) / 2)
+    rng = np.random.default_rng(0)  # on log-normal runs the edge is exceeded at the stated rate at each step
+    many = np.exp(rng.normal(np.log([0.02, 0.05, 0.1]), [0.1, 0.3, 0.5], size=(20000, 3)))
+    wide = Band.from_runs([10.0, 1.0, 0.1], many[:2000], fpr=0.05)
+    assert (many[2000:] > np.array(wide.high)).mean(0) == pytest.approx([0.05] * 3, abs=0.01)
     assert band.at(20.0) is None and band.at(0.05) is None
-    last_clean = Band.from_runs([10.0, 1.0, 0.0], gaps, quantile=1.0)  # a schedule ending at the clean image
+    last_clean = Band.from_runs([10.0, 1.0, 0.0], gaps)  # a schedule ending at the clean image
     assert last_clean.noise_levels == [10.0, 1.0]
     with pytest.raises(CalibrationError, match="decreasing"):
         Band([1.0, 2.0], [0, 0], [0, 0])

@@ -142,7 +142,7 @@ def score_plot(gaps: List[float], threshold: float, chart: Chart) -> str:
         upper = [f"{x(steps[i]):.1f},{y(bands[i][1]):.1f}" for i in run]
         lower = [f"{x(steps[i]):.1f},{y(bands[i][0]):.1f}" for i in reversed(run)]
         out.append(f'<polygon class="memoguard-band" points="{" ".join(upper + lower)}">'
-                   f'<title>benign band: median to high quantile</title></polygon>')
+                   f'<title>benign band: median to the level 1 in 100 benign runs exceed</title></polygon>')
         out.append(f'<polyline class="memoguard-band-median" points="{" ".join(reversed(lower))}"/>')
     if math.isfinite(threshold) and threshold <= top:
         out.append(f'<line x1="{LEFT}" x2="{PLOT_W - RIGHT}" y1="{y(threshold):.1f}" y2="{y(threshold):.1f}" '

@@ -268,8 +268,8 @@ class MemoGuardScript(scripts.Script):
                 chart.band_note = f"no band: it was sampled at CFG {float(guidance):g}, this run uses CFG {cfg:g}"
             else:
                 chart.band = band
-                chart.band_note = (f"blue: benign band (median to {band.quantile:.0%} quantile of "
-                                   f"{band.settings.get('prompts', '?')} calibration runs)")
+                chart.band_note = (f"blue: benign band (median to the level {band.fpr:.0%} of benign runs exceed at "
+                                   f"each step; {band.settings.get('prompts', '?')} calibration runs)")
         return chart
 
     def _summary(self, p, monitor: RunMonitor):
