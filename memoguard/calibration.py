@@ -164,8 +164,8 @@ class Calibration:
             out.append(f"calibrated at latent size {'x'.join(map(str, c['latent'][-2:]))}, this run is "
                        f"{'x'.join(map(str, list(latent)[-2:]))}")
         if self.band is not None and not self.band.serves(guidance):
-            out.append(f"band measured at cfg {self.band.settings['guidance']:g}, this run uses cfg {guidance:g}: "
-                       "the band shows benign runs at the other scale")
+            out.append(f"benign band not drawn: it was sampled at cfg {self.band.settings['guidance']:g}, "
+                       f"this run uses cfg {guidance:g}")
         return out
 
     def to_dict(self) -> dict:

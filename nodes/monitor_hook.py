@@ -27,7 +27,6 @@ SESSION_KEY = "memoguard_monitor"  # model_options entry naming the session (a s
 CFG1_MESSAGE = ("ComfyUI skips the unconditional pass at cfg 1; turn on 'force_uncond_at_cfg1' "
                 "(doubles the cost) to score anyway")
 MAX_SESSIONS = 64
-GUIDANCE_TOLERANCE = 0.01  # the band applies to runs at the cfg it was sampled with
 
 
 class MemorizationFlagged(RuntimeError):
@@ -82,14 +81,8 @@ def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, laten
         if cal is not None:
             cal = cal.at_noise_level(level)
             ctx.calibration = cal
-            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]))
-            ctx.band = cal.band
-            guidance = None if cal.band is None else cal.band.settings.get("guidance", cal.guidance)
-            if cal.band is not None and guidance is not None and cond_scale is not None and \
-                    abs(float(cond_scale) - float(guidance)) > GUIDANCE_TOLERANCE * float(guidance):
-                ctx.band = None
-                ctx.notes.append(f"benign band not drawn: it was sampled at cfg {float(guidance):g}, "
-                                 f"this run uses cfg {float(cond_scale):g}")
+            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]), cond_scale)
+            ctx.band = cal.band if cal.band is not None and cal.band.serves(cond_scale) else None
     if settings.threshold is not None:
         ctx.threshold = float(settings.threshold)
     elif ctx.calibration is not None:

@@ -259,13 +259,9 @@ class MemoGuardScript(scripts.Script):
             chart.band_note = "no band: the calibration has none (calibrate with band runs > 0)"
         else:
             band = calibration.band
-            differs = calibration.check(monitor.prediction(), None, result.latent)
-            guidance = band.settings.get("guidance")
-            cfg = float(getattr(p, "cfg_scale", guidance or 0) or 0)
+            differs = calibration.check(monitor.prediction(), None, result.latent, float(p.cfg_scale))
             if differs:
-                chart.band_note = f"no band: {differs[0]}"
-            elif guidance and abs(cfg - float(guidance)) > 0.1 * float(guidance):
-                chart.band_note = f"no band: it was sampled at CFG {float(guidance):g}, this run uses CFG {cfg:g}"
+                chart.band_note = differs[0] if "band" in differs[0] else f"no band: {differs[0]}"
             else:
                 chart.band = band
                 chart.band_note = (f"blue: benign band (median to the level {band.fpr:.0%} of benign runs exceed at "

@@ -274,7 +274,7 @@ def test_plot_has_axes_values_band_and_window(webui):
     assert 'class="memoguard-band"' in html and "benign band" in html
     assert 'class="memoguard-window"' in html and "steps 1-2" in html
     _, other_cfg = run(make_p(webui, cfg_scale=3.0))
-    assert "no band: it was sampled at CFG 7" in panel_for(other_cfg.js())
+    assert "benign band not drawn: it was sampled at cfg 7" in panel_for(other_cfg.js())
 
 
 def test_plot_says_when_there_is_no_band(webui, tiny_model):
