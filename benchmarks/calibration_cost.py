@@ -105,7 +105,7 @@ def main():
     from memoguard.calibrate import tiny_benign_prompts
     tiny_prompts = tiny_benign_prompts()
     results = [measure(load_model(), tiny_prompts[:256], tiny_prompts[:16], 20, 64, args.repeats),
-               measure(sd15_size_model(args.sd_latent), tiny_prompts[:8], tiny_prompts[:2], 10, 4, args.repeats)]
+               measure(sd15_size_model(args.sd_latent), tiny_prompts[:12], tiny_prompts[:2], 10, 4, args.repeats)]
     for r in results:
         print(f"{r['model']}: verdict {r['verdict_s']:.2f} s vs raw forwards {r['raw_forwards_s']:.2f} s "
               f"(ratio {r['verdict_ratio']:.3f}, {r['unet_images_per_prompt_verdict']:.0f} UNet images per prompt); "
