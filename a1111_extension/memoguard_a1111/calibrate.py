@@ -28,7 +28,9 @@ from .model_identity import checkpoint_name, denoiser_module, model_key
 STORE_SUBFOLDER = "memoguard"
 LIMITS = dict(prompts=(10, 10000), band_prompts=(0, 10000), steps=(2, 150), width=(64, 4096), height=(64, 4096),
               guidance=(1.0, 30.0), fpr=(0.0, 0.5))
-DEFAULTS = dict(prompts=64, band_prompts=8, steps=20, width=512, height=512, guidance=7.0, fpr=0.01, batch_size=8)
+# the whole shipped benign list and 32 band runs by default, as the CLI and ComfyUI calibrate
+DEFAULTS = dict(prompts=len(default_benign_prompts()), band_prompts=32, steps=20, width=512, height=512, guidance=7.0,
+                fpr=0.01, batch_size=8)
 HOW_TO = ("to calibrate it, open 'Calibrate this checkpoint' under the MemoGuard script, "
           "or POST /memoguard/v1/calibrate")
 FORGE_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "const": "flow", "edm": "edm"}
