@@ -62,11 +62,15 @@ def test_scan_bad_prompt_files_exit_2_with_a_message(tmp_path, capsys, content, 
 
 def test_calibrate_then_scan_with_it(tmp_path, capsys, tiny_model, random_model_dir):
     cal_file = tmp_path / "cal.json"
-    assert main(["calibrate", "--tiny-benign", "--band-prompts", "4", "--steps", "10", "--out", str(cal_file)]) == 0
+    assert main(["calibrate", "--tiny-benign", "--band-prompts", "4", "--band-steps", "10", "--steps", "10",
+                 "--out", str(cal_file)]) == 0
     cal = Calibration.load(cal_file, tiny_model.model_key)
     assert len(cal.scores) == 300 and cal.threshold(0.01) > cal.scores[150]
     assert cal.conditions["noise_level"] == pytest.approx(tiny_model.noise_level(tiny_model.timesteps(10)[0]))
     assert cal.band is not None and len(cal.band.median) == 10 and cal.band.settings["prompts"] == 4
+    # the band spans the whole noise range: from where k-diffusion samplers start (t = 999) to t = 1
+    assert cal.band.noise_levels[0] == pytest.approx(tiny_model.noise_level(999))
+    assert cal.band.noise_levels[-1] == pytest.approx(tiny_model.noise_level(1))
     capsys.readouterr()
     assert main(["scan", "--prompt", "a red circle", "--calibration", str(cal_file), "--explain", "0",
                  "--steps", "10"]) == 0

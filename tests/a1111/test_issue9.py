@@ -15,7 +15,7 @@ from memoguard.sampling import initial_noise
 from memoguard_a1111 import calibrate as calibration_glue
 from memoguard_a1111 import model_identity
 from memoguard_a1111.script import MemoGuardScript, panel_for
-from modules import processing, script_callbacks, shared
+from modules import processing, shared
 from modules.sd_samplers_kdiffusion import CompVisDenoiser
 from test_script import PROMPT, core_first_step, infotext_fields, make_p, run
 
@@ -130,7 +130,7 @@ def test_api_route_answers_json(webui, models_folder):
     routes = {}
     app = SimpleNamespace(add_api_route=lambda path, fn, methods: routes.setdefault(path, fn))
     pytest.importorskip("fastapi")
-    script_callbacks.app_started_callback(None, app)
+    calibration_glue.register_api(None, app)  # what the script registers with on_app_started at import
     fn = routes[calibration_glue.ROUTE]
     bad = fn({"prompts": 2})
     assert bad.status_code == 400 and b"prompts" in bad.body
