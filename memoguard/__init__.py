@@ -6,6 +6,7 @@ path (memoguard.diffusers_model), so host adapters can import this package insid
 A1111 without pulling them in.
 """
 from .calibration import Calibration, CalibrationError, roc_auc, tpr_at_fpr
+from .errors import MemoGuardError
 from .explain import TokenContributions, token_contributions
 from .mitigate import MitigationRecord, minimize_embedding
 from .model import DiffusionModel, PromptEncoding

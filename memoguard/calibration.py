@@ -25,12 +25,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import MemoGuardError
+
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 NOISE_TOLERANCE = 0.02   # relative difference in first-step noise level that changes the score
 
 
-class CalibrationError(ValueError):
+class CalibrationError(MemoGuardError, ValueError):
     pass
 
 

@@ -27,8 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .errors import MemoGuardError
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args.module).run(args)
+    try:
+        return importlib.import_module(args.module).run(args)
+    except MemoGuardError as e:  # bad model path, corrupt weights or calibration, bad prompt file ...
+        print(f"memoguard {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

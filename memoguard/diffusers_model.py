@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from .errors import MemoGuardError
 from .identity import weights_fingerprint
 from .model import DiffusionModel, PromptEncoding
 
@@ -20,7 +21,7 @@ CHUNK = 75
 PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MemoGuardError, RuntimeError):
     pass
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 
 from .calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
+from .errors import MemoGuardError
 from .pipeline import DEFAULT_STEPS, first_step_scores
 
 _TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
 
 
-class PromptFileError(ValueError):
+class PromptFileError(MemoGuardError, ValueError):
     pass
 
 

@@ -17,11 +17,13 @@ from typing import Optional, Union
 
 import torch
 
+from .errors import MemoGuardError
+
 PARAMETERIZATIONS = ("eps", "v", "x0", "flow")
 Number = Union[float, torch.Tensor]
 
 
-class ScoreUnavailable(ValueError):
+class ScoreUnavailable(MemoGuardError, ValueError):
     """The gap cannot be computed from what the host handed over (e.g. no uncond at cfg = 1)."""
 
 

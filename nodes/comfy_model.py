@@ -15,6 +15,7 @@ from typing import List, Optional
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
+from memoguard.errors import MemoGuardError
 from memoguard.host_autograd import ordinary
 
 from .calibration_choice import prediction_of
@@ -25,7 +26,7 @@ SUPPORTED = "SD1.x, SD2.x and SDXL"
 CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(MemoGuardError, ValueError):
     """A model family whose conditioning MemoGuard's gradient features cannot map to prompt tokens."""
 
 

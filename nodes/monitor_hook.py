@@ -16,6 +16,7 @@ import torch
 
 from memoguard import Calibration, ScoreTrace, eps_difference, uncond_is_missing, verdict_for
 from memoguard.calibration import Band
+from memoguard.errors import MemoGuardError
 
 from . import live
 from .calibration_choice import CalibrationSource, is_flow, model_key, noise_level, prediction_of
@@ -29,7 +30,7 @@ CFG1_MESSAGE = ("ComfyUI skips the unconditional pass at cfg 1; turn on 'force_u
 MAX_SESSIONS = 64
 
 
-class MemorizationFlagged(RuntimeError):
+class MemorizationFlagged(MemoGuardError, RuntimeError):
     """Raised from the hook when the action is 'stop': ComfyUI ends the queue item with this message."""
 
 

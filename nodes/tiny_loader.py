@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from memoguard.errors import MemoGuardError
+
 BUNDLED = Path(__file__).resolve().parents[1] / "memoguard" / "assets" / "tiny-sd"
 # The workflows feed this 16x16-pixel model an Empty Latent Image of 128x128, i.e. a 16x16 latent.
 # ComfyUI 0.33 resizes an empty latent by (the latent node's downscale ratio, 8) / (the model's
@@ -20,7 +22,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "memoguard" / "assets" / "tiny-s
 SPACIAL_DOWNSCALE = 8
 
 
-class TinyModelError(RuntimeError):
+class TinyModelError(MemoGuardError, RuntimeError):
     pass
 
 

@@ -134,3 +134,11 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert key in res["mitigation"]
     assert res["overhead"]["monitor_step_ratio"] > 0
     assert sum(v["positives"] for v in res["labels"].values()) > 0
+
+
+@pytest.mark.parametrize("command", ["scan --prompt x", "calibrate", "bench --quick --json {out}"])
+def test_a_bad_model_path_is_one_line_and_exit_2(tmp_path, capsys, command):
+    argv = command.format(out=tmp_path / "r.json").split() + ["--model", str(tmp_path / "missing")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "missing" in err and err.startswith("memoguard ")

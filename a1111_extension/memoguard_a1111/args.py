@@ -7,11 +7,13 @@ range here; an ArgumentError names the argument, its position and what was expec
 import math
 from typing import Any, Dict
 
+from memoguard.errors import MemoGuardError
+
 MITIGATION_MODES = ("off", "always", "auto")
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 
-class ArgumentError(ValueError):
+class ArgumentError(MemoGuardError, ValueError):
     pass
 
 

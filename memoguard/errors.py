@@ -1,0 +1,6 @@
+"""The one base of every error MemoGuard raises on purpose: hosts and the CLI catch it to show its message
+(one clear line) where the user looks, instead of a traceback."""
+
+
+class MemoGuardError(Exception):
+    """A problem with the user's input, files or model that MemoGuard can state in words."""
