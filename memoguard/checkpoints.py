@@ -66,17 +66,17 @@ def _error(message: str):
 
 
 # -- reading the file ------------------------------------------------------------------------------
-class _SafetensorsDict(Mapping):
-    """A read-only state dict over a safetensors file that reads a tensor only when asked for it."""
+class _KeyView(Mapping):
+    """A read-only state dict over `keys` that fetches a tensor with `get` only when asked for it."""
 
-    def __init__(self, handle, keys):
-        self._f, self._keys = handle, list(keys)
+    def __init__(self, keys, get):
+        self._keys, self._get = list(keys), get
         self._set = set(self._keys)
 
     def __getitem__(self, key):
         if key not in self._set:
             raise KeyError(key)
-        return self._f.get_tensor(key)
+        return self._get(key)
 
     def __iter__(self):
         return iter(self._keys)
@@ -88,27 +88,14 @@ class _SafetensorsDict(Mapping):
         return key in self._set
 
 
-class _Subset(Mapping):
+def _safetensors_dict(handle, keys) -> _KeyView:
+    """A state dict over a safetensors file that reads a tensor only when asked for it."""
+    return _KeyView(keys, handle.get_tensor)
+
+
+def _subset(sd, prefixes) -> _KeyView:
     """The entries of a state dict whose keys start with one of `prefixes` (lazy, no copy)."""
-
-    def __init__(self, sd, prefixes):
-        self._sd = sd
-        self._keys = [k for k in sd.keys() if k.startswith(prefixes)]
-        self._set = set(self._keys)
-
-    def __getitem__(self, key):
-        if key not in self._set:
-            raise KeyError(key)
-        return self._sd[key]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._set
+    return _KeyView([k for k in sd.keys() if k.startswith(prefixes)], sd.__getitem__)
 
 
 class _Inert:
@@ -146,7 +133,7 @@ def read_checkpoint(path: Path) -> Tuple[Mapping, dict]:
         raise _error(f"{path.name} is a corrupt safetensors file: {e}") from None
     if not keys:
         raise _error(f"{path.name} holds no tensors: not a model checkpoint")
-    return _SafetensorsDict(handle, keys), {"metadata": metadata, "global_step": None}
+    return _safetensors_dict(handle, keys), {"metadata": metadata, "global_step": None}
 
 
 def _read_torch(path: Path) -> Tuple[Mapping, dict]:
@@ -453,7 +440,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, prediction: str = "
     try:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(unet_config)
-        unet_state = convert_ldm_unet_checkpoint(checkpoint=_Subset(sd, (UNET_PREFIX,)), config=unet_config)
+        unet_state = convert_ldm_unet_checkpoint(checkpoint=_subset(sd, (UNET_PREFIX,)), config=unet_config)
         unet = _load_strict(unet, unet_state, "UNet", path, arch).to(dtype)
         del unet_state
         vae = None
@@ -464,7 +451,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, prediction: str = "
             vae_config = dict(AutoencoderKL.load_config(str(config_dir / "vae"), local_files_only=True))
             with torch.device("meta"):
                 vae = AutoencoderKL.from_config(vae_config)
-            vae_state = convert_ldm_vae_checkpoint(checkpoint=_Subset(sd, (VAE_PREFIX,)), config=vae_config)
+            vae_state = convert_ldm_vae_checkpoint(checkpoint=_subset(sd, (VAE_PREFIX,)), config=vae_config)
             vae = _load_strict(vae, vae_state, "VAE", path, arch).to(dtype)
             del vae_state
         encoders, tokenizers = [], []
