@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from memoguard.diffusers_model import BUNDLED_MODEL, DiffusersModel, load_model
-from memoguard.measure import band_gaps, calibrate, repeat_encoding
+from memoguard.measure import band_gaps, calibrate
 from memoguard.sampling import initial_noise, sample
 
 
@@ -59,7 +59,7 @@ def raw_forwards(model, prompts, shape, steps, batch_size):
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            cond = repeat_encoding(model.encode(chunk), 1)
+            cond = model.encode(chunk)
             x = initial_noise(model, shape, range(len(chunk)))
             emb = torch.cat([cond.embedding, uncond.embedding.expand(len(chunk), -1, -1)])
             model.unet(torch.cat([x, x]), t, encoder_hidden_states=emb)

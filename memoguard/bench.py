@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .calibration import roc_auc, tpr_at_fpr
-from .explain import token_contributions
-from .mitigate import minimize_embedding
+from .explain import METHODS, token_contributions
+from .mitigate import mitigate
 from .pipeline import generate
 from .sampling import initial_noise, sample
 from .tiny.data import build_dataset
@@ -23,6 +23,7 @@ from .tiny.judge import COPY_RATIO, alignment, is_copy, unique_training_images
 from .tiny.prompts import KINDS, eval_prompts
 
 MITIGATION_STEPS = 20
+DEFAULT_MITIGATION = "remove_tokens_p50"  # the table row of the default strategy at its default target
 SEEDS = (0, 1, 2, 3)
 
 
@@ -55,12 +56,16 @@ def threshold_at_fpr(negative_scores: np.ndarray, fpr: float = 0.01) -> float:
     return float(np.nextafter(s[k], np.inf))
 
 
-def remove_token(model, prompt: str, position: int) -> str:
-    """The prompt with the token at embedding position `position` (first chunk) taken out."""
+def remove_tokens(model, prompt: str, positions) -> str:
+    """The prompt re-encoded without the tokens at embedding positions `positions` (first chunk).
+
+    Re-encoding is the sound removal for a causal text encoder: setting one position to the empty
+    prompt's output would leave the token in every later position."""
     tok = model.tokenizers[0]
     ids = tok(prompt, add_special_tokens=False).input_ids
-    chunk, slot = divmod(position, 77)
-    del ids[chunk * 75 + slot - 1]
+    for position in sorted(positions, reverse=True):
+        chunk, slot = divmod(position, 77)
+        del ids[chunk * 75 + slot - 1]
     return tok.decode(ids)
 
 
@@ -90,22 +95,26 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     log(f"positives {int(positive.sum())}/{len(texts)}; steps1_gen1 AUC {res['detection']['steps1_gen1']['auc']:.3f}")
 
     threshold = threshold_at_fpr(scores["steps1_gen4"][~positive])
-    explained = [(t, k) for t, k, p in zip(texts, kinds, positive) if p][: 10 if quick else 40]
-    res["explanation"] = explanation_bench(model, [t for t, _ in explained], threshold, label_steps)
-    res["explanation"]["kinds"] = [k for _, k in explained]
-    log(f"explanation: top-token drop {res['explanation']['top_token_drop_rate']:.2f}, "
-        f"random {res['explanation']['random_token_drop_rate']:.2f}")
+    # the duplicated captions (recall by text, the paper's case), and the other positives (copies without it)
+    groups = {"memorized": [t for t, k in zip(texts, kinds) if k == "memorized"],
+              "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"]}
+    res["explanation"] = {name: explanation_bench(model, group[: 12 if quick else 40], threshold, label_steps)
+                          for name, group in groups.items()}
+    for name, e in res["explanation"]["memorized"].get("methods", {}).items():
+        log(f"explanation {name}: top-1 removal ends the flag {e['top1_ends_flag']:.2f}, "
+            f"deletion AUC {e['deletion_auc']:.3f}")
 
     mitigated = [p for p, pos in zip(prompts, positive) if pos and p.scene is not None][: 8 if quick else 24]
     negatives = scores["steps1_gen1"][~positive]
-    res["mitigation"] = mitigation_bench(model, mitigated, train_images,
-                                         float(np.median(negatives)) if target is None else target)
-    if not quick:  # the copy / faithfulness / time trade-off over the target: benign 75th, 90th percentiles
-        res["mitigation_sweep"] = {f"target_p{q}": mitigation_bench(model, mitigated, train_images,
-                                                                    float(np.percentile(negatives, q)))
-                                   for q in (75, 90)}
-    log(f"mitigation: copy {res['mitigation']['copy_rate_before']:.2f} -> {res['mitigation']['copy_rate_after']:.2f}, "
-        f"time ratio {res['mitigation']['time_ratio']:.2f}")
+    table = mitigation_settings(negatives)
+    if target is not None:
+        table = {k: {**v, "target": target} if "target" in v else v for k, v in table.items()}
+    res["mitigation"] = {name: mitigation_bench(model, mitigated, train_images, settings)
+                         for name, settings in table.items()}
+    res["mitigation_default"] = DEFAULT_MITIGATION
+    m = res["mitigation"][DEFAULT_MITIGATION]
+    log(f"mitigation ({DEFAULT_MITIGATION}): copy {m['copy_rate_before']:.2f} -> {m['copy_rate_after']:.2f}, "
+        f"alignment {m['alignment_before']:.2f} -> {m['alignment_after']:.2f}, time ratio {m['time_ratio']:.2f}")
     res["band"] = band_bench(model, texts, positive, gaps, label_steps, quick)
     log(f"band: benign inside at every step {res['band']['same_schedule']['benign_inside_every_step']:.2f}, "
         f"positives above at step 1 {res['band']['same_schedule']['positive_above_step1']:.2f}")
@@ -157,59 +166,112 @@ def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int,
     return out
 
 
-def explanation_bench(model, prompts, threshold: float, steps: int) -> dict:
+FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "at", ",", "."}
+
+
+def explanation_bench(model, prompts, threshold: float, steps: int, methods=METHODS) -> dict:
+    """Deletion test: tokens removed in each method's order (re-encoding the prompt), first-step score after
+    each removal, mean of 4 seeds. Per ordering: the area under score / score before (mean over removals 1..n;
+    lower = the order finds the tokens that carry the recall sooner), how often removing the top token alone
+    ends the flag, and the seconds per prompt. References: a random order, and the exact leave-one-out
+    (each token removed alone by re-encoding; n + 1 first-step passes per prompt)."""
     from .pipeline import first_step_scores
+    if not prompts:
+        return {"n": 0}
     uncond = model.encode([""])
     rng = np.random.default_rng(0)
-    top_removed, random_removed, top_tokens, removed_random = [], [], [], []
+    orders = {m: [] for m in (*methods, "random", "exact_leave_one_out")}
+    seconds = {m: 0.0 for m in methods}
+    tokens, positions = [], []
     for text in prompts:
         cond = model.encode([text])
         x = initial_noise(model, model.latent_shape(), SEEDS, model.device)
-        contrib = token_contributions(model, cond, uncond, x, steps=1, total_steps=steps)[0]
-        best = int(np.argmax(contrib.scores))
-        top_tokens.append(contrib.tokens[best])
-        top_removed.append(remove_token(model, text, contrib.positions[best]))
-        pick = int(rng.integers(len(contrib.positions)))
-        removed_random.append(contrib.tokens[pick])
-        random_removed.append(remove_token(model, text, contrib.positions[pick]))
-    if not prompts:
-        return {"top_token_drop_rate": float("nan"), "random_token_drop_rate": float("nan"), "n": 0}
-    top_scores = first_step_scores(model, top_removed, SEEDS, steps).mean(1)
-    rand_scores = first_step_scores(model, random_removed, SEEDS, steps).mean(1)
-    return {"top_token_drop_rate": float((top_scores < threshold).mean()),
-            "random_token_drop_rate": float((rand_scores < threshold).mean()),
-            "threshold": threshold, "n": len(prompts), "top_tokens": top_tokens, "random_tokens": removed_random,
-            "top_removed_scores": top_scores.tolist(), "random_removed_scores": rand_scores.tolist()}
+        for method in methods:
+            t0 = time.perf_counter()
+            contrib = token_contributions(model, cond, uncond, x, steps=1, total_steps=steps, method=method)[0]
+            seconds[method] += time.perf_counter() - t0
+            orders[method].append(contrib.ranking())
+        tokens.append(contrib.tokens), positions.append(contrib.positions)
+        orders["random"].append([int(i) for i in rng.permutation(len(contrib.tokens))])
+    single = [[remove_tokens(model, t, [p]) for p in pos] for t, pos in zip(prompts, positions)]
+    flat = first_step_scores(model, [s for row in single for s in row] + list(prompts), SEEDS, steps).mean(1)
+    base = flat[-len(prompts):]
+    cut = np.cumsum([0] + [len(row) for row in single])
+    orders["exact_leave_one_out"] = [[int(i) for i in np.argsort(flat[a:b], kind="stable")] for a, b in zip(cut, cut[1:])]
+    flagged = base >= threshold  # "ends the flag" counts over the prompts flagged before any removal
+    res = {"n": len(prompts), "threshold": threshold, "seeds": len(SEEDS), "score_before": base.tolist(),
+           "flagged_before": int(flagged.sum()), "methods": {}}
+    for name, per_prompt in orders.items():
+        curves = [[remove_tokens(model, t, [pos[i] for i in order[:k]]) for k in range(1, len(order) + 1)]
+                  for t, pos, order in zip(prompts, positions, per_prompt)]
+        flat = first_step_scores(model, [c for row in curves for c in row], SEEDS, steps).mean(1)
+        cut = np.cumsum([0] + [len(row) for row in curves])
+        rel = [flat[a:b] / s0 for a, b, s0 in zip(cut, cut[1:], base)]
+        top1 = np.array([flat[a] for a in cut[:-1]])
+        top_tokens = [toks[order[0]] for toks, order in zip(tokens, per_prompt)]
+        function_first = np.array([t.strip().lower() in FUNCTION_WORDS for t in top_tokens])
+        ends = (top1 < threshold) & flagged
+        res["methods"][name] = {
+            "deletion_auc": float(np.mean([r.mean() for r in rel])),
+            "top1_ends_flag": float(ends.sum() / max(flagged.sum(), 1)),
+            "top1_score_ratio": float(np.mean(top1 / base)),
+            "function_word_first": int((function_first & flagged).sum()),
+            "function_word_first_ends_flag": int((function_first & ends).sum()),
+            "seconds_per_prompt": seconds[name] / len(prompts) if name in seconds else None,
+            "top_tokens": top_tokens}
+    return res
 
 
-def mitigation_bench(model, prompts, train_images, target: float) -> dict:
+def mitigation_settings(negatives: np.ndarray) -> dict:
+    """The rows of the mitigation table: each strategy over its strength; targets are benign percentiles."""
+    p = lambda q: float(np.percentile(negatives, q))
+    return {
+        "remove_tokens_p50": dict(strategy="remove_tokens", target=p(50)),
+        "remove_tokens_p75": dict(strategy="remove_tokens", target=p(75)),
+        "remove_tokens_p50_max1": dict(strategy="remove_tokens", target=p(50), max_removals=1),
+        "minimize_p50": dict(strategy="minimize", target=p(50)),
+        "minimize_p25": dict(strategy="minimize", target=p(25)),
+        "minimize_p90": dict(strategy="minimize", target=p(90)),
+        "minimize_p50_lr0.2": dict(strategy="minimize", target=p(50), lr=0.2),
+        "guidance_delay_0.1": dict(strategy="guidance_delay", delay=0.1),
+        "guidance_delay_0.2": dict(strategy="guidance_delay", delay=0.2),
+        "guidance_delay_0.3": dict(strategy="guidance_delay", delay=0.3),
+    }
+
+
+def mitigation_bench(model, prompts, train_images, settings: dict) -> dict:
+    """Copy rate, alignment and time of one strategy on `prompts` x SEEDS at MITIGATION_STEPS, timed side by
+    side with plain sampling (twice; the second, warm pair counts)."""
     if not prompts:
-        keys = ("copy_rate_before", "copy_rate_after", "alignment_before", "alignment_after", "time_ratio",
-                "mean_iterations")
-        return {"n_prompts": 0, **{k: float("nan") for k in keys}}
+        return {"n_prompts": 0}
     texts = [p.text for p in prompts for _ in SEEDS]
     scenes = [p.scene for p in prompts for _ in SEEDS]
     cond, uncond = model.encode(texts), model.encode([""])
     x = initial_noise(model, model.latent_shape(), list(SEEDS) * len(prompts), model.device)
+    ts = model.timesteps(MITIGATION_STEPS)
     plain_time, mitigated_time = [], []
-    for _ in range(2):  # side by side, twice; the second pair is the one timed warm
+    for _ in range(2):
         t0 = time.perf_counter()
         plain = sample(model, cond, uncond, x, MITIGATION_STEPS, monitor=False)
         plain_time.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        emb, record = minimize_embedding(model, cond, uncond, x, model.timesteps(MITIGATION_STEPS)[0], target=target)
-        mitigated = sample(model, cond, uncond, x, MITIGATION_STEPS, monitor=False, cond_embedding=emb)
+        plan = mitigate(model, cond, uncond, x, ts, model.guidance, **settings)
+        mitigated = sample(model, plan.cond, uncond, x, MITIGATION_STEPS, guidance=plan.guidance, monitor=False)
         mitigated_time.append(time.perf_counter() - t0)
     before, after = model.decode(plain.latents).numpy(), model.decode(mitigated.latents).numpy()
+    copy_before, copy_after = is_copy(before, train_images), is_copy(after, train_images)
+    align_before, align_after = alignment(before, scenes), alignment(after, scenes)
+    record = plan.record
     return {
-        "n_prompts": len(prompts), "n_images": len(texts), "steps": MITIGATION_STEPS, "target": target,
-        "copy_rate_before": float(is_copy(before, train_images).mean()),
-        "copy_rate_after": float(is_copy(after, train_images).mean()),
-        "alignment_before": float(alignment(before, scenes).mean()),
-        "alignment_after": float(alignment(after, scenes).mean()),
+        "settings": settings, "n_prompts": len(prompts), "n_images": len(texts), "steps": MITIGATION_STEPS,
+        "copy_rate_before": float(copy_before.mean()), "copy_rate_after": float(copy_after.mean()),
+        "copy_after_share_of_before": float(copy_after.mean() / max(copy_before.mean(), 1e-12)),
+        "alignment_before": float(align_before.mean()), "alignment_after": float(align_after.mean()),
+        "alignment_drop": float(1 - align_after.mean() / max(align_before.mean(), 1e-12)),
         "score_before": float(np.mean(record.before)), "score_after": float(np.mean(record.after)),
         "time_ratio": mitigated_time[-1] / plain_time[-1],
         "mean_iterations": float(np.mean(record.image_iterations)), "batch_iterations": record.iterations,
+        "removed": record.removed[::len(SEEDS)] if record.strategy == "remove_tokens" else None,
     }
 
 

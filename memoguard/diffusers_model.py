@@ -30,6 +30,8 @@ def _display(token: str) -> str:
 
 
 class DiffusersModel(DiffusionModel):
+    reencodes = True
+
     def __init__(self, unet, text_encoders, tokenizers, scheduler, vae=None, name="model",
                  device="cpu", dtype=torch.float32):
         self.unet, self.text_encoders, self.tokenizers = unet, text_encoders, tokenizers
@@ -74,8 +76,23 @@ class DiffusersModel(DiffusionModel):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode() takes a list of prompt strings")
         tok = self.tokenizers[0]
-        pieces = [tok(p, add_special_tokens=False, truncation=False).input_ids for p in prompts]
-        n_chunks = max(1, max((len(ids) + CHUNK - 1) // CHUNK for ids in pieces))
+        return self._encode_ids([tok(p, add_special_tokens=False, truncation=False).input_ids for p in prompts])
+
+    @torch.no_grad()
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        if cond.ids is None:
+            raise ValueError("this encoding carries no token ids (it was not made by encode())")
+        pieces = []
+        for row, drop in edits:
+            keep = cond.prompt_mask[row].clone()
+            keep[list(drop)] = False
+            pieces.append(cond.ids[row][keep.to(cond.ids.device)].tolist())
+        return self._encode_ids(pieces, chunks=cond.embedding.shape[1] // 77)
+
+    def _encode_ids(self, pieces: List[List[int]], chunks: int = 1) -> PromptEncoding:
+        """Prompts given as token ids without BOS/EOS, in 75-token chunks, at least `chunks` of them."""
+        tok = self.tokenizers[0]
+        n_chunks = max(chunks, max((len(ids) + CHUNK - 1) // CHUNK for ids in pieces))
         rows, masks, frozen, pads = [], [], [], []
         for ids in pieces:
             row, mask, bos, is_pad = [], [], [], []
@@ -104,10 +121,10 @@ class DiffusersModel(DiffusionModel):
         if self.is_sdxl:
             h, w = self.image_size()
             extra = {"text_embeds": pooled.to(self.dtype),
-                     "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(prompts), device=self.device, dtype=self.dtype)}
+                     "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(pieces), device=self.device, dtype=self.dtype)}
         tokens = [[_display(t) for t in tok.convert_ids_to_tokens(row)] for row in rows]
         return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), tokens, torch.tensor(masks),
-                              torch.tensor(frozen), extra)
+                              torch.tensor(frozen), extra, ids)
 
     # -- images ---------------------------------------------------------------------------
     def latent_shape(self):

@@ -18,13 +18,6 @@ from .score import rms_per_image
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 
 
-def repeat_encoding(enc: PromptEncoding, times: int) -> PromptEncoding:
-    """Each prompt's rows repeated `times` times in place (prompt-major)."""
-    rep = lambda t: t.repeat_interleave(times, dim=0)
-    return PromptEncoding(rep(enc.embedding), [t for t in enc.tokens for _ in range(times)], rep(enc.prompt_mask),
-                          rep(enc.frozen_mask), {k: rep(v) for k, v in enc.extra.items()})
-
-
 @torch.no_grad()
 def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
                     batch_size: int = 32, progress: Optional[Progress] = None) -> np.ndarray:
@@ -34,7 +27,7 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
     per = max(1, batch_size // len(seeds))
     for start in range(0, len(prompts), per):
         stop = min(len(prompts), start + per)
-        cond = repeat_encoding(model.encode(list(prompts[start:stop])), len(seeds))
+        cond = model.encode(list(prompts[start:stop])).repeat_rows(len(seeds))
         x = initial_noise(model, shape, list(seeds) * (stop - start), _device(cond))
         eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
         out[start:stop] = rms_per_image(eps_c - eps_u).reshape(-1, len(seeds)).cpu().numpy()

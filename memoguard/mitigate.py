@@ -1,30 +1,70 @@
-"""Inference-time mitigation: shrink the text-conditional noise prediction before sampling.
+"""Inference-time mitigation: steer a generation away from a memorized image before it forms.
 
-AdamW on the conditional prompt embedding (every BOS position frozen, uncond fixed), loss =
-RMS gap at the first step on the very x_T the generation then starts from; stop early once
-every image is at or under `target`. The optimised embedding is then used for every step.
+Three strategies, measured side by side by `bench` (BENCHMARKS.md):
+  - "remove_tokens": leave out, one token at a time, the token whose removal brings the first-step
+    score under `target` with the smallest drop (the least edit that ends the recall; the largest
+    drop while none reaches it), at most `max_removals` tokens. Each round tries up to
+    `max_candidates` tokens (one first-step forward each, no backward pass); a longer prompt's
+    candidates are its top tokens by gradient x input (one forward + backward). Needs an adapter
+    that re-encodes prompts (DiffusionModel.reencodes).
+  - "minimize" (Wen et al., Sec. 5, the paper's): AdamW on the conditional prompt embedding (every
+    BOS frozen, uncond fixed), loss = RMS gap at the first step on the very x_T the generation then
+    starts from; stop once every image is at or under `target`. The embedding then serves every step.
+  - "guidance_delay": text guidance off for the first `delay` share of the steps, then the run's own
+    scale (after Jain et al., arXiv 2411.16738: memorized images are attractors of the guided
+    trajectory early on). No extra model call; the first-step score is unchanged.
+Every strategy leaves images at or under `target` untouched, and mode "auto" touches only images
+whose first-step score is at or above `threshold`.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
+from .errors import MemoGuardError
 from .model import DiffusionModel, PromptEncoding, expand_batch, match_length
 from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
+STRATEGIES = ("remove_tokens", "minimize", "guidance_delay")
+STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
+                  "guidance_delay": "delayed guidance"}
+
+
+class MitigationError(MemoGuardError, ValueError):
+    """Mitigation settings that cannot work, or a strategy the model cannot run."""
 
 
 @dataclass
 class MitigationRecord:
     mode: str
     ran: bool
-    iterations: int = 0                                       # AdamW steps taken for the batch
+    iterations: int = 0                                       # AdamW steps / removal rounds for the batch
     image_iterations: List[int] = field(default_factory=list)  # steps each image actually moved
     losses: List[List[float]] = field(default_factory=list)  # per iteration, per image (RMS gap)
     before: List[float] = field(default_factory=list)         # first-step RMS gap per image
     after: List[float] = field(default_factory=list)
     reason: str = ""
+    strategy: str = "minimize"
+    removed: List[List[str]] = field(default_factory=list)    # remove_tokens: tokens left out, per image
+    delay_steps: int = 0                                      # guidance_delay: steps without text guidance
+    passes: float = 0.0  # model evaluations per image on top of sampling (a backward counts as 2)
+
+    @property
+    def strategy_name(self) -> str:
+        return STRATEGY_NAMES[self.strategy]
+
+    def summary(self, image: int = 0) -> str:
+        """One line for image `image`, as the hosts and the CLI show it."""
+        if not self.ran:
+            return f"{self.strategy_name}: not run ({self.reason})"
+        if self.strategy == "guidance_delay":
+            return f"{self.strategy_name}: no text guidance for the first {self.delay_steps} steps"
+        moved = self.image_iterations[image] if image < len(self.image_iterations) else 0
+        what = (f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}"
+                if self.strategy == "remove_tokens" else f"{moved} iterations")
+        return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
+                f"{self.after[image]:.4f}")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -32,47 +72,80 @@ class MitigationRecord:
 
 def check_settings(mode: str, lr: float, max_iters: int, target: float) -> None:
     if mode not in MODES:
-        raise ValueError(f"mitigation mode must be one of {MODES}, got {mode!r}")
+        raise MitigationError(f"mitigation mode must be one of {MODES}, got {mode!r}")
     if not (lr > 0) or max_iters < 0 or not (target >= 0):
-        raise ValueError(f"need lr > 0, max_iters >= 0, target >= 0 (got {lr}, {max_iters}, {target})")
+        raise MitigationError(f"need lr > 0, max_iters >= 0, target >= 0 (got {lr}, {max_iters}, {target})")
+
+
+def check_strategy(strategy: str) -> str:
+    if strategy not in STRATEGIES:
+        raise MitigationError(f"mitigation strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+    return strategy
+
+
+def default_strategy(model: DiffusionModel) -> str:
+    """The best measured trade-off the model can run (BENCHMARKS.md, mitigation table)."""
+    return "remove_tokens" if model.reencodes else "minimize"
+
+
+def extra_cost(record: MitigationRecord, steps: int) -> float:
+    """Sampling time with this mitigation / without, where the model call dominates (SD sizes): a guided
+    step is two evaluations per image."""
+    return 1 + record.passes / (2 * steps)
+
+
+def _first_step(model, cond, uncond, x_T, t_first):
+    """(uncond eps, RMS gap per image) at the first step; the uncond pass serves every later evaluation."""
+    batch = cond.embedding.shape[0]
+    with torch.no_grad():
+        uncond_emb = match_length(uncond.embedding, cond.embedding.shape[1]).expand(batch, -1, -1)
+        eps_u = model.eps(x_T, t_first, uncond_emb, {k: expand_batch(v, batch) for k, v in uncond.extra.items()})
+        gap = rms_per_image(model.eps(x_T, t_first, cond.embedding.detach(), cond.extra) - eps_u).float().cpu()
+    return eps_u, gap
+
+
+def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy):
+    """The first-step scores, the record, and which images to work on (None: nothing to do)."""
+    eps_u, gap = _first_step(model, cond, uncond, x_T, t_first)
+    batch = gap.shape[0]
+    record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
+                              image_iterations=[0] * batch, strategy=strategy, removed=[[] for _ in range(batch)],
+                              passes=2.0)
+    if mode == "off":
+        record.reason = "mitigation off"
+        return eps_u, gap, record, None
+    active = torch.isfinite(gap) & (gap > target)
+    if mode == "auto":
+        if threshold is None:
+            raise MitigationError("mode 'auto' needs a threshold (from a calibration)")
+        flagged = gap >= threshold
+        if not bool(flagged.any()):
+            record.reason = f"first-step score under threshold {threshold:.4g}"
+            return eps_u, gap, record, None
+        active &= flagged
+    if not bool(active.any()):
+        record.reason = f"first-step score already at or under target {target:.4g}"
+        return eps_u, gap, record, None
+    record.ran = True
+    return eps_u, gap, record, active
 
 
 def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding,
                        x_T: torch.Tensor, t_first, *, mode: str = "always", threshold: Optional[float] = None,
                        target: float = 0.0, lr: float = 0.05, max_iters: int = 10):
-    """Returns (embedding to sample with, MitigationRecord). mode "auto" needs `threshold`.
+    """The paper's strategy. Returns (embedding to sample with, MitigationRecord). mode "auto" needs `threshold`.
 
     cond must hold one prompt per image of x_T. Images already at or under `target` stop moving
     (their rows are restored after each AdamW step), so one image never pays for another.
     """
     check_settings(mode, lr, max_iters, target)
     emb0 = cond.embedding.detach()
-    batch = emb0.shape[0]
-    with torch.no_grad():  # x_T and the uncond embedding are fixed: one uncond pass serves every iteration
-        uncond_emb = match_length(uncond.embedding, emb0.shape[1]).expand(batch, -1, -1)
-        eps_u = model.eps(x_T, t_first, uncond_emb, {k: expand_batch(v, batch) for k, v in uncond.extra.items()})
-        gap = rms_per_image(model.eps(x_T, t_first, emb0, cond.extra) - eps_u).float().cpu()
-    record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
-                              image_iterations=[0] * batch)
-    if mode == "off":
-        record.reason = "mitigation off"
-        return emb0, record
-    active = torch.isfinite(gap) & (gap > target)
-    if mode == "auto":
-        if threshold is None:
-            raise ValueError("mode 'auto' needs a threshold (from a calibration)")
-        flagged = gap >= threshold
-        if not bool(flagged.any()):
-            record.reason = f"first-step score under threshold {threshold:.4g}"
-            return emb0, record
-        active &= flagged
-    if not bool(active.any()):
-        record.reason = f"first-step score already at or under target {target:.4g}"
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "minimize")
+    if active is None:
         return emb0, record
     frozen_positions = cond.frozen_mask.to(emb0.device).unsqueeze(-1)
     emb = emb0.clone().float().requires_grad_(True)
     opt = torch.optim.AdamW([emb], lr=lr)
-    record.ran = True
     gap_at = lambda e: rms_per_image(model.eps(x_T, t_first, e.to(emb0.dtype), cond.extra) - eps_u)
     for _ in range(max_iters):
         with torch.enable_grad():
@@ -92,8 +165,118 @@ def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: Prom
             emb.data = torch.where(moving, emb.data, torch.where(frozen_positions, emb0.float(), held))
         record.iterations += 1
         record.image_iterations = [n + int(a) for n, a in zip(record.image_iterations, active.tolist())]
+        record.passes += 3  # forward + backward for the whole batch
     else:  # ran out of iterations: measure where the last step landed
         with torch.no_grad():
             gap = gap_at(emb).float().cpu()
+        record.passes += 1
     record.after = gap.tolist()
     return emb.detach().to(emb0.dtype), record
+
+
+def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
+                  t_first, *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
+                  max_removals: int = 3, max_candidates: int = 8, batch_size: int = 16):
+    """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
+    check_settings(mode, 1.0, max_removals, target)
+    if max_removals < 1 or max_candidates < 1:
+        raise MitigationError(f"max_removals and max_candidates must be >= 1, got {max_removals}, {max_candidates}")
+    if not model.reencodes or cond.ids is None:
+        raise MitigationError(f"token removal re-encodes the prompt, which {type(model).__name__} cannot do; "
+                              f"use the strategy 'minimize'")
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens")
+    if active is None:
+        return cond, record
+    removed = [[] for _ in range(gap.shape[0])]      # original positions left out, per image
+    candidates = [torch.nonzero(cond.prompt_mask[b]).flatten().tolist() for b in range(gap.shape[0])]
+    if any(len(c) > max_candidates for c, a in zip(candidates, active.tolist()) if a):
+        from .explain import token_contributions  # explain builds on this module's neighbours, not on it
+        ranked = token_contributions(model, cond, uncond, x_T, steps=1, total_steps=1, method="gradient_x_delta",
+                                     timesteps=[t_first])
+        candidates = [[c.positions[i] for i in c.ranking()[:max_candidates]] for c in ranked]
+        record.passes += 3
+    gap = gap.clone()
+    for _ in range(max_removals):
+        rows = [b for b in torch.nonzero(active).flatten().tolist()  # keep at least one token
+                if int(cond.prompt_mask[b].sum()) - len(removed[b]) > 1 and set(candidates[b]) - set(removed[b])]
+        if not rows:
+            break
+        jobs = [(b, i) for b in rows for i in candidates[b] if i not in removed[b]]
+        record.passes += max(sum(1 for row, _ in jobs if row == b) for b in rows)
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(jobs), batch_size):
+                part = jobs[start:start + batch_size]
+                sub = model.encode_without(cond, [(b, removed[b] + [i]) for b, i in part])
+                index = torch.tensor([b for b, _ in part], device=x_T.device)
+                eps = model.eps(x_T[index], t_first, sub.embedding.to(cond.embedding.dtype), sub.extra)
+                scores += rms_per_image(eps - eps_u[index]).float().cpu().tolist()
+        for b in rows:
+            options = [(s, i) for (row, i), s in zip(jobs, scores) if row == b]
+            reaching = [o for o in options if o[0] <= target]
+            score, position = max(reaching) if reaching else min(options)
+            removed[b].append(position)
+            gap[b] = score
+            record.image_iterations[b] += 1
+        record.iterations += 1
+        record.losses.append(gap.tolist())
+        active &= gap > target
+        if not bool(active.any()):
+            break
+    record.after = gap.tolist()
+    record.removed = [[cond.tokens[b][i] for i in sorted(r)] for b, r in enumerate(removed)]
+    edited = [b for b, r in enumerate(removed) if r]
+    if not edited:
+        return cond, record
+    new = model.encode_without(cond, [(b, removed[b]) for b in range(len(removed))])
+    keep = torch.tensor([not r for r in removed], device=cond.embedding.device).reshape(-1, 1, 1)
+    # images left as they were keep their own embedding bit for bit
+    return new.with_embedding(torch.where(keep, cond.embedding, new.embedding.to(cond.embedding))), record
+
+
+def delay_steps(steps: int, delay: float) -> int:
+    """How many of the first steps run without text guidance at a given delay (a share of the steps)."""
+    if not 0 <= delay < 1:
+        raise MitigationError(f"delay must be in [0, 1), got {delay}")
+    return int(round(delay * steps))
+
+
+def guidance_schedule(steps: int, guidance: float, delay: float, images: torch.Tensor) -> torch.Tensor:
+    """(steps, B) guidance scale: 0 for the delayed steps of the images marked in `images` (B,) bool."""
+    schedule = torch.full((steps, images.shape[0]), float(guidance))
+    schedule[:delay_steps(steps, delay), images] = 0.0
+    return schedule
+
+
+@dataclass
+class Mitigation:
+    """What to sample with after mitigation: the prompt, the per-step guidance, and what was done."""
+    cond: PromptEncoding
+    guidance: Optional[torch.Tensor]  # (steps, B) scale per step and image; None: the run's own throughout
+    record: MitigationRecord
+
+
+def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
+             timesteps: Sequence, guidance: float, *, strategy: str = "auto", mode: str = "always",
+             threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
+             max_removals: int = 3, delay: float = 0.2) -> Mitigation:
+    """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
+    `default_strategy(model)`."""
+    strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)
+    t_first = timesteps[0]
+    if strategy == "minimize":
+        emb, record = minimize_embedding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
+                                         target=target, lr=lr, max_iters=max_iters)
+        return Mitigation(cond.with_embedding(emb), None, record)
+    if strategy == "remove_tokens":
+        new, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
+                                    target=target, max_removals=max_removals)
+        return Mitigation(new, None, record)
+    check_settings(mode, lr, max_iters, target)
+    record_steps = delay_steps(len(timesteps), delay)
+    _, _, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "guidance_delay")
+    if active is None:
+        return Mitigation(cond, None, record)
+    record.delay_steps = record_steps
+    record.image_iterations = [record_steps * int(a) for a in active.tolist()]
+    return Mitigation(cond, guidance_schedule(len(timesteps), guidance, delay, active), record)

@@ -23,12 +23,14 @@ class PromptEncoding:
     prompt_mask[b, i] is True for real prompt tokens (not BOS, EOS or padding).
     frozen_mask[b, i] is True where mitigation must not move the embedding (every BOS).
     extra: model-specific conditioning that is not optimised (SDXL pooled text, size ids).
+    ids: token ids (B, L), kept by models that can re-encode a prompt with tokens removed.
     """
     embedding: torch.Tensor
     tokens: List[List[str]]
     prompt_mask: torch.Tensor
     frozen_mask: torch.Tensor
     extra: dict = field(default_factory=dict)
+    ids: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.embedding.dim() != 3:
@@ -39,7 +41,20 @@ class PromptEncoding:
                 raise ValueError(f"{name} must be ({b}, {l}), got {tuple(getattr(self, name).shape)}")
 
     def with_embedding(self, embedding: torch.Tensor) -> "PromptEncoding":
-        return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra)
+        return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra, self.ids)
+
+    def rows(self, index) -> "PromptEncoding":
+        """The encoding of the rows `index` (a list or tensor of row numbers), in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        n = self.embedding.shape[0]
+        pick = lambda t: t[index.to(t.device)] if t.shape[0] == n else t  # a shared (1, ...) extra stays shared
+        return PromptEncoding(pick(self.embedding), [self.tokens[i] for i in index.tolist()], pick(self.prompt_mask),
+                              pick(self.frozen_mask), {k: pick(v) for k, v in self.extra.items()},
+                              None if self.ids is None else pick(self.ids))
+
+    def repeat_rows(self, times: int) -> "PromptEncoding":
+        """Each prompt's row repeated `times` times in place (prompt-major)."""
+        return self.rows(torch.arange(self.embedding.shape[0]).repeat_interleave(times))
 
     def prompt_tokens(self, b: int = 0) -> List[str]:
         return [tok for tok, keep in zip(self.tokens[b], self.prompt_mask[b].tolist()) if keep]
@@ -52,6 +67,7 @@ class DiffusionModel(ABC):
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
     init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
     guidance: float = 7.5           # classifier-free guidance scale this model samples well at
+    reencodes: bool = False         # implements encode_without
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -68,6 +84,11 @@ class DiffusionModel(ABC):
     @abstractmethod
     def encode(self, prompts: List[str]) -> PromptEncoding:
         """Text-encoder output for each prompt; the same length L for the whole batch."""
+
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        """One row per edit (row of `cond`, positions to leave out): the prompt re-encoded without those
+        tokens, at cond's length L. Adapters that implement it set `reencodes`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-encode a prompt")
 
     def noise_level(self, t) -> float:
         """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""

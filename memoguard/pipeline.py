@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .measure import first_step_gaps, repeat_encoding
+from .measure import first_step_gaps
 from .model import DiffusionModel
 from .sampling import initial_noise, sample
 
@@ -40,7 +40,7 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     images, gaps = [], []
     per = max(1, batch_size // gens)
     for sl in _batches(len(prompts), per):
-        cond = repeat_encoding(model.encode(list(prompts[sl])), gens)
+        cond = model.encode(list(prompts[sl])).repeat_rows(gens)
         emb = None if embeddings is None else embeddings[sl].repeat_interleave(gens, dim=0)
         x = initial_noise(model, model.latent_shape(), list(seeds) * (sl.stop - sl.start), model.device)
         result = sample(model, cond, uncond, x, steps, guidance, cond_embedding=emb, on_step=on_step)

@@ -29,13 +29,17 @@ def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch
 
 @torch.no_grad()
 def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
-           steps: int = 20, guidance: Optional[float] = None, monitor: bool = True,
+           steps: int = 20, guidance=None, monitor: bool = True,
            cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None,
            timesteps: Optional[torch.Tensor] = None) -> SampleResult:
     """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes.
-    timesteps: an explicit schedule (noisiest first) instead of the model's `steps`-step one."""
+    timesteps: an explicit schedule (noisiest first) instead of the model's `steps`-step one.
+    guidance: a scale, or a (steps, B) tensor of scales per step and image (memoguard.mitigate)."""
     ts = model.timesteps(steps) if timesteps is None else timesteps
     guidance = model.guidance if guidance is None else guidance
+    if isinstance(guidance, torch.Tensor) and tuple(guidance.shape) != (len(ts), x_T.shape[0]):
+        raise ValueError(f"a guidance schedule must be (steps, images) = ({len(ts)}, {x_T.shape[0]}), "
+                         f"got {tuple(guidance.shape)}")
     x = x_T
     trace = ScoreTrace() if monitor else None
     for i, t in enumerate(ts):
@@ -44,7 +48,8 @@ def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, 
             gaps = trace.record(i, eps_c - eps_u, float(t))
             if on_step is not None:
                 on_step(i, len(ts), gaps)
-        eps = eps_u + guidance * (eps_c - eps_u)
+        scale = guidance[i].to(x).reshape(-1, *([1] * (x.dim() - 1))) if isinstance(guidance, torch.Tensor) else guidance
+        eps = eps_u + scale * (eps_c - eps_u)
         coeff_next = model.coefficients(ts[i + 1]) if i + 1 < len(ts) else CLEAN
         x = ddim_step(x, eps, model.coefficients(t), coeff_next)
     return SampleResult(x, trace)

@@ -6,7 +6,7 @@ from memoguard.diffusers_model import load_model
 from memoguard.explain import token_contributions
 from memoguard.mitigate import minimize_embedding
 from memoguard.sampling import initial_noise
-from memoguard.score import l2_per_image
+from memoguard.score import l2_per_image, rms_per_image
 
 
 def _setup(model, prompts, seeds):
@@ -17,7 +17,8 @@ def _setup(model, prompts, seeds):
 
 def test_token_scores_match_finite_differences(random_model, random_model_dir):
     cond, uncond, x = _setup(random_model, ["a large red circle on the left"], [3])
-    (contrib,) = token_contributions(random_model, cond, uncond, x, steps=1, total_steps=50)
+    (contrib,) = token_contributions(random_model, cond, uncond, x, steps=1, total_steps=50, method="gradient_norm")
+    assert contrib.method_name == "gradient norm (paper)"
     model64 = load_model(random_model_dir, dtype=torch.float64)  # finite differences need double precision
     t = model64.timesteps(50)[0]
     cond64, uncond64 = model64.encode(["a large red circle on the left"]), model64.encode([""])
@@ -88,3 +89,151 @@ def test_mitigation_modes(random_model):
         minimize_embedding(random_model, cond, uncond, x, t, mode="sometimes")
     emb, rec = minimize_embedding(random_model, cond, uncond, x, t, mode="auto", threshold=0.0, target=1e9)
     assert not rec.ran and "under target" in rec.reason and torch.equal(emb, cond.embedding)
+
+
+def _gap64(model64, x64, t, cond64, uncond64):
+    def gap(e, cond=cond64):
+        eps_c, eps_u = model64.eps_pair(x64, t, cond, uncond64, e)
+        return l2_per_image(eps_c - eps_u).sum()
+    return gap
+
+
+@pytest.fixture(scope="module")
+def double(random_model_dir):
+    return load_model(random_model_dir, dtype=torch.float64)  # references need double precision
+
+
+PROMPT = "a large red circle on the left"
+
+
+def test_gradient_x_input_is_the_derivative_along_the_emptied_position(random_model, double):
+    cond, uncond, x = _setup(random_model, [PROMPT], [3])
+    (contrib,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="gradient_x_delta")
+    t = double.timesteps(50)[0]
+    cond64, uncond64 = double.encode([PROMPT]), double.encode([""])
+    gap = _gap64(double, x.double(), t, cond64, uncond64)
+    for pos, score in zip(contrib.positions, contrib.scores):
+        delta = cond64.embedding[0, pos] - uncond64.embedding[0, pos]
+        h = 1e-5
+        plus, minus = cond64.embedding.clone(), cond64.embedding.clone()
+        plus[0, pos] += h * delta
+        minus[0, pos] -= h * delta
+        assert ((gap(plus) - gap(minus)) / (2 * h)).item() == pytest.approx(score, rel=1e-3, abs=1e-6)
+
+
+def test_integrated_gradients_match_a_finite_difference_path_integral(random_model, double):
+    cond, uncond, x = _setup(random_model, [PROMPT], [3])
+    (contrib,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="integrated_gradients",
+                                     ig_steps=3)
+    t = double.timesteps(50)[0]
+    cond64, uncond64 = double.encode([PROMPT]), double.encode([""])
+    gap = _gap64(double, x.double(), t, cond64, uncond64)
+    e, e0 = cond64.embedding, uncond64.embedding
+    for pos, score in list(zip(contrib.positions, contrib.scores))[:3]:
+        delta, total, h = e[0, pos] - e0[0, pos], 0.0, 1e-5
+        for k in range(3):  # the same midpoints, each derivative along delta by finite differences
+            point = e0 + (k + 0.5) / 3 * (e - e0)
+            plus, minus = point.clone(), point.clone()
+            plus[0, pos] += h * delta
+            minus[0, pos] -= h * delta
+            total += ((gap(plus) - gap(minus)) / (2 * h)).item() / 3
+        assert total == pytest.approx(score, rel=1e-3, abs=1e-6)
+
+
+def test_leave_one_out_re_encodes_the_prompt_without_each_token(random_model):
+    cond, uncond, x = _setup(random_model, [PROMPT], [3, 4])
+    (contrib,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
+    assert contrib.method == "leave_one_out" and contrib.tokens == PROMPT.split()
+    t = random_model.timesteps(50)[0]
+    words = PROMPT.split()
+
+    def gap(text):
+        c = random_model.encode([text]).repeat_rows(2)
+        eps_c, eps_u = random_model.eps_pair(x, t, c, uncond)
+        return l2_per_image(eps_c - eps_u).mean().item()
+
+    for k, score in enumerate(contrib.scores):  # brute force: each word removed from the text
+        assert gap(PROMPT) - gap(" ".join(words[:k] + words[k + 1:])) == pytest.approx(score, rel=1e-4, abs=1e-6)
+
+
+def test_leave_one_out_in_the_embedding_empties_one_position(random_model):
+    cond, uncond, x = _setup(random_model, [PROMPT], [3])
+    (contrib,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_embedding",
+                                     batch_size=2)
+    assert contrib.method_name == "leave-one-out (embedding)"
+    t = random_model.timesteps(50)[0]
+    base = l2_per_image(torch.sub(*random_model.eps_pair(x, t, cond, uncond))).item()
+    for pos, score in zip(contrib.positions, contrib.scores):
+        emb = cond.embedding.clone()
+        emb[0, pos] = uncond.embedding[0, pos]
+        after = l2_per_image(torch.sub(*random_model.eps_pair(x, t, cond, uncond, emb))).item()
+        assert base - after == pytest.approx(score, rel=1e-4, abs=1e-6)
+
+
+def test_default_method_is_leave_one_out_within_the_budget_only(random_model):
+    from memoguard.explain import LEAVE_ONE_OUT_MAX_TOKENS, default_method
+    short = random_model.encode([PROMPT])
+    long = random_model.encode([" ".join(["red"] * (LEAVE_ONE_OUT_MAX_TOKENS + 1))])
+    assert default_method(random_model, short) == "leave_one_out"
+    assert default_method(random_model, long) == "gradient_x_delta"
+    no_ids = short.with_embedding(short.embedding)
+    no_ids.ids = None  # what an adapter that cannot re-encode hands over
+    assert default_method(random_model, no_ids) == "gradient_x_delta"
+    cond, uncond, x = _setup(random_model, [PROMPT], [0])
+    (c,) = token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out")
+    assert c.method == "leave_one_out_embedding"  # named for what it did
+    with pytest.raises(ValueError, match="explanation method must be one of"):
+        token_contributions(random_model, cond, uncond, x, method="saliency")
+
+
+def test_shares_count_positive_scores_only():
+    from memoguard.explain import TokenContributions, average_contributions
+    c = TokenContributions(["a", "b", "c"], [0.3, -0.1, 0.1], [1, 2, 3], "leave_one_out")
+    assert c.shares == pytest.approx([0.75, 0.0, 0.25]) and c.top(1) == [("a", pytest.approx(0.75))]
+    avg = average_contributions([c, TokenContributions(["a", "b", "c"], [0.1, 0.1, 0.1], [1, 2, 3], "leave_one_out")])
+    assert avg.scores == pytest.approx([0.2, 0.0, 0.1])
+    with pytest.raises(ValueError, match="different prompts or methods"):
+        average_contributions([c, TokenContributions(["a"], [1.0], [1], "leave_one_out")])
+
+
+def test_token_removal_ends_the_recall_and_leaves_other_images_alone(tiny_model):
+    from memoguard.mitigate import remove_tokens
+    from memoguard.tiny.data import build_dataset
+    memorized = build_dataset(0).memorized_captions[0]
+    cond, uncond, x = _setup(tiny_model, [memorized, "a red circle"], [0, 0])
+    t = tiny_model.timesteps(20)[0]
+    new, rec = remove_tokens(tiny_model, cond, uncond, x, t, target=0.0157, max_removals=3)
+    assert rec.ran and rec.strategy == "remove_tokens"
+    assert rec.after[0] <= 0.0157 < rec.before[0] and 1 <= len(rec.removed[0]) <= 3
+    # the score it reports is the score of the prompt it hands back
+    eps_c, eps_u = tiny_model.eps_pair(x, t, new, uncond)
+    assert rms_per_image(eps_c - eps_u)[0].item() == pytest.approx(rec.after[0], rel=1e-4)
+    assert len(new.prompt_tokens(0)) == len(cond.prompt_tokens(0)) - len(rec.removed[0])
+    if rec.before[1] <= 0.0157:  # an image already under target keeps its prompt bit for bit
+        assert rec.removed[1] == [] and torch.equal(new.embedding[1], cond.embedding[1])
+
+
+def test_strategies_through_one_front_door(tiny_model, random_model):
+    from memoguard.mitigate import MitigationError, extra_cost, mitigate
+    from memoguard.sampling import sample
+    cond, uncond, x = _setup(tiny_model, ["a red circle", "a blue ring"], [0, 1])
+    ts = tiny_model.timesteps(10)
+    plan = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="guidance_delay", delay=0.3, target=0.0)
+    assert plan.record.delay_steps == 3 and plan.guidance.shape == (10, 2)
+    assert plan.guidance[:3].eq(0).all() and plan.guidance[3:].eq(3.0).all() and extra_cost(plan.record, 10) == 1.1
+    # a delayed run differs from the plain one; the delay 0 run is the plain run exactly
+    plain = sample(tiny_model, cond, uncond, x, 10, guidance=3.0, monitor=False).latents
+    delayed = sample(tiny_model, cond, uncond, x, 10, guidance=plan.guidance, monitor=False).latents
+    none = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="guidance_delay", delay=0.0)
+    assert not torch.equal(plain, delayed)
+    assert torch.equal(plain, sample(tiny_model, cond, uncond, x, 10, guidance=none.guidance, monitor=False).latents)
+    auto = mitigate(tiny_model, cond, uncond, x, ts, 3.0, target=0.0)
+    assert auto.record.strategy == "remove_tokens"  # the diffusers model re-encodes
+    paper = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="minimize", target=0.0, max_iters=2)
+    assert paper.record.iterations == 2 and all(a < b for a, b in zip(paper.record.after, paper.record.before))
+    with pytest.raises(MitigationError, match="strategy must be one of"):
+        mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="prayer")
+    no_ids = cond.with_embedding(cond.embedding)
+    no_ids.ids = None
+    with pytest.raises(MitigationError, match="use the strategy 'minimize'"):
+        mitigate(tiny_model, no_ids, uncond, x, ts, 3.0, strategy="remove_tokens")
