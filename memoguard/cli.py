@@ -1,4 +1,4 @@
-"""python -m memoguard {demo,scan,bench,calibrate,train-filter-demo} ...
+"""python -m memoguard {demo,generate,scan,bench,calibrate,train-filter-demo} ...
 
 Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
 this file only routes. Heavy imports (diffusers) happen inside the commands.
@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = {
     "demo": ("memoguard.demo", "sample a few prompts on the bundled model and write an HTML report"),
+    "generate": ("memoguard.generate", "sample prompts with the score, verdict and optional mitigation into PNGs"),
     "scan": ("memoguard.scan", "score prompts (one, or a txt/CSV/JSONL file) at the first step"),
     "bench": ("memoguard.bench", "measure detection, explanation, mitigation and overhead on the bundled model"),
     "calibrate": ("memoguard.calibrate", "score benign prompts on a model and save a calibration file"),

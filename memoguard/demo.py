@@ -13,7 +13,7 @@ import numpy as np
 
 from . import report
 from .explain import token_contributions
-from .mitigate import minimize_embedding
+from .mitigate import mitigate
 from .pipeline import DEFAULT_STEPS
 from .sampling import initial_noise, sample
 from .scan import load_calibration
@@ -91,18 +91,19 @@ def run(args) -> int:
         image = model.decode(result.latents).numpy()
         near_idx, _, near_r = nearest_training(image, train_images)
         contrib = token_contributions(model, cond, uncond, x, total_steps=args.steps)[0]
-        emb, record = minimize_embedding(model, cond, uncond, x, model.timesteps(args.steps)[0],
-                                         mode="auto" if threshold else "always",
-                                         threshold=threshold, target=calibration.median if calibration else 0.0)
-        mitigated = model.decode(sample(model, cond, uncond, x, args.steps, monitor=False,
-                                        cond_embedding=emb).latents).numpy()
+        plan = mitigate(model, cond, uncond, x, model.timesteps(args.steps), model.guidance,
+                        mode="auto" if threshold else "always", threshold=threshold,
+                        target=calibration.median if calibration else 0.0)
+        record = plan.record
+        mitigated = model.decode(sample(model, plan.cond, uncond, x, args.steps, guidance=plan.guidance,
+                                        monitor=False).latents).numpy()
         m_idx, _, m_r = nearest_training(mitigated, train_images)
-        print(f"  -> {verdict.summary()}; copy ratio {near_r[0]:.2f}{' (COPY)' if near_r[0] < COPY_RATIO else ''}; "
-              f"top tokens "
-              + ", ".join(f"{t} {100 * s:.0f}%" for t, s in contrib.top(3)))
+        copied, still_copies = near_r[0] < COPY_RATIO, record.ran and m_r[0] < COPY_RATIO
+        print(f"  -> {verdict.summary()}; copy ratio {near_r[0]:.2f}{' (COPY)' if copied else ''}; "
+              f"top tokens ({contrib.method_name}) " + ", ".join(f"{t} {100 * s:.0f}%" for t, s in contrib.top(3)))
         if record.ran:
-            print(f"     mitigation: {record.image_iterations[0]} iterations, score {record.before[0]:.4f} -> "
-                  f"{record.after[0]:.4f}; copy ratio {m_r[0]:.2f}{' (COPY)' if m_r[0] < COPY_RATIO else ''}")
+            print(f"     mitigation: {record.summary()}; copy ratio {m_r[0]:.2f}"
+                  f"{' (STILL COPIES)' if still_copies else ''}")
         files = {"gen": report.image_strip(np.stack([image[0], train_images[near_idx[0]]])),
                  "plot": report.score_plot([result.trace.per_step()[:, 0].tolist()], threshold, [verdict.label],
                                            band=band, window=1),
@@ -112,15 +113,22 @@ def run(args) -> int:
             img.save(out / f"{k}_{name}.png")
         sheet_rows.append(list(files.values()))
         sheet_captions.append(f"{prompt}  [{kind}]  {verdict.summary()}"
-                              + (f"  | mitigated: {record.before[0]:.3f} -> {record.after[0]:.3f}" if record.ran else ""))
+                              + (f"  | mitigated: {record.before[0]:.3f} -> {record.after[0]:.3f}"
+                                 f"{' STILL COPIES' if still_copies else ''}" if record.ran else ""))
         cls = "flag" if verdict.flagged else "ok"
-        mit = (f"{record.image_iterations[0]} iterations, score {record.before[0]:.4f} &rarr; {record.after[0]:.4f}, "
-               f"copy ratio {m_r[0]:.2f}{' (copy)' if m_r[0] < COPY_RATIO else ''}" if record.ran else html.escape(record.reason))
+        if not record.ran:
+            mit = html.escape(f"{record.strategy_name}: not run ({record.reason})")
+        else:
+            outcome = ("<b class='flag'>still copies a training image</b>" if still_copies else
+                       "no longer copies" if copied else "did not copy before either")
+            mit = (f"{html.escape(record.summary())}<br>prompt used: <i>{html.escape(' '.join(plan.cond.prompt_tokens(0)))}"
+                   f"</i><br>copy ratio {m_r[0]:.2f}: {outcome}")
         parts.append(
             f"<tr><td><b>{html.escape(prompt)}</b><br><i>{kind}</i><br><span class='{cls}'>{html.escape(verdict.summary())}</span>"
             f"<br>copy ratio {near_r[0]:.2f}{' <b>(copy)</b>' if near_r[0] < COPY_RATIO else ''}</td>"
             f"<td><img src='{k}_gen.png'></td><td><img src='{k}_plot.png'></td>"
-            f"<td>{report.tokens_html(contrib.tokens, contrib.shares)}<br><img src='{k}_tokens.png'></td>"
+            f"<td>{report.tokens_html(contrib.tokens, contrib.shares)}<br><img src='{k}_tokens.png'>"
+            f"<br><small>{html.escape(contrib.method_name)}</small></td>"
             f"<td><img src='{k}_mitigated.png'><br>{mit}</td></tr>")
     parts.append("</table>")
     (out / "report.html").write_text(report.html_page("MemoGuard demo", parts), encoding="utf-8")

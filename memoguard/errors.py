@@ -4,3 +4,7 @@
 
 class MemoGuardError(Exception):
     """A problem with the user's input, files or model that MemoGuard can state in words."""
+
+
+class ArgumentError(MemoGuardError, ValueError):
+    """A setting out of its range or of the wrong type, named as the user gave it."""

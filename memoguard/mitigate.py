@@ -58,9 +58,11 @@ class MitigationRecord:
         """One line for image `image`, as the hosts and the CLI show it."""
         if not self.ran:
             return f"{self.strategy_name}: not run ({self.reason})"
+        moved = self.image_iterations[image] if image < len(self.image_iterations) else 0
+        if not moved:
+            return f"{self.strategy_name}: not needed for this image (first-step score {self.before[image]:.4f})"
         if self.strategy == "guidance_delay":
             return f"{self.strategy_name}: no text guidance for the first {self.delay_steps} steps"
-        moved = self.image_iterations[image] if image < len(self.image_iterations) else 0
         what = (f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}"
                 if self.strategy == "remove_tokens" else f"{moved} iterations")
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "

@@ -7,14 +7,10 @@ range here; an ArgumentError names the argument, its position and what was expec
 import math
 from typing import Any, Dict
 
-from memoguard.errors import MemoGuardError
+from memoguard.errors import ArgumentError
 
 MITIGATION_MODES = ("off", "always", "auto")
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
-
-
-class ArgumentError(MemoGuardError, ValueError):
-    pass
 
 
 def _number(name: str, value: Any, *, integer: bool, low: float, high: float, low_open: bool = False) -> float:
