@@ -16,6 +16,7 @@ import torch
 from .calibration import roc_auc, tpr_at_fpr
 from .explain import METHODS, token_contributions
 from .mitigate import mitigate
+from .score import DETECTORS
 from .pipeline import generate
 from .sampling import initial_noise, sample
 from .tiny.data import build_dataset
@@ -92,6 +93,7 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
                       for t, k, c, p, s in zip(texts, kinds, copies.mean(1), positive, scores["steps1_gen1"])]
     # the same scores with labels by intent: duplicated captions against every other kind
     res["detection_by_intent"] = {k: detection_metrics(v, kinds == "memorized", kinds) for k, v in scores.items()}
+    res["detectors"] = detector_bench(model, texts, positive, kinds, label_steps)
     log(f"positives {int(positive.sum())}/{len(texts)}; steps1_gen1 AUC {res['detection']['steps1_gen1']['auc']:.3f}")
 
     threshold = threshold_at_fpr(scores["steps1_gen4"][~positive])
@@ -123,6 +125,23 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     res["overhead"] = overhead_bench(model, texts[:16], repeats=3 if quick else 7)
     res["seconds"] = round(time.time() - t_start, 1)
     return res
+
+
+def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps: int) -> dict:
+    """The first-step detectors side by side on the same noise, under both labelings, with their cost."""
+    from .measure import first_step_gaps
+    out = {}
+    t_first = model.timesteps(steps)[0]
+    for detector in DETECTORS:
+        t0 = time.perf_counter()
+        gaps = first_step_gaps(model, texts, SEEDS, model.latent_shape(), t_first, 128, detector=detector)
+        seconds = time.perf_counter() - t0
+        scores = {"steps1_gen1": gaps[:, 0], "steps1_gen4": gaps.mean(1)}
+        out[detector] = {"seconds": seconds,
+                         "by_outcome": {k: detection_metrics(v, positive, kinds) for k, v in scores.items()},
+                         "by_intent": {k: detection_metrics(v, kinds == "memorized", kinds) for k, v in scores.items()}}
+    out["cost_ratio"] = out[DETECTORS[1]]["seconds"] / out[DETECTORS[0]]["seconds"]
+    return out
 
 
 def band_shares(band, levels, lines: np.ndarray, positive: np.ndarray, first_steps: int = 3) -> dict:
@@ -171,7 +190,7 @@ def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int,
 FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "at", ",", "."}
 
 
-def explanation_bench(model, prompts, threshold: float, steps: int, methods=METHODS) -> dict:
+def explanation_bench(model, prompts, threshold: float, steps: int, methods=METHODS[1:]) -> dict:
     """Deletion test: tokens removed in each method's order (re-encoding the prompt), first-step score after
     each removal, mean of 4 seeds. Per ordering: the area under score / score before (mean over removals 1..n;
     lower = the order finds the tokens that carry the recall sooner), how often removing the top token alone

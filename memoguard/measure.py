@@ -13,15 +13,17 @@ import torch
 from .calibration import Band, Calibration, CalibrationError
 from .model import DiffusionModel, PromptEncoding
 from .sampling import initial_noise, sample
-from .score import rms_per_image
+from .score import detector_score
 
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 
 
 @torch.no_grad()
 def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
-                    batch_size: int = 32, progress: Optional[Progress] = None) -> np.ndarray:
-    """(P, G) RMS gap at the first step (timestep / sigma `t_first`) of each prompt x seed."""
+                    batch_size: int = 32, progress: Optional[Progress] = None,
+                    detector: str = "magnitude") -> np.ndarray:
+    """(P, G) RMS gap (or another `score.detector_score`) at the first step (timestep / sigma `t_first`) of
+    each prompt x seed."""
     uncond = model.encode([""])
     out = np.zeros((len(prompts), len(seeds)))
     per = max(1, batch_size // len(seeds))
@@ -30,7 +32,7 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
         cond = model.encode(list(prompts[start:stop])).repeat_rows(len(seeds))
         x = initial_noise(model, shape, list(seeds) * (stop - start), _device(cond))
         eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
-        out[start:stop] = rms_per_image(eps_c - eps_u).reshape(-1, len(seeds)).cpu().numpy()
+        out[start:stop] = detector_score(eps_c, eps_u, detector).reshape(-1, len(seeds)).cpu().numpy()
         if progress is not None:
             progress(stop, len(prompts))
     return out

@@ -83,6 +83,27 @@ def rms_per_image(diff: torch.Tensor) -> torch.Tensor:
     return l2_per_image(diff) / math.sqrt(diff[0].numel())
 
 
+DETECTORS = ("magnitude", "magnitude_alignment")
+
+
+def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "magnitude") -> torch.Tensor:
+    """The first-step detection score per image (B,).
+
+    "magnitude": the paper's RMS gap. "magnitude_alignment": the gap times exp(cos(eps_u, eps_c - eps_u)),
+    folding in how the text-conditional difference points against the unconditional prediction (after
+    Asthana & Belagiannis, arXiv 2601.20642; the product with weight 1 is this project's form). Same two
+    forward passes; a cosine more. Only the magnitude has calibrations and verdicts.
+    """
+    if detector not in DETECTORS:
+        raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
+    diff = eps_c - eps_u
+    rms = rms_per_image(diff)
+    if detector == "magnitude":
+        return rms
+    cos = torch.nn.functional.cosine_similarity(eps_u.flatten(1).float(), diff.flatten(1).float(), dim=1)
+    return rms * torch.exp(cos)
+
+
 def uncond_is_missing(pred_uncond: Optional[torch.Tensor]) -> bool:
     """ComfyUI skips the uncond pass at cfg = 1 and hands over zeros; treat those as missing."""
     return pred_uncond is None or not bool(torch.any(pred_uncond != 0))

@@ -120,3 +120,17 @@ def test_trace_nan_and_unavailable():
         trace.score()
     with pytest.raises(ScoreUnavailable, match="no sampling step"):
         ScoreTrace().score()
+
+
+def test_detector_scores():
+    from memoguard.score import detector_score
+    torch.manual_seed(0)
+    eps_u = torch.randn(2, 4, 8, 8)
+    diff = torch.stack([eps_u[0], -eps_u[1]]) * 0.1  # along the uncond prediction / against it
+    eps_c = eps_u + diff
+    magnitude = detector_score(eps_c, eps_u)
+    assert torch.allclose(magnitude, diff.flatten(1).norm(dim=1) / 16)
+    combined = detector_score(eps_c, eps_u, "magnitude_alignment")
+    assert torch.allclose(combined, magnitude * torch.tensor([math.e, 1 / math.e]), rtol=1e-5)
+    with pytest.raises(ValueError, match="detector must be one of"):
+        detector_score(eps_c, eps_u, "vibes")
