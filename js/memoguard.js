@@ -451,6 +451,8 @@ function drawTokens(node) {
     box.append(span);
   });
   root.append(box);
+  if (data.method_name) root.append(el("div", { className: "memoguard-text", textContent: `method: ${data.method_name}` },
+                                       { flex: "0 0 auto", fontSize: "11px", color: "#aaa" }));
   const status = statusLine(node, root.textContent);
   if (status && !/^top tokens/.test(status.textContent)) root.append(status);  // "top tokens ..." = the header
 }
@@ -466,9 +468,12 @@ function showMitigation(node) {
   const root = node.memoguardMitigation, detail = node.properties?.memoguard_mitigation;
   if (!root) return;
   const fmt4 = (xs) => (xs ?? []).map((v) => (finite(v) ? v.toFixed(4) : "?")).join(", ");
-  const text = !detail ? "" : detail.ran
-    ? `minimized: ${detail.iterations} iteration(s), score ${fmt4(detail.before)} → ${fmt4(detail.after)}`
-    : `not run: ${clean(detail.reason)}`;
+  const steered = (detail?.image_iterations ?? []).filter((n) => n > 0).length;
+  const text = !detail ? "" : !detail.ran ? `not run: ${clean(detail.reason)}`
+    : detail.strategy === "guidance_delay"
+      ? `delayed guidance: no text guidance for the first ${detail.delay_steps} step(s) of ${steered} of ` +
+        `${(detail.before ?? []).length} image(s); first-step score ${fmt4(detail.before)}`
+      : `minimized: ${detail.iterations} iteration(s), score ${fmt4(detail.before)} → ${fmt4(detail.after)}`;
   root.replaceChildren(el("div", { className: "memoguard-text", textContent: text }));
   const status = statusLine(node, text);
   const numbers = (s) => (s.match(/\d+\.\d+/g) ?? []).join(" ");

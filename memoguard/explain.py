@@ -69,7 +69,7 @@ class TokenContributions:
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "scores": self.scores, "shares": self.shares, "positions": self.positions,
-                "method": self.method}
+                "method": self.method, "method_name": self.method_name}
 
 
 def average_contributions(runs: List[TokenContributions]) -> Optional[TokenContributions]:

@@ -109,13 +109,20 @@ def _first_step(model, cond, uncond, x_T, t_first):
 def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy):
     """The first-step scores, the record, and which images to work on (None: nothing to do)."""
     eps_u, gap = _first_step(model, cond, uncond, x_T, t_first)
+    record, active = decide(gap, mode, threshold, target, strategy)
+    return eps_u, gap, record, active
+
+
+def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: float, strategy: str):
+    """(record, which images to mitigate (B,) bool, or None for none) from the first-step scores (B,)."""
+    gap = gap.detach().float().cpu()
     batch = gap.shape[0]
     record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
                               image_iterations=[0] * batch, strategy=strategy, removed=[[] for _ in range(batch)],
-                              passes=2.0)
+                              passes=2.0 if strategy != "guidance_delay" else 0.0)
     if mode == "off":
         record.reason = "mitigation off"
-        return eps_u, gap, record, None
+        return record, None
     active = torch.isfinite(gap) & (gap > target)
     if mode == "auto":
         if threshold is None:
@@ -123,13 +130,13 @@ def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy)
         flagged = gap >= threshold
         if not bool(flagged.any()):
             record.reason = f"first-step score under threshold {threshold:.4g}"
-            return eps_u, gap, record, None
+            return record, None
         active &= flagged
     if not bool(active.any()):
         record.reason = f"first-step score already at or under target {target:.4g}"
-        return eps_u, gap, record, None
+        return record, None
     record.ran = True
-    return eps_u, gap, record, active
+    return record, active
 
 
 def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding,
@@ -243,11 +250,34 @@ def delay_steps(steps: int, delay: float) -> int:
     return int(round(delay * steps))
 
 
-def guidance_schedule(steps: int, guidance: float, delay: float, images: torch.Tensor) -> torch.Tensor:
-    """(steps, B) guidance scale: 0 for the delayed steps of the images marked in `images` (B,) bool."""
-    schedule = torch.full((steps, images.shape[0]), float(guidance))
-    schedule[:delay_steps(steps, delay), images] = 0.0
-    return schedule
+@dataclass
+class GuidanceDelay:
+    """Delayed guidance as hosts apply it: at steps < `steps`, the marked images take the unconditional
+    prediction as their guided one (scale 0); every other image and step keeps the host's CFG."""
+    images: torch.Tensor   # (B,) bool
+    steps: int
+
+    def applies(self, step: int) -> bool:
+        return step < self.steps and bool(self.images.any())
+
+    def schedule(self, total_steps: int, guidance: float) -> torch.Tensor:
+        """(total_steps, B) scale per step and image, for memoguard.sampling.sample."""
+        out = torch.full((total_steps, self.images.shape[0]), float(guidance))
+        out[:self.steps, self.images] = 0.0
+        return out
+
+
+def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "always",
+                        threshold: Optional[float] = None, target: float = 0.0, delay: float = 0.2):
+    """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call."""
+    check_settings(mode, 1.0, 0, target)
+    k = delay_steps(total_steps, delay)
+    record, active = decide(gap, mode, threshold, target, "guidance_delay")
+    if active is None:
+        return None, record
+    record.delay_steps = k
+    record.image_iterations = [k * int(a) for a in active.tolist()]
+    return GuidanceDelay(active, k), record
 
 
 @dataclass
@@ -274,11 +304,7 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
         new, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
                                     target=target, max_removals=max_removals)
         return Mitigation(new, None, record)
-    check_settings(mode, lr, max_iters, target)
-    record_steps = delay_steps(len(timesteps), delay)
-    _, _, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "guidance_delay")
-    if active is None:
-        return Mitigation(cond, None, record)
-    record.delay_steps = record_steps
-    record.image_iterations = [record_steps * int(a) for a in active.tolist()]
-    return Mitigation(cond, guidance_schedule(len(timesteps), guidance, delay, active), record)
+    _, gap = _first_step(model, cond, uncond, x_T, t_first)
+    plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,
+                                       delay=delay)
+    return Mitigation(cond, None if plan is None else plan.schedule(len(timesteps), guidance), record)

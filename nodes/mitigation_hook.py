@@ -1,9 +1,13 @@
-"""Embedding minimization inside ComfyUI's sampler: at the first step, on the sampler's own x_T.
+"""Mitigation inside ComfyUI's sampler, with the strategies of memoguard.mitigate.
 
-A CALC_COND_BATCH wrapper sees the conditionings, x and sigma of every model call. At the first
-step of a run it optimises the positive prompt embedding with memoguard.mitigate (uncond = the
-sampler's negative), puts the result into the run's positive conditioning and so every later
-step samples with it. Any failure leaves the conditioning as it was.
+- "minimize": a CALC_COND_BATCH wrapper sees the conditionings, x and sigma of every model call.
+  At the first step of a run it optimises the positive prompt embedding (uncond = the sampler's
+  negative) on the sampler's own x_T, puts the result into the run's positive conditioning and
+  so every later step samples with it.
+- "guidance_delay": a post-CFG function reads the first step's cond/uncond predictions (the
+  score, no extra call), decides which images to steer, and for the first steps hands back the
+  unconditional prediction of those images as the guided one.
+Any failure leaves the sampling as it was.
 """
 import logging
 import uuid
@@ -12,20 +16,21 @@ from typing import Callable, Optional
 
 import torch
 
-from memoguard import PromptEncoding, minimize_embedding
-from memoguard.mitigate import check_settings
+from memoguard import PromptEncoding, eps_difference, minimize_embedding, rms_per_image, uncond_is_missing
+from memoguard.mitigate import MitigationError, check_settings, check_strategy, delay_steps, plan_guidance_delay
 
 from . import live
 from memoguard.host_autograd import differentiable, ordinary
 
 from .calibration_choice import CalibrationSource, model_key, noise_level, prediction_of
 from .comfy_model import CHUNK, CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, split_model_conds
-from .monitor_hook import json_safe, register, session_of as _session_of, step_index
+from .monitor_hook import is_rectified_flow, json_safe, register, session_of as _session_of, step_index
 
 log = logging.getLogger("memoguard")
 
 CALC_COND_BATCH = "calc_cond_batch"  # comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
 WRAPPER_KEY = "memoguard_mitigation"  # also the model_options entry naming the session
+STRATEGIES = ("guidance_delay", "minimize")  # token removal re-encodes the prompt: a MODEL patch has no CLIP
 
 
 @dataclass
@@ -37,9 +42,15 @@ class MitigationSettings:
     threshold: Optional[float] = None  # "auto": this, else the calibration's (resolved per run)
     calibration: Optional[CalibrationSource] = None
     fpr: float = 0.01
+    strategy: str = "minimize"
+    delay: float = 0.2                  # guidance_delay: share of the first steps without text guidance
 
     def __post_init__(self):
         check_settings(self.mode, self.lr, self.max_iters, self.target)
+        if check_strategy(self.strategy) not in STRATEGIES:
+            raise MitigationError(f"strategy {self.strategy!r} re-encodes the prompt, which a MODEL patch cannot; "
+                                  f"use one of {', '.join(STRATEGIES)}")
+        delay_steps(1, self.delay)  # checks the range
         if self.mode == "auto" and self.threshold is None and (self.calibration is None or
                                                                self.calibration.choice == "none"):
             raise ValueError("mitigation mode 'auto' needs a threshold: pick a calibration or set one")
@@ -54,6 +65,44 @@ class MitigationSession:
         self.error: Optional[str] = None
         self.notes: list = []
         self._schedule = None
+        self._delay = None          # guidance_delay: the GuidanceDelay of the current run
+
+    def delay_guidance(self, args: dict) -> torch.Tensor:
+        """Post-CFG: the guided prediction, the uncond one for delayed images at the delayed steps."""
+        denoised = args["denoised"]
+        schedule = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
+        if schedule is None:
+            return denoised
+        sigma_t = args["sigma"]
+        step = step_index(schedule, float(sigma_t.reshape(-1)[0]), 0)
+        if schedule is not self._schedule:
+            if step != 0:
+                return denoised
+            self._schedule, self._delay, self.record, self.error, self.notes = schedule, None, None, None, []
+            self._plan_delay(args, schedule, sigma_t)
+        plan = self._delay
+        if plan is None or not plan.applies(step) or plan.images.shape[0] != denoised.shape[0]:
+            return denoised
+        images = plan.images.to(denoised.device).reshape(-1, *([1] * (denoised.dim() - 1)))
+        return torch.where(images, args["uncond_denoised"], denoised)
+
+    def _plan_delay(self, args, schedule, sigma_t) -> None:
+        if self.settings.mode == "off":
+            return
+        if args.get("uncond") is None or uncond_is_missing(args["uncond_denoised"]):
+            self._report_skip("at cfg 1 there is no text guidance to delay")
+            return
+        base_model = args["model"]
+        threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
+        if self.settings.mode == "auto" and threshold is None:
+            return
+        alpha = (1 - sigma_t) if is_rectified_flow(base_model) else 1.0
+        gap = rms_per_image(eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t))
+        s = self.settings
+        self._delay, self.record = plan_guidance_delay(gap, schedule.numel() - 1, mode=s.mode, threshold=threshold,
+                                                       target=s.target, delay=s.delay)
+        self.emit("mitigation", json_safe({"node": self.node_id, **self.record.to_dict(), "notes": list(self.notes)}))
+        self._publish(self.summary())
 
     def maybe_minimize(self, base_model, conds, x_in, timestep, model_options) -> None:
         schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
@@ -94,6 +143,7 @@ class MitigationSession:
         return cal.threshold(s.fpr), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]))
 
     def fail(self, error: BaseException) -> None:
+        self._delay = None  # a run that failed is not steered further
         self.error = f"{type(error).__name__}: {error}"
         log.exception("MemoGuard mitigation failed; sampling continues with the original prompt")
         self._publish(f"mitigation failed, prompt unchanged ({self.error})")
@@ -125,13 +175,17 @@ class MitigationSession:
         scores = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
         notes = "".join(f"; note: {n}" for n in self.notes)
         if not r.ran:
-            return f"no minimization ({r.reason}); first-step score {scores(r.before)}{notes}"
-        return (f"minimized the prompt embedding in {r.iterations} iteration(s): "
+            return f"{r.strategy_name}: not run ({r.reason}); first-step score {scores(r.before)}{notes}"
+        if r.strategy == "guidance_delay":
+            steered = sum(1 for n in r.image_iterations if n)
+            return (f"{r.strategy_name}: no text guidance for the first {r.delay_steps} step(s) of "
+                    f"{steered} of {len(r.before)} image(s); first-step score {scores(r.before)}{notes}")
+        return (f"{r.strategy_name}: {r.iterations} iteration(s), "
                 f"first-step score {scores(r.before)} -> {scores(r.after)}{notes}")
 
     def _report_skip(self, reason: str) -> None:
         self.error = reason
-        self._publish(f"no minimization: {reason}")
+        self._publish(f"no mitigation: {reason}")
 
     def _publish(self, text: str) -> None:
         self.show(f"MemoGuard: {text}", self.node_id)
@@ -145,7 +199,19 @@ def _encoding(embedding: torch.Tensor, extra: dict) -> PromptEncoding:
 
 
 def attach_mitigation(model, session: MitigationSession):
-    """Clone-then-patch: a new MODEL that minimizes the prompt embedding at the first step."""
+    """Clone-then-patch: a new MODEL that mitigates with the session's strategy."""
+    patched = model.clone()
+    if session.settings.strategy == "guidance_delay":
+        def memoguard_guidance_delay(args):
+            try:
+                return session.delay_guidance(args)
+            except Exception as e:
+                session.fail(e)
+                return args["denoised"]
+        patched.set_model_sampler_post_cfg_function(memoguard_guidance_delay)
+        register(patched, WRAPPER_KEY, session)
+        return patched
+
     def memoguard_mitigation(executor, base_model, conds, x_in, timestep, model_options):
         try:
             session.maybe_minimize(base_model, conds, x_in, timestep, model_options)
@@ -153,7 +219,6 @@ def attach_mitigation(model, session: MitigationSession):
             session.fail(e)
         return executor(base_model, conds, x_in, timestep, model_options)
 
-    patched = model.clone()
     patched.add_wrapper_with_key(CALC_COND_BATCH, WRAPPER_KEY, memoguard_mitigation)
     register(patched, WRAPPER_KEY, session)
     return patched

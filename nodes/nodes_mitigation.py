@@ -1,8 +1,11 @@
-"""Embedding Minimization (MODEL -> MODEL): steer the prompt away from a memorized image."""
+"""Mitigation (MODEL -> MODEL): steer a generation away from a memorized image.
+
+The node id and name stay "Embedding Minimization" so that saved workflows load; its strategy input
+picks delayed guidance (the default: BENCHMARKS.md) or the paper's embedding minimization."""
 from comfy_api.latest import io
 
 from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
-from .mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
+from .mitigation_hook import STRATEGIES, MitigationSession, MitigationSettings, attach_mitigation
 from memoguard.mitigate import MODES
 
 
@@ -13,9 +16,11 @@ class EmbeddingMinimization(io.ComfyNode):
             node_id="MemoGuardEmbeddingMinimization",
             display_name="Embedding Minimization",
             category="MemoGuard",
-            description="At the sampler's first step, on its own starting noise, nudges the prompt embedding "
-                        "(AdamW) until the memorization score drops; every step then uses the new embedding. "
-                        "SD1.x, SD2.x and SDXL; on SD3/Flux it says so and leaves the prompt unchanged.",
+            description="Steers a generation away from a memorized image. 'guidance_delay' (default) turns text "
+                        "guidance off for the first steps of the images that need it: no extra model call. "
+                        "'minimize' (the paper's) nudges the prompt embedding with AdamW at the sampler's first "
+                        "step, on its own starting noise, until the memorization score drops. SD1.x, SD2.x and "
+                        "SDXL; on SD3/Flux minimize says so and leaves the prompt unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model your sampler uses."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
@@ -34,7 +39,14 @@ class EmbeddingMinimization(io.ComfyNode):
                 io.Float.Input("false_positive_rate", default=0.01, min=0.0001, max=0.5, step=0.001,
                                tooltip="For 'auto': the threshold lets this share of benign prompts through."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
-                               tooltip="For 'auto': minimize at or above this score; 0 = from the calibration."),
+                               tooltip="For 'auto': mitigate at or above this score; 0 = from the calibration."),
+                io.Combo.Input("strategy", options=list(STRATEGIES), default=STRATEGIES[0],
+                               tooltip="guidance_delay: no text guidance for the first steps (strength: delay); "
+                                       "minimize: the paper's AdamW on the prompt embedding (strength: target, "
+                                       "learning_rate, max_iters)."),
+                io.Float.Input("delay", default=0.2, min=0.0, max=0.9, step=0.05,
+                               tooltip="For guidance_delay: the share of the first steps without text guidance "
+                                       "(0.2 of 20 steps = 4 steps). More: less copying, less prompt detail."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with minimization at the first step.")],
             hidden=[io.Hidden.unique_id],
@@ -42,8 +54,9 @@ class EmbeddingMinimization(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
-                false_positive_rate, threshold) -> io.NodeOutput:
+                false_positive_rate, threshold, strategy=STRATEGIES[0], delay=0.2) -> io.NodeOutput:
         # the calibration is looked up at the sampler's first step, by the weights it runs
         settings = MitigationSettings(mode, target, learning_rate, max_iters, threshold if threshold > 0 else None,
-                                      CalibrationSource(calibration, calibration_file), false_positive_rate)
+                                      CalibrationSource(calibration, calibration_file), false_positive_rate,
+                                      strategy, delay)
         return io.NodeOutput(attach_mitigation(model, MitigationSession(settings, cls.hidden.unique_id)))

@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from memoguard import token_contributions
+from memoguard.explain import METHODS
 from memoguard.host_autograd import differentiable
 
 from . import live
@@ -30,9 +31,10 @@ class TokenContributionsNode(io.ComfyNode):
             node_id="MemoGuardTokenContributions",
             display_name="Token Contributions",
             category="MemoGuard",
-            description="Per-token share of the memorization score: the gradient of the cond/uncond gap with "
-                        "respect to each token's text-encoder output (Wen et al., Sec. 4). SD1.x, SD2.x and SDXL; "
-                        "SD3/Flux are refused with a message.",
+            description="Per-token share of the memorization score, from the cond/uncond gap at the first "
+                        "steps. Default method: gradient x input (how the gap changes when a token's text-encoder "
+                        "output is emptied; measured more faithful than the paper's gradient norm, BENCHMARKS.md). "
+                        "SD1.x, SD2.x and SDXL; SD3/Flux are refused with a message.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x or SDXL (not SD3/Flux)."),
                 io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
@@ -49,6 +51,11 @@ class TokenContributionsNode(io.ComfyNode):
                                tooltip="Sigma schedule, as on KSampler."),
                 io.Int.Input("generations", default=1, min=1, max=16,
                              tooltip="Average over this many noise seeds (seed, seed+1, ...)."),
+                io.Combo.Input("method", options=list(METHODS), default="auto",
+                               tooltip="auto: gradient x input (1 forward + backward). leave_one_out: one forward "
+                                       "per token with its position emptied (here: in the embedding, which leaves "
+                                       "the token in later positions). integrated_gradients: 4 gradients. "
+                                       "gradient_norm: the paper's."),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar chart of each token's share."),
@@ -59,7 +66,8 @@ class TokenContributionsNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations) -> io.NodeOutput:
+    def execute(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations,
+                method="auto") -> io.NodeOutput:
         problem = input_problem(text, steps, explain_steps)
         if problem is not None:  # one message, and the rest of the workflow still runs
             live.show_text(f"MemoGuard: {problem}", cls.hidden.unique_id)
@@ -83,10 +91,10 @@ class TokenContributionsNode(io.ComfyNode):
             x_T = adapter.initial_x(noise)
             schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
-                                         guidance=cfg, total_steps=schedule_steps)[0]
+                                         guidance=cfg, total_steps=schedule_steps, method=method)[0]
         data = result.to_dict()
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in result.top(3))
-        live.show_text(f"MemoGuard: top tokens {top}", cls.hidden.unique_id)
-        chart = token_bars(result.tokens, result.shares, f"token contributions: {text[:60]}")
+        live.show_text(f"MemoGuard: top tokens {top} ({result.method_name})", cls.hidden.unique_id)
+        chart = token_bars(result.tokens, result.shares, f"{result.method_name}: {text[:50]}")
         return io.NodeOutput(chart, json.dumps(data),
                              ui={**ui.PreviewImage(chart, cls=cls).as_dict(), "memoguard_tokens": [json.dumps(data)]})

@@ -220,7 +220,7 @@ def test_strategies_through_one_front_door(tiny_model, random_model):
     ts = tiny_model.timesteps(10)
     plan = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="guidance_delay", delay=0.3, target=0.0)
     assert plan.record.delay_steps == 3 and plan.guidance.shape == (10, 2)
-    assert plan.guidance[:3].eq(0).all() and plan.guidance[3:].eq(3.0).all() and extra_cost(plan.record, 10) == 1.1
+    assert plan.guidance[:3].eq(0).all() and plan.guidance[3:].eq(3.0).all() and extra_cost(plan.record, 10) == 1.0
     # a delayed run differs from the plain one; the delay 0 run is the plain run exactly
     plain = sample(tiny_model, cond, uncond, x, 10, guidance=3.0, monitor=False).latents
     delayed = sample(tiny_model, cond, uncond, x, 10, guidance=plan.guidance, monitor=False).latents
@@ -237,3 +237,18 @@ def test_strategies_through_one_front_door(tiny_model, random_model):
     no_ids.ids = None
     with pytest.raises(MitigationError, match="use the strategy 'minimize'"):
         mitigate(tiny_model, no_ids, uncond, x, ts, 3.0, strategy="remove_tokens")
+
+
+def test_guidance_delay_plan_from_scores_a_host_already_has():
+    from memoguard.mitigate import MitigationError, plan_guidance_delay
+    gap = torch.tensor([0.03, 0.01, 0.05])
+    plan, rec = plan_guidance_delay(gap, 20, mode="auto", threshold=0.02, delay=0.25)
+    assert plan.images.tolist() == [True, False, True] and plan.steps == 5 and rec.delay_steps == 5
+    assert plan.applies(4) and not plan.applies(5) and rec.image_iterations == [5, 0, 5]
+    assert rec.summary(1).startswith("delayed guidance: not needed")
+    sched = plan.schedule(20, 7.0)
+    assert sched[:5, 1].eq(7.0).all() and sched[:5, 0].eq(0).all() and sched[5:].eq(7.0).all()
+    none, rec = plan_guidance_delay(gap, 20, mode="auto", threshold=1.0)
+    assert none is None and "under threshold" in rec.reason
+    with pytest.raises(MitigationError, match="delay must be in"):
+        plan_guidance_delay(gap, 20, delay=1.0)

@@ -41,7 +41,7 @@ def test_token_contributions_need_and_get_the_gradient_route(inference_model):
         with differentiable(inference_model):
             x_T = adapter.initial_x(noise.clone())
             result = token_contributions(adapter, encoding(cond.clone(), 4), encoding(uncond.clone(), 0), x_T,
-                                         steps=2, total_steps=5)[0]
+                                         steps=2, total_steps=5, method="gradient_norm")[0]
     assert result.tokens == ["t1", "t2", "t3", "t4"]
     assert all(s > 0 for s in result.scores) and sum(result.shares) == pytest.approx(1.0)
 

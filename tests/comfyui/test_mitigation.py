@@ -79,3 +79,46 @@ def test_settings_are_checked():
         MitigationSettings(mode="auto")
     with pytest.raises(ValueError, match="mode must be one of"):
         MitigationSettings(mode="sometimes")
+    with pytest.raises(ValueError, match="a MODEL patch cannot"):
+        MitigationSettings(strategy="remove_tokens")
+    with pytest.raises(ValueError, match="delay must be in"):
+        MitigationSettings(strategy="guidance_delay", delay=1.0)
+
+
+def test_guidance_delay_keeps_the_first_step_score_and_steers_the_rest(unet):
+    base, session, monitor, texts, inputs = setup(unet, mode="always", strategy="guidance_delay", delay=0.5)
+    plain_monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
+    plain = harness.sample(attach_monitor(base, plain_monitor), *inputs, steps=4)
+    steered = harness.sample(attach_monitor(attach_mitigation(base, session), monitor), *inputs, steps=4)
+    record = session.record
+    assert record.ran and record.strategy == "guidance_delay" and record.delay_steps == 2
+    # the score is read from the same first step; afterwards the trajectory differs
+    assert monitor.trace.per_step()[0].tolist() == plain_monitor.trace.per_step()[0].tolist()
+    assert monitor.trace.per_step()[2].tolist() != plain_monitor.trace.per_step()[2].tolist()
+    assert not torch.equal(steered, plain)
+    assert "no text guidance for the first 2 step(s) of 1 of 1 image(s)" in texts[-1]
+    # a delay of 0 steps is the plain run, bit for bit
+    assert torch.equal(harness.sample(attach_mitigation(base, MitigationSession(
+        MitigationSettings(mode="always", strategy="guidance_delay", delay=0.0), emit=lambda e, d: None,
+        show=lambda t, n: None)), *inputs, steps=4), plain)
+
+
+def test_guidance_delay_auto_steers_only_flagged_images(unet):
+    base, session, monitor, texts, inputs = setup(unet, batch=2, mode="auto", threshold=0.0,
+                                                  strategy="guidance_delay", delay=0.5)
+    probe = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
+    plain = harness.sample(attach_monitor(base, probe), *inputs, steps=4)
+    first = probe.trace.per_step()[0]
+    session.settings.threshold = float(first.mean())  # between the two images' scores
+    steered = harness.sample(attach_mitigation(base, session), *inputs, steps=4)
+    high = int(first.argmax())
+    assert session.record.image_iterations[high] == 2 and session.record.image_iterations[1 - high] == 0
+    assert torch.equal(steered[1 - high], plain[1 - high]) and not torch.equal(steered[high], plain[high])
+
+
+def test_guidance_delay_failure_leaves_sampling_alone(unet):
+    base, session, _, texts, inputs = setup(unet, mode="always", strategy="guidance_delay")
+    session._plan_delay = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    out = harness.sample(attach_mitigation(base, session), *inputs, steps=STEPS)
+    assert torch.equal(out, harness.sample(base, *inputs, steps=STEPS))
+    assert "boom" in session.error

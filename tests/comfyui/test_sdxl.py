@@ -43,7 +43,8 @@ def test_token_contributions_build_y_as_the_sampler_does(sdxl):
         assert cond.extra["y"].shape == (1, 64 + harness.SDXL.SIZE_CHANNELS)
         x_T = adapter.initial_x(noise.clone())
         eps_c, eps_u = adapter.eps_pair(x_T, sigmas[0], cond, uncond)
-        result = token_contributions(adapter, cond, uncond, x_T, steps=2, total_steps=STEPS)[0]
+        result = token_contributions(adapter, cond, uncond, x_T, steps=2, total_steps=STEPS,
+                                     method="gradient_norm")[0]
     # the adapter's first-step gap is the sampler's own: same y (pooled text and 128x128 size ids)
     assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(monitor.trace.per_step()[0].tolist(), rel=1e-4)
     assert result.tokens == ["a", "purple", "ring", ",", "lighthouse", "poster"]
