@@ -9,7 +9,10 @@ from typing import Any, Dict
 
 from memoguard.errors import ArgumentError
 
+from memoguard.explain import METHODS
+
 MITIGATION_MODES = ("off", "always", "auto")
+STRATEGIES = ("guidance_delay", "minimize")
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 
@@ -65,6 +68,9 @@ PARSERS = {
     "target": lambda n, v: _number(n, v, integer=False, low=0, high=1e6),
     "lr": lambda n, v: _number(n, v, integer=False, low=0, high=100, low_open=True),
     "max_iters": lambda n, v: _number(n, v, integer=True, low=0, high=1000),
+    "strategy": lambda n, v: _choice(n, v, STRATEGIES),
+    "delay": lambda n, v: _number(n, v, integer=False, low=0, high=0.95),
+    "explain_method": lambda n, v: _choice(n, v, METHODS),
 }
 
 

@@ -18,12 +18,14 @@ import torch
 
 from memoguard import (MitigationRecord, PromptEncoding, ScoreTrace, Verdict, eps_difference, minimize_embedding,
                        rms_per_image, token_contributions, uncond_is_missing)
+from memoguard.explain import average_contributions, check_method
 from memoguard.calibration import Calibration, CalibrationError
 from memoguard.host_autograd import differentiable, ordinary
-from memoguard.mitigate import check_settings
+from memoguard.mitigate import GuidanceDelay, check_settings, delay_steps, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
+from .args import STRATEGIES  # token removal re-encodes the prompt: not in the WebUI yet
 from . import forge
 from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings,
                          sampler_family, with_embedding)
@@ -32,6 +34,7 @@ from .model_identity import model_key
 # A1111 writes these keys into p.extra_generation_params at a step whose uncond pass it skipped
 # and puts copies of the cond rows where the uncond rows belong.
 SKIPPED_UNCOND_KEYS = ("NGMS", "Skip Early CFG")
+
 FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, so there is no gap to measure; "
                      "use a CFG scale other than 1 to score")
 
@@ -48,6 +51,9 @@ class Settings:
     target: float = 0.0
     lr: float = 0.05
     max_iters: int = 10
+    strategy: str = "minimize"          # one of STRATEGIES
+    delay: float = 0.2                  # guidance_delay: share of the first steps without text guidance
+    explain_method: str = "auto"        # memoguard.explain.METHODS
 
     def __post_init__(self):
         if self.window < 1 or self.explain_steps < 1:
@@ -55,6 +61,10 @@ class Settings:
         if not 0 < self.fpr < 1:
             raise ValueError(f"false-positive rate must be in (0, 1), got {self.fpr}")
         check_settings(self.mitigation, self.lr, self.max_iters, self.target)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        delay_steps(1, self.delay)
+        check_method(self.explain_method)
 
 
 @dataclass
@@ -65,6 +75,7 @@ class Pending:
     family: str
     layout: List[List[tuple]]   # per image: [(cond row, AND weight), ...]
     sigma: torch.Tensor         # per image (uncond rows)
+    total: int = 0              # sampling steps of this pass
 
 
 @dataclass
@@ -76,6 +87,7 @@ class IterationResult:
     rows_per_image: List[List[int]] = field(default_factory=list)
     mitigation: Optional[MitigationRecord] = None       # per image (AND sub-prompts combined)
     embedding: Optional[torch.Tensor] = None            # the mitigated cond rows, used for every step
+    delay: Optional[GuidanceDelay] = None               # guidance_delay: which images, how many steps
     levels: List[float] = field(default_factory=list)   # noise level (sigma / alpha) of each recorded step
     latent: Optional[tuple] = None                      # (C, H, W) of the sampled latent
 
@@ -174,11 +186,12 @@ class RunMonitor:
         if result.latent is None:
             result.latent = tuple(params.x.shape[1:])
         step = int(denoiser.step)
-        pending = Pending(iteration, step, self._family(denoiser), layout, params.sigma[-batch:])
+        total = int(getattr(params, "total_sampling_steps", 0) or 0) or int(getattr(self.p, "steps", 0) or 0)
+        pending = Pending(iteration, step, self._family(denoiser), layout, params.sigma[-batch:], total)
         # a failing explanation or mitigation is reported; the step is still scored
         if step < self.settings.explain_steps and self.settings.explain:
             self._attempt("explaining tokens", self._explain, params, pending, result)
-        if step == 0 and self.settings.mitigation != "off" and result.mitigation is None:
+        if step == 0 and self._minimizes() and result.mitigation is None:
             self._attempt("mitigating", self._mitigate, params, pending, result)
         if result.embedding is not None:
             params.text_cond = with_embedding(params.text_cond, result.embedding)
@@ -187,12 +200,49 @@ class RunMonitor:
     def _family(self, denoiser) -> str:
         return sampler_family(denoiser)
 
+    def _minimizes(self) -> bool:
+        return self.settings.mitigation != "off" and self.settings.strategy == "minimize"
+
     def _after(self, params, pending: Pending) -> None:
         if self._uncond_was_skipped(params.x, pending):
             self._skip(pending, self._skipped_keys_reason(pending))
         else:
             self._record(pending, guided_difference(params.x, pending.layout, pending.family, pending.sigma))
         self.resolve_calibration()  # after the first model call: A1111's Lora has merged its weights by now
+        images = self._delayed_images(pending)
+        if images:  # CFG then combines u + w (c - u) = u for those images: no text guidance at this step
+            x_out, uncond_rows = params.x, len(pending.layout)
+            for i in images:
+                for row, _ in pending.layout[i]:
+                    x_out[row] = x_out[x_out.shape[0] - uncond_rows + i]
+
+    def _delayed_images(self, pending: Pending) -> List[int]:
+        """guidance_delay: plans at the first scored step, then the images whose guidance is off at this step."""
+        s = self.settings
+        if s.mitigation == "off" or s.strategy != "guidance_delay":
+            return []
+        result = self.results[pending.iteration]
+        if result.mitigation is None:
+            if pending.step != 0 or result.trace.unavailable or not len(result.trace):
+                return []
+            self._attempt("planning delayed guidance", self._plan_delay, pending, result)
+        plan = result.delay
+        if plan is None or not plan.applies(pending.step):
+            return []
+        return [i for i, on in enumerate(plan.images.tolist()) if on]
+
+    def _plan_delay(self, pending: Pending, result: IterationResult) -> None:
+        s = self.settings
+        gaps = result.trace.per_step()[0]
+        threshold = self.flag_threshold(result) if s.mitigation == "auto" else None
+        if s.mitigation == "auto" and threshold is None:
+            result.mitigation = MitigationRecord("auto", False, before=gaps.tolist(), after=gaps.tolist(),
+                                                 image_iterations=[0] * len(gaps), strategy="guidance_delay",
+                                                 reason="no calibration of this checkpoint and no threshold")
+            return
+        result.delay, result.mitigation = plan_guidance_delay(gaps, max(1, pending.total), mode=s.mitigation,
+                                                              threshold=threshold,
+                                                              target=s.target, delay=s.delay)
 
     def _noise_level(self, pending: Pending, t: float) -> float:
         """sigma / alpha of the step: the k-diffusion sigma; a timestep sampler's t through alphas_cumprod."""
@@ -240,7 +290,8 @@ class RunMonitor:
 
     def _explain(self, params, pending: Pending, result: IterationResult) -> None:
         with self._gradient_inputs(params, pending) as (model, cond, uncond, x, _):
-            contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1)
+            contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1,
+                                                method=self.settings.explain_method)
         if not result.explanations:
             result.explanations = [[] for _ in contributions]
             result.rows_per_image = [[r for r, _ in rows] for rows in pending.layout]
@@ -419,12 +470,19 @@ class ForgeRunMonitor(RunMonitor):
         # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
         def memoguard_post_cfg(args):
             pending, self._pending = self._pending, None
-            if pending is not None:
-                try:
-                    self._after_post_cfg(args, pending)
-                except Exception as e:  # never break the user's generation
-                    self._fail("after the model call", e)
-            return args["denoised"]
+            if pending is None:
+                return args["denoised"]
+            try:
+                self._after_post_cfg(args, pending)
+                images = self._delayed_images(pending)
+            except Exception as e:  # never break the user's generation
+                self._fail("after the model call", e)
+                return args["denoised"]
+            if not images:
+                return args["denoised"]
+            denoised = args["denoised"].clone()  # these images take the uncond prediction: no text guidance
+            denoised[images] = args["uncond_denoised"][images]
+            return denoised
         return memoguard_post_cfg
 
     def _before(self, params) -> None:
@@ -456,10 +514,3 @@ class ForgeRunMonitor(RunMonitor):
         with differentiable(kmodel), frozen_parameters(kmodel):  # Forge samples under inference mode
             cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary)
             yield forge.ForgeModel(kmodel, ordinary(params.sigma[:1])), cond, uncond, x, ordinary(params.sigma[0])
-
-
-def average_contributions(per_step):
-    """The paper averages the token scores over the explained steps."""
-    first = per_step[0]
-    scores = [sum(c.scores[i] for c in per_step) / len(per_step) for i in range(len(first.scores))]
-    return type(first)(first.tokens, scores, first.positions)

@@ -47,12 +47,22 @@ def verdict_label(v: Verdict) -> str:
 
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
+    """The infotext value: "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps",
+    "MODE not needed (first-step score X)" or "MODE not run (why)"."""
     if record is None:
         return None
     if not record.ran:
         return f"{record.mode} not run ({record.reason})"
     before, after = record.before[position], record.after[position]
+    if record.strategy == "guidance_delay":
+        if not record.image_iterations[position]:
+            return f"{record.mode} not needed (first-step score {before:.4f})"
+        return f"{record.mode} guidance delayed {record.delay_steps} steps"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
+
+
+def explanation_method(explanations: List[TokenContributions]) -> Optional[str]:
+    return explanations[0].method_name if explanations else None
 
 
 def top_tokens_text(explanations: List[TokenContributions], k: int = 3) -> Optional[str]:
@@ -183,6 +193,8 @@ def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: L
         legend = "shaded yellow: verdict window" + (f"; {note}" if note else "")
         parts.append(f'<div class="memoguard-chart-note">{html.escape(legend)}</div>')
     parts += [_tokens_html(c) for c in explanations]
+    if explanations:
+        parts.append(f'<div class="memoguard-chart-note">tokens: {html.escape(explanations[0].method_name)}</div>')
     if mitigation:
         parts.append(f'<div class="memoguard-mitigation">mitigation: {html.escape(mitigation)}</div>')
     parts.append("</div>")

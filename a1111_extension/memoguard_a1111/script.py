@@ -16,7 +16,7 @@ from . import calibrate as calibration_glue
 from .args import parse_args
 from .forge import is_forge
 from .monitor import ForgeRunMonitor, RunMonitor, Settings
-from .panel import Chart, image_panel, mitigation_text, panel, top_tokens_text
+from .panel import Chart, explanation_method, image_panel, mitigation_text, panel, top_tokens_text
 
 # (argument, gradio component, label, default, hint, options); script_args follow this order.
 CONTROLS = (
@@ -33,13 +33,24 @@ CONTROLS = (
     ("explain_steps", "Slider", "Explanation steps", 1, "Average token contributions over the first N sampling steps",
      dict(minimum=1, maximum=10, step=1)),
     ("mitigation", "Radio", "Mitigation", "off",
-     "Optimise the prompt embedding before sampling; auto = only when flagged. Off keeps images bit-identical",
-     dict(choices=["off", "always", "auto"])),
-    ("target", "Number", "Target score", 0.0, "Stop optimising an image once its first-step score is at or under this", {}),
-    ("lr", "Number", "Learning rate", 0.05, "AdamW step size (paper: 0.05)", {}),
-    ("max_iters", "Slider", "Max iterations", 10, "AdamW iterations at most (paper: 10)", dict(minimum=0, maximum=50, step=1)),
+     "Steer away from a memorized image; auto = only images flagged at the first step. Off keeps images "
+     "bit-identical", dict(choices=["off", "always", "auto"])),
+    ("target", "Number", "Target score", 0.0, "Leave an image alone once its first-step score is at or under this", {}),
+    ("lr", "Number", "Learning rate", 0.05, "Minimize: AdamW step size (paper: 0.05)", {}),
+    ("max_iters", "Slider", "Max iterations", 10, "Minimize: AdamW iterations at most (paper: 10)",
+     dict(minimum=0, maximum=50, step=1)),
+    ("strategy", "Radio", "Mitigation strategy", "guidance_delay",
+     "guidance_delay: no text guidance for the first steps (no extra model call); minimize: the paper's AdamW on "
+     "the prompt embedding. Measured side by side in BENCHMARKS.md", dict(choices=["guidance_delay", "minimize"])),
+    ("delay", "Slider", "Guidance delay", 0.2,
+     "Guidance delay: share of the first steps without text guidance. More: less copying, less prompt detail",
+     dict(minimum=0.0, maximum=0.9, step=0.05)),
+    ("explain_method", "Dropdown", "Explanation method", "auto",
+     "auto = gradient x input (one backward pass per step); leave_one_out: one forward per token; "
+     "integrated_gradients: 4 backward passes; gradient_norm: the paper's",
+     dict(choices=["auto", "leave_one_out", "gradient_x_delta", "integrated_gradients", "gradient_norm"])),
 )
-ROWS = ((0, 1), (2, 3), (4, 5), (6, 7, 8, 9))
+ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10, 11), (7, 8, 9))
 ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
 
@@ -50,7 +61,8 @@ def settings_from_args(args) -> Settings:
     return Settings(window=v["window"], threshold=v["threshold"] if v["threshold"] > 0 else None,
                     calibration_file=v["calibration_file"], fpr=v["fpr"], explain=v["explain"],
                     explain_steps=v["explain_steps"], mitigation=v["mitigation"], target=v["target"], lr=v["lr"],
-                    max_iters=v["max_iters"])
+                    max_iters=v["max_iters"], strategy=v["strategy"], delay=v["delay"],
+                    explain_method=v["explain_method"])
 
 
 def image_of(kwargs) -> tuple:
@@ -228,6 +240,7 @@ class MemoGuardScript(scripts.Script):
             extra["MemoGuard mitigation"] = mitigation
         if s.explain:
             extra["MemoGuard tokens"] = lambda **kw: top_tokens_text(monitor.image_explanations(*image_of(kw)))
+            extra["MemoGuard explanation"] = lambda **kw: explanation_method(monitor.image_explanations(*image_of(kw)))
 
     @staticmethod
     def _images(p):

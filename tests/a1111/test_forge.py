@@ -58,7 +58,7 @@ def test_forge_explanation_agrees_with_the_core_under_inference_mode(forge, tiny
 
 def test_forge_mitigation_lowers_the_gap_and_the_sampler_uses_it(forge):
     plain = processing.process_images(make_p(forge))
-    script, processed = run(make_p(forge), mitigation="always", max_iters=3, lr=0.1)
+    script, processed = run(make_p(forge), mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
     assert not script.last_run.errors
     record = script.last_run.results[0].mitigation
     assert record.ran and record.iterations == 3 and record.after[0] < record.before[0]

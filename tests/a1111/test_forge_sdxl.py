@@ -44,9 +44,10 @@ def test_forge_sdxl_images_stay_bit_identical_with_monitor_and_explanation(forge
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
-def test_forge_sdxl_explanation_is_the_gaps_gradient_at_the_prompt_tokens(forge_xl):
+@pytest.mark.parametrize("method", ["auto", "gradient_norm"])
+def test_forge_sdxl_explanation_is_the_gaps_gradient_at_the_prompt_tokens(forge_xl, method):
     p = make_p(forge_xl, sampler_name="Euler")
-    script, processed = run(p, explain=True)
+    script, processed = run(p, explain=True, explain_method=method)
     assert not script.last_run.errors
     (got,) = script.last_run.image_explanations(0, 0)
     # the reference differentiates the same UNet and conditioning as A1111 serves them (eps, VP convention)
@@ -59,7 +60,7 @@ def test_forge_sdxl_mitigation_lowers_the_gap_and_leaves_y_alone(forge_xl, monke
     apply_model = kmodel.apply_model
     monkeypatch.setattr(kmodel, "apply_model", lambda *args, **kw: ys.append(kw.get("y")) or apply_model(*args, **kw))
     p = make_p(forge_xl, sampler_name="Euler")
-    script, _ = run(p, mitigation="always", max_iters=3, lr=0.1)
+    script, _ = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
     assert not script.last_run.errors
     record = script.last_run.results[0].mitigation
     with torch.no_grad():

@@ -170,7 +170,7 @@ def test_each_image_infotext_is_its_own(host, request):
     """batch 2 x n_iter 2: every infotext carries its own image's score, verdict, mitigation (not image 1's)."""
     webui = request.getfixturevalue(host)
     p = make_p(webui, batch_size=2, n_iter=2)
-    script, processed = run(p, mitigation="always", max_iters=1)
+    script, processed = run(p, mitigation="always", strategy="minimize", max_iters=1)
     scores = scores_of(processed)
     assert len(set(scores)) == 4
     monitor = script.last_run
@@ -182,7 +182,7 @@ def test_each_image_infotext_is_its_own(host, request):
         assert infotext_fields(text)["MemoGuard mitigation"].endswith(f"{record.after[position]:.4f}")
     # each equals what a single-image run of that seed gives
     for index in range(4):
-        _, single = run(make_p(webui, seed=p.seed + index), mitigation="always", max_iters=1)
+        _, single = run(make_p(webui, seed=p.seed + index), mitigation="always", strategy="minimize", max_iters=1)
         assert scores_of(single)[0] == pytest.approx(scores[index], abs=2e-4)
     # a threshold between the scores: flagged images are recorded as flagged, the others as ok
     _, monitored = run(make_p(webui, batch_size=2, n_iter=2))
@@ -222,7 +222,7 @@ def test_and_prompt_mitigation_records_the_images_combined_score(host, request):
     webui = request.getfixturevalue(host)
     prompt = "a red house AND a blue boat"
     _, plain = run(make_p(webui, prompt=prompt))
-    script, processed = run(make_p(webui, prompt=prompt), mitigation="always", max_iters=2, lr=0.1)
+    script, processed = run(make_p(webui, prompt=prompt), mitigation="always", strategy="minimize", max_iters=2, lr=0.1)
     mode, iterations, _, before, _, after = infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].split()
     assert float(before) == pytest.approx(scores_of(plain)[0], abs=1e-4)  # the image's score, not sub-prompt 1's
     sampled = script.last_run.results[0].trace.per_step()[0, 0].item()
@@ -233,15 +233,15 @@ def test_auto_mitigation_decides_on_the_images_combined_score(webui):
     prompt = "a red house AND a blue boat"
     _, plain = run(make_p(webui, prompt=prompt))
     combined = scores_of(plain)[0]
-    script, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", max_iters=1)
+    script, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", strategy="minimize", max_iters=1)
     assert script.last_run.results[0].mitigation.ran
-    script, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", max_iters=1)
+    script, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", strategy="minimize", max_iters=1)
     assert not script.last_run.results[0].mitigation.ran
 
 
 def test_auto_mitigation_uses_the_stored_calibration(webui):
     answer = calibrate_small()
-    script, processed = run(make_p(webui), mitigation="auto", max_iters=1)
+    script, processed = run(make_p(webui), mitigation="auto", strategy="minimize", max_iters=1)
     record = script.last_run.results[0].mitigation
     assert record.ran == (record.before[0] >= answer["threshold"])
     assert "no calibration" not in (record.reason or "")
@@ -294,3 +294,35 @@ def test_calibrate_button_reports_progress_and_result(webui, tiny_model):
     assert calibration_glue.store().path_for(weights_fingerprint(tiny_model.unet)).is_file()
     failed = list(calibration_glue.ui_calibrate(3, 2, 3, 128, 128))
     assert "calibration failed" in failed[-1] and "prompts" in failed[-1]
+
+
+# -- delayed guidance (issue 10) ----------------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_guidance_delay_keeps_the_first_step_score_and_steers_only_flagged_images(host, request):
+    webui = request.getfixturevalue(host)
+    plain_script, plain = run(make_p(webui, batch_size=2))
+    first = plain_script.last_run.results[0].trace.per_step()[0]
+    high = int(first.argmax())
+    threshold = float(first.mean())  # between the two images' first-step scores
+    script, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
+                          strategy="guidance_delay", delay=0.5)
+    monitor = script.last_run
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
+    assert record.strategy == "guidance_delay" and record.ran and record.delay_steps >= 1
+    assert record.image_iterations[high] == record.delay_steps and record.image_iterations[1 - high] == 0
+    trace = monitor.results[0].trace.per_step()
+    assert trace[0].tolist() == pytest.approx(first.tolist(), rel=1e-6)  # scored before it steers
+    assert torch.equal(steered.images[1 - high], plain.images[1 - high])  # not flagged: bit-identical
+    assert not torch.equal(steered.images[high], plain.images[high])
+    fields = [infotext_fields(t)["MemoGuard mitigation"] for t in steered.infotexts]
+    assert fields[high] == f"auto guidance delayed {record.delay_steps} steps"
+    assert fields[1 - high].startswith("auto not needed (first-step score")
+
+
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_guidance_delay_zero_steps_is_the_plain_run(host, request):
+    webui = request.getfixturevalue(host)
+    plain = processing.process_images(make_p(webui))
+    script, steered = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.0)
+    assert not script.last_run.errors and torch.equal(plain.images[0], steered.images[0])

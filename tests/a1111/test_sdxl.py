@@ -61,23 +61,31 @@ def test_monitor_leaves_sdxl_images_bit_identical(webui_xl, sampler):
 
 
 def assert_explanation_is_the_gradient(got, processed, model, x, t):
-    """The first-step token shares are the gap's gradient norms at the prompt's tokens, through model.apply_model."""
+    """The first-step token scores are the gap's gradient at the prompt's tokens, through model.apply_model: times
+    (e_i - e_empty,i) for gradient x input (the WebUI's default), its norm for the paper's method."""
     t = torch.as_tensor(t).reshape(1)
     cond, uncond = conditioning(model, PROMPT), conditioning(model, "")
     emb = cond["crossattn"].clone().requires_grad_(True)
     with torch.enable_grad():
         gap = l2_per_image(model.apply_model(x, t, {**cond, "crossattn": emb}) - model.apply_model(x, t, uncond))
         (grad,) = torch.autograd.grad(gap.sum(), [emb])
-    norms = grad[0].norm(dim=-1)[got.positions]
     assert got.tokens == ["a", "red", "house", "on", "a", "hill"] and got.positions == [1, 2, 3, 4, 5, 6]
     assert sum(got.shares) == pytest.approx(1.0)
-    assert got.shares == pytest.approx((norms / norms.sum()).tolist(), rel=1e-3)
+    if got.method == "gradient_norm":
+        norms = grad[0].norm(dim=-1)[got.positions]
+        assert got.shares == pytest.approx((norms / norms.sum()).tolist(), rel=1e-3)
+    else:
+        assert got.method == "gradient_x_delta"
+        empty = uncond["crossattn"].expand_as(emb)
+        want = (grad[0] * (emb - empty)[0]).sum(dim=-1)[got.positions]
+        assert got.scores == pytest.approx(want.tolist(), rel=1e-3, abs=1e-7)
     assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
 
 
-def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl):
+@pytest.mark.parametrize("method", ["auto", "gradient_norm"])
+def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl, method):
     p = make_p(webui_xl, sampler_name="Euler")
-    script, processed = run(p, explain=True)
+    script, processed = run(p, explain=True, explain_method=method)
     assert not script.last_run.errors
     (got,) = script.last_run.image_explanations(0, 0)
     assert_explanation_is_the_gradient(got, processed, webui_xl, *kdiffusion_start(webui_xl, p))
@@ -89,7 +97,7 @@ def test_mitigation_lowers_the_gap_and_leaves_the_vector_alone(webui_xl, monkeyp
     monkeypatch.setattr(webui_xl, "apply_model",
                         lambda x, t, cond: vectors.append(cond["vector"]) or apply_model(x, t, cond))
     p = make_p(webui_xl, sampler_name="Euler")
-    script, processed = run(p, mitigation="always", max_iters=3, lr=0.1)
+    script, processed = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
     assert not script.last_run.errors
     record = script.last_run.results[0].mitigation
     x, t = kdiffusion_start(webui_xl, p)
