@@ -108,15 +108,16 @@ def scan(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, expla
     uncond = model.encode([""])
     results = []
     for (prompt, label), score in zip(rows, scores):
-        top = []
+        top, method = [], None
         if explain and prompt.strip():
             x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
             contrib = token_contributions(model, model.encode([prompt]), uncond, x, total_steps=steps)[0]
-            top = [(tok, round(share, 4)) for tok, share in contrib.top(explain)]
+            top, method = [(tok, round(share, 4)) for tok, share in contrib.top(explain)], contrib.method_name
         results.append({
             "prompt": prompt, "label": label, "score": float(score),
             "percentile": calibration.percentile(float(score)) if calibration else float("nan"),
             "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold, "top_tokens": top,
+            "explanation_method": method,
         })
     summary = {"n": len(results), "threshold": threshold, "fpr": fpr, "calibration": calibration.model_key if calibration else None}
     labelled = [r for r in results if r["label"] is not None]
@@ -148,6 +149,9 @@ def run(args) -> int:
         print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated "
               f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
     results, summary = scan(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain)
+    methods = sorted({r["explanation_method"] for r in results if r["explanation_method"]})
+    if methods:
+        print(f"top tokens by {', '.join(methods)}", file=sys.stderr)
     for r in results:
         flag = "FLAG" if r["flagged"] else "ok  " if calibration else "unc."
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in r["top_tokens"])
