@@ -15,7 +15,7 @@ import torch
 
 from .calibration import roc_auc, tpr_at_fpr
 from .explain import METHODS, token_contributions
-from .mitigate import mitigate
+from .mitigate import extra_cost, mitigate
 from .score import DETECTORS
 from .pipeline import generate
 from .sampling import initial_noise, sample
@@ -291,6 +291,7 @@ def mitigation_bench(model, prompts, train_images, settings: dict) -> dict:
         "alignment_drop": float(1 - align_after.mean() / max(align_before.mean(), 1e-12)),
         "score_before": float(np.mean(record.before)), "score_after": float(np.mean(record.after)),
         "time_ratio": mitigated_time[-1] / plain_time[-1],
+        "model_call_ratio": extra_cost(record, MITIGATION_STEPS),  # what the time ratio becomes where the UNet dominates
         "mean_iterations": float(np.mean(record.image_iterations)), "batch_iterations": record.iterations,
         "removed": record.removed[::len(SEEDS)] if record.strategy == "remove_tokens" else None,
     }

@@ -17,9 +17,9 @@ and over generations; between steps the generation follows ordinary guided DDIM.
                             alone takes the empty prompt's output, which leaves the token in the
                             later positions.
 The three last are signed (negative: the token lowers the gap); shares count positive scores only.
-Default (`default_method`): leave-one-out where the prompt is re-encoded and short enough to stay
-within the mitigation's budget of 10 forward + backward passes (~30 forwards); gradient x input
-otherwise. `bench` measures all four with a deletion test (BENCHMARKS.md).
+Default (`default_method`): leave-one-out (re-encoded where the adapter can) for prompts short enough
+to stay within the mitigation's budget of 10 forward + backward passes (~30 forwards); gradient x
+input for longer ones. `bench` measures all of them with a deletion test (BENCHMARKS.md).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -95,7 +95,7 @@ def _reencodes(model: DiffusionModel, cond: PromptEncoding) -> bool:
 
 def default_method(model: DiffusionModel, cond: PromptEncoding) -> str:
     longest = int(cond.prompt_mask.sum(dim=1).max()) if cond.prompt_mask.numel() else 0
-    return "leave_one_out" if _reencodes(model, cond) and longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
+    return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
 
 
 def _gap(model, x, t, cond, uncond, emb):
@@ -130,7 +130,9 @@ def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, ge
                 for k, (_, i) in enumerate(part):
                     edited[k, i] = empty[0, i]
                 sub = sub.with_embedding(edited)
-            gaps = _gap(model, x[rows.to(x.device)], t, sub, uncond, sub.embedding).float().cpu()
+            # a host's uncond may hold one row per image: the jobs' images take theirs
+            sub_uncond = uncond.rows(rows) if uncond.embedding.shape[0] == emb.shape[0] > 1 else uncond
+            gaps = _gap(model, x[rows.to(x.device)], t, sub, sub_uncond, sub.embedding).float().cpu()
             for k, (b, i) in enumerate(part):
                 out[b, i] = base[b] - gaps[k]
     return out

@@ -3,10 +3,11 @@
 Three strategies, measured side by side by `bench` (BENCHMARKS.md):
   - "remove_tokens": leave out, one token at a time, the token whose removal brings the first-step
     score under `target` with the smallest drop (the least edit that ends the recall; the largest
-    drop while none reaches it), at most `max_removals` tokens. Each round tries up to
-    `max_candidates` tokens (one first-step forward each, no backward pass); a longer prompt's
-    candidates are its top tokens by gradient x input (one forward + backward). Needs an adapter
-    that re-encodes prompts (DiffusionModel.reencodes).
+    drop while none reaches it), at most `max_removals` tokens. The first round tries up to
+    `max_candidates` tokens (one first-step forward each, no backward pass; a longer prompt's
+    candidates are its top tokens by gradient x input, one forward + backward), each later round
+    the `later_candidates` that came next in the round before. Needs an adapter that re-encodes
+    prompts (DiffusionModel.reencodes).
   - "minimize" (Wen et al., Sec. 5, the paper's): AdamW on the conditional prompt embedding (every
     BOS frozen, uncond fixed), loss = RMS gap at the first step on the very x_T the generation then
     starts from; stop once every image is at or under `target`. The embedding then serves every step.
@@ -185,11 +186,13 @@ def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: Prom
 
 def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
                   t_first, *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
-                  max_removals: int = 3, max_candidates: int = 8, batch_size: int = 16):
+                  max_removals: int = 3, max_candidates: int = 8, later_candidates: int = 2,
+                  batch_size: int = 16):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
     check_settings(mode, 1.0, max_removals, target)
-    if max_removals < 1 or max_candidates < 1:
-        raise MitigationError(f"max_removals and max_candidates must be >= 1, got {max_removals}, {max_candidates}")
+    if min(max_removals, max_candidates, later_candidates) < 1:
+        raise MitigationError(f"max_removals, max_candidates and later_candidates must be >= 1 (got {max_removals}, "
+                              f"{max_candidates}, {later_candidates})")
     if not model.reencodes or cond.ids is None:
         raise MitigationError(f"token removal re-encodes the prompt, which {type(model).__name__} cannot do; "
                               f"use the strategy 'minimize'")
@@ -227,6 +230,8 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
             removed[b].append(position)
             gap[b] = score
             record.image_iterations[b] += 1
+            # later rounds try only the next most effective tokens of this round: the round's cost stays small
+            candidates[b] = [i for _, i in sorted(options) if i != position][:later_candidates]
         record.iterations += 1
         record.losses.append(gap.tolist())
         active &= gap > target

@@ -37,7 +37,7 @@ def test_token_contributions_need_and_get_the_gradient_route(inference_model):
         adapter = ComfyDiffusionModel(inference_model, sigmas)
         with pytest.raises(RuntimeError, match="does not require grad|[Ii]nference tensor"):
             token_contributions(adapter, encoding(cond, 4), encoding(uncond, 0), adapter.initial_x(noise),
-                                total_steps=5)
+                                total_steps=5, method="gradient_norm")
         with differentiable(inference_model):
             x_T = adapter.initial_x(noise.clone())
             result = token_contributions(adapter, encoding(cond.clone(), 4), encoding(uncond.clone(), 0), x_T,
