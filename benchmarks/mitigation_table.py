@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memoguard.bench import DEFAULT_MITIGATION, mitigation_bench, mitigation_settings
+from memoguard.bench import (DEFAULT_MITIGATION, HOST_MITIGATION, MITIGATION_STEPS, SEEDS, mitigation_bench,
+                             mitigation_settings)
 from memoguard.diffusers_model import load_model
 from memoguard.tiny.data import build_dataset
-from memoguard.tiny.judge import unique_training_images
+from memoguard.sampling import initial_noise, sample
+from memoguard.tiny.judge import alignment, unique_training_images
 from memoguard.tiny.prompts import eval_prompts
 
 
@@ -37,6 +39,13 @@ def main() -> None:
     labels = {p["text"]: p for p in bench["prompts"]}
     prompts = [p for p in eval_prompts(ds, per_kind=100) if labels[p.text]["positive"] and p.scene is not None][:24]
     negatives = np.array([p["steps1_gen1"] for p in bench["prompts"] if not p["positive"]])
+    # what a faithful non-copy scores: ordinary training captions sampled the same way (none of them copies)
+    ordinary = [p for p in eval_prompts(ds, per_kind=100) if p.kind == "ordinary"][:24]
+    texts = [p.text for p in ordinary for _ in SEEDS]
+    x = initial_noise(model, model.latent_shape(), list(SEEDS) * len(ordinary), model.device)
+    plain = sample(model, model.encode(texts), model.encode([""]), x, MITIGATION_STEPS, monitor=False)
+    reference = float(alignment(model.decode(plain.latents).numpy(), [p.scene for p in ordinary for _ in SEEDS]).mean())
+    print(f"alignment of ordinary captions (no copies): {reference:.2f}")
     rows = {}
     for name, settings in mitigation_settings(negatives).items():
         rows[name] = mitigation_bench(model, prompts, train_images, settings)
@@ -45,6 +54,7 @@ def main() -> None:
               f"{r['alignment_before']:.2f} -> {r['alignment_after']:.2f}, time {r['time_ratio']:.2f}x, "
               f"model calls {r['model_call_ratio']:.2f}x", flush=True)
     args.json.write_text(json.dumps({"labels_from": str(args.labels), "default": DEFAULT_MITIGATION,
+                                     "host_default": HOST_MITIGATION, "ordinary_alignment": reference,
                                      "seconds": round(time.time() - t0, 1), "mitigation": rows}, indent=2))
     print(f"wrote {args.json}")
 

@@ -25,6 +25,7 @@ from .tiny.prompts import KINDS, eval_prompts
 
 MITIGATION_STEPS = 20
 DEFAULT_MITIGATION = "remove_tokens_p50"  # the table row of the default strategy at its default target
+HOST_MITIGATION = "guidance_delay_0.3"    # the same for hosts that cannot re-encode a prompt
 SEEDS = (0, 1, 2, 3)
 
 
@@ -110,7 +111,7 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     negatives = scores["steps1_gen1"][~positive]
     table = mitigation_settings(negatives)
     if quick:  # one row per strategy
-        table = {k: table[k] for k in (DEFAULT_MITIGATION, "minimize_p50", "guidance_delay_0.2")}
+        table = {k: table[k] for k in (DEFAULT_MITIGATION, "minimize_p50", HOST_MITIGATION)}
     if target is not None:
         table = {k: {**v, "target": target} if "target" in v else v for k, v in table.items()}
     res["mitigation"] = {name: mitigation_bench(model, mitigated, train_images, settings)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import ArgumentError
-from .mitigate import MODES, STRATEGIES, extra_cost, mitigate
+from .mitigate import DEFAULT_DELAY, MODES, STRATEGIES, extra_cost, mitigate
 from .pipeline import DEFAULT_STEPS
 
 MITIGATIONS = ("off", "default", *STRATEGIES)
@@ -47,8 +47,8 @@ def add_arguments(p):
     p.add_argument("--target", type=float, default=None,
                    help="first-step score to bring images under (default: the calibration's benign median)")
     p.add_argument("--max-removals", type=int, default=3, help="remove_tokens: most tokens left out (default 3)")
-    p.add_argument("--delay", type=float, default=0.2,
-                   help="guidance_delay: share of the first steps without text guidance (default 0.2)")
+    p.add_argument("--delay", type=float, default=DEFAULT_DELAY,
+                   help=f"guidance_delay: share of the first steps without text guidance (default {DEFAULT_DELAY})")
     p.add_argument("--lr", type=float, default=0.05, help="minimize: AdamW step size (default 0.05)")
     p.add_argument("--max-iters", type=int, default=10, help="minimize: most AdamW steps (default 10)")
     p.add_argument("--calibration", type=Path, default=None,

@@ -27,6 +27,7 @@ from .model import DiffusionModel, PromptEncoding, expand_batch, match_length
 from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
+DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
 STRATEGIES = ("remove_tokens", "minimize", "guidance_delay")
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance"}
@@ -273,7 +274,7 @@ class GuidanceDelay:
 
 
 def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "always",
-                        threshold: Optional[float] = None, target: float = 0.0, delay: float = 0.2):
+                        threshold: Optional[float] = None, target: float = 0.0, delay: float = DEFAULT_DELAY):
     """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call."""
     check_settings(mode, 1.0, 0, target)
     k = delay_steps(total_steps, delay)
@@ -296,7 +297,7 @@ class Mitigation:
 def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
              timesteps: Sequence, guidance: float, *, strategy: str = "auto", mode: str = "always",
              threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
-             max_removals: int = 3, delay: float = 0.2) -> Mitigation:
+             max_removals: int = 3, delay: float = DEFAULT_DELAY) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
     `default_strategy(model)`."""
     strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)

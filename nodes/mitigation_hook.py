@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from memoguard import PromptEncoding, eps_difference, minimize_embedding, rms_per_image, uncond_is_missing
-from memoguard.mitigate import MitigationError, check_settings, check_strategy, delay_steps, plan_guidance_delay
+from memoguard.mitigate import DEFAULT_DELAY, MitigationError, check_settings, check_strategy, delay_steps, plan_guidance_delay
 
 from . import live
 from memoguard.host_autograd import differentiable, ordinary
@@ -43,7 +43,7 @@ class MitigationSettings:
     calibration: Optional[CalibrationSource] = None
     fpr: float = 0.01
     strategy: str = "minimize"
-    delay: float = 0.2                  # guidance_delay: share of the first steps without text guidance
+    delay: float = DEFAULT_DELAY        # guidance_delay: share of the first steps without text guidance
 
     def __post_init__(self):
         check_settings(self.mode, self.lr, self.max_iters, self.target)

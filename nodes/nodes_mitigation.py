@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
 from .mitigation_hook import STRATEGIES, MitigationSession, MitigationSettings, attach_mitigation
-from memoguard.mitigate import MODES
+from memoguard.mitigate import DEFAULT_DELAY, MODES
 
 
 class EmbeddingMinimization(io.ComfyNode):
@@ -44,9 +44,9 @@ class EmbeddingMinimization(io.ComfyNode):
                                tooltip="guidance_delay: no text guidance for the first steps (strength: delay); "
                                        "minimize: the paper's AdamW on the prompt embedding (strength: target, "
                                        "learning_rate, max_iters)."),
-                io.Float.Input("delay", default=0.2, min=0.0, max=0.9, step=0.05,
+                io.Float.Input("delay", default=DEFAULT_DELAY, min=0.0, max=0.9, step=0.05,
                                tooltip="For guidance_delay: the share of the first steps without text guidance "
-                                       "(0.2 of 20 steps = 4 steps). More: less copying, less prompt detail."),
+                                       "(0.3 of 20 steps = 6 steps). More: less copying, less prompt detail."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with minimization at the first step.")],
             hidden=[io.Hidden.unique_id],
@@ -54,7 +54,7 @@ class EmbeddingMinimization(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
-                false_positive_rate, threshold, strategy=STRATEGIES[0], delay=0.2) -> io.NodeOutput:
+                false_positive_rate, threshold, strategy=STRATEGIES[0], delay=DEFAULT_DELAY) -> io.NodeOutput:
         # the calibration is looked up at the sampler's first step, by the weights it runs
         settings = MitigationSettings(mode, target, learning_rate, max_iters, threshold if threshold > 0 else None,
                                       CalibrationSource(calibration, calibration_file), false_positive_rate,

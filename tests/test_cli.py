@@ -135,7 +135,7 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert 0.0 <= m["top1_ends_flag"] <= 1.0 and m["deletion_auc"] > 0
     # re-encoded leave-one-out is the exact reference it is measured against
     assert methods["leave_one_out"]["top_tokens"] == methods["exact_leave_one_out"]["top_tokens"]
-    assert set(res["mitigation"]) == {res["mitigation_default"], "minimize_p50", "guidance_delay_0.2"}
+    assert set(res["mitigation"]) == {res["mitigation_default"], "minimize_p50", "guidance_delay_0.3"}
     for row in res["mitigation"].values():
         for key in ("copy_rate_before", "copy_rate_after", "alignment_before", "alignment_after", "time_ratio"):
             assert 0.0 <= row[key] <= (10.0 if key == "time_ratio" else 1.0)

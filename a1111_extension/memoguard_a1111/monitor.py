@@ -21,7 +21,7 @@ from memoguard import (MitigationRecord, PromptEncoding, ScoreTrace, Verdict, ep
 from memoguard.explain import average_contributions, check_method
 from memoguard.calibration import Calibration, CalibrationError
 from memoguard.host_autograd import differentiable, ordinary
-from memoguard.mitigate import GuidanceDelay, check_settings, delay_steps, plan_guidance_delay
+from memoguard.mitigate import DEFAULT_DELAY, GuidanceDelay, check_settings, delay_steps, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
@@ -52,7 +52,7 @@ class Settings:
     lr: float = 0.05
     max_iters: int = 10
     strategy: str = "minimize"          # one of STRATEGIES
-    delay: float = 0.2                  # guidance_delay: share of the first steps without text guidance
+    delay: float = DEFAULT_DELAY        # guidance_delay: share of the first steps without text guidance
     explain_method: str = "auto"        # memoguard.explain.METHODS
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ import math
 import sys
 from collections import OrderedDict
 
+from memoguard.mitigate import DEFAULT_DELAY
 from modules import processing, script_callbacks, scripts, shared
 
 from . import calibrate as calibration_glue
@@ -42,7 +43,7 @@ CONTROLS = (
     ("strategy", "Radio", "Mitigation strategy", "guidance_delay",
      "guidance_delay: no text guidance for the first steps (no extra model call); minimize: the paper's AdamW on "
      "the prompt embedding. Measured side by side in BENCHMARKS.md", dict(choices=["guidance_delay", "minimize"])),
-    ("delay", "Slider", "Guidance delay", 0.2,
+    ("delay", "Slider", "Guidance delay", DEFAULT_DELAY,
      "Guidance delay: share of the first steps without text guidance. More: less copying, less prompt detail",
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
