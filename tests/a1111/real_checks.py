@@ -151,11 +151,27 @@ def invalid_script_args_are_reported(base):
 
 def and_prompt_record_is_the_images(base):
     plain = first(txt2img(base, "Euler", MONITOR_ONLY, prompt=AND_PROMPT))
-    mitigated = first(txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2], prompt=AND_PROMPT))
+    mitigated = first(txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2, "minimize"],
+                              prompt=AND_PROMPT))
     print("AND prompt:", plain["MemoGuard score"], mitigated["MemoGuard mitigation"], mitigated["MemoGuard score"])
     mode, iterations, _, before, _, after = mitigated["MemoGuard mitigation"].split()
     assert abs(float(before) - float(plain["MemoGuard score"])) <= 2e-4
     assert abs(float(after) - float(mitigated["MemoGuard score"])) <= 2e-4 and float(after) < float(before)
+
+
+def guidance_delay_keeps_the_first_step_score_and_steers(base):
+    """Delayed guidance (the default strategy): scored from the same first step, then sampled without text
+    guidance for round(delay x steps) steps; a delay of 0 is the plain run."""
+    plain = txt2img(base, "Euler", MONITOR_ONLY)
+    steps = int(plain["parameters"]["steps"])
+    delayed = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay", 0.5])
+    got = first(delayed)
+    print("infotext with delayed guidance:", got["MemoGuard mitigation"], got["MemoGuard score"])
+    assert got["MemoGuard mitigation"] == f"always guidance delayed {round(0.5 * steps)} steps"
+    assert got["MemoGuard score"] == first(plain)["MemoGuard score"]
+    assert pixels(delayed["images"][0]) != pixels(plain["images"][0])
+    none = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay", 0])
+    assert pixels(none["images"][0]) == pixels(plain["images"][0])
 
 
 def progress_text_is_cleared(base):

@@ -56,10 +56,14 @@ def test_forge_timestep_sampler_is_scored(forge):
 
 
 def test_forge_mitigation_optimises_under_inference_mode(forge):
-    result = txt2img(forge, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2])
+    result = txt2img(forge, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2, "minimize"])
     print("infotext with mitigation on Forge:", infotext(result))
     mode, iterations, _, before, _, after = fields(result)["MemoGuard mitigation"].split()
     assert (mode, iterations) == ("always", "2") and float(after) < float(before)
+
+
+def test_forge_guidance_delay_keeps_the_first_step_score_and_steers(forge):
+    real_checks.guidance_delay_keeps_the_first_step_score_and_steers(forge)
 
 
 def test_forge_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(forge):

@@ -32,6 +32,7 @@ def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui, euler
     watched = txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
     got = fields(watched)
     assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard tokens"]  # not calibrated yet: never "ok"
+    assert got["MemoGuard explanation"] == "leave-one-out (embedding)"
     assert "MemoGuard hires pass" not in got
     assert assert_core_gap(webui, watched)["parameterization"] == "eps"
     print("infotext with MemoGuard:", infotext(watched))
@@ -45,9 +46,13 @@ def test_timestep_sampler_is_scored(webui):
 
 
 def test_mitigation_optimises_through_the_webui_model(webui):
-    got = fields(txt2img(webui, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2]))
+    got = fields(txt2img(webui, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 2, "minimize"]))
     mode, iterations, _, before, _, after = got["MemoGuard mitigation"].split()
     assert (mode, iterations) == ("always", "2") and float(after) < float(before)
+
+
+def test_guidance_delay_keeps_the_first_step_score_and_steers(webui):
+    real_checks.guidance_delay_keeps_the_first_step_score_and_steers(webui)
 
 
 def test_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(webui, euler_plain):
