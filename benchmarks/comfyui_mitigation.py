@@ -81,7 +81,8 @@ def comfyui_side(prompts, seeds, target, guidance) -> dict:
     with torch.inference_mode():  # as ComfyUI executes nodes
         model, clip, vae = MemoGuardTinyModelLoader.execute("").result
         minimization = EmbeddingMinimization.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "11"})
-        mitigated_model = minimization.execute(model, "always", target, LR, MAX_ITERS, "none", "", 0.01, 0.0).result[0]
+        mitigated_model = minimization.execute(model, "always", target, LR, MAX_ITERS, "none", "", 0.01, 0.0,
+                                              "minimize").result[0]
         monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda t, n: None)
         watched = attach_monitor(mitigated_model, monitor)
         negative = CLIPTextEncode().encode(clip, "")[0]

@@ -113,8 +113,9 @@ def run(args) -> int:
             img.save(out / f"{k}_{name}.png")
         sheet_rows.append(list(files.values()))
         sheet_captions.append(f"{prompt}  [{kind}]  {verdict.summary()}"
-                              + (f"  | mitigated: {record.before[0]:.3f} -> {record.after[0]:.3f}"
-                                 f"{' STILL COPIES' if still_copies else ''}" if record.ran else ""))
+                              + (f"  | {record.strategy_name}: {record.before[0]:.3f} -> {record.after[0]:.3f}, "
+                                 f"{'STILL COPIES' if still_copies else 'no copy' if copied else 'no copy before either'}"
+                                 if record.ran else ""))
         cls = "flag" if verdict.flagged else "ok"
         if not record.ran:
             mit = html.escape(f"{record.strategy_name}: not run ({record.reason})")
