@@ -17,9 +17,11 @@ and over generations; between steps the generation follows ordinary guided DDIM.
                             alone takes the empty prompt's output, which leaves the token in the
                             later positions.
 The three last are signed (negative: the token lowers the gap); shares count positive scores only.
-Default (`default_method`): leave-one-out (re-encoded where the adapter can) for prompts short enough
+Default (`default_method`): leave-one-out where the adapter re-encodes and the prompt is short enough
 to stay within the mitigation's budget of 10 forward + backward passes (~30 forwards); gradient x
-input for longer ones. `bench` measures all of them with a deletion test (BENCHMARKS.md).
+input otherwise. Leave-one-out in the embedding depends on what the host's empty prompt holds at each
+position: in the real ComfyUI (which pads with EOS) emptying any one position raised the score of a
+memorized prompt, so it is an option, not a default. `bench` measures all of them (BENCHMARKS.md).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -95,7 +97,7 @@ def _reencodes(model: DiffusionModel, cond: PromptEncoding) -> bool:
 
 def default_method(model: DiffusionModel, cond: PromptEncoding) -> str:
     longest = int(cond.prompt_mask.sum(dim=1).max()) if cond.prompt_mask.numel() else 0
-    return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
+    return "leave_one_out" if _reencodes(model, cond) and longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
 
 
 def _gap(model, x, t, cond, uncond, emb):

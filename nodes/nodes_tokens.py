@@ -32,7 +32,7 @@ class TokenContributionsNode(io.ComfyNode):
             display_name="Token Contributions",
             category="MemoGuard",
             description="Per-token share of the memorization score, from the cond/uncond gap at the first "
-                        "steps. Default method: leave-one-out (how much the gap drops when a token's text-encoder "
+                        "steps. Default method: gradient x input (how the gap changes when a token's text-encoder "
                         "output is emptied; measured more faithful than the paper's gradient norm, BENCHMARKS.md). "
                         "SD1.x, SD2.x and SDXL; SD3/Flux are refused with a message.",
             inputs=[
@@ -52,10 +52,10 @@ class TokenContributionsNode(io.ComfyNode):
                 io.Int.Input("generations", default=1, min=1, max=16,
                              tooltip="Average over this many noise seeds (seed, seed+1, ...)."),
                 io.Combo.Input("method", options=list(METHODS), default="auto",
-                               tooltip="auto: leave_one_out up to 29 tokens, gradient_x_delta beyond. leave_one_out: "
-                                       "one forward per token with its position emptied (in the embedding, which "
-                                       "leaves the token in later positions). gradient_x_delta: 1 forward + "
-                                       "backward. integrated_gradients: 4 gradients. gradient_norm: the paper's."),
+                               tooltip="auto: gradient_x_delta (1 forward + backward). leave_one_out: one forward per "
+                                       "token with its position emptied (in the embedding: it leaves the token in "
+                                       "later positions, and ComfyUI's EOS padding can make every score negative). "
+                                       "integrated_gradients: 4 gradients. gradient_norm: the paper's."),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar chart of each token's share."),

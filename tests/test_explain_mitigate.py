@@ -178,8 +178,9 @@ def test_default_method_is_leave_one_out_within_the_budget_only(random_model):
     assert default_method(random_model, long) == "gradient_x_delta"
     no_ids = short.with_embedding(short.embedding)
     no_ids.ids = None  # what an adapter that cannot re-encode hands over
+    assert default_method(random_model, no_ids) == "gradient_x_delta"
     cond, uncond, x = _setup(random_model, [PROMPT], [0])
-    (c,) = token_contributions(random_model, no_ids, uncond, x, total_steps=10)
+    (c,) = token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out")
     assert c.method == "leave_one_out_embedding"  # named for what it did
     with pytest.raises(ValueError, match="explanation method must be one of"):
         token_contributions(random_model, cond, uncond, x, method="saliency")

@@ -47,7 +47,7 @@ CONTROLS = (
      "Guidance delay: share of the first steps without text guidance. More: less copying, less prompt detail",
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
-     "auto = leave_one_out up to 29 tokens (one forward per token), gradient_x_delta beyond (one backward pass); "
+     "auto = gradient_x_delta (one backward pass per step); leave_one_out: one forward per token; "
      "integrated_gradients: 4 backward passes; gradient_norm: the paper's",
      dict(choices=["auto", "leave_one_out", "gradient_x_delta", "integrated_gradients", "gradient_norm"])),
 )

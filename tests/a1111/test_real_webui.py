@@ -32,7 +32,7 @@ def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui, euler
     watched = txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
     got = fields(watched)
     assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard tokens"]  # not calibrated yet: never "ok"
-    assert got["MemoGuard explanation"] == "leave-one-out (embedding)"
+    assert got["MemoGuard explanation"] == "gradient x input"
     assert "MemoGuard hires pass" not in got
     assert assert_core_gap(webui, watched)["parameterization"] == "eps"
     print("infotext with MemoGuard:", infotext(watched))

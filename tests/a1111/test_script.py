@@ -44,8 +44,8 @@ def infotext_fields(text):
 def assert_explanation_is_the_cores(got, processed, tiny_model, x, t):
     """The script's first-step token contributions equal the core's at the same x and t, and reach the infotext."""
     core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
-    # the WebUI does not re-encode a prompt: its default leave-one-out empties each position, as the core does
-    assert got.method == "leave_one_out_embedding"
+    # the WebUI does not re-encode a prompt: its default is gradient x input, which the core computes alike
+    assert got.method == "gradient_x_delta"
     (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1,
                                   method=got.method)
     assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]

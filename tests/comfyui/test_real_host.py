@@ -224,7 +224,7 @@ def test_explain_shows_token_shares(comfy):
     assert not of_type(events, "execution_error"), of_type(events, "execution_error")
     data = json.loads(history["outputs"]["10"]["memoguard_tokens"][0])
     assert data["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
-    assert sum(data["shares"]) == pytest.approx(1.0) and data["method_name"] == "leave-one-out (embedding)"
+    assert sum(data["shares"]) == pytest.approx(1.0) and data["method_name"] == "gradient x input"
     assert history["outputs"]["10"]["images"]
 
 
