@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from memoguard import PromptEncoding, eps_difference, minimize_embedding, rms_per_image, uncond_is_missing
+from memoguard import PromptEncoding, minimize_embedding, rms_per_image, uncond_is_missing
 from memoguard.mitigate import DEFAULT_DELAY, MitigationError, check_settings, check_strategy, delay_steps, plan_guidance_delay
 
 from . import live
@@ -24,7 +24,7 @@ from memoguard.host_autograd import differentiable, ordinary
 
 from .calibration_choice import CalibrationSource, model_key, noise_level, prediction_of
 from .comfy_model import CHUNK, CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, split_model_conds
-from .monitor_hook import is_rectified_flow, json_safe, register, session_of as _session_of, step_index
+from .monitor_hook import guided_difference, json_safe, register, session_of as _session_of, step_index
 
 log = logging.getLogger("memoguard")
 
@@ -73,20 +73,19 @@ class MitigationSession:
         schedule = args.get("model_options", {}).get("transformer_options", {}).get("sample_sigmas")
         if schedule is None:
             return denoised
-        sigma_t = args["sigma"]
-        step = step_index(schedule, float(sigma_t.reshape(-1)[0]), 0)
+        step = step_index(schedule, float(args["sigma"].reshape(-1)[0]), 0)
         if schedule is not self._schedule:
             if step != 0:
                 return denoised
             self._schedule, self._delay, self.record, self.error, self.notes = schedule, None, None, None, []
-            self._plan_delay(args, schedule, sigma_t)
+            self._plan_delay(args, schedule)
         plan = self._delay
         if plan is None or not plan.applies(step) or plan.images.shape[0] != denoised.shape[0]:
             return denoised
         images = plan.images.to(denoised.device).reshape(-1, *([1] * (denoised.dim() - 1)))
         return torch.where(images, args["uncond_denoised"], denoised)
 
-    def _plan_delay(self, args, schedule, sigma_t) -> None:
+    def _plan_delay(self, args, schedule) -> None:
         if self.settings.mode == "off":
             return
         if args.get("uncond") is None or uncond_is_missing(args["uncond_denoised"]):
@@ -96,8 +95,7 @@ class MitigationSession:
         threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
         if self.settings.mode == "auto" and threshold is None:
             return
-        alpha = (1 - sigma_t) if is_rectified_flow(base_model) else 1.0
-        gap = rms_per_image(eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t))
+        gap = rms_per_image(guided_difference(args))
         s = self.settings
         self._delay, self.record = plan_guidance_delay(gap, schedule.numel() - 1, mode=s.mode, threshold=threshold,
                                                        target=s.target, delay=s.delay)

@@ -96,6 +96,13 @@ def is_rectified_flow(model) -> bool:
     return is_flow(model)
 
 
+def guided_difference(args: dict) -> torch.Tensor:
+    """eps_c - eps_u per image from a post-CFG call's denoised predictions (the Monitor and delayed guidance)."""
+    sigma_t = args["sigma"]
+    alpha = (1 - sigma_t) if is_rectified_flow(args["model"]) else 1.0
+    return eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t)
+
+
 def step_index(sample_sigmas: Optional[torch.Tensor], sigma: float, fallback: int) -> int:
     """The step whose interval [sigma_i, sigma_i+1) holds sigma; `fallback` when the sampler gave no schedule."""
     if sample_sigmas is None or sample_sigmas.numel() < 2:
@@ -141,9 +148,7 @@ class MonitorSession:
             return
         if last is not None and last >= step:
             return  # a second model call inside the same step (Heun, DPM2): keep the step's first
-        alpha = (1 - sigma_t) if is_rectified_flow(args["model"]) else 1.0
-        diff = eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t)
-        rms = self.trace.record(step, diff, sigma)
+        rms = self.trace.record(step, guided_difference(args), sigma)
         band = self._band_at(args["model"], sigma)
         self._bands.append(band)
         decided = len(self.trace) == self.settings.window
