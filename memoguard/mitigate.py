@@ -74,11 +74,19 @@ class MitigationRecord:
         return dict(self.__dict__)
 
 
-def check_settings(mode: str, lr: float, max_iters: int, target: float) -> None:
+def check_mode(mode: str, target: float) -> None:
+    """The settings every strategy shares."""
     if mode not in MODES:
         raise MitigationError(f"mitigation mode must be one of {MODES}, got {mode!r}")
-    if not (lr > 0) or max_iters < 0 or not (target >= 0):
-        raise MitigationError(f"need lr > 0, max_iters >= 0, target >= 0 (got {lr}, {max_iters}, {target})")
+    if not target >= 0:
+        raise MitigationError(f"need target >= 0 (got {target})")
+
+
+def check_settings(mode: str, lr: float, max_iters: int, target: float) -> None:
+    """The shared settings and the minimization's own."""
+    check_mode(mode, target)
+    if not (lr > 0) or max_iters < 0:
+        raise MitigationError(f"need lr > 0, max_iters >= 0 (got {lr}, {max_iters})")
 
 
 def check_strategy(strategy: str) -> str:
@@ -190,7 +198,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
                   max_removals: int = 3, max_candidates: int = 8, later_candidates: int = 2,
                   batch_size: int = 16):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
-    check_settings(mode, 1.0, max_removals, target)
+    check_mode(mode, target)
     if min(max_removals, max_candidates, later_candidates) < 1:
         raise MitigationError(f"max_removals, max_candidates and later_candidates must be >= 1 (got {max_removals}, "
                               f"{max_candidates}, {later_candidates})")
@@ -276,7 +284,7 @@ class GuidanceDelay:
 def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "always",
                         threshold: Optional[float] = None, target: float = 0.0, delay: float = DEFAULT_DELAY):
     """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call."""
-    check_settings(mode, 1.0, 0, target)
+    check_mode(mode, target)
     k = delay_steps(total_steps, delay)
     record, active = decide(gap, mode, threshold, target, "guidance_delay")
     if active is None:
