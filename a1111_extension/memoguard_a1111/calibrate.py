@@ -94,10 +94,29 @@ class _Encoder:
         return PromptEncoding(emb, [[""] * n for _ in range(b)], none, none.clone(), extra)
 
 
-class WebUIKDiffusionModel(DiffusionModel):
-    """A1111: shared.sd_model behind the k-diffusion wrapper its Euler sampler builds (denoised x0 at sigma)."""
+class _SigmaModel(DiffusionModel):
+    """What both WebUIs share: prompts through _Encoder, the schedule of a k-diffusion wrapper (`schedule`),
+    denoised x0 at sigma (x = x0 + sigma * eps)."""
 
     parameterization = "x0"
+
+    def __init__(self, schedule):
+        self.schedule = schedule  # the k-diffusion wrapper whose get_sigmas the samplers use
+        self.sigma_max = float(schedule.get_sigmas(2)[0])
+        self.init_noise_sigma = self.sigma_max
+
+    def encode(self, prompts):
+        return self._encode(prompts)
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        return self.schedule.get_sigmas(steps)[:-1].float()
+
+    def coefficients(self, t):
+        return torch.ones_like(t), t
+
+
+class WebUIKDiffusionModel(_SigmaModel):
+    """A1111: shared.sd_model behind the k-diffusion wrapper its Euler sampler builds (denoised x0 at sigma)."""
 
     def __init__(self, sd_model, width: int, height: int):
         from modules import sd_samplers_kdiffusion
@@ -111,17 +130,7 @@ class WebUIKDiffusionModel(DiffusionModel):
         self.prediction = prediction_of(sd_model)
         self._encode = _Encoder(sd_model, width, height, "vector")
         self.sdxl = hasattr(sd_model, "conditioner")
-        self.sigma_max = float(self.wrap.get_sigmas(2)[0])
-        self.init_noise_sigma = self.sigma_max
-
-    def encode(self, prompts):
-        return self._encode(prompts)
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        return self.wrap.get_sigmas(steps)[:-1].float()
-
-    def coefficients(self, t):
-        return torch.ones_like(t), t
+        super().__init__(self.wrap)
 
     def raw_prediction(self, x, t, embedding, extra):
         image_cond = x.new_zeros(x.shape[0], 5, 1, 1)  # what txt2img passes a text-to-image model
@@ -133,10 +142,8 @@ class WebUIKDiffusionModel(DiffusionModel):
             return self.wrap(x, t.to(x.device), cond=cond).float()
 
 
-class ForgeKModel(DiffusionModel):
+class ForgeKModel(_SigmaModel):
     """Forge: the loaded UnetPatcher's KModel (apply_model -> denoised x0 at sigma) and its predictor's sigmas."""
-
-    parameterization = "x0"
 
     def __init__(self, sd_model, width: int, height: int):
         from modules import sd_samplers_kdiffusion
@@ -145,21 +152,10 @@ class ForgeKModel(DiffusionModel):
         if FORGE_PREDICTIONS.get(getattr(self.kmodel.predictor, "prediction_type", "epsilon")) == "flow":
             raise CalibrationError("calibration in the WebUI supports SD1.x, SD2.x and SDXL; this checkpoint is a "
                                    "rectified-flow model (SD3 / Flux)")
-        self.linker = sd_samplers_kdiffusion.CFGDenoiserKDiffusion(None).inner_model  # Forge's schedule linker
         self.prediction = prediction_of(sd_model)
         self._encode = _Encoder(sd_model, width, height, "y")
-        self.sigma_max = float(self.linker.get_sigmas(2)[0])
-        self.init_noise_sigma = self.sigma_max
+        super().__init__(sd_samplers_kdiffusion.CFGDenoiserKDiffusion(None).inner_model)  # Forge's schedule linker
         self._prepared = False
-
-    def encode(self, prompts):
-        return self._encode(prompts)
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        return self.linker.get_sigmas(steps)[:-1].float()
-
-    def coefficients(self, t):
-        return torch.ones_like(t), t
 
     def raw_prediction(self, x, t, embedding, extra):
         if not self._prepared:  # Forge moves the UNet to its device (and applies LoRA patches) for sampling
