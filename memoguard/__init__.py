@@ -15,4 +15,4 @@ from .score import (PARAMETERIZATIONS, ScoreTrace, ScoreUnavailable, eps_differe
 from .train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 from .verdict import Verdict, verdict_for
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (one source: memoguard/_version.py)

@@ -42,8 +42,10 @@ from typing import Optional, Tuple
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
-BPE_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny-sd" / "tokenizer"
+from .resources import asset_path
+
+CONFIGS = asset_path("configs")
+BPE_TOKENIZER = asset_path("tiny-sd", "tokenizer")
 PREDICTIONS = ("auto", "eps", "v")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

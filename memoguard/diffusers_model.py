@@ -15,8 +15,9 @@ import torch
 from .errors import MemoGuardError
 from .identity import weights_fingerprint
 from .model import DiffusionModel, PromptEncoding
+from .resources import asset_path
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+BUNDLED_MODEL = asset_path("tiny-sd")
 CHUNK = 75
 PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
 

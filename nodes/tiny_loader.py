@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from memoguard.errors import MemoGuardError
+from memoguard.resources import asset_path
 
-BUNDLED = Path(__file__).resolve().parents[1] / "memoguard" / "assets" / "tiny-sd"
+BUNDLED = asset_path("tiny-sd")
 # The workflows feed this 16x16-pixel model an Empty Latent Image of 128x128, i.e. a 16x16 latent.
 # ComfyUI 0.33 resizes an empty latent by (the latent node's downscale ratio, 8) / (the model's
 # latent format's): declaring 8 keeps it 16x16 there, as v0.3.64 (which never resizes) samples it.

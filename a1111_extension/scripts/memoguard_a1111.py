@@ -2,5 +2,8 @@
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))
+# First, so this extension's package is the one imported; it then loads the memoguard core shipped above it.
+_EXTENSION = str(Path(__file__).resolve().parents[1])
+if _EXTENSION not in sys.path:
+    sys.path.insert(0, _EXTENSION)
 from memoguard_a1111.script import MemoGuardScript  # noqa: E402,F401  the WebUI collects Script subclasses
