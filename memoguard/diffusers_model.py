@@ -15,10 +15,11 @@ import torch
 from .errors import MemoGuardError
 from .identity import weights_fingerprint
 from .model import DiffusionModel, PromptEncoding
+from .hosts import CHUNK, TOKENS_PER_CHUNK
+from .score import coefficients_vp
 from .resources import asset_path
 
 BUNDLED_MODEL = asset_path("tiny-sd")
-CHUNK = 75
 PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
 
 
@@ -63,8 +64,7 @@ class DiffusersModel(DiffusionModel):
         return self.unet(x.to(self.dtype), t, encoder_hidden_states=embedding.to(self.dtype), **kwargs).sample
 
     def coefficients(self, t):
-        abar = self.alphas_cumprod[torch.as_tensor(t, device=self.device).long()]
-        return abar.sqrt(), (1 - abar).sqrt()
+        return coefficients_vp(self.alphas_cumprod, t)
 
     def timesteps(self, steps: int) -> torch.Tensor:
         if steps < 1:
@@ -88,21 +88,21 @@ class DiffusersModel(DiffusionModel):
             keep = cond.prompt_mask[row].clone()
             keep[list(drop)] = False
             pieces.append(cond.ids[row][keep.to(cond.ids.device)].tolist())
-        return self._encode_ids(pieces, chunks=cond.embedding.shape[1] // 77)
+        return self._encode_ids(pieces, chunks=cond.embedding.shape[1] // CHUNK)
 
     def _encode_ids(self, pieces: List[List[int]], chunks: int = 1) -> PromptEncoding:
         """Prompts given as token ids without BOS/EOS, in 75-token chunks, at least `chunks` of them."""
         tok = self.tokenizers[0]
-        n_chunks = max(chunks, max((len(ids) + CHUNK - 1) // CHUNK for ids in pieces))
+        n_chunks = max(chunks, max((len(ids) + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK for ids in pieces))
         rows, masks, frozen, pads = [], [], [], []
         for ids in pieces:
             row, mask, bos, is_pad = [], [], [], []
             for c in range(n_chunks):
-                chunk = ids[c * CHUNK:(c + 1) * CHUNK]
-                pad = CHUNK - len(chunk)
+                chunk = ids[c * TOKENS_PER_CHUNK:(c + 1) * TOKENS_PER_CHUNK]
+                pad = TOKENS_PER_CHUNK - len(chunk)
                 row += [tok.bos_token_id] + chunk + [tok.eos_token_id] + [tok.pad_token_id] * pad
                 mask += [False] + [True] * len(chunk) + [False] * (pad + 1)
-                bos += [True] + [False] * (CHUNK + 1)
+                bos += [True] + [False] * (TOKENS_PER_CHUNK + 1)
                 is_pad += [False] * (len(chunk) + 2) + [True] * pad
             rows.append(row), masks.append(mask), frozen.append(bos), pads.append(is_pad)
         ids = torch.tensor(rows, device=self.device)
@@ -110,10 +110,10 @@ class DiffusersModel(DiffusionModel):
             ids_2 = ids.masked_fill(torch.tensor(pads, device=self.device), self.tokenizers[1].pad_token_id)
         hidden, pooled = [], None
         for c in range(n_chunks):
-            window = ids[:, c * 77:(c + 1) * 77]
+            window = ids[:, c * CHUNK:(c + 1) * CHUNK]
             if self.is_sdxl:
                 outs = [te(w, output_hidden_states=True)
-                        for te, w in zip(self.text_encoders, (window, ids_2[:, c * 77:(c + 1) * 77]))]
+                        for te, w in zip(self.text_encoders, (window, ids_2[:, c * CHUNK:(c + 1) * CHUNK]))]
                 hidden.append(torch.cat([o.hidden_states[-2] for o in outs], dim=-1))
                 pooled = outs[1].text_embeds if pooled is None else pooled
             else:

@@ -24,12 +24,12 @@ position: in the real ComfyUI (which pads with EOS) emptying any one position ra
 memorized prompt, so it is an option, not a default. `bench` measures all of them (BENCHMARKS.md).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .errors import MemoGuardError
-from .model import DiffusionModel, PromptEncoding, ddim_step, match_length
+from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients
 from .score import l2_per_image
 
 METHODS = ("auto", "leave_one_out", "leave_one_out_embedding", "gradient_x_delta", "integrated_gradients",
@@ -85,17 +85,24 @@ def average_contributions(runs: List[TokenContributions]) -> Optional[TokenContr
     return TokenContributions(first.tokens, scores, first.positions, first.method)
 
 
+def _reference(uncond_embedding: torch.Tensor, length: int) -> torch.Tensor:
+    """The unconditional prompt's output at each of the prompt's `length` positions (a shorter one repeats, as the
+    hosts repeat it for CFG; a longer negative prompt contributes its first positions)."""
+    repeats = -(-length // uncond_embedding.shape[1])
+    return uncond_embedding.repeat(1, repeats, 1)[:, :length]
+
+
 def check_method(method: str) -> str:
     if method not in METHODS:
         raise ExplanationError(f"explanation method must be one of {', '.join(METHODS)}; got {method!r}")
     return method
 
 
-def _reencodes(model: DiffusionModel, cond: PromptEncoding) -> bool:
+def _reencodes(model: Denoiser, cond: PromptEncoding) -> bool:
     return model.reencodes and cond.ids is not None
 
 
-def default_method(model: DiffusionModel, cond: PromptEncoding) -> str:
+def default_method(model: Denoiser, cond: PromptEncoding) -> str:
     longest = int(cond.prompt_mask.sum(dim=1).max()) if cond.prompt_mask.numel() else 0
     return "leave_one_out" if _reencodes(model, cond) and longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
 
@@ -105,15 +112,12 @@ def _gap(model, x, t, cond, uncond, emb):
     return l2_per_image(eps_c - eps_u)
 
 
-def _gradient(model, x, t, cond, uncond, emb):
-    emb = emb.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        gap = _gap(model, x, t, cond, uncond, emb)
-        (grad,) = torch.autograd.grad(gap.sum(), [emb])  # images are independent: sum = per-image grads
-    return grad.float()
+def _gradient(model, x, t, cond, eps_u, emb, grad_batch, should_stop):
+    return gap_gradients(model, x, t, cond, eps_u, emb, gap_of=l2_per_image, grad_batch=grad_batch,
+                         should_stop=should_stop)[1]
 
 
-def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode):
+def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode, should_stop):
     """(N, L) gap drop when one prompt token at a time is left out (re-encoded, or its position emptied)."""
     emb = cond.embedding
     out = torch.zeros(emb.shape[:2])
@@ -121,6 +125,7 @@ def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, ge
         base = _gap(model, x, t, cond, uncond, emb).float().cpu()
         jobs = [(b, i) for b in range(emb.shape[0]) for i in prompt_rows[b]]
         for start in range(0, len(jobs), batch_size):
+            check_stop(should_stop)
             part = jobs[start:start + batch_size]
             rows = torch.tensor([b for b, _ in part])
             if reencode is not None:  # cond_g row b holds prompt b // gens
@@ -140,32 +145,38 @@ def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, ge
     return out
 
 
-def _attribute(method, model, x, t, cond, uncond, empty, prompt_rows, ig_steps, batch_size, gens, reencode):
+def _attribute(method, model, x, t, cond, uncond, empty, prompt_rows, ig_steps, batch_size, gens, reencode,
+               grad_batch, should_stop):
     emb = cond.embedding
     if method in ("leave_one_out", "leave_one_out_embedding"):
-        return _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode)
+        return _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode, should_stop)
+    with torch.no_grad():  # the uncond pass needs no gradient: computed once, apart
+        eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])
+    gradient = lambda e: _gradient(model, x, t, cond, eps_u, e, grad_batch, should_stop)
     if method == "gradient_norm":
-        return _gradient(model, x, t, cond, uncond, emb).norm(dim=-1).cpu()
+        return gradient(emb).norm(dim=-1).cpu()
     delta = (emb - empty).float()
     if method == "gradient_x_delta":
-        grad = _gradient(model, x, t, cond, uncond, emb)
+        grad = gradient(emb)
     else:  # integrated gradients, midpoint rule on the path e_empty -> e
-        grad = sum(_gradient(model, x, t, cond, uncond, empty + (k + 0.5) / ig_steps * (emb - empty))
-                   for k in range(ig_steps)) / ig_steps
+        grad = sum(gradient(empty + (k + 0.5) / ig_steps * (emb - empty)) for k in range(ig_steps)) / ig_steps
     return (grad * delta).sum(dim=-1).cpu()
 
 
-def token_contributions(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding,
+def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding,
                         x_T: torch.Tensor, steps: int = 1, guidance: Optional[float] = None,
                         total_steps: int = 50, method: str = "auto", ig_steps: int = 4,
-                        batch_size: int = 16, timesteps: Optional[Sequence] = None) -> List[TokenContributions]:
+                        batch_size: int = 16, timesteps: Optional[Sequence] = None, grad_batch: int = 1,
+                        should_stop: Optional[Callable[[], bool]] = None) -> List[TokenContributions]:
     """Contributions for each prompt of `cond`; x_T is (B * generations, ...) laid out prompt-major.
 
     steps: how many of the first sampling steps of a `total_steps` schedule to average over.
     method: one of METHODS; "auto" is `default_method`. Each result names the method it used.
     batch_size: images per forward of leave-one-out's edited prompts.
     timesteps: the schedule's first `steps` timesteps (or sigmas) themselves, instead of the model's
-    `total_steps` schedule.
+    `total_steps` schedule (a bare Denoiser has none: hosts pass their step's).
+    grad_batch: images per backward pass (peak memory grows with it). should_stop: polled between model
+    calls; when it says True, memoguard.model.Interrupted is raised.
     """
     if check_method(method) == "auto":
         method = default_method(model, cond)
@@ -175,25 +186,29 @@ def token_contributions(model: DiffusionModel, cond: PromptEncoding, uncond: Pro
     gens = x_T.shape[0] // batch
     if not 1 <= steps <= total_steps:
         raise ExplanationError(f"steps must be in [1, {total_steps}], got {steps}")
-    if ig_steps < 1 or batch_size < 1:
-        raise ExplanationError(f"ig_steps and batch_size must be >= 1 (got {ig_steps}, {batch_size})")
+    if min(ig_steps, batch_size, grad_batch) < 1:
+        raise ExplanationError(f"ig_steps, batch_size and grad_batch must be >= 1 (got {ig_steps}, {batch_size}, "
+                               f"{grad_batch})")
     cond = cond.with_embedding(cond.embedding.detach())
     cond_g = cond.repeat_rows(gens)
     reencode = None
     if method == "leave_one_out" and _reencodes(model, cond):
         reencode = cond
     label = method if method != "leave_one_out" or reencode is not None else "leave_one_out_embedding"
-    empty = match_length(uncond.embedding.detach(), cond_g.embedding.shape[1]).to(cond_g.embedding)
+    empty = _reference(uncond.embedding.detach(), cond_g.embedding.shape[1]).to(cond_g.embedding)
     prompt_rows = [[i for i, keep in enumerate(row) if keep] for row in cond_g.prompt_mask.tolist()]
+    if timesteps is None and not isinstance(model, DiffusionModel):
+        raise ExplanationError(f"{type(model).__name__} has no schedule of its own: pass the step's timesteps")
     ts = model.timesteps(total_steps) if timesteps is None else timesteps
     if len(ts) < steps:
         raise ExplanationError(f"steps ({steps}) exceeds the {len(ts)} timesteps given")
-    guidance = model.guidance if guidance is None else guidance
+    if steps > 1 and guidance is None:
+        guidance = model.guidance  # between explained steps the core samples: a DiffusionModel's own scale
     x = x_T
     totals = torch.zeros(cond_g.embedding.shape[:2])
     for i in range(steps):
         totals += _attribute(method, model, x, ts[i], cond_g, uncond, empty, prompt_rows, ig_steps, batch_size,
-                             gens, reencode)
+                             gens, reencode, grad_batch, should_stop)
         if i + 1 < steps:
             with torch.no_grad():
                 eps_c, eps_u = model.eps_pair(x, ts[i], cond_g, uncond)

@@ -134,7 +134,7 @@ def run(args) -> int:
             cond = plan.cond
         run_ = sample(model, cond, uncond, x, args.steps, guidance if plan is None or plan.guidance is None
                       else plan.guidance)
-        verdicts = verdict_for(run_.trace, calibration, fpr=args.fpr, notes=notes)
+        verdicts = verdict_for(run_.trace, calibration, fpr=args.fpr, images=len(seeds), notes=notes)
         images = (model.decode(run_.latents).numpy() * 255).round().astype(np.uint8)
         lines = []
         for g, (seed, verdict, image) in enumerate(zip(seeds, verdicts, images)):

@@ -18,12 +18,12 @@ Every strategy leaves images at or under `target` untouched, and mode "auto" tou
 whose first-step score is at or above `threshold`.
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .errors import MemoGuardError
-from .model import DiffusionModel, PromptEncoding, expand_batch, match_length
+from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients
 from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
@@ -108,10 +108,8 @@ def extra_cost(record: MitigationRecord, steps: int) -> float:
 
 def _first_step(model, cond, uncond, x_T, t_first):
     """(uncond eps, RMS gap per image) at the first step; the uncond pass serves every later evaluation."""
-    batch = cond.embedding.shape[0]
     with torch.no_grad():
-        uncond_emb = match_length(uncond.embedding, cond.embedding.shape[1]).expand(batch, -1, -1)
-        eps_u = model.eps(x_T, t_first, uncond_emb, {k: expand_batch(v, batch) for k, v in uncond.extra.items()})
+        eps_u = model.eps_uncond(x_T, t_first, uncond, cond.embedding.shape[1])
         gap = rms_per_image(model.eps(x_T, t_first, cond.embedding.detach(), cond.extra) - eps_u).float().cpu()
     return eps_u, gap
 
@@ -149,15 +147,21 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
     return record, active
 
 
-def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding,
+def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding,
                        x_T: torch.Tensor, t_first, *, mode: str = "always", threshold: Optional[float] = None,
-                       target: float = 0.0, lr: float = 0.05, max_iters: int = 10):
+                       target: float = 0.0, lr: float = 0.05, max_iters: int = 10, grad_batch: int = 1,
+                       should_stop: Optional[Callable[[], bool]] = None):
     """The paper's strategy. Returns (embedding to sample with, MitigationRecord). mode "auto" needs `threshold`.
 
     cond must hold one prompt per image of x_T. Images already at or under `target` stop moving
     (their rows are restored after each AdamW step), so one image never pays for another.
+    grad_batch: images per backward pass (peak memory grows with it; the result does not depend on it).
+    should_stop: polled before every model call; True raises memoguard.model.Interrupted.
     """
     check_settings(mode, lr, max_iters, target)
+    if grad_batch < 1:
+        raise MitigationError(f"grad_batch must be >= 1, got {grad_batch}")
+    check_stop(should_stop)
     emb0 = cond.embedding.detach()
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "minimize")
     if active is None:
@@ -165,18 +169,17 @@ def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: Prom
     frozen_positions = cond.frozen_mask.to(emb0.device).unsqueeze(-1)
     emb = emb0.clone().float().requires_grad_(True)
     opt = torch.optim.AdamW([emb], lr=lr)
-    gap_at = lambda e: rms_per_image(model.eps(x_T, t_first, e.to(emb0.dtype), cond.extra) - eps_u)
+    step = lambda weight: gap_gradients(model, x_T, t_first, cond, eps_u, emb.detach().to(emb0.dtype),
+                                        gap_of=rms_per_image, weight=weight, grad_batch=grad_batch,
+                                        should_stop=should_stop)
     for _ in range(max_iters):
-        with torch.enable_grad():
-            gap_t = gap_at(emb)
-        gap = gap_t.detach().float().cpu()
+        gap, grad = step(active.float())
         record.losses.append(gap.tolist())
         active &= gap > target
         if not bool(active.any()):
             break
-        with torch.enable_grad():  # hosts sample under no_grad: the masked sum must join the graph too
-            # autograd.grad, not backward(): the host's weights must not collect .grad
-            (emb.grad,) = torch.autograd.grad((gap_t * active.to(gap_t.device)).sum(), [emb])
+        # the gradient of an image that reached the target this iteration is not applied
+        emb.grad = grad * active.to(grad.device).reshape(-1, 1, 1)
         held = emb.detach().clone()
         opt.step()
         with torch.no_grad():  # BOS never moves; images already at target keep their embedding
@@ -186,8 +189,7 @@ def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: Prom
         record.image_iterations = [n + int(a) for n, a in zip(record.image_iterations, active.tolist())]
         record.passes += 3  # forward + backward for the whole batch
     else:  # ran out of iterations: measure where the last step landed
-        with torch.no_grad():
-            gap = gap_at(emb).float().cpu()
+        gap, _ = step(torch.zeros_like(active, dtype=torch.float32))
         record.passes += 1
     record.after = gap.tolist()
     return emb.detach().to(emb0.dtype), record
@@ -196,7 +198,7 @@ def minimize_embedding(model: DiffusionModel, cond: PromptEncoding, uncond: Prom
 def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
                   t_first, *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
                   max_removals: int = 3, max_candidates: int = 8, later_candidates: int = 2,
-                  batch_size: int = 16):
+                  batch_size: int = 16, should_stop: Optional[Callable[[], bool]] = None):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
     check_mode(mode, target)
     if min(max_removals, max_candidates, later_candidates) < 1:
@@ -213,7 +215,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     if any(len(c) > max_candidates for c, a in zip(candidates, active.tolist()) if a):
         from .explain import token_contributions  # explain builds on this module's neighbours, not on it
         ranked = token_contributions(model, cond, uncond, x_T, steps=1, total_steps=1, method="gradient_x_delta",
-                                     timesteps=[t_first])
+                                     timesteps=[t_first], should_stop=should_stop)
         candidates = [[c.positions[i] for i in c.ranking()[:max_candidates]] for c in ranked]
         record.passes += 3
     gap = gap.clone()
@@ -227,6 +229,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
         scores = []
         with torch.no_grad():
             for start in range(0, len(jobs), batch_size):
+                check_stop(should_stop)
                 part = jobs[start:start + batch_size]
                 sub = model.encode_without(cond, [(b, removed[b] + [i]) for b, i in part])
                 index = torch.tensor([b for b, _ in part], device=x_T.device)
@@ -305,18 +308,19 @@ class Mitigation:
 def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
              timesteps: Sequence, guidance: float, *, strategy: str = "auto", mode: str = "always",
              threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
-             max_removals: int = 3, delay: float = DEFAULT_DELAY) -> Mitigation:
+             max_removals: int = 3, delay: float = DEFAULT_DELAY,
+             should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
     `default_strategy(model)`."""
     strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)
     t_first = timesteps[0]
     if strategy == "minimize":
         emb, record = minimize_embedding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
-                                         target=target, lr=lr, max_iters=max_iters)
+                                         target=target, lr=lr, max_iters=max_iters, should_stop=should_stop)
         return Mitigation(cond.with_embedding(emb), None, record)
     if strategy == "remove_tokens":
         new, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
-                                    target=target, max_removals=max_removals)
+                                    target=target, max_removals=max_removals, should_stop=should_stop)
         return Mitigation(new, None, record)
     _, gap = _first_step(model, cond, uncond, x_T, t_first)
     plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,

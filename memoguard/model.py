@@ -1,10 +1,10 @@
 """The small interface every host adapter implements, and what the core builds on it.
 
-A `DiffusionModel` answers two questions: "what noise does the model see in x at t under this
-prompt embedding" (`eps`, differentiable in the embedding) and "what is this prompt as
-text-encoder output" (`encode`). With `coefficients(t)` (x_t = alpha*x0 + sigma*eps) the core can
-run a generic DDIM step in any convention, so explanation over several steps and mitigation
-work the same for diffusers, ComfyUI and A1111 models.
+A `Denoiser` answers "what noise does the model see in x at t under this prompt embedding" (`eps`,
+differentiable in the embedding) with `coefficients(t)` (x_t = alpha*x0 + sigma*eps): enough for
+the score, explanation and mitigation at a host's own step (A1111, Forge). A `DiffusionModel` adds
+"what is this prompt as text-encoder output" (`encode`) and a schedule, so the core can run a
+generic DDIM loop in any convention (diffusers, the bundled model, ComfyUI).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import torch
 
+from .errors import MemoGuardError
 from .score import check_parameterization, to_eps
 
 
@@ -60,14 +61,15 @@ class PromptEncoding:
         return [tok for tok, keep in zip(self.tokens[b], self.prompt_mask[b].tolist()) if keep]
 
 
-class DiffusionModel(ABC):
-    """Contract for adapters. Gradients must flow from `eps` back to `embedding`."""
+class Denoiser(ABC):
+    """What every adapter implements: the network's prediction at (x, t) under a prompt embedding, and the
+    schedule's coefficients there. Gradients must flow from `eps` back to `embedding`. Hosts that sample
+    themselves (A1111, Forge) implement only this; the core's explanation and mitigation run on it at the
+    host's own step (timesteps given)."""
 
     parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
-    init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
-    guidance: float = 7.5           # classifier-free guidance scale this model samples well at
-    reencodes: bool = False         # implements encode_without
+    reencodes: bool = False         # implements encode_without (DiffusionModel only)
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -76,6 +78,48 @@ class DiffusionModel(ABC):
     @abstractmethod
     def coefficients(self, t: torch.Tensor):
         """(alpha, sigma) at t so that x_t = alpha * x0 + sigma * eps; scalars or (B,) tensors."""
+
+    def noise_level(self, t) -> float:
+        """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""
+        alpha, sigma = self.coefficients(torch.as_tensor(t).reshape(1))
+        return float(torch.as_tensor(sigma).reshape(-1)[0] / torch.as_tensor(alpha).reshape(-1)[0])
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: Optional[dict] = None) -> torch.Tensor:
+        check_parameterization(self.parameterization)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        alpha, sigma = self.coefficients(t)
+        pred = self.raw_prediction(x, t, embedding, extra or {})
+        return to_eps(pred, self.parameterization, x, alpha, sigma)
+
+    def eps_uncond(self, x, t, uncond: "PromptEncoding", length: int) -> torch.Tensor:
+        """eps under the unconditional prompt for every image of x (a shared uncond row serves them all)."""
+        batch = x.shape[0]
+        emb = uncond.embedding
+        if emb.shape[1] != length and length % emb.shape[1] == 0:
+            emb = match_length(emb, length)
+        return self.eps(x, t, expand_batch(emb, batch), {k: expand_batch(v, batch) for k, v in uncond.extra.items()})
+
+    def eps_pair(self, x, t, cond: PromptEncoding, uncond: PromptEncoding, cond_embedding=None):
+        """(eps_c, eps_u) as classifier-free guidance computes them: one batched call when the prompt and the
+        negative prompt have the same length (or the negative repeats to it, as the hosts do), two calls when
+        they do not (a negative longer than the prompt)."""
+        cond_emb = cond.embedding if cond_embedding is None else cond_embedding
+        length = cond_emb.shape[1]
+        if length % uncond.embedding.shape[1]:
+            return self.eps(x, t, cond_emb, cond.extra), self.eps_uncond(x, t, uncond, length)
+        uncond_emb = match_length(uncond.embedding, length).expand(cond_emb.shape[0], -1, -1)
+        extra = {k: torch.cat([v, expand_batch(uncond.extra[k], v.shape[0])]) for k, v in cond.extra.items()}
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        eps = self.eps(torch.cat([x, x]), t.repeat(2), torch.cat([cond_emb, uncond_emb.to(cond_emb.dtype)]), extra)
+        return eps.chunk(2)
+
+
+class DiffusionModel(Denoiser):
+    """A denoiser that also encodes prompts and has its own schedule: the standalone path (diffusers, the
+    bundled model) and ComfyUI, where the core samples, calibrates and re-encodes."""
+
+    init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
+    guidance: float = 7.5           # classifier-free guidance scale this model samples well at
 
     @abstractmethod
     def timesteps(self, steps: int) -> torch.Tensor:
@@ -90,30 +134,59 @@ class DiffusionModel(ABC):
         tokens, at cond's length L. Adapters that implement it set `reencodes`."""
         raise NotImplementedError(f"{type(self).__name__} cannot re-encode a prompt")
 
-    def noise_level(self, t) -> float:
-        """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""
-        alpha, sigma = self.coefficients(torch.as_tensor(t).reshape(1))
-        return float(torch.as_tensor(sigma).reshape(-1)[0] / torch.as_tensor(alpha).reshape(-1)[0])
-
     def initial_x(self, noise: torch.Tensor) -> torch.Tensor:
         """x at the first step of a full-denoise run from unit Gaussian noise."""
         return noise * self.init_noise_sigma
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: Optional[dict] = None) -> torch.Tensor:
-        check_parameterization(self.parameterization)
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        alpha, sigma = self.coefficients(t)
-        pred = self.raw_prediction(x, t, embedding, extra or {})
-        return to_eps(pred, self.parameterization, x, alpha, sigma)
 
-    def eps_pair(self, x, t, cond: PromptEncoding, uncond: PromptEncoding, cond_embedding=None):
-        """(eps_c, eps_u) from one batched call, as classifier-free guidance computes them."""
-        cond_emb = cond.embedding if cond_embedding is None else cond_embedding
-        uncond_emb = match_length(uncond.embedding, cond_emb.shape[1]).expand(cond_emb.shape[0], -1, -1)
-        extra = {k: torch.cat([v, expand_batch(uncond.extra[k], v.shape[0])]) for k, v in cond.extra.items()}
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        eps = self.eps(torch.cat([x, x]), t.repeat(2), torch.cat([cond_emb, uncond_emb.to(cond_emb.dtype)]), extra)
-        return eps.chunk(2)
+def row_chunks(n: int, size: int):
+    """Row indices 0..n-1 in consecutive groups of at most `size` (backward passes one group at a time)."""
+    return [list(range(start, min(start + size, n))) for start in range(0, n, size)]
+
+
+def rows_of_t(t, rows):
+    """A timestep shared by the batch stays as it is; a per-image (B,) one is cut to `rows`."""
+    t = torch.as_tensor(t)
+    return t[torch.as_tensor(rows, device=t.device)] if t.dim() and t.numel() > 1 else t
+
+
+def gap_gradients(model: Denoiser, x, t, cond: PromptEncoding, eps_u, embedding, *, gap_of, weight=None,
+                  grad_batch: int = 1, should_stop=None):
+    """(gap per image (B,) float CPU, d gap / d embedding (B, L, C) float) with eps_u fixed.
+
+    gap_of: eps_c - eps_u -> (B,) (raw L2 or RMS). weight: (B,) multiplier of each image's gap in the
+    gradient (0 skips the backward pass of that image). The backward pass runs `grad_batch` images at a
+    time: autograd keeps the UNet's activations of the images in flight, so peak memory grows with
+    grad_batch, not with the batch (BENCHMARKS.md, memory).
+    """
+    n = embedding.shape[0]
+    gaps = torch.empty(n)
+    grad = torch.zeros(embedding.shape, dtype=torch.float32, device=embedding.device)
+    for rows in row_chunks(n, grad_batch):
+        check_stop(should_stop)
+        sub = cond.rows(rows)
+        index = torch.tensor(rows, device=x.device)
+        wanted = weight is None or bool((weight[rows] != 0).any())
+        e = embedding[rows].detach().clone().requires_grad_(wanted)
+        with torch.enable_grad() if wanted else torch.no_grad():  # hosts sample under no_grad
+            gap = gap_of(model.eps(x[index], rows_of_t(t, rows), e.to(embedding.dtype), sub.extra) - eps_u[index])
+            if wanted:
+                w = 1.0 if weight is None else weight[rows].to(gap.device, gap.dtype)
+                # autograd.grad, not backward(): the host's weights must not collect .grad
+                (g,) = torch.autograd.grad((gap * w).sum(), [e])
+                grad[rows] = g.float()
+        gaps[rows] = gap.detach().float().cpu()
+        del gap, e
+    return gaps, grad
+
+
+class Interrupted(MemoGuardError, RuntimeError):
+    """The user interrupted the generation: MemoGuard's own work stops, the host's sampler then stops too."""
+
+
+def check_stop(should_stop) -> None:
+    if should_stop is not None and should_stop():
+        raise Interrupted("the generation was interrupted")
 
 
 def expand_batch(value: torch.Tensor, batch: int) -> torch.Tensor:

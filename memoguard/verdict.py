@@ -53,15 +53,17 @@ class Verdict:
 
 
 def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, window: int = 1,
-                fpr: float = 0.01, threshold: Optional[float] = None, images: Optional[int] = None,
+                fpr: float = 0.01, threshold: Optional[float] = None, *, images: int,
                 uncalibrated_hint: str = HOW_TO_CALIBRATE, notes: Sequence[str] = ()) -> List[Verdict]:
-    """One verdict per image of the traced batch (`images` of them when the score is unavailable; 1 if not
-    given). An explicit threshold overrides the calibration's; `notes` say how the run differs from it."""
+    """Exactly one verdict per image of the traced batch of `images`, scored or not. An explicit threshold
+    overrides the calibration's; `notes` say how the run differs from it."""
     try:
         scores = trace.score(window)
         raws = trace.raw_score(window)
     except ScoreUnavailable as e:
-        return [Verdict(False, reason=str(e)) for _ in range(images or 1)]
+        return [Verdict(False, reason=str(e)) for _ in range(images)]
+    if len(scores) != images:
+        raise ValueError(f"the trace holds {len(scores)} images, not {images}")
     if threshold is None and calibration is not None:
         threshold = calibration.threshold(fpr)
     out = []

@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Tuple
 from memoguard import Calibration, CalibrationError
 from memoguard.calibration import CalibrationStore, default_store_folder
 from memoguard.identity import cached_fingerprint
+from memoguard.hosts import noise_level_flow, prediction_name
 
 log = logging.getLogger("memoguard")
 
@@ -57,11 +58,7 @@ def prediction_of(base_model) -> Optional[str]:
     kind = getattr(getattr(base_model, "model_type", None), "name", None)
     if kind is None:
         return "flow" if is_flow(base_model) else None
-    if "FLOW" in kind or kind == "FLUX":
-        return "flow"
-    if kind.startswith("V_PREDICTION"):
-        return "v"
-    return {"EPS": "eps", "EDM": "edm"}.get(kind, kind.lower())
+    return prediction_name(kind)
 
 
 def is_flow(base_model) -> bool:
@@ -71,9 +68,7 @@ def is_flow(base_model) -> bool:
 
 def noise_level(base_model, sigma: float) -> float:
     """memoguard's noise level (sigma / alpha) of ComfyUI's sigma: sigma itself, sigma/(1-sigma) for flow."""
-    if is_flow(base_model):
-        return sigma / (1 - sigma) if sigma < 1 else float("inf")
-    return sigma
+    return noise_level_flow(sigma) if is_flow(base_model) else sigma
 
 
 # -- finding the calibration -------------------------------------------------------------------------

@@ -17,17 +17,23 @@ import torch
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.errors import MemoGuardError
 from memoguard.host_autograd import ordinary
+from memoguard.hosts import CHUNK, coefficients_kdiffusion
 
 from .calibration_choice import prediction_of
 from .monitor_hook import is_rectified_flow
 
-CHUNK = 77  # ComfyUI pads every prompt chunk to 77 positions, BOS first
 SUPPORTED = "SD1.x, SD2.x and SDXL"
 CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
 
 
 class UnsupportedModel(MemoGuardError, ValueError):
     """A model family whose conditioning MemoGuard's gradient features cannot map to prompt tokens."""
+
+
+def interrupted() -> bool:
+    """ComfyUI's interrupt flag (the queue's Cancel): MemoGuard's loops stop with the sampler."""
+    from comfy import model_management
+    return model_management.processing_interrupted()
 
 
 def check_supported(base_model) -> None:
@@ -68,8 +74,7 @@ class ComfyDiffusionModel(DiffusionModel):
         return self.base.apply_model(x, t, c_crossattn=embedding, **extra)
 
     def coefficients(self, t):
-        t = torch.as_tensor(t, dtype=torch.float32)
-        return torch.ones_like(t), t
+        return coefficients_kdiffusion(t)
 
     def timesteps(self, steps: int) -> torch.Tensor:
         if self.sigmas is None or len(self.sigmas) - 1 != steps:

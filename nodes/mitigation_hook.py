@@ -16,43 +16,34 @@ from typing import Callable, Optional
 
 import torch
 
-from memoguard import PromptEncoding, minimize_embedding, rms_per_image, uncond_is_missing
-from memoguard.mitigate import DEFAULT_DELAY, MitigationError, check_settings, check_strategy, delay_steps, plan_guidance_delay
+from memoguard import minimize_embedding, rms_per_image, uncond_is_missing
+from memoguard.host_autograd import differentiable, ordinary
+from memoguard.hosts import (HOST_STRATEGIES, HostSettings, chunked_encoding, empty_encoding, failure_message,
+                             release_memory, without_guidance)
+from memoguard.mitigate import plan_guidance_delay
 
 from . import live
-from memoguard.host_autograd import differentiable, ordinary
-
 from .calibration_choice import CalibrationSource, model_key, noise_level, prediction_of
-from .comfy_model import CHUNK, CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, split_model_conds
+from .comfy_model import CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, interrupted, split_model_conds
 from .monitor_hook import guided_difference, json_safe, register, session_of as _session_of, step_index
 
 log = logging.getLogger("memoguard")
 
 CALC_COND_BATCH = "calc_cond_batch"  # comfy.patcher_extension.WrappersMP.CALC_COND_BATCH
 WRAPPER_KEY = "memoguard_mitigation"  # also the model_options entry naming the session
-STRATEGIES = ("guidance_delay", "minimize")  # token removal re-encodes the prompt: a MODEL patch has no CLIP
+STRATEGIES = HOST_STRATEGIES  # token removal re-encodes the prompt: a MODEL patch has no CLIP
 
 
 @dataclass
-class MitigationSettings:
-    mode: str = "always"
-    target: float = 0.0
-    lr: float = 0.05
-    max_iters: int = 10
-    threshold: Optional[float] = None  # "auto": this, else the calibration's (resolved per run)
+class MitigationSettings(HostSettings):
+    """The core's settings; "auto" takes the explicit threshold, else the calibration's (resolved per run)."""
+    mitigation: str = "always"
     calibration: Optional[CalibrationSource] = None
-    fpr: float = 0.01
-    strategy: str = "minimize"
-    delay: float = DEFAULT_DELAY        # guidance_delay: share of the first steps without text guidance
 
     def __post_init__(self):
-        check_settings(self.mode, self.lr, self.max_iters, self.target)
-        if check_strategy(self.strategy) not in STRATEGIES:
-            raise MitigationError(f"strategy {self.strategy!r} re-encodes the prompt, which a MODEL patch cannot; "
-                                  f"use one of {', '.join(STRATEGIES)}")
-        delay_steps(1, self.delay)  # checks the range
-        if self.mode == "auto" and self.threshold is None and (self.calibration is None or
-                                                               self.calibration.choice == "none"):
+        super().__post_init__()
+        if self.mitigation == "auto" and self.threshold is None and (self.calibration is None or
+                                                                     self.calibration.choice == "none"):
             raise ValueError("mitigation mode 'auto' needs a threshold: pick a calibration or set one")
 
 
@@ -82,22 +73,22 @@ class MitigationSession:
         plan = self._delay
         if plan is None or not plan.applies(step) or plan.images.shape[0] != denoised.shape[0]:
             return denoised
-        images = plan.images.to(denoised.device).reshape(-1, *([1] * (denoised.dim() - 1)))
-        return torch.where(images, args["uncond_denoised"], denoised)
+        return without_guidance(denoised, args["uncond_denoised"], plan.images)
 
     def _plan_delay(self, args, schedule) -> None:
-        if self.settings.mode == "off":
+        if self.settings.mitigation == "off":
             return
         if args.get("uncond") is None or uncond_is_missing(args["uncond_denoised"]):
             self._report_skip("at cfg 1 there is no text guidance to delay")
             return
         base_model = args["model"]
         threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
-        if self.settings.mode == "auto" and threshold is None:
+        if self.settings.mitigation == "auto" and threshold is None:
             return
         gap = rms_per_image(guided_difference(args))
         s = self.settings
-        self._delay, self.record = plan_guidance_delay(gap, schedule.numel() - 1, mode=s.mode, threshold=threshold,
+        self._delay, self.record = plan_guidance_delay(gap, schedule.numel() - 1, mode=s.mitigation,
+                                                       threshold=threshold,
                                                        target=s.target, delay=s.delay)
         self.emit("mitigation", json_safe({"node": self.node_id, **self.record.to_dict(), "notes": list(self.notes)}))
         self._publish(self.summary())
@@ -109,7 +100,7 @@ class MitigationSession:
         if step_index(schedule, float(timestep.reshape(-1)[0]), 0) != 0:
             return
         self._schedule, self.record, self.error, self.notes = schedule, None, None, []
-        if self.settings.mode == "off":
+        if self.settings.mitigation == "off":
             return
         positive, negative = conds[0], conds[1] if len(conds) > 1 else None
         if negative is None or len(positive) != 1 or len(negative) != 1 or any(
@@ -123,14 +114,14 @@ class MitigationSession:
             self._report_skip(str(e))
             return
         threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in)
-        if self.settings.mode == "auto" and threshold is None:
+        if self.settings.mitigation == "auto" and threshold is None:
             return
         self._minimize(base_model, positive, negative[0], x_in, timestep, threshold)
 
     def _threshold(self, base_model, first_sigma: float, x_in):
         """(threshold, notes) of this run: the explicit one, else the calibration of these weights."""
         s = self.settings
-        if s.threshold is not None or s.mode != "auto":
+        if s.threshold is not None or s.mitigation != "auto":
             return s.threshold, []
         cal, note = s.calibration.resolve(model_key(base_model))
         if cal is None:
@@ -138,12 +129,14 @@ class MitigationSession:
             return None, []
         level = noise_level(base_model, first_sigma)
         cal = cal.at_noise_level(level)
-        return cal.threshold(s.fpr), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]))
+        return s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]))
 
     def fail(self, error: BaseException) -> None:
+        """Anything that went wrong (out of memory, an interrupt, a bug): the run samples the plain prompt."""
         self._delay = None  # a run that failed is not steered further
-        self.error = f"{type(error).__name__}: {error}"
-        log.exception("MemoGuard mitigation failed; sampling continues with the original prompt")
+        self.error = failure_message("mitigating", error)
+        log.error("%s", self.error, exc_info=error)
+        release_memory(error)
         self._publish(f"mitigation failed, prompt unchanged ({self.error})")
 
     def _minimize(self, base_model, positive, negative, x_in, timestep, threshold) -> None:
@@ -152,13 +145,13 @@ class MitigationSession:
         with differentiable(base_model):
             cond, extra_c = split_model_conds(entry["model_conds"])
             uncond, extra_u = split_model_conds(negative["model_conds"])
-            cond_enc = _encoding(cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond, extra_c)
-            uncond_enc = _encoding(uncond[:1], {k: v[:1] for k, v in extra_u.items()})
+            cond_enc = chunked_encoding(cond.expand(batch, -1, -1) if cond.shape[0] == 1 else cond, extra=extra_c)
+            uncond_enc = empty_encoding(uncond[:1], {k: v[:1] for k, v in extra_u.items()})
             model = ComfyDiffusionModel(base_model)
             new, record = minimize_embedding(model, cond_enc, uncond_enc, ordinary(x_in), ordinary(timestep),
-                                             mode=self.settings.mode, threshold=threshold,
+                                             mode=self.settings.mitigation, threshold=threshold,
                                              target=self.settings.target, lr=self.settings.lr,
-                                             max_iters=self.settings.max_iters)
+                                             max_iters=self.settings.max_iters, should_stop=interrupted)
         self.record = record
         if record.ran:
             crossattn = entry["model_conds"][CROSSATTN]
@@ -189,11 +182,6 @@ class MitigationSession:
         self.show(f"MemoGuard: {text}", self.node_id)
 
 
-def _encoding(embedding: torch.Tensor, extra: dict) -> PromptEncoding:
-    b, length, _ = embedding.shape
-    extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in extra.items()}
-    frozen = (torch.arange(length) % CHUNK == 0).expand(b, -1)
-    return PromptEncoding(embedding, [[""] * length] * b, ~frozen, frozen.clone(), extra)
 
 
 def attach_mitigation(model, session: MitigationSession):

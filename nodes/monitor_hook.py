@@ -14,9 +14,10 @@ from typing import Callable, List, Optional
 
 import torch
 
-from memoguard import Calibration, ScoreTrace, eps_difference, uncond_is_missing, verdict_for
+from memoguard import Calibration, ScoreTrace, uncond_is_missing, verdict_for
 from memoguard.calibration import Band
 from memoguard.errors import MemoGuardError
+from memoguard.hosts import HostSettings, denoised_difference
 
 from . import live
 from .calibration_choice import CalibrationSource, is_flow, model_key, noise_level, prediction_of
@@ -35,21 +36,16 @@ class MemorizationFlagged(MemoGuardError, RuntimeError):
 
 
 @dataclass
-class MonitorSettings:
-    window: int = 1
+class MonitorSettings(HostSettings):
+    """The core's settings (window, fpr, threshold) plus what only the Monitor node has."""
     calibration: CalibrationSource = field(default_factory=CalibrationSource)
-    fpr: float = 0.01
-    threshold: Optional[float] = None   # overrides the calibration's
     action: str = "warn"
     force_uncond_at_cfg1: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         if self.action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {self.action!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if not 0 < self.fpr < 1:
-            raise ValueError(f"false_positive_rate must be in (0, 1), got {self.fpr}")
 
 
 @dataclass
@@ -84,10 +80,7 @@ def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, laten
             ctx.calibration = cal
             ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]), cond_scale)
             ctx.band = cal.band if cal.band is not None and cal.band.serves(cond_scale) else None
-    if settings.threshold is not None:
-        ctx.threshold = float(settings.threshold)
-    elif ctx.calibration is not None:
-        ctx.threshold = ctx.calibration.threshold(settings.fpr)
+    ctx.threshold = settings.threshold_from(ctx.calibration)
     return ctx
 
 
@@ -98,9 +91,8 @@ def is_rectified_flow(model) -> bool:
 
 def guided_difference(args: dict) -> torch.Tensor:
     """eps_c - eps_u per image from a post-CFG call's denoised predictions (the Monitor and delayed guidance)."""
-    sigma_t = args["sigma"]
-    alpha = (1 - sigma_t) if is_rectified_flow(args["model"]) else 1.0
-    return eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma_t)
+    return denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"],
+                               is_rectified_flow(args["model"]))
 
 
 def step_index(sample_sigmas: Optional[torch.Tensor], sigma: float, fallback: int) -> int:

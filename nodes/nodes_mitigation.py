@@ -56,7 +56,8 @@ class EmbeddingMinimization(io.ComfyNode):
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
                 false_positive_rate, threshold, strategy=STRATEGIES[0], delay=DEFAULT_DELAY) -> io.NodeOutput:
         # the calibration is looked up at the sampler's first step, by the weights it runs
-        settings = MitigationSettings(mode, target, learning_rate, max_iters, threshold if threshold > 0 else None,
-                                      CalibrationSource(calibration, calibration_file), false_positive_rate,
-                                      strategy, delay)
+        settings = MitigationSettings(mitigation=mode, target=target, lr=learning_rate, max_iters=max_iters,
+                                      threshold=threshold if threshold > 0 else None,
+                                      calibration=CalibrationSource(calibration, calibration_file),
+                                      fpr=false_positive_rate, strategy=strategy, delay=delay)
         return io.NodeOutput(attach_mitigation(model, MitigationSession(settings, cls.hidden.unique_id)))

@@ -48,8 +48,9 @@ class MemorizationMonitor(io.ComfyNode):
     def execute(cls, model, window, calibration, calibration_file, false_positive_rate, threshold, action,
                 force_uncond_at_cfg1) -> io.NodeOutput:
         source = CalibrationSource(calibration, calibration_file)
-        settings = MonitorSettings(window, source, false_positive_rate, threshold if threshold > 0 else None,
-                                   action, force_uncond_at_cfg1)
+        settings = MonitorSettings(window=window, calibration=source, fpr=false_positive_rate,
+                                   threshold=threshold if threshold > 0 else None, action=action,
+                                   force_uncond_at_cfg1=force_uncond_at_cfg1)
         node_id = cls.hidden.unique_id
         note = f"threshold {threshold:g} (set by hand)" if threshold > 0 else source.describe()
         live.show_text(f"MemoGuard: {note}; the verdict comes at step {window}", node_id)

@@ -7,9 +7,10 @@ from comfy_api.latest import io, ui
 from memoguard import token_contributions
 from memoguard.explain import METHODS
 from memoguard.host_autograd import differentiable
+from memoguard.hosts import Interrupted, failure_message, is_out_of_memory, release_memory
 
 from . import live
-from .comfy_model import ComfyDiffusionModel
+from .comfy_model import ComfyDiffusionModel, interrupted
 from .latents import sampler_latent
 from .plots import message_image, token_bars
 
@@ -70,11 +71,31 @@ class TokenContributionsNode(io.ComfyNode):
                 method="auto") -> io.NodeOutput:
         problem = input_problem(text, steps, explain_steps)
         if problem is not None:  # one message, and the rest of the workflow still runs
-            live.show_text(f"MemoGuard: {problem}", cls.hidden.unique_id)
-            chart = message_image(f"Token Contributions: {problem}")
-            data = json.dumps({"error": problem})
-            return io.NodeOutput(chart, data, ui={**ui.PreviewImage(chart, cls=cls).as_dict(),
-                                                  "memoguard_tokens": [data], "text": [problem]})
+            return cls._message(problem)
+        try:
+            return cls._explain(model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations,
+                                method)
+        except Interrupted:
+            import comfy.model_management
+            comfy.model_management.throw_exception_if_processing_interrupted()  # ComfyUI's own cancel
+            raise
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            message = failure_message("explaining tokens", e)
+            release_memory(e)
+        return cls._message(message)
+
+    @classmethod
+    def _message(cls, problem: str) -> io.NodeOutput:
+        live.show_text(f"MemoGuard: {problem}", cls.hidden.unique_id)
+        chart = message_image(f"Token Contributions: {problem}")
+        data = json.dumps({"error": problem})
+        return io.NodeOutput(chart, data, ui={**ui.PreviewImage(chart, cls=cls).as_dict(),
+                                              "memoguard_tokens": [data], "text": [problem]})
+
+    @classmethod
+    def _explain(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations, method):
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -91,7 +112,8 @@ class TokenContributionsNode(io.ComfyNode):
             x_T = adapter.initial_x(noise)
             schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
-                                         guidance=cfg, total_steps=schedule_steps, method=method)[0]
+                                         guidance=cfg, total_steps=schedule_steps, method=method,
+                                         should_stop=interrupted)[0]
         data = result.to_dict()
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in result.top(3))
         live.show_text(f"MemoGuard: top tokens {top} ({result.method_name})", cls.hidden.unique_id)

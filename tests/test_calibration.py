@@ -69,13 +69,13 @@ def test_verdict_flags_by_threshold_and_reports_unavailable():
     trace = ScoreTrace()
     diff = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 2.0)])
     trace.record(0, diff)
-    low, high = verdict_for(trace, cal)
+    low, high = verdict_for(trace, cal, images=2)
     assert not low.flagged and high.flagged
     assert low.percentile == pytest.approx(50, abs=1) and high.percentile == 100
     assert "LIKELY MEMORIZED" in high.summary()
     empty = ScoreTrace()
     empty.mark_unavailable("score unavailable at cfg 1")
-    (v,) = verdict_for(empty, cal)
+    (v,) = verdict_for(empty, cal, images=1)
     assert not v.available and "cfg 1" in v.summary()
 
 
@@ -168,7 +168,7 @@ def test_without_a_threshold_the_verdict_is_uncalibrated_never_ok():
     assert verdicts[0].summary().startswith("uncalibrated: score 0.5000") and "calibrate" in verdicts[0].summary()
     assert "ok" not in verdicts[0].summary().split()
     cal = Calibration("m", list(np.linspace(0, 1, 101)))
-    (v, _) = verdict_for(trace, cal, notes=["calibrated at another noise level"])
+    (v, _) = verdict_for(trace, cal, images=2, notes=["calibrated at another noise level"])
     assert v.label == "ok" and "another noise level" in v.summary()
     empty = ScoreTrace()
     empty.mark_unavailable("cfg 1")

@@ -58,7 +58,7 @@ def test_nan_predictions_give_unavailable_verdicts_not_crashes(random_model):
     x = initial_noise(random_model, random_model.latent_shape(), [1, 2])
     x[1] = float("nan")
     result = sample(random_model, cond, uncond, x, 2)
-    ok, bad = verdict_for(result.trace)
+    ok, bad = verdict_for(result.trace, images=2)
     assert ok.available and not bad.available and "not finite" in bad.reason
 
 

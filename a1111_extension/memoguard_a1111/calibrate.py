@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
+from memoguard.hosts import coefficients_kdiffusion, prediction_name
 from memoguard.calibration import CalibrationError, CalibrationStore, default_benign_prompts
 from memoguard.measure import calibrate
 
@@ -33,7 +34,6 @@ DEFAULTS = dict(prompts=len(default_benign_prompts()), band_prompts=32, steps=20
                 fpr=0.01, batch_size=8)
 HOW_TO = ("to calibrate it, open 'Calibrate this checkpoint' under the MemoGuard script, "
           "or POST /memoguard/v1/calibrate")
-FORGE_PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "const": "flow", "edm": "edm"}
 
 lock = threading.Lock()  # one calibration at a time (and, inside the WebUI, never during a generation)
 
@@ -51,7 +51,7 @@ def prediction_of(sd_model) -> str:
     """What the checkpoint predicts, as calibrations record it: eps | v (| flow | edm on Forge)."""
     if getattr(sd_model, "forge_objects", None) is not None:
         kind = getattr(sd_model.forge_objects.unet.model.predictor, "prediction_type", "epsilon")
-        return FORGE_PREDICTIONS.get(kind, str(kind))
+        return prediction_name(kind)
     return "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps"
 
 
@@ -112,7 +112,7 @@ class _SigmaModel(DiffusionModel):
         return self.schedule.get_sigmas(steps)[:-1].float()
 
     def coefficients(self, t):
-        return torch.ones_like(t), t
+        return coefficients_kdiffusion(t)
 
 
 class WebUIKDiffusionModel(_SigmaModel):
@@ -149,7 +149,7 @@ class ForgeKModel(_SigmaModel):
         from modules import sd_samplers_kdiffusion
         self.unet = sd_model.forge_objects.unet
         self.kmodel = self.unet.model
-        if FORGE_PREDICTIONS.get(getattr(self.kmodel.predictor, "prediction_type", "epsilon")) == "flow":
+        if prediction_name(getattr(self.kmodel.predictor, "prediction_type", "epsilon")) == "flow":
             raise CalibrationError("calibration in the WebUI supports SD1.x, SD2.x and SDXL; this checkpoint is a "
                                    "rectified-flow model (SD3 / Flux)")
         self.prediction = prediction_of(sd_model)

@@ -13,9 +13,10 @@ import importlib.util
 
 import torch
 
-from memoguard import DiffusionModel, PromptEncoding, eps_difference
+from memoguard.hosts import chunked_encoding, coefficients_kdiffusion, denoised_difference, empty_encoding
+from memoguard.model import Denoiser
 
-from .host_model import CHUNK, cond_embedding, row_tokens
+from .host_model import cond_embedding, row_tokens
 
 
 def is_forge() -> bool:
@@ -47,9 +48,8 @@ def is_rectified_flow(kmodel) -> bool:
 
 def guided_difference(args: dict) -> torch.Tensor:
     """eps_c - eps_u per image from a post-CFG call, scaled as Forge's CFG scales AND prompts (edit strength)."""
-    sigma = args["sigma"]
-    alpha = (1 - sigma) if is_rectified_flow(args["model"]) else 1.0
-    diff = eps_difference(args["cond_denoised"], args["uncond_denoised"], "x0", alpha, sigma)
+    diff = denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"],
+                               is_rectified_flow(args["model"]))
     strength = sum(item.get("strength", 1) for item in args["cond"])
     return diff if strength == 1 else strength * diff
 
@@ -61,8 +61,9 @@ def check_supported(kmodel) -> None:
                          "explanation and mitigation support SD1.x, SD2.x and SDXL only; the score still works")
 
 
-class ForgeModel(DiffusionModel):
-    """Forge's KModel (UNet + predictor): apply_model(x, sigma, c_crossattn=...) returns denoised x0.
+class ForgeModel(Denoiser):
+    """Forge's KModel (UNet + predictor) at the sampler's current step: apply_model(x, sigma, c_crossattn=...)
+    returns denoised x0.
 
     Not for rectified-flow models (check_supported first). ControlNet and model_options patches
     (FreeU, attention patches) are not applied here: the gradient features see the checkpoint's own UNet.
@@ -70,23 +71,14 @@ class ForgeModel(DiffusionModel):
 
     parameterization = "x0"
 
-    def __init__(self, kmodel, sigma_now: torch.Tensor):
+    def __init__(self, kmodel):
         self.kmodel = kmodel
-        self.sigma_now = sigma_now.reshape(1)
 
     def raw_prediction(self, x, t, embedding, extra):
         return self.kmodel.apply_model(x, t, c_crossattn=embedding, transformer_options={}, **extra)
 
     def coefficients(self, t):
-        return torch.ones_like(t), t
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        if steps != 1:
-            raise ValueError("the Forge adapter evaluates the sampler's current step only (steps=1)")
-        return self.sigma_now
-
-    def encode(self, prompts):
-        raise NotImplementedError("Forge encodes prompts itself; MemoGuard uses the conditioning the sampler passes")
+        return coefficients_kdiffusion(t)
 
 
 def text_engine(sd_model):
@@ -117,12 +109,8 @@ def prompt_encodings(p, params, layout, iteration: int, copy):
                          "a CFG scale other than 1")
     unet = forge_unet(params.denoiser)
     image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
-    n_rows = len(image_of_row)
     emb = copy(cond_embedding(params.text_cond))
     uncond_emb = copy(cond_embedding(params.text_uncond))[image_of_row]
-    if uncond_emb.shape[1] > emb.shape[1]:
-        raise ValueError("token explanation and mitigation need a prompt at least as long as the negative prompt "
-                         f"({emb.shape[1] // CHUNK} vs {uncond_emb.shape[1] // CHUNK} chunks of 75 tokens)")
     x = copy(params.x)
     cond_extra = {k: copy(v) for k, v in _model_extras(params, unet, image_of_row, x).items()}
     uncond_extra = dict(cond_extra)
@@ -131,10 +119,5 @@ def prompt_encodings(p, params, layout, iteration: int, copy):
         uncond_extra["y"] = copy(params.text_uncond["vector"])[image_of_row]
     engine = text_engine(params.denoiser.inner_model.inner_model)
     tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
-    frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
-    frozen[:, ::CHUNK] = True
-    no_tokens = torch.zeros(n_rows, uncond_emb.shape[1], dtype=torch.bool)
-    return (PromptEncoding(emb, tokens, prompt_mask, frozen, cond_extra),
-            PromptEncoding(uncond_emb, [[""] * uncond_emb.shape[1] for _ in range(n_rows)], no_tokens, no_tokens,
-                           uncond_extra),
+    return (chunked_encoding(emb, tokens, prompt_mask, cond_extra), empty_encoding(uncond_emb, uncond_extra),
             x[image_of_row])

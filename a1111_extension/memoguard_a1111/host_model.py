@@ -10,11 +10,11 @@ from contextlib import contextmanager
 
 import torch
 
-from memoguard import DiffusionModel, PromptEncoding
+from memoguard.hosts import chunked_encoding, coefficients_kdiffusion, coefficients_vp, empty_encoding
+from memoguard.model import Denoiser
 
 KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
 TIMESTEPS = "timesteps"     # DDIM / PLMS / UniPC: outputs eps, `sigma` holds the timestep
-CHUNK = 77                  # positions per prompt chunk: BOS + 75 tokens + EOS
 
 
 def sampler_family(denoiser) -> str:
@@ -39,8 +39,9 @@ def with_embedding(cond, embedding: torch.Tensor):
     return embedding
 
 
-class WebUIModel(DiffusionModel):
-    def __init__(self, denoiser, family: str, t_now: torch.Tensor):
+class WebUIModel(Denoiser):
+    """The sampler's model call at its current step; explanation and mitigation pass that step's t."""
+    def __init__(self, denoiser, family: str):
         sd_model = denoiser.p.sd_model
         if getattr(getattr(sd_model, "model", None), "conditioning_key", None) == "crossattn-adm":
             raise ValueError("unCLIP checkpoints are not supported by token explanation and mitigation")
@@ -48,7 +49,6 @@ class WebUIModel(DiffusionModel):
         self.family = family
         self.parameterization = "x0" if family == KDIFFUSION else "eps"
         self.alphas_cumprod = sd_model.alphas_cumprod
-        self.t_now = t_now.reshape(1)
 
     def raw_prediction(self, x, t, embedding, extra):
         if "vector" in extra:  # SDXL
@@ -59,17 +59,8 @@ class WebUIModel(DiffusionModel):
 
     def coefficients(self, t):
         if self.family == KDIFFUSION:
-            return torch.ones_like(t), t
-        abar = self.alphas_cumprod.to(t.device)[t.long()]
-        return abar.sqrt(), (1 - abar).sqrt()
-
-    def timesteps(self, steps: int) -> torch.Tensor:
-        if steps != 1:
-            raise ValueError("the WebUI adapter evaluates the sampler's current step only (steps=1)")
-        return self.t_now
-
-    def encode(self, prompts):
-        raise NotImplementedError("the WebUI encodes prompts itself; MemoGuard uses the conditioning the sampler passes")
+            return coefficients_kdiffusion(t)
+        return coefficients_vp(self.alphas_cumprod.to(t.device), t)
 
 
 @contextmanager
@@ -99,9 +90,6 @@ def prompt_encodings(p, params, layout, iteration: int):
     emb = cond_embedding(params.text_cond).detach()
     uncond = _rows_of(params.text_uncond, image_of_row)
     uncond_emb = cond_embedding(uncond).detach()
-    if uncond_emb.shape[1] > emb.shape[1]:
-        raise ValueError("token explanation and mitigation need a prompt at least as long as the negative prompt "
-                         f"({emb.shape[1] // CHUNK} vs {uncond_emb.shape[1] // CHUNK} chunks of 75 tokens)")
     image_cond = params.image_cond
     cond_extra = {"image_cond": image_cond[:n_rows]}
     uncond_extra = {"image_cond": image_cond[-batch:][image_of_row]}
@@ -111,12 +99,7 @@ def prompt_encodings(p, params, layout, iteration: int):
     from modules.sd_hijack import model_hijack
     clip = prompt_chunker(model_hijack.clip)
     tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
-    frozen = torch.zeros(n_rows, emb.shape[1], dtype=torch.bool)
-    frozen[:, ::CHUNK] = True
-    uncond_tokens = [[""] * uncond_emb.shape[1] for _ in range(n_rows)]
-    no_tokens = torch.zeros(n_rows, uncond_emb.shape[1], dtype=torch.bool)
-    return (PromptEncoding(emb, tokens, prompt_mask, frozen, cond_extra),
-            PromptEncoding(uncond_emb, uncond_tokens, no_tokens, no_tokens, uncond_extra))
+    return chunked_encoding(emb, tokens, prompt_mask, cond_extra), empty_encoding(uncond_emb, uncond_extra)
 
 
 def prompt_chunker(clip):

@@ -16,16 +16,17 @@ from typing import Dict, List, Optional
 
 import torch
 
-from memoguard import (MitigationRecord, PromptEncoding, ScoreTrace, Verdict, eps_difference, minimize_embedding,
-                       rms_per_image, token_contributions, uncond_is_missing)
-from memoguard.explain import average_contributions, check_method
+from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, rms_per_image,
+                       token_contributions, uncond_is_missing)
+from memoguard.explain import average_contributions
 from memoguard.calibration import Calibration, CalibrationError
 from memoguard.host_autograd import differentiable, ordinary
-from memoguard.mitigate import DEFAULT_DELAY, GuidanceDelay, check_settings, delay_steps, plan_guidance_delay
+from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
+                             release_memory, without_guidance)
+from memoguard.mitigate import GuidanceDelay, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
-from .args import STRATEGIES  # token removal re-encodes the prompt: not in the WebUI yet
 from . import forge
 from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings,
                          sampler_family, with_embedding)
@@ -40,31 +41,10 @@ FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, so th
 
 
 @dataclass
-class Settings:
-    window: int = 1                     # steps the score averages over, from the first
-    threshold: Optional[float] = None   # overrides the calibration's threshold
-    calibration_file: str = ""          # explicit calibration (must be this model's); else found by model key
-    fpr: float = 0.01
+class Settings(HostSettings):
+    """The core's settings plus the WebUI's own: the explanation switch and an explicit calibration file."""
     explain: bool = False
-    explain_steps: int = 1
-    mitigation: str = "off"             # off | always | auto
-    target: float = 0.0
-    lr: float = 0.05
-    max_iters: int = 10
-    strategy: str = "minimize"          # one of STRATEGIES
-    delay: float = DEFAULT_DELAY        # guidance_delay: share of the first steps without text guidance
-    explain_method: str = "auto"        # memoguard.explain.METHODS
-
-    def __post_init__(self):
-        if self.window < 1 or self.explain_steps < 1:
-            raise ValueError(f"window and explanation steps must be >= 1 (got {self.window}, {self.explain_steps})")
-        if not 0 < self.fpr < 1:
-            raise ValueError(f"false-positive rate must be in (0, 1), got {self.fpr}")
-        check_settings(self.mitigation, self.lr, self.max_iters, self.target)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        delay_steps(1, self.delay)
-        check_method(self.explain_method)
+    calibration_file: str = ""          # explicit calibration (must be this model's); else found by model key
 
 
 @dataclass
@@ -102,39 +82,23 @@ def cond_layout(denoiser) -> List[List[tuple]]:
     return layout
 
 
+def and_weights(layout) -> List[List[float]]:
+    return [[weight for _, weight in rows] for rows in layout]
+
+
 def guided_difference(x_out: torch.Tensor, layout, family: str, sigma: torch.Tensor) -> torch.Tensor:
     """eps_c - eps_u per image from the rows of one CFG evaluation; AND sub-prompts add with their weights."""
     batch = len(layout)
-    uncond = x_out[-batch:]
+    image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
+    n_rows = len(image_of_row)
     parameterization = "x0" if family == KDIFFUSION else "eps"
-    out = []
-    for i, rows in enumerate(layout):
-        diff = None
-        for row, weight in rows:
-            d = eps_difference(x_out[row:row + 1], uncond[i:i + 1], parameterization, 1.0, sigma[i:i + 1])
-            d = d if weight == 1.0 else weight * d
-            diff = d if diff is None else diff + d
-        out.append(diff)
-    return torch.cat(out)
-
-
-def combine_rows(diff_rows: torch.Tensor, layout) -> torch.Tensor:
-    """Per-row eps_c - eps_u (cond rows in layout order) -> per image, AND sub-prompts weighted as CFG adds them."""
-    out, row = [], 0
-    for rows in layout:
-        d = sum(weight * diff_rows[row + k:row + k + 1] for k, (_, weight) in enumerate(rows))
-        out.append(d)
-        row += len(rows)
-    return torch.cat(out)
+    diff_rows = eps_difference(x_out[:n_rows], x_out[-batch:][image_of_row], parameterization, 1.0,
+                               sigma[image_of_row])
+    return combine_rows(diff_rows, and_weights(layout))
 
 
 def single_prompt_images(layout) -> bool:
     return all(len(rows) == 1 and rows[0][1] == 1.0 for rows in layout)
-
-
-def select_rows(enc: PromptEncoding, rows: List[int]) -> PromptEncoding:
-    return PromptEncoding(enc.embedding[rows], [enc.tokens[r] for r in rows], enc.prompt_mask[rows],
-                          enc.frozen_mask[rows], {k: v[rows] for k, v in enc.extra.items()})
 
 
 class RunMonitor:
@@ -142,6 +106,7 @@ class RunMonitor:
 
     def __init__(self, p, settings: Settings, shared_state=None):
         self.p, self.settings, self.state = p, settings, shared_state
+        self.entry = ""                         # which MemoGuard entry started it (dropdown or accordion)
         self.results: Dict[int, IterationResult] = {}
         self.errors: List[str] = []
         self.hires_seen = False
@@ -191,7 +156,7 @@ class RunMonitor:
         # a failing explanation or mitigation is reported; the step is still scored
         if step < self.settings.explain_steps and self.settings.explain:
             self._attempt("explaining tokens", self._explain, params, pending, result)
-        if step == 0 and self._minimizes() and result.mitigation is None:
+        if step == 0 and self.settings.minimizes and result.mitigation is None:
             self._attempt("mitigating", self._mitigate, params, pending, result)
         if result.embedding is not None:
             params.text_cond = with_embedding(params.text_cond, result.embedding)
@@ -199,9 +164,6 @@ class RunMonitor:
 
     def _family(self, denoiser) -> str:
         return sampler_family(denoiser)
-
-    def _minimizes(self) -> bool:
-        return self.settings.mitigation != "off" and self.settings.strategy == "minimize"
 
     def _after(self, params, pending: Pending) -> None:
         if self._uncond_was_skipped(params.x, pending):
@@ -219,7 +181,7 @@ class RunMonitor:
     def _delayed_images(self, pending: Pending) -> List[int]:
         """guidance_delay: plans at the first scored step, then the images whose guidance is off at this step."""
         s = self.settings
-        if s.mitigation == "off" or s.strategy != "guidance_delay":
+        if not s.delays:
             return []
         result = self.results[pending.iteration]
         if result.mitigation is None:
@@ -246,10 +208,7 @@ class RunMonitor:
 
     def _noise_level(self, pending: Pending, t: float) -> float:
         """sigma / alpha of the step: the k-diffusion sigma; a timestep sampler's t through alphas_cumprod."""
-        if pending.family == TIMESTEPS:
-            abar = float(self.p.sd_model.alphas_cumprod[int(round(t))])
-            return math.sqrt((1 - abar) / abar)
-        return t
+        return noise_level_vp(self.p.sd_model.alphas_cumprod, t) if pending.family == TIMESTEPS else t
 
     def _record(self, pending: Pending, diff: torch.Tensor) -> None:
         result = self.results[pending.iteration]
@@ -283,15 +242,15 @@ class RunMonitor:
     @contextmanager
     def _gradient_inputs(self, params, pending: Pending):
         """(model, cond, uncond, x of the cond rows, t) for the core, with autograd kept off the host's weights."""
-        model = WebUIModel(params.denoiser, pending.family, params.sigma[:1])
+        model = WebUIModel(params.denoiser, pending.family)
         cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
         with frozen_parameters(self.p.sd_model):
             yield model, cond, uncond, params.x[:cond.embedding.shape[0]], params.sigma[0]
 
     def _explain(self, params, pending: Pending, result: IterationResult) -> None:
-        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, _):
-            contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1,
-                                                method=self.settings.explain_method)
+        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
+            contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=[t],
+                                                method=self.settings.explain_method, should_stop=self.interrupted)
         if not result.explanations:
             result.explanations = [[] for _ in contributions]
             result.rows_per_image = [[r for r, _ in rows] for rows in pending.layout]
@@ -320,8 +279,9 @@ class RunMonitor:
                     return
             rows_of = [[r for r, _ in rows] for rows in layout]
             rows = [r for i in images for r in rows_of[i]]
-            sub_emb, sub = minimize_embedding(model, select_rows(cond, rows), select_rows(uncond, rows), x[rows], t,
-                                              mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters)
+            sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
+                                              target=s.target, lr=s.lr, max_iters=s.max_iters,
+                                              should_stop=self.interrupted)
             embedding = cond.embedding.detach().clone()
             embedding[rows] = sub_emb.to(embedding.dtype)
             if not sub.ran:
@@ -344,7 +304,12 @@ class RunMonitor:
     def _image_gaps(model, cond, uncond, x, t, layout, embedding) -> List[float]:
         """First-step RMS gap of each image with the cond rows at `embedding`, AND sub-prompts combined."""
         eps_c, eps_u = model.eps_pair(x, t, cond, uncond, embedding)
-        return rms_per_image(combine_rows(eps_c - eps_u, layout)).float().cpu().tolist()
+        return rms_per_image(combine_rows(eps_c - eps_u, and_weights(layout))).float().cpu().tolist()
+
+    def interrupted(self) -> bool:
+        """The WebUI's Interrupt / Skip: MemoGuard's own loops stop at once, then the sampler does."""
+        return self.state is not None and bool(getattr(self.state, "interrupted", False) or
+                                               getattr(self.state, "skipped", False))
 
     def _attempt(self, doing: str, action, *args) -> None:
         try:
@@ -353,11 +318,13 @@ class RunMonitor:
             self._fail(doing, e)
 
     def _fail(self, where: str, error: Exception) -> None:
-        message = f"MemoGuard failed {where}: {type(error).__name__}: {error}"
+        """Said once in the infotext, the console and the progress text; memory it held is freed."""
+        message = failure_message(where, error)
         if message not in self.errors:
             self.errors.append(message)
             print(message, file=sys.stderr)
             traceback.print_exc()
+        release_memory(error)
         if self.state is not None:
             self.state.textinfo = message
 
@@ -409,11 +376,9 @@ class RunMonitor:
         return None if self.calibration is None else self.calibration.at_noise_level(level)
 
     def flag_threshold(self, result: IterationResult, level: Optional[float] = None) -> Optional[float]:
-        s = self.settings
-        if s.threshold is not None:
-            return s.threshold
-        calibration = self.calibration_for(result, level)
-        return calibration.threshold(s.fpr) if calibration is not None else None
+        if self.settings.threshold is not None:
+            return self.settings.threshold
+        return self.settings.threshold_from(self.calibration_for(result, level))
 
     def notes(self, result: IterationResult) -> List[str]:
         """How this run differs from its calibration in ways that change the score."""
@@ -447,8 +412,7 @@ class RunMonitor:
         return verdicts
 
     def verdict(self, iteration: int, position: int) -> Verdict:
-        verdicts = self.verdicts(iteration)
-        return verdicts[position] if position < len(verdicts) else Verdict(False, reason="image not scored")
+        return self.verdicts(iteration)[position]
 
     def image_explanations(self, iteration: int, position: int):
         """Token contributions of one image, averaged over the explained steps, one per AND sub-prompt."""
@@ -480,9 +444,9 @@ class ForgeRunMonitor(RunMonitor):
                 return args["denoised"]
             if not images:
                 return args["denoised"]
-            denoised = args["denoised"].clone()  # these images take the uncond prediction: no text guidance
-            denoised[images] = args["uncond_denoised"][images]
-            return denoised
+            marked = torch.zeros(args["denoised"].shape[0], dtype=torch.bool)
+            marked[images] = True
+            return without_guidance(args["denoised"], args["uncond_denoised"], marked)
         return memoguard_post_cfg
 
     def _before(self, params) -> None:
@@ -505,7 +469,7 @@ class ForgeRunMonitor(RunMonitor):
 
     def _noise_level(self, pending: Pending, t: float) -> float:
         """Forge calls every model in sigma form; a rectified flow's x = (1 - sigma) x0 + sigma eps."""
-        return t / (1 - t) if self._flow and t < 1 else t
+        return noise_level_flow(t) if self._flow else t
 
     @contextmanager
     def _gradient_inputs(self, params, pending: Pending):
@@ -513,4 +477,4 @@ class ForgeRunMonitor(RunMonitor):
         forge.check_supported(kmodel)  # before touching the weights
         with differentiable(kmodel), frozen_parameters(kmodel):  # Forge samples under inference mode
             cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary)
-            yield forge.ForgeModel(kmodel, ordinary(params.sigma[:1])), cond, uncond, x, ordinary(params.sigma[0])
+            yield forge.ForgeModel(kmodel), cond, uncond, x, ordinary(params.sigma[0])

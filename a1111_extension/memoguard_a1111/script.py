@@ -1,7 +1,9 @@
-"""The "MemoGuard" entry of the txt2img / img2img Script dropdown.
+"""MemoGuard in the txt2img / img2img tabs: the "MemoGuard" entry of the Script dropdown, and the same
+controls in an always-visible "MemoGuard Monitor" accordion that runs beside X/Y/Z plot or any other script.
 
 API (/sdapi/v1/txt2img, /sdapi/v1/img2img): "script_name": "memoguard" and "script_args" in the
-order of ARG_NAMES (missing trailing values take the defaults below). Calibration:
+order of ARG_NAMES (missing trailing values take the defaults below), or
+"alwayson_scripts": {"memoguard monitor": {"args": [true, ...the same script_args]}}. Calibration:
 POST /memoguard/v1/calibrate (calibrate.py), or the "Calibrate this checkpoint" button.
 """
 import hashlib
@@ -9,6 +11,7 @@ import json
 import math
 import sys
 from collections import OrderedDict
+from typing import Optional
 
 from memoguard.mitigate import DEFAULT_DELAY
 from modules import processing, script_callbacks, scripts, shared
@@ -138,8 +141,14 @@ CALIBRATION_CONTROLS = (
 )
 
 
-class MemoGuardScript(scripts.Script):
-    last_run = None   # this instance's most recent RunMonitor (for tests and debugging; the UI uses _panels)
+RUN_ATTR = "memoguard"  # p.memoguard: this generation's RunMonitor (dies with p; never on the script)
+
+
+class MemoGuardBase(scripts.Script):
+    """What the dropdown entry and the always-visible accordion share: the controls, starting MemoGuard for
+    one processing object and finishing it with the Processed it returned. All per-run state lives on p."""
+
+    id_prefix = "memoguard"
 
     def title(self):
         return "MemoGuard"
@@ -147,28 +156,26 @@ class MemoGuardScript(scripts.Script):
     def show(self, is_img2img):
         return True
 
-    def ui(self, is_img2img):
+    def _controls(self, tab: str):
         import gradio as gr
-        tab = "img2img" if is_img2img else "txt2img"
-        with gr.Group(elem_id=f"memoguard_{tab}"):
-            controls = []
-            for row in ROWS:
-                with gr.Row():
-                    for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
-                        controls.append(getattr(gr, component)(value=default, label=label, info=hint,
-                                                               elem_id=f"memoguard_{name}_{tab}", **options))
-            with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"memoguard_calibrate_{tab}"):
-                # not returned: these are no script_args
-                with gr.Row():
-                    settings = [getattr(gr, component)(value=default, label=label, info=hint,
-                                                       elem_id=f"memoguard_cal_{name}_{tab}", **options)
-                                for name, component, label, default, hint, options in CALIBRATION_CONTROLS]
-                button = gr.Button("Calibrate this checkpoint", elem_id=f"memoguard_cal_button_{tab}")
-                status = gr.HTML(f"<div class='memoguard-note'>Saved to models/memoguard/&lt;model key&gt;.json and "
-                                 f"used automatically for this checkpoint. API: POST {calibration_glue.ROUTE}</div>",
-                                 elem_id=f"memoguard_cal_status_{tab}")
-                button.click(fn=calibration_glue.ui_calibrate, inputs=settings, outputs=[status])
-            self.panel = gr.HTML(elem_id=f"memoguard_panel_{tab}")
+        controls = []
+        for row in ROWS:
+            with gr.Row():
+                for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
+                    controls.append(getattr(gr, component)(value=default, label=label, info=hint,
+                                                           elem_id=f"{self.id_prefix}_{name}_{tab}", **options))
+        with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"{self.id_prefix}_calibrate_{tab}"):
+            # not returned: these are no script_args
+            with gr.Row():
+                settings = [getattr(gr, component)(value=default, label=label, info=hint,
+                                                   elem_id=f"{self.id_prefix}_cal_{name}_{tab}", **options)
+                            for name, component, label, default, hint, options in CALIBRATION_CONTROLS]
+            button = gr.Button("Calibrate this checkpoint", elem_id=f"{self.id_prefix}_cal_button_{tab}")
+            status = gr.HTML(f"<div class='memoguard-note'>Saved to models/memoguard/&lt;model key&gt;.json and "
+                             f"used automatically for this checkpoint. API: POST {calibration_glue.ROUTE}</div>",
+                             elem_id=f"{self.id_prefix}_cal_status_{tab}")
+            button.click(fn=calibration_glue.ui_calibrate, inputs=settings, outputs=[status])
+        self.panel = gr.HTML(elem_id=f"{self.id_prefix}_panel_{tab}")
         return controls
 
     def after_component(self, component, **kwargs):
@@ -177,7 +184,12 @@ class MemoGuardScript(scripts.Script):
         if kwargs.get("elem_id") == f"generation_info_{tab}" and getattr(self, "panel", None) is not None:
             component.change(fn=panel_for, inputs=[component], outputs=[self.panel], show_progress=False)
 
-    def run(self, p, *args):
+    def start(self, p, args) -> Optional[RunMonitor]:
+        """MemoGuard on for this generation of p (callbacks registered, infotext keys added); None when it
+        cannot run (bad script_args: said in the infotext) or already runs for p."""
+        if isinstance(getattr(p, RUN_ATTR, None), RunMonitor):
+            p.comment("MemoGuard is on both as a script and in its accordion: the script's settings apply")
+            return None
         try:
             settings = settings_from_args(args)
         except ValueError as e:  # wrong script_args: said where API users look (infotext / info) and in the log
@@ -185,22 +197,28 @@ class MemoGuardScript(scripts.Script):
             print(f"MemoGuard error: {message}", file=sys.stderr)
             p.extra_generation_params["MemoGuard error"] = message
             p.comment(f"MemoGuard error: {message}")
-            return processing.process_images(p)
+            return None
         monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
+        monitor.entry = self.id_prefix
+        setattr(p, RUN_ATTR, monitor)
         self._add_infotext(p, monitor)
         script_callbacks.on_cfg_denoiser(monitor.on_cfg_denoiser)
         script_callbacks.on_cfg_denoised(monitor.on_cfg_denoised)  # never fired by Forge: harmless there
-        try:
-            processed = processing.process_images(p)
-        finally:
-            script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoiser)
-            script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoised)
-            if str(getattr(shared.state, "textinfo", None) or "").startswith("MemoGuard"):
-                shared.state.textinfo = None  # /sdapi/v1/progress must not show this run's text after it
-        self.last_run = monitor
+        return monitor
+
+    @staticmethod
+    def stop(monitor: RunMonitor) -> None:
+        script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoiser)
+        script_callbacks.remove_callbacks_for_function(monitor.on_cfg_denoised)
+        if str(getattr(shared.state, "textinfo", None) or "").startswith("MemoGuard"):
+            shared.state.textinfo = None  # /sdapi/v1/progress must not show this run's text after it
+
+    def finish(self, p, monitor: RunMonitor, processed) -> None:
+        """The Processed of p's generation gets its panel (found again by its generation info) and summary."""
+        self.stop(monitor)
         remember_panel(processed, self._panel(p, monitor))
         processed.comments += "".join(f"{line}\n" for line in self._summary(p, monitor))
-        return processed
+
 
     @staticmethod
     def _add_infotext(p, monitor: RunMonitor) -> None:
@@ -295,6 +313,58 @@ class MemoGuardScript(scripts.Script):
             yield f"MemoGuard: {monitor.calibration_problem}"
         if monitor.hires_seen:
             yield "MemoGuard scores the first pass only; the hires-fix pass is not scored."
+
+
+class MemoGuardScript(MemoGuardBase):
+    """The "MemoGuard" entry of the Script dropdown."""
+
+    def ui(self, is_img2img):
+        import gradio as gr
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Group(elem_id=f"{self.id_prefix}_{tab}"):
+            return self._controls(tab)
+
+    def run(self, p, *args):
+        monitor = self.start(p, args)
+        if monitor is None:
+            return processing.process_images(p)
+        try:
+            processed = processing.process_images(p)
+        finally:
+            self.stop(monitor)
+        self.finish(p, monitor, processed)
+        return processed
+
+
+class MemoGuardAccordion(MemoGuardBase):
+    """MemoGuard as an always-visible accordion: on together with X/Y/Z plot or any other dropdown script, one
+    run per process_images call (each X/Y/Z cell). API: alwayson_scripts {"memoguard monitor": {"args": [enabled,
+    then the dropdown's script_args]}}."""
+
+    id_prefix = "memoguard_accordion"
+
+    def title(self):
+        return "MemoGuard Monitor"  # its own name: the WebUI maps scripts by title
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr
+        tab = "img2img" if is_img2img else "txt2img"
+        with gr.Accordion("MemoGuard", open=False, elem_id=f"{self.id_prefix}_{tab}"):
+            enabled = gr.Checkbox(False, label="Enable MemoGuard", elem_id=f"{self.id_prefix}_enabled_{tab}",
+                                  info="Score every image of this generation (with X/Y/Z plot: every cell)")
+            return [enabled] + self._controls(tab)
+
+    def process(self, p, enabled=False, *args):
+        if enabled:
+            self.start(p, args)
+
+    def postprocess(self, p, processed, enabled=False, *args):
+        monitor = getattr(p, RUN_ATTR, None)
+        if enabled and isinstance(monitor, RunMonitor) and monitor.entry == self.id_prefix:
+            self.finish(p, monitor, processed)
 
 
 def _mitigation(monitor: RunMonitor, iteration: int):

@@ -6,4 +6,4 @@ from pathlib import Path
 _EXTENSION = str(Path(__file__).resolve().parents[1])
 if _EXTENSION not in sys.path:
     sys.path.insert(0, _EXTENSION)
-from memoguard_a1111.script import MemoGuardScript  # noqa: E402,F401  the WebUI collects Script subclasses
+from memoguard_a1111.script import MemoGuardAccordion, MemoGuardScript  # noqa: E402,F401  the WebUI collects Script subclasses

@@ -15,74 +15,74 @@ def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_mod
     p = make_p(forge, sampler_name="Euler", batch_size=2)
     shown = []  # the progress text as the next step's callback sees it
     script_callbacks.on_cfg_denoiser(lambda params: shown.append(shared.state.textinfo))
-    script, processed = run(p)
-    assert isinstance(script.last_run, ForgeRunMonitor)
-    trace = script.last_run.results[0].trace
+    monitor, processed = run(p)
+    assert isinstance(monitor, ForgeRunMonitor)
+    trace = monitor.results[0].trace
     x, t = kdiffusion_start(forge, p)
     expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t))
     torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert trace.per_step().shape == (p.steps, 2)
     fields = [infotext_fields(text) for text in processed.infotexts]
     assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert [f["MemoGuard verdict"] for f in fields] == [script.last_run.verdict(0, i).label for i in range(2)]
+    assert [f["MemoGuard verdict"] for f in fields] == [monitor.verdict(0, i).label for i in range(2)]
     assert shown[-1].startswith(f"MemoGuard step {p.steps - 1}: score ") and shared.state.textinfo is None
-    assert not script.last_run.errors
+    assert not monitor.errors
 
 
 def test_forge_images_stay_bit_identical_with_monitor_and_explanation(forge):
     plain = processing.process_images(make_p(forge, batch_size=2))
-    script, watched = run(make_p(forge, batch_size=2), explain=True, explain_steps=2, window=2)
+    monitor, watched = run(make_p(forge, batch_size=2), explain=True, explain_steps=2, window=2)
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
-    assert not script.last_run.errors and script.last_run.image_explanations(0, 1)
+    assert not monitor.errors and monitor.image_explanations(0, 1)
 
 
 def test_forge_patch_goes_on_a_clone_for_every_sampling(forge):
     untouched = forge.forge_objects_after_applying_lora.unet
-    script, processed = run(make_p(forge, batch_size=2, n_iter=2))
+    monitor, processed = run(make_p(forge, batch_size=2, n_iter=2))
     scores = [float(infotext_fields(t)["MemoGuard score"]) for t in processed.infotexts]
     assert len(set(scores)) == 4  # the second sampling (fresh forge_objects) was patched again
     assert "sampler_post_cfg_function" not in untouched.model_options
     assert forge.forge_objects.unet is not untouched
-    assert forge.forge_objects.unet.model_options["sampler_post_cfg_function"] == [script.last_run.post_cfg]
+    assert forge.forge_objects.unet.model_options["sampler_post_cfg_function"] == [monitor.post_cfg]
     assert not any(script_callbacks.callback_map.values())
 
 
 def test_forge_explanation_agrees_with_the_core_under_inference_mode(forge, tiny_model):
     p = make_p(forge, sampler_name="Euler")
-    script, processed = run(p, explain=True)
-    assert not script.last_run.errors
-    (got,) = script.last_run.image_explanations(0, 0)
+    monitor, processed = run(p, explain=True)
+    assert not monitor.errors
+    (got,) = monitor.image_explanations(0, 0)
     x, t = kdiffusion_start(forge, p)
     assert_explanation_is_the_cores(got, processed, tiny_model, x, t)
 
 
 def test_forge_mitigation_lowers_the_gap_and_the_sampler_uses_it(forge):
     plain = processing.process_images(make_p(forge))
-    script, processed = run(make_p(forge), mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
-    assert not script.last_run.errors
-    record = script.last_run.results[0].mitigation
+    monitor, processed = run(make_p(forge), mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
     assert record.ran and record.iterations == 3 and record.after[0] < record.before[0]
     assert not torch.equal(plain.images[0], processed.images[0])
     assert infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].startswith("always 3 iterations")
-    assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
+    assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
 
 
 def test_forge_cfg_1_is_unavailable_not_zero(forge):
     plain = processing.process_images(make_p(forge, cfg_scale=1.0))
-    script, processed = run(make_p(forge, cfg_scale=1.0), explain=True)
+    monitor, processed = run(make_p(forge, cfg_scale=1.0), explain=True)
     assert "explanation and mitigation need a CFG scale other than 1" in processed.comments
-    verdict = script.last_run.verdict(0, 0)
+    verdict = monitor.verdict(0, 0)
     assert not verdict.available and "CFG scale 1" in verdict.reason
     fields = infotext_fields(processed.infotexts[0])
     assert fields["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in fields
-    assert script.last_run.results[0].skipped_steps == [0, 1, 2]
+    assert monitor.results[0].skipped_steps == [0, 1, 2]
     assert torch.equal(plain.images[0], processed.images[0])
 
 
 def test_forge_ngms_is_unavailable(forge):
     shared.opts.s_min_uncond_all = True
-    script, _ = run(make_p(forge, s_min_uncond=1e9))
-    verdict = script.last_run.verdict(0, 0)
+    monitor, _ = run(make_p(forge, s_min_uncond=1e9))
+    verdict = monitor.verdict(0, 0)
     assert not verdict.available and "NGMS" in verdict.reason
 
 
@@ -91,7 +91,7 @@ def test_forge_hook_failure_keeps_the_image_and_reports(forge, monkeypatch):
         raise RuntimeError("boom")
     monkeypatch.setattr(forge_module, "guided_difference", broken)
     plain = processing.process_images(make_p(forge))
-    script, processed = run(make_p(forge))  # Forge does not catch post-CFG errors: MemoGuard must
+    monitor, processed = run(make_p(forge))  # Forge does not catch post-CFG errors: MemoGuard must
     assert torch.equal(plain.images[0], processed.images[0])
     assert "MemoGuard failed after the model call" in processed.comments and "boom" in processed.comments
     assert infotext_fields(processed.infotexts[0])["MemoGuard verdict"] == "unavailable"
@@ -104,7 +104,7 @@ def test_forge_quantized_weights_refuse_gradients_with_a_message(forge):
     with torch.inference_mode():
         unet.conv_in.weight = QuantizedWeight(unet.conv_in.weight.clone(), requires_grad=False)
     plain = processing.process_images(make_p(forge))
-    script, processed = run(make_p(forge), explain=True)
+    monitor, processed = run(make_p(forge), explain=True)
     assert torch.equal(plain.images[0], processed.images[0])
     assert "QuantizedWeight" in processed.comments and "fp16/fp32 checkpoint" in processed.comments
     assert float(infotext_fields(processed.infotexts[0])["MemoGuard score"]) > 0  # scoring goes on
@@ -112,11 +112,12 @@ def test_forge_quantized_weights_refuse_gradients_with_a_message(forge):
 
 def test_forge_flow_model_is_scored_with_its_own_convention_and_refuses_gradients(forge, monkeypatch):
     p = make_p(forge)
-    eps_script, _ = run(make_p(forge))
+    eps_p = make_p(forge)
+    run(eps_p)
     monkeypatch.setattr(forge.forge_objects.unet.model.predictor, "prediction_type", "const")  # Forge: SD3 / Flux
-    script, processed = run(p, explain=True)
+    monitor, processed = run(p, explain=True)
     assert "rectified-flow model (SD3, Flux)" in processed.comments
     sigma = CompVisDenoiser(forge).get_sigmas(p.steps)[0]
     # x = sigma*eps + (1 - sigma)*x0: the same denoised outputs mean an eps gap |1 - sigma| times the eps model's
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0],
-                               eps_script.last_run.results[0].trace.per_step()[0] * (1 - sigma).abs(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0],
+                               eps_p.memoguard.results[0].trace.per_step()[0] * (1 - sigma).abs(), rtol=1e-4, atol=1e-7)

@@ -28,28 +28,28 @@ def kmodel_gap(forge_xl, x, sigma, negative=""):
 @pytest.mark.parametrize("negative", ["", LONG_NEGATIVE])
 def test_forge_sdxl_score_is_the_kmodels_first_step_gap(forge_xl, negative):
     p = make_p(forge_xl, sampler_name="Euler", batch_size=2, negative_prompt=negative)
-    script, processed = run(p)
-    assert not script.last_run.errors
+    monitor, processed = run(p)
+    assert not monitor.errors
     with torch.no_grad():
         expected = rms_per_image(kmodel_gap(forge_xl, *euler_start(forge_xl, p), negative))
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert [float(infotext_fields(text)["MemoGuard score"]) for text in processed.infotexts] == \
         pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_forge_sdxl_images_stay_bit_identical_with_monitor_and_explanation(forge_xl):
     plain = processing.process_images(make_p(forge_xl, batch_size=2))
-    script, watched = run(make_p(forge_xl, batch_size=2), explain=True, explain_steps=2, window=2)
-    assert not script.last_run.errors and script.last_run.image_explanations(0, 1)
+    monitor, watched = run(make_p(forge_xl, batch_size=2), explain=True, explain_steps=2, window=2)
+    assert not monitor.errors and monitor.image_explanations(0, 1)
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
 @pytest.mark.parametrize("method", ["auto", "gradient_norm"])
 def test_forge_sdxl_explanation_is_the_gaps_gradient_at_the_prompt_tokens(forge_xl, method):
     p = make_p(forge_xl, sampler_name="Euler")
-    script, processed = run(p, explain=True, explain_method=method)
-    assert not script.last_run.errors
-    (got,) = script.last_run.image_explanations(0, 0)
+    monitor, processed = run(p, explain=True, explain_method=method)
+    assert not monitor.errors
+    (got,) = monitor.image_explanations(0, 0)
     # the reference differentiates the same UNet and conditioning as A1111 serves them (eps, VP convention)
     assert_explanation_is_the_gradient(got, processed, forge_xl.xl, *kdiffusion_start(forge_xl, p))
 
@@ -60,13 +60,13 @@ def test_forge_sdxl_mitigation_lowers_the_gap_and_leaves_y_alone(forge_xl, monke
     apply_model = kmodel.apply_model
     monkeypatch.setattr(kmodel, "apply_model", lambda *args, **kw: ys.append(kw.get("y")) or apply_model(*args, **kw))
     p = make_p(forge_xl, sampler_name="Euler")
-    script, _ = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
-    assert not script.last_run.errors
-    record = script.last_run.results[0].mitigation
+    monitor, _ = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
     with torch.no_grad():
         before = rms_per_image(kmodel_gap(forge_xl, *euler_start(forge_xl, p))).item()
     assert record.ran and record.before[0] == pytest.approx(before, rel=1e-4) and record.after[0] < record.before[0]
     # the sampler saw the optimised crossattn: its first recorded gap is the record's "after"
-    assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
+    assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
     originals = [conditioning(forge_xl, text)["vector"][0] for text in (PROMPT, "")]
     assert ys and all(y is not None and any(torch.equal(row, v) for v in originals) for y in ys for row in y)

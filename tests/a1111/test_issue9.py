@@ -65,10 +65,10 @@ def test_verdict_uses_the_calibration_of_this_checkpoint_only(webui, tiny_model)
     assert "Calibrate this checkpoint" in panel_for(uncalibrated.js())
     shared.sd_model = webui
     answer = calibrate_small()
-    script, processed = run(make_p(webui))
+    monitor, processed = run(make_p(webui))
     got = infotext_fields(processed.infotexts[0])
     assert got["MemoGuard verdict"] in ("ok", "flagged") and "MemoGuard percentile" in got
-    v = script.last_run.verdict(0, 0)
+    v = monitor.verdict(0, 0)
     assert v.threshold == pytest.approx(answer["threshold"]) and v.flagged == (v.score >= answer["threshold"])
     assert "MemoGuard note" not in got and "MemoGuard error" not in got
 
@@ -113,7 +113,7 @@ def test_corrupt_calibration_file_is_a_clear_message_not_a_crash(webui, tiny_mod
 
 def test_a_run_that_differs_from_the_calibration_says_so(webui):
     calibrate_small(width=64, height=64)  # an 8x8 latent; the stand-in samples 16x16
-    script, processed = run(make_p(webui))
+    monitor, processed = run(make_p(webui))
     got = infotext_fields(processed.infotexts[0])
     assert "calibrated at latent size 8x8, this run is 16x16" in got["MemoGuard note"]
     assert "latent size 8x8" in panel_for(processed.js())
@@ -170,10 +170,9 @@ def test_each_image_infotext_is_its_own(host, request):
     """batch 2 x n_iter 2: every infotext carries its own image's score, verdict, mitigation (not image 1's)."""
     webui = request.getfixturevalue(host)
     p = make_p(webui, batch_size=2, n_iter=2)
-    script, processed = run(p, mitigation="always", strategy="minimize", max_iters=1)
+    monitor, processed = run(p, mitigation="always", strategy="minimize", max_iters=1)
     scores = scores_of(processed)
     assert len(set(scores)) == 4
-    monitor = script.last_run
     for index, text in enumerate(processed.infotexts):
         iteration, position = divmod(index, 2)
         assert float(infotext_fields(text)["MemoGuard score"]) == pytest.approx(
@@ -222,10 +221,10 @@ def test_and_prompt_mitigation_records_the_images_combined_score(host, request):
     webui = request.getfixturevalue(host)
     prompt = "a red house AND a blue boat"
     _, plain = run(make_p(webui, prompt=prompt))
-    script, processed = run(make_p(webui, prompt=prompt), mitigation="always", strategy="minimize", max_iters=2, lr=0.1)
+    monitor, processed = run(make_p(webui, prompt=prompt), mitigation="always", strategy="minimize", max_iters=2, lr=0.1)
     mode, iterations, _, before, _, after = infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].split()
     assert float(before) == pytest.approx(scores_of(plain)[0], abs=1e-4)  # the image's score, not sub-prompt 1's
-    sampled = script.last_run.results[0].trace.per_step()[0, 0].item()
+    sampled = monitor.results[0].trace.per_step()[0, 0].item()
     assert float(after) == pytest.approx(sampled, abs=1e-4) and float(after) < float(before)
 
 
@@ -233,16 +232,16 @@ def test_auto_mitigation_decides_on_the_images_combined_score(webui):
     prompt = "a red house AND a blue boat"
     _, plain = run(make_p(webui, prompt=prompt))
     combined = scores_of(plain)[0]
-    script, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", strategy="minimize", max_iters=1)
-    assert script.last_run.results[0].mitigation.ran
-    script, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", strategy="minimize", max_iters=1)
-    assert not script.last_run.results[0].mitigation.ran
+    monitor, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", strategy="minimize", max_iters=1)
+    assert monitor.results[0].mitigation.ran
+    monitor, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", strategy="minimize", max_iters=1)
+    assert not monitor.results[0].mitigation.ran
 
 
 def test_auto_mitigation_uses_the_stored_calibration(webui):
     answer = calibrate_small()
-    script, processed = run(make_p(webui), mitigation="auto", strategy="minimize", max_iters=1)
-    record = script.last_run.results[0].mitigation
+    monitor, processed = run(make_p(webui), mitigation="auto", strategy="minimize", max_iters=1)
+    record = monitor.results[0].mitigation
     assert record.ran == (record.before[0] >= answer["threshold"])
     assert "no calibration" not in (record.reason or "")
 
@@ -300,13 +299,12 @@ def test_calibrate_button_reports_progress_and_result(webui, tiny_model):
 @pytest.mark.parametrize("host", ["webui", "forge"])
 def test_guidance_delay_keeps_the_first_step_score_and_steers_only_flagged_images(host, request):
     webui = request.getfixturevalue(host)
-    plain_script, plain = run(make_p(webui, batch_size=2))
-    first = plain_script.last_run.results[0].trace.per_step()[0]
+    plain_monitor, plain = run(make_p(webui, batch_size=2))
+    first = plain_monitor.results[0].trace.per_step()[0]
     high = int(first.argmax())
     threshold = float(first.mean())  # between the two images' first-step scores
-    script, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
+    monitor, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
                           strategy="guidance_delay", delay=0.5)
-    monitor = script.last_run
     assert not monitor.errors
     record = monitor.results[0].mitigation
     assert record.strategy == "guidance_delay" and record.ran and record.delay_steps >= 1
@@ -324,5 +322,5 @@ def test_guidance_delay_keeps_the_first_step_score_and_steers_only_flagged_image
 def test_guidance_delay_zero_steps_is_the_plain_run(host, request):
     webui = request.getfixturevalue(host)
     plain = processing.process_images(make_p(webui))
-    script, steered = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.0)
-    assert not script.last_run.errors and torch.equal(plain.images[0], steered.images[0])
+    monitor, steered = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.0)
+    assert not monitor.errors and torch.equal(plain.images[0], steered.images[0])

@@ -22,7 +22,7 @@ def run(p, **settings):
     script = MemoGuardScript()
     args = [settings.get(name, default) for name, default in zip(ARG_NAMES, DEFAULTS)]
     processed = script.run(p, *args)
-    return script, processed
+    return p.memoguard, processed  # the run's RunMonitor travels with p
 
 
 def infotext_fields(text):
@@ -77,8 +77,8 @@ def kdiffusion_start(webui, p):
 
 def test_kdiffusion_score_is_the_cores_first_step_gap(webui, tiny_model):
     p = make_p(webui, sampler_name="Euler", batch_size=2)
-    script, processed = run(p)
-    trace = script.last_run.results[0].trace
+    monitor, processed = run(p)
+    trace = monitor.results[0].trace
     x, t = kdiffusion_start(webui, p)
     expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t))
     torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
@@ -86,7 +86,7 @@ def test_kdiffusion_score_is_the_cores_first_step_gap(webui, tiny_model):
     assert trace.per_step()[0, 0] != trace.per_step()[0, 1]  # two seeds, two images, two scores
     fields = [infotext_fields(text) for text in processed.infotexts]
     assert [float(f["MemoGuard score"]) for f in fields] == pytest.approx(expected.tolist(), abs=1e-4)
-    assert [f["MemoGuard verdict"] for f in fields] == [script.last_run.verdict(0, i).label for i in range(2)]
+    assert [f["MemoGuard verdict"] for f in fields] == [monitor.verdict(0, i).label for i in range(2)]
 
 
 def core_on_schedule(tiny_model, timesteps):
@@ -100,10 +100,10 @@ def core_on_schedule(tiny_model, timesteps):
 def test_ddim_scores_match_the_core_sampler_at_every_step(webui, tiny_model):
     from memoguard.sampling import sample
     p = make_p(webui, sampler_name="DDIM", batch_size=2, steps=4)
-    script, _ = run(p)
+    monitor, _ = run(p)
     core = core_on_schedule(tiny_model, CompVisSampler(webui).timesteps(p.steps))
     result = sample(core, core.encode([PROMPT] * 2), core.encode([""]), seeds_noise(webui, p), steps=p.steps, guidance=p.cfg_scale)
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step(), result.trace.per_step(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step(), result.trace.per_step(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("host", ["webui", "forge"])
@@ -111,22 +111,22 @@ def test_and_prompt_rows_are_grouped_per_image_and_weighted(host, tiny_model, re
     """A1111 lays out one cond row per sub-prompt; Forge scales its CFG the same way: one expected score."""
     webui = request.getfixturevalue(host)
     p = make_p(webui, sampler_name="Euler", batch_size=2, prompt="a red house AND a blue boat:0.5")
-    script, _ = run(p)
+    monitor, _ = run(p)
     x, t = kdiffusion_start(webui, p)
     first = core_first_step(tiny_model, ["a red house"] * 2, x, t)
     second = core_first_step(tiny_model, ["a blue boat"] * 2, x, t)
     expected = rms_per_image(first + 0.5 * second)
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_long_prompt_over_75_tokens_is_scored(webui, tiny_model):
     prompt = " ".join(["house"] * 80)
     p = make_p(webui, sampler_name="Euler", prompt=prompt)
-    script, _ = run(p, explain=True)
+    monitor, _ = run(p, explain=True)
     x, t = kdiffusion_start(webui, p)
     expected = rms_per_image(core_first_step(tiny_model, [prompt], x, t))
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
-    (contributions,) = script.last_run.image_explanations(0, 0)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    (contributions,) = monitor.image_explanations(0, 0)
     assert len(contributions.tokens) == 80 and contributions.positions[75] == 78  # second chunk after BOS/EOS
 
 
@@ -138,20 +138,20 @@ def test_monitor_leaves_images_bit_identical(webui):
 
 def test_hires_pass_is_not_scored_and_the_infotext_says_so(webui):
     plain = processing.process_images(make_p(webui, enable_hr=True))
-    script, watched = run(make_p(webui, enable_hr=True))
+    monitor, watched = run(make_p(webui, enable_hr=True))
     _, first_pass_only = run(make_p(webui))
     got, unhired = infotext_fields(watched.infotexts[0]), infotext_fields(first_pass_only.infotexts[0])
     assert got["MemoGuard hires pass"] == "not scored" and "MemoGuard hires pass" not in unhired
     assert "hires-fix pass is not scored" in watched.comments
-    assert len(script.last_run.results[0].trace) == 3 and got["MemoGuard score"] == unhired["MemoGuard score"]
+    assert len(monitor.results[0].trace) == 3 and got["MemoGuard score"] == unhired["MemoGuard score"]
     assert torch.equal(plain.images[0], watched.images[0])
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_explanation_agrees_with_the_core(webui, tiny_model, sampler):
     p = make_p(webui, sampler_name=sampler)
-    script, processed = run(p, explain=True)
-    (got,) = script.last_run.image_explanations(0, 0)
+    monitor, processed = run(p, explain=True)
+    (got,) = monitor.image_explanations(0, 0)
     if sampler == "Euler":
         x, t = kdiffusion_start(webui, p)
     else:
@@ -162,8 +162,8 @@ def test_explanation_agrees_with_the_core(webui, tiny_model, sampler):
 def test_ngms_on_the_first_step_makes_the_score_unavailable(webui):
     shared.opts.s_min_uncond_all = True
     p = make_p(webui, s_min_uncond=1e9)
-    script, processed = run(p)
-    verdict = script.last_run.verdict(0, 0)
+    monitor, processed = run(p)
+    verdict = monitor.verdict(0, 0)
     assert not verdict.available and "NGMS" in verdict.reason
     fields = infotext_fields(processed.infotexts[0])
     assert fields["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in fields
@@ -172,25 +172,25 @@ def test_ngms_on_the_first_step_makes_the_score_unavailable(webui):
 
 def test_ngms_on_odd_steps_keeps_the_first_step_score(webui):
     p = make_p(webui, s_min_uncond=1e9, steps=5)
-    script, _ = run(p)
-    result = script.last_run.results[0]
+    monitor, _ = run(p)
+    result = monitor.results[0]
     assert result.skipped_steps == [1, 3] and result.trace.step_indices() == [0, 2, 4]
-    assert script.last_run.verdict(0, 0).available
+    assert monitor.verdict(0, 0).available
 
 
 def test_skip_early_cfg_is_unavailable_not_zero(webui):
     shared.opts.skip_early_cond = 0.5
-    script, processed = run(make_p(webui, steps=4))
-    verdict = script.last_run.verdict(0, 0)
+    monitor, processed = run(make_p(webui, steps=4))
+    verdict = monitor.verdict(0, 0)
     assert not verdict.available and "Skip Early CFG" in verdict.reason
 
 
 def test_batch_count_gives_each_image_its_own_score(webui):
     p = make_p(webui, batch_size=2, n_iter=2)
-    script, processed = run(p)
+    monitor, processed = run(p)
     scores = [float(infotext_fields(t)["MemoGuard score"]) for t in processed.infotexts]
     assert len(set(scores)) == 4
-    assert scores[2:] == pytest.approx(script.last_run.results[1].trace.score().tolist(), abs=1e-4)
+    assert scores[2:] == pytest.approx(monitor.results[1].trace.score().tolist(), abs=1e-4)
     assert panel_for(processed.js()).count('class="memoguard-image') == 4
 
 
@@ -208,7 +208,7 @@ def test_a_failure_inside_memoguard_does_not_break_the_generation(webui, monkeyp
         raise RuntimeError("boom")
     monkeypatch.setattr(monitor_module, "guided_difference", broken)
     plain = processing.process_images(make_p(webui))
-    script, processed = run(make_p(webui))
+    monitor, processed = run(make_p(webui))
     assert torch.equal(plain.images[0], processed.images[0])
     assert "MemoGuard failed" in processed.comments and "boom" in processed.comments
     assert "boom" in panel_for(processed.js()) and not script_callbacks.reported  # caught by MemoGuard itself
@@ -217,20 +217,20 @@ def test_a_failure_inside_memoguard_does_not_break_the_generation(webui, monkeyp
 
 def test_mitigation_lowers_the_first_step_gap_and_is_recorded(webui):
     plain = processing.process_images(make_p(webui))
-    script, processed = run(make_p(webui), mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
-    record = script.last_run.results[0].mitigation
+    monitor, processed = run(make_p(webui), mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
+    record = monitor.results[0].mitigation
     assert record.ran and record.iterations == 3 and record.after[0] < record.before[0]
     assert not torch.equal(plain.images[0], processed.images[0])
     assert infotext_fields(processed.infotexts[0])["MemoGuard mitigation"].startswith("always 3 iterations")
     # the sampler saw the optimised prompt: its first recorded gap is the record's "after"
-    assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
+    assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
 
 
 def test_auto_mitigation_without_threshold_or_calibration_says_so_and_generation_runs(webui, tiny_model):
     from test_issue9 import other_model
     shared.sd_model = b = other_model(webui, tiny_model)  # no calibration (the bundled model has one)
     plain = processing.process_images(make_p(b))
-    script, processed = run(make_p(b), mitigation="auto", strategy="minimize")
+    monitor, processed = run(make_p(b), mitigation="auto", strategy="minimize")
     assert torch.equal(plain.images[0], processed.images[0])
     got = infotext_fields(processed.infotexts[0])
     assert got["MemoGuard mitigation"] == "auto not run (no calibration of this checkpoint and no threshold)"
@@ -238,12 +238,12 @@ def test_auto_mitigation_without_threshold_or_calibration_says_so_and_generation
 
 
 def test_threshold_flags_and_auto_mitigation_runs_only_when_flagged(webui):
-    script, processed = run(make_p(webui), threshold=1e-6, mitigation="auto", strategy="minimize", max_iters=2)
-    assert script.last_run.verdict(0, 0).flagged
+    monitor, processed = run(make_p(webui), threshold=1e-6, mitigation="auto", strategy="minimize", max_iters=2)
+    assert monitor.verdict(0, 0).flagged
     assert infotext_fields(processed.infotexts[0])["MemoGuard verdict"] == "flagged"
-    assert script.last_run.results[0].mitigation.ran
-    script, _ = run(make_p(webui), threshold=1e6, mitigation="auto", strategy="minimize")
-    assert not script.last_run.results[0].mitigation.ran
+    assert monitor.results[0].mitigation.ran
+    monitor, _ = run(make_p(webui), threshold=1e6, mitigation="auto", strategy="minimize")
+    assert not monitor.results[0].mitigation.ran
 
 
 def test_script_args_in_documented_order_with_defaults_for_missing_ones():

@@ -27,36 +27,36 @@ def direct_gap(model, x, t, negative="", prompt=PROMPT):
 @pytest.mark.parametrize("negative", ["", LONG_NEGATIVE])
 def test_kdiffusion_score_is_the_models_first_step_gap(webui_xl, negative):
     p = make_p(webui_xl, sampler_name="Euler", batch_size=2, negative_prompt=negative)
-    script, processed = run(p)
+    monitor, processed = run(p)
     x, t = kdiffusion_start(webui_xl, p)
     expected = rms_per_image(direct_gap(webui_xl, x, t, negative))
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert [float(infotext_fields(text)["MemoGuard score"]) for text in processed.infotexts] == \
         pytest.approx(expected.tolist(), abs=1e-4)
 
 
 def test_and_prompt_rows_stack_dicts_per_row_and_add_with_their_weights(webui_xl):
     p = make_p(webui_xl, sampler_name="Euler", batch_size=2, prompt="a red house AND a blue boat:0.5")
-    script, _ = run(p)
+    monitor, _ = run(p)
     x, t = kdiffusion_start(webui_xl, p)
     expected = rms_per_image(direct_gap(webui_xl, x, t, prompt="a red house")
                              + 0.5 * direct_gap(webui_xl, x, t, prompt="a blue boat"))
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_ddim_score_is_the_models_first_step_gap(webui_xl):
     p = make_p(webui_xl, sampler_name="DDIM", batch_size=2)
-    script, _ = run(p)
+    monitor, _ = run(p)
     x, t = seeds_noise(webui_xl, p), CompVisSampler(webui_xl).timesteps(p.steps)[0]
     expected = rms_per_image(direct_gap(webui_xl, x, t))
-    torch.testing.assert_close(script.last_run.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_monitor_leaves_sdxl_images_bit_identical(webui_xl, sampler):
     plain = processing.process_images(make_p(webui_xl, sampler_name=sampler, batch_size=2))
-    script, watched = run(make_p(webui_xl, sampler_name=sampler, batch_size=2), explain=True, window=2)
-    assert not script.last_run.errors
+    monitor, watched = run(make_p(webui_xl, sampler_name=sampler, batch_size=2), explain=True, window=2)
+    assert not monitor.errors
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
@@ -85,9 +85,9 @@ def assert_explanation_is_the_gradient(got, processed, model, x, t):
 @pytest.mark.parametrize("method", ["auto", "gradient_norm"])
 def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl, method):
     p = make_p(webui_xl, sampler_name="Euler")
-    script, processed = run(p, explain=True, explain_method=method)
-    assert not script.last_run.errors
-    (got,) = script.last_run.image_explanations(0, 0)
+    monitor, processed = run(p, explain=True, explain_method=method)
+    assert not monitor.errors
+    (got,) = monitor.image_explanations(0, 0)
     assert_explanation_is_the_gradient(got, processed, webui_xl, *kdiffusion_start(webui_xl, p))
 
 
@@ -97,13 +97,13 @@ def test_mitigation_lowers_the_gap_and_leaves_the_vector_alone(webui_xl, monkeyp
     monkeypatch.setattr(webui_xl, "apply_model",
                         lambda x, t, cond: vectors.append(cond["vector"]) or apply_model(x, t, cond))
     p = make_p(webui_xl, sampler_name="Euler")
-    script, processed = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
-    assert not script.last_run.errors
-    record = script.last_run.results[0].mitigation
+    monitor, processed = run(p, mitigation="always", strategy="minimize", max_iters=3, lr=0.1)
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
     x, t = kdiffusion_start(webui_xl, p)
     assert record.ran and record.before[0] == pytest.approx(rms_per_image(direct_gap(webui_xl, x, t)).item(), rel=1e-4)
     assert record.after[0] < record.before[0]
     # the sampler saw the optimised crossattn: its first recorded gap is the record's "after"
-    assert script.last_run.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
+    assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
     originals = [conditioning(webui_xl, text)["vector"][0] for text in (PROMPT, "")]
     assert vectors and all(any(torch.equal(row, v) for v in originals) for call in vectors for row in call)

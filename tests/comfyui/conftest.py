@@ -10,3 +10,20 @@ import torch
 
 # The tiny models here are faster on one thread than on cores shared with other jobs.
 torch.set_num_threads(1)
+
+
+def _model_management_stand_in():
+    """comfy.model_management's interrupt flag (what the queue's Cancel sets), where ComfyUI is not installed."""
+    import importlib.util
+    import types
+    if importlib.util.find_spec("comfy") is not None:
+        return
+    comfy = types.ModuleType("comfy")
+    management = types.ModuleType("comfy.model_management")
+    management.interrupt_processing = False
+    management.processing_interrupted = lambda: management.interrupt_processing
+    comfy.model_management = management
+    sys.modules.update({"comfy": comfy, "comfy.model_management": management})
+
+
+_model_management_stand_in()

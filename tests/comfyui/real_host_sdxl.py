@@ -90,7 +90,7 @@ def main():
         _, data = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
         out["tokens"] = json.loads(data)
 
-        session = MitigationSession(MitigationSettings(mode="always", max_iters=5), **quiet)
+        session = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize", max_iters=5), **quiet)
         after_monitor = MonitorSession(MonitorSettings(), **quiet)
         run(attach_monitor(attach_mitigation(model, session), after_monitor))
         out["mitigation"] = {"error": session.error, **session.record.to_dict(),

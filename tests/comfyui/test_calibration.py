@@ -232,7 +232,7 @@ def test_tiny_model_samples_an_empty_latent_of_128_at_16x16_on_both_versions(ver
 def test_mitigation_auto_takes_the_threshold_of_the_weights_it_runs(bundled, random_copy, tmp_path):
     for (patcher, clip), calibrated in ((bundled, True), (random_copy, False)):
         texts = []
-        settings = MitigationSettings("auto", calibration=CalibrationSource("auto", folders=[tmp_path]))
+        settings = MitigationSettings(mitigation="auto", strategy="minimize", calibration=CalibrationSource("auto", folders=[tmp_path]))
         session = MitigationSession(settings, emit=lambda e, d: None, show=lambda t, n: texts.append(t))
         noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a purple ring, lighthouse poster"))

@@ -18,6 +18,7 @@ def setup(unet, batch=1, **settings):
     torch.manual_seed(2)
     base = harness.ModelPatcher(harness.BaseModel(unet))
     texts = []
+    settings.setdefault("strategy", "minimize")
     session = MitigationSession(MitigationSettings(**settings), node_id="9", emit=lambda e, d: None,
                                 show=lambda text, node: texts.append(text))
     monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
@@ -27,7 +28,7 @@ def setup(unet, batch=1, **settings):
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_always_lowers_the_first_step_score_the_sampler_then_sees(unet, batch):
-    base, session, monitor, texts, inputs = setup(unet, batch=batch, mode="always", lr=0.1, max_iters=5)
+    base, session, monitor, texts, inputs = setup(unet, batch=batch, mitigation="always", lr=0.1, max_iters=5)
     patched = attach_monitor(attach_mitigation(base, session), monitor)
     assert session_of(patched) is session
     mitigated = harness.sample(patched, *inputs, steps=STEPS)
@@ -41,7 +42,7 @@ def test_always_lowers_the_first_step_score_the_sampler_then_sees(unet, batch):
 
 
 def test_runs_once_per_sampling_run(unet):
-    base, session, _, _, inputs = setup(unet, mode="always", max_iters=2)
+    base, session, _, _, inputs = setup(unet, mitigation="always", max_iters=2)
     patched = attach_mitigation(base, session)
     harness.sample(patched, *inputs, steps=STEPS)
     first = session.record
@@ -49,24 +50,24 @@ def test_runs_once_per_sampling_run(unet):
     assert session.record is not first and session.record.iterations == 2
 
 
-@pytest.mark.parametrize("settings", [dict(mode="off"), dict(mode="auto", threshold=1e9)])
+@pytest.mark.parametrize("settings", [dict(mitigation="off"), dict(mitigation="auto", threshold=1e9)])
 def test_off_or_unflagged_auto_leaves_the_image_bit_identical(unet, settings):
     base, session, _, texts, inputs = setup(unet, **settings)
     out = harness.sample(attach_mitigation(base, session), *inputs, steps=STEPS)
     assert torch.equal(out, harness.sample(base, *inputs, steps=STEPS))
-    if settings["mode"] == "auto":
+    if settings["mitigation"] == "auto":
         assert not session.record.ran and "under threshold" in texts[-1]
 
 
 def test_cfg1_has_no_negative_and_says_so(unet):
-    base, session, _, texts, inputs = setup(unet, mode="always")
+    base, session, _, texts, inputs = setup(unet, mitigation="always")
     out = harness.sample(attach_mitigation(base, session), *inputs, cfg=1.0, steps=STEPS)
     assert torch.equal(out, harness.sample(base, *inputs, cfg=1.0, steps=STEPS))
     assert session.record is None and "cfg != 1" in texts[-1]
 
 
 def test_failure_leaves_the_prompt_and_sampling_alone(unet):
-    base, session, _, texts, inputs = setup(unet, mode="always")
+    base, session, _, texts, inputs = setup(unet, mitigation="always")
     broken = attach_mitigation(base, session)
     session.maybe_minimize = lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory"))
     out = harness.sample(broken, *inputs, steps=STEPS)
@@ -74,19 +75,61 @@ def test_failure_leaves_the_prompt_and_sampling_alone(unet):
     assert "out of memory" in session.error and "prompt unchanged" in texts[-1]
 
 
+def _fail_in_backward_passes(base, error):
+    """The model raises `error` whenever MemoGuard asks for a gradient (the sampler's own calls go through)."""
+    inner = base.model.apply_model
+
+    def apply_model(x, t, **kwargs):
+        if kwargs["c_crossattn"].requires_grad:
+            raise error
+        return inner(x, t, **kwargs)
+    base.model.apply_model = apply_model
+
+
+def test_out_of_memory_inside_minimization_samples_the_plain_prompt(unet):
+    base, session, _, texts, inputs = setup(unet, mitigation="always", max_iters=5)
+    plain = harness.sample(base, *inputs, steps=STEPS)
+    patched = attach_mitigation(base, session)
+    _fail_in_backward_passes(base, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    out = harness.sample(patched, *inputs, steps=STEPS)
+    assert torch.equal(out, plain)
+    assert session.record is None and "ran out of memory" in session.error and "freed" in texts[-1]
+
+
+def test_an_interrupt_stops_the_minimization_at_once(unet, monkeypatch):
+    from comfy import model_management
+    base, session, _, texts, inputs = setup(unet, mitigation="always", max_iters=50)
+    calls = []
+    inner = base.model.apply_model
+
+    def apply_model(x, t, **kwargs):  # the user presses Cancel during the second gradient
+        if kwargs["c_crossattn"].requires_grad:
+            calls.append(1)
+            if len(calls) == 2:
+                monkeypatch.setattr(model_management, "interrupt_processing", True)
+        return inner(x, t, **kwargs)
+    base.model.apply_model = apply_model
+    try:
+        harness.sample(attach_mitigation(base, session), *inputs, steps=STEPS)
+    finally:
+        monkeypatch.setattr(model_management, "interrupt_processing", False)
+    assert len(calls) == 2 and session.record is None
+    assert "interrupted" in session.error and "prompt unchanged" in texts[-1]
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="needs a threshold"):
-        MitigationSettings(mode="auto")
+        MitigationSettings(mitigation="auto")
     with pytest.raises(ValueError, match="mode must be one of"):
-        MitigationSettings(mode="sometimes")
-    with pytest.raises(ValueError, match="a MODEL patch cannot"):
+        MitigationSettings(mitigation="sometimes")
+    with pytest.raises(ValueError, match="re-encodes the prompt"):
         MitigationSettings(strategy="remove_tokens")
     with pytest.raises(ValueError, match="delay must be in"):
         MitigationSettings(strategy="guidance_delay", delay=1.0)
 
 
 def test_guidance_delay_keeps_the_first_step_score_and_steers_the_rest(unet):
-    base, session, monitor, texts, inputs = setup(unet, mode="always", strategy="guidance_delay", delay=0.5)
+    base, session, monitor, texts, inputs = setup(unet, mitigation="always", strategy="guidance_delay", delay=0.5)
     plain_monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
     plain = harness.sample(attach_monitor(base, plain_monitor), *inputs, steps=4)
     steered = harness.sample(attach_monitor(attach_mitigation(base, session), monitor), *inputs, steps=4)
@@ -99,12 +142,12 @@ def test_guidance_delay_keeps_the_first_step_score_and_steers_the_rest(unet):
     assert "no text guidance for the first 2 step(s) of 1 of 1 image(s)" in texts[-1]
     # a delay of 0 steps is the plain run, bit for bit
     assert torch.equal(harness.sample(attach_mitigation(base, MitigationSession(
-        MitigationSettings(mode="always", strategy="guidance_delay", delay=0.0), emit=lambda e, d: None,
+        MitigationSettings(mitigation="always", strategy="guidance_delay", delay=0.0), emit=lambda e, d: None,
         show=lambda t, n: None)), *inputs, steps=4), plain)
 
 
 def test_guidance_delay_auto_steers_only_flagged_images(unet):
-    base, session, monitor, texts, inputs = setup(unet, batch=2, mode="auto", threshold=0.0,
+    base, session, monitor, texts, inputs = setup(unet, batch=2, mitigation="auto", threshold=0.0,
                                                   strategy="guidance_delay", delay=0.5)
     probe = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda text, node: None)
     plain = harness.sample(attach_monitor(base, probe), *inputs, steps=4)
@@ -117,7 +160,7 @@ def test_guidance_delay_auto_steers_only_flagged_images(unet):
 
 
 def test_guidance_delay_failure_leaves_sampling_alone(unet):
-    base, session, _, texts, inputs = setup(unet, mode="always", strategy="guidance_delay")
+    base, session, _, texts, inputs = setup(unet, mitigation="always", strategy="guidance_delay")
     session._plan_delay = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
     out = harness.sample(attach_mitigation(base, session), *inputs, steps=STEPS)
     assert torch.equal(out, harness.sample(base, *inputs, steps=STEPS))

@@ -58,7 +58,7 @@ def test_mitigation_keeps_y_and_the_sampler_starts_from_the_minimized_score(sdxl
     with torch.inference_mode():
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-    session = MitigationSession(MitigationSettings(mode="always", lr=0.1, max_iters=4),
+    session = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize", lr=0.1, max_iters=4),
                                 emit=lambda e, d: None, show=lambda t, n: None)
     monitor = MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda t, n: None)
     patched = attach_monitor(attach_mitigation(harness.ModelPatcher(base), session), monitor)
@@ -76,7 +76,7 @@ def test_flow_models_are_refused_with_a_message_and_left_alone():
     with pytest.raises(UnsupportedModel, match="rectified-flow.*SD1.x, SD2.x and SDXL"):
         ComfyDiffusionModel(flow)
     texts = []
-    session = MitigationSession(MitigationSettings(mode="always"), emit=lambda e, d: None,
+    session = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize"), emit=lambda e, d: None,
                                 show=lambda text, node: texts.append(text))
     torch.manual_seed(6)
     inputs = (torch.randn(1, 3, 16, 16), torch.randn(1, 77, 64), torch.randn(1, 77, 64))

@@ -96,6 +96,8 @@ def process_images(p):
     forge = sd_samplers_common.running_forge()
     p.all_prompts = [p.prompt] * (p.n_iter * p.batch_size)
     p.all_seeds = [p.seed + i for i in range(p.n_iter * p.batch_size)]
+    if p.scripts is not None:
+        p.scripts.process(p)
     with torch.inference_mode() if forge else torch.no_grad():  # A1111: no_grad; Forge: inference_mode
         for iteration in range(p.n_iter):
             p.iteration = iteration
@@ -119,5 +121,8 @@ def process_images(p):
                 images.append(samples[i])
                 infotexts.append(create_infotext(p, p.prompts, p.seeds, [], index=i))  # as the WebUI: index in batch
     shared.state.job_timestamp = getattr(shared.state, "job_timestamp", 0) + 1
-    return Processed(images, infotexts, "".join(f"{c}\n" for c in p.comments), list(p.all_prompts),
-                     list(p.all_seeds), str(shared.state.job_timestamp), p.batch_size)
+    processed = Processed(images, infotexts, "".join(f"{c}\n" for c in p.comments), list(p.all_prompts),
+                          list(p.all_seeds), str(shared.state.job_timestamp), p.batch_size)
+    if p.scripts is not None:
+        p.scripts.postprocess(p, processed)
+    return processed

@@ -1,0 +1,195 @@
+"""The host contract: what ComfyUI, A1111 and Forge hand MemoGuard, turned into the core's terms once.
+
+Adapters keep only host glue (where the predictions, sigmas and conditionings are found); the
+conversions, the prompt encodings, the settings and what to do when MemoGuard's own work fails
+live here, so every host computes them the same way.
+
+Conventions (see memoguard.score): k-diffusion / EDM hosts call the model with sigma and get the
+denoised x0 at x = x0 + sigma * eps (alpha = 1); rectified-flow models (SD3, Flux) sample
+x = sigma * eps + (1 - sigma) * x0; timestep samplers use the VP schedule.
+"""
+import gc
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from .explain import check_method
+from .mitigate import DEFAULT_DELAY, MitigationError, check_settings, delay_steps
+from .model import Interrupted, PromptEncoding
+from .score import coefficients_vp, eps_difference
+
+CHUNK = 77  # positions per CLIP window in every host: BOS + 75 tokens + EOS/padding
+TOKENS_PER_CHUNK = CHUNK - 2
+HOST_STRATEGIES = ("guidance_delay", "minimize")  # token removal re-encodes the prompt: not in the hosts yet
+
+__all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",
+           "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference", "combine_rows",
+           "without_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
+           "release_memory", "is_out_of_memory", "Interrupted"]
+
+
+# -- schedules ------------------------------------------------------------------------------------
+def coefficients_kdiffusion(sigma):
+    """(alpha, sigma) of x = x0 + sigma * eps."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    return torch.ones_like(sigma), sigma
+
+
+def coefficients_flow(sigma):
+    """(alpha, sigma) of a rectified flow's x = (1 - sigma) * x0 + sigma * eps."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    return 1 - sigma, sigma
+
+
+def noise_level_flow(sigma: float) -> float:
+    """memoguard's noise level (sigma / alpha) of a rectified flow's sigma."""
+    return sigma / (1 - sigma) if sigma < 1 else math.inf
+
+
+def noise_level_vp(alphas_cumprod: torch.Tensor, t: float) -> float:
+    """memoguard's noise level of a VP timestep t."""
+    abar = float(alphas_cumprod[int(round(t))])
+    return math.sqrt((1 - abar) / abar)
+
+
+def prediction_name(kind: Optional[str]) -> Optional[str]:
+    """What a checkpoint predicts, as calibrations record it (eps | v | flow | edm), from a host's name for
+    it: diffusers' epsilon / v_prediction, Forge's predictor types, ComfyUI's ModelType names."""
+    if kind is None:
+        return None
+    kind = str(kind).lower()
+    if kind.startswith("v_prediction") or kind == "v":
+        return "v"
+    if kind in ("eps", "epsilon"):
+        return "eps"
+    if "flow" in kind or kind in ("flux", "const"):
+        return "flow"
+    return kind
+
+
+# -- predictions -> the score's eps_c - eps_u --------------------------------------------------------
+def denoised_difference(cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor, sigma,
+                        flow: bool = False) -> torch.Tensor:
+    """eps_c - eps_u per image from a k-diffusion / EDM (or rectified-flow) host's denoised predictions."""
+    alpha = (1 - sigma) if flow else 1.0
+    return eps_difference(cond_denoised, uncond_denoised, "x0", alpha, sigma)
+
+
+def combine_rows(diff_rows: torch.Tensor, weights: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-row eps_c - eps_u -> per image, as CFG adds AND sub-prompts: weights[i] holds the weight of each
+    of image i's rows, which follow each other in that order."""
+    out, row = [], 0
+    for image in weights:
+        d = None
+        for k, weight in enumerate(image):
+            term = diff_rows[row + k:row + k + 1]
+            term = term if weight == 1.0 else weight * term
+            d = term if d is None else d + term
+        out.append(d)
+        row += len(image)
+    return torch.cat(out)
+
+
+def without_guidance(guided: torch.Tensor, uncond: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Delayed guidance at a delayed step: the marked images (B,) bool take the unconditional prediction."""
+    mask = images.to(guided.device).reshape(-1, *([1] * (guided.dim() - 1)))
+    return torch.where(mask, uncond.to(guided.dtype), guided)
+
+
+# -- prompt encodings from a host's conditioning tensors ---------------------------------------------
+def _bos(batch: int, length: int) -> torch.Tensor:
+    return (torch.arange(length) % CHUNK == 0).expand(batch, -1).clone()
+
+
+def chunked_encoding(embedding: torch.Tensor, tokens: Optional[List[List[str]]] = None,
+                     prompt_mask: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> PromptEncoding:
+    """A host's prompt conditioning (B, 77 * chunks, C) as a PromptEncoding: every chunk's BOS frozen.
+    Without token strings every position but the BOS counts as prompt."""
+    b, length, _ = embedding.shape
+    if length % CHUNK:
+        raise ValueError(f"a CLIP conditioning has a multiple of {CHUNK} positions, got {length}")
+    frozen = _bos(b, length)
+    extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v for k, v in (extra or {}).items()}
+    return PromptEncoding(embedding, tokens or [[""] * length for _ in range(b)],
+                          ~frozen if prompt_mask is None else prompt_mask, frozen, extra)
+
+
+def empty_encoding(embedding: torch.Tensor, extra: Optional[dict] = None) -> PromptEncoding:
+    """The negative prompt's conditioning: no prompt tokens, nothing moves. It may be longer than the prompt
+    (Denoiser.eps_pair then evaluates the two apart)."""
+    b, length, _ = embedding.shape
+    none = torch.zeros(b, length, dtype=torch.bool)
+    return PromptEncoding(embedding, [[""] * length for _ in range(b)], none, none.clone(), dict(extra or {}))
+
+
+# -- what the user sets ------------------------------------------------------------------------------
+@dataclass
+class HostSettings:
+    """Everything a MemoGuard user sets in any host, checked once (MemoGuardError subclasses name the field)."""
+    window: int = 1                     # steps the verdict averages over, from the first
+    fpr: float = 0.01                   # share of benign prompts a calibrated threshold may flag
+    threshold: Optional[float] = None   # overrides the calibration's
+    explain_steps: int = 1
+    explain_method: str = "auto"        # memoguard.explain.METHODS
+    mitigation: str = "off"             # off | always | auto
+    strategy: str = "guidance_delay"    # one of HOST_STRATEGIES
+    target: float = 0.0
+    lr: float = 0.05
+    max_iters: int = 10
+    delay: float = DEFAULT_DELAY
+
+    def __post_init__(self):
+        if self.window < 1 or self.explain_steps < 1:
+            raise ValueError(f"window and explanation steps must be >= 1 (got {self.window}, {self.explain_steps})")
+        if not 0 < self.fpr < 1:
+            raise ValueError(f"false-positive rate must be in (0, 1), got {self.fpr}")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0 (or unset), got {self.threshold}")
+        check_settings(self.mitigation, self.lr, self.max_iters, self.target)
+        if self.strategy not in HOST_STRATEGIES:
+            raise MitigationError(f"strategy must be one of {', '.join(HOST_STRATEGIES)} in a host (token removal "
+                                  f"re-encodes the prompt), got {self.strategy!r}")
+        delay_steps(1, self.delay)
+        check_method(self.explain_method)
+
+    def threshold_from(self, calibration) -> Optional[float]:
+        """The threshold verdicts and mode 'auto' compare with: the explicit one, else the calibration's."""
+        if self.threshold is not None:
+            return float(self.threshold)
+        return None if calibration is None else calibration.threshold(self.fpr)
+
+    @property
+    def minimizes(self) -> bool:
+        return self.mitigation != "off" and self.strategy == "minimize"
+
+    @property
+    def delays(self) -> bool:
+        return self.mitigation != "off" and self.strategy == "guidance_delay"
+
+
+# -- MemoGuard's own failures never cost the image ---------------------------------------------------
+def is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def release_memory(error: Optional[BaseException] = None) -> None:
+    """Free what a failed explanation or mitigation held: its frames (through the traceback), then the cache."""
+    if error is not None:
+        error.__traceback__ = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def failure_message(doing: str, error: BaseException) -> str:
+    """One line for the user when MemoGuard's own work fails; the generation goes on with the plain prompt."""
+    if isinstance(error, Interrupted):
+        return f"MemoGuard stopped {doing}: the generation was interrupted"
+    if is_out_of_memory(error):
+        return (f"MemoGuard ran out of memory {doing}; it freed what it held and the image is sampled with the "
+                f"plain prompt (fewer images per batch, fewer explanation steps or iterations need less)")
+    return f"MemoGuard failed {doing}: {type(error).__name__}: {error}"
