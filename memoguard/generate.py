@@ -108,6 +108,7 @@ def run(args) -> int:
     from .diffusers_model import load_model
     from .scan import load_calibration, read_prompts
     from .sampling import initial_noise, sample
+    from .hosts import failure_message, is_out_of_memory, release_memory
     from .verdict import verdict_for
     if args.steps < 1:
         raise ArgumentError(f"--steps must be >= 1 (got {args.steps})")
@@ -128,10 +129,17 @@ def run(args) -> int:
     for k, prompt in enumerate(prompts):
         cond = model.encode([prompt]).repeat_rows(len(seeds))
         x = initial_noise(model, model.latent_shape(), seeds, model.device)
-        plan = None
+        plan, failure = None, None
         if strategy is not None:
-            plan = mitigate(model, cond, uncond, x, ts, guidance, strategy=strategy, **settings)
-            cond = plan.cond
+            try:
+                plan = mitigate(model, cond, uncond, x, ts, guidance, strategy=strategy, **settings)
+                cond = plan.cond
+            except Exception as e:  # out of memory: the images are still made, with the plain prompt
+                if not is_out_of_memory(e):
+                    raise
+                failure = failure_message("mitigating", e)
+                release_memory(e)
+                print(failure, file=sys.stderr)
         run_ = sample(model, cond, uncond, x, args.steps, guidance if plan is None or plan.guidance is None
                       else plan.guidance)
         verdicts = verdict_for(run_.trace, calibration, fpr=args.fpr, images=len(seeds), notes=notes)
@@ -140,7 +148,8 @@ def run(args) -> int:
         for g, (seed, verdict, image) in enumerate(zip(seeds, verdicts, images)):
             record = {"prompt": prompt, "seed": seed, "steps": args.steps, "guidance": guidance,
                       "model": model.name, "model_key": model.model_key, "verdict": _json_safe(verdict.to_dict()),
-                      "scores": run_.trace.per_step()[:, g].tolist(), "mitigation": None,
+                      "scores": run_.trace.per_step()[:, g].tolist(),
+                      "mitigation": None if failure is None else {"strategy": strategy, "ran": False, "error": failure},
                       "file": f"{k:04d}_seed{seed}.png"}
             if plan is not None:
                 rec = plan.record

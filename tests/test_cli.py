@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from memoguard.calibration import Calibration
@@ -186,3 +187,23 @@ def test_generate_bad_arguments_are_one_line(tmp_path, capsys, random_model_dir,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("memoguard generate:")
+
+
+def test_generate_out_of_memory_in_mitigation_makes_the_plain_image(tmp_path, capsys, random_model_dir, monkeypatch):
+    from memoguard.diffusers_model import DiffusersModel
+    base = ["generate", "--prompt", "a red circle", "--model", str(random_model_dir), "--seeds", "0", "--steps", "3"]
+    assert main(base + ["--out", str(tmp_path / "plain")]) == 0
+    inner = DiffusersModel.raw_prediction
+
+    def raw_prediction(self, x, t, embedding, extra):  # minimization's gradients need more memory than there is
+        if embedding.requires_grad:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return inner(self, x, t, embedding, extra)
+    monkeypatch.setattr(DiffusersModel, "raw_prediction", raw_prediction)
+    capsys.readouterr()
+    assert main(base + ["--mitigation", "minimize", "--mode", "always", "--target", "0", "--out", str(tmp_path / "oom")]) == 0
+    assert "ran out of memory mitigating" in capsys.readouterr().err
+    (record,) = [json.loads(line) for line in (tmp_path / "oom" / "results.jsonl").read_text().splitlines()]
+    assert record["mitigation"]["ran"] is False and "out of memory" in record["mitigation"]["error"]
+    same = lambda d: np.asarray(Image.open(tmp_path / d / record["file"]))
+    assert np.array_equal(same("oom"), same("plain"))
