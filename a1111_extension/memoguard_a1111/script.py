@@ -201,6 +201,8 @@ class MemoGuardBase(scripts.Script):
         monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
         monitor.entry = self.id_prefix
         setattr(p, RUN_ATTR, monitor)
+        # X/Y/Z plot's cells are shallow copies of one p: each cell's keys go into a dict of its own
+        p.extra_generation_params = dict(p.extra_generation_params)
         self._add_infotext(p, monitor)
         script_callbacks.on_cfg_denoiser(monitor.on_cfg_denoiser)
         script_callbacks.on_cfg_denoised(monitor.on_cfg_denoised)  # never fired by Forge: harmless there

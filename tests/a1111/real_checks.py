@@ -12,6 +12,7 @@ from pathlib import Path
 
 from real_host import MONITOR_ONLY, call, pixels, txt2img
 
+ACCORDION = "MemoGuard Monitor"  # the always-visible script's title, its alwayson_scripts key
 SMALL_CALIBRATION = dict(prompts=10, band_prompts=2, steps=3, width=64, height=64)
 ROUTE = "/memoguard/v1/calibrate"
 AND_PROMPT = "a dog AND a photo of a cat"
@@ -178,6 +179,51 @@ def progress_text_is_cleared(base):
     txt2img(base, "Euler", MONITOR_ONLY)
     text = call(base + "/sdapi/v1/progress")["textinfo"] or ""
     assert not text.startswith("MemoGuard"), text
+
+
+def xyz_over_cfg_with_the_accordion(base):
+    """X/Y/Z plot over the CFG scale with the MemoGuard accordion on (issue 11): every cell is scored on its own
+    infotext, the first-step score is the same in every cell (it does not depend on the scale), and each cell's
+    image is the plain run's."""
+    xyz = next(s for s in call(base + "/sdapi/v1/script-info") if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    cfg_axis = xyz["args"][0]["choices"].index("CFG Scale")
+    # x: CFG 3, 7, 11; no y/z; legend, lone images; fixed seeds
+    xyz_args = [cfg_axis, "3,7,11", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, False]
+    result = txt2img(base, "Euler", None, script_name="x/y/z plot", script_args=xyz_args,
+                     alwayson_scripts={ACCORDION: {"args": [True] + MONITOR_ONLY}})
+    cells = all_fields(result)[1:]  # the grid first, then the three cells
+    print("X/Y/Z cells:", [(c.get("CFG scale"), c.get("MemoGuard score"), c.get("MemoGuard verdict")) for c in cells])
+    assert [float(c["CFG scale"]) for c in cells] == [3.0, 7.0, 11.0]
+    assert len({c["MemoGuard score"] for c in cells}) == 1 and all(c["MemoGuard verdict"] for c in cells)
+    assert "MemoGuard error" not in cells[0]
+    single = first(txt2img(base, "Euler", MONITOR_ONLY))
+    assert abs(float(single["MemoGuard score"]) - float(cells[1]["MemoGuard score"])) <= 2e-4
+    plain = txt2img(base, "Euler")
+    assert pixels(result["images"][2]) == pixels(plain["images"][0])  # the CFG 7 cell, bit-identical
+    assert pixels(result["images"][1]) != pixels(result["images"][3])
+    off = txt2img(base, "Euler", None, alwayson_scripts={ACCORDION: {"args": [False] + MONITOR_ONLY}})
+    assert "MemoGuard score" not in first(off)
+
+
+def interrupt_stops_the_mitigation(base):
+    """Interrupt a generation whose minimization runs 50 iterations: MemoGuard stops with it (issue 11: on Forge
+    all 50 ran first). Measured side by side with the same run left to finish."""
+    import threading
+    args = [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 50, "minimize"]
+    started = time.time()
+    txt2img(base, "Euler", args)
+    full = time.time() - started
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(result=txt2img(base, "Euler", args)))
+    started = time.time()
+    worker.start()
+    time.sleep(full / 4)
+    call(base + "/sdapi/v1/interrupt", {})
+    worker.join()
+    stopped = time.time() - started
+    got = first(out["result"])
+    print(f"50 iterations: {full:.1f} s; interrupted at {full / 4:.1f} s, returned after {stopped:.1f} s;", got)
+    assert stopped < full / 2 and "interrupted" in unquote(got["MemoGuard error"])
 
 
 def checkpoint_b(ckpt_env):

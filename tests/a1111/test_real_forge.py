@@ -114,3 +114,12 @@ def test_forge_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
 
 def test_forge_second_checkpoint_is_uncalibrated(forge, calibrated):
     real_checks.second_checkpoint_is_uncalibrated(forge, calibrated, real_checks.checkpoint_b("FORGE_CKPT"))
+
+
+# -- issue 11 ------------------------------------------------------------------------------------------------------
+def test_xyz_plot_over_cfg_with_the_memoguard_accordion(forge):
+    real_checks.xyz_over_cfg_with_the_accordion(forge)
+
+
+def test_interrupt_stops_memoguards_own_work(forge):
+    real_checks.interrupt_stops_the_mitigation(forge)

@@ -105,3 +105,12 @@ def test_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
 
 def test_second_checkpoint_is_uncalibrated(webui, calibrated):
     real_checks.second_checkpoint_is_uncalibrated(webui, calibrated, real_checks.checkpoint_b("A1111_CKPT"))
+
+
+# -- issue 11 ------------------------------------------------------------------------------------------------------
+def test_xyz_plot_over_cfg_with_the_memoguard_accordion(webui):
+    real_checks.xyz_over_cfg_with_the_accordion(webui)
+
+
+def test_interrupt_stops_memoguards_own_work(webui):
+    real_checks.interrupt_stops_the_mitigation(webui)
