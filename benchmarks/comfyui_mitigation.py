@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 20      # memoguard.bench.MITIGATION_STEPS
+STEPS = 20      # memoguard.cli.bench.MITIGATION_STEPS
 LR, MAX_ITERS = 0.05, 10
 
 
 def bench_setup(bench_json: Path, n_prompts: int):
-    """(prompts, target) exactly as memoguard.bench.run_bench hands them to mitigation_bench."""
+    """(prompts, target) exactly as memoguard.cli.bench.run_bench hands them to mitigation_bench."""
     res = json.loads(bench_json.read_text())
     prompts = [p["text"] for p in res["prompts"] if p["positive"] and p["kind"] != "random"][:n_prompts]
     return prompts, res["mitigation"]["target"], res["mitigation"]
@@ -51,7 +51,7 @@ def copies(images: np.ndarray) -> np.ndarray:
 
 def core_side(prompts, seeds, target) -> dict:
     from memoguard import minimize_embedding
-    from memoguard.diffusers_model import load_model
+    from memoguard.standalone.diffusers_model import load_model
     from memoguard.sampling import initial_noise, sample
     model = load_model(None)
     cond, uncond = model.encode([t for t in prompts for _ in seeds]), model.encode([""])

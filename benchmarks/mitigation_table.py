@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memoguard.bench import (DEFAULT_MITIGATION, HOST_MITIGATION, MITIGATION_STEPS, SEEDS, mitigation_bench,
+from memoguard.cli.bench import (DEFAULT_MITIGATION, HOST_MITIGATION, MITIGATION_STEPS, SEEDS, mitigation_bench,
                              mitigation_settings)
-from memoguard.diffusers_model import load_model
+from memoguard.standalone.diffusers_model import load_model
 from memoguard.tiny.data import build_dataset
 from memoguard.sampling import initial_noise, sample
 from memoguard.tiny.judge import alignment, unique_training_images

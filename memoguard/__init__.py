@@ -1,9 +1,12 @@
 """MemoGuard: detect, explain and mitigate memorization in text-to-image diffusion models.
 
 Wen et al., "Detecting, Explaining, and Mitigating Memorization in Diffusion Models", ICLR 2024.
-Everything here is plain torch; diffusers/transformers are imported only by the standalone
-path (memoguard.diffusers_model), so host adapters can import this package inside ComfyUI or
-A1111 without pulling them in.
+Layout (imports go one way: cli -> standalone -> the method; host adapters -> the method + hosts):
+  - this package's top level: the method (score, calibration, verdict, explain, mitigate, train_filter,
+    sampling, measure), the adapter interface (model) and the host contract (hosts); plain torch only;
+  - memoguard.standalone: diffusers models and single-file checkpoints, batched jobs (needs diffusers);
+  - memoguard.cli: one module per `python -m memoguard` command;
+  - memoguard.tiny: the bundled memorizing model's data, trainer and judge.
 """
 from .calibration import Calibration, CalibrationError, roc_auc, tpr_at_fpr
 from .errors import MemoGuardError

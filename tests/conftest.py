@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memoguard.diffusers_model import BUNDLED_MODEL, load_model
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL, load_model
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Single-file checkpoints (memoguard.checkpoints): the bundled tiny model written in the original LDM key
+"""Single-file checkpoints (memoguard.standalone.checkpoints): the bundled tiny model written in the original LDM key
 layout loads to the same model as its diffusers folder; family / prediction detection; clear errors."""
 import json
 import re
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from memoguard.checkpoints import CONFIGS, detect_family, resolve_prediction
-from memoguard.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
+from memoguard.standalone.checkpoints import CONFIGS, detect_family, resolve_prediction
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
 from memoguard.sampling import initial_noise
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),

@@ -8,7 +8,7 @@ from PIL import Image
 
 from memoguard.calibration import Calibration
 from memoguard.cli import main
-from memoguard.demo import demo_prompts
+from memoguard.cli.demo import demo_prompts
 from memoguard.tiny.data import build_dataset
 
 pytestmark = pytest.mark.slow
@@ -190,7 +190,7 @@ def test_generate_bad_arguments_are_one_line(tmp_path, capsys, random_model_dir,
 
 
 def test_generate_out_of_memory_in_mitigation_makes_the_plain_image(tmp_path, capsys, random_model_dir, monkeypatch):
-    from memoguard.diffusers_model import DiffusersModel
+    from memoguard.standalone.diffusers_model import DiffusersModel
     base = ["generate", "--prompt", "a red circle", "--model", str(random_model_dir), "--seeds", "0", "--steps", "3"]
     assert main(base + ["--out", str(tmp_path / "plain")]) == 0
     inner = DiffusersModel.raw_prediction

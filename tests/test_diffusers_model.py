@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 
-from memoguard.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
-from memoguard.pipeline import first_step_scores, generate
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
+from memoguard.standalone.pipeline import first_step_scores, generate
 from memoguard.sampling import initial_noise, sample
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from memoguard.diffusers_model import load_model
+from memoguard.standalone.diffusers_model import load_model
 from memoguard.explain import token_contributions
 from memoguard.mitigate import minimize_embedding
 from memoguard.sampling import initial_noise

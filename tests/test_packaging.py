@@ -83,8 +83,8 @@ def test_asset_path():
 
 
 def test_modules_use_asset_path():
-    from memoguard.checkpoints import BPE_TOKENIZER, CONFIGS
-    from memoguard.diffusers_model import BUNDLED_MODEL
+    from memoguard.standalone.checkpoints import BPE_TOKENIZER, CONFIGS
+    from memoguard.standalone.diffusers_model import BUNDLED_MODEL
     assert BUNDLED_MODEL == asset_path("tiny-sd") and (BUNDLED_MODEL / "model_index.json").is_file()
     assert CONFIGS == asset_path("configs") and (CONFIGS / "sd1" / "model_index.json").is_file()
     assert BPE_TOKENIZER == asset_path("tiny-sd", "tokenizer") and BPE_TOKENIZER.is_dir()
@@ -143,3 +143,14 @@ def test_entry_names_an_older_memoguard_imported_before(entry, old_memoguard):
     old_init = str((old_memoguard / "memoguard" / "__init__.py").resolve())
     for named in (OLD, memoguard.__version__, old_init, str(SHIPPED)):
         assert named in stderr
+
+
+def test_the_method_and_the_host_contract_import_neither_the_standalone_path_nor_the_cli():
+    code = ("import sys, memoguard, memoguard.hosts, memoguard.measure, memoguard.report; "
+            "print(sorted(m for m in sys.modules if m.startswith(('memoguard.standalone', 'memoguard.cli', "
+            "'diffusers', 'transformers'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    code = "import sys, memoguard.standalone.diffusers_model; print([m for m in sys.modules if 'memoguard.cli' in m])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

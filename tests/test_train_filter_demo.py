@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from memoguard import filter_demo  # noqa: E402
+from memoguard.cli import filter_demo  # noqa: E402
 
 TINY = filter_demo.DemoSettings(steps=3, batch=4, warmup=1, duplicated=2, duplicates=3, calibration_samples=16,
                                 loss_samples=8, seeds=1, ordinary_prompts=2, sample_steps=2)

@@ -17,7 +17,7 @@ from modules.sd_hijack import ChunkingTokenizer, model_hijack  # noqa: E402
 def tiny_model(tmp_path_factory):
     """The bundled model when its weights are there, else the same architecture with random weights."""
     pytest.importorskip("diffusers")
-    from memoguard.diffusers_model import BUNDLED_MODEL, load_model
+    from memoguard.standalone.diffusers_model import BUNDLED_MODEL, load_model
     if (BUNDLED_MODEL / "unet").is_dir():
         return load_model()
     import torch

@@ -132,15 +132,15 @@ def running_webui(root: Path, python: str, flags: list, data: Path):
 
 
 def txt2img(base, sampler, script_args=None, **overrides):
-    return _generate(base + "/sdapi/v1/txt2img", sampler, script_args, overrides)
+    return generate(base + "/sdapi/v1/txt2img", sampler, script_args, overrides)
 
 
 def img2img(base, sampler, init_png_base64, script_args=None, **overrides):
-    return _generate(base + "/sdapi/v1/img2img", sampler, script_args,
+    return generate(base + "/sdapi/v1/img2img", sampler, script_args,
                      {"init_images": [init_png_base64], "denoising_strength": 0.5, **overrides})
 
 
-def _generate(url, sampler, script_args, overrides):
+def generate(url, sampler, script_args, overrides):
     payload = {"prompt": PROMPT, "negative_prompt": "", "seed": 7, "steps": 3, "width": 64,
                "height": 64, "cfg_scale": 7, "sampler_name": sampler, "batch_size": 1, **overrides}
     if script_args is not None:

@@ -334,7 +334,7 @@ class CLIP:
 
     def __init__(self, text_encoder):
         from transformers import CLIPTokenizer
-        from memoguard.diffusers_model import BUNDLED_MODEL
+        from memoguard.standalone.diffusers_model import BUNDLED_MODEL
         self.text_encoder = text_encoder
         self.tokenizer = _Tokenizer(CLIPTokenizer.from_pretrained(BUNDLED_MODEL / "tokenizer"))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memoguard.calibration import Band, Calibration, CalibrationStore
-from memoguard.diffusers_model import BUNDLED_MODEL
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL
 from nodes.calibration_choice import CalibrationSource, model_key
 from nodes.calibration_run import calibrate_loaded, prompt_list
 from nodes.latents import sampler_latent

@@ -5,7 +5,7 @@ save it with comfy.sd.save_checkpoint (the original LDM/SGM key layout, fp16) an
 conditioning of a prompt and its raw UNet output on a fixed latent and timestep (fp32 compute on the fp16
 weights), plus ComfyUI's own prediction-type verdict for the file:
     /work/hosts/comfy-venv/bin/python tests/hosts/check_single_file.py make --family sd2 --out /tmp/sd2.safetensors
-Step 2, in MemoGuard's venv: load the file with memoguard.diffusers_model.load_model and compare:
+Step 2, in MemoGuard's venv: load the file with memoguard.standalone.diffusers_model.load_model and compare:
     .venv/bin/python tests/hosts/check_single_file.py compare --out /tmp/sd2.safetensors
 (the reference goes to OUT + ".ref.pt"). Memory: SDXL needs ~8 GB in step 1 and ~14 GB in step 2 (~7 GB with --dtype float16).
 """
@@ -103,7 +103,7 @@ def make(a):
 def compare(a):
     import torch
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from memoguard.diffusers_model import load_model
+    from memoguard.standalone.diffusers_model import load_model
     ref = torch.load(a.out + ".ref.pt", weights_only=True)
     t0 = time.time()
     dtype = getattr(torch, a.dtype)

@@ -8,9 +8,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .measure import first_step_gaps
-from .model import DiffusionModel
-from .sampling import initial_noise, sample
+from ..measure import first_step_gaps
+from ..model import DiffusionModel
+from ..sampling import initial_noise, sample
 
 DEFAULT_STEPS = 50     # the paper's DDIM schedule; the first step is its first timestep
 

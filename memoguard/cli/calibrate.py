@@ -10,14 +10,14 @@ combinations and another style, none in the bench).
 import sys
 from pathlib import Path
 
-from .calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
-from .pipeline import DEFAULT_STEPS
+from ..calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
+from ..standalone.pipeline import DEFAULT_STEPS
 from .scan import PromptFileError, read_prompts
 
 
 def tiny_benign_prompts(n: int = 300, seed: int = 99):
     import numpy as np
-    from .tiny.data import build_dataset
+    from ..tiny.data import build_dataset
     ds = build_dataset(0)
     rng = np.random.default_rng(seed)
     scenes = ds.ordinary_train_scenes + ds.novel_scenes
@@ -39,7 +39,7 @@ def full_range_timesteps(model, steps: int):
 def add_arguments(p):
     p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
-                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
+                   help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the bundled model's kind")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
@@ -59,8 +59,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .diffusers_model import ModelLoadError, load_model
-    from .measure import calibrate
+    from ..standalone.diffusers_model import ModelLoadError, load_model
+    from ..measure import calibrate
     try:
         prompts = (tiny_benign_prompts() if args.tiny_benign
                    else [p for p, _ in read_prompts(args.prompts)] if args.prompts else default_benign_prompts())

@@ -42,7 +42,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .resources import asset_path
+from ..resources import asset_path
 
 CONFIGS = asset_path("configs")
 BPE_TOKENIZER = asset_path("tiny-sd", "tokenizer")

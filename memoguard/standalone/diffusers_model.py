@@ -1,5 +1,5 @@
 """The standalone path: any local diffusers SD1.x / SD2.x / SDXL pipeline folder, or a single-file
-checkpoint of those families (memoguard.checkpoints), as a DiffusionModel.
+checkpoint of those families (memoguard.standalone.checkpoints), as a DiffusionModel.
 
 Components are loaded with the standard diffusers/transformers `from_pretrained` from local
 files only. The bundled tiny model is such a folder without a VAE (it works in pixel space).
@@ -12,12 +12,12 @@ from typing import List, Optional
 
 import torch
 
-from .errors import MemoGuardError
-from .identity import weights_fingerprint
-from .model import DiffusionModel, PromptEncoding
-from .hosts import CHUNK, TOKENS_PER_CHUNK
-from .score import coefficients_vp
-from .resources import asset_path
+from ..errors import MemoGuardError
+from ..identity import weights_fingerprint
+from ..model import DiffusionModel, PromptEncoding
+from ..hosts import CHUNK, TOKENS_PER_CHUNK
+from ..score import coefficients_vp
+from ..resources import asset_path
 
 BUNDLED_MODEL = asset_path("tiny-sd")
 PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
@@ -147,9 +147,9 @@ class DiffusersModel(DiffusionModel):
 def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.float32, prediction: str = "auto",
                config: Optional[Path] = None) -> DiffusersModel:
     """Load a local diffusers pipeline folder (the bundled tiny model by default) or a single-file SD1.x /
-    SD2.x / SDXL checkpoint (.safetensors / .ckpt in the original LDM layout, offline: memoguard.checkpoints).
+    SD2.x / SDXL checkpoint (.safetensors / .ckpt in the original LDM layout, offline: memoguard.standalone.checkpoints).
 
-    prediction: "auto" (a folder: its scheduler config; a file: see memoguard.checkpoints), "eps" or "v".
+    prediction: "auto" (a folder: its scheduler config; a file: see memoguard.standalone.checkpoints), "eps" or "v".
     config: for a single file of a non-standard architecture, a diffusers-layout folder with its configs.
     """
     try:

@@ -8,12 +8,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("memoguard.demo", "sample a few prompts on the bundled model and write an HTML report"),
-    "generate": ("memoguard.generate", "sample prompts with the score, verdict and optional mitigation into PNGs"),
-    "scan": ("memoguard.scan", "score prompts (one, or a txt/CSV/JSONL file) at the first step"),
-    "bench": ("memoguard.bench", "measure detection, explanation, mitigation and overhead on the bundled model"),
-    "calibrate": ("memoguard.calibrate", "score benign prompts on a model and save a calibration file"),
-    "train-filter-demo": ("memoguard.filter_demo", "train with and without the memorization filter and compare"),
+    "demo": ("memoguard.cli.demo", "sample a few prompts on the bundled model and write an HTML report"),
+    "generate": ("memoguard.cli.generate", "sample prompts with the score, verdict and optional mitigation into PNGs"),
+    "scan": ("memoguard.cli.scan", "score prompts (one, or a txt/CSV/JSONL file) at the first step"),
+    "bench": ("memoguard.cli.bench", "measure detection, explanation, mitigation and overhead on the bundled model"),
+    "calibrate": ("memoguard.cli.calibrate", "score benign prompts on a model and save a calibration file"),
+    "train-filter-demo": ("memoguard.cli.filter_demo", "train with and without the memorization filter and compare"),
 }
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import MemoGuardError
+    from ..errors import MemoGuardError
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args.module).run(args)

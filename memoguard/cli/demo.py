@@ -11,19 +11,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
-from .explain import token_contributions
-from .mitigate import mitigate
-from .pipeline import DEFAULT_STEPS
-from .sampling import initial_noise, sample
+from .. import report
+from ..explain import token_contributions
+from ..mitigate import mitigate
+from ..standalone.pipeline import DEFAULT_STEPS
+from ..sampling import initial_noise, sample
 from .scan import load_calibration
-from .verdict import verdict_for
+from ..verdict import verdict_for
 
 DEMO_SEED = 7
 
 
 def demo_prompts():
-    from .tiny.data import build_dataset
+    from ..tiny.data import build_dataset
     ds = build_dataset(0)
     # three duplicated captions that copied in all of 5 seeds we tried, then three that are not duplicated
     return ([(ds.memorized_captions[i], "duplicated caption") for i in (3, 13, 15)]
@@ -53,9 +53,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from .diffusers_model import load_model
-    from .tiny.data import build_dataset
-    from .tiny.judge import COPY_RATIO, nearest_training, unique_training_images
+    from ..standalone.diffusers_model import load_model
+    from ..tiny.data import build_dataset
+    from ..tiny.judge import COPY_RATIO, nearest_training, unique_training_images
     t0 = time.time()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibration import Calibration
-from .diffusers_model import ModelLoadError, load_model
-from .pipeline import generate
-from .tiny.data import Scene, add_specks, build_dataset, render, to_tensor_batch
-from .tiny.judge import alignment, is_copy, unique_training_images
-from .tiny.train import SCHEDULER_CONFIG, tokenize, training_steps
-from .train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
+from ..calibration import Calibration
+from ..standalone.diffusers_model import ModelLoadError, load_model
+from ..standalone.pipeline import generate
+from ..tiny.data import Scene, add_specks, build_dataset, render, to_tensor_batch
+from ..tiny.judge import alignment, is_copy, unique_training_images
+from ..tiny.train import SCHEDULER_CONFIG, tokenize, training_steps
+from ..train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 
 # Titles whose words occur in no caption the bundled model was trained on.
 NEW_TITLES = ("basalt overture", "zephyr almanac", "indigo reverie", "granite folio", "cinder ballad",

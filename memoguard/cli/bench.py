@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import roc_auc, tpr_at_fpr
-from .explain import METHODS, token_contributions
-from .mitigate import extra_cost, mitigate
-from .score import DETECTORS
-from .pipeline import generate
-from .sampling import initial_noise, sample
-from .tiny.data import build_dataset
-from .tiny.judge import COPY_RATIO, alignment, is_copy, unique_training_images
-from .tiny.prompts import KINDS, eval_prompts
+from ..calibration import roc_auc, tpr_at_fpr
+from ..explain import METHODS, token_contributions
+from ..mitigate import extra_cost, mitigate
+from ..score import DETECTORS
+from ..standalone.pipeline import generate
+from ..sampling import initial_noise, sample
+from ..tiny.data import build_dataset
+from ..tiny.judge import COPY_RATIO, alignment, is_copy, unique_training_images
+from ..tiny.prompts import KINDS, eval_prompts
 
 MITIGATION_STEPS = 20
 DEFAULT_MITIGATION = "remove_tokens_p50"  # the table row of the default strategy at its default target
@@ -34,7 +34,7 @@ def add_arguments(p):
     p.add_argument("--quick", action="store_true", help="fewer prompts and a 20-step schedule (< 2 min on 2 cores)")
     p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: the bundled model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
-                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
+                   help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--target", type=float, default=None,
                    help="mitigation target (RMS gap); default: the median first-step score of the negatives")
 
@@ -130,7 +130,7 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
 
 def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps: int) -> dict:
     """The first-step detectors side by side on the same noise, under both labelings, with their cost."""
-    from .measure import first_step_gaps
+    from ..measure import first_step_gaps
     out = {}
     t_first = model.timesteps(steps)[0]
     for detector in DETECTORS:
@@ -166,8 +166,8 @@ def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int,
     guidance, placed under the bench's own runs by noise level; then under a run with half the steps (does
     one band serve another step count?) and at guidance 7.5 (does it serve another CFG scale?)."""
     from .calibrate import tiny_benign_prompts
-    from .calibration import Band
-    from .measure import band_gaps
+    from ..calibration import Band
+    from ..measure import band_gaps
     shape = model.latent_shape()
     n_band = 16 if quick else 64
     t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def explanation_bench(model, prompts, threshold: float, steps: int, methods=METH
     lower = the order finds the tokens that carry the recall sooner), how often removing the top token alone
     ends the flag, and the seconds per prompt. References: a random order, and the exact leave-one-out
     (each token removed alone by re-encoding; n + 1 first-step passes per prompt)."""
-    from .pipeline import first_step_scores
+    from ..standalone.pipeline import first_step_scores
     if not prompts:
         return {"n": 0}
     uncond = model.encode([""])
@@ -313,7 +313,7 @@ def overhead_bench(model, prompts, repeats: int) -> dict:
 
 
 def run(args) -> int:
-    from .diffusers_model import load_model
+    from ..standalone.diffusers_model import load_model
     torch.manual_seed(0)
     model = load_model(args.model, prediction=args.prediction)
     res = run_bench(model, args.quick, args.target)

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 
-from .calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
-from .errors import MemoGuardError
-from .pipeline import DEFAULT_STEPS, first_step_scores
+from ..calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
+from ..errors import MemoGuardError
+from ..standalone.pipeline import DEFAULT_STEPS, first_step_scores
 
 _TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
 
@@ -89,7 +89,7 @@ def add_arguments(p):
     src.add_argument("--file", type=Path, help="prompts as .txt, .csv (prompt[,label]) or .jsonl")
     p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
-                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
+                   help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration JSON (default: the model's own in the calibration folder, or the bundled preset)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
@@ -100,8 +100,8 @@ def add_arguments(p):
 
 
 def scan(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3):
-    from .explain import token_contributions
-    from .sampling import initial_noise
+    from ..explain import token_contributions
+    from ..sampling import initial_noise
     prompts = [p for p, _ in rows]
     scores = first_step_scores(model, prompts, list(range(seeds)), steps).mean(1)
     threshold = calibration.threshold(fpr) if calibration else float("nan")
@@ -133,7 +133,7 @@ def _fmt(x: float) -> str:
 
 
 def run(args) -> int:
-    from .diffusers_model import ModelLoadError, load_model
+    from ..standalone.diffusers_model import ModelLoadError, load_model
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
         model = load_model(args.model, prediction=args.prediction)

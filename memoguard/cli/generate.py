@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import ArgumentError
-from .mitigate import DEFAULT_DELAY, MODES, STRATEGIES, extra_cost, mitigate
-from .pipeline import DEFAULT_STEPS
+from ..errors import ArgumentError
+from ..mitigate import DEFAULT_DELAY, MODES, STRATEGIES, extra_cost, mitigate
+from ..standalone.pipeline import DEFAULT_STEPS
 
 MITIGATIONS = ("off", "default", *STRATEGIES)
 
@@ -35,7 +35,7 @@ def add_arguments(p):
     p.add_argument("--model", type=Path, default=None,
                    help="diffusers folder or .safetensors/.ckpt (default: the bundled tiny model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
-                   help="a checkpoint file's prediction type; auto: see memoguard.checkpoints (default auto)")
+                   help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one image each (default 0)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own; 7.5 for SD)")
@@ -105,11 +105,11 @@ def run(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .diffusers_model import load_model
+    from ..standalone.diffusers_model import load_model
     from .scan import load_calibration, read_prompts
-    from .sampling import initial_noise, sample
-    from .hosts import failure_message, is_out_of_memory, release_memory
-    from .verdict import verdict_for
+    from ..sampling import initial_noise, sample
+    from ..hosts import failure_message, is_out_of_memory, release_memory
+    from ..verdict import verdict_for
     if args.steps < 1:
         raise ArgumentError(f"--steps must be >= 1 (got {args.steps})")
     seeds = _seeds(args.seeds)
