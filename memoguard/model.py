@@ -145,9 +145,10 @@ def row_chunks(n: int, size: int):
 
 
 def rows_of_t(t, rows):
-    """A timestep shared by the batch stays as it is; a per-image (B,) one is cut to `rows`."""
+    """The timestep of `rows` as a fresh tensor (a host's schedule may be an inference-mode tensor, which autograd
+    cannot save for the backward pass): one shared by the batch, or a per-image (B,) one cut to `rows`."""
     t = torch.as_tensor(t)
-    return t[torch.as_tensor(rows, device=t.device)] if t.dim() and t.numel() > 1 else t
+    return t[torch.as_tensor(rows, device=t.device)] if t.dim() and t.numel() > 1 else t.clone()
 
 
 def gap_gradients(model: Denoiser, x, t, cond: PromptEncoding, eps_u, embedding, *, gap_of, weight=None,

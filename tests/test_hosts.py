@@ -175,3 +175,14 @@ def test_a_bare_denoiser_needs_the_hosts_timestep():
     with pytest.raises(MemoGuardError, match="pass the step's timesteps"):
         token_contributions(model, cond, uncond, x, steps=1, total_steps=1)
     assert not hasattr(model, "encode") and not hasattr(model, "timesteps")
+
+
+def test_a_schedule_made_under_inference_mode_serves_the_backward_pass():
+    """ComfyUI computes its sigmas under torch.inference_mode; the Token node hands them to the core as they are."""
+    model = CrossAttentionDenoiser()
+    cond, uncond, x = encodings(batch=2)
+    with torch.inference_mode():
+        sigmas = torch.tensor([5.0, 2.0, 0.0]) * 1
+    contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=sigmas[:1],
+                                        method="gradient_x_delta")
+    assert all(any(s != 0 for s in c.scores) for c in contributions)
