@@ -158,12 +158,12 @@ class MemoGuardBase(scripts.Script):
 
     def _controls(self, tab: str):
         import gradio as gr
-        controls = []
+        made = {}
         for row in ROWS:
             with gr.Row():
                 for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
-                    controls.append(getattr(gr, component)(value=default, label=label, info=hint,
-                                                           elem_id=f"{self.id_prefix}_{name}_{tab}", **options))
+                    made[name] = getattr(gr, component)(value=default, label=label, info=hint,
+                                                        elem_id=f"{self.id_prefix}_{name}_{tab}", **options)
         with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"{self.id_prefix}_calibrate_{tab}"):
             # not returned: these are no script_args
             with gr.Row():
@@ -176,7 +176,7 @@ class MemoGuardBase(scripts.Script):
                              elem_id=f"{self.id_prefix}_cal_status_{tab}")
             button.click(fn=calibration_glue.ui_calibrate, inputs=settings, outputs=[status])
         self.panel = gr.HTML(elem_id=f"{self.id_prefix}_panel_{tab}")
-        return controls
+        return [made[name] for name in ARG_NAMES]  # script_args order, whatever the layout's
 
     def after_component(self, component, **kwargs):
         # The generation-info textbox of this session changes once per finished generation: show that run's panel.

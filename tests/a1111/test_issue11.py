@@ -1,6 +1,7 @@
 """Issue 11 on the stand-in WebUI: per-run state on p, the always-visible accordion (with X/Y/Z-style cells),
 and MemoGuard's own failures (out of memory, an interrupt) never costing the image."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -115,3 +116,41 @@ def test_an_interrupt_stops_the_minimization_at_once(webui, monkeypatch):
     assert any("interrupted" in e for e in p.memoguard.errors)
     assert p.memoguard.results[0].mitigation is None and p.memoguard.results[0].embedding is None
     assert no_cfg_callbacks()
+
+
+class _Gradio:
+    """Records the components a script's ui() builds (gradio is the WebUI's own; not installed here)."""
+
+    class _Block:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def __init__(self):
+        self.Row = self.Group = self.Accordion = lambda *a, **kw: self._Block()
+
+    def __getattr__(self, component):
+        def make(*args, **kwargs):
+            block = self._Block()
+            block.elem_id, block.value = kwargs.get("elem_id"), kwargs.get("value", args[0] if args else None)
+            block.click = block.change = lambda **kw: None
+            return block
+        return make
+
+
+@pytest.mark.parametrize("script_class", [MemoGuardScript, MemoGuardAccordion])
+def test_the_controls_come_back_in_script_args_order(monkeypatch, script_class):
+    """The WebUI hands run()/process() the values of ui()'s components in the order ui() returned them; the
+    layout puts them in rows of another order."""
+    monkeypatch.setitem(sys.modules, "gradio", _Gradio())
+    script = script_class()
+    script.is_img2img = False
+    controls = script.ui(False)
+    if script_class is MemoGuardAccordion:
+        enabled, *controls = controls
+        assert enabled.value is False
+    prefix = f"{script_class.id_prefix}_"
+    assert [c.elem_id[len(prefix):-len("_txt2img")] for c in controls] == list(ARG_NAMES)
+    assert [c.value for c in controls] == list(DEFAULTS)
