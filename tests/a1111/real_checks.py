@@ -229,6 +229,24 @@ def interrupt_stops_the_mitigation(base):
     assert stopped < full / 2 and "interrupted" in unquote(got["MemoGuard error"])
 
 
+def out_of_memory_keeps_the_image(base):
+    """Out of memory inside explanation and inside minimization (injected by the probe): the image is the plain
+    run's, the score is still there, and the infotext says what happened (issue 11)."""
+    plain = txt2img(base, "Euler")
+    call(base + "/memoguard-probe/out-of-memory/1", {})
+    try:
+        for args in ([1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10],
+                     [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 3, "minimize"]):
+            result = txt2img(base, "Euler", args)
+            got = first(result)
+            print("out of memory:", got.get("MemoGuard error"))
+            assert pixels(result["images"][0]) == pixels(plain["images"][0])
+            assert "ran out of memory" in unquote(got["MemoGuard error"]) and float(got["MemoGuard score"]) > 0
+    finally:
+        call(base + "/memoguard-probe/out-of-memory/0", {})
+    assert "MemoGuard error" not in first(txt2img(base, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10]))
+
+
 def checkpoint_b(ckpt_env):
     first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
     return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))

@@ -68,6 +68,28 @@ def _routes(demo, app):
         return {"parameterization": model.parameterization, "gap": float(gap[0])}
 
 
+    @app.post("/memoguard-probe/out-of-memory/{on}")
+    def out_of_memory(on: int):
+        """on=1: MemoGuard's gradient passes fail as on a GPU without memory left (the sampler's own calls go
+        through); on=0 undoes it."""
+        import sys
+        oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+        for module, name in (("memoguard_a1111.host_model", "WebUIModel"), ("memoguard_a1111.forge", "ForgeModel")):
+            cls = getattr(sys.modules[module], name)
+            original = _unpatched.setdefault(cls, cls.raw_prediction)
+            if not on:
+                cls.raw_prediction = original
+                continue
+
+            def raw_prediction(self, x, t, embedding, extra, original=original):
+                if embedding.requires_grad:
+                    raise oom("CUDA out of memory. Tried to allocate 3.00 GiB (injected by the test probe)")
+                return original(self, x, t, embedding, extra)
+            cls.raw_prediction = raw_prediction
+        return {"on": bool(on)}
+
+
+_unpatched = {}
 script_callbacks.on_app_started(_routes)
 if importlib.util.find_spec("modules_forge") is None:  # Forge's UNet is not called through sd_model.apply_model
     script_callbacks.on_cfg_denoiser(_capture)

@@ -123,3 +123,7 @@ def test_xyz_plot_over_cfg_with_the_memoguard_accordion(forge):
 
 def test_interrupt_stops_memoguards_own_work(forge):
     real_checks.interrupt_stops_the_mitigation(forge)
+
+
+def test_out_of_memory_inside_memoguard_keeps_the_image(forge):
+    real_checks.out_of_memory_keeps_the_image(forge)

@@ -114,3 +114,7 @@ def test_xyz_plot_over_cfg_with_the_memoguard_accordion(webui):
 
 def test_interrupt_stops_memoguards_own_work(webui):
     real_checks.interrupt_stops_the_mitigation(webui)
+
+
+def test_out_of_memory_inside_memoguard_keeps_the_image(webui):
+    real_checks.out_of_memory_keeps_the_image(webui)

@@ -96,6 +96,26 @@ def main():
         out["mitigation"] = {"error": session.error, **session.record.to_dict(),
                              "sampler_first_step": after_monitor.trace.per_step()[0].tolist()}
 
+        # out of memory inside MemoGuard's gradient passes (the sampler's own calls go through): plain image
+        plain = run(model)
+        inner = base.apply_model
+        oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+        def apply_model(x, t, **kwargs):
+            if kwargs["c_crossattn"].requires_grad:
+                raise oom("CUDA out of memory. Tried to allocate 3.00 GiB (injected)")
+            return inner(x, t, **kwargs)
+        base.apply_model = apply_model
+        try:
+            failing = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize", max_iters=5),
+                                        **quiet)
+            image = run(attach_mitigation(model, failing))
+            _, tokens = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
+        finally:
+            del base.apply_model
+        out["out_of_memory"] = {"error": failing.error, "plain_image": bool(torch.equal(image, plain)),
+                                "tokens": json.loads(tokens)}
+
         flow = types.SimpleNamespace(model_sampling=comfy.model_base.model_sampling(
             base.model_config, comfy.model_base.ModelType.FLOW))
         try:

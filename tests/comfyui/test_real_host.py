@@ -287,6 +287,8 @@ def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
     assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
     assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
     assert "rectified-flow" in out["flow_refused"]
+    oom = out["out_of_memory"]
+    assert oom["plain_image"] and "ran out of memory" in oom["error"] and "ran out of memory" in oom["tokens"]["error"]
 
 
 def _version(client) -> str:
