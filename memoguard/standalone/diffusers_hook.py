@@ -1,0 +1,79 @@
+"""Watch a diffusers Stable Diffusion pipeline: the score of every image at every step, read from the
+pipeline's own classifier-free-guidance forward (no extra UNet call; the images stay bit-identical).
+
+    from memoguard.standalone.diffusers_hook import watch
+    with watch(pipe) as monitor:
+        images = pipe(prompt, num_images_per_prompt=4).images
+    print([v.summary() for v in monitor.verdicts()])
+
+SD1.x / SD2.x / SDXL pipelines batch the negative prompt first, then the prompt, through one UNet call
+per step (`pipe.do_classifier_free_guidance`); the hook splits that output, turns it into eps_c - eps_u with
+the scheduler's prediction type and VP schedule, and records it in a memoguard.score.ScoreTrace.
+"""
+from typing import List, Optional
+
+import torch
+
+from ..calibration import Calibration
+from ..errors import MemoGuardError
+from ..score import ScoreTrace, coefficients_vp, eps_difference
+from ..verdict import Verdict, verdict_for
+
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
+NO_CFG = "the pipeline ran without classifier-free guidance (guidance_scale <= 1): there is no gap to measure"
+
+
+class PipelineError(MemoGuardError, ValueError):
+    """A pipeline MemoGuard cannot read the score from."""
+
+
+class PipelineMonitor:
+    """Records the per-step gaps of the pipeline calls made while it is attached (`with watch(pipe) as m`)."""
+
+    def __init__(self, pipe, calibration: Optional[Calibration] = None, window: int = 1, fpr: float = 0.01,
+                 threshold: Optional[float] = None):
+        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+        if prediction not in PREDICTIONS:
+            raise PipelineError(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
+        self.pipe, self.parameterization = pipe, PREDICTIONS[prediction]
+        self.calibration, self.window, self.fpr, self.threshold = calibration, window, fpr, threshold
+        self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
+        self.trace = ScoreTrace()
+        self._handle = None
+        self._step = 0
+        self._images = 0  # images of the last call, from the UNet's batch
+
+    def __enter__(self) -> "PipelineMonitor":
+        self.trace, self._step, self._images = ScoreTrace(), 0, 0
+        self._handle = self.pipe.unet.register_forward_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def _record(self, module, args, kwargs, output) -> None:
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        guided = getattr(self.pipe, "do_classifier_free_guidance", True)
+        self._images = pred.shape[0] // 2 if guided else pred.shape[0]
+        if not guided:
+            self.trace.mark_unavailable(NO_CFG)
+            return
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(t).reshape(-1)[:1].round().long()
+        alpha, sigma = coefficients_vp(self.alphas_cumprod.to(pred.device), t)
+        uncond, cond = pred.detach().chunk(2)  # diffusers batches [negative, prompt]
+        self.trace.record(self._step, eps_difference(cond, uncond, self.parameterization, alpha, sigma), float(t))
+        self._step += 1
+
+    def verdicts(self) -> List[Verdict]:
+        """One verdict per image of the last pipeline call (prompts x num_images_per_prompt)."""
+        if not self._images:
+            raise PipelineError("no pipeline call was watched yet")
+        return verdict_for(self.trace, self.calibration, self.window, self.fpr, self.threshold, images=self._images)
+
+
+def watch(pipe, calibration: Optional[Calibration] = None, window: int = 1, fpr: float = 0.01,
+          threshold: Optional[float] = None) -> PipelineMonitor:
+    """A PipelineMonitor for `pipe`; use it as a context manager around the pipeline call."""
+    return PipelineMonitor(pipe, calibration, window, fpr, threshold)
