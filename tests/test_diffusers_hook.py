@@ -63,3 +63,58 @@ def test_verdicts_are_per_image_and_use_the_calibration(pipe):
     assert [v.label for v in monitor.verdicts()] == ["unavailable"] * 3
     with pytest.raises(PipelineError, match="no pipeline call"):
         watch(pipe).verdicts()
+
+
+def tiny_sdxl_pipeline():
+    """A StableDiffusionXLPipeline of random tiny parts (two CLIP encoders, a text_time UNet), no VAE."""
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    torch.manual_seed(0)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=49408, projection_dim=32)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    tokenizer = CLIPTokenizer.from_pretrained(str(asset_path("tiny-sd", "tokenizer")))
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return diffusers.StableDiffusionXLPipeline(vae=None, text_encoder=CLIPTextModel(text).eval(),
+                                               text_encoder_2=CLIPTextModelWithProjection(text).eval(),
+                                               tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet.eval(),
+                                               scheduler=scheduler, force_zeros_for_empty_prompt=False)
+
+
+def test_sdxl_pipeline_scores_match_the_cores_model_of_the_same_parts():
+    from memoguard.standalone.diffusers_model import DiffusersModel
+    xl = tiny_sdxl_pipeline()
+    model = DiffusersModel(xl.unet, [xl.text_encoder, xl.text_encoder_2], [xl.tokenizer, xl.tokenizer_2],
+                           xl.scheduler)
+    x = initial_noise(model, model.latent_shape(), [0, 1])
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, height=8, width=8, output_type="latent",
+              num_images_per_prompt=2, negative_prompt="")
+    plain = xl(PROMPT, latents=x.clone(), **kw).images
+    with watch(xl) as monitor:
+        watched = xl(PROMPT, latents=x.clone(), **kw).images
+    assert torch.equal(plain, watched)
+    cond, uncond = model.encode([PROMPT]).repeat_rows(2), model.encode([""])
+    core = sample(model, cond, uncond, x, 3, 5.0).trace.per_step()
+    torch.testing.assert_close(monitor.trace.per_step()[0], core[0], rtol=1e-4, atol=1e-6)
+    assert len(monitor.verdicts()) == 2
+
+
+@pytest.mark.parametrize("strategy", ["remove_tokens", "minimize"])
+def test_a_mitigated_prompt_runs_through_the_pipeline_on_the_same_latents(pipe, strategy):
+    from memoguard.standalone.diffusers_hook import mitigated_prompt
+    model = load_model()
+    x = initial_noise(model, model.latent_shape(), [0, 1])
+    kwargs, record = mitigated_prompt(pipe, PROMPT, x, STEPS, 7.5, strategy=strategy, mode="always", target=0.0,
+                                      lr=0.1, max_iters=5)
+    assert record.strategy == strategy and record.ran and all(a < b for a, b in zip(record.after, record.before))
+    with watch(pipe) as monitor:
+        pipe(latents=x.clone(), num_inference_steps=STEPS, guidance_scale=7.5, height=128, width=128,
+             output_type="latent", **kwargs)
+    torch.testing.assert_close(monitor.trace.per_step()[0], torch.tensor(record.after), rtol=1e-3, atol=1e-6)
+    with pytest.raises(Exception, match="delayed guidance"):
+        mitigated_prompt(pipe, PROMPT, x, STEPS, 7.5, strategy="guidance_delay")

@@ -1,5 +1,6 @@
 """Watch a diffusers Stable Diffusion pipeline: the score of every image at every step, read from the
-pipeline's own classifier-free-guidance forward (no extra UNet call; the images stay bit-identical).
+pipeline's own classifier-free-guidance forward (no extra UNet call; the images stay bit-identical);
+and mitigate a prompt for it, as prompt embeddings for the same initial latents.
 
     from memoguard.standalone.diffusers_hook import watch
     with watch(pipe) as monitor:
@@ -9,6 +10,9 @@ pipeline's own classifier-free-guidance forward (no extra UNet call; the images 
 SD1.x / SD2.x / SDXL pipelines batch the negative prompt first, then the prompt, through one UNet call
 per step (`pipe.do_classifier_free_guidance`); the hook splits that output, turns it into eps_c - eps_u with
 the scheduler's prediction type and VP schedule, and records it in a memoguard.score.ScoreTrace.
+
+    kwargs, record = mitigated_prompt(pipe, prompt, latents, num_inference_steps=30, guidance_scale=7.5)
+    images = pipe(latents=latents, num_inference_steps=30, guidance_scale=7.5, **kwargs).images
 """
 from typing import List, Optional
 
@@ -16,6 +20,7 @@ import torch
 
 from ..calibration import Calibration
 from ..errors import MemoGuardError
+from ..mitigate import MitigationRecord, mitigate
 from ..score import ScoreTrace, coefficients_vp, eps_difference
 from ..verdict import Verdict, verdict_for
 
@@ -77,3 +82,28 @@ def watch(pipe, calibration: Optional[Calibration] = None, window: int = 1, fpr:
           threshold: Optional[float] = None) -> PipelineMonitor:
     """A PipelineMonitor for `pipe`; use it as a context manager around the pipeline call."""
     return PipelineMonitor(pipe, calibration, window, fpr, threshold)
+
+
+def mitigated_prompt(pipe, prompt: str, latents: torch.Tensor, num_inference_steps: int, guidance_scale: float,
+                     strategy: str = "auto", **settings):
+    """(pipeline keyword arguments, MitigationRecord): `prompt` mitigated for each of the initial `latents`
+    (one image per row) with memoguard.mitigate.mitigate — "remove_tokens" (the default here: the pipeline's
+    text encoders re-encode) or "minimize"; `settings` are mitigate's (mode, threshold, target, lr, ...).
+    Pass the arguments to the pipeline with the same latents, steps and guidance scale."""
+    from .diffusers_model import DiffusersModel
+    if strategy == "guidance_delay":
+        raise PipelineError("delayed guidance changes the guidance scale per step, which a pipeline call cannot "
+                            "take: use remove_tokens or minimize")
+    model = DiffusersModel.from_pipeline(pipe)
+    images = latents.shape[0]
+    with torch.no_grad():
+        cond, uncond = model.encode([prompt]).repeat_rows(images), model.encode([""])
+    x = model.initial_x(latents.to(model.device))
+    plan = mitigate(model, cond, uncond, x, model.timesteps(num_inference_steps), guidance_scale, strategy=strategy,
+                    **settings)
+    kwargs = {"prompt_embeds": plan.cond.embedding.detach(),
+              "negative_prompt_embeds": uncond.embedding.expand(images, -1, -1)}
+    if model.is_sdxl:
+        kwargs["pooled_prompt_embeds"] = plan.cond.extra["text_embeds"].detach()
+        kwargs["negative_pooled_prompt_embeds"] = uncond.extra["text_embeds"].expand(images, -1)
+    return kwargs, plan.record

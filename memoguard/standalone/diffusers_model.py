@@ -49,6 +49,14 @@ class DiffusersModel(DiffusionModel):
         self.is_sdxl = len(text_encoders) == 2
         self._key = None
 
+    @classmethod
+    def from_pipeline(cls, pipe, name: str = "pipeline") -> "DiffusersModel":
+        """The parts of a loaded diffusers SD1.x / SD2.x / SDXL pipeline (shared, not copied)."""
+        encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+        tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
+        return cls(pipe.unet, encoders, tokenizers, pipe.scheduler, vae=getattr(pipe, "vae", None), name=name,
+                   device=pipe.unet.device, dtype=pipe.unet.dtype)
+
     @property
     def model_key(self) -> str:
         """The weights fingerprint calibrations are stored under (memoguard.identity), the same in every host."""
