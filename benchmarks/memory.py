@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/memory.py --json benchmarks/memory.json
     .venv/bin/python benchmarks/memory.py --quick        # batch 1 only
+    .venv/bin/python benchmarks/memory.py --family sdxl --quick --json benchmarks/memory_sdxl.json
 
 An SD1.5-size random-weight UNet (memoguard/assets/configs/sd1/unet, 860 M parameters, fp32, eval mode,
 weights frozen as the hosts hold them) behind a minimal `memoguard.model.Denoiser`, at a 4x64x64 latent
@@ -18,6 +19,13 @@ CPU only: the process peak is `getrusage(RUSAGE_SELF).ru_maxrss`, with the kerne
 (/proc/self/clear_refs) once the UNet is built, so the figure is the mode's own peak; activation memory is
 that peak minus the resident size after building the UNet (the weights). On a GPU the counterpart would
 be torch.cuda.max_memory_allocated; this script does not measure it.
+
+--family sdxl: the SDXL-size UNet (memoguard/assets/configs/sdxl/unet, 2.6 B parameters, about 10 GB in
+fp32) at the same 4x64x64 latent (512 px; a 128x128 latent, 1024 px, is not measured), with SDXL's extra
+conditioning passed through the Denoiser's `extra`: prompt embeddings (B, 77, 2048) and
+added_cond_kwargs text_embeds (B, 1280) (random pooled text) and time_ids (B, 6) (original size 512x512,
+crop 0,0, target size 512x512), the negative carrying the same keys. Its rows are plain, explain and
+mitigate at batch 1 (--quick), and explain with gradient checkpointing besides without --quick.
 """
 import argparse
 import gc
@@ -32,8 +40,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-UNET_CONFIG = ROOT / "memoguard" / "assets" / "configs" / "sd1" / "unet" / "config.json"
-SCHEDULER_CONFIG = ROOT / "memoguard" / "assets" / "configs" / "sd1" / "scheduler" / "scheduler_config.json"
+CONFIGS = ROOT / "memoguard" / "assets" / "configs"
+# per family: the name it prints, its config folder, the prompt embedding width, and the pooled-text width
+# (None: no added conditioning)
+FAMILIES = {
+    "sd15": {"name": "SD1.5", "configs": "sd1", "context": 768, "pooled": None},
+    "sdxl": {"name": "SDXL", "configs": "sdxl", "context": 2048, "pooled": 1280},
+}
 LATENT = 64
 TIMESTEP = 999
 TARGET = 1.5  # issue 11: explanation and mitigation peak <= 1.5x plain sampling's peak
@@ -91,7 +104,15 @@ class PhaseMeter:
         return max(kib for _, kib, _ in self.phases)
 
 
-def make_denoiser(checkpointing: bool):
+def unet_config(family: str) -> Path:
+    return CONFIGS / FAMILIES[family]["configs"] / "unet" / "config.json"
+
+
+def scheduler_config(family: str) -> Path:
+    return CONFIGS / FAMILIES[family]["configs"] / "scheduler" / "scheduler_config.json"
+
+
+def make_denoiser(family: str, checkpointing: bool):
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
@@ -113,30 +134,38 @@ def make_denoiser(checkpointing: bool):
             if self.on_call is not None:
                 self.on_call(grad)
             self.calls.append((x.shape[0], grad))
-            return self.unet(x, t, encoder_hidden_states=embedding).sample
+            # SDXL's text_embeds / time_ids arrive in extra, already batched like x (Denoiser.eps / eps_pair)
+            return self.unet(x, t, encoder_hidden_states=embedding, added_cond_kwargs=extra or None).sample
 
         def coefficients(self, t):
             return coefficients_vp(self.alphas_cumprod, t)
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(json.loads(UNET_CONFIG.read_text()))
+    unet = UNet2DConditionModel.from_config(json.loads(unet_config(family).read_text()))
     unet.eval().requires_grad_(False)
     if checkpointing:
         unet.enable_gradient_checkpointing()  # honoured under torch.is_grad_enabled(), in eval mode too
-    scheduler = DDIMScheduler.from_config(json.loads(SCHEDULER_CONFIG.read_text()))
+    scheduler = DDIMScheduler.from_config(json.loads(scheduler_config(family).read_text()))
     params = sum(p.numel() for p in unet.parameters())
     return UNetDenoiser(unet, scheduler.alphas_cumprod.float()), params
 
 
-def inputs(batch: int):
+def inputs(batch: int, family: str):
     import torch
 
     from memoguard.hosts import chunked_encoding, empty_encoding
+    fam = FAMILIES[family]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, LATENT, LATENT, generator=g)
-    cond = chunked_encoding(torch.randn(batch, 77, 768, generator=g))
-    uncond = empty_encoding(torch.randn(1, 77, 768, generator=g))
-    return x, cond, uncond
+    cond_emb = torch.randn(batch, 77, fam["context"], generator=g)
+    uncond_emb = torch.randn(1, 77, fam["context"], generator=g)
+    if fam["pooled"] is None:
+        return x, chunked_encoding(cond_emb), empty_encoding(uncond_emb)
+    px = LATENT * 8
+    time_ids = torch.tensor([[px, px, 0, 0, px, px]], dtype=torch.float32)  # original size, crop, target size
+    cond_extra = {"text_embeds": torch.randn(batch, fam["pooled"], generator=g), "time_ids": time_ids.expand(batch, 6)}
+    uncond_extra = {"text_embeds": torch.randn(1, fam["pooled"], generator=g), "time_ids": time_ids.clone()}
+    return x, chunked_encoding(cond_emb, extra=cond_extra), empty_encoding(uncond_emb, uncond_extra)
 
 
 def child(args) -> dict:
@@ -147,8 +176,8 @@ def child(args) -> dict:
 
     args.mode = args.child
     start = time.perf_counter()
-    model, params = make_denoiser(args.checkpointing)
-    x, cond, uncond = inputs(args.batch)
+    model, params = make_denoiser(args.family, args.checkpointing)
+    x, cond, uncond = inputs(args.batch, args.family)
     gc.collect()
     build_s = time.perf_counter() - start
     build_peak = maxrss_kib()
@@ -190,7 +219,7 @@ def child(args) -> dict:
     meter.close()
     peak = meter.peak() if can_reset else maxrss_kib()
     return {
-        "mode": args.mode, "batch": args.batch, "grad_batch": args.grad_batch if args.mode != "plain" else None,
+        "family": args.family, "mode": args.mode, "batch": args.batch, "grad_batch": args.grad_batch if args.mode != "plain" else None,
         "checkpointing": args.checkpointing, "training_mode": model.unet.training,
         "checkpointing_active": model.unet.is_gradient_checkpointing, "parameters": params,
         "build_s": round(build_s, 1), "run_s": round(run_s, 1), "threads": torch.get_num_threads(),
@@ -206,8 +235,11 @@ def child(args) -> dict:
 
 
 # -- running the children (parent side; imports no torch) ---------------------------------------------
-def cases(quick: bool):
+def cases(quick: bool, family: str = "sd15"):
     """(mode, batch, grad_batch, checkpointing) in the order they run."""
+    if family == "sdxl":  # batch 1 only: the 10 GB of fp32 weights leave no room for batch 4 on a 24 GiB machine
+        out = [("plain", 1, 1, False), ("explain", 1, 1, False), ("mitigate", 1, 1, False)]
+        return out if quick else out + [("explain", 1, 1, True)]
     out = [("plain", 1, 1, False), ("explain", 1, 1, False), ("mitigate", 1, 1, False), ("explain", 1, 1, True)]
     if not quick:
         out += [("plain", 4, 1, False), ("explain", 4, 1, False), ("explain", 4, 4, False),
@@ -215,16 +247,16 @@ def cases(quick: bool):
     return out
 
 
-def run_child(mode, batch, grad_batch, checkpointing, max_iters) -> dict:
+def run_child(mode, batch, grad_batch, checkpointing, max_iters, family="sd15") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--batch", str(batch),
-           "--grad-batch", str(grad_batch), "--max-iters", str(max_iters)]
+           "--grad-batch", str(grad_batch), "--max-iters", str(max_iters), "--family", family]
     if checkpointing:
         cmd.append("--checkpointing")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     wall = round(time.perf_counter() - start, 1)
-    base = {"mode": mode, "batch": batch, "grad_batch": grad_batch if mode != "plain" else None,
+    base = {"family": family, "mode": mode, "batch": batch, "grad_batch": grad_batch if mode != "plain" else None,
             "checkpointing": checkpointing, "wall_s": wall}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode == 0 and lines:
@@ -297,7 +329,9 @@ def agreement(rows) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="batch 1 only")
+    ap.add_argument("--quick", action="store_true", help="batch 1 only (sdxl: plain, explain, mitigate)")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="sd15",
+                    help="UNet size: sd15 (860 M parameters) or sdxl (2.6 B, with text_embeds / time_ids)")
     ap.add_argument("--json", type=Path, help="write the rows and the machine here")
     ap.add_argument("--max-iters", type=int, default=2, help="mitigation iterations")
     ap.add_argument("--child", metavar="MODE", help=argparse.SUPPRESS)
@@ -318,12 +352,13 @@ def main() -> None:
         return
 
     start = time.perf_counter()
-    print(f"SD1.5-size random-weight UNet, fp32, CPU ({os.cpu_count()} cores), latent 4x{LATENT}x{LATENT}, t={TIMESTEP}; "
+    fam = FAMILIES[args.family]
+    print(f"{fam['name']}-size random-weight UNet, fp32, CPU ({os.cpu_count()} cores), latent 4x{LATENT}x{LATENT}, t={TIMESTEP}; "
           "each row a fresh process. CPU only: process peak = ru_maxrss (no GPU measured, so no "
           "torch.cuda.max_memory_allocated).", flush=True)
     rows = []
-    for mode, batch, gb, ck in cases(args.quick):
-        row = run_child(mode, batch, gb, ck, args.max_iters)
+    for mode, batch, gb, ck in cases(args.quick, args.family):
+        row = run_child(mode, batch, gb, ck, args.max_iters, args.family)
         rows.append(row)
         state = row.get("error") or f"peak {row['process_peak_mib']:.0f} MiB, activation {row['activation_mib']:.0f} MiB"
         print(f"  {label(row)} batch {batch} grad_batch {gb}: {state} ({row['wall_s']:.0f} s)", flush=True)
@@ -341,15 +376,19 @@ def main() -> None:
     worst = max((r["peak_ratio"] for r in defaults), default=float("nan"))
     verdict = "not measured" if not defaults else f"{'met' if met else 'NOT met'} (largest ratio {worst:.2f})"
     print(f"target: explain/mitigate process peak <= {TARGET}x plain at the default grad_batch 1: {verdict}")
-    print("SDXL-size: not measured (a 2.6 B-parameter UNet at a 128x128 latent has a different block layout; "
-          "the SD1.5 ratios do not carry over by a simple rule)")
+    if args.family == "sdxl":
+        print(f"SDXL-size at a {LATENT}x{LATENT} latent ({LATENT * 8} px) only: 1024 px (a 128x128 latent) not measured")
+    else:
+        print("SDXL-size: see --family sdxl (a 64x64 latent; 1024 px not measured)")
     total = round(time.perf_counter() - start, 1)
     print(f"total {total:.0f} s")
     if args.json:
         machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                    "python": platform.python_version(), "dtype": "float32", "device": "cpu",
                    "memory_measure": "ru_maxrss after resetting the high-water mark once the UNet is built"}
-        args.json.write_text(json.dumps({"machine": machine, "latent": LATENT, "timestep": TIMESTEP,
+        args.json.write_text(json.dumps({"machine": machine, "family": args.family,
+                                         "unet_config": str(unet_config(args.family).relative_to(ROOT)),
+                                         "latent": LATENT, "timestep": TIMESTEP,
                                          "max_iters": args.max_iters, "target": TARGET, "target_met": met,
                                          "agreement": checks, "total_s": total, "rows": rows}, indent=1) + "\n")
 
