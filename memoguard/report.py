@@ -363,3 +363,64 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px;v
 
 def html_page(title: str, body_parts: List[str]) -> str:
     return HTML_HEAD.format(title=html.escape(title)) + f"<h1>{html.escape(title)}</h1>" + "\n".join(body_parts) + "</body></html>"
+
+
+def histogram_plot(groups, threshold: Optional[float] = None, size=(480, 220), bins: int = 30,
+                   title: str = "") -> Image.Image:
+    """Score histograms on one axis, each group (name -> scores) as the share of its own count per bin;
+    the threshold as a dashed red line. Used by the scan report (scanned prompts vs the benign calibration)."""
+    colors = [(40, 90, 200), (150, 150, 150), (200, 60, 40), (40, 150, 60)]
+    groups = {k: [float(v) for v in vs if _finite(v)] for k, vs in groups.items()}
+    values = [v for vs in groups.values() for v in vs] + ([threshold] if threshold is not None and _finite(threshold) else [])
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    d.text((6, 4), title, fill="black", font=font)
+    if not values:
+        d.text((10, h // 2), "no scores", fill=(90, 90, 90), font=font)
+        return img
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1e-6
+    left, top, right, bottom = 40, 34, w - 10, h - 22
+    edges = np.linspace(lo, hi, bins + 1)
+    shares = {k: np.histogram(vs, edges)[0] / max(len(vs), 1) for k, vs in groups.items() if vs}
+    peak = max([float(s.max()) for s in shares.values()] + [1e-9])
+    d.line([(left, bottom), (right, bottom)], fill="black")
+    d.line([(left, top), (left, bottom)], fill="black")
+    x = lambda v: left + (right - left) * (v - lo) / (hi - lo)
+    for k, (name, share) in enumerate(shares.items()):
+        color = colors[k % len(colors)]
+        points = [(x((edges[i] + edges[i + 1]) / 2), bottom - (bottom - top) * s / peak) for i, s in enumerate(share)]
+        d.line(points, fill=color, width=2)
+        d.text((left + 8 + 150 * k, 18), f"{name} ({len(groups[name])})", fill=color, font=font)
+    for v in (lo, (lo + hi) / 2, hi):
+        d.text((x(v) - 12, bottom + 4), _fmt(v), fill="black", font=font)
+    if threshold is not None and _finite(threshold):
+        tx = x(threshold)
+        for y in range(top, bottom, 6):
+            d.line([(tx, y), (tx, min(y + 3, bottom))], fill=(200, 0, 0))
+    return img
+
+
+def roc_plot(positives: Sequence[float], negatives: Sequence[float], size=(240, 240), title: str = "") -> Image.Image:
+    """ROC curve of scores (a higher score means memorized): true- against false-positive rate."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    d.text((6, 4), title, fill="black", font=font)
+    left, top, right, bottom = 30, 22, w - 10, h - 20
+    d.rectangle([left, top, right, bottom], outline="black")
+    d.line([(left, bottom), (right, top)], fill=(190, 190, 190))
+    pos, neg = sorted(positives, reverse=True), sorted(negatives, reverse=True)
+    cuts = sorted(set(pos) | set(neg), reverse=True)
+    points = [(left, bottom)]
+    for c in cuts:
+        tpr = sum(p >= c for p in pos) / len(pos)
+        fpr = sum(n >= c for n in neg) / len(neg)
+        points.append((left + (right - left) * fpr, bottom - (bottom - top) * tpr))
+    points.append((right, top))
+    d.line(points, fill=(40, 90, 200), width=2)
+    d.text((left, bottom + 4), "false-positive rate", fill="black", font=font)
+    return img

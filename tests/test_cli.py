@@ -207,3 +207,46 @@ def test_generate_out_of_memory_in_mitigation_makes_the_plain_image(tmp_path, ca
     assert record["mitigation"]["ran"] is False and "out of memory" in record["mitigation"]["error"]
     same = lambda d: np.asarray(Image.open(tmp_path / d / record["file"]))
     assert np.array_equal(same("oom"), same("plain"))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_scan_appends_jsonl_batch_by_batch_resumes_and_writes_a_report(tmp_path, capsys, dataset):
+    prompts = [dataset.memorized_captions[0], "a red circle", "a small blue ring", dataset.memorized_captions[5],
+               "a green square at the top"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "audit.jsonl"
+    base = ["scan", "--file", str(src), "--out", str(out), "--explain", "2"]
+    assert main(base + ["--batch-size", "2"]) == 0
+    first = _lines(out)
+    assert [r["index"] for r in first] == [0, 1, 2, 3, 4] and [r["prompt"] for r in first] == prompts
+    assert all(r["top_tokens"] and r["explanation_method"] for r in first)
+    report = out.with_suffix(".html").read_text()
+    assert report.count("<img src='data:image/png;base64,") >= 1 and prompts[0] in report
+    capsys.readouterr()
+    assert main(base) == 2 and "pass --resume" in capsys.readouterr().err
+    # a run that died after 2 prompts, in the middle of writing the third
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(text[:2]) + text[2][:25])
+    assert main(base + ["--resume", "--batch-size", "3"]) == 0
+    assert "cut off mid-write" in capsys.readouterr().err
+    again = _lines(out)
+    assert [r["index"] for r in again] == [0, 1, 2, 3, 4]
+    for a, b in zip(first, again):  # batches of 2 before, of 3 now: the same numbers
+        assert b["score"] == pytest.approx(a["score"], rel=1e-5) and b["top_tokens"] == a["top_tokens"]
+    assert main(base + ["--resume"]) == 0 and _lines(out) == again  # nothing left to do
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:1]) + "{broken\n" + "")
+    assert main(base + ["--resume"]) == 2 and "audit.jsonl:2 is not a MemoGuard scan result" in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    other.write_text("a yellow star\n")
+    out.write_text(json.dumps(first[0]) + "\n")
+    assert main(["scan", "--file", str(other), "--out", str(out), "--resume"]) == 2
+    assert "not in this prompt file" in capsys.readouterr().err
+
+
+def test_scan_refuses_half_precision_on_the_cpu(capsys):
+    assert main(["scan", "--prompt", "a red circle", "--dtype", "fp16"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err

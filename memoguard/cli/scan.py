@@ -1,20 +1,26 @@
-"""`python -m memoguard scan`: first-step scores for one prompt or a file of prompts.
+"""`python -m memoguard scan`: first-step scores for one prompt or a prompt file of any length.
 
 Input: --prompt TEXT, or --file F as .txt (one prompt a line), .csv (a `prompt` column and an
 optional `label` column) or .jsonl ({"prompt": ..., "label": ...}). Labels are 1/0 or
-true/false (1 = memorized). Output: a table on stdout, and --out F.csv / F.json.
+true/false (1 = memorized). Prompts go through in batches of --batch-size, explanation included.
+Output: a table on stdout, and --out F.csv / F.json, or F.jsonl: one line per prompt appended as
+each batch finishes (--resume skips the prompts already there), with an HTML report F.html beside it.
 """
 import csv
 import json
 import math
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 
 from ..calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
 from ..standalone.pipeline import DEFAULT_STEPS, first_step_scores
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
 
 
@@ -96,36 +102,113 @@ def add_arguments(p):
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt (scores are averaged)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="schedule whose first timestep is scored")
     p.add_argument("--explain", type=int, default=3, metavar="K", help="show the top K tokens (0: skip, faster)")
-    p.add_argument("--out", type=Path, default=None, help="write results to .csv or .json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write results to .csv or .json, or append them to .jsonl batch by batch (+ an HTML report)")
+    p.add_argument("--resume", action="store_true", help="with --out F.jsonl: skip the prompts F already holds")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1 (default cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="fp16/bf16 on a GPU; fp32 on the CPU")
 
 
-def scan(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3):
+def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3, batch_size=16,
+                 skip=frozenset()):
+    """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`."""
     from ..explain import token_contributions
     from ..sampling import initial_noise
-    prompts = [p for p, _ in rows]
-    scores = first_step_scores(model, prompts, list(range(seeds)), steps).mean(1)
+    if batch_size < 1:
+        raise MemoGuardError(f"--batch-size must be >= 1, got {batch_size}")
+    todo = [(i, prompt, label) for i, (prompt, label) in enumerate(rows) if i not in skip]
     threshold = calibration.threshold(fpr) if calibration else float("nan")
     uncond = model.encode([""])
-    results = []
-    for (prompt, label), score in zip(rows, scores):
-        top, method = [], None
-        if explain and prompt.strip():
-            x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
-            contrib = token_contributions(model, model.encode([prompt]), uncond, x, total_steps=steps)[0]
-            top, method = [(tok, round(share, 4)) for tok, share in contrib.top(explain)], contrib.method_name
-        results.append({
-            "prompt": prompt, "label": label, "score": float(score),
-            "percentile": calibration.percentile(float(score)) if calibration else float("nan"),
-            "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold, "top_tokens": top,
-            "explanation_method": method,
-        })
-    summary = {"n": len(results), "threshold": threshold, "fpr": fpr, "calibration": calibration.model_key if calibration else None}
+    x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        scores = first_step_scores(model, [p for _, p, _ in batch], list(range(seeds)), steps).mean(1)
+        tops = {}
+        worded = [k for k, (_, prompt, _) in enumerate(batch) if prompt.strip()]
+        if explain and worded:
+            prompts = [batch[k][1] for k in worded]
+            found = token_contributions(model, model.encode(prompts), uncond, x.repeat(len(prompts), 1, 1, 1),
+                                        total_steps=steps)
+            tops = {k: c for k, c in zip(worded, found)}
+        out = []
+        for k, ((index, prompt, label), score) in enumerate(zip(batch, scores.tolist())):
+            contrib = tops.get(k)
+            out.append({
+                "index": index, "prompt": prompt, "label": label, "score": float(score),
+                "percentile": calibration.percentile(float(score)) if calibration else float("nan"),
+                "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold,
+                "top_tokens": [] if contrib is None else [(t, round(v, 4)) for t, v in contrib.top(explain)],
+                "explanation_method": None if contrib is None else contrib.method_name,
+            })
+        yield out
+
+
+def summarize(results, calibration, fpr):
+    threshold = calibration.threshold(fpr) if calibration else float("nan")
+    summary = {"n": len(results), "threshold": threshold, "fpr": fpr,
+               "calibration": calibration.model_key if calibration else None}
     labelled = [r for r in results if r["label"] is not None]
     pos = [r["score"] for r in labelled if r["label"] == 1]
     neg = [r["score"] for r in labelled if r["label"] == 0]
     if pos and neg:
-        summary.update(auc=roc_auc(pos, neg), tpr_at_1pct_fpr=tpr_at_fpr(pos, neg, 0.01), positives=len(pos), negatives=len(neg))
-    return results, summary
+        summary.update(auc=roc_auc(pos, neg), tpr_at_1pct_fpr=tpr_at_fpr(pos, neg, 0.01), positives=len(pos),
+                       negatives=len(neg))
+    return summary
+
+
+def scan(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3, batch_size=16):
+    results = [r for batch in scan_batches(model, rows, calibration, fpr, seeds, steps, explain, batch_size)
+               for r in batch]
+    return results, summarize(results, calibration, fpr)
+
+
+def read_done(path: Path, rows):
+    """The results an earlier run appended to `path`, checked against the prompt file. A last line cut off
+    mid-write (the run died) is dropped, and the file cut back to the lines before it."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    done, kept = [], 0
+    for n, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            index, prompt = record["index"], record["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if n == len(lines) and not line.endswith("\n"):
+                print(f"note: {path}:{n} was cut off mid-write; it is scanned again", file=sys.stderr)
+                break
+            raise PromptFileError(f"{path}:{n} is not a MemoGuard scan result ({e}); move the file away or fix "
+                                  "that line, then --resume again") from None
+        if not (isinstance(index, int) and 0 <= index < len(rows)) or rows[index][0] != prompt:
+            raise PromptFileError(f"{path}:{n} holds prompt {index} {prompt!r}, which is not in this prompt file "
+                                  "at that place: resume with the prompt file it was written for")
+        done.append(record)
+        kept += len(line.encode("utf-8"))
+    if kept != path.stat().st_size:
+        with path.open("r+b") as f:
+            f.truncate(kept)
+    return done
+
+
+class Progress:
+    """One stderr line: prompts done of all, rate and time left."""
+
+    def __init__(self, total: int, done: int):
+        self.total, self.done, self.start_done, self.t0 = total, done, done, time.time()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        elapsed = time.time() - self.t0
+        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else float("nan")
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        print(f"\r[{self.done}/{self.total}] {rate:.2f} prompts/s, {_fmt_time(left)} left   ", end="",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr)
+
+
+def _fmt_time(seconds: float) -> str:
+    return "?" if not math.isfinite(seconds) else f"{int(seconds // 60)} min {int(seconds % 60)} s"
 
 
 def _fmt(x: float) -> str:
@@ -134,9 +217,17 @@ def _fmt(x: float) -> str:
 
 def run(args) -> int:
     from ..standalone.diffusers_model import ModelLoadError, load_model
+    jsonl = args.out is not None and args.out.suffix.lower() in (".jsonl", ".ndjson")
+    if args.resume and not jsonl:
+        raise MemoGuardError("--resume needs --out F.jsonl")
+    if args.device == "cpu" and args.dtype != "fp32":
+        raise MemoGuardError(f"--dtype {args.dtype} needs a GPU (--device cuda); on the CPU use fp32")
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
-        model = load_model(args.model, prediction=args.prediction)
+        done = read_done(args.out, rows) if args.resume and args.out.is_file() else []
+        if jsonl and not args.resume and args.out.is_file() and args.out.stat().st_size:
+            raise PromptFileError(f"{args.out} exists: pass --resume to go on with it, or another --out")
+        model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype], prediction=args.prediction)
         calibration, notes = load_calibration(args.calibration, model, args.steps)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
@@ -148,20 +239,76 @@ def run(args) -> int:
     if calibration is None:
         print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated "
               f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
-    results, summary = scan(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain)
+    if done:
+        print(f"resuming: {len(done)} of {len(rows)} prompts are in {args.out}", file=sys.stderr)
+    results = list(done)
+    progress = Progress(len(rows), len(done))
+    batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
+                           skip={r["index"] for r in done})
+    for batch in batches:
+        if jsonl:  # a finished batch is never lost
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            with args.out.open("a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in batch))
+        results += batch
+        progress.update(len(batch))
+    progress.close()
+    results.sort(key=lambda r: r["index"])
+    summary = summarize(results, calibration, args.fpr)
     methods = sorted({r["explanation_method"] for r in results if r["explanation_method"]})
     if methods:
         print(f"top tokens by {', '.join(methods)}", file=sys.stderr)
     for r in results:
         flag = "FLAG" if r["flagged"] else "ok  " if calibration else "unc."
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in r["top_tokens"])
-        print(f"{flag} {_fmt(r['score'])} p{_fmt(r['percentile'])[:5]:>6}  {r['prompt'][:70]!s:70}  {top}")
+        print(f"{flag} {_fmt(_num(r['score']))} p{_fmt(_num(r['percentile']))[:5]:>6}  {r['prompt'][:70]!s:70}  {top}")
     if "auc" in summary:
         print(f"AUC {summary['auc']:.3f}  TPR@1%FPR {summary['tpr_at_1pct_fpr']:.3f}  "
               f"({summary['positives']} positives, {summary['negatives']} negatives)")
-    if args.out:
+    if jsonl:
+        report = args.out.with_suffix(".html")
+        report.write_text(html_report(results, summary, calibration, model.name))
+        print(f"wrote {args.out} and {report}", file=sys.stderr)
+    elif args.out:
         write_results(args.out, results, summary)
     return 0
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _json_safe(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def html_report(results, summary, calibration, model_name: str, top: int = 20) -> str:
+    """Score histogram against the calibration's benign scores, ROC when labelled, the top flagged prompts."""
+    import base64
+    import html
+    from .. import report
+    image = lambda img: f"<img src='data:image/png;base64,{base64.b64encode(report.to_png(img)).decode()}'>"
+    scores = [_num(r["score"]) for r in results]
+    groups = {"scanned prompts": scores}
+    if calibration is not None:
+        groups["benign (calibration)"] = calibration.scores
+    threshold = summary["threshold"] if math.isfinite(summary["threshold"]) else None
+    parts = [f"<p>{len(results)} prompts on {html.escape(model_name)}; "
+             f"{'threshold %.4f at %.1f%% false positives' % (threshold, 100 * summary['fpr']) if threshold else 'no calibration: scores only'}.</p>",
+             image(report.histogram_plot(groups, threshold, title="first-step score"))]
+    if "auc" in summary:
+        pos = [_num(r["score"]) for r in results if r["label"] == 1]
+        neg = [_num(r["score"]) for r in results if r["label"] == 0]
+        parts += [f"<p>AUC {summary['auc']:.3f}, TPR at 1% FPR {summary['tpr_at_1pct_fpr']:.3f} "
+                  f"({len(pos)} memorized, {len(neg)} not)</p>", image(report.roc_plot(pos, neg, title="ROC"))]
+    ranked = sorted(results, key=lambda r: -_num(r["score"]))[:top]
+    rows = "".join(f"<tr><td>{r['index']}</td><td>{_num(r['score']):.4f}</td>"
+                   f"<td class='{'flag' if r['flagged'] else 'ok'}'>{'flagged' if r['flagged'] else ''}</td>"
+                   f"<td>{html.escape(r['prompt'])}</td><td>{report.tokens_html([t for t, _ in r['top_tokens']], [s for _, s in r['top_tokens']])}</td></tr>"
+                   for r in ranked)
+    parts.append(f"<h2>Highest scores</h2><table><tr><th>#</th><th>score</th><th></th><th>prompt</th>"
+                 f"<th>top tokens</th></tr>{rows}</table>")
+    return report.html_page("MemoGuard scan", parts)
 
 
 def write_results(path: Path, results, summary) -> None:
