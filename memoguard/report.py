@@ -376,7 +376,7 @@ def histogram_plot(groups, threshold: Optional[float] = None, size=(480, 220), b
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    d.text((6, 4), title, fill="black", font=font)
+    d.text((6, 2), title, fill="black", font=font)
     if not values:
         d.text((10, h // 2), "no scores", fill=(90, 90, 90), font=font)
         return img
@@ -393,9 +393,9 @@ def histogram_plot(groups, threshold: Optional[float] = None, size=(480, 220), b
         color = colors[k % len(colors)]
         points = [(x((edges[i] + edges[i + 1]) / 2), bottom - (bottom - top) * s / peak) for i, s in enumerate(share)]
         d.line(points, fill=color, width=2)
-        d.text((left + 8 + 150 * k, 18), f"{name} ({len(groups[name])})", fill=color, font=font)
+        d.text((left + 8 + 170 * k, 18), f"{name} ({len(groups[name])})", fill=color, font=font)
     for v in (lo, (lo + hi) / 2, hi):
-        d.text((x(v) - 12, bottom + 4), _fmt(v), fill="black", font=font)
+        d.text((min(max(x(v) - 12, 2), w - 44), bottom + 4), _fmt(v), fill="black", font=font)
     if threshold is not None and _finite(threshold):
         tx = x(threshold)
         for y in range(top, bottom, 6):
@@ -411,8 +411,8 @@ def roc_plot(positives: Sequence[float], negatives: Sequence[float], size=(240, 
     font = ImageFont.load_default()
     d.text((6, 4), title, fill="black", font=font)
     left, top, right, bottom = 30, 22, w - 10, h - 20
-    d.rectangle([left, top, right, bottom], outline="black")
-    d.line([(left, bottom), (right, top)], fill=(190, 190, 190))
+    d.rectangle([left, top, right, bottom], outline=(170, 170, 170))
+    d.line([(left, bottom), (right, top)], fill=(210, 210, 210))
     pos, neg = sorted(positives, reverse=True), sorted(negatives, reverse=True)
     cuts = sorted(set(pos) | set(neg), reverse=True)
     points = [(left, bottom)]
