@@ -250,3 +250,36 @@ def test_scan_appends_jsonl_batch_by_batch_resumes_and_writes_a_report(tmp_path,
 def test_scan_refuses_half_precision_on_the_cpu(capsys):
     assert main(["scan", "--prompt", "a red circle", "--dtype", "fp16"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_table_prints_the_papers_three_rows_and_resumes(tmp_path, capsys, dataset):
+    from memoguard.cli.table import table
+    from memoguard.standalone.diffusers_model import load_model
+    from memoguard.standalone.pipeline import first_step_scores
+    memorized, other = tmp_path / "mem.txt", tmp_path / "other.txt"
+    memorized.write_text("\n".join(dataset.memorized_captions[:3]) + "\n")
+    other.write_text("a red circle\na small blue ring\na green square at the top\n")
+    out = tmp_path / "table.jsonl"
+    base = ["table", "--memorized", str(memorized), "--other", str(other), "--steps", "12", "--out", str(out)]
+    assert main(base + ["--batch-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "first step, 1 generation" in printed and "first 10 steps, 4 generations" in printed
+    records = _lines(out)
+    assert [r["label"] for r in records] == [1, 1, 1, 0, 0, 0] and all(len(r["gaps"]) == 4 for r in records)
+    assert all(len(g) == 10 for r in records for g in r["gaps"])
+    model = load_model()
+    first = first_step_scores(model, [r["prompt"] for r in records], [0, 1, 2, 3], 12)
+    np.testing.assert_allclose([[g[0] for g in r["gaps"]] for r in records], first, rtol=1e-4)
+    before = table(records)
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:4]))  # a run that stopped after 4
+    assert main(base + ["--resume"]) == 0
+    assert capsys.readouterr().out == printed and table(_lines(out)) == before
+    assert main(base[:-2] + ["--steps", "5"]) == 2 and "at least 10" in capsys.readouterr().err
+
+
+def test_table_metrics_follow_the_scores():
+    from memoguard.cli.table import table
+    rec = lambda label, s: {"label": label, "gaps": [[s] * 10] * 4}
+    separated = table([rec(1, 0.9), rec(1, 0.8), rec(0, 0.1), rec(0, 0.2)])
+    assert all(v["auc"] == 1.0 and v["tpr_at_1pct_fpr"] == 1.0 for v in separated.values())
+    assert all(v["auc"] == 0.0 for v in table([rec(1, 0.1), rec(0, 0.9)]).values())
