@@ -21,10 +21,10 @@ Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 @torch.no_grad()
 def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
                     batch_size: int = 32, progress: Optional[Progress] = None,
-                    detector: str = "magnitude") -> np.ndarray:
+                    detector: str = "magnitude", uncond: Optional[PromptEncoding] = None) -> np.ndarray:
     """(P, G) RMS gap (or another `score.detector_score`) at the first step (timestep / sigma `t_first`) of
-    each prompt x seed."""
-    uncond = model.encode([""])
+    each prompt x seed. uncond: the empty prompt's encoding, when the caller has it already."""
+    uncond = model.encode([""]) if uncond is None else uncond
     out = np.zeros((len(prompts), len(seeds)))
     per = max(1, batch_size // len(seeds))
     for start in range(0, len(prompts), per):

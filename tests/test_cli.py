@@ -283,3 +283,27 @@ def test_table_metrics_follow_the_scores():
     separated = table([rec(1, 0.9), rec(1, 0.8), rec(0, 0.1), rec(0, 0.2)])
     assert all(v["auc"] == 1.0 and v["tpr_at_1pct_fpr"] == 1.0 for v in separated.values())
     assert all(v["auc"] == 0.0 for v in table([rec(1, 0.1), rec(0, 0.9)]).values())
+
+
+def test_scan_on_two_processes_merges_into_the_single_process_output(tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): the merged JSONL equals one process's, byte for byte (both
+    on one thread each, as accelerate sets them)."""
+    pytest.importorskip("accelerate")
+    import os
+    import subprocess
+    import sys
+    src = tmp_path / "prompts.txt"
+    src.write_text("a purple ring, lighthouse poster\na red circle\na small blue ring\na green square at the top\n"
+                   "a yellow star\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scan = ["-m", "memoguard", "scan", "--file", str(src), "--batch-size", "1", "--explain", "2", "--out"]
+    one = subprocess.run([sys.executable, *scan, str(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    two = subprocess.run([*launch, *scan, str(tmp_path / "two.jsonl")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.html", "one.jsonl", "prompts.txt", "two.html",
+                                                          "two.jsonl"]  # the shards are merged away

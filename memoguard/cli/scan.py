@@ -9,6 +9,7 @@ each batch finishes (--resume skips the prompts already there), with an HTML rep
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -123,7 +124,7 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
     x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        scores = first_step_scores(model, [p for _, p, _ in batch], list(range(seeds)), steps).mean(1)
+        scores = first_step_scores(model, [p for _, p, _ in batch], list(range(seeds)), steps, uncond=uncond).mean(1)
         tops = {}
         worded = [k for k, (_, prompt, _) in enumerate(batch) if prompt.strip()]
         if explain and worded:
@@ -222,12 +223,16 @@ def run(args) -> int:
         raise MemoGuardError("--resume needs --out F.jsonl")
     if args.device == "cpu" and args.dtype != "fp32":
         raise MemoGuardError(f"--dtype {args.dtype} needs a GPU (--device cuda); on the CPU use fp32")
+    state = distributed_state()
+    if state is not None and not jsonl:
+        raise MemoGuardError("several processes need --out F.jsonl (each writes its shard, the first merges them)")
+    device = str(state.device) if state is not None and args.device == "cuda" else args.device  # one GPU each
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
         done = read_done(args.out, rows) if args.resume and args.out.is_file() else []
         if jsonl and not args.resume and args.out.is_file() and args.out.stat().st_size:
             raise PromptFileError(f"{args.out} exists: pass --resume to go on with it, or another --out")
-        model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype], prediction=args.prediction)
+        model = load_model(args.model, device=device, dtype=DTYPES[args.dtype], prediction=args.prediction)
         calibration, notes = load_calibration(args.calibration, model, args.steps)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
@@ -241,18 +246,31 @@ def run(args) -> int:
               f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
     if done:
         print(f"resuming: {len(done)} of {len(rows)} prompts are in {args.out}", file=sys.stderr)
+    skip = {r["index"] for r in done}
+    shard = args.out
+    if state is not None:  # this process takes its share of what is left; its lines go to its own shard
+        with state.split_between_processes([i for i in range(len(rows)) if i not in skip]) as mine:
+            skip |= set(range(len(rows))) - set(mine)
+        shard = args.out.with_name(f"{args.out.name}.part{state.process_index}")
+        if shard.is_file():  # a shard an earlier run left behind: its prompts are done
+            skip |= {r["index"] for r in read_done(shard, rows)}
     results = list(done)
-    progress = Progress(len(rows), len(done))
+    progress = Progress(len(rows), len(skip))
     batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
-                           skip={r["index"] for r in done})
+                           skip=skip)
     for batch in batches:
         if jsonl:  # a finished batch is never lost
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a", encoding="utf-8") as f:
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            with shard.open("a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in batch))
         results += batch
         progress.update(len(batch))
     progress.close()
+    if state is not None:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return 0
+        results = merge_shards(args.out, rows, state.num_processes)
     results.sort(key=lambda r: r["index"])
     summary = summarize(results, calibration, args.fpr)
     methods = sorted({r["explanation_method"] for r in results if r["explanation_method"]})
@@ -272,6 +290,35 @@ def run(args) -> int:
     elif args.out:
         write_results(args.out, results, summary)
     return 0
+
+
+def distributed_state():
+    """accelerate's PartialState when launched on several processes (`accelerate launch -m memoguard scan`),
+    else None; accelerate is needed only then."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise MemoGuardError("launched on several processes, but accelerate is not installed "
+                             "(pip install accelerate)") from None
+    return PartialState()
+
+
+def merge_shards(out: Path, rows, processes: int):
+    """Every process's shard and what `out` held, as one file in the input order; the shards are removed."""
+    shards = [out.with_name(f"{out.name}.part{k}") for k in range(processes)]
+    records = {}
+    for path in [out] + shards:
+        if path.is_file():
+            records.update({r["index"]: r for r in read_done(path, rows)})
+    merged = out.with_name(out.name + ".merging")
+    merged.write_text("".join(json.dumps(records[i], allow_nan=False) + "\n" for i in sorted(records)),
+                      encoding="utf-8")
+    merged.replace(out)  # atomic: the finished results are in one file or the other, never lost
+    for path in shards:
+        path.unlink(missing_ok=True)
+    return [dict(records[i]) for i in sorted(records)]
 
 
 def _num(value) -> float:

@@ -21,9 +21,10 @@ def _batches(n: int, size: int):
 
 
 def first_step_scores(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int],
-                      steps: int = DEFAULT_STEPS, batch_size: int = 128) -> np.ndarray:
+                      steps: int = DEFAULT_STEPS, batch_size: int = 128, uncond=None) -> np.ndarray:
     """(P, G) RMS gap at the first step of a `steps` schedule: two UNet evaluations per image."""
-    return first_step_gaps(model, prompts, seeds, model.latent_shape(), model.timesteps(steps)[0], batch_size)
+    return first_step_gaps(model, prompts, seeds, model.latent_shape(), model.timesteps(steps)[0], batch_size,
+                           uncond=uncond)
 
 
 def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], steps: int = DEFAULT_STEPS,
