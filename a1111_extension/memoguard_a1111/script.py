@@ -144,6 +144,16 @@ CALIBRATION_CONTROLS = (
 RUN_ATTR = "memoguard"  # p.memoguard: this generation's RunMonitor (dies with p; never on the script)
 
 
+def remove_leftover_callbacks() -> None:
+    """The CFG callbacks of an earlier run whose generation raised before its postprocess (the WebUI runs one
+    generation at a time, so any RunMonitor still registered belongs to a finished run)."""
+    for entries in list(script_callbacks.callback_map.values()):
+        for entry in list(entries):
+            function = getattr(entry, "callback", entry)  # the WebUI keeps (script, callback) pairs
+            if isinstance(getattr(function, "__self__", None), RunMonitor):
+                script_callbacks.remove_callbacks_for_function(function)
+
+
 class MemoGuardBase(scripts.Script):
     """What the dropdown entry and the always-visible accordion share: the controls, starting MemoGuard for
     one processing object and finishing it with the Processed it returned. All per-run state lives on p."""
@@ -198,6 +208,7 @@ class MemoGuardBase(scripts.Script):
             p.extra_generation_params["MemoGuard error"] = message
             p.comment(f"MemoGuard error: {message}")
             return None
+        remove_leftover_callbacks()
         monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
         monitor.entry = self.id_prefix
         setattr(p, RUN_ATTR, monitor)

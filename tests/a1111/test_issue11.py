@@ -154,3 +154,12 @@ def test_the_controls_come_back_in_script_args_order(monkeypatch, script_class):
     prefix = f"{script_class.id_prefix}_"
     assert [c.elem_id[len(prefix):-len("_txt2img")] for c in controls] == list(ARG_NAMES)
     assert [c.value for c in controls] == list(DEFAULTS)
+
+
+def test_callbacks_of_a_generation_that_raised_are_removed_by_the_next_run(webui):
+    accordion = MemoGuardAccordion()
+    crashed = with_accordion(make_p(webui), accordion)
+    accordion.process(crashed, *accordion_args())  # the WebUI raised after process(): no postprocess
+    assert not no_cfg_callbacks()
+    out = processing.process_images(with_accordion(make_p(webui), accordion))
+    assert "MemoGuard score" in infotext_fields(out.infotexts[0]) and no_cfg_callbacks()
