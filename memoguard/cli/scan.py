@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -190,6 +191,29 @@ def read_done(path: Path, rows):
     return done
 
 
+def check_dtype(device: str, dtype: str) -> None:
+    if device == "cpu" and dtype != "fp32":
+        raise MemoGuardError(f"--dtype {dtype} needs a GPU (--device cuda); on the CPU use fp32")
+
+
+def results_so_far(out: Optional[Path], rows, resume: bool) -> list:
+    """What an earlier run left in the JSONL `out` (with --resume); without it an existing file is not overwritten."""
+    if out is None or not out.is_file():
+        return []
+    if resume:
+        return read_done(out, rows)
+    if out.stat().st_size:
+        raise PromptFileError(f"{out} exists: pass --resume to go on with it, or another --out")
+    return []
+
+
+def append_jsonl(path: Path, records) -> None:
+    """A finished batch goes to disk at once: it is never lost."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records))
+
+
 class Progress:
     """One stderr line: prompts done of all, rate and time left."""
 
@@ -221,17 +245,14 @@ def run(args) -> int:
     jsonl = args.out is not None and args.out.suffix.lower() in (".jsonl", ".ndjson")
     if args.resume and not jsonl:
         raise MemoGuardError("--resume needs --out F.jsonl")
-    if args.device == "cpu" and args.dtype != "fp32":
-        raise MemoGuardError(f"--dtype {args.dtype} needs a GPU (--device cuda); on the CPU use fp32")
+    check_dtype(args.device, args.dtype)
     state = distributed_state()
     if state is not None and not jsonl:
         raise MemoGuardError("several processes need --out F.jsonl (each writes its shard, the first merges them)")
     device = str(state.device) if state is not None and args.device == "cuda" else args.device  # one GPU each
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
-        done = read_done(args.out, rows) if args.resume and args.out.is_file() else []
-        if jsonl and not args.resume and args.out.is_file() and args.out.stat().st_size:
-            raise PromptFileError(f"{args.out} exists: pass --resume to go on with it, or another --out")
+        done = results_so_far(args.out, rows, args.resume) if jsonl else []
         model = load_model(args.model, device=device, dtype=DTYPES[args.dtype], prediction=args.prediction)
         calibration, notes = load_calibration(args.calibration, model, args.steps)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
@@ -259,10 +280,8 @@ def run(args) -> int:
     batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
                            skip=skip)
     for batch in batches:
-        if jsonl:  # a finished batch is never lost
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            with shard.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in batch))
+        if jsonl:
+            append_jsonl(shard, batch)
         results += batch
         progress.update(len(batch))
     progress.close()

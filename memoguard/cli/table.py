@@ -5,7 +5,6 @@ the first step of 1 generation, the first step averaged over 4 generations, and 
 over 4 generations; each with ROC AUC and the true-positive rate at 1 % false positives. Batched and
 resumable like `scan`: --out F.jsonl holds each prompt's per-step gaps as it is done.
 """
-import json
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 
 from ..calibration import roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
-from .scan import DTYPES, Progress, PromptFileError, read_done, read_prompts
+from .scan import DTYPES, Progress, append_jsonl, check_dtype, read_prompts, results_so_far
 
 GENERATIONS = 4
 WINDOW = 10
@@ -54,12 +53,9 @@ def run(args) -> int:
         raise MemoGuardError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resume and args.out is None:
         raise MemoGuardError("--resume needs --out F.jsonl")
-    if args.device == "cpu" and args.dtype != "fp32":
-        raise MemoGuardError(f"--dtype {args.dtype} needs a GPU (--device cuda); on the CPU use fp32")
+    check_dtype(args.device, args.dtype)
     rows = [(p, 1) for p, _ in read_prompts(args.memorized)] + [(p, 0) for p, _ in read_prompts(args.other)]
-    if args.out is not None and args.out.is_file() and args.out.stat().st_size and not args.resume:
-        raise PromptFileError(f"{args.out} exists: pass --resume to go on with it, or another --out")
-    done = read_done(args.out, rows) if args.resume and args.out.is_file() else []
+    done = results_so_far(args.out, rows, args.resume)
     model = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype], prediction=args.prediction)
     guidance = model.guidance if args.guidance is None else args.guidance
     first = model.timesteps(args.steps)[:WINDOW]  # the rest of the schedule is never needed
@@ -74,10 +70,8 @@ def run(args) -> int:
         trace = sample(model, cond, uncond, x.repeat(len(batch), 1, 1, 1), guidance=guidance, timesteps=first).trace
         gaps = trace.per_step().T.reshape(len(batch), GENERATIONS, WINDOW).tolist()
         new = [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, gaps)]
-        if args.out is not None:  # a finished batch is never lost
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            with args.out.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in new))
+        if args.out is not None:
+            append_jsonl(args.out, new)
         records += new
         progress.update(len(batch))
     progress.close()
