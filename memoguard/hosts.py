@@ -17,11 +17,8 @@ import torch
 
 from .explain import check_method
 from .mitigate import DEFAULT_DELAY, MitigationError, check_settings, delay_steps
-from .model import Interrupted, PromptEncoding
+from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding
 from .score import coefficients_vp, eps_difference
-
-CHUNK = 77  # positions per CLIP window in every host: BOS + 75 tokens + EOS/padding
-TOKENS_PER_CHUNK = CHUNK - 2
 HOST_STRATEGIES = ("guidance_delay", "minimize")  # token removal re-encodes the prompt: not in the hosts yet
 
 __all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",

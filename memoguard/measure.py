@@ -29,13 +29,21 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
     per = max(1, batch_size // len(seeds))
     for start in range(0, len(prompts), per):
         stop = min(len(prompts), start + per)
-        cond = model.encode(list(prompts[start:stop])).repeat_rows(len(seeds))
-        x = initial_noise(model, shape, list(seeds) * (stop - start), _device(cond))
-        eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
-        out[start:stop] = detector_score(eps_c, eps_u, detector).reshape(-1, len(seeds)).cpu().numpy()
+        for rows, cond in model.encode_by_length(prompts[start:stop]):
+            out[[start + r for r in rows]] = encoding_gaps(model, cond, uncond, seeds, shape, t_first, detector)
         if progress is not None:
             progress(stop, len(prompts))
     return out
+
+
+@torch.no_grad()
+def encoding_gaps(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, seeds: Sequence[int], shape,
+                  t_first, detector: str = "magnitude") -> np.ndarray:
+    """(B, G) first-step scores of the B prompts of `cond`, one CFG pair per prompt x seed."""
+    cond = cond.repeat_rows(len(seeds))
+    x = initial_noise(model, shape, list(seeds) * (cond.embedding.shape[0] // len(seeds)), _device(cond))
+    eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
+    return detector_score(eps_c, eps_u, detector).reshape(-1, len(seeds)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -45,15 +53,17 @@ def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, s
     """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...), on the
     model's `steps`-step schedule or on explicit `timesteps`."""
     uncond = model.encode([""])
-    rows = []
+    out = [None] * len(prompts)
     for start in range(0, len(prompts), batch_size):
         stop = min(len(prompts), start + batch_size)
-        cond = model.encode(list(prompts[start:stop]))
-        x = initial_noise(model, shape, range(seed + start, seed + stop), _device(cond))
-        rows.append(sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy())
+        for rows, cond in model.encode_by_length(prompts[start:stop]):
+            x = initial_noise(model, shape, [seed + start + r for r in rows], _device(cond))
+            gaps = sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy()
+            for k, row in enumerate(rows):
+                out[start + row] = gaps[k]
         if progress is not None:
             progress(stop, len(prompts))
-    return np.concatenate(rows)
+    return np.stack(out)
 
 
 def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, shape, steps: int,

@@ -8,12 +8,15 @@ generic DDIM loop in any convention (diffusers, the bundled model, ComfyUI).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import MemoGuardError
 from .score import check_parameterization, to_eps
+
+CHUNK = 77  # positions per CLIP window in every host: BOS + 75 tokens + EOS/padding
+TOKENS_PER_CHUNK = CHUNK - 2
 
 
 @dataclass
@@ -128,6 +131,19 @@ class DiffusionModel(Denoiser):
     @abstractmethod
     def encode(self, prompts: List[str]) -> PromptEncoding:
         """Text-encoder output for each prompt; the same length L for the whole batch."""
+
+    def encode_by_length(self, prompts: Sequence[str]) -> List[Tuple[List[int], PromptEncoding]]:
+        """[(positions in `prompts`, their encoding)], one group per chunk count. One batch encodes every prompt
+        at its longest prompt's length, and the empty chunks a short prompt gets then change its embedding; in
+        groups a prompt's scores do not depend on the prompts it was batched with."""
+        enc = self.encode(list(prompts))
+        own = (enc.prompt_mask.sum(1) + TOKENS_PER_CHUNK - 1).div(TOKENS_PER_CHUNK, rounding_mode="floor").clamp(min=1)
+        longest = enc.embedding.shape[1] // CHUNK
+        groups = []
+        for chunks in sorted(set(own.tolist())):
+            rows = [i for i, c in enumerate(own.tolist()) if c == chunks]
+            groups.append((rows, enc.rows(rows) if chunks == longest else self.encode([prompts[i] for i in rows])))
+        return groups
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
         """One row per edit (row of `cond`, positions to leave out): the prompt re-encoded without those

@@ -299,11 +299,148 @@ def test_scan_on_two_processes_merges_into_the_single_process_output(tmp_path):
     scan = ["-m", "memoguard", "scan", "--file", str(src), "--batch-size", "1", "--explain", "2", "--out"]
     one = subprocess.run([sys.executable, *scan, str(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = subprocess.run([*launch, *scan, str(tmp_path / "two.jsonl")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
+    assert "2 processes share the 5 prompts left" in two.stderr
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.html", "one.jsonl", "prompts.txt", "two.html",
                                                           "two.jsonl"]  # the shards are merged away
+
+
+def test_scan_scores_a_prompt_the_same_whatever_it_is_batched_with(tmp_path):
+    """A prompt longer than the text encoder's window is encoded in two chunks; the short prompts batched with it
+    keep their one-chunk encoding, so each prompt scores as it does alone, and the long one gets a note."""
+    from memoguard.cli.scan import scan_batches
+    from memoguard.standalone.diffusers_model import load_model
+    model = load_model()
+    long = ", ".join(["a purple ring on a lighthouse poster"] * 12)
+    rows = [("a red circle", None), (long, None), ("a small blue ring", None)]
+    together = [r for batch in scan_batches(model, rows, None, explain=2, batch_size=3) for r in batch]
+    alone = [r for batch in scan_batches(model, rows, None, explain=2, batch_size=1) for r in batch]
+    assert together[1]["tokens"] > 75 >= together[0]["tokens"]
+    for a, b in zip(together, alone):
+        assert a["score"] == pytest.approx(b["score"], rel=1e-5) and a["top_tokens"] == b["top_tokens"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(p for p, _ in rows) + "\n")
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "memoguard", "scan", "--file", str(src), "--explain", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "1 prompt(s) are longer than the text encoder's 75 tokens (first: #1" in done.stderr
+
+
+def test_scan_that_fails_mid_run_says_where_the_finished_results_are(tmp_path, capsys, monkeypatch):
+    import memoguard.measure
+    prompts = ["a red circle", "a small blue ring", "a green square at the top", "a yellow star", "a purple ring"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "audit.jsonl"
+    base = ["scan", "--file", str(src), "--out", str(out), "--explain", "0", "--batch-size", "2"]
+    assert main(base) == 0
+    whole = out.read_bytes()
+    out.unlink()
+    real, calls = memoguard.measure.encoding_gaps, []
+
+    def out_of_memory_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(memoguard.measure, "encoding_gaps", out_of_memory_on_the_second_batch)
+    capsys.readouterr()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "stopped after 2 of the 5 prompts this run had to do (out of memory: CUDA out of memory" in err
+    assert f"the finished ones are in {out}: run the same command with --resume" in err
+    assert len(_lines(out)) == 2
+    monkeypatch.setattr(memoguard.measure, "encoding_gaps", real)
+    assert main(base + ["--resume"]) == 0 and out.read_bytes() == whole
+
+
+def test_scan_resumes_the_shards_of_a_run_on_several_processes_on_one(tmp_path, capsys):
+    """Shards left by a run on 3 processes (one cut off mid-write) are merged on --resume by a single process;
+    without --resume they are not overwritten."""
+    prompts = ["a red circle", "a small blue ring", "a green square at the top", "a yellow star", "a purple ring",
+               "a lighthouse poster"]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "audit.jsonl"
+    base = ["scan", "--file", str(src), "--out", str(out), "--explain", "0", "--batch-size", "2"]
+    assert main(base) == 0
+    whole = out.read_bytes()
+    lines = whole.decode().splitlines(keepends=True)
+    out.unlink()
+    (tmp_path / "audit.jsonl.part0").write_text(lines[0] + lines[1])
+    (tmp_path / "audit.jsonl.part2").write_text(lines[4] + lines[5][:30])  # the process died writing its second
+    capsys.readouterr()
+    assert main(base) == 2 and "audit.jsonl.part0 is left from an earlier run" in capsys.readouterr().err
+    assert main(base + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming: 3 of 6 prompts are in" in err and "cut off mid-write" in err
+    assert out.read_bytes() == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.html", "audit.jsonl", "prompts.txt"]
+
+
+def _worker_pids(rank: int, marker: str):
+    """Processes of a launch whose command line holds `marker` and whose environment says RANK=rank (Linux)."""
+    import os
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"RANK={rank}".encode() in environ:
+            found.append(int(pid))
+    return found
+
+
+def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
+    """A worker killed mid-run (SIGKILL: no chance to say anything) takes the launch down; its shard keeps the
+    batches it finished, and --resume on two processes ends with the single-process output, byte for byte."""
+    pytest.importorskip("accelerate")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    if not os.path.isdir("/proc"):
+        pytest.skip("finds the worker through /proc")
+    colours, shapes = ["red", "blue", "green", "yellow", "purple"], ["circle", "ring", "square", "star"]
+    prompts = [f"a {c} {s} {where}" for where in ("on a lighthouse poster", "at the top") for c in colours
+               for s in shapes][:32]
+    src = tmp_path / "prompts.txt"
+    src.write_text("\n".join(prompts) + "\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    scan = ["-m", "memoguard", "scan", "--file", str(src), "--batch-size", "1", "--explain", "2", "--out"]
+    one = subprocess.run([sys.executable, *scan, str(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = tmp_path / "two.jsonl"
+    run = subprocess.Popen([*launch, *scan, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    shard = tmp_path / "two.jsonl.part1"
+    deadline = time.time() + 300
+    while not (shard.is_file() and shard.read_text().count("\n") >= 1) and time.time() < deadline:
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        time.sleep(0.01)
+    for pid in _worker_pids(1, str(out)):
+        os.kill(pid, signal.SIGKILL)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode != 0
+    assert "memoguard scan (process 0 of 2): stopped after" in err and "two.jsonl.part0: run the same command" in err
+    kept = shard.read_text().count("\n")
+    assert 1 <= kept < 16, f"worker 1 was killed after {kept} of its 16 prompts"  # mid-run, finished ones on disk
+    again = subprocess.run([*launch, *scan, str(out), "--resume"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"prompts are in {out}" in again.stderr
+    assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+    assert not list(tmp_path.glob("two.jsonl.part*"))

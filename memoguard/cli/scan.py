@@ -7,10 +7,13 @@ Output: a table on stdout, and --out F.csv / F.json, or F.jsonl: one line per pr
 each batch finishes (--resume skips the prompts already there), with an HTML report F.html beside it.
 """
 import csv
+import glob
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,7 +23,8 @@ import torch
 
 from ..calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
-from ..standalone.pipeline import DEFAULT_STEPS, first_step_scores
+from ..model import TOKENS_PER_CHUNK
+from ..standalone.pipeline import DEFAULT_STEPS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
@@ -116,29 +120,33 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
                  skip=frozenset()):
     """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`."""
     from ..explain import token_contributions
+    from ..measure import encoding_gaps
     from ..sampling import initial_noise
     if batch_size < 1:
         raise MemoGuardError(f"--batch-size must be >= 1, got {batch_size}")
     todo = [(i, prompt, label) for i, (prompt, label) in enumerate(rows) if i not in skip]
     threshold = calibration.threshold(fpr) if calibration else float("nan")
     uncond = model.encode([""])
+    t_first = model.timesteps(steps)[0]
     x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        scores = first_step_scores(model, [p for _, p, _ in batch], list(range(seeds)), steps, uncond=uncond).mean(1)
-        tops = {}
-        worded = [k for k, (_, prompt, _) in enumerate(batch) if prompt.strip()]
-        if explain and worded:
-            prompts = [batch[k][1] for k in worded]
-            found = token_contributions(model, model.encode(prompts), uncond, x.repeat(len(prompts), 1, 1, 1),
-                                        total_steps=steps)
-            tops = {k: c for k, c in zip(worded, found)}
+        scores, tokens, tops = [0.0] * len(batch), [0] * len(batch), {}
+        for group, cond in model.encode_by_length([prompt for _, prompt, _ in batch]):
+            gaps = encoding_gaps(model, cond, uncond, range(seeds), model.latent_shape(), t_first).mean(1)
+            worded = [k for k, n in enumerate(cond.prompt_mask.sum(1).tolist()) if n]
+            for k, row in enumerate(group):
+                scores[row], tokens[row] = float(gaps[k]), int(cond.prompt_mask[k].sum())
+            if explain and worded:
+                found = token_contributions(model, cond.rows(worded), uncond, x.repeat(len(worded), 1, 1, 1),
+                                            total_steps=steps)
+                tops.update({group[k]: c for k, c in zip(worded, found)})
         out = []
-        for k, ((index, prompt, label), score) in enumerate(zip(batch, scores.tolist())):
+        for k, ((index, prompt, label), score) in enumerate(zip(batch, scores)):
             contrib = tops.get(k)
             out.append({
-                "index": index, "prompt": prompt, "label": label, "score": float(score),
-                "percentile": calibration.percentile(float(score)) if calibration else float("nan"),
+                "index": index, "prompt": prompt, "label": label, "score": score, "tokens": tokens[k],
+                "percentile": calibration.percentile(score) if calibration else float("nan"),
                 "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold,
                 "top_tokens": [] if contrib is None else [(t, round(v, 4)) for t, v in contrib.top(explain)],
                 "explanation_method": None if contrib is None else contrib.method_name,
@@ -215,13 +223,15 @@ def append_jsonl(path: Path, records) -> None:
 
 
 class Progress:
-    """One stderr line: prompts done of all, rate and time left."""
+    """One stderr line: prompts done of all, rate and time left (shown by one process of several)."""
 
-    def __init__(self, total: int, done: int):
-        self.total, self.done, self.start_done, self.t0 = total, done, done, time.time()
+    def __init__(self, total: int, done: int, show: bool = True):
+        self.total, self.done, self.start_done, self.t0, self.show = total, done, done, time.time(), show
 
     def update(self, n: int) -> None:
         self.done += n
+        if not self.show:
+            return
         elapsed = time.time() - self.t0
         rate = (self.done - self.start_done) / elapsed if elapsed > 0 else float("nan")
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
@@ -229,7 +239,8 @@ class Progress:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        print(file=sys.stderr)
+        if self.show:
+            print(file=sys.stderr)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -246,50 +257,92 @@ def run(args) -> int:
     if args.resume and not jsonl:
         raise MemoGuardError("--resume needs --out F.jsonl")
     check_dtype(args.device, args.dtype)
-    state = distributed_state()
+    state = distributed_state(args.device)
     if state is not None and not jsonl:
         raise MemoGuardError("several processes need --out F.jsonl (each writes its shard, the first merges them)")
     device = str(state.device) if state is not None and args.device == "cuda" else args.device  # one GPU each
+    main_process = state is None or state.is_main_process
     try:
         rows = [(args.prompt, None)] if args.prompt is not None else read_prompts(args.file)
-        done = results_so_far(args.out, rows, args.resume) if jsonl else []
+        if jsonl:
+            left = shards(args.out)
+            if left and not args.resume:
+                raise PromptFileError(f"{left[0]} is left from an earlier run on several processes: pass --resume "
+                                      f"to go on with it, or another --out")
+            if state is None:
+                done = resumed(args.out, rows, args.resume)
+            else:
+                with state.main_process_first():  # the first process merges what is left; the others then read it
+                    done = (resumed if main_process else results_so_far)(args.out, rows, args.resume)
+        else:
+            done = []
         model = load_model(args.model, device=device, dtype=DTYPES[args.dtype], prediction=args.prediction)
         calibration, notes = load_calibration(args.calibration, model, args.steps)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
         return 2
-    for note in notes:
+    for note in notes if main_process else ():
         print(f"note: {note}", file=sys.stderr)
-    if not rows[0][0].strip() and len(rows) == 1:
+    if not rows[0][0].strip() and len(rows) == 1 and main_process:
         print("note: the empty prompt is the unconditional prompt itself: its score is 0 by definition", file=sys.stderr)
-    if calibration is None:
+    if calibration is None and main_process:
         print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated "
               f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
-    if done:
+    if done and main_process:
         print(f"resuming: {len(done)} of {len(rows)} prompts are in {args.out}", file=sys.stderr)
-    skip = {r["index"] for r in done}
-    shard = args.out
+    todo = [i for i in range(len(rows)) if i not in {r["index"] for r in done}]
+    shard, who = args.out, ""
     if state is not None:  # this process takes its share of what is left; its lines go to its own shard
-        with state.split_between_processes([i for i in range(len(rows)) if i not in skip]) as mine:
-            skip |= set(range(len(rows))) - set(mine)
+        with state.split_between_processes(todo) as mine:
+            todo = list(mine)
         shard = args.out.with_name(f"{args.out.name}.part{state.process_index}")
-        if shard.is_file():  # a shard an earlier run left behind: its prompts are done
-            skip |= {r["index"] for r in read_done(shard, rows)}
+        who = f" (process {state.process_index} of {state.num_processes})"
+        if main_process:
+            print(f"{state.num_processes} processes share the {len(rows) - len(done)} prompts left; each appends to "
+                  f"its own {args.out.name}.partK", file=sys.stderr)
     results = list(done)
-    progress = Progress(len(rows), len(skip))
+    share = state is not None
+    progress = Progress(len(todo), 0, show=main_process) if share else Progress(len(rows), len(rows) - len(todo))
     batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
-                           skip=skip)
-    for batch in batches:
-        if jsonl:
-            append_jsonl(shard, batch)
-        results += batch
-        progress.update(len(batch))
+                           skip=set(range(len(rows))) - set(todo))
+    finished = 0
+    # a launcher's SIGTERM (it stops the others when one process fails) ends the run with its message
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main_thread else None
+    try:
+        for batch in batches:
+            if jsonl:
+                append_jsonl(shard, batch)
+            results += batch
+            finished += len(batch)
+            progress.update(len(batch))
+    except (Exception, KeyboardInterrupt) as e:
+        progress.close()
+        kept = (f"the finished ones are in {shard}: run the same command with --resume to go on" if jsonl
+                else "nothing was kept (--out F.jsonl keeps each batch as it finishes)")
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
+        print(f"memoguard scan{who}: stopped after {finished} of the {len(todo)} prompts "
+              f"{'this process' if share else 'this run'} had to do ({reason}); {kept}", file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt):
+            return 130
+        if isinstance(e, (MemoGuardError, RuntimeError)):
+            return 2
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     progress.close()
     if state is not None:
         state.wait_for_everyone()
-        if not state.is_main_process:
+        if not main_process:
             return 0
-        results = merge_shards(args.out, rows, state.num_processes)
+    if jsonl:  # the shards, or the prompts a resumed run added after merged ones, back in the input order
+        results = merge_shards(args.out, rows)
+    long = [r for r in results if r.get("tokens", 0) > TOKENS_PER_CHUNK]
+    if long:
+        print(f"note: {len(long)} prompt(s) are longer than the text encoder's {TOKENS_PER_CHUNK} tokens (first: "
+              f"#{long[0]['index']}, {long[0]['tokens']} tokens): scored in chunks of {TOKENS_PER_CHUNK}, as A1111 "
+              f"and ComfyUI encode them (a plain diffusers pipeline cuts them at {TOKENS_PER_CHUNK})", file=sys.stderr)
     results.sort(key=lambda r: r["index"])
     summary = summarize(results, calibration, args.fpr)
     methods = sorted({r["explanation_method"] for r in results if r["explanation_method"]})
@@ -311,33 +364,63 @@ def run(args) -> int:
     return 0
 
 
-def distributed_state():
+def distributed_state(device: str):
     """accelerate's PartialState when launched on several processes (`accelerate launch -m memoguard scan`),
-    else None; accelerate is needed only then."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    else None; accelerate is needed only then. On the CPU the processes talk through gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return None
     try:
         from accelerate import PartialState
     except ImportError:
         raise MemoGuardError("launched on several processes, but accelerate is not installed "
                              "(pip install accelerate)") from None
-    return PartialState()
+    state = PartialState(cpu=device == "cpu")
+    if state.num_processes != world:  # each would scan everything into the same file
+        raise MemoGuardError(f"launched as {world} processes, but accelerate set up {state.num_processes} "
+                             f"({state.distributed_type}); launch with `accelerate launch --multi_gpu "
+                             f"--num_processes {world}`")
+    return state
 
 
-def merge_shards(out: Path, rows, processes: int):
-    """Every process's shard and what `out` held, as one file in the input order; the shards are removed."""
-    shards = [out.with_name(f"{out.name}.part{k}") for k in range(processes)]
+def shards(out: Path) -> list:
+    """The per-process shards F.jsonl.partK next to `out`, whatever number of processes wrote them."""
+    return sorted(p for p in out.parent.glob(glob.escape(out.name) + ".part*") if p.name[len(out.name) + 5:].isdigit())
+
+
+def resumed(out: Path, rows, resume: bool) -> list:
+    """What an earlier run finished: `out`, with the shards of a run on several processes merged into it."""
+    if resume and shards(out):
+        merge_shards(out, rows)
+    return results_so_far(out, rows, resume)
+
+
+def merge_shards(out: Path, rows):
+    """Every shard and what `out` held, as one file in the input order; the shards are removed."""
     records = {}
-    for path in [out] + shards:
+    for path in [out] + shards(out):
         if path.is_file():
             records.update({r["index"]: r for r in read_done(path, rows)})
     merged = out.with_name(out.name + ".merging")
     merged.write_text("".join(json.dumps(records[i], allow_nan=False) + "\n" for i in sorted(records)),
                       encoding="utf-8")
     merged.replace(out)  # atomic: the finished results are in one file or the other, never lost
-    for path in shards:
-        path.unlink(missing_ok=True)
+    for path in shards(out):
+        path.unlink()
     return [dict(records[i]) for i in sorted(records)]
+
+
+class Terminated(MemoGuardError):
+    pass
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Terminated("terminated: a launcher stops every process when one fails, or the job was stopped")
+
+
+def failure_reason(e: BaseException) -> str:
+    from ..hosts import is_out_of_memory
+    return f"out of memory: {e}" if is_out_of_memory(e) else str(e) or type(e).__name__
 
 
 def _num(value) -> float:

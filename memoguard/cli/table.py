@@ -66,9 +66,12 @@ def run(args) -> int:
     progress = Progress(len(rows), len(done))
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
-        cond = model.encode([p for _, p, _ in batch]).repeat_rows(GENERATIONS)
-        trace = sample(model, cond, uncond, x.repeat(len(batch), 1, 1, 1), guidance=guidance, timesteps=first).trace
-        gaps = trace.per_step().T.reshape(len(batch), GENERATIONS, WINDOW).tolist()
+        gaps = [None] * len(batch)
+        for group, cond in model.encode_by_length([p for _, p, _ in batch]):
+            trace = sample(model, cond.repeat_rows(GENERATIONS), uncond, x.repeat(len(group), 1, 1, 1),
+                           guidance=guidance, timesteps=first).trace
+            for row, g in zip(group, trace.per_step().T.reshape(len(group), GENERATIONS, WINDOW).tolist()):
+                gaps[row] = g
         new = [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, gaps)]
         if args.out is not None:
             append_jsonl(args.out, new)

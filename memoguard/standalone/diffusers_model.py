@@ -14,8 +14,7 @@ import torch
 
 from ..errors import MemoGuardError
 from ..identity import weights_fingerprint
-from ..model import DiffusionModel, PromptEncoding
-from ..hosts import CHUNK, TOKENS_PER_CHUNK
+from ..model import CHUNK, TOKENS_PER_CHUNK, DiffusionModel, PromptEncoding
 from ..score import coefficients_vp
 from ..resources import asset_path
 
@@ -25,10 +24,6 @@ PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --pr
 
 class ModelLoadError(MemoGuardError, RuntimeError):
     pass
-
-
-def _display(token: str) -> str:
-    return token.replace("</w>", "")
 
 
 class DiffusersModel(DiffusionModel):
@@ -48,6 +43,7 @@ class DiffusersModel(DiffusionModel):
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.is_sdxl = len(text_encoders) == 2
         self._key = None
+        self._token_texts = {}
 
     @classmethod
     def from_pipeline(cls, pipe, name: str = "pipeline") -> "DiffusersModel":
@@ -85,7 +81,7 @@ class DiffusersModel(DiffusionModel):
         if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("encode() takes a list of prompt strings")
         tok = self.tokenizers[0]
-        return self._encode_ids([tok(p, add_special_tokens=False, truncation=False).input_ids for p in prompts])
+        return self._encode_ids(tok(list(prompts), add_special_tokens=False, truncation=False).input_ids)
 
     @torch.no_grad()
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
@@ -102,20 +98,23 @@ class DiffusersModel(DiffusionModel):
         """Prompts given as token ids without BOS/EOS, in 75-token chunks, at least `chunks` of them."""
         tok = self.tokenizers[0]
         n_chunks = max(chunks, max((len(ids) + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK for ids in pieces))
-        rows, masks, frozen, pads = [], [], [], []
+        rows = []
         for ids in pieces:
-            row, mask, bos, is_pad = [], [], [], []
+            row = []
             for c in range(n_chunks):
                 chunk = ids[c * TOKENS_PER_CHUNK:(c + 1) * TOKENS_PER_CHUNK]
-                pad = TOKENS_PER_CHUNK - len(chunk)
-                row += [tok.bos_token_id] + chunk + [tok.eos_token_id] + [tok.pad_token_id] * pad
-                mask += [False] + [True] * len(chunk) + [False] * (pad + 1)
-                bos += [True] + [False] * (TOKENS_PER_CHUNK + 1)
-                is_pad += [False] * (len(chunk) + 2) + [True] * pad
-            rows.append(row), masks.append(mask), frozen.append(bos), pads.append(is_pad)
+                row += [tok.bos_token_id, *chunk, tok.eos_token_id] + [tok.pad_token_id] * (TOKENS_PER_CHUNK - len(chunk))
+            rows.append(row)
+        # where each chunk's BOS, words, EOS and padding lie, from the prompt lengths alone
+        position = torch.arange(n_chunks * CHUNK)
+        in_chunk = position % CHUNK
+        words = (torch.tensor([len(ids) for ids in pieces])[:, None] - TOKENS_PER_CHUNK * (position // CHUNK))
+        words = words.clamp(0, TOKENS_PER_CHUNK)
+        masks = (in_chunk >= 1) & (in_chunk <= words)
+        frozen = (in_chunk == 0).expand_as(masks)
         ids = torch.tensor(rows, device=self.device)
         if self.is_sdxl:  # the second tokenizer pads with its own id ("!" in SDXL)
-            ids_2 = ids.masked_fill(torch.tensor(pads, device=self.device), self.tokenizers[1].pad_token_id)
+            ids_2 = ids.masked_fill((in_chunk > words + 1).to(self.device), self.tokenizers[1].pad_token_id)
         hidden, pooled = [], None
         for c in range(n_chunks):
             window = ids[:, c * CHUNK:(c + 1) * CHUNK]
@@ -131,9 +130,15 @@ class DiffusersModel(DiffusionModel):
             h, w = self.image_size()
             extra = {"text_embeds": pooled.to(self.dtype),
                      "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(pieces), device=self.device, dtype=self.dtype)}
-        tokens = [[_display(t) for t in tok.convert_ids_to_tokens(row)] for row in rows]
-        return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), tokens, torch.tensor(masks),
-                              torch.tensor(frozen), extra, ids)
+        return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), [self._texts(row) for row in rows], masks,
+                              frozen.clone(), extra, ids)
+
+    def _texts(self, ids: List[int]) -> List[str]:
+        """Each id's token as shown to users; memoised (an audit meets the same few thousand ids again)."""
+        missing = [i for i in set(ids) if i not in self._token_texts]
+        for i, token in zip(missing, self.tokenizers[0].convert_ids_to_tokens(missing)):
+            self._token_texts[i] = token.replace("</w>", "")
+        return [self._token_texts[i] for i in ids]
 
     # -- images ---------------------------------------------------------------------------
     def latent_shape(self):

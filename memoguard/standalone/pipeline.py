@@ -1,9 +1,9 @@
 """Batched standalone jobs on a DiffusionModel: first-step scores, and guided generation.
 
-Prompts x seeds are laid out prompt-major; each image's noise comes from its own seed, so a
-prompt's images do not depend on the batch it was sampled in.
+Prompts x seeds are laid out prompt-major; each image's noise comes from its own seed and each prompt is
+encoded at its own length, so a prompt's images do not depend on the batch it was sampled in.
 """
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,26 +28,18 @@ def first_step_scores(model: DiffusionModel, prompts: Sequence[str], seeds: Sequ
 
 
 def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], steps: int = DEFAULT_STEPS,
-             guidance: Optional[float] = None, batch_size: int = 128,
-             embeddings: Optional[torch.Tensor] = None,
-             on_step: Optional[Callable[[int, int, torch.Tensor], None]] = None):
-    """Images (P, G, H, W, 3) in [0, 1] and per-step RMS gaps (P, G, steps).
-
-    embeddings: optional (P, L, C) conditional embeddings to sample with instead of encoding the
-    prompts (e.g. mitigated ones).
-    """
+             guidance: Optional[float] = None, batch_size: int = 128):
+    """Images (P, G, H, W, 3) in [0, 1] and per-step RMS gaps (P, G, steps)."""
     uncond = model.encode([""])
     gens = len(seeds)
-    images, gaps = [], []
-    per = max(1, batch_size // gens)
-    for sl in _batches(len(prompts), per):
-        cond = model.encode(list(prompts[sl])).repeat_rows(gens)
-        emb = None if embeddings is None else embeddings[sl].repeat_interleave(gens, dim=0)
-        x = initial_noise(model, model.latent_shape(), list(seeds) * (sl.stop - sl.start), model.device)
-        result = sample(model, cond, uncond, x, steps, guidance, cond_embedding=emb, on_step=on_step)
-        images.append(model.decode(result.latents).numpy())
-        gaps.append(result.trace.per_step().T.numpy())
-    h, w = images[0].shape[1:3]
-    return (np.concatenate(images).reshape(len(prompts), gens, h, w, 3),
-            np.concatenate(gaps).reshape(len(prompts), gens, -1))
-
+    images, gaps = [None] * len(prompts), [None] * len(prompts)
+    for sl in _batches(len(prompts), max(1, batch_size // gens)):
+        for rows, cond in model.encode_by_length(prompts[sl]):
+            x = initial_noise(model, model.latent_shape(), list(seeds) * len(rows), model.device)
+            result = sample(model, cond.repeat_rows(gens), uncond, x, steps, guidance)
+            pixels = model.decode(result.latents).numpy()
+            per_step = result.trace.per_step().T.numpy()
+            for k, row in enumerate(rows):
+                images[sl.start + row] = pixels[k * gens:(k + 1) * gens]
+                gaps[sl.start + row] = per_step[k * gens:(k + 1) * gens]
+    return np.stack(images), np.stack(gaps)
