@@ -133,16 +133,19 @@ class DiffusionModel(Denoiser):
         """Text-encoder output for each prompt; the same length L for the whole batch."""
 
     def encode_by_length(self, prompts: Sequence[str]) -> List[Tuple[List[int], PromptEncoding]]:
-        """[(positions in `prompts`, their encoding)], one group per chunk count. One batch encodes every prompt
-        at its longest prompt's length, and the empty chunks a short prompt gets then change its embedding; in
-        groups a prompt's scores do not depend on the prompts it was batched with."""
+        """[(positions in `prompts`, their encoding)], one group per length. One batch encodes every prompt at
+        its longest prompt's length, and the chunks a short prompt gets then change its embedding; in groups a
+        prompt's scores do not depend on the prompts it was batched with. Only a batch longer than one chunk
+        (a prompt over 75 tokens in it) costs more encoding: each prompt's own length is looked up."""
         enc = self.encode(list(prompts))
-        own = (enc.prompt_mask.sum(1) + TOKENS_PER_CHUNK - 1).div(TOKENS_PER_CHUNK, rounding_mode="floor").clamp(min=1)
-        longest = enc.embedding.shape[1] // CHUNK
+        if enc.embedding.shape[1] == CHUNK or len(prompts) == 1:
+            return [(list(range(len(prompts))), enc)]
+        lengths = [self.encode([p]).embedding.shape[1] for p in prompts]
         groups = []
-        for chunks in sorted(set(own.tolist())):
-            rows = [i for i, c in enumerate(own.tolist()) if c == chunks]
-            groups.append((rows, enc.rows(rows) if chunks == longest else self.encode([prompts[i] for i in rows])))
+        for length in sorted(set(lengths)):
+            rows = [i for i, n in enumerate(lengths) if n == length]
+            same = length == enc.embedding.shape[1]
+            groups.append((rows, enc.rows(rows) if same else self.encode([prompts[i] for i in rows])))
         return groups
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:

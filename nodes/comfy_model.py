@@ -97,6 +97,16 @@ class ComfyDiffusionModel(DiffusionModel):
         length = max(r[0].shape[1] for r in rows)
         if any(r[0].shape[1] != length for r in rows):
             raise ValueError("prompts of different lengths (in 77-token chunks) cannot be batched")
+        return self._batch(rows)
+
+    def encode_by_length(self, prompts):
+        """ComfyUI encodes one prompt at a time: the groups come from each prompt's own length."""
+        rows = [self._encode_one(p, "positive") for p in prompts]
+        lengths = [r[0].shape[1] for r in rows]
+        return [([i for i, n in enumerate(lengths) if n == length],
+                 self._batch([r for r, n in zip(rows, lengths) if n == length])) for length in sorted(set(lengths))]
+
+    def _batch(self, rows) -> PromptEncoding:
         extra = {k: torch.cat([r[4][k] for r in rows]) for k in rows[0][4]}
         embedding = torch.cat([r[0] for r in rows])
         if self.device is not None:

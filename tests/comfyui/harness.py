@@ -330,7 +330,8 @@ def tiny_sdxl_unet(pooled_channels=64, seed=0):
 
 
 class CLIP:
-    """ComfyUI's CLIP object over the bundled tokenizer and a transformers CLIPTextModel (one 77-slot chunk)."""
+    """ComfyUI's CLIP object over the bundled tokenizer and a transformers CLIPTextModel: 75 tokens a 77-slot
+    chunk (BOS, tokens, EOS and padding), the chunks encoded apart and concatenated, pooled from the first."""
 
     def __init__(self, text_encoder):
         from transformers import CLIPTokenizer
@@ -345,17 +346,20 @@ class CLIP:
             pieces = tok(word, add_special_tokens=False).input_ids
             ids += pieces
             word_ids += [word_id] * len(pieces)
-        pad = 75 - len(ids)
-        ids = [tok.bos_token_id] + ids + [tok.eos_token_id] * (pad + 1)
-        word_ids = [0] + word_ids + [0] * (pad + 1)
-        chunk = [(i, 1.0, w) if return_word_ids else (i, 1.0) for i, w in zip(ids, word_ids)]
-        return {"l": [chunk]}
+        chunks = []
+        for start in range(0, max(len(ids), 1), 75):
+            part, words = ids[start:start + 75], word_ids[start:start + 75]
+            pad = 75 - len(part)
+            chunk_ids = [tok.bos_token_id] + part + [tok.eos_token_id] * (pad + 1)
+            chunk_words = [0] + words + [0] * (pad + 1)
+            chunks.append([(i, 1.0, w) if return_word_ids else (i, 1.0) for i, w in zip(chunk_ids, chunk_words)])
+        return {"l": chunks}
 
     def encode_from_tokens_scheduled(self, tokens):
-        ids = torch.tensor([[t[0] for t in tokens["l"][0]]])
         with torch.no_grad():
-            out = self.text_encoder(ids)
-        return [[out.last_hidden_state, {"pooled_output": out.pooler_output}]]
+            outs = [self.text_encoder(torch.tensor([[t[0] for t in chunk]])) for chunk in tokens["l"]]
+        hidden = torch.cat([o.last_hidden_state for o in outs], dim=1)
+        return [[hidden, {"pooled_output": outs[0].pooler_output}]]
 
 
 class _Tokenizer:

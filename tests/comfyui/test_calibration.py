@@ -256,3 +256,17 @@ def test_calibrate_node_has_a_tooltip_on_every_input():
         assert spec[1].get("tooltip"), name
     assert list(definition["input"]["required"]) == ["model", "clip", "latent", "steps", "scheduler", "cfg", "prompts",
                                                       "band_prompts", "seed", "batch_size"]
+
+
+def test_calibrate_takes_prompts_over_one_chunk_and_scores_each_as_alone(random_copy, tmp_path):
+    """A benign prompt longer than 75 tokens among short ones: ComfyUI encodes it in two chunks; the batch is
+    scored in groups of one length, so every score equals the prompt's score in a batch of its own."""
+    patcher, clip = random_copy
+    sigmas = harness.schedule(patcher.model, 4)
+    prompts = list(PROMPTS[:9]) + [", ".join(["a small red circle at the top of the picture"] * 9)]
+    assert len(clip.tokenize(prompts[-1])["l"]) == 2
+    run = lambda batch, folder: calibrate_loaded(patcher, clip, (3, 16, 16), sigmas, prompts, folder, cfg=3.0,
+                                                 band_prompts=0, seed=0, batch_size=batch, scheduler="normal")
+    together, alone = run(4, tmp_path / "a").calibration, run(1, tmp_path / "b").calibration
+    assert len(together.scores) == len(prompts)
+    assert sorted(together.scores) == pytest.approx(sorted(alone.scores), rel=1e-5)

@@ -319,8 +319,9 @@ def test_detect_samples_the_tiny_model_at_16x16_with_its_bundled_calibration(com
         "latent_abs_sum": float(latent.double().abs().sum())}))
 
 
-CALIBRATION_PROMPTS = "\n".join(f"a photo of a {c} {t}" for c in ("red", "blue", "green", "small")
-                                 for t in ("house", "car", "tree"))
+CALIBRATION_PROMPTS = "\n".join([f"a photo of a {c} {t}" for c in ("red", "blue", "green", "small")
+                                  for t in ("house", "car", "tree")][:11]
+                                 + [", ".join(["a small green tree beside a red house"] * 12)])  # two chunks
 
 
 def sd15_prompt(checkpoint: str, calibrate: bool, seed: int = 0) -> dict:
