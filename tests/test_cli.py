@@ -35,13 +35,15 @@ def test_scan_scores_labels_and_writes_json(tmp_path, dataset, capsys):
     assert "AUC" in capsys.readouterr().out
 
 
-def test_scan_csv_and_txt_inputs(tmp_path):
+def test_scan_csv_and_txt_inputs(tmp_path, capsys):
     csv_file = tmp_path / "p.csv"
-    csv_file.write_text('prompt,label\n"a red circle, on the left",0\na blue ring,1\n')
+    csv_file.write_text('prompt,label\n"a red circle, on the left",0\na blue ring,1\n,0\n')
     out = tmp_path / "out.csv"
     assert main(["scan", "--file", str(csv_file), "--explain", "0", "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[0].startswith("prompt,label,score") and '"a red circle, on the left"' in lines[1]
+    assert float(lines[3].split(",")[2]) == pytest.approx(0.0, abs=1e-6)
+    assert f"the empty prompt (1 in {csv_file}, the first #2) is the unconditional prompt" in capsys.readouterr().err
     txt = tmp_path / "p.txt"
     txt.write_text("a red circle\n\n" + " ".join(["green"] * 90) + "\n")  # second prompt > 77 tokens
     assert main(["scan", "--file", str(txt), "--explain", "1"]) == 0

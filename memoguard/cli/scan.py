@@ -283,8 +283,11 @@ def run(args) -> int:
         return 2
     for note in notes if main_process else ():
         print(f"note: {note}", file=sys.stderr)
-    if not rows[0][0].strip() and len(rows) == 1 and main_process:
-        print("note: the empty prompt is the unconditional prompt itself: its score is 0 by definition", file=sys.stderr)
+    empty = [i for i, (prompt, _) in enumerate(rows) if not prompt.strip()]
+    if empty and main_process:
+        which = "" if len(rows) == 1 else f" ({len(empty)} in {args.file}, the first #{empty[0]})"
+        print(f"note: the empty prompt{which} is the unconditional prompt itself: its score is 0 by definition",
+              file=sys.stderr)
     if calibration is None and main_process:
         print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated "
               f"(run `memoguard calibrate --model ...` first)", file=sys.stderr)
@@ -305,33 +308,11 @@ def run(args) -> int:
     progress = Progress(len(todo), 0, show=main_process) if share else Progress(len(rows), len(rows) - len(todo))
     batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
                            skip=set(range(len(rows))) - set(todo))
-    finished = 0
-    # a launcher's SIGTERM (it stops the others when one process fails) ends the run with its message
-    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main_thread else None
-    try:
-        for batch in batches:
-            if jsonl:
-                append_jsonl(shard, batch)
-            results += batch
-            finished += len(batch)
-            progress.update(len(batch))
-    except (Exception, KeyboardInterrupt) as e:
-        progress.close()
-        kept = (f"the finished ones are in {shard}: run the same command with --resume to go on" if jsonl
-                else "nothing was kept (--out F.jsonl keeps each batch as it finishes)")
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
-        print(f"memoguard scan{who}: stopped after {finished} of the {len(todo)} prompts "
-              f"{'this process' if share else 'this run'} had to do ({reason}); {kept}", file=sys.stderr)
-        if isinstance(e, KeyboardInterrupt):
-            return 130
-        if isinstance(e, (MemoGuardError, RuntimeError)):
-            return 2
-        raise
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    progress.close()
+    new, code = keep_batches(batches, shard if jsonl else None, progress, len(todo),
+                             f"memoguard scan{who}", "this process" if share else "this run")
+    if code is not None:
+        return code
+    results += new
     if state is not None:
         state.wait_for_everyone()
         if not main_process:
@@ -408,6 +389,38 @@ def merge_shards(out: Path, rows):
     for path in shards(out):
         path.unlink()
     return [dict(records[i]) for i in sorted(records)]
+
+
+def keep_batches(batches, path: Optional[Path], progress: Progress, todo: int, command: str, scope: str):
+    """(records, None), each batch appended to `path` as it finishes; when a batch fails, the run is interrupted
+    or a launcher's SIGTERM comes (it stops the others when one process fails): one line saying how many
+    prompts were finished and where they are, and the exit code instead of None."""
+    records = []
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main_thread else None
+    try:
+        for batch in batches:
+            if path is not None:
+                append_jsonl(path, batch)
+            records += batch
+            progress.update(len(batch))
+    except (Exception, KeyboardInterrupt) as e:
+        progress.close()
+        kept = (f"the finished ones are in {path}: run the same command with --resume to go on" if path is not None
+                else "nothing was kept (--out F.jsonl keeps each batch as it finishes)")
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
+        print(f"{command}: stopped after {len(records)} of the {todo} prompts {scope} had to do ({reason}); {kept}",
+              file=sys.stderr)
+        if isinstance(e, KeyboardInterrupt):
+            return records, 130
+        if isinstance(e, (MemoGuardError, RuntimeError)):
+            return records, 2
+        raise
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    progress.close()
+    return records, None
 
 
 class Terminated(MemoGuardError):

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..calibration import roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
-from .scan import DTYPES, Progress, append_jsonl, check_dtype, read_prompts, results_so_far
+from .scan import DTYPES, Progress, check_dtype, keep_batches, read_prompts, results_so_far
 
 GENERATIONS = 4
 WINDOW = 10
@@ -61,23 +61,25 @@ def run(args) -> int:
     first = model.timesteps(args.steps)[:WINDOW]  # the rest of the schedule is never needed
     uncond = model.encode([""])
     x = initial_noise(model, model.latent_shape(), list(range(GENERATIONS)), model.device)
-    records, skip = list(done), {r["index"] for r in done}
+    skip = {r["index"] for r in done}
     todo = [(i, p, label) for i, (p, label) in enumerate(rows) if i not in skip]
-    progress = Progress(len(rows), len(done))
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
-        gaps = [None] * len(batch)
-        for group, cond in model.encode_by_length([p for _, p, _ in batch]):
-            trace = sample(model, cond.repeat_rows(GENERATIONS), uncond, x.repeat(len(group), 1, 1, 1),
-                           guidance=guidance, timesteps=first).trace
-            for row, g in zip(group, trace.per_step().T.reshape(len(group), GENERATIONS, WINDOW).tolist()):
-                gaps[row] = g
-        new = [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, gaps)]
-        if args.out is not None:
-            append_jsonl(args.out, new)
-        records += new
-        progress.update(len(batch))
-    progress.close()
+
+    def batches():
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            gaps = [None] * len(batch)
+            for group, cond in model.encode_by_length([p for _, p, _ in batch]):
+                trace = sample(model, cond.repeat_rows(GENERATIONS), uncond, x.repeat(len(group), 1, 1, 1),
+                               guidance=guidance, timesteps=first).trace
+                for row, g in zip(group, trace.per_step().T.reshape(len(group), GENERATIONS, WINDOW).tolist()):
+                    gaps[row] = g
+            yield [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, gaps)]
+
+    new, code = keep_batches(batches(), args.out, Progress(len(rows), len(done)), len(todo), "memoguard table",
+                             "this run")
+    if code is not None:
+        return code
+    records = done + new
     result = table(records)
     positives = sum(r["label"] for r in records)
     print(f"{model.name}: {positives} memorized, {len(records) - positives} other prompts; DDIM {args.steps} steps, "
