@@ -4,8 +4,8 @@
 
 For each model (the bundled one, and a random-weight SD1.5-size UNet + CLIP ViT-L text encoder at a
 reduced latent size so that it runs on 2 CPU cores), in one run:
-- verdict: `memoguard.measure.calibrate(..., band_prompts=0)` over N prompts, against the same number of
-  raw batched cond+uncond UNet forwards on the same inputs; also the UNet images evaluated per prompt;
+- verdict: `memoguard.measure.calibrate(..., band_prompts=0)` over N prompts, against the CFG pairs of the same
+  prompts (raw batched cond+uncond UNet forwards on the same inputs); also the UNet images evaluated per prompt;
 - band: `memoguard.measure.band_gaps` (a monitored guided run per prompt) against plain guided sampling of
   the same prompts with the monitor off.
 Ratios are medians of interleaved repeats.
@@ -53,7 +53,8 @@ class CountingModel:
 
 
 def raw_forwards(model, prompts, shape, steps, batch_size):
-    """The UNet work the verdict needs, done by hand: one cond+uncond batch per chunk of prompts."""
+    """The CFG pairs of the verdict done by hand (one cond+uncond batch per chunk of prompts): what it cost
+    before the unconditional half was shared (memoguard.measure.FirstStep)."""
     uncond = model.encode([""])
     t = model.timesteps(steps)[0]
     with torch.no_grad():
@@ -108,7 +109,7 @@ def main():
                measure(sd15_size_model(args.sd_latent), tiny_prompts[:12], tiny_prompts[:2], 10, 4, args.repeats)]
     for r in results:
         print(f"{r['model']}: verdict {r['verdict_s']:.2f} s vs raw forwards {r['raw_forwards_s']:.2f} s "
-              f"(ratio {r['verdict_ratio']:.3f}, {r['unet_images_per_prompt_verdict']:.0f} UNet images per prompt); "
+              f"(ratio {r['verdict_ratio']:.3f}, {r['unet_images_per_prompt_verdict']:.2f} UNet images per prompt); "
               f"band {r['band_s']:.2f} s vs plain sampling {r['plain_sampling_s']:.2f} s (ratio {r['band_ratio']:.3f})")
     args.json.write_text(json.dumps(results, indent=1))
 

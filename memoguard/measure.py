@@ -2,7 +2,8 @@
 
 Works on any `DiffusionModel` that can encode prompts and give a schedule, so ComfyUI, the WebUI
 and the CLI all calibrate through their own model call. Cost:
-  - verdict: two UNet evaluations per prompt and noise level (cond and uncond of one batched call);
+  - verdict: one UNet evaluation per prompt and noise level (the conditional one), plus one shared
+             unconditional evaluation per seed and prompt length (FirstStep);
   - band:    2 x steps evaluations per band prompt (a full guided DDIM run, = Euler in sigma form).
 """
 from typing import Callable, Optional, Sequence
@@ -24,26 +25,41 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
                     detector: str = "magnitude", uncond: Optional[PromptEncoding] = None) -> np.ndarray:
     """(P, G) RMS gap (or another `score.detector_score`) at the first step (timestep / sigma `t_first`) of
     each prompt x seed. uncond: the empty prompt's encoding, when the caller has it already."""
-    uncond = model.encode([""]) if uncond is None else uncond
+    first = FirstStep(model, model.encode([""]) if uncond is None else uncond, seeds, shape, t_first, detector)
     out = np.zeros((len(prompts), len(seeds)))
     per = max(1, batch_size // len(seeds))
     for start in range(0, len(prompts), per):
         stop = min(len(prompts), start + per)
         for rows, cond in model.encode_by_length(prompts[start:stop]):
-            out[[start + r for r in rows]] = encoding_gaps(model, cond, uncond, seeds, shape, t_first, detector)
+            out[[start + r for r in rows]] = first.gaps(cond)
         if progress is not None:
             progress(stop, len(prompts))
     return out
 
 
-@torch.no_grad()
-def encoding_gaps(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, seeds: Sequence[int], shape,
-                  t_first, detector: str = "magnitude") -> np.ndarray:
-    """(B, G) first-step scores of the B prompts of `cond`, one CFG pair per prompt x seed."""
-    cond = cond.repeat_rows(len(seeds))
-    x = initial_noise(model, shape, list(seeds) * (cond.embedding.shape[0] // len(seeds)), _device(cond))
-    eps_c, eps_u = model.eps_pair(x, t_first, cond, uncond)
-    return detector_score(eps_c, eps_u, detector).reshape(-1, len(seeds)).cpu().numpy()
+class FirstStep:
+    """First-step scores of prompts x seeds. Every prompt starts from its seed's x_T, so the unconditional half
+    of each CFG pair, eps(x_T, ""), is the same for all prompts: it is evaluated once per seed and prompt
+    length, and each prompt costs one conditional evaluation per seed instead of a pair (the scores equal the
+    pair's up to float rounding, ~1e-6 relative)."""
+
+    def __init__(self, model: DiffusionModel, uncond: PromptEncoding, seeds: Sequence[int], shape, t_first,
+                 detector: str = "magnitude"):
+        self.model, self.uncond, self.t, self.detector = model, uncond, t_first, detector
+        self.x = initial_noise(model, shape, list(seeds), _device(uncond))
+        self._eps_u = {}  # prompt length -> (G, ...) eps under the empty prompt
+
+    @torch.no_grad()
+    def gaps(self, cond: PromptEncoding) -> np.ndarray:
+        """(B, G) scores of the B prompts of `cond`."""
+        batch, gens, length = cond.embedding.shape[0], self.x.shape[0], cond.embedding.shape[1]
+        if length not in self._eps_u:
+            self._eps_u[length] = self.model.eps_uncond(self.x, self.t, self.uncond, length)
+        rows = cond.repeat_rows(gens)
+        x = self.x.repeat(batch, 1, 1, 1)  # prompt-major, seeds inner: as repeat_rows lays the prompts out
+        eps_c = self.model.eps(x, self.t, rows.embedding, rows.extra)
+        eps_u = self._eps_u[length].repeat(batch, 1, 1, 1)
+        return detector_score(eps_c, eps_u, self.detector).reshape(batch, gens).cpu().numpy()
 
 
 @torch.no_grad()

@@ -58,6 +58,8 @@ class PromptEncoding:
 
     def repeat_rows(self, times: int) -> "PromptEncoding":
         """Each prompt's row repeated `times` times in place (prompt-major)."""
+        if times == 1:
+            return self
         return self.rows(torch.arange(self.embedding.shape[0]).repeat_interleave(times))
 
     def prompt_tokens(self, b: int = 0) -> List[str]:

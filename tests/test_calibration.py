@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from memoguard.calibration import Calibration, CalibrationError, default_benign_prompts, roc_auc, roc_curve, tpr_at_fpr
 from memoguard.score import ScoreTrace
@@ -202,3 +203,22 @@ def test_a_band_measured_at_another_guidance_says_so():
     assert cal.check(guidance=3.0) == []
     (note,) = cal.check(guidance=7.5)
     assert "cfg 3" in note and "cfg 7.5" in note
+
+
+def test_first_step_scores_with_the_shared_unconditional_half_equal_the_cfg_pairs(tiny_model):
+    """FirstStep evaluates eps(x_T, "") once per seed and prompt length; each prompt x seed's score equals the
+    one from its own CFG pair (one batched cond + uncond call), short and two-chunk prompts alike."""
+    from memoguard.measure import first_step_gaps
+    from memoguard.sampling import initial_noise
+    from memoguard.score import detector_score
+    prompts = ["a red circle", ", ".join(["a purple ring on a lighthouse poster"] * 12), "a small blue ring"]
+    t = tiny_model.timesteps(50)[0]
+    shared = first_step_gaps(tiny_model, prompts, [0, 3], tiny_model.latent_shape(), t)
+    uncond = tiny_model.encode([""])
+    for i, prompt in enumerate(prompts):
+        cond = tiny_model.encode([prompt]).repeat_rows(2)
+        x = initial_noise(tiny_model, tiny_model.latent_shape(), [0, 3])
+        with torch.no_grad():
+            pair = detector_score(*tiny_model.eps_pair(x, t, cond, uncond)).numpy()
+        np.testing.assert_allclose(shared[i], pair, rtol=1e-5)
+    assert tiny_model.encode([prompts[1]]).embedding.shape[1] == 2 * 77

@@ -126,7 +126,7 @@ def panel_for(generation_info: str) -> str:
 
 CALIBRATION_CONTROLS = (
     ("prompts", "Slider", "Benign prompts", calibration_glue.DEFAULTS["prompts"],
-     "How many of the shipped benign prompts to score (2 UNet evaluations each, batched)",
+     "How many of the shipped benign prompts to score (1 UNet evaluation each, batched)",
      dict(minimum=10, maximum=500, step=1)),
     ("band_prompts", "Slider", "Band runs", calibration_glue.DEFAULTS["band_prompts"],
      "Full sampling runs for the per-step band in the plot (2 x steps evaluations each); 0 = no band",

@@ -46,7 +46,7 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
     p.add_argument("--extra-timesteps", type=_ints, default=[], metavar="T[,T...]",
                    help="also score the first step at these timesteps, e.g. 999 (where the hosts' k-diffusion "
-                        "samplers start); 2 UNet evaluations per prompt each")
+                        "samplers start); 1 UNet evaluation per prompt each")
     p.add_argument("--band-prompts", type=int, default=32,
                    help="prompts sampled in full for the per-step benign band of the charts (0: no band)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale of the band runs (default: the model's)")

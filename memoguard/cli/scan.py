@@ -120,25 +120,24 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
                  skip=frozenset()):
     """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`."""
     from ..explain import token_contributions
-    from ..measure import encoding_gaps
-    from ..sampling import initial_noise
+    from ..measure import FirstStep
     if batch_size < 1:
         raise MemoGuardError(f"--batch-size must be >= 1, got {batch_size}")
     todo = [(i, prompt, label) for i, (prompt, label) in enumerate(rows) if i not in skip]
     threshold = calibration.threshold(fpr) if calibration else float("nan")
     uncond = model.encode([""])
-    t_first = model.timesteps(steps)[0]
-    x = initial_noise(model, model.latent_shape(), list(range(seeds)), model.device)
+    first = FirstStep(model, uncond, range(seeds), model.latent_shape(), model.timesteps(steps)[0])
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         scores, tokens, tops = [0.0] * len(batch), [0] * len(batch), {}
         for group, cond in model.encode_by_length([prompt for _, prompt, _ in batch]):
-            gaps = encoding_gaps(model, cond, uncond, range(seeds), model.latent_shape(), t_first).mean(1)
-            worded = [k for k, n in enumerate(cond.prompt_mask.sum(1).tolist()) if n]
+            gaps = first.gaps(cond).mean(1)
+            counts = cond.prompt_mask.sum(1).tolist()
+            worded = [k for k, n in enumerate(counts) if n]
             for k, row in enumerate(group):
-                scores[row], tokens[row] = float(gaps[k]), int(cond.prompt_mask[k].sum())
+                scores[row], tokens[row] = float(gaps[k]), int(counts[k])
             if explain and worded:
-                found = token_contributions(model, cond.rows(worded), uncond, x.repeat(len(worded), 1, 1, 1),
+                found = token_contributions(model, cond.rows(worded), uncond, first.x.repeat(len(worded), 1, 1, 1),
                                             total_steps=steps)
                 tops.update({group[k]: c for k, c in zip(worded, found)})
         out = []

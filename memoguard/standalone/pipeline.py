@@ -22,7 +22,8 @@ def _batches(n: int, size: int):
 
 def first_step_scores(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int],
                       steps: int = DEFAULT_STEPS, batch_size: int = 128, uncond=None) -> np.ndarray:
-    """(P, G) RMS gap at the first step of a `steps` schedule: two UNet evaluations per image."""
+    """(P, G) RMS gap at the first step of a `steps` schedule: one conditional UNet evaluation per image, and one
+    unconditional per seed shared by all prompts."""
     return first_step_gaps(model, prompts, seeds, model.latent_shape(), model.timesteps(steps)[0], batch_size,
                            uncond=uncond)
 
