@@ -1,7 +1,8 @@
 """Issue 9 checks shared by the real A1111 and Forge suites (test_real_webui.py, test_real_forge.py).
 
 Each takes the base URL of a running WebUI (real_host.running_webui) with the random SD1.5 loaded. The
-calibration is kept small (10 prompts, 2 band runs of 3 steps, 64x64) so that it costs CPU seconds.
+calibration is kept small (10 prompts, one of them two chunks long; 2 band runs of 3 steps, 64x64) so that it
+costs CPU seconds.
 """
 import json
 import math
@@ -13,7 +14,10 @@ from pathlib import Path
 from real_host import MONITOR_ONLY, call, generate, pixels, txt2img
 
 ACCORDION = "MemoGuard Monitor"  # the always-visible script's title, its alwayson_scripts key
-SMALL_CALIBRATION = dict(prompts=10, band_prompts=2, steps=3, width=64, height=64)
+# 9 short benign prompts and one over 75 tokens (two CLIP chunks): each is scored as if alone
+CALIBRATION_PROMPTS = [f"a photo of a {c} {t}" for c in ("red", "blue", "green") for t in ("house", "car", "tree")] + [
+    ", ".join(["a small green tree beside a red house"] * 12)]
+SMALL_CALIBRATION = dict(prompts=10, band_prompts=2, steps=3, width=64, height=64, prompt_list=CALIBRATION_PROMPTS)
 ROUTE = "/memoguard/v1/calibrate"
 AND_PROMPT = "a dog AND a photo of a cat"
 
@@ -70,7 +74,7 @@ def post_error(url, payload):
 
 def calibrate_and_judge(base, host):
     """POST /memoguard/v1/calibrate on the loaded checkpoint; the script's verdicts then use it by key."""
-    code, body = post_error(base + ROUTE, dict(SMALL_CALIBRATION, prompts=3))
+    code, body = post_error(base + ROUTE, dict(SMALL_CALIBRATION, prompt_list=CALIBRATION_PROMPTS[:3]))
     assert code == 400 and "prompts" in body["error"], body
     started = time.time()
     answer = call(base + ROUTE, SMALL_CALIBRATION)
