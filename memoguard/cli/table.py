@@ -5,7 +5,6 @@ the first step of 1 generation, the first step averaged over 4 generations, and 
 over 4 generations; each with ROC AUC and the true-positive rate at 1 % false positives. Batched and
 resumable like `scan`: --out F.jsonl holds each prompt's per-step gaps as it is done.
 """
-import sys
 from pathlib import Path
 
 import numpy as np

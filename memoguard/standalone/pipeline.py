@@ -6,7 +6,6 @@ encoded at its own length, so a prompt's images do not depend on the batch it wa
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..measure import first_step_gaps
 from ..model import DiffusionModel
