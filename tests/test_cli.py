@@ -1,5 +1,8 @@
 """The command line end to end on the bundled model."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -287,23 +290,30 @@ def test_table_metrics_follow_the_scores():
     assert all(v["auc"] == 0.0 for v in table([rec(1, 0.1), rec(0, 0.9)]).values())
 
 
-def test_scan_on_two_processes_merges_into_the_single_process_output(tmp_path):
-    """accelerate launch with 2 CPU processes (gloo): the merged JSONL equals one process's, byte for byte (both
-    on one thread each, as accelerate sets them)."""
-    pytest.importorskip("accelerate")
-    import os
-    import subprocess
-    import sys
+# two CPU processes through torchrun (gloo); `accelerate launch --cpu` would start one
+TWO_PROCESSES = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def _scan_on_one_process(tmp_path, prompts):
+    """prompts.txt scanned by one process into one.jsonl (one thread, as accelerate sets its processes); the
+    environment and the scan arguments up to --out, for the launches to compare with it."""
     src = tmp_path / "prompts.txt"
-    src.write_text("a purple ring, lighthouse poster\na red circle\na small blue ring\na green square at the top\n"
-                   "a yellow star\n")
+    src.write_text("\n".join(prompts) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     scan = ["-m", "memoguard", "scan", "--file", str(src), "--batch-size", "1", "--explain", "2", "--out"]
     one = subprocess.run([sys.executable, *scan, str(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    two = subprocess.run([*launch, *scan, str(tmp_path / "two.jsonl")], env=env, capture_output=True, text=True,
+    return env, scan
+
+
+def test_scan_on_two_processes_merges_into_the_single_process_output(tmp_path):
+    """accelerate launch with 2 CPU processes (gloo): the merged JSONL equals one process's, byte for byte (both
+    on one thread each, as accelerate sets them)."""
+    pytest.importorskip("accelerate")
+    env, scan = _scan_on_one_process(tmp_path, ["a purple ring, lighthouse poster", "a red circle", "a small blue ring",
+                                                "a green square at the top", "a yellow star"])
+    two = subprocess.run([*TWO_PROCESSES, *scan, str(tmp_path / "two.jsonl")], env=env, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "2 processes share the 5 prompts left" in two.stderr
@@ -327,8 +337,6 @@ def test_scan_scores_a_prompt_the_same_whatever_it_is_batched_with(tmp_path):
         assert a["score"] == pytest.approx(b["score"], rel=1e-5) and a["top_tokens"] == b["top_tokens"]
     src = tmp_path / "prompts.txt"
     src.write_text("\n".join(p for p, _ in rows) + "\n")
-    import subprocess
-    import sys
     done = subprocess.run([sys.executable, "-m", "memoguard", "scan", "--file", str(src), "--explain", "0"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "1 prompt(s) are longer than the text encoder's 75 tokens (first: #1" in done.stderr
@@ -389,7 +397,6 @@ def test_scan_resumes_the_shards_of_a_run_on_several_processes_on_one(tmp_path, 
 
 def _worker_pids(rank: int, marker: str):
     """Processes of a launch whose command line holds `marker` and whose environment says RANK=rank (Linux)."""
-    import os
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -408,26 +415,15 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
     """A worker killed mid-run (SIGKILL: no chance to say anything) takes the launch down; its shard keeps the
     batches it finished, and --resume on two processes ends with the single-process output, byte for byte."""
     pytest.importorskip("accelerate")
-    import os
     import signal
-    import subprocess
-    import sys
     import time
     if not os.path.isdir("/proc"):
         pytest.skip("finds the worker through /proc")
     colours, shapes = ["red", "blue", "green", "yellow", "purple"], ["circle", "ring", "square", "star"]
-    prompts = [f"a {c} {s} {where}" for where in ("on a lighthouse poster", "at the top") for c in colours
-               for s in shapes][:32]
-    src = tmp_path / "prompts.txt"
-    src.write_text("\n".join(prompts) + "\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    scan = ["-m", "memoguard", "scan", "--file", str(src), "--batch-size", "1", "--explain", "2", "--out"]
-    one = subprocess.run([sys.executable, *scan, str(tmp_path / "one.jsonl")], env=env, capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-              "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env, scan = _scan_on_one_process(tmp_path, [f"a {c} {s} {where}" for where in ("on a lighthouse poster", "at the top")
+                                                for c in colours for s in shapes][:32])
     out = tmp_path / "two.jsonl"
-    run = subprocess.Popen([*launch, *scan, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    run = subprocess.Popen([*TWO_PROCESSES, *scan, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     shard = tmp_path / "two.jsonl.part1"
     deadline = time.time() + 300
@@ -441,7 +437,7 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
     assert "memoguard scan (process 0 of 2): stopped after" in err and "two.jsonl.part0: run the same command" in err
     kept = shard.read_text().count("\n")
     assert 1 <= kept < 16, f"worker 1 was killed after {kept} of its 16 prompts"  # mid-run, finished ones on disk
-    again = subprocess.run([*launch, *scan, str(out), "--resume"], env=env, capture_output=True, text=True,
+    again = subprocess.run([*TWO_PROCESSES, *scan, str(out), "--resume"], env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"prompts are in {out}" in again.stderr
