@@ -30,8 +30,7 @@ def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequen
     per = max(1, batch_size // len(seeds))
     for start in range(0, len(prompts), per):
         stop = min(len(prompts), start + per)
-        for rows, cond in model.encode_by_length(prompts[start:stop]):
-            out[[start + r for r in rows]] = first.gaps(cond)
+        out[start:stop] = model.per_prompt(prompts[start:stop], lambda rows, cond: first.gaps(cond))
         if progress is not None:
             progress(stop, len(prompts))
     return out
@@ -69,14 +68,15 @@ def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, s
     """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...), on the
     model's `steps`-step schedule or on explicit `timesteps`."""
     uncond = model.encode([""])
-    out = [None] * len(prompts)
+    out = []
+
+    def gaps(rows, cond):  # rows of the batch at `start`: prompt start + r has seed seed + start + r
+        x = initial_noise(model, shape, [seed + start + r for r in rows], _device(cond))
+        return sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy()
+
     for start in range(0, len(prompts), batch_size):
         stop = min(len(prompts), start + batch_size)
-        for rows, cond in model.encode_by_length(prompts[start:stop]):
-            x = initial_noise(model, shape, [seed + start + r for r in rows], _device(cond))
-            gaps = sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy()
-            for k, row in enumerate(rows):
-                out[start + row] = gaps[k]
+        out += model.per_prompt(prompts[start:stop], gaps)
         if progress is not None:
             progress(stop, len(prompts))
     return np.stack(out)

@@ -8,7 +8,7 @@ generic DDIM loop in any convention (diffusers, the bundled model, ComfyUI).
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -149,6 +149,15 @@ class DiffusionModel(Denoiser):
             same = length == enc.embedding.shape[1]
             groups.append((rows, enc.rows(rows) if same else self.encode([prompts[i] for i in rows])))
         return groups
+
+    def per_prompt(self, prompts: Sequence[str], work: Callable[[List[int], PromptEncoding], Sequence]) -> list:
+        """`work(rows, encoding)` on each group of `encode_by_length`, returning one result per row of the group;
+        the results back in the order of `prompts`."""
+        out = [None] * len(prompts)
+        for rows, cond in self.encode_by_length(prompts):
+            for row, result in zip(rows, work(rows, cond)):
+                out[row] = result
+        return out
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
         """One row per edit (row of `cond`, positions to leave out): the prompt re-encoded without those

@@ -127,24 +127,24 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
     threshold = calibration.threshold(fpr) if calibration else float("nan")
     uncond = model.encode([""])
     first = FirstStep(model, uncond, range(seeds), model.latent_shape(), model.timesteps(steps)[0])
+
+    def measured(rows, cond):
+        """(score, prompt tokens, contributions or None) of each prompt of `cond`."""
+        scores, counts = first.gaps(cond).mean(1).tolist(), cond.prompt_mask.sum(1).tolist()
+        worded = [k for k, n in enumerate(counts) if n]
+        found = {}
+        if explain and worded:
+            x = first.x.repeat(len(worded), 1, 1, 1)
+            found = dict(zip(worded, token_contributions(model, cond.rows(worded), uncond, x, total_steps=steps)))
+        return [(score, int(n), found.get(k)) for k, (score, n) in enumerate(zip(scores, counts))]
+
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
-        scores, tokens, tops = [0.0] * len(batch), [0] * len(batch), {}
-        for group, cond in model.encode_by_length([prompt for _, prompt, _ in batch]):
-            gaps = first.gaps(cond).mean(1)
-            counts = cond.prompt_mask.sum(1).tolist()
-            worded = [k for k, n in enumerate(counts) if n]
-            for k, row in enumerate(group):
-                scores[row], tokens[row] = float(gaps[k]), int(counts[k])
-            if explain and worded:
-                found = token_contributions(model, cond.rows(worded), uncond, first.x.repeat(len(worded), 1, 1, 1),
-                                            total_steps=steps)
-                tops.update({group[k]: c for k, c in zip(worded, found)})
         out = []
-        for k, ((index, prompt, label), score) in enumerate(zip(batch, scores)):
-            contrib = tops.get(k)
+        for (index, prompt, label), (score, tokens, contrib) in zip(
+                batch, model.per_prompt([prompt for _, prompt, _ in batch], measured)):
             out.append({
-                "index": index, "prompt": prompt, "label": label, "score": score, "tokens": tokens[k],
+                "index": index, "prompt": prompt, "label": label, "score": score, "tokens": tokens,
                 "percentile": calibration.percentile(score) if calibration else float("nan"),
                 "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold,
                 "top_tokens": [] if contrib is None else [(t, round(v, 4)) for t, v in contrib.top(explain)],

@@ -63,16 +63,16 @@ def run(args) -> int:
     skip = {r["index"] for r in done}
     todo = [(i, p, label) for i, (p, label) in enumerate(rows) if i not in skip]
 
+    def gaps(rows, cond):
+        trace = sample(model, cond.repeat_rows(GENERATIONS), uncond, x.repeat(len(rows), 1, 1, 1),
+                       guidance=guidance, timesteps=first).trace
+        return trace.per_step().T.reshape(len(rows), GENERATIONS, WINDOW).tolist()
+
     def batches():
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            gaps = [None] * len(batch)
-            for group, cond in model.encode_by_length([p for _, p, _ in batch]):
-                trace = sample(model, cond.repeat_rows(GENERATIONS), uncond, x.repeat(len(group), 1, 1, 1),
-                               guidance=guidance, timesteps=first).trace
-                for row, g in zip(group, trace.per_step().T.reshape(len(group), GENERATIONS, WINDOW).tolist()):
-                    gaps[row] = g
-            yield [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, gaps)]
+            found = model.per_prompt([p for _, p, _ in batch], gaps)
+            yield [{"index": i, "prompt": p, "label": label, "gaps": g} for (i, p, label), g in zip(batch, found)]
 
     new, code = keep_batches(batches(), args.out, Progress(len(rows), len(done)), len(todo), "memoguard table",
                              "this run")

@@ -32,14 +32,14 @@ def generate(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int]
     """Images (P, G, H, W, 3) in [0, 1] and per-step RMS gaps (P, G, steps)."""
     uncond = model.encode([""])
     gens = len(seeds)
-    images, gaps = [None] * len(prompts), [None] * len(prompts)
+
+    def run(rows, cond):
+        x = initial_noise(model, model.latent_shape(), list(seeds) * len(rows), model.device)
+        result = sample(model, cond.repeat_rows(gens), uncond, x, steps, guidance)
+        pixels, per_step = model.decode(result.latents).numpy(), result.trace.per_step().T.numpy()
+        return [(pixels[k * gens:(k + 1) * gens], per_step[k * gens:(k + 1) * gens]) for k in range(len(rows))]
+
+    done = []
     for sl in _batches(len(prompts), max(1, batch_size // gens)):
-        for rows, cond in model.encode_by_length(prompts[sl]):
-            x = initial_noise(model, model.latent_shape(), list(seeds) * len(rows), model.device)
-            result = sample(model, cond.repeat_rows(gens), uncond, x, steps, guidance)
-            pixels = model.decode(result.latents).numpy()
-            per_step = result.trace.per_step().T.numpy()
-            for k, row in enumerate(rows):
-                images[sl.start + row] = pixels[k * gens:(k + 1) * gens]
-                gaps[sl.start + row] = per_step[k * gens:(k + 1) * gens]
-    return np.stack(images), np.stack(gaps)
+        done += model.per_prompt(prompts[sl], run)
+    return np.stack([images for images, _ in done]), np.stack([gaps for _, gaps in done])
