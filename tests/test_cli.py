@@ -218,6 +218,15 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _assert_same_result(a, b):
+    """Two scan records of one prompt computed in different batches: equal up to float rounding. A batch's shared
+    unconditional half moves the last float bits, and the stored token shares are rounded to 4 places, so a share
+    can differ by one unit of that rounding; comparing them exactly failed on some machines."""
+    assert b["score"] == pytest.approx(a["score"], rel=1e-5)
+    assert [t for t, _ in b["top_tokens"]] == [t for t, _ in a["top_tokens"]]
+    assert [s for _, s in b["top_tokens"]] == pytest.approx([s for _, s in a["top_tokens"]], abs=2e-4)
+
+
 def test_scan_appends_jsonl_batch_by_batch_resumes_and_writes_a_report(tmp_path, capsys, dataset):
     prompts = [dataset.memorized_captions[0], "a red circle", "a small blue ring", dataset.memorized_captions[5],
                "a green square at the top"]
@@ -240,8 +249,8 @@ def test_scan_appends_jsonl_batch_by_batch_resumes_and_writes_a_report(tmp_path,
     assert "cut off mid-write" in capsys.readouterr().err
     again = _lines(out)
     assert [r["index"] for r in again] == [0, 1, 2, 3, 4]
-    for a, b in zip(first, again):  # batches of 2 before, of 3 now: the same numbers
-        assert b["score"] == pytest.approx(a["score"], rel=1e-5) and b["top_tokens"] == a["top_tokens"]
+    for a, b in zip(first, again):  # batches of 2 before, of 3 now: the same numbers up to float rounding
+        _assert_same_result(a, b)
     assert main(base + ["--resume"]) == 0 and _lines(out) == again  # nothing left to do
     out.write_text("".join(out.read_text().splitlines(keepends=True)[:1]) + "{broken\n" + "")
     assert main(base + ["--resume"]) == 2 and "audit.jsonl:2 is not a MemoGuard scan result" in capsys.readouterr().err
@@ -334,7 +343,7 @@ def test_scan_scores_a_prompt_the_same_whatever_it_is_batched_with(tmp_path):
     alone = [r for batch in scan_batches(model, rows, None, explain=2, batch_size=1) for r in batch]
     assert together[1]["tokens"] > 75 >= together[0]["tokens"]
     for a, b in zip(together, alone):
-        assert a["score"] == pytest.approx(b["score"], rel=1e-5) and a["top_tokens"] == b["top_tokens"]
+        _assert_same_result(a, b)
     src = tmp_path / "prompts.txt"
     src.write_text("\n".join(p for p, _ in rows) + "\n")
     done = subprocess.run([sys.executable, "-m", "memoguard", "scan", "--file", str(src), "--explain", "0"],
