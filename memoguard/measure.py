@@ -97,6 +97,9 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
     """
     if not prompts:
         raise CalibrationError("calibration needs benign prompts; got none")
+    if band_prompts == 1 or band_prompts < 0:  # checked before any work: the band is made last
+        raise CalibrationError(f"band runs must be 0 (no band) or at least 2 (a band needs the spread of several "
+                               f"benign runs), got {band_prompts}")
     guidance = model.guidance if guidance is None else float(guidance)
     report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
     t_first = model.timesteps(steps)[0]

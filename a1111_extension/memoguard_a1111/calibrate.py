@@ -28,14 +28,30 @@ from .model_identity import checkpoint_name, denoiser_module, model_key
 
 STORE_SUBFOLDER = "memoguard"
 LIMITS = dict(prompts=(10, 10000), band_prompts=(0, 10000), steps=(2, 150), width=(64, 4096), height=(64, 4096),
-              guidance=(1.0, 30.0), fpr=(0.0, 0.5))
+              guidance=(1.0, 30.0), fpr=(0.0, 0.5), batch_size=(1, 64))
+# What one request may ask of the GPU, whoever sends it: its body, each prompt, and the whole work in UNet
+# evaluations of a 512x512 image (one per prompt for the verdict, two per step of each band run). The
+# defaults need about 1,600; the limit is under an hour on a mid-range GPU.
+MAX_BODY_BYTES = 1 << 20
+MAX_PROMPT_CHARS = 2000
+MAX_WORK = 40000
 # the whole shipped benign list and 32 band runs by default, as the CLI and ComfyUI calibrate
 DEFAULTS = dict(prompts=len(default_benign_prompts()), band_prompts=32, steps=20, width=512, height=512, guidance=7.0,
                 fpr=0.01, batch_size=8)
 HOW_TO = ("to calibrate it, open 'Calibrate this checkpoint' under the MemoGuard script, "
           "or POST /memoguard/v1/calibrate")
 
+
+class CalibrationBusy(CalibrationError):
+    """Another calibration holds the WebUI (the API answers 409)."""
+
+
+class CalibrationCancelled(CalibrationError):
+    """The client left, or the user pressed Interrupt: stopped, nothing saved."""
+
+
 lock = threading.Lock()  # one calibration at a time (and, inside the WebUI, never during a generation)
+running: dict = {}  # who holds `lock`: {"by", "since", "progress"}, for the 409 answer
 
 
 def store_folder() -> Path:
@@ -203,12 +219,17 @@ def check_request(values: dict) -> dict:
     prompts = values.get("prompt_list")
     if prompts is not None:
         if isinstance(prompts, str):
-            prompts = [line.strip() for line in prompts.splitlines()]
+            prompts = prompts.splitlines()
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(s, str) for s in prompts):
             raise CalibrationError("prompt_list must be a list of strings (or one prompt per line)")
         prompts = [s.strip() for s in prompts if s.strip()]
-        if len(prompts) < LIMITS["prompts"][0]:
-            raise CalibrationError(f"prompt_list needs at least {LIMITS['prompts'][0]} prompts, got {len(prompts)}")
+        low, high = LIMITS["prompts"]
+        if not low <= len(prompts) <= high:
+            raise CalibrationError(f"prompt_list must hold {low} to {high} prompts, got {len(prompts)}")
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if len(prompts[longest]) > MAX_PROMPT_CHARS:
+            raise CalibrationError(f"prompt_list[{longest}] has {len(prompts[longest])} characters; at most "
+                                   f"{MAX_PROMPT_CHARS} a prompt")
         out["prompts"] = len(prompts)
     else:
         shipped = default_benign_prompts()
@@ -218,7 +239,21 @@ def check_request(values: dict) -> dict:
         prompts = shipped[:out["prompts"]]
     out["prompt_list"] = prompts
     out["band_prompts"] = min(out["band_prompts"], out["prompts"])
+    if out["band_prompts"] == 1:
+        raise CalibrationError("band_prompts must be 0 (no band) or at least 2 (a band needs several runs)")
+    work = work_of(out)
+    if work > MAX_WORK:
+        raise CalibrationError(f"this calibration asks for {work:,.0f} UNet evaluations at 512x512 ({out['prompts']} "
+                               f"prompts + {out['band_prompts']} band runs x {out['steps']} steps x 2 at "
+                               f"{out['width']}x{out['height']}); at most {MAX_WORK:,}: fewer band runs, steps or "
+                               f"pixels")
     return out
+
+
+def work_of(settings: dict) -> float:
+    """UNet evaluations of a 512x512 image the calibration costs: one a prompt, two a step of a band run."""
+    evaluations = settings["prompts"] + 2 * settings["band_prompts"] * settings["steps"]
+    return evaluations * settings["width"] * settings["height"] / (512 * 512)
 
 
 @contextmanager
@@ -242,8 +277,11 @@ def _webui_job(progress_text: Callable[[str], None]):
                 state.end()
 
 
-def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Calibrate shared.sd_model; returns what the API answers. Raises CalibrationError with a clear message."""
+def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callable[[str], None]] = None, *,
+                      requested_by: str = "the WebUI panel", cancelled: Optional[threading.Event] = None) -> dict:
+    """Calibrate shared.sd_model; returns what the API answers. Raises CalibrationError with a clear message
+    (CalibrationBusy while another calibration runs; CalibrationCancelled once `cancelled` is set or the user
+    interrupts: nothing is saved)."""
     from modules import shared
     s = check_request(dict(settings or {}))
     if is_forge():  # Forge loads the selected checkpoint lazily, at the first generation
@@ -254,11 +292,20 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
     if sd_model is None or not (hasattr(sd_model, "forge_objects") or hasattr(sd_model, "model")):
         raise CalibrationError("no checkpoint is loaded")
     if not lock.acquire(blocking=False):
-        raise CalibrationError("a calibration is already running")
+        holder = dict(running)
+        since = time.strftime("%H:%M:%S", time.localtime(holder.get("since", time.time())))
+        raise CalibrationBusy(f"a calibration is already running (started {since} by {holder.get('by', 'unknown')}"
+                              f"{'; ' + holder['progress'] if holder.get('progress') else ''}); try again when it "
+                              f"has finished")
     started = time.time()
+    running.update(by=requested_by, since=started, progress="waiting for the generation queue")
 
     def show(text):
+        if text and ((cancelled is not None and cancelled.is_set()) or getattr(shared.state, "interrupted", False)):
+            raise CalibrationCancelled("calibration cancelled (the client left or Interrupt was pressed); "
+                                       "nothing was saved")
         shared.state.textinfo = text
+        running["progress"] = text
         if progress is not None and text:
             progress(text)
 
@@ -284,6 +331,7 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
             calibration.meta.update(checkpoint=checkpoint_name(sd_model), seconds=round(time.time() - started, 1))
             path = store().save(calibration)
     finally:
+        running.clear()
         lock.release()
     threshold = calibration.threshold(s["fpr"])
     return {"model_key": key, "checkpoint": checkpoint_name(sd_model), "threshold": threshold, "fpr": s["fpr"],
@@ -310,37 +358,16 @@ def _first_forward(model: DiffusionModel, shape) -> None:
     model.eps(x, sigma, uncond.embedding, uncond.extra)
 
 
-# -- API ----------------------------------------------------------------------------------------
-ROUTE = "/memoguard/v1/calibrate"
-
-
-def register_api(_demo, app) -> None:
-    """script_callbacks.on_app_started: POST /memoguard/v1/calibrate (JSON settings, all optional)."""
-    from fastapi import Body
-    from fastapi.responses import JSONResponse
-
-    def calibrate_route(body: dict = Body(default={})):
-        try:
-            return calibrate_current(body if isinstance(body, dict) else None)
-        except CalibrationError as e:
-            return JSONResponse(status_code=400, content={"error": str(e)})
-        except Exception as e:  # reported, never a stack trace for the client only
-            import traceback
-            traceback.print_exc()
-            return JSONResponse(status_code=500, content={"error": f"calibration failed: {type(e).__name__}: {e}"})
-
-    app.add_api_route(ROUTE, calibrate_route, methods=["POST"])
-
-
 def ui_calibrate(prompts, band_prompts, steps, width, height):
-    """Generator for the 'Calibrate this checkpoint' button: progress lines, then the result (HTML)."""
+    """Generator for the 'Calibrate this checkpoint' button: progress lines, then the result (HTML). A page that
+    is closed stops the generator (GeneratorExit): the calibration is cancelled, the queue freed."""
     import html
-    messages, result = [], {}
+    messages, result, cancelled = [], {}, threading.Event()
 
     def work():
         try:
             result["ok"] = calibrate_current(dict(prompts=prompts, band_prompts=band_prompts, steps=steps,
-                                                  width=width, height=height), messages.append)
+                                                  width=width, height=height), messages.append, cancelled=cancelled)
         except CalibrationError as e:
             result["error"] = str(e)
         except Exception as e:
@@ -351,11 +378,15 @@ def ui_calibrate(prompts, band_prompts, steps, width, height):
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     shown = None
-    while thread.is_alive():
-        thread.join(0.5)
-        if messages and messages[-1] != shown:
-            shown = messages[-1]
-            yield f"<div class='memoguard-note'>{html.escape(shown)}</div>"
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+            if messages and messages[-1] != shown:
+                shown = messages[-1]
+                yield f"<div class='memoguard-note'>{html.escape(shown)}</div>"
+    finally:
+        if thread.is_alive():
+            cancelled.set()
     if "error" in result:
         yield f"<div class='memoguard-error'>MemoGuard calibration failed: {html.escape(result['error'])}</div>"
         return

@@ -4,7 +4,7 @@ controls in an always-visible "MemoGuard Monitor" accordion that runs beside X/Y
 API (/sdapi/v1/txt2img, /sdapi/v1/img2img): "script_name": "memoguard" and "script_args" in the
 order of ARG_NAMES (missing trailing values take the defaults below), or
 "alwayson_scripts": {"memoguard monitor": {"args": [true, ...the same script_args]}}. Calibration:
-POST /memoguard/v1/calibrate (calibrate.py), or the "Calibrate this checkpoint" button.
+POST /memoguard/v1/calibrate (api.py; with --api, behind --api-auth), or the "Calibrate this checkpoint" button.
 """
 import hashlib
 import json
@@ -16,7 +16,7 @@ from typing import Optional
 from memoguard.mitigate import DEFAULT_DELAY
 from modules import processing, script_callbacks, scripts, shared
 
-from . import calibrate as calibration_glue
+from . import api, calibrate as calibration_glue
 from .args import parse_args
 from .forge import is_forge
 from .monitor import ForgeRunMonitor, RunMonitor, Settings
@@ -182,7 +182,7 @@ class MemoGuardBase(scripts.Script):
                             for name, component, label, default, hint, options in CALIBRATION_CONTROLS]
             button = gr.Button("Calibrate this checkpoint", elem_id=f"{self.id_prefix}_cal_button_{tab}")
             status = gr.HTML(f"<div class='memoguard-note'>Saved to models/memoguard/&lt;model key&gt;.json and "
-                             f"used automatically for this checkpoint. API: POST {calibration_glue.ROUTE}</div>",
+                             f"used automatically for this checkpoint. API: POST {api.ROUTE}</div>",
                              elem_id=f"{self.id_prefix}_cal_status_{tab}")
             button.click(fn=calibration_glue.ui_calibrate, inputs=settings, outputs=[status])
         self.panel = gr.HTML(elem_id=f"{self.id_prefix}_panel_{tab}")
@@ -385,4 +385,4 @@ def _mitigation(monitor: RunMonitor, iteration: int):
     return result.mitigation if result is not None else None
 
 
-script_callbacks.on_app_started(calibration_glue.register_api)
+script_callbacks.on_app_started(api.register_api)

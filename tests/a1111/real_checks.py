@@ -254,3 +254,57 @@ def out_of_memory_keeps_the_image(base):
 def checkpoint_b(ckpt_env):
     first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
     return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))
+
+
+# -- the calibration route's guards (issue 18) ------------------------------------------------------------------
+API_USER = ("alice", "s3cr:et")  # --api-auth alice:s3cr:et (a password may hold ':')
+SLOW_CALIBRATION = dict(prompts=40, band_prompts=8, steps=10, width=64, height=64)  # minutes on a CPU
+
+
+def _status(url, payload, auth=None, timeout=1200):
+    try:
+        call(url, payload, timeout=timeout, auth=auth)
+        return 200
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def route_is_guarded(base, log: Path):
+    """A WebUI started with --api-auth: the route answers 401 as /sdapi/v1/* does, refuses oversized requests,
+    runs one calibration at a time (409), and a client that leaves cancels its calibration."""
+    import threading
+    assert _status(base + "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}) == 401
+    assert _status(base + ROUTE, SMALL_CALIBRATION) == 401
+    assert _status(base + ROUTE, SMALL_CALIBRATION, auth=("alice", "wrong")) == 401
+    assert _status(base + ROUTE, {"prompt_list": ["a cat"] * 200_000}, auth=API_USER) == 413
+    for bad in ({"batch_size": -3}, {"batch_size": 10 ** 9},
+                {"prompts": 296, "band_prompts": 10000, "steps": 150, "width": 4096, "height": 4096}):
+        assert _status(base + ROUTE, bad, auth=API_USER) == 400, bad
+    first = {}
+    worker = threading.Thread(target=lambda: first.update(code=_status(base + ROUTE, SMALL_CALIBRATION, auth=API_USER)))
+    worker.start()
+    time.sleep(3)
+    try:
+        call(base + ROUTE, SMALL_CALIBRATION, auth=API_USER)
+        raise AssertionError("a second calibration was accepted while the first ran")
+    except urllib.error.HTTPError as e:
+        answer = json.loads(e.read())
+        assert e.code == 409 and "already running" in answer["error"] and "API client 127.0.0.1" in answer["error"]
+    worker.join()
+    assert first["code"] == 200
+    # a client that gives up after 5 s: its calibration stops at its next batch; the WebUI is free again
+    try:
+        call(base + ROUTE, SLOW_CALIBRATION, auth=API_USER, timeout=5)
+    except OSError:  # the read timed out: this client closed its connection
+        pass
+    deadline = time.time() + 120
+    while "calibration cancelled" not in log.read_text():
+        assert time.time() < deadline, "the calibration of a client that left went on"
+        time.sleep(2)
+    assert _status(base + ROUTE, SMALL_CALIBRATION, auth=API_USER) == 200
+
+
+def route_is_absent_without_api(base, log: Path):
+    """A WebUI started with its UI and without --api serves no /sdapi/v1/* and no calibration route."""
+    assert _status(base + ROUTE, SMALL_CALIBRATION) == 404
+    assert f"{ROUTE} is off" in log.read_text()

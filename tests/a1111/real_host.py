@@ -109,18 +109,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def call(url, payload=None, timeout=1200):
+def call(url, payload=None, timeout=1200, auth=None):
+    """GET (payload None) or POST JSON; auth: (user, password) for HTTP Basic."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(url, data, headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
 @contextmanager
-def running_webui(root: Path, python: str, flags: list, data: Path):
+def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bool = True):
     """Start `launch.py` with the extension and the probe in data/extensions; yield the base URL; stop it.
 
-    The server's output goes to data/webui.log (see `errors_logged`).
+    api_only: `--nowebui` (the API alone); else the UI, with the API only if `flags` hold --api. Ready once the
+    probe's route answers (extensions' app_started callbacks have run). The server's output goes to
+    data/webui.log (see `errors_logged`).
     """
     (data / "extensions").mkdir()
     (data / "extensions" / "memoguard").symlink_to(REPO, target_is_directory=True)
@@ -129,17 +135,18 @@ def running_webui(root: Path, python: str, flags: list, data: Path):
     port = _free_port()
     log = open(data / "webui.log", "w")
     # --server-name: with --nowebui the WebUIs' API server binds 0.0.0.0 unless told otherwise
-    server = subprocess.Popen([python, "launch.py", *flags, "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
-                               "--data-dir", str(data)],
+    server = subprocess.Popen([python, "launch.py", *flags, *(["--nowebui"] if api_only else []), "--server-name",
+                               "127.0.0.1", "--port", str(port), "--data-dir", str(data)],
                               cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    LOGS[base] = data / "webui.log"
     deadline = time.time() + STARTUP_TIMEOUT_S
     try:
         while True:
             if server.poll() is not None:
                 pytest.fail(f"the WebUI exited with {server.returncode}; see {data / 'webui.log'}")
             try:
-                call(base + "/sdapi/v1/samplers", timeout=10)
+                call(base + "/memoguard-probe/cfg-callbacks", timeout=10)
                 break
             except OSError:
                 if time.time() > deadline:
@@ -151,6 +158,13 @@ def running_webui(root: Path, python: str, flags: list, data: Path):
         server.wait(timeout=60)
         log.close()
         print(f"WebUI log: {data / 'webui.log'}", file=sys.stderr)
+
+
+LOGS = {}  # base URL -> its server's log
+
+
+def webui_log(base) -> Path:
+    return LOGS[base]
 
 
 def txt2img(base, sampler, script_args=None, **overrides):
@@ -177,16 +191,16 @@ MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
 
 
 @contextmanager
-def a1111(tmp_path_factory, ckpt_env: str, required: bool = False):
+def a1111(tmp_path_factory, ckpt_env: str, required: bool = False, extra_flags=(), api_only: bool = True):
     """A1111_DIR's WebUI on CPU with the checkpoint named by ckpt_env (skip when unset and required)."""
     root = Path(os.environ["A1111_DIR"])
     if required and not os.environ.get(ckpt_env):
         pytest.skip(f"{ckpt_env} is not set")
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
     flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--test-server", "--do-not-download-clip",
-             "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env))]
+             "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env)), *extra_flags]
     data = tmp_path_factory.mktemp("webui-data")
-    with running_webui(root, python, flags, data) as base:
+    with running_webui(root, python, flags, data, api_only) as base:
         yield base
         assert not errors_logged(data)
 

@@ -1,7 +1,6 @@
 """Issue 9 on the stand-in WebUI / Forge: calibration where the model is, verdicts by model key, per-image infotexts,
 validated script_args, AND-prompt mitigation record, progress text, per-run panels, the panel's plot."""
 import copy
-import json
 import sys
 from types import SimpleNamespace
 
@@ -11,13 +10,11 @@ import torch
 from memoguard import rms_per_image
 from memoguard.calibration import Calibration
 from memoguard.identity import weights_fingerprint
-from memoguard.sampling import initial_noise
 from memoguard_a1111 import calibrate as calibration_glue
-from memoguard_a1111 import model_identity
 from memoguard_a1111.script import MemoGuardScript, panel_for
 from modules import processing, shared
 from modules.sd_samplers_kdiffusion import CompVisDenoiser
-from test_script import PROMPT, core_first_step, infotext_fields, make_p, run
+from test_script import core_first_step, infotext_fields, make_p, run
 
 SMALL = dict(prompts=10, band_prompts=2, steps=3, width=128, height=128)  # the tiny model's 16x16 latent
 
@@ -124,18 +121,6 @@ def test_calibration_request_errors_are_clear(webui):
                       (dict(colour=1), "unknown")):
         with pytest.raises(calibration_glue.CalibrationError, match=word):
             calibrate_small(**bad)
-
-
-def test_api_route_answers_json(webui, models_folder):
-    routes = {}
-    app = SimpleNamespace(add_api_route=lambda path, fn, methods: routes.setdefault(path, fn))
-    pytest.importorskip("fastapi")
-    calibration_glue.register_api(None, app)  # what the script registers with on_app_started at import
-    fn = routes[calibration_glue.ROUTE]
-    bad = fn({"prompts": 2})
-    assert bad.status_code == 400 and b"prompts" in bad.body
-    good = fn(dict(SMALL))
-    assert good["model_key"].startswith("unet-") and good["saved_to"].startswith(str(models_folder))
 
 
 def test_lazily_merged_lora_weights_get_their_own_key(webui, tiny_model, monkeypatch):

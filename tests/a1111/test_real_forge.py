@@ -6,13 +6,14 @@ commit Forge pins) and a checkpoint is found (FORGE_CKPT, or the first .safetens
 FORGE_DIR/models/Stable-diffusion). Run with HF_HUB_OFFLINE=1: Forge's model configs are bundled.
 """
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import real_checks
 from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fields, img2img, infotext, pixels,
-                       running_webui, txt2img)
+                       running_webui, txt2img, webui_log)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
@@ -20,16 +21,22 @@ pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (pat
 FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
 
 
-@pytest.fixture(scope="module")
-def forge(tmp_path_factory):
+@contextmanager
+def running_forge(tmp_path_factory, extra_flags=(), api_only=True):
     root = Path(FORGE_DIR)
     python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
     flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu",
-             "--no-half", "--ckpt", str(checkpoint(root, "FORGE_CKPT"))]
+             "--no-half", "--ckpt", str(checkpoint(root, "FORGE_CKPT")), *extra_flags]
     data = tmp_path_factory.mktemp("forge-data")
-    with running_webui(root, python, flags, data) as base:
+    with running_webui(root, python, flags, data, api_only) as base:
         yield base
         assert not errors_logged(data)
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    with running_forge(tmp_path_factory) as base:
+        yield base
 
 
 def test_forge_scores_explains_and_leaves_the_image_unchanged(forge):
@@ -127,3 +134,14 @@ def test_interrupt_stops_memoguards_own_work(forge):
 
 def test_out_of_memory_inside_memoguard_keeps_the_image(forge):
     real_checks.out_of_memory_keeps_the_image(forge)
+
+
+# -- issue 18: the calibration route behind the WebUI's own API switch and credentials ----------------------------
+def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory):
+    with running_forge(tmp_path_factory, ["--api-auth", ":".join(real_checks.API_USER)]) as base:
+        real_checks.route_is_guarded(base, webui_log(base))
+
+
+def test_no_calibration_route_without_api(tmp_path_factory):
+    with running_forge(tmp_path_factory, api_only=False) as base:
+        real_checks.route_is_absent_without_api(base, webui_log(base))

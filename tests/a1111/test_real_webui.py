@@ -10,7 +10,7 @@ import pytest
 
 import real_checks
 from real_host import (HIRES, MONITOR_ONLY, a1111, assert_core_gap, call, fields, img2img, infotext, pixels,
-                       txt2img)
+                       txt2img, webui_log)
 
 A1111_DIR = os.environ.get("A1111_DIR")
 pytestmark = pytest.mark.skipif(not A1111_DIR, reason="A1111_DIR is not set (path to a WebUI checkout with its environment)")
@@ -118,3 +118,14 @@ def test_interrupt_stops_memoguards_own_work(webui):
 
 def test_out_of_memory_inside_memoguard_keeps_the_image(webui):
     real_checks.out_of_memory_keeps_the_image(webui)
+
+
+# -- issue 18: the calibration route behind the WebUI's own API switch and credentials ----------------------------
+def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory):
+    with a1111(tmp_path_factory, "A1111_CKPT", extra_flags=["--api-auth", ":".join(real_checks.API_USER)]) as base:
+        real_checks.route_is_guarded(base, webui_log(base))
+
+
+def test_no_calibration_route_without_api(tmp_path_factory):
+    with a1111(tmp_path_factory, "A1111_CKPT", api_only=False) as base:
+        real_checks.route_is_absent_without_api(base, webui_log(base))

@@ -1,7 +1,10 @@
 """A random-weight SD1.5 checkpoint (LDM single-file layout, fp16 .safetensors, ~2 GB) built with ComfyUI's own classes.
 
-Run with a ComfyUI venv from anywhere; COMFYUI_DIR (default /work/hosts/ComfyUI) is the checkout:
-    /work/hosts/comfy-venv/bin/python tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
+Run with a ComfyUI venv (setup_comfyui.sh) from anywhere; the ComfyUI checkout is --comfyui-dir, else
+$COMFYUI_DIR, else the one that goes with the running venv (comfy-venv -> /work/hosts/ComfyUI, comfy033-venv ->
+/work/hosts/ComfyUI-033), else whichever of those two exists:
+    /work/hosts/comfy-venv/bin/python    tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
+    /work/hosts/comfy033-venv/bin/python tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
 
 supported_models.SD15 (model_channels 320, context 768: detected as SD15 by every host) + its CLIP-L text
 encoder + the SD AutoencoderKL. comfy.ops skips init and LDM zero-initialises output projections (a UNet
@@ -16,7 +19,25 @@ import os
 import sys
 
 
+HOSTS = "/work/hosts"
+VENV_TO_CHECKOUT = {"comfy-venv": "ComfyUI", "comfy033-venv": "ComfyUI-033"}  # tests/hosts/README.md layout
+
+
+def default_comfyui_dir():
+    if os.environ.get("COMFYUI_DIR"):
+        return os.environ["COMFYUI_DIR"]
+    paired = VENV_TO_CHECKOUT.get(os.path.basename(os.path.normpath(sys.prefix)))
+    candidates = ([os.path.join(HOSTS, paired)] if paired else []) + [os.path.join(HOSTS, d) for d in VENV_TO_CHECKOUT.values()]
+    return next((d for d in candidates if os.path.isfile(os.path.join(d, "comfy", "sd.py"))), None)
+
+
 def comfy_imports(comfy_dir):
+    if not comfy_dir or not os.path.isfile(os.path.join(comfy_dir, "comfy", "sd.py")):
+        raise SystemExit(
+            f"no ComfyUI checkout at {comfy_dir or ' or '.join(os.path.join(HOSTS, d) for d in VENV_TO_CHECKOUT.values())}: "
+            "this script builds the checkpoint with ComfyUI's classes. Make one (tests/hosts/README.md, ComfyUI section: "
+            "checkout_comfyui.sh + setup_comfyui.sh) and run this with its venv's python, passing --comfyui-dir DIR "
+            "(or COMFYUI_DIR=DIR) if it is elsewhere.")
     sys.path.insert(0, comfy_dir)
     os.chdir(comfy_dir)
     import comfy.cli_args
@@ -63,8 +84,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR", "/work/hosts/ComfyUI"))
+    ap.add_argument("--comfyui-dir", default=None,
+                    help="ComfyUI checkout (default: $COMFYUI_DIR, else the /work/hosts checkout matching this venv)")
     a = ap.parse_args()
+    a.comfyui_dir = os.path.abspath(a.comfyui_dir) if a.comfyui_dir else default_comfyui_dir()
     out = os.path.abspath(a.out)
     comfy = comfy_imports(a.comfyui_dir)
     import torch
