@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .calibration_schema import MAX_FILE_BYTES, check_entry, check_file
 from .errors import MemoGuardError
 
 FORMAT_VERSION = 2
@@ -177,6 +178,7 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, model_key: str, entry: dict) -> "Calibration":
+        check_entry(entry, f"models[{model_key}]")
         try:
             band = entry.get("band")
             return cls(model_key, entry["scores"], entry.get("window", 1), entry.get("guidance", 7.5),
@@ -217,15 +219,28 @@ class Calibration:
 
 
 def _read(path: Path) -> dict:
+    """A calibration file, every field checked (calibration_schema) before any of it is used."""
     try:
-        data = json.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise CalibrationError(f"calibration file {path} has {size:,} bytes; a calibration has at most "
+                                   f"{MAX_FILE_BYTES:,}")
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise CalibrationError(f"calibration file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, CalibrationError):
+            raise
         raise CalibrationError(f"calibration file {path} is unreadable: {e}") from None
-    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS or not isinstance(data.get("models"), dict):
-        raise CalibrationError(f"{path} is not a MemoGuard calibration file (format {FORMAT_VERSION})")
+    try:
+        check_file(data, READABLE_FORMATS)
+    except CalibrationError as e:
+        raise CalibrationError(f"{path}: {e}") from None
     return data
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 BUNDLED_FILE = resources.files("memoguard.assets").joinpath("calibration.json")

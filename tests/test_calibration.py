@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from memoguard.calibration import Calibration, CalibrationError, default_benign_prompts, roc_auc, roc_curve, tpr_at_fpr
+from memoguard.calibration import Calibration, CalibrationError, CalibrationStore, default_benign_prompts, roc_auc, roc_curve, tpr_at_fpr
 from memoguard.score import ScoreTrace
 from memoguard.verdict import verdict_for
 
@@ -222,3 +222,32 @@ def test_first_step_scores_with_the_shared_unconditional_half_equal_the_cfg_pair
             pair = detector_score(*tiny_model.eps_pair(x, t, cond, uncond)).numpy()
         np.testing.assert_allclose(shared[i], pair, rtol=1e-5)
     assert tiny_model.encode([prompts[1]]).embedding.shape[1] == 2 * 77
+
+
+def test_hostile_calibration_files_get_a_message_naming_the_field(tmp_path, hostile_calibration_files):
+    """Every field of a file is checked on load: wrong types, NaN, sizes and truncation are one CalibrationError
+    that names the field, never another exception and never a silently accepted value."""
+    path = tmp_path / "unet-x.json"
+    for label, content, words in hostile_calibration_files("unet-x"):
+        path.write_bytes(content)
+        for read in (lambda: Calibration.load(path), lambda: Calibration.find(path, "unet-x"),
+                     lambda: CalibrationStore(tmp_path).locate("unet-x")):
+            with pytest.raises(CalibrationError) as e:
+                read()
+            assert words in str(e.value) and str(path) in str(e.value), (label, str(e.value))
+
+
+def test_an_oversized_calibration_file_is_refused_unread(tmp_path):
+    from memoguard.calibration_schema import MAX_FILE_BYTES
+    path = tmp_path / "big.json"
+    with open(path, "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)
+    with pytest.raises(CalibrationError, match="at most"):
+        Calibration.load(path)
+
+
+def test_a_valid_file_with_every_field_still_loads(tmp_path, valid_calibration_entry):
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps({"format": 2, "models": {"unet-x": valid_calibration_entry}}))
+    cal = Calibration.load(path)
+    assert cal.window == 1 and cal.band is not None and len(cal.other_levels["11.0"]) == 20

@@ -114,6 +114,16 @@ def test_corrupt_calibration_is_a_clear_error(tmp_path, capsys, monkeypatch, tin
     assert "unreadable" in capsys.readouterr().err
 
 
+def test_hostile_calibration_files_are_one_line_on_stderr(tmp_path, capsys, monkeypatch, tiny_model,
+                                                          hostile_calibration_files):
+    monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path))
+    for label, content, words in hostile_calibration_files(tiny_model.model_key):
+        (tmp_path / f"{tiny_model.model_key}.json").write_bytes(content)
+        assert main(["scan", "--prompt", "a red circle", "--explain", "0"]) == 2, label
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (label, err)
+
+
 def test_demo_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--steps", "10"]) == 0
     html = (tmp_path / "report.html").read_text()

@@ -97,6 +97,19 @@ def test_second_checkpoint_is_uncalibrated_and_a_file_of_another_model_is_refuse
     assert "not for this checkpoint" in got["MemoGuard error"] and own.model_key in got["MemoGuard error"]
 
 
+def test_hostile_calibration_files_are_a_message_in_the_infotext(webui, tiny_model, hostile_calibration_files):
+    folder = calibration_glue.store_folder()
+    folder.mkdir(parents=True)
+    key = weights_fingerprint(tiny_model.unet)
+    plain = processing.process_images(make_p(webui))
+    for label, content, words in hostile_calibration_files(key):
+        (folder / f"{key}.json").write_bytes(content)
+        _, processed = run(make_p(webui))
+        got = infotext_fields(processed.infotexts[0])
+        assert got["MemoGuard verdict"] == "uncalibrated" and words in got["MemoGuard error"], (label, got)
+        assert torch.equal(plain.images[0], processed.images[0])
+
+
 def test_corrupt_calibration_file_is_a_clear_message_not_a_crash(webui, tiny_model):
     folder = calibration_glue.store_folder()
     folder.mkdir(parents=True)

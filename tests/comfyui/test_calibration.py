@@ -135,6 +135,17 @@ def test_corrupt_calibration_is_a_message_not_a_crash_nor_a_fallback(bundled, tm
     assert session.error is None
 
 
+def test_hostile_calibration_files_are_a_message_on_the_node(bundled, tmp_path, hostile_calibration_files):
+    for label, content, words in hostile_calibration_files(BUNDLED_KEY):
+        (tmp_path / f"{BUNDLED_KEY}.json").write_bytes(content)
+        session, events, out, plain = monitor(*bundled, steps=2,
+                                              calibration=CalibrationSource("auto", folders=[tmp_path]))
+        assert torch.equal(out, plain), label
+        (verdict,) = session.final_verdicts()
+        assert verdict.label == "uncalibrated" and words in verdict.summary(), (label, verdict.summary())
+        assert session.error is None
+
+
 def test_runs_that_differ_from_the_calibration_get_notes(random_copy, tmp_path):
     patcher, clip = random_copy
     key = model_key(patcher.model)
