@@ -257,7 +257,7 @@ def checkpoint_b(ckpt_env):
 
 
 # -- the calibration route's guards (issue 18) ------------------------------------------------------------------
-API_USER = ("alice", "s3cr:et")  # --api-auth alice:s3cr:et (a password may hold ':')
+API_USER = ("alice", "s3cret-pw")  # --api-auth alice:s3cret-pw (A1111 1.10 refuses a ':' in a password)
 SLOW_CALIBRATION = dict(prompts=40, band_prompts=8, steps=10, width=64, height=64)  # minutes on a CPU
 
 

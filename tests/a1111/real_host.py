@@ -154,8 +154,9 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
                 time.sleep(5)
         yield base
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        if server.poll() is None:  # one that exited at start-up has said why in its log
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
         log.close()
         print(f"WebUI log: {data / 'webui.log'}", file=sys.stderr)
 
@@ -197,8 +198,10 @@ def a1111(tmp_path_factory, ckpt_env: str, required: bool = False, extra_flags=(
     if required and not os.environ.get(ckpt_env):
         pytest.skip(f"{ckpt_env} is not set")
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
-    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--test-server", "--do-not-download-clip",
-             "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env)), *extra_flags]
+    # --test-server turns the API on (configure_for_tests adds --api): a launch without the API goes without it
+    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", *(["--test-server"] if api_only else []),
+             "--do-not-download-clip", "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env)),
+             *extra_flags]
     data = tmp_path_factory.mktemp("webui-data")
     with running_webui(root, python, flags, data, api_only) as base:
         yield base

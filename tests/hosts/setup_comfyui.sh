@@ -20,11 +20,13 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 [ -f "$SRC/main.py" ] && [ -f "$SRC/requirements.txt" ] || { echo "not a ComfyUI checkout: $SRC" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q "torch==$TORCH_VERSION"
+# pip's config here lists local indexes that lack most projects: drop its per-project warnings
+quiet_pip() { grep -v "^WARNING: Location 'file://" || true; }
+"${PIP[@]}" install -q "torch==$TORCH_VERSION" 2>&1 | quiet_pip
 constraints=$(mktemp)
 echo "torch==$TORCH_VERSION" > "$constraints"
 # requirements.txt may name torchvision/torchaudio without pins; the constraint keeps pip from replacing torch.
-"${PIP[@]}" install -q -c "$constraints" -r "$SRC/requirements.txt" requests websocket-client pytest
+"${PIP[@]}" install -q -c "$constraints" -r "$SRC/requirements.txt" requests websocket-client pytest 2>&1 | quiet_pip
 rm -f "$constraints"
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
