@@ -153,10 +153,14 @@ class Calibration:
         return self
 
     def check(self, prediction: Optional[str] = None, noise_level: Optional[float] = None,
-              latent: Optional[Sequence[int]] = None, guidance: Optional[float] = None) -> List[str]:
+              latent: Optional[Sequence[int]] = None, guidance: Optional[float] = None,
+              window: Optional[int] = None) -> List[str]:
         """What differs between this run and the calibration in a way that changes the score (empty: none).
-        Conditions the calibration did not record are not compared; `guidance` is compared with the band's."""
+        Conditions the calibration did not record are not compared; `guidance` is compared with the band's,
+        `window` (the steps the verdict averages) with the calibration's. Every host and the CLI ask this."""
         c, out = self.conditions, []
+        if window is not None and window != self.window:
+            out.append(f"calibrated on {self.window} step(s), this verdict averages {window}")
         if prediction and c.get("prediction") and prediction != c["prediction"]:
             out.append(f"calibrated for {c['prediction']}-prediction, this run samples {prediction}-prediction")
         level = c.get("noise_level")
@@ -216,6 +220,11 @@ class Calibration:
         """This model's entry in a file, None when the file has none; a broken file is an error."""
         data = _read(Path(path))
         return cls.from_dict(model_key, data["models"][model_key]) if model_key in data["models"] else None
+
+
+def keys_in(path) -> List[str]:
+    """The model keys a calibration file holds."""
+    return list(_read(Path(path))["models"])
 
 
 def _read(path: Path) -> dict:

@@ -23,7 +23,9 @@ from memoguard.hosts import (HOST_STRATEGIES, HostSettings, chunked_encoding, em
 from memoguard.mitigate import plan_guidance_delay
 
 from . import live
-from .calibration_choice import CalibrationSource, model_key, noise_level, prediction_of
+from memoguard.calibration_lookup import CalibrationLookup
+
+from .calibration_choice import model_key, noise_level, prediction_of
 from .comfy_model import CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, interrupted, split_model_conds
 from .monitor_hook import guided_difference, json_safe, register, session_of as _session_of, step_index
 
@@ -38,7 +40,7 @@ STRATEGIES = HOST_STRATEGIES  # token removal re-encodes the prompt: a MODEL pat
 class MitigationSettings(HostSettings):
     """The core's settings; "auto" takes the explicit threshold, else the calibration's (resolved per run)."""
     mitigation: str = "always"
-    calibration: Optional[CalibrationSource] = None
+    calibration: Optional[CalibrationLookup] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,13 +125,13 @@ class MitigationSession:
         s = self.settings
         if s.threshold is not None or s.mitigation != "auto":
             return s.threshold, []
-        cal, note = s.calibration.resolve(model_key(base_model))
-        if cal is None:
-            self._report_skip(f"mode 'auto' has no threshold for this model: {note}; or set threshold > 0")
+        found = s.calibration.resolve(model_key(base_model))
+        if found.calibration is None:
+            self._report_skip(f"mode 'auto' has no threshold for this model: {found.problem}; or set threshold > 0")
             return None, []
         level = noise_level(base_model, first_sigma)
-        cal = cal.at_noise_level(level)
-        return s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]))
+        cal = found.calibration.at_noise_level(level)
+        return s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]), window=1)
 
     def fail(self, error: BaseException) -> None:
         """Anything that went wrong (out of memory, an interrupt, a bug): the run samples the plain prompt."""

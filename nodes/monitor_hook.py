@@ -20,7 +20,9 @@ from memoguard.errors import MemoGuardError
 from memoguard.hosts import HostSettings, denoised_difference
 
 from . import live
-from .calibration_choice import CalibrationSource, is_flow, model_key, noise_level, prediction_of
+from memoguard.calibration_lookup import CalibrationLookup
+
+from .calibration_choice import is_flow, lookup, model_key, noise_level, prediction_of
 
 log = logging.getLogger("memoguard")
 
@@ -38,7 +40,7 @@ class MemorizationFlagged(MemoGuardError, RuntimeError):
 @dataclass
 class MonitorSettings(HostSettings):
     """The core's settings (window, fpr, threshold) plus what only the Monitor node has."""
-    calibration: CalibrationSource = field(default_factory=CalibrationSource)
+    calibration: CalibrationLookup = field(default_factory=lookup)
     action: str = "warn"
     force_uncond_at_cfg1: bool = False
 
@@ -74,11 +76,13 @@ def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, laten
         log.exception("MemoGuard could not fingerprint the model")
         ctx.source = f"could not identify the model's weights ({type(e).__name__}: {e})"
     else:
-        cal, ctx.source = settings.calibration.resolve(ctx.key)
-        if cal is not None:
-            cal = cal.at_noise_level(level)
+        found = settings.calibration.resolve(ctx.key)
+        ctx.source = found.message
+        if found.calibration is not None:
+            cal = found.calibration.at_noise_level(level)
             ctx.calibration = cal
-            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]), cond_scale)
+            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]), cond_scale,
+                                  settings.window)
             ctx.band = cal.band if cal.band is not None and cal.band.serves(cond_scale) else None
     ctx.threshold = settings.threshold_from(ctx.calibration)
     return ctx

@@ -1,5 +1,5 @@
 """MemoGuard Calibrate: what score is normal for the loaded model, measured through ComfyUI's own model call."""
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from . import live
 from .calibration_choice import calibration_folders

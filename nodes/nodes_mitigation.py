@@ -4,7 +4,9 @@ The node id and name stay "Embedding Minimization" so that saved workflows load;
 picks delayed guidance (the default: BENCHMARKS.md) or the paper's embedding minimization."""
 from comfy_api.latest import io
 
-from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
+from memoguard.calibration_lookup import CHOICES
+
+from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, accept_saved_value, file_options, lookup
 from .mitigation_hook import STRATEGIES, MitigationSession, MitigationSettings, attach_mitigation
 from memoguard.mitigate import DEFAULT_DELAY, MODES
 
@@ -34,8 +36,7 @@ class EmbeddingMinimization(io.ComfyNode):
                              tooltip="Most optimizer steps; each costs a forward and backward pass."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0],
                                tooltip="For 'auto': " + CALIBRATION_TOOLTIP),
-                io.String.Input("calibration_file", default="", tooltip="Calibration JSON for 'file' (only its "
-                                "entry for the loaded weights is used)."),
+                io.Combo.Input("calibration_file", options=file_options(), tooltip="For 'auto': " + FILE_TOOLTIP),
                 io.Float.Input("false_positive_rate", default=0.01, min=0.0001, max=0.5, step=0.001,
                                tooltip="For 'auto': the threshold lets this share of benign prompts through."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
@@ -53,11 +54,15 @@ class EmbeddingMinimization(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, calibration_file) -> bool:
+        return accept_saved_value(calibration_file)
+
+    @classmethod
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
                 false_positive_rate, threshold, strategy=STRATEGIES[0], delay=DEFAULT_DELAY) -> io.NodeOutput:
         # the calibration is looked up at the sampler's first step, by the weights it runs
         settings = MitigationSettings(mitigation=mode, target=target, lr=learning_rate, max_iters=max_iters,
                                       threshold=threshold if threshold > 0 else None,
-                                      calibration=CalibrationSource(calibration, calibration_file),
+                                      calibration=lookup(calibration, calibration_file),
                                       fpr=false_positive_rate, strategy=strategy, delay=delay)
         return io.NodeOutput(attach_mitigation(model, MitigationSession(settings, cls.hidden.unique_id)))

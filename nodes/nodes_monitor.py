@@ -5,7 +5,9 @@ import math
 from comfy_api.latest import io, ui
 
 from . import live
-from .calibration_choice import CHOICES, TOOLTIP as CALIBRATION_TOOLTIP, CalibrationSource
+from memoguard.calibration_lookup import CHOICES
+
+from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, accept_saved_value, file_options, lookup
 from .mitigation_hook import session_of as mitigation_of
 from .monitor_hook import ACTIONS, MonitorSession, MonitorSettings, attach_monitor, session_of
 from .plots import score_plot
@@ -26,8 +28,7 @@ class MemorizationMonitor(io.ComfyNode):
                              tooltip="Steps the verdict averages over, from the first. The paper's detector "
                                      "uses the first step only."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0], tooltip=CALIBRATION_TOOLTIP),
-                io.String.Input("calibration_file", default="", tooltip="Path of a calibration JSON (used when "
-                                "calibration is 'file'; only its entry for the loaded weights is used)."),
+                io.Combo.Input("calibration_file", options=file_options(), tooltip=FILE_TOOLTIP),
                 io.Float.Input("false_positive_rate", default=0.01, min=0.0001, max=0.5, step=0.001,
                                tooltip="Share of benign prompts allowed above the threshold."),
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
@@ -45,9 +46,13 @@ class MemorizationMonitor(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, calibration_file) -> bool:
+        return accept_saved_value(calibration_file)
+
+    @classmethod
     def execute(cls, model, window, calibration, calibration_file, false_positive_rate, threshold, action,
                 force_uncond_at_cfg1) -> io.NodeOutput:
-        source = CalibrationSource(calibration, calibration_file)
+        source = lookup(calibration, calibration_file)
         settings = MonitorSettings(window=window, calibration=source, fpr=false_positive_rate,
                                    threshold=threshold if threshold > 0 else None, action=action,
                                    force_uncond_at_cfg1=force_uncond_at_cfg1)

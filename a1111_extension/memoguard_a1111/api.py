@@ -16,7 +16,6 @@ from memoguard.calibration import CalibrationError
 from .calibrate import MAX_BODY_BYTES, CalibrationBusy, CalibrationCancelled, calibrate_current
 
 ROUTE = "/memoguard/v1/calibrate"
-DISCONNECT_POLL_S = 0.5
 
 
 class RequestError(Exception):
@@ -79,6 +78,14 @@ async def read_settings(request) -> dict:
     return settings
 
 
+async def client_left(request) -> None:
+    """Returns once the client has disconnected. Waits on the ASGI receive channel itself (after the body, its next
+    message is the disconnect): Request.is_disconnected never sees it behind the WebUIs' http middleware on the
+    Starlette they pin (0.26)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def register_api(_demo, app) -> None:
     """script_callbacks.on_app_started: the route, where the WebUI serves its API."""
     from fastapi import Request
@@ -98,10 +105,12 @@ def register_api(_demo, app) -> None:
         cancelled = threading.Event()
         job = asyncio.get_running_loop().run_in_executor(
             None, lambda: calibrate_current(settings, requested_by=f"API client {client}", cancelled=cancelled))
-        while not job.done():
-            await asyncio.wait({job}, timeout=DISCONNECT_POLL_S)
-            if not job.done() and await request.is_disconnected():
-                cancelled.set()  # the calibration stops at its next batch and saves nothing
+        left = asyncio.ensure_future(client_left(request))
+        await asyncio.wait({job, left}, return_when=asyncio.FIRST_COMPLETED)
+        if not job.done():
+            cancelled.set()  # the client left: the calibration stops at its next batch and saves nothing
+        left.cancel()
+        await asyncio.wait({job})
         try:
             return job.result()
         except CalibrationCancelled as e:

@@ -46,7 +46,7 @@ def _boolean(name: str, value: Any) -> bool:
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ArgumentError(f"{name} must be a string (a path or empty), got {value!r}")
+        raise ArgumentError(f"{name} must be a string (a file name from models/memoguard, or empty), got {value!r}")
     return value.strip()
 
 

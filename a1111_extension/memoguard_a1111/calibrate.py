@@ -21,6 +21,7 @@ import torch
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.hosts import coefficients_kdiffusion, prediction_name
 from memoguard.calibration import CalibrationError, CalibrationStore, default_benign_prompts
+from memoguard.calibration_lookup import NO_FILE, CalibrationLookup, file_choices
 from memoguard.measure import calibrate
 
 from .forge import is_forge
@@ -61,6 +62,17 @@ def store_folder() -> Path:
 
 def store() -> CalibrationStore:
     return CalibrationStore(store_folder())
+
+
+def file_options() -> list:
+    """The Calibration file choices: no file, then the calibrations in models/memoguard."""
+    return [NO_FILE] + file_choices([store_folder()])
+
+
+def lookup(calibration_file: str) -> CalibrationLookup:
+    """The core's lookup in models/memoguard: the file picked there, else the checkpoint's own by key."""
+    picked = calibration_file not in ("", NO_FILE)
+    return CalibrationLookup("file" if picked else "auto", calibration_file, [store_folder()], HOW_TO)
 
 
 def prediction_of(sd_model) -> str:

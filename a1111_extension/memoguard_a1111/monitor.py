@@ -19,7 +19,7 @@ import torch
 from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, rms_per_image,
                        token_contributions, uncond_is_missing)
 from memoguard.explain import average_contributions
-from memoguard.calibration import Calibration, CalibrationError
+from memoguard.calibration import Calibration
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
                              release_memory, without_guidance)
@@ -342,27 +342,10 @@ class RunMonitor:
         except Exception as e:
             self.calibration_problem = f"the model could not be identified ({type(e).__name__}: {e})"
             return
-        path = self.settings.calibration_file
-        try:
-            if path:
-                self.calibration = Calibration.find(path, self.model_key)
-                if self.calibration is None:
-                    try:
-                        other = f"model {Calibration.load(path).model_key}"
-                    except CalibrationError as e:  # several models in the file: the message lists them
-                        other = str(e)
-                    self.calibration_problem = (f"calibration file {path} is not for this checkpoint ({self.model_key}; "
-                                                f"file: {other}): not applied")
-                else:
-                    self.calibration_source = path
-            else:
-                store = calibration_glue.store()
-                self.calibration = store.find(self.model_key)
-                if self.calibration is not None:
-                    found = store.path_for(self.model_key)
-                    self.calibration_source = str(found) if found.is_file() else "bundled calibration"
-        except CalibrationError as e:  # a corrupt or unreadable file: said, never silently skipped
-            self.calibration, self.calibration_problem = None, str(e)
+        found = calibration_glue.lookup(self.settings.calibration_file).resolve(self.model_key)
+        self.calibration, self.calibration_source = found.calibration, found.source
+        if not found.absent:  # a file refused or broken: said, never silently skipped
+            self.calibration_problem = found.problem
 
     def _model_key(self) -> str:
         return model_key(self.p.sd_model)
@@ -385,10 +368,8 @@ class RunMonitor:
         calibration = self.calibration_for(result)
         if calibration is None:
             return []
-        notes = calibration.check(self.prediction(), self.first_level(result), result.latent)
-        if self.settings.window != calibration.window:
-            notes.append(f"calibrated on {calibration.window} step(s), this verdict averages {self.settings.window}")
-        return notes
+        return calibration.check(self.prediction(), self.first_level(result), result.latent,
+                                 window=self.settings.window)
 
     def uncalibrated_hint(self) -> str:
         problem = f"{self.calibration_problem}; " if self.calibration_problem else ""

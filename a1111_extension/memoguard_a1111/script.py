@@ -13,6 +13,7 @@ import sys
 from collections import OrderedDict
 from typing import Optional
 
+from memoguard.calibration_lookup import NO_FILE
 from memoguard.mitigate import DEFAULT_DELAY
 from modules import processing, script_callbacks, scripts, shared
 
@@ -27,9 +28,9 @@ CONTROLS = (
     ("window", "Slider", "Score window (steps)", 1,
      "Average the gap over the first N steps; 1 = first step, as in the paper", dict(minimum=1, maximum=50, step=1)),
     ("threshold", "Number", "Threshold", 0.0, "Flag images whose score reaches this value; 0 = use the calibration", {}),
-    ("calibration_file", "Textbox", "Calibration file", "",
-     "Empty: the calibration of this checkpoint from models/memoguard (found by model key). A path: that "
-     "file, which must be for this checkpoint", {}),
+    ("calibration_file", "Dropdown", "Calibration file", NO_FILE,
+     "(none): the calibration of this checkpoint from models/memoguard (found by model key). A file of "
+     "models/memoguard: that one, which must be for this checkpoint", {}),
     ("fpr", "Slider", "False-positive rate", 0.01, "Share of benign prompts the calibrated threshold may flag",
      dict(minimum=0.001, maximum=0.2, step=0.001)),
     ("explain", "Checkbox", "Explain tokens", False,
@@ -172,6 +173,8 @@ class MemoGuardBase(scripts.Script):
         for row in ROWS:
             with gr.Row():
                 for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
+                    if name == "calibration_file":  # the files there now (a new one shows after a UI reload)
+                        options = dict(choices=calibration_glue.file_options())
                     made[name] = getattr(gr, component)(value=default, label=label, info=hint,
                                                         elem_id=f"{self.id_prefix}_{name}_{tab}", **options)
         with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"{self.id_prefix}_calibrate_{tab}"):

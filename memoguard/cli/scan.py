@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 
 
-from ..calibration import Calibration, CalibrationError, CalibrationStore, default_store_folder, roc_auc, tpr_at_fpr
+from ..calibration import CalibrationError, default_store_folder, roc_auc, tpr_at_fpr
+from ..calibration_lookup import CalibrationLookup
 from ..errors import MemoGuardError
 from ..model import TOKENS_PER_CHUNK
 from ..standalone.pipeline import DEFAULT_STEPS
@@ -78,21 +79,23 @@ def read_prompts(path: Path):
 
 
 def load_calibration(path, model, steps: int):
-    """The model's calibration (from `path`, else the default store or the bundled preset) at the noise level
-    of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none."""
-    key = model.model_key
+    """The model's calibration (the file `path`, else the default store or the bundled preset) at the noise level
+    of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none was
+    made for this model. A file that is refused or broken raises CalibrationError (the CLI stops with it)."""
+    how_to = f"run `memoguard calibrate --model ...` on it ({model.name})"
     if path is not None:
-        calibration = Calibration.find(path, key)
-        if calibration is None:
-            raise CalibrationError(f"{path} has no calibration for this model ({model.name}, key {key}); "
-                                   f"run `memoguard calibrate --model ...` on it")
+        path = Path(path)
+        lookup = CalibrationLookup("file", path.name, [path.parent], how_to)
     else:
-        calibration = CalibrationStore(default_store_folder()).find(key)
-    if calibration is None:
-        return None, []
+        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to)
+    found = lookup.resolve(model.model_key)
+    if found.calibration is None:
+        if found.absent:
+            return None, []
+        raise CalibrationError(found.problem)
     level = model.noise_level(model.timesteps(steps)[0])
-    calibration = calibration.at_noise_level(level)
-    return calibration, calibration.check(model.parameterization, level, model.latent_shape())
+    calibration = found.calibration.at_noise_level(level)
+    return calibration, calibration.check(model.parameterization, level, model.latent_shape(), window=1)
 
 
 def add_arguments(p):

@@ -148,3 +148,54 @@ def test_the_route_answers_the_calibration(webui, served, models_folder):
     assert got["saved_to"].startswith(str(models_folder))
     saved = json.loads((models_folder / "memoguard" / f"{got['model_key']}.json").read_text())
     assert len(saved["models"][got["model_key"]]["scores"]) == 10
+
+
+def test_a_client_that_disconnects_cancels_its_calibration_behind_the_webuis_middleware(webui, monkeypatch,
+                                                                                         models_folder):
+    """On a real server, behind an http middleware as the WebUIs add one (Request.is_disconnected never fires
+    there on the Starlette they pin): the client closes its socket, the calibration stops, nothing is saved."""
+    import socket
+    import time
+    uvicorn = pytest.importorskip("uvicorn")
+    real, started = calibration_glue.calibrate_current, threading.Event()
+
+    def slow(settings, progress=None, **kw):  # each batch waits until the route cancels it (or 30 s)
+        def report(text):
+            started.set()
+            kw["cancelled"].wait(30)
+            if progress:
+                progress(text)
+        return real(settings, report, **kw)
+
+    monkeypatch.setattr(api, "calibrate_current", slow)
+    monkeypatch.setattr(shared, "cmd_opts", type(shared.cmd_opts)(api=True, nowebui=False, api_auth=None))
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def passthrough(request, call_next):
+        return await call_next(request)
+
+    api.register_api(None, app)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        body = json.dumps(SMALL).encode()
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(b"POST " + api.ROUTE.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert started.wait(20)
+        client.close()
+        assert calibration_glue.lock.acquire(timeout=20)  # cancelled: well before slow()'s 30 s waits end
+        calibration_glue.lock.release()
+        assert not (models_folder / "memoguard").exists()
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -2,6 +2,7 @@
 validated script_args, AND-prompt mitigation record, progress text, per-run panels, the panel's plot."""
 import copy
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -91,10 +92,28 @@ def test_second_checkpoint_is_uncalibrated_and_a_file_of_another_model_is_refuse
     got = infotext_fields(processed.infotexts[0])
     assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard model"] != own.model_key
     path = calibration_glue.store().path_for(own.model_key)
-    _, processed = run(make_p(b), calibration_file=str(path))
+    assert calibration_glue.file_options() == ["(none)", path.name]
+    _, processed = run(make_p(b), calibration_file=path.name)
     got = infotext_fields(processed.infotexts[0])
     assert got["MemoGuard verdict"] == "uncalibrated"
-    assert "not for this checkpoint" in got["MemoGuard error"] and own.model_key in got["MemoGuard error"]
+    assert "made for another model" in got["MemoGuard error"] and own.model_key in got["MemoGuard error"]
+
+
+def test_a_calibration_file_outside_the_models_folder_is_never_read(webui, tiny_model, tmp_path):
+    """The Calibration file is picked from models/memoguard; a path (API script_args, an old setting) is refused
+    with the same words whether or not it exists, and a valid calibration elsewhere is not applied."""
+    answer = calibrate_small()
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes(Path(answer["saved_to"]).read_bytes())
+    errors = set()
+    for given in (str(outside), "/etc/passwd", "/etc/nonexistent.json", "../" + outside.name):
+        _, processed = run(make_p(webui), calibration_file=given)
+        got = infotext_fields(processed.infotexts[0])
+        assert got["MemoGuard verdict"] == "uncalibrated" and "is not one of the calibrations in" in got["MemoGuard error"]
+        errors.add(got["MemoGuard error"].replace(given, "X"))
+    assert len(errors) == 1  # no existence oracle
+    _, processed = run(make_p(webui), calibration_file=Path(answer["saved_to"]).name)
+    assert infotext_fields(processed.infotexts[0])["MemoGuard verdict"] in ("ok", "flagged")
 
 
 def test_hostile_calibration_files_are_a_message_in_the_infotext(webui, tiny_model, hostile_calibration_files):

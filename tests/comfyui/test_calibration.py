@@ -8,7 +8,7 @@ import torch
 
 from memoguard.calibration import Band, Calibration, CalibrationStore
 from memoguard.standalone.diffusers_model import BUNDLED_MODEL
-from nodes.calibration_choice import CalibrationSource, model_key
+from nodes.calibration_choice import lookup, model_key
 from nodes.calibration_run import calibrate_loaded, prompt_list
 from nodes.latents import sampler_latent
 from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
@@ -57,7 +57,7 @@ def of(events, kind):
 def test_auto_finds_the_bundled_preset_for_the_bundled_weights_only(bundled, random_copy, tmp_path):
     assert model_key(bundled[0].model) == BUNDLED_KEY
     session, events, out, plain = monitor(*bundled, "a purple ring, lighthouse poster", steps=6,
-                                          calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                          calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)
     (verdict,) = session.final_verdicts()
     preset = CalibrationStore(tmp_path).find(BUNDLED_KEY)
@@ -65,7 +65,7 @@ def test_auto_finds_the_bundled_preset_for_the_bundled_weights_only(bundled, ran
         preset.at_noise_level(float(harness.schedule(bundled[0].model, 6)[0])).threshold(0.01))
     assert "bundled with MemoGuard" in session.ctx.source
 
-    session, events, out, plain = monitor(*random_copy, steps=6, calibration=CalibrationSource("auto", folders=[tmp_path]))
+    session, events, out, plain = monitor(*random_copy, steps=6, calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)
     (verdict,) = session.final_verdicts()
     assert verdict.label == "uncalibrated" and "ok" not in verdict.summary().split(":")[0]
@@ -90,7 +90,7 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     assert len(cal.scores) == len(PROMPTS) and cal.band is not None and len(cal.band.noise_levels) == 4
 
     session, events, out, plain = monitor(patcher, clip, PROMPTS[0], steps=4,
-                                          calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                          calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)
     (verdict,) = session.final_verdicts()
     assert verdict.label in ("ok", "flagged") and verdict.threshold == pytest.approx(cal.threshold(0.01))
@@ -108,7 +108,7 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
 
     # another cfg: the band does not apply, the chart is told so
     session, events, _, _ = monitor(patcher, clip, PROMPTS[0], steps=4, cfg=7.5,
-                                    calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                    calibration=lookup("auto", folders=[tmp_path]))
     assert all(d["band"] is None for d in of(events, "step"))
     assert any("band not drawn" in n for n in session.final_verdicts()[0].notes)
 
@@ -118,7 +118,7 @@ def test_file_of_another_model_is_refused(bundled, random_copy, tmp_path):
         other = Calibration(model_key(bundled[0].model), [0.01 * i for i in range(1, 50)])
     other.save(tmp_path / "other.json")
     session, events, out, plain = monitor(*random_copy, steps=4,
-                                          calibration=CalibrationSource("file", str(tmp_path / "other.json")))
+                                          calibration=lookup("file", "other.json", folders=[tmp_path]))
     assert torch.equal(out, plain)
     (verdict,) = session.final_verdicts()
     assert verdict.label == "uncalibrated" and "another model" in verdict.summary()
@@ -127,7 +127,7 @@ def test_file_of_another_model_is_refused(bundled, random_copy, tmp_path):
 
 def test_corrupt_calibration_is_a_message_not_a_crash_nor_a_fallback(bundled, tmp_path):
     (tmp_path / f"{BUNDLED_KEY}.json").write_text('{"format": 2, "models": {"unet-681368e6af6f82b5": {"scores": ')
-    session, events, out, plain = monitor(*bundled, steps=4, calibration=CalibrationSource("auto", folders=[tmp_path]))
+    session, events, out, plain = monitor(*bundled, steps=4, calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)
     (verdict,) = session.final_verdicts()
     assert verdict.label == "uncalibrated"  # not the bundled preset behind it
@@ -139,7 +139,7 @@ def test_hostile_calibration_files_are_a_message_on_the_node(bundled, tmp_path, 
     for label, content, words in hostile_calibration_files(BUNDLED_KEY):
         (tmp_path / f"{BUNDLED_KEY}.json").write_bytes(content)
         session, events, out, plain = monitor(*bundled, steps=2,
-                                              calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                              calibration=lookup("auto", folders=[tmp_path]))
         assert torch.equal(out, plain), label
         (verdict,) = session.final_verdicts()
         assert verdict.label == "uncalibrated" and words in verdict.summary(), (label, verdict.summary())
@@ -151,7 +151,7 @@ def test_runs_that_differ_from_the_calibration_get_notes(random_copy, tmp_path):
     key = model_key(patcher.model)
     Calibration(key, [0.01 * i for i in range(1, 50)], conditions={"prediction": "v", "noise_level": 3.0,
                                                                     "latent": [3, 32, 32]}).save(tmp_path / f"{key}.json")
-    session, _, _, _ = monitor(patcher, clip, steps=4, calibration=CalibrationSource("auto", folders=[tmp_path]))
+    session, _, _, _ = monitor(patcher, clip, steps=4, calibration=lookup("auto", folders=[tmp_path]))
     (verdict,) = session.final_verdicts()
     text = " ".join(verdict.notes)
     assert "v-prediction" in text and "noise level" in text and "32x32" in text
@@ -160,7 +160,7 @@ def test_runs_that_differ_from_the_calibration_get_notes(random_copy, tmp_path):
 
 def test_one_verdict_per_image(bundled, tmp_path):
     session, events, out, plain = monitor(*bundled, batch=3, steps=4,
-                                          calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                          calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)
     assert len(session.final_verdicts()) == 3 and len(of(events, "verdict")[0]["verdicts"]) == 3
     assert all(len(d["score"]) == 3 for d in of(events, "step"))
@@ -171,7 +171,7 @@ def test_one_verdict_per_image(bundled, tmp_path):
 
 def test_cfg1_unavailable_says_it_once_per_image(bundled, tmp_path):
     session, events, out, plain = monitor(*bundled, batch=2, cfg=1.0, steps=4,
-                                          calibration=CalibrationSource("auto", folders=[tmp_path]))
+                                          calibration=lookup("auto", folders=[tmp_path]))
     verdicts = session.final_verdicts()
     assert [v.label for v in verdicts] == ["unavailable", "unavailable"]
     summary = verdicts[0].summary()
@@ -184,7 +184,7 @@ def test_cfg1_unavailable_says_it_once_per_image(bundled, tmp_path):
 def test_score_node_never_stops_the_workflow_when_the_score_is_unavailable(bundled, tmp_path):
     import importlib
     patcher, clip = bundled
-    session = MonitorSession(MonitorSettings(calibration=CalibrationSource("auto", folders=[tmp_path])),
+    session = MonitorSession(MonitorSettings(calibration=lookup("auto", folders=[tmp_path])),
                              emit=lambda e, d: None, show=lambda t, n: None)
     watched = attach_monitor(patcher, session)
     noise = torch.randn(1, 3, 16, 16)
@@ -243,7 +243,7 @@ def test_tiny_model_samples_an_empty_latent_of_128_at_16x16_on_both_versions(ver
 def test_mitigation_auto_takes_the_threshold_of_the_weights_it_runs(bundled, random_copy, tmp_path):
     for (patcher, clip), calibrated in ((bundled, True), (random_copy, False)):
         texts = []
-        settings = MitigationSettings(mitigation="auto", strategy="minimize", calibration=CalibrationSource("auto", folders=[tmp_path]))
+        settings = MitigationSettings(mitigation="auto", strategy="minimize", calibration=lookup("auto", folders=[tmp_path]))
         session = MitigationSession(settings, emit=lambda e, d: None, show=lambda t, n: texts.append(t))
         noise = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
         pos = clip.encode_from_tokens_scheduled(clip.tokenize("a purple ring, lighthouse poster"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from memoguard import PromptEncoding, token_contributions
-from nodes.calibration_choice import CalibrationSource
+from memoguard.calibration import CalibrationError
+from nodes.calibration_choice import file_options, lookup
 from memoguard.host_autograd import differentiable
 from nodes.comfy_model import CHUNK, ComfyDiffusionModel
 from . import harness
@@ -57,22 +58,43 @@ def test_adapter_matches_comfy_conventions(inference_model):
 
 def test_calibration_choices_never_raise(tmp_path):
     key = "unet-0123456789abcdef"
-    assert CalibrationSource("none").resolve(key) == (None, "calibration 'none' chosen: raw score only")
-    cal, note = CalibrationSource("file", str(tmp_path / "missing.json")).resolve(key)
-    assert cal is None and "not found" in note
+    assert lookup("none", folders=[tmp_path]).resolve(key).problem == "calibration 'none' chosen: raw score only"
     (tmp_path / "bad.json").write_text("{")
-    assert "unreadable" in CalibrationSource("file", str(tmp_path / "bad.json")).resolve(key)[1]
-    assert "no calibration_file" in CalibrationSource("file", "  ").resolve(key)[1]
+    assert "unreadable" in lookup("file", "bad.json", folders=[tmp_path]).resolve(key).problem
+    assert "no file picked" in lookup("file", "(none)", folders=[tmp_path]).resolve(key).problem
+    assert "no file picked" in lookup("file", "  ", folders=[tmp_path]).resolve(key).problem  # a saved workflow's ""
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"format": 1, "models": {key: {"scores": [0.01 * i for i in range(1, 101)]}}}))
-    cal, note = CalibrationSource("file", str(good)).resolve(key)
-    assert cal.model_key == key and str(good) in note
-    cal, note = CalibrationSource("file", str(good)).resolve("unet-ffffffffffffffff")
-    assert cal is None and "another model" in note and key in note
-    cal, note = CalibrationSource("auto", folders=[tmp_path]).resolve("unet-ffffffffffffffff")
-    assert cal is None and "no calibration for this model" in note and "MemoGuard Calibrate" in note
-    with pytest.raises(ValueError, match="calibration must be one of"):
-        CalibrationSource("bundled tiny model")
+    found = lookup("file", "good.json", folders=[tmp_path]).resolve(key)
+    assert found.calibration.model_key == key and str(good) in found.message
+    found = lookup("file", "good.json", folders=[tmp_path]).resolve("unet-ffffffffffffffff")
+    assert found.calibration is None and "another model" in found.problem and "MemoGuard Calibrate" in found.problem
+    found = lookup("auto", folders=[tmp_path]).resolve("unet-ffffffffffffffff")
+    assert found.calibration is None and "no calibration for this model" in found.problem
+    assert "MemoGuard Calibrate" in found.problem
+    with pytest.raises(CalibrationError, match="calibration must be one of"):
+        lookup("bundled tiny model")
+
+
+def test_calibration_files_are_picked_from_the_folder_never_by_path(tmp_path):
+    """A path (a saved workflow's free text, or a crafted prompt) is refused with the same words whether or not
+    the file exists: no file outside models/memoguard is read, and no answer says what exists elsewhere."""
+    folder, elsewhere = tmp_path / "memoguard", tmp_path / "elsewhere"
+    folder.mkdir(), elsewhere.mkdir()
+    key = "unet-0123456789abcdef"
+    body = json.dumps({"format": 2, "models": {key: {"scores": [0.01 * i for i in range(1, 101)]}}})
+    (folder / "mine.json").write_text(body)
+    (elsewhere / "valid.json").write_text(body)
+    (folder / "notes.txt").write_text("not a calibration")
+    assert file_options()[0] == "(none)"
+    problems = set()
+    for name in (str(elsewhere / "valid.json"), str(elsewhere / "missing.json"), "/etc/passwd", "../elsewhere/valid.json",
+                 "valid.json", "..", "notes.txt"):
+        found = lookup("file", name, folders=[folder]).resolve(key)
+        assert found.calibration is None and f"is not one of the calibrations in {folder}" in found.problem
+        problems.add(found.problem.replace(repr(name), "NAME"))
+    assert len(problems) == 1  # the same answer for a file that exists and one that does not
+    assert lookup("file", "mine.json", folders=[folder]).resolve(key).calibration.model_key == key
 
 
 def test_pack_modules_import_without_diffusers_or_transformers():
@@ -85,3 +107,29 @@ def test_pack_modules_import_without_diffusers_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tiny_loader_reads_folders_only_from_models_memoguard(tmp_path, monkeypatch):
+    """The loader's folder is picked from the list (the bundled model, or diffusers folders in models/memoguard);
+    a saved workflow's free-text path still queues (validate_inputs) and then gets the same words whether or not
+    it exists."""
+    import importlib
+    from nodes.tiny_loader import TinyModelError
+    from . import harness
+    with harness.comfy_api_stand_in():
+        loader = importlib.import_module("nodes.nodes_loader")
+    BUNDLED, MemoGuardTinyModelLoader, model_folders = loader.BUNDLED, loader.MemoGuardTinyModelLoader, loader.model_folders
+    monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path / "memoguard"))
+    mine = tmp_path / "memoguard" / "my-tiny"
+    mine.mkdir(parents=True)
+    (mine / "model_index.json").write_text("{}")
+    (tmp_path / "memoguard" / "not-a-model").mkdir()
+    assert list(model_folders()) == ["my-tiny"] and model_folders()["my-tiny"] == mine
+    assert MemoGuardTinyModelLoader.validate_inputs("/some/old/path") is True
+    messages = set()
+    for given in (str(mine), "/etc", str(tmp_path / "missing"), "not-a-model", "../memoguard/my-tiny"):
+        with pytest.raises(TinyModelError, match="is not one of the tiny models in models/memoguard") as e:
+            MemoGuardTinyModelLoader.execute(given)
+        messages.add(str(e.value).replace(repr(given), "X"))
+    assert len(messages) == 1
+    assert BUNDLED == "(bundled)"
