@@ -117,8 +117,10 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
         schedule = model.timesteps(steps) if band_timesteps is None else band_timesteps
         gaps = band_gaps(model, chosen, 1000, shape, len(schedule), guidance, max(1, batch_size // 4),
                          report("band"), schedule)
+        # deterministic DDIM, which in sigma form is the host's Euler: named as the host names its sampler
+        sampler = (conditions or {}).get("sampler") or "ddim"
         band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_fpr,
-                              {"steps": len(schedule), "guidance": guidance, "sampler": "ddim", "prompts": len(chosen)})
+                              {"steps": len(schedule), "guidance": guidance, "sampler": sampler, "prompts": len(chosen)})
     cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape),
             "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}
     return Calibration(model_key, scores.tolist(), 1, guidance,

@@ -51,6 +51,8 @@ class MitigationRecord:
     removed: List[List[str]] = field(default_factory=list)    # remove_tokens: tokens left out, per image
     delay_steps: int = 0                                      # guidance_delay: steps without text guidance
     passes: float = 0.0  # model evaluations per image on top of sampling (a backward counts as 2)
+    threshold: Optional[float] = None                         # auto: images scoring under it are left alone
+    target: float = 0.0                                       # images at or under it are left alone
 
     @property
     def strategy_name(self) -> str:
@@ -62,13 +64,20 @@ class MitigationRecord:
             return f"{self.strategy_name}: not run ({self.reason})"
         moved = self.image_iterations[image] if image < len(self.image_iterations) else 0
         if not moved:
-            return f"{self.strategy_name}: not needed for this image (first-step score {self.before[image]:.4f})"
+            return f"{self.strategy_name}: not needed for this image ({self.left_alone(image)})"
         if self.strategy == "guidance_delay":
             return f"{self.strategy_name}: no text guidance for the first {self.delay_steps} steps"
         what = (f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}"
                 if self.strategy == "remove_tokens" else f"{moved} iterations")
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
                 f"{self.after[image]:.4f}")
+
+    def left_alone(self, image: int) -> str:
+        """Why an image was not changed: its first-step score against the bound it did not pass."""
+        score = self.before[image]
+        if self.mode == "auto" and self.threshold is not None and not score >= self.threshold:
+            return f"first-step score {score:.4f} under the threshold {self.threshold:.4f}"
+        return f"first-step score {score:.4f} already at or under the target {self.target:.4f}"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -127,7 +136,8 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
     batch = gap.shape[0]
     record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
                               image_iterations=[0] * batch, strategy=strategy, removed=[[] for _ in range(batch)],
-                              passes=2.0 if strategy != "guidance_delay" else 0.0)
+                              passes=2.0 if strategy != "guidance_delay" else 0.0, threshold=threshold,
+                              target=float(target))
     if mode == "off":
         record.reason = "mitigation off"
         return record, None

@@ -24,6 +24,7 @@ class Verdict:
     flagged: bool = False
     reason: str = ""                 # why unavailable, what the verdict rests on, or how to calibrate
     notes: List[str] = field(default_factory=list)  # how this run differs from its calibration
+    manual: bool = False             # the threshold was given by the user, not taken from the calibration
 
     @property
     def calibrated(self) -> bool:
@@ -46,7 +47,9 @@ class Verdict:
         label = "LIKELY MEMORIZED" if self.flagged else "ok"
         pct = f", {self.percentile:.1f}th percentile of benign" if math.isfinite(self.percentile) else ""
         notes = "".join(f"; note: {n}" for n in self.notes)
-        return f"{label}: score {self.score:.4f}{pct}, threshold {self.threshold:.4f}{notes}"
+        # a threshold set by hand can sit anywhere among the benign scores: say whose it is
+        by = " (set by hand)" if self.manual else ""
+        return f"{label}: score {self.score:.4f}{pct}, threshold {self.threshold:.4f}{by}{notes}"
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "label": self.label}
@@ -64,6 +67,7 @@ def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, wi
         return [Verdict(False, reason=str(e)) for _ in range(images)]
     if len(scores) != images:
         raise ValueError(f"the trace holds {len(scores)} images, not {images}")
+    manual = threshold is not None
     if threshold is None and calibration is not None:
         threshold = calibration.threshold(fpr)
     out = []
@@ -76,5 +80,5 @@ def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, wi
             out.append(Verdict(True, s, r, pct, reason=uncalibrated_hint))
             continue
         out.append(Verdict(True, s, r, pct, float(threshold), bool(s >= threshold), f"first {window} step(s)",
-                           list(notes)))
+                           list(notes), manual))
     return out

@@ -73,7 +73,13 @@ def test_verdict_flags_by_threshold_and_reports_unavailable():
     low, high = verdict_for(trace, cal, images=2)
     assert not low.flagged and high.flagged
     assert low.percentile == pytest.approx(50, abs=1) and high.percentile == 100
-    assert "LIKELY MEMORIZED" in high.summary()
+    assert "LIKELY MEMORIZED" in high.summary() and "set by hand" not in high.summary()
+    # a threshold set by hand below every benign score: flagged at a low percentile, and the text says whose
+    # threshold flagged it (it read "flagged, percentile 0.0" with nothing to explain it)
+    cal_high = Calibration("m", list(np.linspace(5, 6, 101)))
+    (by_hand,) = verdict_for(trace, cal_high, threshold=0.25, images=2)[:1]
+    assert by_hand.flagged and by_hand.percentile == 0 and by_hand.manual
+    assert "threshold 0.2500 (set by hand)" in by_hand.summary()
     empty = ScoreTrace()
     empty.mark_unavailable("score unavailable at cfg 1")
     (v,) = verdict_for(empty, cal, images=1)

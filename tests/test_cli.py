@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from memoguard.calibration import Calibration
-from memoguard.cli import main
+from memoguard.cli import COMMANDS, main
 from memoguard.cli.demo import demo_prompts
 from memoguard.tiny.data import build_dataset
 
@@ -462,3 +462,11 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
     assert f"prompts are in {out}" in again.stderr
     assert out.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
     assert not list(tmp_path.glob("two.jsonl.part*"))
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)])
+def test_help_of_every_command_prints_and_exits_cleanly(command, capsys):
+    """argparse %-formats help strings: a bare '%' (as in "TPR@1%FPR") ended `--help` in a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0 and "usage: memoguard" in capsys.readouterr().out

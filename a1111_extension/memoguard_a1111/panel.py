@@ -48,7 +48,7 @@ def verdict_label(v: Verdict) -> str:
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
     """The infotext value: "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps",
-    "MODE not needed (first-step score X)" or "MODE not run (why)"."""
+    "MODE not needed (first-step score X under the threshold T)" or "MODE not run (why)"."""
     if record is None:
         return None
     if not record.ran:
@@ -56,7 +56,7 @@ def mitigation_text(record: Optional[MitigationRecord], position: int) -> Option
     before, after = record.before[position], record.after[position]
     if record.strategy == "guidance_delay":
         if not record.image_iterations[position]:
-            return f"{record.mode} not needed (first-step score {before:.4f})"
+            return f"{record.mode} not needed ({record.left_alone(position)})"
         return f"{record.mode} guidance delayed {record.delay_steps} steps"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
 

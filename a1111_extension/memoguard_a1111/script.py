@@ -51,8 +51,9 @@ CONTROLS = (
      "Guidance delay: share of the first steps without text guidance. More: less copying, less prompt detail",
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
-     "auto = gradient_x_delta (one backward pass per step); leave_one_out: one forward per token; "
-     "integrated_gradients: 4 backward passes; gradient_norm: the paper's",
+     "auto = gradient x input here (gradient_x_delta: one backward pass per step); leave_one_out: one forward "
+     "per token; integrated_gradients: 4 backward passes; gradient_norm: the paper's. The infotext names the one "
+     "used",
      dict(choices=["auto", "leave_one_out", "gradient_x_delta", "integrated_gradients", "gradient_norm"])),
 )
 ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10, 11), (7, 8, 9))

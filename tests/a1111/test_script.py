@@ -252,3 +252,13 @@ def test_script_args_in_documented_order_with_defaults_for_missing_ones():
     assert (s.window, s.threshold, s.mitigation, s.lr, s.max_iters) == (3, 0.2, "off", 0.05, 10)
     assert settings_from_args([1, 0]).threshold is None
     assert math.isclose(settings_from_args([1, 0, "", 0.05]).fpr, 0.05)
+
+
+def test_explanation_hint_names_the_method_as_the_infotext_does(webui):
+    """The control's hint and the infotext's `MemoGuard explanation` use the same name for what auto runs."""
+    from memoguard.explain import METHOD_NAMES
+    from memoguard_a1111.script import CONTROLS
+    hint = next(c[4] for c in CONTROLS if c[0] == "explain_method")
+    _, processed = run(make_p(webui), explain=True)
+    used = infotext_fields(processed.infotexts[0])["MemoGuard explanation"]
+    assert used == METHOD_NAMES["gradient_x_delta"] and f"auto = {used}" in hint
