@@ -46,10 +46,14 @@ def test_scores_come_from_the_pipelines_own_cfg_pass_and_match_the_core(pipe):
 def test_verdicts_are_per_image_and_use_the_calibration(pipe):
     model = load_model()
     x = initial_noise(model, model.latent_shape(), [0, 1, 2])
-    with watch(pipe) as monitor:
+    with watch(pipe, calibration=None) as monitor:
         run(pipe, x)
     scores = monitor.trace.per_step()[0]
     assert [v.label for v in monitor.verdicts()] == ["uncalibrated"] * 3
+    with watch(pipe) as monitor:  # by default, the calibration made for these weights (the bundled preset here)
+        run(pipe, x)
+    bundled = Calibration.load(asset_path("calibration.json"))
+    assert [v.threshold for v in monitor.verdicts()] == [bundled.threshold(0.01)] * 3
     threshold = float(scores.median())
     calibration = Calibration("m", [threshold * k / 10 for k in range(1, 21)])
     with watch(pipe, calibration=calibration, threshold=threshold) as monitor:
@@ -118,3 +122,29 @@ def test_a_mitigated_prompt_runs_through_the_pipeline_on_the_same_latents(pipe, 
     torch.testing.assert_close(monitor.trace.per_step()[0], torch.tensor(record.after), rtol=1e-3, atol=1e-6)
     with pytest.raises(Exception, match="delayed guidance"):
         mitigated_prompt(pipe, PROMPT, x, STEPS, 7.5, strategy="guidance_delay")
+
+
+def test_the_hook_never_raises_into_the_pipeline_call(pipe, monkeypatch):
+    """Anything the hook cannot read (here: an odd guided batch, then a failure inside the score) makes the score
+    unavailable with the reason; the pipeline's images are the plain ones."""
+    model = load_model()
+    x = initial_noise(model, model.latent_shape(), [0])
+    plain = run(pipe, x)
+    import memoguard.standalone.diffusers_hook as hook
+    monitor = watch(pipe, calibration=None)
+    monitor._images = 0
+    with pytest.raises(PipelineError, match="not \\[negative; prompt\\] pairs"):
+        monitor._read((None, torch.tensor(999)), {}, (torch.zeros(3, 3, 16, 16),))
+    monkeypatch.setattr(hook, "eps_difference", lambda *a, **k: 1 / 0)
+    with watch(pipe, calibration=None) as monitor:
+        watched = run(pipe, x)
+    assert torch.equal(watched, plain)
+    (verdict,) = monitor.verdicts()
+    assert verdict.label == "unavailable" and "ZeroDivisionError" in verdict.summary()
+
+
+def test_unknown_pipeline_layouts_are_refused_up_front(pipe):
+    class OtherPipeline:
+        scheduler, unet = pipe.scheduler, pipe.unet
+    with pytest.raises(PipelineError, match="not a pipeline whose guided batch MemoGuard knows"):
+        watch(OtherPipeline())

@@ -9,23 +9,34 @@ and mitigate a prompt for it, as prompt embeddings for the same initial latents.
 
 SD1.x / SD2.x / SDXL pipelines batch the negative prompt first, then the prompt, through one UNet call
 per step (`pipe.do_classifier_free_guidance`); the hook splits that output, turns it into eps_c - eps_u with
-the scheduler's prediction type and VP schedule, and records it in a memoguard.score.ScoreTrace.
+the scheduler's prediction type and VP schedule, and records it in a memoguard.score.ScoreTrace. It reads
+only pipelines whose layout it knows (LAYOUTS) and never raises into the pipeline's call: anything it cannot
+read makes the score unavailable, with the reason, and the images are untouched. By default the calibration
+is the one made for the pipeline's UNet weights (looked up as the CLI does: the calibration folder, then the
+preset of the bundled model).
 
     kwargs, record = mitigated_prompt(pipe, prompt, latents, num_inference_steps=30, guidance_scale=7.5)
     images = pipe(latents=latents, num_inference_steps=30, guidance_scale=7.5, **kwargs).images
 """
-from typing import List, Optional
+import logging
+from typing import List, Optional, Union
 
 import torch
 
-from ..calibration import Calibration
+from ..calibration import Calibration, default_store_folder
+from ..calibration_lookup import CalibrationLookup
 from ..errors import MemoGuardError
+from ..identity import weights_fingerprint
 from ..mitigate import MitigationRecord, mitigate
 from ..score import ScoreTrace, coefficients_vp, eps_difference
 from ..verdict import Verdict, verdict_for
 
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v"}
 NO_CFG = "the pipeline ran without classifier-free guidance (guidance_scale <= 1): there is no gap to measure"
+# pipelines whose guided UNet call batches [negative prompts; prompts] (diffusers' classic SD / SDXL pipelines)
+LAYOUTS = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+           "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+log = logging.getLogger("memoguard")
 
 
 class PipelineError(MemoGuardError, ValueError):
@@ -35,12 +46,21 @@ class PipelineError(MemoGuardError, ValueError):
 class PipelineMonitor:
     """Records the per-step gaps of the pipeline calls made while it is attached (`with watch(pipe) as m`)."""
 
-    def __init__(self, pipe, calibration: Optional[Calibration] = None, window: int = 1, fpr: float = 0.01,
+    def __init__(self, pipe, calibration: Union[Calibration, str, None] = "auto", window: int = 1, fpr: float = 0.01,
                  threshold: Optional[float] = None):
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
         if prediction not in PREDICTIONS:
             raise PipelineError(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
+        if type(pipe).__name__ not in LAYOUTS:
+            raise PipelineError(f"{type(pipe).__name__} is not a pipeline whose guided batch MemoGuard knows "
+                                f"({', '.join(LAYOUTS)})")
         self.pipe, self.parameterization = pipe, PREDICTIONS[prediction]
+        self.calibration_note = ""
+        if calibration == "auto":
+            found = CalibrationLookup("auto", "", [default_store_folder()],
+                                      "run `memoguard calibrate --model ...` on this model").resolve(
+                weights_fingerprint(pipe.unet))
+            calibration, self.calibration_note = found.calibration, found.problem
         self.calibration, self.window, self.fpr, self.threshold = calibration, window, fpr, threshold
         self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
         self.trace = ScoreTrace()
@@ -58,12 +78,22 @@ class PipelineMonitor:
         self._handle = None
 
     def _record(self, module, args, kwargs, output) -> None:
+        """The UNet's forward hook: whatever goes wrong here is recorded, never raised into the pipeline."""
+        try:
+            self._read(args, kwargs, output)
+        except Exception as e:
+            log.warning("MemoGuard could not read this UNet call: %s", e, exc_info=e)
+            self.trace.mark_unavailable(f"MemoGuard could not read the pipeline's UNet call ({type(e).__name__}: {e})")
+
+    def _read(self, args, kwargs, output) -> None:
         pred = output[0] if isinstance(output, tuple) else output.sample
         guided = getattr(self.pipe, "do_classifier_free_guidance", True)
         self._images = pred.shape[0] // 2 if guided else pred.shape[0]
         if not guided:
             self.trace.mark_unavailable(NO_CFG)
             return
+        if pred.shape[0] % 2:
+            raise PipelineError(f"a guided batch of {pred.shape[0]} rows is not [negative; prompt] pairs")
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         t = torch.as_tensor(t).reshape(-1)[:1].round().long()
         alpha, sigma = coefficients_vp(self.alphas_cumprod.to(pred.device), t)
@@ -75,12 +105,14 @@ class PipelineMonitor:
         """One verdict per image of the last pipeline call (prompts x num_images_per_prompt)."""
         if not self._images:
             raise PipelineError("no pipeline call was watched yet")
-        return verdict_for(self.trace, self.calibration, self.window, self.fpr, self.threshold, images=self._images)
+        return verdict_for(self.trace, self.calibration, self.window, self.fpr, self.threshold, images=self._images,
+                           uncalibrated_hint=self.calibration_note or "no calibration given")
 
 
-def watch(pipe, calibration: Optional[Calibration] = None, window: int = 1, fpr: float = 0.01,
+def watch(pipe, calibration: Union[Calibration, str, None] = "auto", window: int = 1, fpr: float = 0.01,
           threshold: Optional[float] = None) -> PipelineMonitor:
-    """A PipelineMonitor for `pipe`; use it as a context manager around the pipeline call."""
+    """A PipelineMonitor for `pipe`; use it as a context manager around the pipeline call. calibration: "auto"
+    (the one made for the pipeline's UNet weights, as the CLI finds it), a Calibration, or None (raw scores)."""
     return PipelineMonitor(pipe, calibration, window, fpr, threshold)
 
 
