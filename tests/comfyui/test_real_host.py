@@ -380,3 +380,37 @@ def test_calibrate_node_on_a_checkpoint_then_auto_uses_it_and_only_for_that_chec
     (artifacts / f"comfyui_calibrate_sd15_{_version(client)}.json").write_text(json.dumps({
         "version": _version(client), "calibrate_prompt_seconds": calibrate_seconds, "summary": summary,
         "verdict_a": trace["summary"], "verdict_b": trace_b["summary"], "key_a": key, "key_b": trace_b["model_key"]}))
+
+
+def test_calibration_files_come_from_the_list_and_saved_paths_still_queue(comfy):
+    """calibration_file lists models/memoguard; a workflow saved with a path (the old free-text input) passes
+    ComfyUI's validation and the verdict says what to do, the same for a file that exists and one that does not;
+    a file copied into the folder appears in the list and is used. The tiny loader refuses a path on the node."""
+    client, _ = comfy
+    bundled = ROOT / "memoguard" / "assets" / "calibration.json"
+    summaries = []
+    for path in (str(bundled), "/etc/nonexistent.json"):
+        prompt = workflow(client, "detect", steps=2)
+        prompt["2"]["inputs"].update(calibration="file", calibration_file=path)
+        events, history = client.run(prompt)
+        assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+        trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+        assert trace["label"] == "uncalibrated" and "is not one of the calibrations in" in trace["calibration"]
+        summaries.append(trace["calibration"].replace(repr(path), "X"))
+    assert summaries[0] == summaries[1]
+    folder = client.work / "calibrations"
+    folder.mkdir(exist_ok=True)
+    (folder / "copied.json").write_bytes(bundled.read_bytes())
+    options = client.get("/object_info/MemoGuardMemorizationMonitor")["MemoGuardMemorizationMonitor"]["input"][
+        "required"]["calibration_file"]
+    assert "copied.json" in json.dumps(options)
+    prompt = workflow(client, "detect", steps=2)
+    prompt["2"]["inputs"].update(calibration="file", calibration_file="copied.json")
+    events, history = client.run(prompt)
+    trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    assert trace["label"] in ("ok", "flagged") and "copied.json" in trace["calibration"]
+    prompt = workflow(client, "detect", steps=2)
+    prompt["1"]["inputs"]["folder"] = str(ROOT / "memoguard" / "assets" / "tiny-sd")
+    events, _ = client.run(prompt)
+    (error,) = of_type(events, "execution_error")
+    assert "is not one of the tiny models in models/memoguard" in error["exception_message"]
