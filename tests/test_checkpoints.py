@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from memoguard.standalone.checkpoints import CONFIGS, detect_family, resolve_prediction
-from memoguard.standalone.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
+from memoguard.errors import ModelLoadError
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL, load_model
 from memoguard.sampling import initial_noise
 
 RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),

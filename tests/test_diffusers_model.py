@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from memoguard.standalone.diffusers_model import BUNDLED_MODEL, ModelLoadError, load_model
+from memoguard.errors import ModelLoadError
+from memoguard.standalone.diffusers_model import BUNDLED_MODEL, load_model
 from memoguard.standalone.pipeline import first_step_scores, generate
 from memoguard.sampling import initial_noise, sample
 

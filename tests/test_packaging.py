@@ -154,3 +154,35 @@ def test_the_method_and_the_host_contract_import_neither_the_standalone_path_nor
     code = "import sys, memoguard.standalone.diffusers_model; print([m for m in sys.modules if 'memoguard.cli' in m])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def _registry_files() -> list:
+    """What the ComfyUI registry packs: the git-tracked files minus .comfyignore's entries (folders end in /)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    ignored = [line.strip() for line in (ROOT / ".comfyignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    return [f for f in tracked if not any(f.startswith(p) if p.endswith("/") else f == p for p in ignored)]
+
+
+def test_registry_package_holds_what_comfyui_users_need_and_nothing_else():
+    files = _registry_files()
+    for needed in ("__init__.py", "nodes/nodes_monitor.py", "js/memoguard.js", "memoguard/hosts.py",
+                   "memoguard/assets/calibration.json", "memoguard/assets/tiny-sd/unet/config.json",
+                   "example_workflows/memoguard_detect.json", "README.md", "LICENSE", "pyproject.toml",
+                   "requirements.txt", "docs/icon.png"):
+        assert needed in files, needed
+    for left_out in ("tests/", "benchmarks/", "notes/", "a1111_extension/", ".ci/"):
+        assert not any(f.startswith(left_out) for f in files), left_out
+    # beyond the bundled model and its calibration (about 18 MB), code and templates only
+    assert sum((ROOT / f).stat().st_size for f in files if not f.startswith("memoguard/assets/")) < 2 << 20
+
+
+def test_registry_icon_is_the_shipped_square_image():
+    from PIL import Image
+    icon = _pyproject()["tool"]["comfy"]["Icon"]
+    assert icon.endswith("/docs/icon.png") and icon.startswith(_pyproject()["project"]["urls"]["Repository"].replace(
+        "https://github.com/", "https://raw.githubusercontent.com/"))
+    with Image.open(ROOT / "docs" / "icon.png") as image:
+        assert image.size[0] == image.size[1] <= 400

@@ -165,7 +165,7 @@ def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int,
     """Issue 9's band, measured: a benign band from calibration prompts (none of the bench's) at the model's
     guidance, placed under the bench's own runs by noise level; then under a run with half the steps (does
     one band serve another step count?) and at guidance 7.5 (does it serve another CFG scale?)."""
-    from .calibrate import tiny_benign_prompts
+    from ..tiny.prompts import tiny_benign_prompts
     from ..calibration import Band
     from ..measure import band_gaps
     shape = model.latent_shape()

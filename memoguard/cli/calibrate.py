@@ -12,17 +12,8 @@ from pathlib import Path
 
 from ..calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
 from ..standalone.pipeline import DEFAULT_STEPS
-from .scan import PromptFileError, read_prompts
-
-
-def tiny_benign_prompts(n: int = 300, seed: int = 99):
-    import numpy as np
-    from ..tiny.data import build_dataset
-    ds = build_dataset(0)
-    rng = np.random.default_rng(seed)
-    scenes = ds.ordinary_train_scenes + ds.novel_scenes
-    picked = [scenes[i] for i in rng.choice(len(scenes), n, replace=False)]
-    return [s.caption() if i % 3 else s.caption_other_style() for i, s in enumerate(picked)]
+from ..tiny.prompts import tiny_benign_prompts
+from .lib.inputs import PromptFileError, read_prompts
 
 
 def _ints(text: str):
@@ -59,7 +50,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..standalone.diffusers_model import ModelLoadError, load_model
+    from ..errors import ModelLoadError
+    from ..standalone.diffusers_model import load_model
     from ..measure import calibrate
     try:
         prompts = (tiny_benign_prompts() if args.tiny_benign

@@ -16,7 +16,7 @@ from ..explain import token_contributions
 from ..mitigate import mitigate
 from ..standalone.pipeline import DEFAULT_STEPS
 from ..sampling import initial_noise, sample
-from .scan import load_calibration
+from .lib.inputs import load_calibration
 from ..verdict import verdict_for
 
 DEMO_SEED = 7

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from ..calibration import Calibration
-from ..standalone.diffusers_model import ModelLoadError, load_model
+from ..errors import ModelLoadError
+from ..standalone.diffusers_model import load_model
 from ..standalone.pipeline import generate
 from ..tiny.data import Scene, add_specks, build_dataset, render, to_tensor_batch
 from ..tiny.judge import alignment, is_copy, unique_training_images

@@ -106,7 +106,7 @@ def run(args) -> int:
     from PIL import Image
 
     from ..standalone.diffusers_model import load_model
-    from .scan import load_calibration, read_prompts
+    from .lib.inputs import load_calibration, read_prompts
     from ..sampling import initial_noise, sample
     from ..hosts import failure_message, is_out_of_memory, release_memory
     from ..verdict import verdict_for

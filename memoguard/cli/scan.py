@@ -6,96 +6,17 @@ true/false (1 = memorized). Prompts go through in batches of --batch-size, expla
 Output: a table on stdout, and --out F.csv / F.json, or F.jsonl: one line per prompt appended as
 each batch finishes (--resume skips the prompts already there), with an HTML report F.html beside it.
 """
-import csv
-import glob
-import json
-import math
-import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Optional
 
-import torch
-
-
-from ..calibration import CalibrationError, default_store_folder, roc_auc, tpr_at_fpr
-from ..calibration_lookup import CalibrationLookup
+from ..calibration import CalibrationError, roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
 from ..model import TOKENS_PER_CHUNK
 from ..standalone.pipeline import DEFAULT_STEPS
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_TRUE, _FALSE = {"1", "true", "yes", "memorized"}, {"0", "false", "no", ""}
-
-
-class PromptFileError(MemoGuardError, ValueError):
-    pass
-
-
-def _label(value, where: str):
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return 1
-    if text in _FALSE:
-        return 0 if text else None
-    raise PromptFileError(f"{where}: label {value!r} is not 1/0/true/false")
-
-
-def read_prompts(path: Path):
-    """[(prompt, label or None)] from a txt, CSV or JSONL file, with clear errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PromptFileError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PromptFileError(f"cannot read prompt file {path}: {e}") from None
-    suffix = Path(path).suffix.lower()
-    rows = []
-    if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise PromptFileError(f"{path}: a CSV needs a 'prompt' column (has: {reader.fieldnames})")
-        for i, row in enumerate(reader, start=2):
-            rows.append((row["prompt"] or "", _label(row.get("label", ""), f"{path}:{i}")))
-    elif suffix in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{path}:{i}: not JSON: {e}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise PromptFileError(f"{path}:{i}: each line needs a string field 'prompt'")
-            rows.append((obj["prompt"], _label(obj.get("label", ""), f"{path}:{i}")))
-    else:
-        rows = [(line.strip(), None) for line in text.splitlines() if line.strip()]
-    if not rows:
-        raise PromptFileError(f"{path}: no prompts found")
-    return rows
-
-
-def load_calibration(path, model, steps: int):
-    """The model's calibration (the file `path`, else the default store or the bundled preset) at the noise level
-    of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none was
-    made for this model. A file that is refused or broken raises CalibrationError (the CLI stops with it)."""
-    how_to = f"run `memoguard calibrate --model ...` on it ({model.name})"
-    if path is not None:
-        path = Path(path)
-        lookup = CalibrationLookup("file", path.name, [path.parent], how_to)
-    else:
-        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to)
-    found = lookup.resolve(model.model_key)
-    if found.calibration is None:
-        if found.absent:
-            return None, []
-        raise CalibrationError(found.problem)
-    level = model.noise_level(model.timesteps(steps)[0])
-    calibration = found.calibration.at_noise_level(level)
-    return calibration, calibration.check(model.parameterization, level, model.latent_shape(), window=1)
+from .lib.inputs import DTYPES, PromptFileError, check_dtype, load_calibration, read_prompts
+from .lib.jobs import Progress, keep_batches, results_so_far
+from .lib.reporting import as_float, html_report, score_text, write_results
+from .lib.sharding import distributed_state, merge_shards, resumed, shards
 
 
 def add_arguments(p):
@@ -175,86 +96,9 @@ def scan(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, expla
     return results, summarize(results, calibration, fpr)
 
 
-def read_done(path: Path, rows):
-    """The results an earlier run appended to `path`, checked against the prompt file. A last line cut off
-    mid-write (the run died) is dropped, and the file cut back to the lines before it."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    done, kept = [], 0
-    for n, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-            index, prompt = record["index"], record["prompt"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            if n == len(lines) and not line.endswith("\n"):
-                print(f"note: {path}:{n} was cut off mid-write; it is scanned again", file=sys.stderr)
-                break
-            raise PromptFileError(f"{path}:{n} is not a MemoGuard scan result ({e}); move the file away or fix "
-                                  "that line, then --resume again") from None
-        if not (isinstance(index, int) and 0 <= index < len(rows)) or rows[index][0] != prompt:
-            raise PromptFileError(f"{path}:{n} holds prompt {index} {prompt!r}, which is not in this prompt file "
-                                  "at that place: resume with the prompt file it was written for")
-        done.append(record)
-        kept += len(line.encode("utf-8"))
-    if kept != path.stat().st_size:
-        with path.open("r+b") as f:
-            f.truncate(kept)
-    return done
-
-
-def check_dtype(device: str, dtype: str) -> None:
-    if device == "cpu" and dtype != "fp32":
-        raise MemoGuardError(f"--dtype {dtype} needs a GPU (--device cuda); on the CPU use fp32")
-
-
-def results_so_far(out: Optional[Path], rows, resume: bool) -> list:
-    """What an earlier run left in the JSONL `out` (with --resume); without it an existing file is not overwritten."""
-    if out is None or not out.is_file():
-        return []
-    if resume:
-        return read_done(out, rows)
-    if out.stat().st_size:
-        raise PromptFileError(f"{out} exists: pass --resume to go on with it, or another --out")
-    return []
-
-
-def append_jsonl(path: Path, records) -> None:
-    """A finished batch goes to disk at once: it is never lost."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(_json_safe(r), allow_nan=False) + "\n" for r in records))
-
-
-class Progress:
-    """One stderr line: prompts done of all, rate and time left (shown by one process of several)."""
-
-    def __init__(self, total: int, done: int, show: bool = True):
-        self.total, self.done, self.start_done, self.t0, self.show = total, done, done, time.time(), show
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if not self.show:
-            return
-        elapsed = time.time() - self.t0
-        rate = (self.done - self.start_done) / elapsed if elapsed > 0 else float("nan")
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        print(f"\r[{self.done}/{self.total}] {rate:.2f} prompts/s, {_fmt_time(left)} left   ", end="",
-              file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.show:
-            print(file=sys.stderr)
-
-
-def _fmt_time(seconds: float) -> str:
-    return "?" if not math.isfinite(seconds) else f"{int(seconds // 60)} min {int(seconds % 60)} s"
-
-
-def _fmt(x: float) -> str:
-    return "-" if not math.isfinite(x) else f"{x:.4f}"
-
-
 def run(args) -> int:
-    from ..standalone.diffusers_model import ModelLoadError, load_model
+    from ..errors import ModelLoadError
+    from ..standalone.diffusers_model import load_model
     jsonl = args.out is not None and args.out.suffix.lower() in (".jsonl", ".ndjson")
     if args.resume and not jsonl:
         raise MemoGuardError("--resume needs --out F.jsonl")
@@ -334,7 +178,7 @@ def run(args) -> int:
     for r in results:
         flag = "FLAG" if r["flagged"] else "ok  " if calibration else "unc."
         top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in r["top_tokens"])
-        print(f"{flag} {_fmt(_num(r['score']))} p{_fmt(_num(r['percentile']))[:5]:>6}  {r['prompt'][:70]!s:70}  {top}")
+        print(f"{flag} {score_text(as_float(r['score']))} p{score_text(as_float(r['percentile']))[:5]:>6}  {r['prompt'][:70]!s:70}  {top}")
     if "auc" in summary:
         print(f"AUC {summary['auc']:.3f}  TPR@1%FPR {summary['tpr_at_1pct_fpr']:.3f}  "
               f"({summary['positives']} positives, {summary['negatives']} negatives)")
@@ -347,142 +191,3 @@ def run(args) -> int:
     return 0
 
 
-def distributed_state(device: str):
-    """accelerate's PartialState when launched on several processes (`accelerate launch -m memoguard scan`),
-    else None; accelerate is needed only then. On the CPU the processes talk through gloo."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return None
-    try:
-        from accelerate import PartialState
-    except ImportError:
-        raise MemoGuardError("launched on several processes, but accelerate is not installed "
-                             "(pip install accelerate)") from None
-    state = PartialState(cpu=device == "cpu")
-    if state.num_processes != world:  # each would scan everything into the same file
-        raise MemoGuardError(f"launched as {world} processes, but accelerate set up {state.num_processes} "
-                             f"({state.distributed_type}); launch with `accelerate launch --multi_gpu "
-                             f"--num_processes {world}`")
-    return state
-
-
-def shards(out: Path) -> list:
-    """The per-process shards F.jsonl.partK next to `out`, whatever number of processes wrote them."""
-    return sorted(p for p in out.parent.glob(glob.escape(out.name) + ".part*") if p.name[len(out.name) + 5:].isdigit())
-
-
-def resumed(out: Path, rows, resume: bool) -> list:
-    """What an earlier run finished: `out`, with the shards of a run on several processes merged into it."""
-    if resume and shards(out):
-        merge_shards(out, rows)
-    return results_so_far(out, rows, resume)
-
-
-def merge_shards(out: Path, rows):
-    """Every shard and what `out` held, as one file in the input order; the shards are removed."""
-    records = {}
-    for path in [out] + shards(out):
-        if path.is_file():
-            records.update({r["index"]: r for r in read_done(path, rows)})
-    merged = out.with_name(out.name + ".merging")
-    merged.write_text("".join(json.dumps(records[i], allow_nan=False) + "\n" for i in sorted(records)),
-                      encoding="utf-8")
-    merged.replace(out)  # atomic: the finished results are in one file or the other, never lost
-    for path in shards(out):
-        path.unlink()
-    return [dict(records[i]) for i in sorted(records)]
-
-
-def keep_batches(batches, path: Optional[Path], progress: Progress, todo: int, command: str, scope: str):
-    """(records, None), each batch appended to `path` as it finishes; when a batch fails, the run is interrupted
-    or a launcher's SIGTERM comes (it stops the others when one process fails): one line saying how many
-    prompts were finished and where they are, and the exit code instead of None."""
-    records = []
-    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if on_main_thread else None
-    try:
-        for batch in batches:
-            if path is not None:
-                append_jsonl(path, batch)
-            records += batch
-            progress.update(len(batch))
-    except (Exception, KeyboardInterrupt) as e:
-        progress.close()
-        kept = (f"the finished ones are in {path}: run the same command with --resume to go on" if path is not None
-                else "nothing was kept (--out F.jsonl keeps each batch as it finishes)")
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else failure_reason(e)
-        print(f"{command}: stopped after {len(records)} of the {todo} prompts {scope} had to do ({reason}); {kept}",
-              file=sys.stderr)
-        if isinstance(e, KeyboardInterrupt):
-            return records, 130
-        if isinstance(e, (MemoGuardError, RuntimeError)):
-            return records, 2
-        raise
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    progress.close()
-    return records, None
-
-
-class Terminated(MemoGuardError):
-    pass
-
-
-def _stop_on_sigterm(signum, frame):
-    raise Terminated("terminated: a launcher stops every process when one fails, or the job was stopped")
-
-
-def failure_reason(e: BaseException) -> str:
-    from ..hosts import is_out_of_memory
-    return f"out of memory: {e}" if is_out_of_memory(e) else str(e) or type(e).__name__
-
-
-def _num(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _json_safe(record: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-
-
-def html_report(results, summary, calibration, model_name: str, top: int = 20) -> str:
-    """Score histogram against the calibration's benign scores, ROC when labelled, the top flagged prompts."""
-    import base64
-    import html
-    from .. import report
-    image = lambda img: f"<img src='data:image/png;base64,{base64.b64encode(report.to_png(img)).decode()}'>"
-    scores = [_num(r["score"]) for r in results]
-    groups = {"scanned prompts": scores}
-    if calibration is not None:
-        groups["benign (calibration)"] = calibration.scores
-    threshold = summary["threshold"] if math.isfinite(summary["threshold"]) else None
-    parts = [f"<p>{len(results)} prompts on {html.escape(model_name)}; "
-             f"{'threshold %.4f at %.1f%% false positives' % (threshold, 100 * summary['fpr']) if threshold else 'no calibration: scores only'}.</p>",
-             image(report.histogram_plot(groups, threshold, title="first-step score"))]
-    if "auc" in summary:
-        pos = [_num(r["score"]) for r in results if r["label"] == 1]
-        neg = [_num(r["score"]) for r in results if r["label"] == 0]
-        parts += [f"<p>AUC {summary['auc']:.3f}, TPR at 1% FPR {summary['tpr_at_1pct_fpr']:.3f} "
-                  f"({len(pos)} memorized, {len(neg)} not)</p>", image(report.roc_plot(pos, neg, title="ROC"))]
-    ranked = sorted(results, key=lambda r: -_num(r["score"]))[:top]
-    rows = "".join(f"<tr><td>{r['index']}</td><td>{_num(r['score']):.4f}</td>"
-                   f"<td class='{'flag' if r['flagged'] else 'ok'}'>{'flagged' if r['flagged'] else ''}</td>"
-                   f"<td>{html.escape(r['prompt'])}</td><td>{report.tokens_html([t for t, _ in r['top_tokens']], [s for _, s in r['top_tokens']])}</td></tr>"
-                   for r in ranked)
-    parts.append(f"<h2>Highest scores</h2><table><tr><th>#</th><th>score</th><th></th><th>prompt</th>"
-                 f"<th>top tokens</th></tr>{rows}</table>")
-    return report.html_page("MemoGuard scan", parts)
-
-
-def write_results(path: Path, results, summary) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() == ".json":
-        path.write_text(json.dumps({"summary": summary, "results": results}, indent=1))
-        return
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "label", "score", "percentile", "flagged", "top_tokens"])
-        for r in results:
-            w.writerow([r["prompt"], "" if r["label"] is None else r["label"], f"{r['score']:.6f}",
-                        f"{r['percentile']:.2f}", int(r["flagged"]), " ".join(f"{t}:{s}" for t, s in r["top_tokens"])])

@@ -11,7 +11,8 @@ import numpy as np
 
 from ..calibration import roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
-from .scan import DTYPES, Progress, check_dtype, keep_batches, read_prompts, results_so_far
+from .lib.inputs import DTYPES, check_dtype, read_prompts
+from .lib.jobs import Progress, keep_batches, results_so_far
 
 GENERATIONS = 4
 WINDOW = 10

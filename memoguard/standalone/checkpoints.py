@@ -2,9 +2,9 @@
 
 ComfyUI and WebUI users keep models as one `.safetensors` or `.ckpt` file in the original LDM/SGM key
 layout (`model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.*` / `conditioner.*`).
-`load_checkpoint` turns such a file into the same `DiffusersModel` a diffusers folder gives, with no hub
-access: the diffusers/transformers configs of each family ship in `memoguard/assets/configs/<family>/`
-(written from the architectures' published hyper-parameters), the tokenizers reuse CLIP's BPE files of the
+`checkpoint_parts` turns such a file into the components a diffusers folder holds (built into the same
+`DiffusersModel` by memoguard.standalone.diffusers_model), with no hub access: the diffusers/transformers
+configs of each family ship in `memoguard/assets/configs/<family>/` (written from the architectures' published hyper-parameters), the tokenizers reuse CLIP's BPE files of the
 bundled model, and the weights go through diffusers' own LDM->diffusers converters component by component
 (UNet, VAE) and through the CLIP / OpenCLIP key maps below (text encoders), each loaded strictly: a weight
 the architecture needs and the file lacks is an error, never a silent random init.
@@ -37,11 +37,13 @@ import pickle
 import re
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 
+from ..errors import ModelLoadError
 from ..resources import asset_path
 
 CONFIGS = asset_path("configs")
@@ -63,7 +65,6 @@ TRAINING_STATE_MODULES = ("pytorch_lightning.", "lightning.", "lightning_fabric.
 
 
 def _error(message: str):
-    from .diffusers_model import ModelLoadError
     return ModelLoadError(message)
 
 
@@ -161,7 +162,6 @@ def _read_torch(path: Path) -> Tuple[Mapping, dict]:
             with torch.serialization.safe_globals(stubs):
                 obj = load()
     except Exception as e:
-        from .diffusers_model import ModelLoadError
         if isinstance(e, ModelLoadError):
             raise
         raise _error(f"{path.name} is not a readable torch checkpoint (corrupt or truncated?): "
@@ -382,9 +382,18 @@ def _component_present(index: dict, name: str) -> bool:
     return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
-def load_checkpoint(path, device="cpu", dtype=torch.float32, prediction: str = "auto", config=None):
-    """A single-file SD1.x / SD2.x / SDXL checkpoint (or any architecture, given `config`) as a DiffusersModel."""
-    from .diffusers_model import ModelLoadError, build_model
+@dataclass
+class CheckpointParts:
+    """What a single file holds, as diffusers / transformers components (memoguard.standalone.diffusers_model's
+    build_model turns them into a model, as it does a folder's)."""
+    components: tuple            # (unet, text encoders, tokenizers, scheduler, vae or None)
+    family: str
+    prediction_source: str       # why the prediction type is what it is
+    notes_dir: Optional[Path]    # a config folder given by the user
+
+
+def checkpoint_parts(path, dtype=torch.float32, prediction: str = "auto", config=None) -> CheckpointParts:
+    """A single-file SD1.x / SD2.x / SDXL checkpoint (or any architecture, given `config`) as its components."""
     try:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
@@ -472,7 +481,5 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32, prediction: str = "
         raise ModelLoadError(f"could not load {path.name} as {FAMILY_NAMES[family]}: {type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
     del sd
-    model = build_model(unet, encoders, tokenizers, scheduler, vae, name=path.stem, device=device, dtype=dtype,
-                        notes_dir=config_dir if config is not None else None)
-    model.family, model.prediction_source = family, why
-    return model
+    return CheckpointParts((unet, encoders, tokenizers, scheduler, vae), family, why,
+                           config_dir if config is not None else None)

@@ -27,7 +27,7 @@ from ..calibration import Calibration, default_store_folder
 from ..calibration_lookup import CalibrationLookup
 from ..errors import MemoGuardError
 from ..identity import weights_fingerprint
-from ..mitigate import MitigationRecord, mitigate
+from ..mitigate import mitigate
 from ..score import ScoreTrace, coefficients_vp, eps_difference
 from ..verdict import Verdict, verdict_for
 

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import torch
 
-from ..errors import MemoGuardError
+from ..errors import ModelLoadError
 from ..identity import weights_fingerprint
 from ..model import CHUNK, TOKENS_PER_CHUNK, DiffusionModel, PromptEncoding
 from ..score import coefficients_vp
@@ -20,10 +20,6 @@ from ..resources import asset_path
 
 BUNDLED_MODEL = asset_path("tiny-sd")
 PREDICTIONS = ("auto", "eps", "v")  # load_model(prediction=...), the CLI's --prediction
-
-
-class ModelLoadError(MemoGuardError, RuntimeError):
-    pass
 
 
 class DiffusersModel(DiffusionModel):
@@ -179,8 +175,12 @@ def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.flo
     if prediction not in PREDICTIONS:
         raise ModelLoadError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
     if folder.is_file():
-        from .checkpoints import load_checkpoint
-        return load_checkpoint(folder, device, dtype, prediction=prediction, config=config)
+        from .checkpoints import checkpoint_parts
+        parts = checkpoint_parts(folder, dtype, prediction=prediction, config=config)
+        model = build_model(*parts.components, name=folder.stem, device=device, dtype=dtype,
+                            notes_dir=parts.notes_dir)
+        model.family, model.prediction_source = parts.family, parts.prediction_source
+        return model
     if not folder.exists():
         raise ModelLoadError(f"{folder} does not exist (no model_index.json folder, no .safetensors/.ckpt file)")
     if config is not None:
