@@ -132,11 +132,10 @@ class Calibration:
         return float(np.median(self.scores))
 
     def threshold(self, fpr: float = 0.01) -> float:
-        """Smallest score flagged at a benign false-positive rate of at most `fpr`."""
+        """The score from which a run is flagged, at a benign false-positive rate of at most `fpr`."""
         if not 0 < fpr < 1:
             raise CalibrationError(f"false-positive rate must be in (0, 1), got {fpr}")
-        k = min(len(self.scores) - 1, math.ceil((1 - fpr) * len(self.scores)) - 1)
-        return float(np.nextafter(self.scores[k], np.inf))
+        return threshold_at_fpr(self.scores, fpr)
 
     def at_noise_level(self, noise_level: Optional[float]) -> "Calibration":
         """This calibration as measured at the first-step noise level nearest `noise_level` (itself when it
@@ -220,6 +219,17 @@ class Calibration:
         """This model's entry in a file, None when the file has none; a broken file is an error."""
         data = _read(Path(path))
         return cls.from_dict(model_key, data["models"][model_key]) if model_key in data["models"] else None
+
+
+def threshold_at_fpr(scores: Sequence[float], fpr: float) -> float:
+    """A threshold that flags at most `fpr` of these benign scores, halfway between the highest one it lets
+    through and the next: no benign score sits on it, so a change in the last float bits of a score (another
+    thread count, batch or device) never flips that prompt's verdict. Above the highest score, by half the last
+    gap."""
+    s = np.sort(np.asarray(scores, float))
+    k = min(len(s) - 1, math.ceil((1 - fpr) * len(s)) - 1)
+    above = s[k + 1] if k + 1 < len(s) else s[k] + (s[k] - s[k - 1] if k > 0 else abs(s[k]))
+    return float((s[k] + above) / 2) if above > s[k] else float(np.nextafter(s[k], np.inf))
 
 
 def keys_in(path) -> List[str]:

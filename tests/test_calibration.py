@@ -257,3 +257,18 @@ def test_a_valid_file_with_every_field_still_loads(tmp_path, valid_calibration_e
     path.write_text(json.dumps({"format": 2, "models": {"unet-x": valid_calibration_entry}}))
     cal = Calibration.load(path)
     assert cal.window == 1 and cal.band is not None and len(cal.other_levels["11.0"]) == 20
+
+
+def test_the_threshold_sits_between_benign_scores_not_on_one():
+    """At 1 % of 100 scores the threshold lies halfway between the 99th and the 100th: the 99th prompt's verdict no
+    longer flips when its score moves in the last float bits (it sat one float step under the threshold)."""
+    from memoguard.calibration import threshold_at_fpr
+    scores = [0.01 * i for i in range(1, 101)]
+    cal = Calibration("m", scores)
+    t = cal.threshold(0.01)
+    assert t == pytest.approx((0.99 + 1.00) / 2)
+    assert sum(s >= t for s in scores) == 1 and sum(s * (1 + 1e-6) >= t for s in scores) == 1
+    assert threshold_at_fpr(scores, 0.001) == pytest.approx(1.005)  # above the highest, by half the last gap
+    assert Calibration("m", [0.5] * 20).threshold(0.05) == np.nextafter(0.5, 1)  # ties: nothing between them
+    for fpr in (0.01, 0.05, 0.2):
+        assert sum(s >= cal.threshold(fpr) for s in scores) <= fpr * len(scores)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration import roc_auc, tpr_at_fpr
+from ..calibration import roc_auc, threshold_at_fpr, tpr_at_fpr
 from ..explain import METHODS, token_contributions
 from ..mitigate import extra_cost, mitigate
 from ..score import DETECTORS
@@ -49,13 +49,6 @@ def detection_metrics(scores: np.ndarray, positive: np.ndarray, kinds: np.ndarra
             out["per_negative_kind"][kind] = {"auc": roc_auc(pos, neg), "tpr_at_1pct_fpr": tpr_at_fpr(pos, neg, 0.01),
                                               "n": int(len(neg))}
     return out
-
-
-def threshold_at_fpr(negative_scores: np.ndarray, fpr: float = 0.01) -> float:
-    """Smallest threshold that flags at most `fpr` of the negatives."""
-    s = np.sort(negative_scores)
-    k = min(len(s) - 1, int(np.ceil((1 - fpr) * len(s))) - 1)
-    return float(np.nextafter(s[k], np.inf))
 
 
 def remove_tokens(model, prompt: str, positions) -> str:
@@ -97,7 +90,7 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     res["detectors"] = detector_bench(model, texts, positive, kinds, label_steps)
     log(f"positives {int(positive.sum())}/{len(texts)}; steps1_gen1 AUC {res['detection']['steps1_gen1']['auc']:.3f}")
 
-    threshold = threshold_at_fpr(scores["steps1_gen4"][~positive])
+    threshold = threshold_at_fpr(scores["steps1_gen4"][~positive], 0.01)
     # the duplicated captions (recall by text, the paper's case), and the other positives (copies without it)
     groups = {"memorized": [t for t, k in zip(texts, kinds) if k == "memorized"],
               "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"]}
