@@ -64,6 +64,7 @@ class CalibrationLookup:
     file: str = ""                                   # a name from file_choices(folders), for "file"
     folders: Sequence = field(default_factory=list)  # the host's calibration folders
     how_to: str = "calibrate this model once"        # what the user does to get a calibration, in host words
+    detector: str = "magnitude"                      # how the run scores (memoguard.score.DETECTORS)
 
     def __post_init__(self):
         if self.choice not in CHOICES:
@@ -84,9 +85,14 @@ class CalibrationLookup:
         if not key:
             return Resolution(None, problem="the model's weights could not be identified: no calibration applies")
         try:
-            return self._from_file(key) if self.choice == "file" else self._auto(key)
+            found = self._from_file(key) if self.choice == "file" else self._auto(key)
         except CalibrationError as e:  # a broken file is said, never skipped for another one
             return Resolution(None, problem=f"calibration unusable ({e}); delete the file or calibrate again")
+        measured = found.calibration.conditions.get("detector", "magnitude") if found.calibration else None
+        if measured is not None and measured != self.detector:  # scores of another kind: no verdict from them
+            return Resolution(None, problem=f"the calibration from {found.source} holds {measured} scores; this run "
+                                            f"scores with the {self.detector} detector: calibrate with that detector")
+        return found
 
     def _from_file(self, key: str) -> Resolution:
         if not self.file:

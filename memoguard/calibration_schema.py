@@ -124,7 +124,7 @@ def check_entry(entry, where: str) -> None:
     mapping(entry, where, 16)
     if "scores" not in entry:
         raise _error(f"{where}.scores", "is missing", show_value=False)
-    numbers(entry["scores"], f"{where}.scores", 10, MAX_SCORES, 0)
+    numbers(entry["scores"], f"{where}.scores", 10, MAX_SCORES)  # any sign: a detector's score may be negative
     if "window" in entry:
         whole(entry["window"], f"{where}.window", 1, 1000)
     if "guidance" in entry:
@@ -142,7 +142,7 @@ def check_entry(entry, where: str) -> None:
             ok = False
         if not ok:
             raise _error(f"{where}.other_levels", "keys must be positive noise levels", level)
-        numbers(scores, f"{where}.other_levels[{level}]", 10, MAX_SCORES, 0)
+        numbers(scores, f"{where}.other_levels[{level}]", 10, MAX_SCORES)
 
 
 def check_file(data, readable_formats) -> None:

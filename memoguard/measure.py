@@ -14,7 +14,7 @@ import torch
 from .calibration import Band, Calibration, CalibrationError
 from .model import DiffusionModel, PromptEncoding
 from .sampling import initial_noise, sample
-from .score import detector_score
+from .score import ANISOTROPY_LOW_STEP, anisotropy_score, detector_score
 
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 
@@ -23,8 +23,8 @@ Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
                     batch_size: int = 32, progress: Optional[Progress] = None,
                     detector: str = "magnitude", uncond: Optional[PromptEncoding] = None) -> np.ndarray:
-    """(P, G) RMS gap (or another `score.detector_score`) at the first step (timestep / sigma `t_first`) of
-    each prompt x seed. uncond: the empty prompt's encoding, when the caller has it already."""
+    """(P, G) RMS gap (or another detector's score, memoguard.score.DETECTORS) at the first step (timestep /
+    sigma `t_first`) of each prompt x seed. uncond: the empty prompt's encoding, when the caller has it already."""
     first = FirstStep(model, model.encode([""]) if uncond is None else uncond, seeds, shape, t_first, detector)
     out = np.zeros((len(prompts), len(seeds)))
     per = max(1, batch_size // len(seeds))
@@ -40,25 +40,40 @@ class FirstStep:
     """First-step scores of prompts x seeds. Every prompt starts from its seed's x_T, so the unconditional half
     of each CFG pair, eps(x_T, ""), is the same for all prompts: it is evaluated once per seed and prompt
     length, and each prompt costs one conditional evaluation per seed instead of a pair (the scores equal the
-    pair's up to float rounding, ~1e-6 relative)."""
+    pair's up to float rounding, ~1e-6 relative). The anisotropy detector evaluates the same x_T a second time,
+    presented at the low noise level of `t_low` (default: the third-to-last step of a 50-step schedule, as
+    its paper): two conditional evaluations per prompt and seed."""
 
     def __init__(self, model: DiffusionModel, uncond: PromptEncoding, seeds: Sequence[int], shape, t_first,
-                 detector: str = "magnitude"):
+                 detector: str = "magnitude", t_low=None):
         self.model, self.uncond, self.t, self.detector = model, uncond, t_first, detector
         self.x = initial_noise(model, shape, list(seeds), _device(uncond))
-        self._eps_u = {}  # prompt length -> (G, ...) eps under the empty prompt
+        self._eps_u = {}  # (prompt length, t) -> (G, ...) eps under the empty prompt
+        if detector == "anisotropy":
+            self.t_low = model.timesteps(50)[ANISOTROPY_LOW_STEP] if t_low is None else t_low
+            self.x_low = self.x * _input_scale(model, self.t_low) / _input_scale(model, t_first)
+
+    def _eps(self, x, t, cond: PromptEncoding, gens: int):
+        """(eps under each prompt of `cond` at x, eps under the empty prompt), prompt-major with seeds inner."""
+        batch, length = cond.embedding.shape[0], cond.embedding.shape[1]
+        key = (length, float(t))
+        if key not in self._eps_u:
+            self._eps_u[key] = self.model.eps_uncond(x, t, self.uncond, length)
+        rows = cond.repeat_rows(gens)
+        eps_c = self.model.eps(x.repeat(batch, 1, 1, 1), t, rows.embedding, rows.extra)
+        return eps_c, self._eps_u[key].repeat(batch, 1, 1, 1)
 
     @torch.no_grad()
     def gaps(self, cond: PromptEncoding) -> np.ndarray:
         """(B, G) scores of the B prompts of `cond`."""
-        batch, gens, length = cond.embedding.shape[0], self.x.shape[0], cond.embedding.shape[1]
-        if length not in self._eps_u:
-            self._eps_u[length] = self.model.eps_uncond(self.x, self.t, self.uncond, length)
-        rows = cond.repeat_rows(gens)
-        x = self.x.repeat(batch, 1, 1, 1)  # prompt-major, seeds inner: as repeat_rows lays the prompts out
-        eps_c = self.model.eps(x, self.t, rows.embedding, rows.extra)
-        eps_u = self._eps_u[length].repeat(batch, 1, 1, 1)
-        return detector_score(eps_c, eps_u, self.detector).reshape(batch, gens).cpu().numpy()
+        batch, gens = cond.embedding.shape[0], self.x.shape[0]
+        eps_c, eps_u = self._eps(self.x, self.t, cond, gens)
+        if self.detector == "anisotropy":
+            low_c, low_u = self._eps(self.x_low, self.t_low, cond, gens)
+            score = anisotropy_score(eps_c - eps_u, low_u, low_c - low_u)
+        else:
+            score = detector_score(eps_c, eps_u, self.detector)
+        return score.reshape(batch, gens).cpu().numpy()
 
 
 @torch.no_grad()
@@ -86,12 +101,14 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
               seeds: Sequence[int] = (0,), guidance: Optional[float] = None, band_prompts: int = 32,
               band_fpr: float = 0.01, extra_timesteps: Sequence = (), batch_size: int = 32,
               conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None,
-              band_timesteps: Optional[torch.Tensor] = None) -> Calibration:
+              band_timesteps: Optional[torch.Tensor] = None, detector: str = "magnitude") -> Calibration:
     """A calibration of `model` from benign `prompts` at the first step of its `steps`-step schedule.
 
     band_prompts: how many of the prompts also get a full run for the band (0: no band); band_timesteps: the
     schedule of those runs (default: the model's `steps`-step one), e.g. one spanning the whole noise range
-    so that the band serves schedulers that start higher or end lower.
+    so that the band serves schedulers that start higher or end lower. detector: what the verdict's scores are
+    (memoguard.score.DETECTORS; recorded, and only runs scored the same way are judged against them); the band
+    is always the per-step magnitude.
     extra_timesteps: first steps at these timesteps (the model's own t convention) are scored as well
     (other_levels), for samplers and schedulers that start their runs at other noise levels. conditions: what the host adds (host, prediction, sampler ...).
     """
@@ -103,14 +120,15 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
     guidance = model.guidance if guidance is None else float(guidance)
     report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
     t_first = model.timesteps(steps)[0]
-    scores = first_step_gaps(model, prompts, seeds, shape, t_first, batch_size, report("first step")).mean(1)
+    scores = first_step_gaps(model, prompts, seeds, shape, t_first, batch_size, report("first step"),
+                             detector).mean(1)
     other = {}
     for t in extra_timesteps:
         t = torch.as_tensor(t, device=t_first.device, dtype=t_first.dtype)
         level = model.noise_level(t)
         if level != model.noise_level(t_first):
             other[repr(level)] = first_step_gaps(model, prompts, seeds, shape, t, batch_size,
-                                                 report(f"first step at t={float(t):g}")).mean(1).tolist()
+                                                 report(f"first step at t={float(t):g}"), detector).mean(1).tolist()
     band = None
     if band_prompts:
         chosen = list(prompts[:band_prompts])
@@ -121,10 +139,19 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
         sampler = (conditions or {}).get("sampler") or "ddim"
         band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_fpr,
                               {"steps": len(schedule), "guidance": guidance, "sampler": sampler, "prompts": len(chosen)})
-    cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape),
+    cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape), "detector": detector,
             "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}
     return Calibration(model_key, scores.tolist(), 1, guidance,
                        {"prompts": len(prompts), "seeds": len(seeds), "steps": steps}, cond, band, other)
+
+
+def _input_scale(model: DiffusionModel, t) -> float:
+    """sqrt(alpha^2 + sigma^2) at t: x_t divided by it is what the network sees (1 on a VP schedule; the
+    k-diffusion input scaling 1 / sqrt(sigma^2 + 1) otherwise), so x_T times scale(t_low) / scale(t_first) shows
+    the network the same unit noise at t_low."""
+    alpha, sigma = model.coefficients(torch.as_tensor(t).reshape(1))
+    return float(torch.sqrt(torch.as_tensor(alpha, dtype=torch.float64) ** 2 +
+                            torch.as_tensor(sigma, dtype=torch.float64) ** 2).reshape(-1)[0])
 
 
 def _device(enc: PromptEncoding):

@@ -83,7 +83,10 @@ def rms_per_image(diff: torch.Tensor) -> torch.Tensor:
     return l2_per_image(diff) / math.sqrt(diff[0].numel())
 
 
-DETECTORS = ("magnitude", "magnitude_alignment")
+DETECTORS = ("magnitude", "magnitude_alignment", "anisotropy")
+# Asthana & Belagiannis (arXiv 2601.20642): weights of the L2 norm and of the cosine in their SD v1 evaluation
+ANISOTROPY_WEIGHTS = (1.0, 2.0)
+ANISOTROPY_LOW_STEP = -3   # the cosine's timestep: the third-to-last of the run's schedule (50-step DDIM: t = 41)
 
 
 def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "magnitude") -> torch.Tensor:
@@ -96,12 +99,26 @@ def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "ma
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
+    if detector == "anisotropy":
+        raise ValueError("the anisotropy detector needs the predictions at two noise levels: anisotropy_score")
     diff = eps_c - eps_u
     rms = rms_per_image(diff)
     if detector == "magnitude":
         return rms
     cos = torch.nn.functional.cosine_similarity(eps_u.flatten(1).float(), diff.flatten(1).float(), dim=1)
     return rms * torch.exp(cos)
+
+
+def anisotropy_score(diff_first: torch.Tensor, eps_u_low: torch.Tensor, diff_low: torch.Tensor,
+                     weights=ANISOTROPY_WEIGHTS) -> torch.Tensor:
+    """Asthana & Belagiannis's detection score per image (B,), both terms on the same pure noise x_T:
+    weights[0] x the L2 norm of eps_c - eps_u at the first step (the isotropic, high-noise term: Wen et al.'s
+    magnitude, unnormalised), plus weights[1] x the cosine between eps_u and eps_c - eps_u where x_T is
+    presented at a low noise level (the anisotropic term: memorized prompts align the guidance with the
+    unconditional score there), taken along the channels at each latent position and averaged over positions."""
+    norm = diff_first.flatten(1).float().norm(dim=1)
+    cos = torch.nn.functional.cosine_similarity(eps_u_low.float(), diff_low.float(), dim=1).flatten(1).mean(1)
+    return weights[0] * norm + weights[1] * cos
 
 
 def uncond_is_missing(pred_uncond: Optional[torch.Tensor]) -> bool:

@@ -470,3 +470,23 @@ def test_help_of_every_command_prints_and_exits_cleanly(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([*command, "--help"])
     assert e.value.code == 0 and "usage: memoguard" in capsys.readouterr().out
+
+
+def test_a_calibration_serves_only_scores_of_its_own_detector(tmp_path, capsys, monkeypatch):
+    """calibrate --detector anisotropy records it; scan judges anisotropy scores against it, and refuses to judge
+    magnitude scores (another scale) against it."""
+    monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path / "store"))
+    assert main(["calibrate", "--tiny-benign", "--band-prompts", "0", "--detector", "anisotropy"]) == 2
+    assert "needs --out FILE" in capsys.readouterr().err
+    cal_file = tmp_path / "aniso.json"
+    assert main(["calibrate", "--tiny-benign", "--band-prompts", "0", "--detector", "anisotropy", "--steps", "10",
+                 "--out", str(cal_file)]) == 0
+    (entry,) = json.loads(cal_file.read_text())["models"].values()
+    assert entry["conditions"]["detector"] == "anisotropy"
+    capsys.readouterr()
+    scan = ["scan", "--prompt", "a purple ring, lighthouse poster", "--explain", "0", "--steps", "10",
+            "--calibration", str(cal_file)]
+    assert main(scan + ["--detector", "anisotropy"]) == 0
+    assert capsys.readouterr().out.split()[0] in ("FLAG", "ok")
+    assert main(scan) == 2
+    assert "holds anisotropy scores; this run scores with the magnitude detector" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Every eps conversion, by construction from known x0 and eps, and by hand-computed cases."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,44 @@ def test_detector_scores():
     assert torch.allclose(combined, magnitude * torch.tensor([math.e, 1 / math.e]), rtol=1e-5)
     with pytest.raises(ValueError, match="detector must be one of"):
         detector_score(eps_c, eps_u, "vibes")
+
+
+def test_anisotropy_score_is_the_papers_norm_plus_weighted_cosine():
+    """Asthana & Belagiannis: weights[0] x ||eps_c - eps_u|| at the first step + weights[1] x the cosine between
+    eps_u and eps_c - eps_u at the low noise level, along the channels of each position, averaged over positions."""
+    from memoguard.score import ANISOTROPY_WEIGHTS, anisotropy_score
+    torch.manual_seed(0)
+    diff_first = torch.randn(2, 4, 8, 8) * 0.1
+    eps_u_low = torch.randn(2, 4, 8, 8)
+    diff_low = torch.stack([eps_u_low[0] * 0.3, -eps_u_low[1] * 0.3])  # aligned / opposed at every position
+    got = anisotropy_score(diff_first, eps_u_low, diff_low)
+    w_norm, w_cos = ANISOTROPY_WEIGHTS
+    expected = w_norm * diff_first.flatten(1).norm(dim=1) + w_cos * torch.tensor([1.0, -1.0])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the cosine is per position, then averaged: half the positions aligned, half opposed gives 0
+    half = diff_low.clone()
+    half[0, :, :4] *= -1
+    assert anisotropy_score(torch.zeros(2, 4, 8, 8), eps_u_low, half, weights=(1.0, 1.0))[0].abs() < 1e-6
+
+
+def test_anisotropy_first_step_scores_match_direct_evaluation(tiny_model):
+    """FirstStep's shared unconditional halves give the score of the two CFG pairs evaluated directly: at t_first on
+    x_T, and at the third-to-last of 50 steps on the same unit noise."""
+    from memoguard.measure import FirstStep, first_step_gaps
+    from memoguard.sampling import initial_noise
+    from memoguard.score import anisotropy_score
+    model = tiny_model
+    prompts = ["a purple ring, lighthouse poster", "a red circle", "a small blue ring"]
+    t_first, t_low = model.timesteps(50)[0], model.timesteps(50)[-3]
+    got = first_step_gaps(model, prompts, [0, 1], model.latent_shape(), t_first, detector="anisotropy")
+    x = initial_noise(model, model.latent_shape(), [0, 1])
+    uncond = model.encode([""])
+    for p, prompt in enumerate(prompts):
+        cond = model.encode([prompt]).repeat_rows(2)
+        c, u = model.eps_pair(x, t_first, cond, uncond)
+        c_low, u_low = model.eps_pair(x, t_low, cond, uncond)  # a VP schedule shows the network x_T unscaled
+        direct = anisotropy_score(c - u, u_low, c_low - u_low)
+        np.testing.assert_allclose(got[p], direct.numpy(), rtol=1e-4, atol=1e-5)
+    batched = first_step_gaps(model, prompts, [0, 1], model.latent_shape(), t_first, batch_size=2, detector="anisotropy")
+    np.testing.assert_allclose(batched, got, rtol=1e-4, atol=1e-5)
+    assert FirstStep(model, uncond, [0], model.latent_shape(), t_first, "anisotropy").t_low == t_low

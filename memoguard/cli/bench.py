@@ -37,6 +37,8 @@ def add_arguments(p):
                    help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--target", type=float, default=None,
                    help="mitigation target (RMS gap); default: the median first-step score of the negatives")
+    p.add_argument("--detection-only", action="store_true",
+                   help="label the prompts and compare the first-step detectors, nothing else")
 
 
 def detection_metrics(scores: np.ndarray, positive: np.ndarray, kinds: np.ndarray) -> dict:
@@ -64,7 +66,7 @@ def remove_tokens(model, prompt: str, positions) -> str:
     return tok.decode(ids)
 
 
-def run_bench(model, quick: bool, target=None, log=print) -> dict:
+def run_bench(model, quick: bool, target=None, log=print, detection_only: bool = False) -> dict:
     t_start = time.time()
     ds = build_dataset(0)
     train_images = unique_training_images(ds.images)
@@ -89,6 +91,13 @@ def run_bench(model, quick: bool, target=None, log=print) -> dict:
     res["detection_by_intent"] = {k: detection_metrics(v, kinds == "memorized", kinds) for k, v in scores.items()}
     res["detectors"] = detector_bench(model, texts, positive, kinds, label_steps)
     log(f"positives {int(positive.sum())}/{len(texts)}; steps1_gen1 AUC {res['detection']['steps1_gen1']['auc']:.3f}")
+    for detector in DETECTORS:
+        got = res["detectors"][detector]["by_outcome"]["steps1_gen1"]
+        log(f"detector {detector}: AUC {got['auc']:.3f}, TPR@1%FPR {got['tpr_at_1pct_fpr']:.3f}, "
+            f"{res['detectors'][detector]['cost_ratio']:.2f}x the magnitude's time")
+    if detection_only:
+        res["seconds"] = round(time.time() - t_start, 1)
+        return res
 
     threshold = threshold_at_fpr(scores["steps1_gen4"][~positive], 0.01)
     # the duplicated captions (recall by text, the paper's case), and the other positives (copies without it)
@@ -131,10 +140,11 @@ def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps:
         gaps = first_step_gaps(model, texts, SEEDS, model.latent_shape(), t_first, 128, detector=detector)
         seconds = time.perf_counter() - t0
         scores = {"steps1_gen1": gaps[:, 0], "steps1_gen4": gaps.mean(1)}
-        out[detector] = {"seconds": seconds,
+        out[detector] = {"seconds": seconds, "conditional_evaluations_per_prompt": 2 if detector == "anisotropy" else 1,
                          "by_outcome": {k: detection_metrics(v, positive, kinds) for k, v in scores.items()},
                          "by_intent": {k: detection_metrics(v, kinds == "memorized", kinds) for k, v in scores.items()}}
-    out["cost_ratio"] = out[DETECTORS[1]]["seconds"] / out[DETECTORS[0]]["seconds"]
+    for detector in DETECTORS:
+        out[detector]["cost_ratio"] = out[detector]["seconds"] / out[DETECTORS[0]]["seconds"]
     return out
 
 
@@ -309,7 +319,7 @@ def run(args) -> int:
     from ..standalone.diffusers_model import load_model
     torch.manual_seed(0)
     model = load_model(args.model, prediction=args.prediction)
-    res = run_bench(model, args.quick, args.target)
+    res = run_bench(model, args.quick, args.target, detection_only=args.detection_only)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=2))
     print(f"wrote {args.json} ({res['seconds']:.0f} s)")

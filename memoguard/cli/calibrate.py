@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ..calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
+from ..score import DETECTORS
 from ..standalone.pipeline import DEFAULT_STEPS
 from ..tiny.prompts import tiny_benign_prompts
 from .lib.inputs import PromptFileError, read_prompts
@@ -35,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the bundled model's kind")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
+    p.add_argument("--detector", choices=DETECTORS, default="magnitude",
+                   help="the first-step score the calibration holds (scan --detector); the hosts score magnitude")
     p.add_argument("--extra-timesteps", type=_ints, default=[], metavar="T[,T...]",
                    help="also score the first step at these timesteps, e.g. 999 (where the hosts' k-diffusion "
                         "samplers start); 1 UNet evaluation per prompt each")
@@ -53,6 +56,11 @@ def run(args) -> int:
     from ..errors import ModelLoadError
     from ..standalone.diffusers_model import load_model
     from ..measure import calibrate
+    if args.detector != "magnitude" and args.out is None:  # the folder the hosts read holds magnitude scores
+        print(f"memoguard calibrate: --detector {args.detector} needs --out FILE (the calibration folder keeps one "
+              f"calibration a model, of the magnitude the hosts score); scan with --detector {args.detector} "
+              f"--calibration FILE", file=sys.stderr)
+        return 2
     try:
         prompts = (tiny_benign_prompts() if args.tiny_benign
                    else [p for p, _ in read_prompts(args.prompts)] if args.prompts else default_benign_prompts())
@@ -72,7 +80,7 @@ def run(args) -> int:
                         extra_timesteps=args.extra_timesteps, batch_size=args.batch_size,
                         band_timesteps=full_range_timesteps(model, args.band_steps),
                         conditions={"host": "diffusers", "prediction": model.parameterization, "model": model.name},
-                        progress=progress)
+                        progress=progress, detector=args.detector)
         if args.out is not None:
             cal.save(args.out)
             out = args.out

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..calibration import CalibrationError, roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
 from ..model import TOKENS_PER_CHUNK
+from ..score import DETECTORS
 from ..standalone.pipeline import DEFAULT_STEPS
 from .lib.inputs import DTYPES, PromptFileError, check_dtype, load_calibration, read_prompts
 from .lib.jobs import Progress, keep_batches, results_so_far
@@ -31,6 +32,10 @@ def add_arguments(p):
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt (scores are averaged)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="schedule whose first timestep is scored")
+    p.add_argument("--detector", choices=DETECTORS, default="magnitude",
+                   help="first-step score: magnitude (Wen et al., the default), anisotropy (Asthana & Belagiannis: "
+                        "also the alignment at a low noise level, 2 conditional evaluations a prompt), "
+                        "magnitude_alignment; a calibration serves only scores of its own detector")
     p.add_argument("--explain", type=int, default=3, metavar="K", help="show the top K tokens (0: skip, faster)")
     p.add_argument("--out", type=Path, default=None,
                    help="write results to .csv or .json, or append them to .jsonl batch by batch (+ an HTML report)")
@@ -41,7 +46,7 @@ def add_arguments(p):
 
 
 def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3, batch_size=16,
-                 skip=frozenset()):
+                 skip=frozenset(), detector="magnitude"):
     """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`."""
     from ..explain import token_contributions
     from ..measure import FirstStep
@@ -50,7 +55,7 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
     todo = [(i, prompt, label) for i, (prompt, label) in enumerate(rows) if i not in skip]
     threshold = calibration.threshold(fpr) if calibration else float("nan")
     uncond = model.encode([""])
-    first = FirstStep(model, uncond, range(seeds), model.latent_shape(), model.timesteps(steps)[0])
+    first = FirstStep(model, uncond, range(seeds), model.latent_shape(), model.timesteps(steps)[0], detector)
 
     def measured(rows, cond):
         """(score, prompt tokens, contributions or None) of each prompt of `cond`."""
@@ -123,7 +128,7 @@ def run(args) -> int:
         else:
             done = []
         model = load_model(args.model, device=device, dtype=DTYPES[args.dtype], prediction=args.prediction)
-        calibration, notes = load_calibration(args.calibration, model, args.steps)
+        calibration, notes = load_calibration(args.calibration, model, args.steps, args.detector)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
         return 2
@@ -153,7 +158,7 @@ def run(args) -> int:
     share = state is not None
     progress = Progress(len(todo), 0, show=main_process) if share else Progress(len(rows), len(rows) - len(todo))
     batches = scan_batches(model, rows, calibration, args.fpr, args.seeds, args.steps, args.explain, args.batch_size,
-                           skip=set(range(len(rows))) - set(todo))
+                           skip=set(range(len(rows))) - set(todo), detector=args.detector)
     new, code = keep_batches(batches, shard if jsonl else None, progress, len(todo),
                              f"memoguard scan{who}", "this process" if share else "this run")
     if code is not None:

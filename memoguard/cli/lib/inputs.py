@@ -68,16 +68,16 @@ def check_dtype(device: str, dtype: str) -> None:
         raise MemoGuardError(f"--dtype {dtype} needs a GPU (--device cuda); on the CPU use fp32")
 
 
-def load_calibration(path, model, steps: int):
+def load_calibration(path, model, steps: int, detector: str = "magnitude"):
     """The model's calibration (the file `path`, else the default store or the bundled preset) at the noise level
     of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none was
     made for this model. A file that is refused or broken raises CalibrationError (the CLI stops with it)."""
     how_to = f"run `memoguard calibrate --model ...` on it ({model.name})"
     if path is not None:
         path = Path(path)
-        lookup = CalibrationLookup("file", path.name, [path.parent], how_to)
+        lookup = CalibrationLookup("file", path.name, [path.parent], how_to, detector)
     else:
-        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to)
+        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to, detector)
     found = lookup.resolve(model.model_key)
     if found.calibration is None:
         if found.absent:
