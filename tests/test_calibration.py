@@ -195,7 +195,7 @@ def test_calibrate_runs_the_verdict_and_the_band_through_the_model(tiny_model):
     assert cal.band.noise_levels == pytest.approx(levels) and len(cal.band.high) == 6
     assert all(h >= m for h, m in zip(cal.band.high, cal.band.median))
     assert cal.conditions == {"host": "test", "noise_level": pytest.approx(levels[0]), "latent": [3, 16, 16],
-                              "prediction": "eps"}
+                              "prediction": "eps", "detector": "magnitude"}
     (level,) = cal.other_levels
     assert float(level) == pytest.approx(tiny_model.noise_level(999))
     assert ("band", 3, 3) in calls and ("first step", 12, 12) in calls
