@@ -269,6 +269,15 @@ def _status(url, payload, auth=None, timeout=1200):
         return e.code
 
 
+def _oversized_refused(url, payload) -> bool:
+    """A body over the route's limit: 413, or the connection closed while the client still sent (the server
+    answers 413 from the declared length without reading the body; which of the two a client sees is a race)."""
+    try:
+        return _status(url, payload, auth=API_USER) == 413
+    except urllib.error.URLError as e:
+        return isinstance(e.reason, (BrokenPipeError, ConnectionResetError))
+
+
 def route_is_guarded(base, log: Path):
     """A WebUI started with --api-auth: the route answers 401 as /sdapi/v1/* does, refuses oversized requests,
     runs one calibration at a time (409), and a client that leaves cancels its calibration."""
@@ -276,7 +285,7 @@ def route_is_guarded(base, log: Path):
     assert _status(base + "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}) == 401
     assert _status(base + ROUTE, SMALL_CALIBRATION) == 401
     assert _status(base + ROUTE, SMALL_CALIBRATION, auth=("alice", "wrong")) == 401
-    assert _status(base + ROUTE, {"prompt_list": ["a cat"] * 200_000}, auth=API_USER) == 413
+    assert _oversized_refused(base + ROUTE, {"prompt_list": ["a cat"] * 200_000})
     for bad in ({"batch_size": -3}, {"batch_size": 10 ** 9},
                 {"prompts": 296, "band_prompts": 10000, "steps": 150, "width": 4096, "height": 4096}):
         assert _status(base + ROUTE, bad, auth=API_USER) == 400, bad
