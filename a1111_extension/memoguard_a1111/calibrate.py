@@ -251,8 +251,6 @@ def check_request(values: dict) -> dict:
         prompts = shipped[:out["prompts"]]
     out["prompt_list"] = prompts
     out["band_prompts"] = min(out["band_prompts"], out["prompts"])
-    if out["band_prompts"] == 1:
-        raise CalibrationError("band_prompts must be 0 (no band) or at least 2 (a band needs several runs)")
     work = work_of(out)
     if work > MAX_WORK:
         raise CalibrationError(f"this calibration asks for {work:,.0f} UNet evaluations at 512x512 ({out['prompts']} "
