@@ -170,7 +170,7 @@ class MonitorSession:
         """One verdict per image over the window (or over every step if the run was shorter)."""
         ctx = self.ctx or RunContext(source="no sampling run went through this Monitor yet", images=images or 1)
         window = max(1, min(self.settings.window, len(self.trace)))
-        return verdict_for(self.trace, ctx.calibration, window, self.settings.fpr, ctx.threshold,
+        return verdict_for(self.trace, ctx.calibration, window, self.settings.fpr, self.settings.threshold,
                            images=images or ctx.images, uncalibrated_hint=ctx.hint, notes=ctx.notes)
 
     def label(self, verdicts=None) -> str:

@@ -87,7 +87,7 @@ def run(args) -> int:
         cond = model.encode([prompt])
         x = initial_noise(model, model.latent_shape(), [DEMO_SEED], model.device)
         result = sample(model, cond, uncond, x, args.steps, on_step=progress(prompt))
-        verdict = verdict_for(result.trace, calibration, threshold=threshold, images=1, notes=notes)[0]
+        verdict = verdict_for(result.trace, calibration, fpr=args.fpr, images=1, notes=notes)[0]
         image = model.decode(result.latents).numpy()
         near_idx, _, near_r = nearest_training(image, train_images)
         contrib = token_contributions(model, cond, uncond, x, total_steps=args.steps)[0]

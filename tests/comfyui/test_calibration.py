@@ -64,6 +64,7 @@ def test_auto_finds_the_bundled_preset_for_the_bundled_weights_only(bundled, ran
     assert verdict.label in ("ok", "flagged") and verdict.threshold == pytest.approx(
         preset.at_noise_level(float(harness.schedule(bundled[0].model, 6)[0])).threshold(0.01))
     assert "bundled with MemoGuard" in session.ctx.source
+    assert not verdict.manual and "set by hand" not in verdict.summary()  # the calibration's threshold
 
     session, events, out, plain = monitor(*random_copy, steps=6, calibration=lookup("auto", folders=[tmp_path]))
     assert torch.equal(out, plain)

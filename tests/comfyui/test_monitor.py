@@ -124,6 +124,7 @@ def test_flagged_action(unet, action):
         assert len(session.trace) == STEPS
     verdicts = [d for e, d in events if e == "verdict"]
     assert len(verdicts) == 1 and verdicts[0]["flagged"]
+    assert "(set by hand)" in session.final_verdicts()[0].summary()  # the node's threshold, not a calibration's
 
 
 def test_unflagged_below_threshold(unet):
