@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a Co
 ROOT = Path(__file__).resolve().parents[2]
 PACK = "memoguard"  # the folder name ComfyUI sees, and so the template group
 MODELS = Path(os.environ.get("MEMOGUARD_TEST_CHECKPOINTS", "/work/hosts/models"))  # random-sd15*.safetensors
+# screenshots and timings, outside the checkout (a test never writes into the repository)
+ARTIFACTS = Path(os.environ.get("MEMOGUARD_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "memoguard-test-artifacts"))
 BUNDLED_KEY = "unet-681368e6af6f82b5"  # memoguard/assets/calibration.json, measured on the diffusers model
 TEMPLATES = ("memoguard_detect", "memoguard_mitigate", "memoguard_explain")
 
@@ -245,8 +248,8 @@ def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name
     if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists():
         pytest.skip("needs node, NODE_PATH with playwright-core and Chromium")
     client, _ = comfy
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
+    artifacts = ARTIFACTS
+    artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / f"comfyui_{name}.png"
     run = subprocess.run(["node", str(Path(__file__).with_name("browser_check.mjs")), client.url, PACK,
                           f"memoguard_{name}", selector, str(shot), "6"], capture_output=True, text=True, timeout=900)
@@ -311,8 +314,8 @@ def test_detect_samples_the_tiny_model_at_16x16_with_its_bundled_calibration(com
     assert trace["verdicts"][0]["label"] == "flagged" and trace["label"] == "flagged"
     steps = [d for d in of_type(events, "memoguard.step") if d["node"] == "2"]
     assert len(steps) == 20 and all(d["band"] is not None for d in steps[:-1]) and steps[0]["threshold"]
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
+    artifacts = ARTIFACTS
+    artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / f"comfyui_detect16_{_version(client)}.json").write_text(json.dumps({
         "version": _version(client), "seconds": seconds, "first_step": steps[0]["score"][0],
         "threshold": steps[0]["threshold"], "latent_sum": float(latent.double().sum()),
@@ -375,8 +378,8 @@ def test_calibrate_node_on_a_checkpoint_then_auto_uses_it_and_only_for_that_chec
     assert trace_b["model_key"] != key
     assert trace_b["verdicts"][0]["label"] == "uncalibrated" and trace_b["threshold"] is None
     assert "no calibration for this model" in trace_b["summary"] and "MemoGuard Calibrate" in trace_b["summary"]
-    artifacts = ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
+    artifacts = ARTIFACTS
+    artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / f"comfyui_calibrate_sd15_{_version(client)}.json").write_text(json.dumps({
         "version": _version(client), "calibrate_prompt_seconds": calibrate_seconds, "summary": summary,
         "verdict_a": trace["summary"], "verdict_b": trace_b["summary"], "key_a": key, "key_b": trace_b["model_key"]}))
