@@ -317,3 +317,42 @@ def route_is_absent_without_api(base, log: Path):
     """A WebUI started with its UI and without --api serves no /sdapi/v1/* and no calibration route."""
     assert _status(base + ROUTE, SMALL_CALIBRATION) == 404
     assert f"{ROUTE} is off" in log.read_text()
+
+
+def concurrent_clients(base):
+    """Issue 18, load: four API clients at once (txt2img with the script, with the accordion and a batch of 2, with
+    delayed guidance, and a calibration). Each image's score is the one its request gets alone, and each verdict
+    agrees with the calibration that existed when that generation ran: none, or the one the request saved."""
+    import threading
+    requests = {
+        "script": lambda: txt2img(base, "Euler", MONITOR_ONLY, prompt="a red house on a hill", seed=11),
+        "accordion": lambda: txt2img(base, "Euler", None, prompt="a blue car in the rain", seed=12, batch_size=2,
+                                     alwayson_scripts={ACCORDION: {"args": [True] + MONITOR_ONLY}}),
+        "delay": lambda: txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay"],
+                                 prompt="a green tree by a lake", seed=13),
+        "calibration": lambda: call(base + ROUTE, SMALL_CALIBRATION),
+    }
+    together, errors = {}, []
+
+    def run(name):
+        try:
+            together[name] = requests[name]()
+        except Exception as e:  # reported below with its request
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    threshold = together["calibration"]["threshold"]
+    for name in ("script", "accordion", "delay"):
+        alone = requests[name]()
+        got, ref = all_fields(together[name]), all_fields(alone)
+        assert len(got) == len(ref) == (2 if name == "accordion" else 1)
+        for image, (a, b) in enumerate(zip(got, ref)):
+            assert a["MemoGuard score"] == b["MemoGuard score"] and a["MemoGuard model"] == b["MemoGuard model"], (name, image)
+            if a["MemoGuard verdict"] != "uncalibrated":  # ran after a calibration was saved: judged by it
+                assert (a["MemoGuard verdict"] == "flagged") == (float(a["MemoGuard score"]) >= threshold), (name, a)
+        assert pixels(together[name]["images"][0]) == pixels(alone["images"][0]), name

@@ -145,3 +145,7 @@ def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory)
 def test_no_calibration_route_without_api(tmp_path_factory):
     with running_forge(tmp_path_factory, api_only=False) as base:
         real_checks.route_is_absent_without_api(base, webui_log(base))
+
+
+def test_four_api_clients_at_once_each_get_their_own_record(forge):
+    real_checks.concurrent_clients(forge)

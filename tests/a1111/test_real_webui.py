@@ -129,3 +129,7 @@ def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory)
 def test_no_calibration_route_without_api(tmp_path_factory):
     with a1111(tmp_path_factory, "A1111_CKPT", api_only=False) as base:
         real_checks.route_is_absent_without_api(base, webui_log(base))
+
+
+def test_four_api_clients_at_once_each_get_their_own_record(webui):
+    real_checks.concurrent_clients(webui)

@@ -83,6 +83,27 @@ class Client:
             ws.close()
 
 
+def queue_all(client: Client, prompts: list, timeout: float = 1800) -> list:
+    """Queue every prompt at once (ComfyUI runs them one after another, patched models cached between them);
+    return each one's history entry, in order."""
+    ids = []
+    for prompt in prompts:
+        body = json.dumps({"prompt": prompt, "client_id": client.id}).encode()
+        request = urllib.request.Request(client.url + "/prompt", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            ids.append(json.loads(r.read())["prompt_id"])
+    deadline, done = time.time() + timeout, {}
+    while len(done) < len(ids):
+        assert time.time() < deadline, f"{len(done)} of {len(ids)} prompts finished"
+        for prompt_id in ids:
+            if prompt_id not in done:
+                entry = client.get(f"/history/{prompt_id}").get(prompt_id)
+                if entry is not None and entry.get("status", {}).get("completed") is not None:
+                    done[prompt_id] = entry
+        time.sleep(0.5)
+    return [done[i] for i in ids]
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     work = tmp_path_factory.mktemp("comfy")
@@ -417,3 +438,39 @@ def test_calibration_files_come_from_the_list_and_saved_paths_still_queue(comfy)
     events, _ = client.run(prompt)
     (error,) = of_type(events, "execution_error")
     assert "is not one of the tiny models in models/memoguard" in error["exception_message"]
+
+
+@pytest.mark.skipif(not (MODELS / "random-sd15.safetensors").exists(), reason="needs tests/hosts/make_random_sd15.py checkpoints")
+def test_twenty_queued_prompts_of_mixed_models_and_settings_each_get_their_own_record(comfy):
+    """Issue 18, load: 20 prompts queued at once, the tiny model and an SD1.5-size checkpoint, different prompts,
+    seeds, windows, thresholds and calibration choices, some mitigated. Every prompt's record (score per step,
+    verdict, model key, threshold) is the one the same prompt gets run alone, and nothing fails."""
+    client, _ = comfy
+    texts = ["a purple ring, lighthouse poster", "a red circle", "a small blue ring", "a green square at the top"]
+    prompts = []
+    for k in range(16):
+        prompt = workflow(client, "mitigate" if k % 4 == 3 else "detect", steps=3 + k % 3)
+        clip_text = next(n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
+        clip_text["inputs"]["text"] = texts[k % 4]
+        monitor = next(n for n in prompt.values() if n["class_type"] == "MemoGuardMemorizationMonitor")
+        monitor["inputs"].update(window=1 + k % 2, threshold=0.0 if k % 3 else 0.02,
+                                 calibration="none" if k % 5 == 4 else "auto")
+        next(n for n in prompt.values() if n["class_type"] == "KSampler")["inputs"]["seed"] = k
+        prompts.append(prompt)
+    prompts += [sd15_prompt("random-sd15.safetensors", calibrate=False, seed=s) for s in range(4)]
+    together = queue_all(client, prompts)
+    for k, (prompt, entry) in enumerate(zip(prompts, together)):
+        assert entry["status"]["status_str"] == "success", (k, entry["status"])
+    alone = [queue_all(client, [prompt])[0] for prompt in prompts]
+
+    def record(entry):
+        trace = json.loads(entry["outputs"]["9"]["memoguard_trace"][0])
+        return trace["trace"]["rms"], trace["model_key"], trace["threshold"], [v["label"] for v in trace["verdicts"]]
+
+    keys = set()
+    for k, (a, b) in enumerate(zip(together, alone)):
+        (rms_a, key_a, threshold_a, labels_a), (rms_b, key_b, threshold_b, labels_b) = record(a), record(b)
+        assert key_a == key_b and labels_a == labels_b and threshold_a == threshold_b, k
+        assert rms_a == pytest.approx(rms_b, rel=1e-5, abs=1e-7), k
+        keys.add(key_a)
+    assert len(keys) == 2  # the tiny model and the checkpoint, each with its own key
