@@ -132,7 +132,6 @@ def test_the_hook_never_raises_into_the_pipeline_call(pipe, monkeypatch):
     plain = run(pipe, x)
     import memoguard.standalone.diffusers_hook as hook
     monitor = watch(pipe, calibration=None)
-    monitor._images = 0
     with pytest.raises(PipelineError, match="not \\[negative; prompt\\] pairs"):
         monitor._read((None, torch.tensor(999)), {}, (torch.zeros(3, 3, 16, 16),))
     monkeypatch.setattr(hook, "eps_difference", lambda *a, **k: 1 / 0)

@@ -101,6 +101,19 @@ def _single_file(tmp_path):
     save_file(tiny_ldm_state(), str(tmp_path / "tiny.safetensors"))
 
 
+def _modular_pipeline(ns):
+    """The user's modular pipeline: SDXL's blocks on tiny random parts (no VAE, so no decode step)."""
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+    from test_diffusers_hook import tiny_sdxl_pipeline
+    parts = tiny_sdxl_pipeline()
+    blocks = StableDiffusionXLAutoBlocks()
+    blocks.sub_blocks.pop("decode")
+    pipe = blocks.init_pipeline()
+    pipe.update_components(unet=parts.unet, text_encoder=parts.text_encoder, text_encoder_2=parts.text_encoder_2,
+                           tokenizer=parts.tokenizer, tokenizer_2=parts.tokenizer_2, scheduler=parts.scheduler)
+    ns["modular_pipe"] = pipe
+
+
 # the README block (by a line it holds) -> what runs before it
 SETUPS = {
     'load_model("tiny.safetensors"': lambda ns, tmp: _single_file(tmp),
@@ -108,6 +121,7 @@ SETUPS = {
     "ref = TimestepReference.fit(gaps, t)": lambda ns, tmp: _ordinary_gaps(ns),
     "bar_alpha=1e-4": lambda ns, tmp: _this_batch(ns),
     "trace = ScoreTrace()": lambda ns, tmp: _sampler_step(ns, tmp),
+    "MemoGuardGuidance(": lambda ns, tmp: _modular_pipeline(ns),
 }
 
 
@@ -131,4 +145,5 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "LIKELY MEMORIZED" in printed  # the watched memorized caption, judged by the bundled calibration
     assert namespace["record"].strategy == "remove_tokens" and namespace["keep"].dtype == torch.bool
+    assert len(namespace["guider"].recorder.verdicts()) == 1 and not namespace["guider"].record.ran  # no calibration
     assert BUNDLED_MODEL.is_dir() and json.loads((tmp_path / "cal.json").read_text())["models"]["my-model"]

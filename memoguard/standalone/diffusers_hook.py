@@ -43,33 +43,69 @@ class PipelineError(MemoGuardError, ValueError):
     """A pipeline MemoGuard cannot read the score from."""
 
 
-class PipelineMonitor:
-    """Records the per-step gaps of the pipeline calls made while it is attached (`with watch(pipe) as m`)."""
+class ScoreRecorder:
+    """What watching a pipeline's guidance needs, wherever the two predictions are read: the scheduler's
+    prediction type and VP schedule, the calibration made for the UNet's weights, and the trace of one call."""
 
-    def __init__(self, pipe, calibration: Union[Calibration, str, None] = "auto", window: int = 1, fpr: float = 0.01,
-                 threshold: Optional[float] = None):
-        prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    def __init__(self, unet, scheduler, calibration: Union[Calibration, str, None] = "auto", window: int = 1,
+                 fpr: float = 0.01, threshold: Optional[float] = None):
+        prediction = scheduler.config.get("prediction_type", "epsilon")
         if prediction not in PREDICTIONS:
             raise PipelineError(f"prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
-        if type(pipe).__name__ not in LAYOUTS:
-            raise PipelineError(f"{type(pipe).__name__} is not a pipeline whose guided batch MemoGuard knows "
-                                f"({', '.join(LAYOUTS)})")
-        self.pipe, self.parameterization = pipe, PREDICTIONS[prediction]
+        self.parameterization = PREDICTIONS[prediction]
         self.calibration_note = ""
         if calibration == "auto":
             found = CalibrationLookup("auto", "", [default_store_folder()],
                                       "run `memoguard calibrate --model ...` on this model").resolve(
-                weights_fingerprint(pipe.unet))
+                weights_fingerprint(unet))
             calibration, self.calibration_note = found.calibration, found.problem
         self.calibration, self.window, self.fpr, self.threshold = calibration, window, fpr, threshold
-        self.alphas_cumprod = pipe.scheduler.alphas_cumprod.float()
-        self.trace = ScoreTrace()
+        self.alphas_cumprod = scheduler.alphas_cumprod.float()
+        self.start()
+
+    def start(self) -> None:
+        """A new pipeline call."""
+        self.trace, self.images = ScoreTrace(), 0
+
+    def record(self, step: int, t, pred_cond: torch.Tensor, pred_uncond: torch.Tensor) -> torch.Tensor:
+        """eps_c - eps_u of every image at this step, recorded; returned for a caller that steers with it."""
+        self.images = pred_cond.shape[0]
+        t = torch.as_tensor(t).reshape(-1)[:1].round().long()
+        alpha, sigma = coefficients_vp(self.alphas_cumprod.to(pred_cond.device), t)
+        diff = eps_difference(pred_cond.detach(), pred_uncond.detach(), self.parameterization, alpha, sigma)
+        self.trace.record(step, diff, float(t))
+        return diff
+
+    def failed(self, error: Exception) -> None:
+        """Whatever goes wrong while reading is recorded, never raised into the pipeline."""
+        log.warning("MemoGuard could not read this guidance step: %s", error, exc_info=error)
+        self.trace.mark_unavailable(f"MemoGuard could not read the pipeline's guidance ({type(error).__name__}: "
+                                    f"{error})")
+
+    def verdicts(self) -> List[Verdict]:
+        """One verdict per image of the last pipeline call (prompts x num_images_per_prompt)."""
+        if not self.images:
+            raise PipelineError("no pipeline call was watched yet")
+        return verdict_for(self.trace, self.calibration, self.window, self.fpr, self.threshold, images=self.images,
+                           uncalibrated_hint=self.calibration_note or "no calibration given")
+
+
+class PipelineMonitor(ScoreRecorder):
+    """Records the per-step gaps of the pipeline calls made while it is attached (`with watch(pipe) as m`)."""
+
+    def __init__(self, pipe, calibration: Union[Calibration, str, None] = "auto", window: int = 1, fpr: float = 0.01,
+                 threshold: Optional[float] = None):
+        if type(pipe).__name__ not in LAYOUTS:
+            raise PipelineError(f"{type(pipe).__name__} is not a pipeline whose guided batch MemoGuard knows "
+                                f"({', '.join(LAYOUTS)})")
+        super().__init__(pipe.unet, pipe.scheduler, calibration, window, fpr, threshold)
+        self.pipe = pipe
         self._handle = None
         self._step = 0
-        self._images = 0  # images of the last call, from the UNet's batch
 
     def __enter__(self) -> "PipelineMonitor":
-        self.trace, self._step, self._images = ScoreTrace(), 0, 0
+        self.start()
+        self._step = 0
         self._handle = self.pipe.unet.register_forward_hook(self._record, with_kwargs=True)
         return self
 
@@ -78,35 +114,23 @@ class PipelineMonitor:
         self._handle = None
 
     def _record(self, module, args, kwargs, output) -> None:
-        """The UNet's forward hook: whatever goes wrong here is recorded, never raised into the pipeline."""
+        """The UNet's forward hook."""
         try:
             self._read(args, kwargs, output)
         except Exception as e:
-            log.warning("MemoGuard could not read this UNet call: %s", e, exc_info=e)
-            self.trace.mark_unavailable(f"MemoGuard could not read the pipeline's UNet call ({type(e).__name__}: {e})")
+            self.failed(e)
 
     def _read(self, args, kwargs, output) -> None:
         pred = output[0] if isinstance(output, tuple) else output.sample
-        guided = getattr(self.pipe, "do_classifier_free_guidance", True)
-        self._images = pred.shape[0] // 2 if guided else pred.shape[0]
-        if not guided:
+        if not getattr(self.pipe, "do_classifier_free_guidance", True):
+            self.images = pred.shape[0]
             self.trace.mark_unavailable(NO_CFG)
             return
         if pred.shape[0] % 2:
             raise PipelineError(f"a guided batch of {pred.shape[0]} rows is not [negative; prompt] pairs")
-        t = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = torch.as_tensor(t).reshape(-1)[:1].round().long()
-        alpha, sigma = coefficients_vp(self.alphas_cumprod.to(pred.device), t)
-        uncond, cond = pred.detach().chunk(2)  # diffusers batches [negative, prompt]
-        self.trace.record(self._step, eps_difference(cond, uncond, self.parameterization, alpha, sigma), float(t))
+        uncond, cond = pred.chunk(2)  # diffusers batches [negative, prompt]
+        self.record(self._step, args[1] if len(args) > 1 else kwargs["timestep"], cond, uncond)
         self._step += 1
-
-    def verdicts(self) -> List[Verdict]:
-        """One verdict per image of the last pipeline call (prompts x num_images_per_prompt)."""
-        if not self._images:
-            raise PipelineError("no pipeline call was watched yet")
-        return verdict_for(self.trace, self.calibration, self.window, self.fpr, self.threshold, images=self._images,
-                           uncalibrated_hint=self.calibration_note or "no calibration given")
 
 
 def watch(pipe, calibration: Union[Calibration, str, None] = "auto", window: int = 1, fpr: float = 0.01,

@@ -1,0 +1,81 @@
+"""MemoGuard as a diffusers guider, for modular pipelines (`diffusers.guiders`, `pipe.update_components(guider=...)`).
+
+    from memoguard.standalone.diffusers_guider import MemoGuardGuidance
+    guider = MemoGuardGuidance(guidance_scale=5.0).watching(pipe)        # pipe: a modular pipeline
+    pipe.update_components(guider=guider)
+    latents = pipe(prompt="...", output="latents")
+    print([v.summary() for v in guider.recorder.verdicts()])
+
+Classifier-free guidance exactly as diffusers' ClassifierFreeGuidance computes it (start, stop, rescale included),
+plus, from the two predictions the guider is handed at each step, MemoGuard's score of every image (no extra model
+call: with mitigation off the latents are bit-identical to plain CFG). With `mitigation` "always" or "auto"
+("auto": the images whose first-step score reaches the threshold, from the calibration made for the UNet's
+weights or `threshold`), those images get no text guidance (the unconditional prediction) for the first `delay`
+share of the steps: MemoGuard's delayed guidance, planned by memoguard.mitigate from the first step's scores.
+Nothing MemoGuard reads or plans is raised into the pipeline: a failure makes the score unavailable, with the
+reason, and the step is plain CFG.
+"""
+from typing import Optional
+
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders import ClassifierFreeGuidance
+
+from ..hosts import without_guidance
+from ..mitigate import DEFAULT_DELAY, MitigationRecord, check_mode, plan_guidance_delay
+from ..score import rms_per_image
+from .diffusers_hook import PipelineError, ScoreRecorder
+
+
+class MemoGuardGuidance(ClassifierFreeGuidance):
+    """ClassifierFreeGuidance that scores each step and can delay text guidance for flagged images."""
+
+    @register_to_config
+    def __init__(self, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
+                 mitigation: str = "off", delay: float = DEFAULT_DELAY, threshold: Optional[float] = None,
+                 fpr: float = 0.01):
+        super().__init__(guidance_scale, guidance_rescale, use_original_formulation, start, stop, enabled)
+        check_mode(mitigation, 0.0)
+        self.mitigation, self.delay, self.threshold, self.fpr = mitigation, delay, threshold, fpr
+        self.recorder: Optional[ScoreRecorder] = None
+        self.record: Optional[MitigationRecord] = None  # what the mitigation did in the last call
+        self._plan = None
+
+    def watching(self, pipe, calibration="auto", window: int = 1) -> "MemoGuardGuidance":
+        """Read the scores of `pipe`'s UNet and scheduler (calibration: "auto", a Calibration, or None)."""
+        self.recorder = ScoreRecorder(pipe.unet, pipe.scheduler, calibration, window, self.fpr, self.threshold)
+        return self
+
+    def forward(self, pred_cond, pred_uncond=None):
+        out = super().forward(pred_cond, pred_uncond)
+        if self.recorder is None:
+            raise PipelineError("call guider.watching(pipe) before the pipeline runs")
+        if pred_uncond is None:  # CFG off at this step (start / stop): nothing to score
+            return out
+        try:
+            if self._step == 0:
+                self.recorder.start()
+                self._plan, self.record = None, None
+            diff = self.recorder.record(self._step, self._timestep, pred_cond, pred_uncond)
+        except Exception as e:  # no score; the step stays plain CFG
+            self._plan = None
+            self.recorder.failed(e)
+            return out
+        if self._step == 0 and self.mitigation != "off":
+            threshold = self._threshold()
+            if self.mitigation == "auto" and threshold is None:
+                self.record = MitigationRecord(mode="auto", ran=False, strategy="guidance_delay",
+                                               reason=f"no threshold: {self.recorder.calibration_note or 'no calibration'}")
+            else:
+                self._plan, self.record = plan_guidance_delay(rms_per_image(diff), self._num_inference_steps,
+                                                              mode=self.mitigation, threshold=threshold,
+                                                              delay=self.delay)
+        if self._plan is not None and self._plan.applies(self._step):
+            out.pred = without_guidance(out.pred, pred_uncond, self._plan.images)
+        return out
+
+    def _threshold(self) -> Optional[float]:
+        if self.threshold is not None or self.recorder.calibration is None:
+            return self.threshold
+        return self.recorder.calibration.threshold(self.fpr)
+
