@@ -490,3 +490,12 @@ def test_a_calibration_serves_only_scores_of_its_own_detector(tmp_path, capsys, 
     assert capsys.readouterr().out.split()[0] in ("FLAG", "ok")
     assert main(scan) == 2
     assert "holds anisotropy scores; this run scores with the magnitude detector" in capsys.readouterr().err
+
+
+def test_calibration_fpr_bench_measures_held_out_generations(tiny_model):
+    """The held-out FPR rows: thresholds fitted on half the prompts, judged on the other half's every generation."""
+    from memoguard.cli.bench import calibration_fpr_bench
+    res = calibration_fpr_bench(tiny_model, 10, seeds=(0, 1))
+    assert res["held_out_generations"] == res["prompts"] // 2 * 2
+    for row in res["variants"].values():
+        assert 0.0 <= row["fpr_at_1pct"] <= row["fpr_at_5pct"] <= 0.2  # more allowed, never fewer flagged

@@ -95,6 +95,10 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
         got = res["detectors"][detector]["by_outcome"]["steps1_gen1"]
         log(f"detector {detector}: AUC {got['auc']:.3f}, TPR@1%FPR {got['tpr_at_1pct_fpr']:.3f}, "
             f"{res['detectors'][detector]['cost_ratio']:.2f}x the magnitude's time")
+    res["calibration_fpr"] = calibration_fpr_bench(model, label_steps)
+    for name, row in res["calibration_fpr"]["variants"].items():
+        log(f"calibration {name}: held-out FPR {row['fpr_at_1pct']:.3f} at nominal 0.01, "
+            f"{row['fpr_at_5pct']:.3f} at 0.05")
     if detection_only:
         res["seconds"] = round(time.time() - t_start, 1)
         return res
@@ -145,6 +149,26 @@ def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps:
                          "by_intent": {k: detection_metrics(v, kinds == "memorized", kinds) for k, v in scores.items()}}
     for detector in DETECTORS:
         out[detector]["cost_ratio"] = out[detector]["seconds"] / out[DETECTORS[0]]["seconds"]
+    return out
+
+
+def calibration_fpr_bench(model, steps: int, seeds=(0, 1, 2, 3)) -> dict:
+    """Does a calibration's 1 % mean 1 % for the images users make? Benign prompts of the model's kind, split in two
+    halves: the calibration's threshold from one half, the share of the other half's single generations (every
+    seed: a user's image is one generation) at or above it. Calibration variants: one seed (what calibrate did),
+    the mean over the seeds per prompt, and every prompt x seed as its own sample."""
+    from ..measure import first_step_gaps
+    from ..tiny.prompts import tiny_benign_prompts
+    prompts = tiny_benign_prompts()
+    gaps = first_step_gaps(model, prompts, list(seeds), model.latent_shape(), model.timesteps(steps)[0], 128)
+    fit, held = gaps[0::2], gaps[1::2]
+    variants = {"one_seed": fit[:, 0], "seed_mean": fit.mean(1), "every_seed": fit.reshape(-1)}
+    out = {"prompts": len(prompts), "seeds": list(seeds), "held_out_generations": int(held.size), "variants": {}}
+    for name, scores in variants.items():
+        row = {}
+        for fpr, key in ((0.01, "fpr_at_1pct"), (0.05, "fpr_at_5pct")):
+            row[key] = float((held >= threshold_at_fpr(scores, fpr)).mean())
+        out["variants"][name] = row
     return out
 
 
