@@ -1,9 +1,9 @@
 """Calibrating the loaded model inside ComfyUI: the sampler's own model call, schedule and latent size.
 
 Host glue only (duck-typed, so CI runs it against tests/comfyui/harness.py); the numbers come from
-memoguard.measure.calibrate: two model evaluations per benign prompt at the schedule's first sigma
-(cond and uncond in one batch) for the verdict, and a full guided run per band prompt for the benign
-band (DDIM in sigma form = Euler; 2 x steps evaluations each). The result is saved under the
+memoguard.measure.calibrate: one conditional model evaluation per benign prompt at the schedule's first sigma
+(the unconditional one is the same for every prompt: evaluated once) for the verdict, and a full guided run per
+band prompt for the benign band (DDIM in sigma form = Euler; 2 x steps evaluations each). The result is saved under the
 weights fingerprint of the model as loaded (LoRA patches baked in), where the Monitor's 'auto' looks.
 """
 from dataclasses import dataclass

@@ -18,7 +18,8 @@ class MemoGuardCalibrate(io.ComfyNode):
             description="Scores benign prompts on the loaded model (with its LoRAs) at the sampler's first step, "
                         "plus a benign band along whole runs, and saves the calibration to models/memoguard under "
                         "the fingerprint of the weights: Memorization Monitor 'auto' then uses it for this model only. "
-                        "Cost: 2 model evaluations per prompt + 2 x steps per band prompt.",
+                        "Cost: 1 model evaluation per prompt (the unconditional one is shared) + 2 x steps per "
+                        "band prompt.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate, as your sampler gets it (after LoRA loaders)."),
                 io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
