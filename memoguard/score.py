@@ -116,7 +116,7 @@ def anisotropy_score(diff_first: torch.Tensor, eps_u_low: torch.Tensor, diff_low
     magnitude, unnormalised), plus weights[1] x the cosine between eps_u and eps_c - eps_u where x_T is
     presented at a low noise level (the anisotropic term: memorized prompts align the guidance with the
     unconditional score there), taken along the channels at each latent position and averaged over positions."""
-    norm = diff_first.flatten(1).float().norm(dim=1)
+    norm = l2_per_image(diff_first)
     cos = torch.nn.functional.cosine_similarity(eps_u_low.float(), diff_low.float(), dim=1).flatten(1).mean(1)
     return weights[0] * norm + weights[1] * cos
 
