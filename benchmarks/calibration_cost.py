@@ -103,8 +103,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from memoguard.tiny.prompts import tiny_benign_prompts
-    tiny_prompts = tiny_benign_prompts()
+    from memoguard.tiny.evalsets import eval_set
+    tiny_prompts = eval_set("shapes").benign_prompts()
     results = [measure(load_model(), tiny_prompts[:256], tiny_prompts[:16], 20, 64, args.repeats),
                measure(sd15_size_model(args.sd_latent), tiny_prompts[:12], tiny_prompts[:2], 10, 4, args.repeats)]
     for r in results:

@@ -16,7 +16,6 @@ Prints first-step score before/after, the share of images at or under the target
 copy rates (memoguard.tiny.judge) per side, and how far the two sides' per-image scores differ.
 """
 import argparse
-import functools
 import json
 import subprocess
 import sys
@@ -37,16 +36,9 @@ def bench_setup(bench_json: Path, n_prompts: int):
     return prompts, res["mitigation"]["target"], res["mitigation"]
 
 
-@functools.lru_cache(maxsize=1)
-def training_images() -> np.ndarray:
-    from memoguard.tiny.data import build_dataset
-    from memoguard.tiny.judge import unique_training_images
-    return unique_training_images(build_dataset(0).images)
-
-
 def copies(images: np.ndarray) -> np.ndarray:
-    from memoguard.tiny.judge import is_copy
-    return is_copy(images, training_images())
+    from memoguard.tiny.evalsets import eval_set
+    return eval_set("shapes").is_copy(images)
 
 
 def core_side(prompts, seeds, target) -> dict:

@@ -32,12 +32,14 @@ from .errors import MemoGuardError
 from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients
 from .score import l2_per_image
 
-METHODS = ("auto", "leave_one_out", "leave_one_out_embedding", "gradient_x_delta", "integrated_gradients",
-           "gradient_norm")
-METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_embedding": "leave-one-out (embedding)",
-                "gradient_x_delta": "gradient x input", "integrated_gradients": "integrated gradients",
-                "gradient_norm": "gradient norm (paper)"}
-LEAVE_ONE_OUT_MAX_TOKENS = 29  # n + 1 forwards per step: the cost of 10 forward + backward passes
+METHODS = ("auto", "leave_one_out", "leave_one_out_screened", "leave_one_out_embedding", "gradient_x_delta",
+           "integrated_gradients", "gradient_norm")
+METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_screened": "leave-one-out of the top words",
+                "leave_one_out_embedding": "leave-one-out (embedding)", "gradient_x_delta": "gradient x input",
+                "integrated_gradients": "integrated gradients", "gradient_norm": "gradient norm (paper)"}
+MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_screened", "leave_one_out_embedding")
+LEAVE_ONE_OUT_MAX_WORDS = 12  # n + 2 evaluations per step (n conditional, one shared unconditional, the base)
+SCREENED_WORDS = 12           # screened: gradient x input (~3 evaluations) + 1 + 12 = 16 evaluations per step
 
 class ExplanationError(MemoGuardError, ValueError):
     """Settings of an explanation that cannot work."""
@@ -45,11 +47,16 @@ class ExplanationError(MemoGuardError, ValueError):
 
 @dataclass
 class TokenContributions:
-    """Per-token scores of one prompt, aligned with its tokens (BOS/EOS/padding left out)."""
-    tokens: List[str]
+    """Per-word scores of one prompt (BOS/EOS/padding left out). A word is its BPE pieces together where the
+    adapter's tokenizer marks word ends (memoguard.model.PromptEncoding.words), else one token."""
+    tokens: List[str]            # each word's text (its pieces joined)
     scores: List[float]          # the method's scores, averaged over steps and generations
-    positions: List[int]         # index of each token in the (possibly multi-chunk) embedding
+    positions: List[int]         # index of each word's first piece in the (possibly multi-chunk) embedding
     method: str = "gradient_norm"
+    groups: Optional[List[List[int]]] = None  # every position of each word (None: `positions` alone)
+    gap_before: Optional[float] = None        # the prompt's L2 gap, averaged like the scores
+    elements: int = 0                         # values per image (RMS = L2 / sqrt(elements))
+    measured: Optional[List[bool]] = None     # which words leave-one-out measured (screened: its top words)
 
     @property
     def shares(self) -> List[float]:
@@ -69,20 +76,47 @@ class TokenContributions:
         shares = self.shares
         return [(self.tokens[i], shares[i]) for i in self.ranking()[:k]]
 
+    def score_without(self, i: int) -> Optional[float]:
+        """The first-step score (RMS) with word i left out, where the method measured it (leave-one-out), else None."""
+        if self.method not in MEASURES_REMOVAL or self.gap_before is None or not self.elements:
+            return None
+        if self.measured is not None and not self.measured[i]:
+            return None
+        return (self.gap_before - self.scores[i]) / self.elements ** 0.5
+
+    def single_word_ends(self, threshold: float) -> Optional[bool]:
+        """Whether leaving out one word brings the score under `threshold`; None where the method cannot tell."""
+        after = [a for a in (self.score_without(i) for i in range(len(self.tokens))) if a is not None]
+        return None if not after else min(after) < threshold
+
+    def summary(self, threshold: Optional[float] = None, k: int = 3) -> str:
+        """The line users read: the top words with their shares, or, where leave-one-out shows that no single word
+        brings the score under the threshold, that the recall is spread over the caption."""
+        if threshold is not None and self.single_word_ends(threshold) is False:
+            best = self.ranking()[0]
+            return (f"spread over the caption: no single word ends the recall (without {self.tokens[best]!r} the "
+                    f"score is {self.score_without(best):.4f}, threshold {threshold:.4f})")
+        return f"top words ({self.method_name}): " + ", ".join(f"{t} {100 * s:.0f}%" for t, s in self.top(k))
+
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "scores": self.scores, "shares": self.shares, "positions": self.positions,
-                "method": self.method, "method_name": self.method_name}
+                "groups": self.groups, "method": self.method, "method_name": self.method_name,
+                "score_without": [self.score_without(i) for i in range(len(self.tokens))]}
 
 
 def average_contributions(runs: List[TokenContributions]) -> Optional[TokenContributions]:
-    """One prompt's contributions averaged over runs (steps, images) of the same tokens."""
+    """One prompt's contributions averaged over runs (steps, images) of the same words."""
     if not runs:
         return None
     first = runs[0]
     if any(r.tokens != first.tokens or r.method != first.method for r in runs):
         raise ExplanationError("cannot average contributions of different prompts or methods")
     scores = [sum(r.scores[i] for r in runs) / len(runs) for i in range(len(first.scores))]
-    return TokenContributions(first.tokens, scores, first.positions, first.method)
+    gaps = [r.gap_before for r in runs]
+    gap = None if any(g is None for g in gaps) else sum(gaps) / len(gaps)
+    measured = None if first.measured is None else [all(r.measured[i] for r in runs) for i in range(len(scores))]
+    return TokenContributions(first.tokens, scores, first.positions, first.method, first.groups, gap, first.elements,
+                              measured)
 
 
 def _reference(uncond_embedding: torch.Tensor, length: int) -> torch.Tensor:
@@ -103,64 +137,78 @@ def _reencodes(model: Denoiser, cond: PromptEncoding) -> bool:
 
 
 def default_method(model: Denoiser, cond: PromptEncoding) -> str:
-    longest = int(cond.prompt_mask.sum(dim=1).max()) if cond.prompt_mask.numel() else 0
-    return "leave_one_out" if _reencodes(model, cond) and longest <= LEAVE_ONE_OUT_MAX_TOKENS else "gradient_x_delta"
+    """Leave-one-out where the adapter re-encodes (exact for short prompts, screened by gradient x input for
+    long ones); gradient x input where it cannot."""
+    if not _reencodes(model, cond):
+        return "gradient_x_delta"
+    longest = max((len(cond.word_groups(b)) for b in range(cond.embedding.shape[0])), default=0)
+    return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_WORDS else "leave_one_out_screened"
 
 
-def _gap(model, x, t, cond, uncond, emb):
-    eps_c, eps_u = model.eps_pair(x, t, cond, uncond, emb)
-    return l2_per_image(eps_c - eps_u)
+def _unit_sums(per_position: torch.Tensor, units) -> List[torch.Tensor]:
+    """(B, L) scores -> per row, the sum over each word's positions."""
+    return [torch.stack([per_position[b, g].sum() for g in row]) if row else torch.zeros(0)
+            for b, row in enumerate(units)]
 
 
-def _gradient(model, x, t, cond, eps_u, emb, grad_batch, should_stop):
-    return gap_gradients(model, x, t, cond, eps_u, emb, gap_of=l2_per_image, grad_batch=grad_batch,
-                         should_stop=should_stop)[1]
-
-
-def _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode, should_stop):
-    """(N, L) gap drop when one prompt token at a time is left out (re-encoded, or its position emptied)."""
+def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop, only=None):
+    """Per row, the gap drop when each word is left out (re-encoded, or its positions emptied); `only`: per row,
+    the word indices to measure (the others score 0). Returns (drops per row, base gap (B,))."""
     emb = cond.embedding
-    out = torch.zeros(emb.shape[:2])
     with torch.no_grad():
-        base = _gap(model, x, t, cond, uncond, emb).float().cpu()
-        jobs = [(b, i) for b in range(emb.shape[0]) for i in prompt_rows[b]]
+        eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])  # one unconditional pass serves every edit
+        base = l2_per_image(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
+        out = [torch.zeros(len(row)) for row in units]
+        jobs = [(b, k) for b, row in enumerate(units) for k in range(len(row)) if only is None or k in only[b]]
         for start in range(0, len(jobs), batch_size):
             check_stop(should_stop)
             part = jobs[start:start + batch_size]
             rows = torch.tensor([b for b, _ in part])
-            if reencode is not None:  # cond_g row b holds prompt b // gens
-                sub = model.encode_without(reencode, [(b // gens, [i]) for b, i in part])
+            if reencode is not None:  # cond row b holds prompt b // gens
+                sub = model.encode_without(reencode, [(b // gens, units[b][k]) for b, k in part])
                 sub = sub.with_embedding(sub.embedding.to(emb))
             else:
                 sub = cond.rows(rows)
                 edited = sub.embedding.clone()
-                for k, (_, i) in enumerate(part):
-                    edited[k, i] = empty[0, i]
+                for j, (b, k) in enumerate(part):
+                    edited[j, units[b][k]] = empty[0, units[b][k]]
                 sub = sub.with_embedding(edited)
-            # a host's uncond may hold one row per image: the jobs' images take theirs
-            sub_uncond = uncond.rows(rows) if uncond.embedding.shape[0] == emb.shape[0] > 1 else uncond
-            gaps = _gap(model, x[rows.to(x.device)], t, sub, sub_uncond, sub.embedding).float().cpu()
-            for k, (b, i) in enumerate(part):
-                out[b, i] = base[b] - gaps[k]
-    return out
+            index = rows.to(x.device)
+            gaps = l2_per_image(model.eps(x[index], t, sub.embedding, sub.extra) - eps_u[index]).float().cpu()
+            for j, (b, k) in enumerate(part):
+                out[b][k] = base[b] - gaps[j]
+    return out, base
 
 
-def _attribute(method, model, x, t, cond, uncond, empty, prompt_rows, ig_steps, batch_size, gens, reencode,
+def _attribute(method, model, x, t, cond, uncond, empty, units, ig_steps, batch_size, gens, reencode,
                grad_batch, should_stop):
+    """(per row, one score per word; base gap per row (B,); per row, which words were measured, or None: all)."""
     emb = cond.embedding
     if method in ("leave_one_out", "leave_one_out_embedding"):
-        return _leave_one_out(model, x, t, cond, uncond, empty, prompt_rows, batch_size, gens, reencode, should_stop)
+        return (*_leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop),
+                None)
     with torch.no_grad():  # the uncond pass needs no gradient: computed once, apart
         eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])
-    gradient = lambda e: _gradient(model, x, t, cond, eps_u, e, grad_batch, should_stop)
+    gradient = lambda e: gap_gradients(model, x, t, cond, eps_u, e, gap_of=l2_per_image, grad_batch=grad_batch,
+                                       should_stop=should_stop)
     if method == "gradient_norm":
-        return gradient(emb).norm(dim=-1).cpu()
+        base, grad = gradient(emb)
+        return [torch.stack([grad[b, g].norm() for g in row]).cpu() if row else torch.zeros(0)
+                for b, row in enumerate(units)], base, None
     delta = (emb - empty).float()
-    if method == "gradient_x_delta":
-        grad = gradient(emb)
+    if method in ("gradient_x_delta", "leave_one_out_screened"):
+        base, grad = gradient(emb)
     else:  # integrated gradients, midpoint rule on the path e_empty -> e
-        grad = sum(gradient(empty + (k + 0.5) / ig_steps * (emb - empty)) for k in range(ig_steps)) / ig_steps
-    return (grad * delta).sum(dim=-1).cpu()
+        base = gradient(emb)[0]
+        grad = sum(gradient(empty + (k + 0.5) / ig_steps * (emb - empty))[1] for k in range(ig_steps)) / ig_steps
+    scores = _unit_sums((grad * delta).sum(dim=-1).cpu(), units)
+    if method != "leave_one_out_screened":
+        return scores, base, None
+    # the words gradient x input ranks highest, measured exactly; the others are not measured and score 0
+    top = [set(torch.argsort(s, descending=True, stable=True)[:SCREENED_WORDS].tolist()) for s in scores]
+    drops, base = _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop,
+                                 only=top)
+    return drops, base, [torch.tensor([k in row for k in range(len(s))]) for row, s in zip(top, scores)]
 
 
 def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding,
@@ -168,7 +216,7 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
                         total_steps: int = 50, method: str = "auto", ig_steps: int = 4,
                         batch_size: int = 16, timesteps: Optional[Sequence] = None, grad_batch: int = 1,
                         should_stop: Optional[Callable[[], bool]] = None) -> List[TokenContributions]:
-    """Contributions for each prompt of `cond`; x_T is (B * generations, ...) laid out prompt-major.
+    """Contributions of each word of each prompt of `cond`; x_T is (B * generations, ...) laid out prompt-major.
 
     steps: how many of the first sampling steps of a `total_steps` schedule to average over.
     method: one of METHODS; "auto" is `default_method`. Each result names the method it used.
@@ -191,12 +239,14 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
                                f"{grad_batch})")
     cond = cond.with_embedding(cond.embedding.detach())
     cond_g = cond.repeat_rows(gens)
-    reencode = None
-    if method == "leave_one_out" and _reencodes(model, cond):
-        reencode = cond
+    reencodes = _reencodes(model, cond)
+    if method == "leave_one_out_screened" and not reencodes:
+        raise ExplanationError(f"leave-one-out of the top words re-encodes the prompt, which {type(model).__name__} "
+                               f"cannot do")
+    reencode = cond if method in ("leave_one_out", "leave_one_out_screened") and reencodes else None
     label = method if method != "leave_one_out" or reencode is not None else "leave_one_out_embedding"
     empty = _reference(uncond.embedding.detach(), cond_g.embedding.shape[1]).to(cond_g.embedding)
-    prompt_rows = [[i for i, keep in enumerate(row) if keep] for row in cond_g.prompt_mask.tolist()]
+    units = [cond_g.word_groups(b) for b in range(cond_g.embedding.shape[0])]
     if timesteps is None and not isinstance(model, DiffusionModel):
         raise ExplanationError(f"{type(model).__name__} has no schedule of its own: pass the step's timesteps")
     ts = model.timesteps(total_steps) if timesteps is None else timesteps
@@ -205,19 +255,28 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
     if steps > 1 and guidance is None:
         guidance = model.guidance  # between explained steps the core samples: a DiffusionModel's own scale
     x = x_T
-    totals = torch.zeros(cond_g.embedding.shape[:2])
+    totals = [torch.zeros(len(row)) for row in units]
+    measured = [torch.ones(len(row), dtype=torch.bool) for row in units]
+    base = torch.zeros(cond_g.embedding.shape[0])
     for i in range(steps):
-        totals += _attribute(method, model, x, ts[i], cond_g, uncond, empty, prompt_rows, ig_steps, batch_size,
-                             gens, reencode, grad_batch, should_stop)
+        scores, gap, step_measured = _attribute(label, model, x, ts[i], cond_g, uncond, empty, units, ig_steps, batch_size,
+                                 gens, reencode, grad_batch, should_stop)
+        totals = [a + s for a, s in zip(totals, scores)]
+        if step_measured is not None:
+            measured = [m & n for m, n in zip(measured, step_measured)]
+        base += gap
         if i + 1 < steps:
             with torch.no_grad():
                 eps_c, eps_u = model.eps_pair(x, ts[i], cond_g, uncond)
                 eps = eps_u + guidance * (eps_c - eps_u)
                 x = ddim_step(x, eps, model.coefficients(ts[i]), model.coefficients(ts[i + 1]))
-    totals = (totals / steps).reshape(batch, gens, -1).mean(dim=1)
     out = []
     for b in range(batch):
-        positions = [i for i, keep in enumerate(cond.prompt_mask[b].tolist()) if keep]
-        out.append(TokenContributions([cond.tokens[b][i] for i in positions],
-                                      [float(totals[b, i]) for i in positions], positions, label))
+        rows = range(b * gens, (b + 1) * gens)  # one prompt's generations share its words
+        scores = sum(totals[r] for r in rows) / (steps * gens)
+        groups = units[b * gens]
+        known = torch.stack([measured[r] for r in rows]).all(0).tolist() if groups else []
+        out.append(TokenContributions(["".join(cond.tokens[b][i] for i in g) for g in groups],
+                                      [float(v) for v in scores], [g[0] for g in groups], label, groups,
+                                      float(base[list(rows)].mean()) / steps, x_T[0].numel(), known))
     return out

@@ -1,11 +1,11 @@
 """Inference-time mitigation: steer a generation away from a memorized image before it forms.
 
 Three strategies, measured side by side by `bench` (BENCHMARKS.md):
-  - "remove_tokens": leave out, one token at a time, the token whose removal brings the first-step
-    score under `target` with the smallest drop (the least edit that ends the recall; the largest
-    drop while none reaches it), at most `max_removals` tokens. The first round tries up to
-    `max_candidates` tokens (one first-step forward each, no backward pass; a longer prompt's
-    candidates are its top tokens by gradient x input, one forward + backward), each later round
+  - "remove_tokens": leave out, one word at a time (a word's BPE pieces together), the word whose
+    removal brings the first-step score under `target` with the smallest drop (the least edit that
+    ends the recall; the largest drop while none reaches it), at most `max_removals` words. The first
+    round tries up to `max_candidates` words (one first-step forward each, no backward pass; a longer
+    prompt's candidates are its top words by gradient x input, one forward + backward), each later round
     the `later_candidates` that came next in the round before. Needs an adapter that re-encodes
     prompts (DiffusionModel.reencodes).
   - "minimize" (Wen et al., Sec. 5, the paper's): AdamW on the conditional prompt embedding (every
@@ -14,6 +14,14 @@ Three strategies, measured side by side by `bench` (BENCHMARKS.md):
   - "guidance_delay": text guidance off for the first `delay` share of the steps, then the run's own
     scale (after Jain et al., arXiv 2411.16738: memorized images are attractors of the guided
     trajectory early on). No extra model call; the first-step score is unchanged.
+  - "opposite_guidance" (Jain et al.'s own proposal): the same first steps guided *away* from the
+    prompt at scale `early_scale` (< 0), pushing the trajectory out of the attraction basin.
+  - "new_noise" (after Jeon et al., SAIL, arXiv 2412.04140: the initial noise decides whether a
+    memorized prompt recalls): up to `noise_candidates` fresh initial noises, each scored at the
+    first step (one guided pair), the first under `target` kept, else the lowest. The prompt is kept.
+    A candidate is the noise of a recorded seed, so the image can be made again.
+A prompt strategy can be followed by a schedule ("remove_tokens+guidance_delay", "new_noise+
+opposite_guidance"): the schedule then applies to the images the first one changed.
 Every strategy leaves images at or under `target` untouched, and mode "auto" touches only images
 whose first-step score is at or above `threshold`.
 """
@@ -28,9 +36,15 @@ from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
 DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
-STRATEGIES = ("remove_tokens", "minimize", "guidance_delay")
+DEFAULT_EARLY_SCALE = -1.0  # opposite guidance's scale in its first steps
+DEFAULT_NOISE_CANDIDATES = 4
+SEED_STRIDE = 1_000_003     # candidate k of seed s is seed s + k * SEED_STRIDE: never a batch neighbour's seed
+STARTS = ("remove_tokens", "minimize", "new_noise")
+SCHEDULES = ("guidance_delay", "opposite_guidance")
+STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "new_noise") for b in SCHEDULES)
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
-                  "guidance_delay": "delayed guidance"}
+                  "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
+                  "new_noise": "new initial noise"}
 
 
 class MitigationError(MemoGuardError, ValueError):
@@ -49,14 +63,16 @@ class MitigationRecord:
     reason: str = ""
     strategy: str = "minimize"
     removed: List[List[str]] = field(default_factory=list)    # remove_tokens: tokens left out, per image
-    delay_steps: int = 0                                      # guidance_delay: steps without text guidance
+    delay_steps: int = 0                                      # schedules: steps at early_scale
+    early_scale: float = 0.0                                  # schedules: scale of those steps (0: no guidance)
+    seeds: List[Optional[int]] = field(default_factory=list)  # new_noise: the seed of each image's new noise
     passes: float = 0.0  # model evaluations per image on top of sampling (a backward counts as 2)
     threshold: Optional[float] = None                         # auto: images scoring under it are left alone
     target: float = 0.0                                       # images at or under it are left alone
 
     @property
     def strategy_name(self) -> str:
-        return STRATEGY_NAMES[self.strategy]
+        return " + ".join(STRATEGY_NAMES[part] for part in self.strategy.split("+"))
 
     def summary(self, image: int = 0) -> str:
         """One line for image `image`, as the hosts and the CLI show it."""
@@ -65,12 +81,20 @@ class MitigationRecord:
         moved = self.image_iterations[image] if image < len(self.image_iterations) else 0
         if not moved:
             return f"{self.strategy_name}: not needed for this image ({self.left_alone(image)})"
-        if self.strategy == "guidance_delay":
-            return f"{self.strategy_name}: no text guidance for the first {self.delay_steps} steps"
-        what = (f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}"
-                if self.strategy == "remove_tokens" else f"{moved} iterations")
+        start, _, schedule = self.strategy.partition("+")
+        if start in SCHEDULES:
+            return f"{self.strategy_name}: {self._schedule_text()}"
+        what = {"remove_tokens": lambda: f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}",
+                "new_noise": lambda: f"seed {self.seeds[image]}" if self.seeds[image] is not None else "noise kept",
+                "minimize": lambda: f"{moved} iterations"}[start]()
+        then = f"; then {self._schedule_text()}" if schedule else ""
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
-                f"{self.after[image]:.4f}")
+                f"{self.after[image]:.4f}{then}")
+
+    def _schedule_text(self) -> str:
+        if self.early_scale == 0:
+            return f"no text guidance for the first {self.delay_steps} steps"
+        return f"guidance {self.early_scale:g} (away from the prompt) for the first {self.delay_steps} steps"
 
     def left_alone(self, image: int) -> str:
         """Why an image was not changed: its first-step score against the bound it did not pass."""
@@ -99,6 +123,7 @@ def check_settings(mode: str, lr: float, max_iters: int, target: float) -> None:
 
 
 def check_strategy(strategy: str) -> str:
+    """A known strategy name (a start, a schedule, or a start + a schedule)."""
     if strategy not in STRATEGIES:
         raise MitigationError(f"mitigation strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
     return strategy
@@ -136,8 +161,8 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
     batch = gap.shape[0]
     record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
                               image_iterations=[0] * batch, strategy=strategy, removed=[[] for _ in range(batch)],
-                              passes=2.0 if strategy != "guidance_delay" else 0.0, threshold=threshold,
-                              target=float(target))
+                              seeds=[None] * batch, passes=0.0 if strategy in SCHEDULES else 2.0,
+                              threshold=threshold, target=float(target))
     if mode == "off":
         record.reason = "mitigation off"
         return record, None
@@ -220,51 +245,52 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens")
     if active is None:
         return cond, record
-    removed = [[] for _ in range(gap.shape[0])]      # original positions left out, per image
-    candidates = [torch.nonzero(cond.prompt_mask[b]).flatten().tolist() for b in range(gap.shape[0])]
+    removed = [[] for _ in range(gap.shape[0])]      # words left out (tuples of positions), per image
+    candidates = [[tuple(g) for g in cond.word_groups(b)] for b in range(gap.shape[0])]
     if any(len(c) > max_candidates for c, a in zip(candidates, active.tolist()) if a):
         from .explain import token_contributions  # explain builds on this module's neighbours, not on it
         ranked = token_contributions(model, cond, uncond, x_T, steps=1, total_steps=1, method="gradient_x_delta",
                                      timesteps=[t_first], should_stop=should_stop)
-        candidates = [[c.positions[i] for i in c.ranking()[:max_candidates]] for c in ranked]
+        candidates = [[tuple(c.groups[i]) for i in c.ranking()[:max_candidates]] for c in ranked]
         record.passes += 3
     gap = gap.clone()
+    left = lambda b: [w for w in candidates[b] if w not in removed[b]]
     for _ in range(max_removals):
-        rows = [b for b in torch.nonzero(active).flatten().tolist()  # keep at least one token
-                if int(cond.prompt_mask[b].sum()) - len(removed[b]) > 1 and set(candidates[b]) - set(removed[b])]
+        rows = [b for b in torch.nonzero(active).flatten().tolist()  # keep at least one word
+                if len(cond.word_groups(b)) - len(removed[b]) > 1 and left(b)]
         if not rows:
             break
-        jobs = [(b, i) for b in rows for i in candidates[b] if i not in removed[b]]
+        jobs = [(b, w) for b in rows for w in left(b)]
         record.passes += max(sum(1 for row, _ in jobs if row == b) for b in rows)
         scores = []
         with torch.no_grad():
             for start in range(0, len(jobs), batch_size):
                 check_stop(should_stop)
                 part = jobs[start:start + batch_size]
-                sub = model.encode_without(cond, [(b, removed[b] + [i]) for b, i in part])
+                sub = model.encode_without(cond, [(b, [i for word in removed[b] + [w] for i in word]) for b, w in part])
                 index = torch.tensor([b for b, _ in part], device=x_T.device)
                 eps = model.eps(x_T[index], t_first, sub.embedding.to(cond.embedding.dtype), sub.extra)
                 scores += rms_per_image(eps - eps_u[index]).float().cpu().tolist()
         for b in rows:
-            options = [(s, i) for (row, i), s in zip(jobs, scores) if row == b]
+            options = [(s, w) for (row, w), s in zip(jobs, scores) if row == b]
             reaching = [o for o in options if o[0] <= target]
-            score, position = max(reaching) if reaching else min(options)
-            removed[b].append(position)
+            score, word = max(reaching) if reaching else min(options)
+            removed[b].append(word)
             gap[b] = score
             record.image_iterations[b] += 1
-            # later rounds try only the next most effective tokens of this round: the round's cost stays small
-            candidates[b] = [i for _, i in sorted(options) if i != position][:later_candidates]
+            # later rounds try only the next most effective words of this round: the round's cost stays small
+            candidates[b] = [w for _, w in sorted(options) if w != word][:later_candidates]
         record.iterations += 1
         record.losses.append(gap.tolist())
         active &= gap > target
         if not bool(active.any()):
             break
     record.after = gap.tolist()
-    record.removed = [[cond.tokens[b][i] for i in sorted(r)] for b, r in enumerate(removed)]
+    record.removed = [["".join(cond.tokens[b][i] for i in w) for w in sorted(r)] for b, r in enumerate(removed)]
     edited = [b for b, r in enumerate(removed) if r]
     if not edited:
         return cond, record
-    new = model.encode_without(cond, [(b, removed[b]) for b in range(len(removed))])
+    new = model.encode_without(cond, [(b, [i for w in r for i in w]) for b, r in enumerate(removed)])
     keep = torch.tensor([not r for r in removed], device=cond.embedding.device).reshape(-1, 1, 1)
     # images left as they were keep their own embedding bit for bit
     return new.with_embedding(torch.where(keep, cond.embedding, new.embedding.to(cond.embedding))), record
@@ -279,10 +305,12 @@ def delay_steps(steps: int, delay: float) -> int:
 
 @dataclass
 class GuidanceDelay:
-    """Delayed guidance as hosts apply it: at steps < `steps`, the marked images take the unconditional
-    prediction as their guided one (scale 0); every other image and step keeps the host's CFG."""
+    """An early-guidance schedule as hosts apply it: at steps < `steps`, the marked images are guided at
+    `scale` (0: the unconditional prediction, delayed guidance; < 0: away from the prompt, opposite
+    guidance); every other image and step keeps the host's CFG."""
     images: torch.Tensor   # (B,) bool
     steps: int
+    scale: float = 0.0
 
     def applies(self, step: int) -> bool:
         return step < self.steps and bool(self.images.any())
@@ -290,49 +318,120 @@ class GuidanceDelay:
     def schedule(self, total_steps: int, guidance: float) -> torch.Tensor:
         """(total_steps, B) scale per step and image, for memoguard.sampling.sample."""
         out = torch.full((total_steps, self.images.shape[0]), float(guidance))
-        out[:self.steps, self.images] = 0.0
+        out[:self.steps, self.images] = self.scale
         return out
 
 
 def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "always",
-                        threshold: Optional[float] = None, target: float = 0.0, delay: float = DEFAULT_DELAY):
-    """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call."""
+                        threshold: Optional[float] = None, target: float = 0.0, delay: float = DEFAULT_DELAY,
+                        early_scale: float = 0.0):
+    """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call.
+    early_scale 0 is delayed guidance, < 0 opposite guidance."""
     check_mode(mode, target)
+    if not early_scale <= 0:
+        raise MitigationError(f"early_scale must be <= 0 (0: no guidance, < 0: away from the prompt), got {early_scale}")
     k = delay_steps(total_steps, delay)
-    record, active = decide(gap, mode, threshold, target, "guidance_delay")
+    record, active = decide(gap, mode, threshold, target, "guidance_delay" if early_scale == 0 else "opposite_guidance")
     if active is None:
         return None, record
-    record.delay_steps = k
-    record.image_iterations = [k * int(a) for a in active.tolist()]
-    return GuidanceDelay(active, k), record
+    _mark_schedule(record, active, k, early_scale)
+    return GuidanceDelay(active, k, early_scale), record
+
+
+def _mark_schedule(record: MitigationRecord, images: torch.Tensor, steps: int, scale: float) -> None:
+    record.delay_steps, record.early_scale = steps, float(scale)
+    record.image_iterations = [max(n, steps * int(a)) for n, a in zip(record.image_iterations, images.tolist())]
+
+
+def candidate_seed(seed: int, k: int) -> int:
+    """The seed of an image's k-th candidate noise (k = 0: its own)."""
+    return (int(seed) + k * SEED_STRIDE) % 2 ** 32
+
+
+def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first,
+                 seeds: Sequence[int], noise_of: Callable[[Sequence[int]], torch.Tensor], *, mode: str = "always",
+                 threshold: Optional[float] = None, target: float = 0.0,
+                 candidates: int = DEFAULT_NOISE_CANDIDATES, should_stop: Optional[Callable[[], bool]] = None):
+    """Returns (x_T to sample from, MitigationRecord). seeds: each image's seed; noise_of(seeds) -> x_T of those
+    seeds as the caller makes it (so the recorded seed remakes the image). Candidates are tried in turn for the
+    images still over `target` (one guided pair each); an image keeps the first under it, else its lowest."""
+    check_mode(mode, target)
+    if candidates < 1 or len(seeds) != x_T.shape[0]:
+        raise MitigationError(f"need candidates >= 1 and one seed per image (got {candidates}, {len(seeds)} seeds "
+                              f"for {x_T.shape[0]} images)")
+    _, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "new_noise")
+    if active is None:
+        return x_T, record
+    best, x = gap.clone(), x_T.clone()
+    searching = active.clone()
+    for k in range(1, candidates + 1):
+        rows = torch.nonzero(searching).flatten().tolist()
+        if not rows:
+            break
+        check_stop(should_stop)
+        new_seeds = [candidate_seed(seeds[b], k) for b in rows]
+        x_k = noise_of(new_seeds).to(x_T)
+        _, gap_k = _first_step(model, cond.rows(rows), uncond, x_k, t_first)
+        record.passes += 2 * len(rows) / len(seeds)
+        for j, b in enumerate(rows):
+            if gap_k[j] < best[b]:
+                best[b], x[b] = gap_k[j], x_k[j]
+                record.seeds[b] = new_seeds[j]
+            record.image_iterations[b] += 1
+        record.iterations += 1
+        record.losses.append(best.tolist())
+        searching &= best > target
+    record.after = best.tolist()
+    return x, record
 
 
 @dataclass
 class Mitigation:
-    """What to sample with after mitigation: the prompt, the per-step guidance, and what was done."""
+    """What to sample with after mitigation: the prompt, the initial noise, the per-step guidance, and what was done."""
     cond: PromptEncoding
     guidance: Optional[torch.Tensor]  # (steps, B) scale per step and image; None: the run's own throughout
     record: MitigationRecord
+    x_T: Optional[torch.Tensor] = None  # new_noise: the noise to start from; None: the run's own
 
 
 def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
              timesteps: Sequence, guidance: float, *, strategy: str = "auto", mode: str = "always",
              threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
-             max_removals: int = 3, delay: float = DEFAULT_DELAY,
+             max_removals: int = 3, delay: float = DEFAULT_DELAY, early_scale: float = DEFAULT_EARLY_SCALE,
+             seeds: Optional[Sequence[int]] = None, noise_of: Optional[Callable] = None,
+             noise_candidates: int = DEFAULT_NOISE_CANDIDATES,
              should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
-    `default_strategy(model)`."""
+    `default_strategy(model)`. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T)."""
     strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)
+    start, _, schedule = strategy.partition("+")
     t_first = timesteps[0]
-    if strategy == "minimize":
+    new_x = None
+    if start in SCHEDULES:
+        _, gap = _first_step(model, cond, uncond, x_T, t_first)
+        plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,
+                                           delay=delay, early_scale=0.0 if start == "guidance_delay" else early_scale)
+        return Mitigation(cond, None if plan is None else plan.schedule(len(timesteps), guidance), record)
+    if start == "minimize":
         emb, record = minimize_embedding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
                                          target=target, lr=lr, max_iters=max_iters, should_stop=should_stop)
-        return Mitigation(cond.with_embedding(emb), None, record)
-    if strategy == "remove_tokens":
-        new, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
-                                    target=target, max_removals=max_removals, should_stop=should_stop)
-        return Mitigation(new, None, record)
-    _, gap = _first_step(model, cond, uncond, x_T, t_first)
-    plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,
-                                       delay=delay)
-    return Mitigation(cond, None if plan is None else plan.schedule(len(timesteps), guidance), record)
+        cond = cond.with_embedding(emb)
+    elif start == "remove_tokens":
+        cond, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
+                                     target=target, max_removals=max_removals, should_stop=should_stop)
+    else:
+        if seeds is None or noise_of is None:
+            raise MitigationError("the strategy 'new_noise' needs each image's seed and the caller's noise function")
+        new_x, record = choose_noise(model, cond, uncond, x_T, t_first, seeds, noise_of, mode=mode,
+                                     threshold=threshold, target=target, candidates=noise_candidates,
+                                     should_stop=should_stop)
+    record.strategy = strategy
+    changed = torch.tensor([n > 0 for n in record.image_iterations])
+    if not schedule or not bool(changed.any()):
+        return Mitigation(cond, None, record, new_x)
+    scale = 0.0 if schedule == "guidance_delay" else early_scale
+    if not scale <= 0:
+        raise MitigationError(f"early_scale must be <= 0, got {early_scale}")
+    plan = GuidanceDelay(changed, delay_steps(len(timesteps), delay), scale)
+    _mark_schedule(record, changed, plan.steps, scale)
+    return Mitigation(cond, plan.schedule(len(timesteps), guidance), record, new_x)

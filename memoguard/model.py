@@ -28,6 +28,8 @@ class PromptEncoding:
     frozen_mask[b, i] is True where mitigation must not move the embedding (every BOS).
     extra: model-specific conditioning that is not optimised (SDXL pooled text, size ids).
     ids: token ids (B, L), kept by models that can re-encode a prompt with tokens removed.
+    words: words[b][i] numbers the word position i belongs to (BPE pieces of one word share it; -1 outside
+    the prompt), where the adapter's tokenizer marks word ends; None: every token is its own word.
     """
     embedding: torch.Tensor
     tokens: List[List[str]]
@@ -35,6 +37,7 @@ class PromptEncoding:
     frozen_mask: torch.Tensor
     extra: dict = field(default_factory=dict)
     ids: Optional[torch.Tensor] = None
+    words: Optional[List[List[int]]] = None
 
     def __post_init__(self):
         if self.embedding.dim() != 3:
@@ -45,7 +48,8 @@ class PromptEncoding:
                 raise ValueError(f"{name} must be ({b}, {l}), got {tuple(getattr(self, name).shape)}")
 
     def with_embedding(self, embedding: torch.Tensor) -> "PromptEncoding":
-        return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra, self.ids)
+        return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra, self.ids,
+                              self.words)
 
     def rows(self, index) -> "PromptEncoding":
         """The encoding of the rows `index` (a list or tensor of row numbers), in that order."""
@@ -54,7 +58,8 @@ class PromptEncoding:
         pick = lambda t: t[index.to(t.device)] if t.shape[0] == n else t  # a shared (1, ...) extra stays shared
         return PromptEncoding(pick(self.embedding), [self.tokens[i] for i in index.tolist()], pick(self.prompt_mask),
                               pick(self.frozen_mask), {k: pick(v) for k, v in self.extra.items()},
-                              None if self.ids is None else pick(self.ids))
+                              None if self.ids is None else pick(self.ids),
+                              None if self.words is None else [self.words[i] for i in index.tolist()])
 
     def repeat_rows(self, times: int) -> "PromptEncoding":
         """Each prompt's row repeated `times` times in place (prompt-major)."""
@@ -64,6 +69,16 @@ class PromptEncoding:
 
     def prompt_tokens(self, b: int = 0) -> List[str]:
         return [tok for tok, keep in zip(self.tokens[b], self.prompt_mask[b].tolist()) if keep]
+
+    def word_groups(self, b: int = 0) -> List[List[int]]:
+        """The prompt positions of row b grouped by word, in order (each token alone where words are unknown)."""
+        positions = [i for i, keep in enumerate(self.prompt_mask[b].tolist()) if keep]
+        if self.words is None:
+            return [[i] for i in positions]
+        groups = {}
+        for i in positions:
+            groups.setdefault(self.words[b][i], []).append(i)
+        return list(groups.values())
 
 
 class Denoiser(ABC):

@@ -83,7 +83,7 @@ def rms_per_image(diff: torch.Tensor) -> torch.Tensor:
     return l2_per_image(diff) / math.sqrt(diff[0].numel())
 
 
-DETECTORS = ("magnitude", "magnitude_alignment", "anisotropy")
+DETECTORS = ("magnitude", "magnitude_alignment", "anisotropy", "detail_magnitude")
 # Asthana & Belagiannis (arXiv 2601.20642): weights of the L2 norm and of the cosine in their SD v1 evaluation
 ANISOTROPY_WEIGHTS = (1.0, 2.0)
 ANISOTROPY_LOW_STEP = -3   # the cosine's timestep: the third-to-last of the run's schedule (50-step DDIM: t = 41)
@@ -95,7 +95,11 @@ def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "ma
     "magnitude": the paper's RMS gap. "magnitude_alignment": the gap times exp(cos(eps_u, eps_c - eps_u)),
     folding in how the text-conditional difference points against the unconditional prediction (after
     Asthana & Belagiannis, arXiv 2601.20642; the product with weight 1 is this project's form). Same two
-    forward passes; a cosine more. Only the magnitude has calibrations and verdicts.
+    forward passes; a cosine more. "detail_magnitude" (this project's, not a paper's): the RMS of the
+    difference minus its 3x3 local mean. At the first step the difference is the text's pull on the predicted
+    image; any caption pulls its colours and layout (low frequencies: a snowy or night scene far from the
+    unconditional mean scores high without being recalled), only a recalled image pulls its details.
+    Same two forward passes; a 3x3 average more.
     """
     if detector not in DETECTORS:
         raise ValueError(f"detector must be one of {', '.join(DETECTORS)}; got {detector!r}")
@@ -105,6 +109,10 @@ def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "ma
     rms = rms_per_image(diff)
     if detector == "magnitude":
         return rms
+    if detector == "detail_magnitude":
+        flat = diff.reshape(-1, *diff.shape[-2:]).float().unsqueeze(1)  # every channel (and frame) alone
+        local = torch.nn.functional.avg_pool2d(flat, 3, stride=1, padding=1, count_include_pad=False)
+        return rms_per_image((flat - local).reshape(diff.shape))
     cos = torch.nn.functional.cosine_similarity(eps_u.flatten(1).float(), diff.flatten(1).float(), dim=1)
     return rms * torch.exp(cos)
 

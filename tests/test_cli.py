@@ -495,7 +495,8 @@ def test_a_calibration_serves_only_scores_of_its_own_detector(tmp_path, capsys, 
 def test_calibration_fpr_bench_measures_held_out_generations(tiny_model):
     """The held-out FPR rows: thresholds fitted on half the prompts, judged on the other half's every generation."""
     from memoguard.cli.bench import calibration_fpr_bench
-    res = calibration_fpr_bench(tiny_model, 10, seeds=(0, 1))
+    from memoguard.tiny.evalsets import eval_set_for
+    res = calibration_fpr_bench(tiny_model, eval_set_for(tiny_model).benign_prompts(), 10, seeds=(0, 1))
     assert res["held_out_generations"] == res["prompts"] // 2 * 2
     for row in res["variants"].values():
         assert 0.0 <= row["fpr_at_1pct"] <= row["fpr_at_5pct"] <= 0.2  # more allowed, never fewer flagged

@@ -1,4 +1,6 @@
 """Explanation gradients against finite differences; mitigation lowers the gap and keeps BOS."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -170,12 +172,12 @@ def test_leave_one_out_in_the_embedding_empties_one_position(random_model):
         assert base - after == pytest.approx(score, rel=1e-4, abs=1e-6)
 
 
-def test_default_method_is_leave_one_out_within_the_budget_only(random_model):
-    from memoguard.explain import LEAVE_ONE_OUT_MAX_TOKENS, default_method
+def test_default_method_is_exact_leave_one_out_for_short_prompts_and_screened_for_long_ones(random_model):
+    from memoguard.explain import LEAVE_ONE_OUT_MAX_WORDS, default_method
     short = random_model.encode([PROMPT])
-    long = random_model.encode([" ".join(["red"] * (LEAVE_ONE_OUT_MAX_TOKENS + 1))])
+    long = random_model.encode([" ".join(["red"] * (LEAVE_ONE_OUT_MAX_WORDS + 1))])
     assert default_method(random_model, short) == "leave_one_out"
-    assert default_method(random_model, long) == "gradient_x_delta"
+    assert default_method(random_model, long) == "leave_one_out_screened"
     no_ids = short.with_embedding(short.embedding)
     no_ids.ids = None  # what an adapter that cannot re-encode hands over
     assert default_method(random_model, no_ids) == "gradient_x_delta"
@@ -184,6 +186,57 @@ def test_default_method_is_leave_one_out_within_the_budget_only(random_model):
     assert c.method == "leave_one_out_embedding"  # named for what it did
     with pytest.raises(ValueError, match="explanation method must be one of"):
         token_contributions(random_model, cond, uncond, x, method="saliency")
+    with pytest.raises(ValueError, match="re-encodes the prompt"):
+        token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out_screened")
+
+
+def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random_model):
+    text = "a quixotically red circle"  # "quixotically" is three BPE pieces
+    cond, uncond, x = _setup(random_model, [text], [3])
+    assert len(cond.prompt_tokens(0)) > 4
+    for method in ("leave_one_out", "gradient_x_delta", "gradient_norm"):
+        (c,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method=method)
+        assert c.tokens == text.split() and [len(g) for g in c.groups] == [1, len(cond.prompt_tokens(0)) - 3, 1, 1]
+    (word,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="gradient_x_delta")
+    (piece_by_piece,) = token_contributions(random_model, dataclasses.replace(cond, words=None), uncond, x,
+                                            total_steps=50, method="gradient_x_delta")  # no word marks: one token each
+    assert word.scores[1] == pytest.approx(sum(piece_by_piece.scores[1:-2]), rel=1e-5)
+    (loo,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
+    t = random_model.timesteps(50)[0]
+    gap = lambda txt: l2_per_image(torch.sub(*random_model.eps_pair(x, t, random_model.encode([txt]), uncond))).item()
+    assert gap(text) - gap("a red circle") == pytest.approx(loo.scores[1], rel=1e-4, abs=1e-6)
+    # the score with a word left out, as the spread message reads it (RMS of the same difference)
+    assert loo.score_without(1) == pytest.approx(gap("a red circle") / x[0].numel() ** 0.5, rel=1e-4)
+
+
+def test_screened_leave_one_out_measures_the_top_words_exactly(random_model):
+    from memoguard.explain import SCREENED_WORDS
+    words = "a large red circle on the left next to a small blue square at the top of the grey picture".split()
+    assert len(words) > SCREENED_WORDS
+    cond, uncond, x = _setup(random_model, [" ".join(words)], [3])
+    (screened,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_screened")
+    (exact,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
+    (grad,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="gradient_x_delta")
+    top = set(grad.ranking()[:SCREENED_WORDS])
+    assert [i for i, m in enumerate(screened.measured) if m] == sorted(top)
+    for i in range(len(words)):
+        if i in top:
+            assert screened.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
+        else:
+            assert screened.scores[i] == 0.0 and screened.score_without(i) is None
+
+
+def test_the_summary_says_when_no_single_word_ends_the_recall():
+    from memoguard.explain import TokenContributions
+    # gap 1.0 over 4 values (RMS 0.5); without "b": L2 0.6 -> RMS 0.3
+    c = TokenContributions(["a", "b", "c"], [0.1, 0.4, 0.2], [1, 2, 3], "leave_one_out", [[1], [2], [3]], 1.0, 4,
+                           [True, True, True])
+    assert c.score_without(1) == pytest.approx(0.3)
+    assert c.summary(threshold=0.35).startswith("top words (leave-one-out): b 57%")
+    assert c.summary(threshold=0.25) == ("spread over the caption: no single word ends the recall (without 'b' the "
+                                         "score is 0.3000, threshold 0.2500)")
+    grad = TokenContributions(["a", "b"], [0.1, 0.4], [1, 2], "gradient_x_delta", None, 1.0, 4)
+    assert grad.single_word_ends(0.25) is None and grad.summary(0.25).startswith("top words (gradient x input)")
 
 
 def test_shares_count_positive_scores_only():
@@ -255,3 +308,66 @@ def test_guidance_delay_plan_from_scores_a_host_already_has():
     assert none is None and "under threshold" in rec.reason
     with pytest.raises(MitigationError, match="delay must be in"):
         plan_guidance_delay(gap, 20, delay=1.0)
+
+
+def test_new_noise_keeps_the_prompt_and_records_a_seed_that_remakes_the_noise(tiny_model):
+    from memoguard.mitigate import candidate_seed, mitigate
+    seeds = [10, 11, 12]
+    cond, uncond, x = _setup(tiny_model, ["a red circle", "a blue ring", "a green square"], seeds)
+    ts = tiny_model.timesteps(10)
+    noise_of = lambda s: initial_noise(tiny_model, tiny_model.latent_shape(), s, tiny_model.device)
+    first = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="new_noise", target=0.0, seeds=seeds,
+                     noise_of=noise_of, noise_candidates=3)
+    rec = first.record
+    before = torch.tensor(rec.before)
+    # target 0: every image searches all 3 candidates and keeps the lowest score of the four noises
+    assert rec.image_iterations == [3, 3, 3] and rec.passes == pytest.approx(2 + 2 * 3)
+    assert rec.seeds.count(None) < 3  # on this model, at these seeds, some candidate scores lower
+    for b, seed in enumerate(seeds):
+        assert rec.after[b] <= rec.before[b]
+        if rec.seeds[b] is None:
+            assert torch.equal(first.x_T[b], x[b])
+        else:
+            assert rec.seeds[b] in [candidate_seed(seed, k) for k in (1, 2, 3)]
+            assert torch.equal(first.x_T[b], noise_of([rec.seeds[b]])[0])  # the recorded seed remakes the noise
+    assert torch.equal(first.cond.embedding, cond.embedding)  # the prompt is kept
+    # an image already under the target keeps its own noise bit for bit
+    target = float(before.median())
+    kept = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="new_noise", target=target, seeds=seeds,
+                    noise_of=noise_of)
+    for b in range(3):
+        if before[b] <= target:
+            assert kept.record.seeds[b] is None and torch.equal(kept.x_T[b], x[b])
+    moved = [s is not None for s in rec.seeds].index(True)
+    assert f"new initial noise: seed {rec.seeds[moved]}, first-step score" in rec.summary(moved)
+
+
+def test_opposite_guidance_and_a_start_followed_by_a_schedule(tiny_model):
+    from memoguard.mitigate import MitigationError, mitigate
+    from memoguard.sampling import sample
+    cond, uncond, x = _setup(tiny_model, ["a red circle", "a blue ring"], [0, 1])
+    ts = tiny_model.timesteps(10)
+    opposite = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="opposite_guidance", delay=0.2,
+                        early_scale=-2.0)
+    assert opposite.guidance[:2].eq(-2.0).all() and opposite.guidance[2:].eq(3.0).all()
+    assert opposite.record.summary(0).endswith("guidance -2 (away from the prompt) for the first 2 steps")
+    delayed = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="guidance_delay", delay=0.2)
+    a = sample(tiny_model, cond, uncond, x, 10, guidance=opposite.guidance, monitor=False).latents
+    b = sample(tiny_model, cond, uncond, x, 10, guidance=delayed.guidance, monitor=False).latents
+    assert not torch.equal(a, b)
+    with pytest.raises(MitigationError, match="early_scale must be <= 0"):
+        mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="opposite_guidance", early_scale=1.0)
+    # the schedule of a combination applies to the images its start changed, and only to them
+    rec0 = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="remove_tokens", target=0.0).record
+    target = min(rec0.before) * 1.0001  # the lower-scoring image is left alone, the other is edited
+    combo = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="remove_tokens+guidance_delay", target=target,
+                     delay=0.3)
+    changed = [n > 0 for n in combo.record.image_iterations]
+    assert changed.count(True) == 1 and combo.record.strategy == "remove_tokens+guidance_delay"
+    for b, c in enumerate(changed):
+        assert combo.guidance[:3, b].eq(0.0 if c else 3.0).all() and combo.guidance[3:, b].eq(3.0).all()
+    edited = changed.index(True)
+    assert combo.record.summary(edited).startswith("token removal + delayed guidance: removed ")
+    assert combo.record.summary(edited).endswith("; then no text guidance for the first 3 steps")
+    with pytest.raises(MitigationError, match="needs each image's seed"):
+        mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="new_noise")

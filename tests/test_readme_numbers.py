@@ -17,10 +17,19 @@ def _json(name):
     return json.loads((ROOT / name).read_text())
 
 
-def _bundled_unet_params():
+def _unet_params(model="tiny-sd"):
     from safetensors.torch import load_file
-    return sum(t.numel() for t in load_file(ROOT / "memoguard/assets/tiny-sd/unet/diffusion_pytorch_model.safetensors")
+    return sum(t.numel() for t in load_file(ROOT / f"memoguard/assets/{model}/unet/diffusion_pytorch_model.safetensors")
                .values())
+
+
+def _ldm(name):
+    return _json(f"memoguard/assets/tiny-ldm/{name}")
+
+
+def _outdoor():
+    from memoguard.tiny.outdoor import build_dataset
+    return build_dataset(0)
 
 
 def _unet_config():
@@ -61,13 +70,20 @@ def _bench_says(pattern):
 
 # (phrase in README, check: returns True when the number agrees with its source)
 CLAIMS = [
-    ("of 1.0 M parameters", lambda: round(_bundled_unet_params() / 1e6, 1) == 1.0),
+    ("of 1.0 M parameters", lambda: round(_unet_params() / 1e6, 1) == 1.0),
     ("in pixel space at 16×16", lambda: _unet_config()["sample_size"] == 16),
     ("a 2-layer `CLIPTextModel`", lambda: _json("memoguard/assets/tiny-sd/text_encoder/config.json")[
         "num_hidden_layers"] == 2),
     ("1,251 s on 2 shared", lambda: _json("memoguard/assets/tiny-sd/memoguard_training.json")["train_seconds"] == 1251),
     ("24 captions with a unique", lambda: len(__import__("memoguard.tiny.data", fromlist=["x"]).build_dataset(0)
                                                .memorized_captions) == 24),
+    ("(32×32 pixels ↔\n8×8×4 latents)", lambda: _ldm("vae/config.json")["sample_size"] == 32
+     and len(_ldm("vae/config.json")["block_out_channels"]) == 3 and _ldm("vae/config.json")["latent_channels"] == 4),
+    ("of 4.2 M parameters", lambda: round(_unet_params("tiny-ldm") / 1e6, 1) == 4.2),
+    ("a 3-layer `CLIPTextModel`", lambda: _ldm("text_encoder/config.json")["num_hidden_layers"] == 3),
+    ("(1,539 s on 2 cores", lambda: _ldm("memoguard_training.json")["train_seconds"] == 1539),
+    ("Its 32 memorized", lambda: len(_outdoor().memorized_captions) == 32),
+    ("duplicated 10, 20, 40 or 80 times", lambda: sorted(set(_outdoor().memorized_duplicates)) == [10, 20, 40, 80]),
     ("duplicated 40 times", lambda: __import__("inspect").signature(
         __import__("memoguard.tiny.data", fromlist=["x"]).build_dataset).parameters["duplicates"].default == 40),
     ("a `global_step` of 875000", lambda: "875000" in (ROOT / "memoguard/standalone/checkpoints.py").read_text()),

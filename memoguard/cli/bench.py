@@ -1,4 +1,8 @@
-"""`python -m memoguard bench --json FILE [--quick]`: every claim, measured on the bundled model.
+"""`python -m memoguard bench --json FILE [--quick] [--model DIR]`: every claim, measured on an evaluation model.
+
+Evaluation models: the bundled one (default) and the second, trained by memoguard.tiny.train_outdoor;
+each is measured against its own training set (memoguard.tiny.evalsets), any other model against the
+bundled one's.
 
 Protocol (Wen et al.): each evaluation prompt is sampled with G seeds; a prompt is a positive
 when at least half of its generations copy a training image (judge.py), whatever its kind.
@@ -9,6 +13,7 @@ generations (steps10_gen4). AUC and TPR@1%FPR are given pooled and per negative 
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,9 +24,8 @@ from ..mitigate import extra_cost, mitigate
 from ..score import DETECTORS
 from ..standalone.pipeline import generate
 from ..sampling import initial_noise, sample
-from ..tiny.data import build_dataset
-from ..tiny.judge import COPY_RATIO, alignment, is_copy, unique_training_images
-from ..tiny.prompts import KINDS, eval_prompts
+from ..tiny.evalsets import eval_set_for
+from ..tiny.prompts import KINDS
 
 MITIGATION_STEPS = 20
 DEFAULT_MITIGATION = "remove_tokens_p50"  # the table row of the default strategy at its default target
@@ -54,7 +58,7 @@ def detection_metrics(scores: np.ndarray, positive: np.ndarray, kinds: np.ndarra
 
 
 def remove_tokens(model, prompt: str, positions) -> str:
-    """The prompt re-encoded without the tokens at embedding positions `positions` (first chunk).
+    """The prompt's text without the tokens at embedding positions `positions` (first chunk).
 
     Re-encoding is the sound removal for a causal text encoder: setting one position to the empty
     prompt's output would leave the token in every later position."""
@@ -68,18 +72,17 @@ def remove_tokens(model, prompt: str, positions) -> str:
 
 def run_bench(model, quick: bool, target=None, log=print, detection_only: bool = False) -> dict:
     t_start = time.time()
-    ds = build_dataset(0)
-    train_images = unique_training_images(ds.images)
-    prompts = eval_prompts(ds, per_kind=20 if quick else 100)
+    evalset = eval_set_for(model)
+    prompts = evalset.prompts(per_kind=20 if quick else 100)
     label_steps = 20 if quick else 50
     texts = [p.text for p in prompts]
     kinds = np.array([p.kind for p in prompts])
     log(f"labelling {len(texts)} prompts x {len(SEEDS)} seeds, DDIM {label_steps} steps ...")
     images, gaps = generate(model, texts, SEEDS, steps=label_steps)
-    copies = is_copy(images.reshape(-1, *images.shape[2:]), train_images).reshape(len(texts), len(SEEDS))
+    copies = evalset.is_copy(images.reshape(-1, *images.shape[2:])).reshape(len(texts), len(SEEDS))
     positive = copies.mean(1) >= 0.5
-    res = {"model": getattr(model, "name", "model"), "quick": quick, "label_steps": label_steps,
-           "copy_ratio": COPY_RATIO, "guidance": model.guidance, "seeds": list(SEEDS),
+    res = {"model": getattr(model, "name", "model"), "evaluation_set": evalset.name, "quick": quick,
+           "label_steps": label_steps, "copy_ratio": evalset.copy_ratio, "guidance": model.guidance, "seeds": list(SEEDS),
            "labels": {k: {"prompts": int((kinds == k).sum()), "positives": int(positive[kinds == k].sum())}
                       for k in KINDS}}
     scores = {"steps1_gen1": gaps[:, 0, 0], "steps1_gen4": gaps[:, :, 0].mean(1),
@@ -95,7 +98,7 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
         got = res["detectors"][detector]["by_outcome"]["steps1_gen1"]
         log(f"detector {detector}: AUC {got['auc']:.3f}, TPR@1%FPR {got['tpr_at_1pct_fpr']:.3f}, "
             f"{res['detectors'][detector]['cost_ratio']:.2f}x the magnitude's time")
-    res["calibration_fpr"] = calibration_fpr_bench(model, label_steps)
+    res["calibration_fpr"] = calibration_fpr_bench(model, evalset.benign_prompts(), label_steps)
     for name, row in res["calibration_fpr"]["variants"].items():
         log(f"calibration {name}: held-out FPR {row['fpr_at_1pct']:.3f} at nominal 0.01, "
             f"{row['fpr_at_5pct']:.3f} at 0.05")
@@ -105,28 +108,23 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
 
     threshold = threshold_at_fpr(scores["steps1_gen4"][~positive], 0.01)
     # the duplicated captions (recall by text, the paper's case), and the other positives (copies without it)
-    groups = {"memorized": [t for t, k in zip(texts, kinds) if k == "memorized"],
-              "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"]}
-    res["explanation"] = {name: explanation_bench(model, group[: 12 if quick else 40], threshold, label_steps)
-                          for name, group in groups.items()}
+    memorized = [t for t, k in zip(texts, kinds) if k == "memorized"]
+    groups = {"memorized": memorized[: 12 if quick else 40],
+              "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"][: 12 if quick
+                                                                                                        else 40]}
+    if not quick:  # the cheap order's goal: long prompts (n + 1 first-step passes a word for the exact reference)
+        groups["memorized_long"] = long_prompts(memorized[:16], [t for t, k in zip(texts, kinds) if k == "ordinary"],
+                                                model.tokenizers[0])
+    res["explanation"] = {name: explanation_bench(model, group, threshold, label_steps) for name, group in groups.items()}
     for name, e in res["explanation"]["memorized"].get("methods", {}).items():
         log(f"explanation {name}: top-1 removal ends the flag {e['top1_ends_flag']:.2f}, "
             f"deletion AUC {e['deletion_auc']:.3f}")
 
-    mitigated = [p for p, pos in zip(prompts, positive) if pos and p.scene is not None][: 8 if quick else 24]
-    negatives = scores["steps1_gen1"][~positive]
-    table = mitigation_settings(negatives)
-    if quick:  # one row per strategy
-        table = {k: table[k] for k in (DEFAULT_MITIGATION, "minimize_p50", HOST_MITIGATION)}
-    if target is not None:
-        table = {k: {**v, "target": target} if "target" in v else v for k, v in table.items()}
-    res["mitigation"] = {name: mitigation_bench(model, mitigated, train_images, settings)
-                         for name, settings in table.items()}
-    res["mitigation_default"] = DEFAULT_MITIGATION
+    res.update(mitigation_tables(model, evalset, prompts, positive, scores["steps1_gen1"], quick, target))
     m = res["mitigation"][DEFAULT_MITIGATION]
     log(f"mitigation ({DEFAULT_MITIGATION}): copy {m['copy_rate_before']:.2f} -> {m['copy_rate_after']:.2f}, "
         f"alignment {m['alignment_before']:.2f} -> {m['alignment_after']:.2f}, time ratio {m['time_ratio']:.2f}")
-    res["band"] = band_bench(model, texts, positive, gaps, label_steps, quick)
+    res["band"] = band_bench(model, evalset.benign_prompts(), texts, positive, gaps, label_steps, quick)
     log(f"band: benign inside at every step {res['band']['same_schedule']['benign_inside_every_step']:.2f}, "
         f"positives above at step 1 {res['band']['same_schedule']['positive_above_step1']:.2f}")
     res["overhead"] = overhead_bench(model, texts[:16], repeats=3 if quick else 7)
@@ -152,14 +150,12 @@ def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps:
     return out
 
 
-def calibration_fpr_bench(model, steps: int, seeds=(0, 1, 2, 3)) -> dict:
+def calibration_fpr_bench(model, prompts, steps: int, seeds=(0, 1, 2, 3)) -> dict:
     """Does a calibration's 1 % mean 1 % for the images users make? Benign prompts of the model's kind, split in two
     halves: the calibration's threshold from one half, the share of the other half's single generations (every
     seed: a user's image is one generation) at or above it. Calibration variants: one seed (what calibrate did),
     the mean over the seeds per prompt, and every prompt x seed as its own sample."""
     from ..measure import first_step_gaps
-    from ..tiny.prompts import tiny_benign_prompts
-    prompts = tiny_benign_prompts()
     gaps = first_step_gaps(model, prompts, list(seeds), model.latent_shape(), model.timesteps(steps)[0], 128)
     fit, held = gaps[0::2], gaps[1::2]
     variants = {"one_seed": fit[:, 0], "seed_mean": fit.mean(1), "every_seed": fit.reshape(-1)}
@@ -188,17 +184,16 @@ def band_shares(band, levels, lines: np.ndarray, positive: np.ndarray, first_ste
             "positive_generations": int(pos.shape[0] * pos.shape[1]) if pos.size else 0}
 
 
-def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int, quick: bool) -> dict:
+def band_bench(model, benign_prompts, texts, positive: np.ndarray, gaps: np.ndarray, steps: int, quick: bool) -> dict:
     """Issue 9's band, measured: a benign band from calibration prompts (none of the bench's) at the model's
     guidance, placed under the bench's own runs by noise level; then under a run with half the steps (does
     one band serve another step count?) and at guidance 7.5 (does it serve another CFG scale?)."""
-    from ..tiny.prompts import tiny_benign_prompts
     from ..calibration import Band
     from ..measure import band_gaps
     shape = model.latent_shape()
     n_band = 16 if quick else 64
     t0 = time.perf_counter()
-    band_runs = band_gaps(model, tiny_benign_prompts()[:n_band], 1000, shape, steps, model.guidance)
+    band_runs = band_gaps(model, benign_prompts[:n_band], 1000, shape, steps, model.guidance)
     seconds = time.perf_counter() - t0
     levels = [model.noise_level(t) for t in model.timesteps(steps)]
     band = Band.from_runs(levels, band_runs, 0.01, {"steps": steps, "guidance": model.guidance})
@@ -215,15 +210,36 @@ def band_bench(model, texts, positive: np.ndarray, gaps: np.ndarray, steps: int,
     return out
 
 
-FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "at", ",", "."}
+FUNCTION_WORDS = {"a", "an", "the", "of", "on", "in", "at", "by", "and", ",", "."}
+
+
+class EvaluationCounter:
+    """Counts the images the model's network is run on (a UNet evaluation each) while active."""
+
+    def __init__(self, model):
+        self.model, self.count = model, 0
+
+    def __enter__(self):
+        inner = self.model.raw_prediction
+
+        def counted(x, *args, **kwargs):
+            self.count += x.shape[0]
+            return inner(x, *args, **kwargs)
+        self.model.raw_prediction = counted
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.raw_prediction  # the class's method again
 
 
 def explanation_bench(model, prompts, threshold: float, steps: int, methods=METHODS[1:]) -> dict:
-    """Deletion test: tokens removed in each method's order (re-encoding the prompt), first-step score after
+    """Deletion test: words removed in each method's order (re-encoding the prompt), first-step score after
     each removal, mean of 4 seeds. Per ordering: the area under score / score before (mean over removals 1..n;
-    lower = the order finds the tokens that carry the recall sooner), how often removing the top token alone
-    ends the flag, and the seconds per prompt. References: a random order, and the exact leave-one-out
-    (each token removed alone by re-encoding; n + 1 first-step passes per prompt)."""
+    lower = the order finds the words that carry the recall sooner), how often removing the top word alone
+    ends the flag, how often its top word is exact leave-one-out's, the network evaluations per prompt and
+    generation of one explained step, and the seconds per prompt. References: a random order, and the exact
+    leave-one-out (each word removed alone by re-encoding; n + 1 first-step passes per prompt). A flagged prompt
+    is "spread" when no single word's removal ends its flag."""
     from ..standalone.pipeline import first_step_scores
     if not prompts:
         return {"n": 0}
@@ -231,28 +247,34 @@ def explanation_bench(model, prompts, threshold: float, steps: int, methods=METH
     rng = np.random.default_rng(0)
     orders = {m: [] for m in (*methods, "random", "exact_leave_one_out")}
     seconds = {m: 0.0 for m in methods}
-    tokens, positions = [], []
+    evaluations = {m: 0 for m in methods}
+    tokens, groups = [], []
     for text in prompts:
         cond = model.encode([text])
         x = initial_noise(model, model.latent_shape(), SEEDS, model.device)
         for method in methods:
             t0 = time.perf_counter()
-            contrib = token_contributions(model, cond, uncond, x, steps=1, total_steps=steps, method=method)[0]
+            with EvaluationCounter(model) as counter:
+                contrib = token_contributions(model, cond, uncond, x, steps=1, total_steps=steps, method=method)[0]
             seconds[method] += time.perf_counter() - t0
+            evaluations[method] += counter.count
             orders[method].append(contrib.ranking())
-        tokens.append(contrib.tokens), positions.append(contrib.positions)
+        tokens.append(contrib.tokens), groups.append(contrib.groups)
         orders["random"].append([int(i) for i in rng.permutation(len(contrib.tokens))])
-    single = [[remove_tokens(model, t, [p]) for p in pos] for t, pos in zip(prompts, positions)]
+    single = [[remove_tokens(model, t, g) for g in row] for t, row in zip(prompts, groups)]
     flat = first_step_scores(model, [s for row in single for s in row] + list(prompts), SEEDS, steps).mean(1)
     base = flat[-len(prompts):]
     cut = np.cumsum([0] + [len(row) for row in single])
+    best_single = np.array([flat[a:b].min() for a, b in zip(cut, cut[1:])])
     orders["exact_leave_one_out"] = [[int(i) for i in np.argsort(flat[a:b], kind="stable")] for a, b in zip(cut, cut[1:])]
     flagged = base >= threshold  # "ends the flag" counts over the prompts flagged before any removal
     res = {"n": len(prompts), "threshold": threshold, "seeds": len(SEEDS), "score_before": base.tolist(),
-           "flagged_before": int(flagged.sum()), "methods": {}}
+           "flagged_before": int(flagged.sum()), "words_per_prompt": float(np.mean([len(t) for t in tokens])),
+           "spread": int((flagged & (best_single >= threshold)).sum()), "methods": {}}
+    exact_top = [order[0] for order in orders["exact_leave_one_out"]]
     for name, per_prompt in orders.items():
-        curves = [[remove_tokens(model, t, [pos[i] for i in order[:k]]) for k in range(1, len(order) + 1)]
-                  for t, pos, order in zip(prompts, positions, per_prompt)]
+        curves = [[remove_tokens(model, t, [i for k in order[:n] for i in row[k]]) for n in range(1, len(order) + 1)]
+                  for t, row, order in zip(prompts, groups, per_prompt)]
         flat = first_step_scores(model, [c for row in curves for c in row], SEEDS, steps).mean(1)
         cut = np.cumsum([0] + [len(row) for row in curves])
         rel = [flat[a:b] / s0 for a, b, s0 in zip(cut, cut[1:], base)]
@@ -260,15 +282,68 @@ def explanation_bench(model, prompts, threshold: float, steps: int, methods=METH
         top_tokens = [toks[order[0]] for toks, order in zip(tokens, per_prompt)]
         function_first = np.array([t.strip().lower() in FUNCTION_WORDS for t in top_tokens])
         ends = (top1 < threshold) & flagged
+        agrees = np.array([order[0] == top for order, top in zip(per_prompt, exact_top)])
         res["methods"][name] = {
             "deletion_auc": float(np.mean([r.mean() for r in rel])),
             "top1_ends_flag": float(ends.sum() / max(flagged.sum(), 1)),
             "top1_score_ratio": float(np.mean(top1 / base)),
+            "top1_agrees_with_exact": float(agrees[flagged].mean()) if flagged.any() else float("nan"),
             "function_word_first": int((function_first & flagged).sum()),
             "function_word_first_ends_flag": int((function_first & ends).sum()),
+            "evaluations_per_step": evaluations[name] / (len(prompts) * len(SEEDS)) if name in evaluations else None,
             "seconds_per_prompt": seconds[name] / len(prompts) if name in seconds else None,
             "top_tokens": top_tokens}
     return res
+
+
+def long_prompts(memorized, ordinary, tokenizer, length: int = 75):
+    """Each memorized caption followed by ordinary captions (", "-joined) up to `length` tokens: the long prompts
+    of the cheap explanation's goal, whose recall still comes from the memorized caption's words."""
+    out = []
+    for k, text in enumerate(memorized):
+        filler = ordinary[k:] + ordinary[:k]
+        words = text
+        for extra in filler:
+            longer = f"{words}, {extra}"
+            if len(tokenizer(longer, add_special_tokens=False).input_ids) > length:
+                break
+            words = longer
+        out.append(words)
+    return out
+
+
+AUTO_ROWS = (DEFAULT_MITIGATION, HOST_MITIGATION, "opposite_guidance_0.2", "new_noise_p50",
+             "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1")
+
+
+def mitigation_tables(model, evalset, prompts, positive: np.ndarray, first_step: np.ndarray, quick: bool,
+                      target: Optional[float] = None, log=print) -> dict:
+    """The mitigation table on the positives (always mode, every row; auto mode at the 1 % threshold of the
+    negatives, the rows of AUTO_ROWS), and auto mode on ordinary training captions (images changed, new copies)."""
+    mitigated = [p for p, pos in zip(prompts, positive) if pos and p.scene is not None][: 8 if quick else 24]
+    ordinary = [p for p, pos in zip(prompts, positive) if p.kind == "ordinary" and not pos][: 8 if quick else 24]
+    negatives = first_step[~positive]
+    threshold = threshold_at_fpr(negatives, 0.01)
+    table = mitigation_settings(negatives)
+    auto_rows = AUTO_ROWS
+    if quick:  # one row per strategy
+        table = {k: table[k] for k in (DEFAULT_MITIGATION, "minimize_p50", HOST_MITIGATION)}
+        auto_rows = (DEFAULT_MITIGATION,)
+    if target is not None:
+        table = {k: {**v, "target": target} if "target" in v else v for k, v in table.items()}
+    out = {"mitigation": {}, "mitigation_auto": {}, "mitigation_ordinary_auto": {}, "mitigation_default": DEFAULT_MITIGATION,
+           "mitigation_threshold": threshold}
+    for name, settings in table.items():
+        out["mitigation"][name] = r = mitigation_bench(model, mitigated, evalset, settings)
+        log(f"  always {name:40s} copies {r['copy_rate_before']:.2f} -> {r['copy_rate_after']:.2f}, alignment "
+            f"{r['alignment_before']:.2f} -> {r['alignment_after']:.2f}, collapsed {r['collapsed_share']:.2f}, "
+            f"model calls {r['model_call_ratio']:.2f}x")
+    for name in auto_rows:
+        for key, group in (("mitigation_auto", mitigated), ("mitigation_ordinary_auto", ordinary)):
+            out[key][name] = r = mitigation_bench(model, group, evalset, table[name], "auto", threshold)
+            log(f"  auto {key[11:]:14s} {name:40s} changed {r['images_changed']}/{r['n_images']}, copies "
+                f"{r['copy_rate_before']:.2f} -> {r['copy_rate_after']:.2f}, new copies {r['new_copies']}")
+    return out
 
 
 def mitigation_settings(negatives: np.ndarray) -> dict:
@@ -285,18 +360,35 @@ def mitigation_settings(negatives: np.ndarray) -> dict:
         "guidance_delay_0.1": dict(strategy="guidance_delay", delay=0.1),
         "guidance_delay_0.2": dict(strategy="guidance_delay", delay=0.2),
         "guidance_delay_0.3": dict(strategy="guidance_delay", delay=0.3),
+        "opposite_guidance_0.1": dict(strategy="opposite_guidance", delay=0.1, early_scale=-1.0),
+        "opposite_guidance_0.2": dict(strategy="opposite_guidance", delay=0.2, early_scale=-1.0),
+        "opposite_guidance_0.2_s3": dict(strategy="opposite_guidance", delay=0.2, early_scale=-3.0),
+        "new_noise_p50": dict(strategy="new_noise", target=p(50), noise_candidates=4),
+        "new_noise_p50_c8": dict(strategy="new_noise", target=p(50), noise_candidates=8),
+        "remove_tokens_p50+guidance_delay_0.1": dict(strategy="remove_tokens+guidance_delay", target=p(50), delay=0.1),
+        "remove_tokens_p50+opposite_0.1": dict(strategy="remove_tokens+opposite_guidance", target=p(50), delay=0.1,
+                                               early_scale=-1.0),
+        "new_noise_p50+opposite_0.1": dict(strategy="new_noise+opposite_guidance", target=p(50), delay=0.1,
+                                           early_scale=-1.0),
     }
 
 
-def mitigation_bench(model, prompts, train_images, settings: dict) -> dict:
-    """Copy rate, alignment and time of one strategy on `prompts` x SEEDS at MITIGATION_STEPS, timed side by
-    side with plain sampling (twice; the second, warm pair counts)."""
+COLLAPSE_RMSE = 0.1  # pixels in [0, 1]: an image this close to the empty prompt's image of its seed lost its prompt
+
+
+def mitigation_bench(model, prompts, evalset, settings: dict, mode: str = "always",
+                     threshold: Optional[float] = None) -> dict:
+    """Copy rate, alignment, collapse and time of one strategy on `prompts` x SEEDS at MITIGATION_STEPS, timed
+    side by side with plain sampling (twice; the second, warm pair counts). mode "auto" mitigates only images
+    whose first-step score reaches `threshold`; new copies counts images that copy after and not before."""
     if not prompts:
         return {"n_prompts": 0}
     texts = [p.text for p in prompts for _ in SEEDS]
     scenes = [p.scene for p in prompts for _ in SEEDS]
+    seeds = list(SEEDS) * len(prompts)
     cond, uncond = model.encode(texts), model.encode([""])
-    x = initial_noise(model, model.latent_shape(), list(SEEDS) * len(prompts), model.device)
+    noise_of = lambda s: initial_noise(model, model.latent_shape(), s, model.device)
+    x = noise_of(seeds)
     ts = model.timesteps(MITIGATION_STEPS)
     plain_time, mitigated_time = [], []
     for _ in range(2):
@@ -304,24 +396,32 @@ def mitigation_bench(model, prompts, train_images, settings: dict) -> dict:
         plain = sample(model, cond, uncond, x, MITIGATION_STEPS, monitor=False)
         plain_time.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        plan = mitigate(model, cond, uncond, x, ts, model.guidance, **settings)
-        mitigated = sample(model, plan.cond, uncond, x, MITIGATION_STEPS, guidance=plan.guidance, monitor=False)
+        plan = mitigate(model, cond, uncond, x, ts, model.guidance, mode=mode, threshold=threshold, seeds=seeds,
+                        noise_of=noise_of, **settings)
+        start = x if plan.x_T is None else plan.x_T
+        mitigated = sample(model, plan.cond, uncond, start, MITIGATION_STEPS, guidance=plan.guidance, monitor=False)
         mitigated_time.append(time.perf_counter() - t0)
     before, after = model.decode(plain.latents).numpy(), model.decode(mitigated.latents).numpy()
-    copy_before, copy_after = is_copy(before, train_images), is_copy(after, train_images)
-    align_before, align_after = alignment(before, scenes), alignment(after, scenes)
+    empty = model.decode(sample(model, model.encode([""] * len(texts)), uncond, start, MITIGATION_STEPS,
+                                monitor=False).latents).numpy()
+    collapsed = np.sqrt(((after - empty) ** 2).mean((1, 2, 3))) < COLLAPSE_RMSE
+    copy_before, copy_after = evalset.is_copy(before), evalset.is_copy(after)
+    align_before, align_after = evalset.alignment(before, scenes), evalset.alignment(after, scenes)
     record = plan.record
     return {
-        "settings": settings, "n_prompts": len(prompts), "n_images": len(texts), "steps": MITIGATION_STEPS,
+        "settings": settings, "mode": mode, "threshold": threshold, "n_prompts": len(prompts), "n_images": len(texts),
+        "steps": MITIGATION_STEPS, "images_changed": int(sum(n > 0 for n in record.image_iterations)),
         "copy_rate_before": float(copy_before.mean()), "copy_rate_after": float(copy_after.mean()),
         "copy_after_share_of_before": float(copy_after.mean() / max(copy_before.mean(), 1e-12)),
+        "new_copies": int((copy_after & ~copy_before).sum()),
         "alignment_before": float(align_before.mean()), "alignment_after": float(align_after.mean()),
         "alignment_drop": float(1 - align_after.mean() / max(align_before.mean(), 1e-12)),
+        "collapsed_share": float(collapsed.mean()),
         "score_before": float(np.mean(record.before)), "score_after": float(np.mean(record.after)),
         "time_ratio": mitigated_time[-1] / plain_time[-1],
         "model_call_ratio": extra_cost(record, MITIGATION_STEPS),  # what the time ratio becomes where the UNet dominates
         "mean_iterations": float(np.mean(record.image_iterations)), "batch_iterations": record.iterations,
-        "removed": record.removed[::len(SEEDS)] if record.strategy == "remove_tokens" else None,
+        "removed": record.removed[::len(SEEDS)] if record.strategy.startswith("remove_tokens") else None,
     }
 
 

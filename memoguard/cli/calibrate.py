@@ -4,8 +4,8 @@ The key is the weights fingerprint (memoguard.identity) that ComfyUI's and the W
 compute from the weights they load, so a calibration made here is found there (copy the file into
 their models/memoguard folder) and vice versa. For a user's own model the shipped benign list
 (assets/benign_prompts.txt) is the default. The bundled tiny model only knows its own small
-vocabulary, so `--tiny-benign` calibrates it on ordinary captions of its own kind (fresh
-combinations and another style, none in the bench).
+vocabulary, so `--tiny-benign` calibrates it (or the second evaluation model) on ordinary captions of
+its own kind (fresh combinations and another style, none in the bench).
 """
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 from ..calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
 from ..score import DETECTORS
 from ..standalone.pipeline import DEFAULT_STEPS
-from ..tiny.prompts import tiny_benign_prompts
+from ..tiny.evalsets import eval_set_for
 from .lib.inputs import PromptFileError, read_prompts
 
 
@@ -33,7 +33,7 @@ def add_arguments(p):
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
                    help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
-    p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the bundled model's kind")
+    p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the evaluation model's kind (the bundled model's for any other)")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
     p.add_argument("--detector", choices=DETECTORS, default="magnitude",
@@ -62,9 +62,10 @@ def run(args) -> int:
               f"--calibration FILE", file=sys.stderr)
         return 2
     try:
-        prompts = (tiny_benign_prompts() if args.tiny_benign
-                   else [p for p, _ in read_prompts(args.prompts)] if args.prompts else default_benign_prompts())
+        prompts = [p for p, _ in read_prompts(args.prompts)] if args.prompts and not args.tiny_benign else None
         model = load_model(args.model, prediction=args.prediction)
+        if prompts is None:
+            prompts = eval_set_for(model).benign_prompts() if args.tiny_benign else default_benign_prompts()
     except (PromptFileError, ModelLoadError) as e:
         print(f"memoguard calibrate: {e}", file=sys.stderr)
         return 2

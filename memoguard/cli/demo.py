@@ -100,7 +100,7 @@ def run(args) -> int:
         m_idx, _, m_r = nearest_training(mitigated, train_images)
         copied, still_copies = near_r[0] < COPY_RATIO, record.ran and m_r[0] < COPY_RATIO
         print(f"  -> {verdict.summary()}; copy ratio {near_r[0]:.2f}{' (COPY)' if copied else ''}; "
-              f"top tokens ({contrib.method_name}) " + ", ".join(f"{t} {100 * s:.0f}%" for t, s in contrib.top(3)))
+              + contrib.summary(threshold if verdict.flagged else None))
         if record.ran:
             print(f"     mitigation: {record.summary()}; copy ratio {m_r[0]:.2f}"
                   f"{' (STILL COPIES)' if still_copies else ''}")
@@ -129,7 +129,7 @@ def run(args) -> int:
             f"<br>copy ratio {near_r[0]:.2f}{' <b>(copy)</b>' if near_r[0] < COPY_RATIO else ''}</td>"
             f"<td><img src='{k}_gen.png'></td><td><img src='{k}_plot.png'></td>"
             f"<td>{report.tokens_html(contrib.tokens, contrib.shares)}<br><img src='{k}_tokens.png'>"
-            f"<br><small>{html.escape(contrib.method_name)}</small></td>"
+            f"<br><small>{html.escape(contrib.summary(threshold if verdict.flagged else None))}</small></td>"
             f"<td><img src='{k}_mitigated.png'><br>{mit}</td></tr>")
     parts.append("</table>")
     (out / "report.html").write_text(report.html_page("MemoGuard demo", parts), encoding="utf-8")

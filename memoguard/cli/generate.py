@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from ..errors import ArgumentError
-from ..mitigate import DEFAULT_DELAY, MODES, STRATEGIES, extra_cost, mitigate
+from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, MODES, SCHEDULES, STRATEGIES,
+                        extra_cost, mitigate)
 from ..standalone.pipeline import DEFAULT_STEPS
 
 MITIGATIONS = ("off", "default", *STRATEGIES)
@@ -48,7 +49,12 @@ def add_arguments(p):
                    help="first-step score to bring images under (default: the calibration's benign median)")
     p.add_argument("--max-removals", type=int, default=3, help="remove_tokens: most tokens left out (default 3)")
     p.add_argument("--delay", type=float, default=DEFAULT_DELAY,
-                   help=f"guidance_delay: share of the first steps without text guidance (default {DEFAULT_DELAY})")
+                   help=f"guidance_delay / opposite_guidance: share of the first steps at the early scale "
+                        f"(default {DEFAULT_DELAY})")
+    p.add_argument("--early-scale", type=float, default=DEFAULT_EARLY_SCALE,
+                   help=f"opposite_guidance: guidance scale of those steps, <= 0 (default {DEFAULT_EARLY_SCALE})")
+    p.add_argument("--noise-candidates", type=int, default=DEFAULT_NOISE_CANDIDATES,
+                   help=f"new_noise: most fresh noises tried per image (default {DEFAULT_NOISE_CANDIDATES})")
     p.add_argument("--lr", type=float, default=0.05, help="minimize: AdamW step size (default 0.05)")
     p.add_argument("--max-iters", type=int, default=10, help="minimize: most AdamW steps (default 10)")
     p.add_argument("--calibration", type=Path, default=None,
@@ -68,11 +74,12 @@ def mitigation_settings(args, calibration):
                             "(python -m memoguard calibrate --model PATH)")
     target = args.target if args.target is not None else (calibration.median if calibration else None)
     strategy = "auto" if args.mitigation == "default" else args.mitigation
-    if target is None and strategy != "guidance_delay":
+    if target is None and strategy not in SCHEDULES:
         raise ArgumentError("mitigation needs a target score: give --target, or calibrate this model so that its "
                             "benign median serves (python -m memoguard calibrate --model PATH)")
     return strategy, dict(mode=mode, threshold=threshold, target=target or 0.0, lr=args.lr, max_iters=args.max_iters,
-                          max_removals=args.max_removals, delay=args.delay)
+                          max_removals=args.max_removals, delay=args.delay, early_scale=args.early_scale,
+                          noise_candidates=args.noise_candidates)
 
 
 def _json_safe(value):
@@ -132,8 +139,11 @@ def run(args) -> int:
         plan, failure = None, None
         if strategy is not None:
             try:
-                plan = mitigate(model, cond, uncond, x, ts, guidance, strategy=strategy, **settings)
+                plan = mitigate(model, cond, uncond, x, ts, guidance, strategy=strategy, seeds=seeds,
+                                noise_of=lambda s: initial_noise(model, model.latent_shape(), s, model.device),
+                                **settings)
                 cond = plan.cond
+                x = x if plan.x_T is None else plan.x_T
             except Exception as e:  # out of memory: the images are still made, with the plain prompt
                 if not is_out_of_memory(e):
                     raise
@@ -156,7 +166,8 @@ def run(args) -> int:
                 record["mitigation"] = {
                     "strategy": rec.strategy, "mode": rec.mode, "ran": rec.ran, "summary": rec.summary(g),
                     "before": rec.before[g], "after": rec.after[g], "removed": rec.removed[g] if rec.removed else [],
-                    "delay_steps": rec.delay_steps if rec.ran else 0, "reason": rec.reason,
+                    "delay_steps": rec.delay_steps if rec.ran else 0, "early_scale": rec.early_scale,
+                    "noise_seed": rec.seeds[g], "reason": rec.reason,
                     "prompt_used": " ".join(cond.prompt_tokens(g)), "cost_ratio": extra_cost(rec, args.steps)}
             Image.fromarray(image).save(args.out / record["file"], pnginfo=png_text(record))
             lines.append(json.dumps(record, allow_nan=False))

@@ -78,6 +78,9 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
                 "flagged": bool(calibration) and bool(score >= threshold), "threshold": threshold,
                 "top_tokens": [] if contrib is None else [(t, round(v, 4)) for t, v in contrib.top(explain)],
                 "explanation_method": None if contrib is None else contrib.method_name,
+                # where leave-one-out shows that no single word ends the recall, the explanation says so
+                "explanation": None if contrib is None else contrib.summary(
+                    threshold if calibration and score >= threshold else None, explain),
             })
         yield out
 

@@ -8,7 +8,7 @@ BOS/EOS and encoded separately, then concatenated, as A1111 and ComfyUI do.
 """
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ class DiffusersModel(DiffusionModel):
                  device="cpu", dtype=torch.float32):
         self.unet, self.text_encoders, self.tokenizers = unet, text_encoders, tokenizers
         self.scheduler, self.vae, self.name = scheduler, vae, name
+        self.training_notes = {}  # an evaluation model's memoguard_training.json (its guidance, its dataset)
         self.device, self.dtype = torch.device(device), dtype
         prediction = scheduler.config.get("prediction_type", "epsilon")
         kinds = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -126,14 +127,17 @@ class DiffusersModel(DiffusionModel):
             h, w = self.image_size()
             extra = {"text_embeds": pooled.to(self.dtype),
                      "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(pieces), device=self.device, dtype=self.dtype)}
-        return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), [self._texts(row) for row in rows], masks,
-                              frozen.clone(), extra, ids)
+        texts = [self._texts(row) for row in rows]
+        return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), [[t for t, _ in row] for row in texts], masks,
+                              frozen.clone(), extra, ids, [_word_numbers(row, mask) for row, mask in
+                                                           zip(texts, masks.tolist())])
 
-    def _texts(self, ids: List[int]) -> List[str]:
-        """Each id's token as shown to users; memoised (an audit meets the same few thousand ids again)."""
+    def _texts(self, ids: List[int]) -> List[Tuple[str, bool]]:
+        """Each id's token as shown to users, and whether it ends a word (CLIP's "</w>"); memoised (an audit
+        meets the same few thousand ids again)."""
         missing = [i for i in set(ids) if i not in self._token_texts]
         for i, token in zip(missing, self.tokenizers[0].convert_ids_to_tokens(missing)):
-            self._token_texts[i] = token.replace("</w>", "")
+            self._token_texts[i] = (token.replace("</w>", ""), token.endswith("</w>"))
         return [self._token_texts[i] for i in ids]
 
     # -- images ---------------------------------------------------------------------------
@@ -219,7 +223,17 @@ def build_model(unet, encoders, tokenizers, scheduler, vae, name, device="cpu", 
         if dtype != torch.float32:
             m.to(dtype)
     model = DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=name, device=device, dtype=dtype)
-    notes = notes_dir / "memoguard_training.json" if notes_dir is not None else None  # the bundled model's guidance
+    notes = notes_dir / "memoguard_training.json" if notes_dir is not None else None  # the evaluation models' own
     if notes is not None and notes.is_file():
-        model.guidance = float(json.loads(notes.read_text()).get("guidance", model.guidance))
+        model.training_notes = json.loads(notes.read_text())
+        model.guidance = float(model.training_notes.get("guidance", model.guidance))
     return model
+
+
+def _word_numbers(tokens: List[Tuple[str, bool]], in_prompt: List[bool]) -> List[int]:
+    """Per position, the number of its word within the prompt (-1 outside it): a word runs to a word-final token."""
+    out, word = [], 0
+    for (_, ends), keep in zip(tokens, in_prompt):
+        out.append(word if keep else -1)
+        word += int(keep and ends)
+    return out

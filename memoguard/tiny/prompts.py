@@ -41,14 +41,3 @@ def eval_prompts(ds: TinyDataset, per_kind: int = 100, seed: int = 1234) -> List
         if text not in training_garbage:
             randoms.append(EvalPrompt(text, "random", None))
     return out + randoms
-
-
-def tiny_benign_prompts(n: int = 300, seed: int = 99):
-    """Ordinary captions of the bundled model's training scenes and novel ones, in both caption styles: its
-    benign calibration prompts (the shipped list is written for SD-sized models)."""
-    from .data import build_dataset
-    ds = build_dataset(0)
-    rng = np.random.default_rng(seed)
-    scenes = ds.ordinary_train_scenes + ds.novel_scenes
-    picked = [scenes[i] for i in rng.choice(len(scenes), n, replace=False)]
-    return [s.caption() if i % 3 else s.caption_other_style() for i, s in enumerate(picked)]

@@ -140,9 +140,11 @@ def training_steps(unet, text_encoder, images, ids, empty_ids, steps: int, batch
         yield TrainingStep(step, None if loss is None else loss.item(), idx, keep)
 
 
-def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, meta: dict):
+def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, meta: dict, vae=None):
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet")
+    if vae is not None:
+        vae.save_pretrained(out / "vae")
     text_encoder.save_pretrained(out / "text_encoder")
     (out / "tokenizer").mkdir(exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -154,7 +156,7 @@ def save_pipeline(out: Path, unet, text_encoder, tokenizer_dir: Path, meta: dict
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-        "vae": [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
+        "vae": ["diffusers", "AutoencoderKL"] if vae is not None else [None, None], "safety_checker": [None, None], "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }, indent=2))
     (out / "memoguard_training.json").write_text(json.dumps(meta, indent=2))
