@@ -33,6 +33,11 @@ READABLE_FORMATS = (1, 2)
 NOISE_TOLERANCE = 0.02   # relative difference in first-step noise level that changes the score
 
 
+# Seeds `calibrate` scores each prompt at (the mean is its benign score): one seed made the nominal 1 % a held-out
+# 3.2 % on the second evaluation model, four 1.3 % (0.8 % on the bundled one; BENCHMARKS.md, calibration_fpr)
+CALIBRATION_SEEDS = 4
+
+
 class CalibrationError(MemoGuardError, ValueError):
     pass
 

@@ -84,6 +84,14 @@ CLAIMS = [
     ("(1,539 s on 2 cores", lambda: _ldm("memoguard_training.json")["train_seconds"] == 1539),
     ("Its 32 memorized", lambda: len(_outdoor().memorized_captions) == 32),
     ("duplicated 10, 20, 40 or 80 times", lambda: sorted(set(_outdoor().memorized_duplicates)) == [10, 20, 40, 80]),
+    ("each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4),
+    ("(**4 UNet evaluations per prompt**)", lambda: _parser_default("calibrate", "seeds") == 4),
+    ("the nominal 1 % false-positive rate became 3.2 %", lambda: _bench_says(
+        r"one seed a prompt \(ComfyUI and the WebUI\) \| [\d.]+ \| [\d.]+ \| ([\d.]+)") == "0.032"),
+    ("still score one seed\n  (one evaluation per prompt)", lambda: __import__("inspect").signature(
+        __import__("memoguard.measure", fromlist=["x"]).calibrate).parameters["seeds"].default == (0,)
+     and "seeds=(seed,)" in (ROOT / "nodes/calibration_run.py").read_text()
+     and "seeds=" not in (ROOT / "a1111_extension/memoguard_a1111/calibrate.py").read_text()),
     ("duplicated 40 times", lambda: __import__("inspect").signature(
         __import__("memoguard.tiny.data", fromlist=["x"]).build_dataset).parameters["duplicates"].default == 40),
     ("a `global_step` of 875000", lambda: "875000" in (ROOT / "memoguard/standalone/checkpoints.py").read_text()),

@@ -98,10 +98,13 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
         got = res["detectors"][detector]["by_outcome"]["steps1_gen1"]
         log(f"detector {detector}: AUC {got['auc']:.3f}, TPR@1%FPR {got['tpr_at_1pct_fpr']:.3f}, "
             f"{res['detectors'][detector]['cost_ratio']:.2f}x the magnitude's time")
-    res["calibration_fpr"] = calibration_fpr_bench(model, evalset.benign_prompts(), label_steps)
-    for name, row in res["calibration_fpr"]["variants"].items():
-        log(f"calibration {name}: held-out FPR {row['fpr_at_1pct']:.3f} at nominal 0.01, "
-            f"{row['fpr_at_5pct']:.3f} at 0.05")
+    res["calibration_fpr"] = {detector: calibration_fpr_bench(model, evalset.benign_prompts(), label_steps,
+                                                              detector=detector)
+                              for detector in ("magnitude", "detail_magnitude")}
+    for detector, found in res["calibration_fpr"].items():
+        for name, row in found["variants"].items():
+            log(f"calibration {detector} {name}: held-out FPR {row['fpr_at_1pct']:.3f} at nominal 0.01, "
+                f"{row['fpr_at_5pct']:.3f} at 0.05")
     if detection_only:
         res["seconds"] = round(time.time() - t_start, 1)
         return res
@@ -150,16 +153,18 @@ def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps:
     return out
 
 
-def calibration_fpr_bench(model, prompts, steps: int, seeds=(0, 1, 2, 3)) -> dict:
+def calibration_fpr_bench(model, prompts, steps: int, seeds=(0, 1, 2, 3), detector: str = "magnitude") -> dict:
     """Does a calibration's 1 % mean 1 % for the images users make? Benign prompts of the model's kind, split in two
     halves: the calibration's threshold from one half, the share of the other half's single generations (every
-    seed: a user's image is one generation) at or above it. Calibration variants: one seed (what calibrate did),
+    seed: a user's image is one generation) at or above it. Calibration variants: one seed (what the hosts do),
     the mean over the seeds per prompt, and every prompt x seed as its own sample."""
     from ..measure import first_step_gaps
-    gaps = first_step_gaps(model, prompts, list(seeds), model.latent_shape(), model.timesteps(steps)[0], 128)
+    gaps = first_step_gaps(model, prompts, list(seeds), model.latent_shape(), model.timesteps(steps)[0], 128,
+                           detector=detector)
     fit, held = gaps[0::2], gaps[1::2]
     variants = {"one_seed": fit[:, 0], "seed_mean": fit.mean(1), "every_seed": fit.reshape(-1)}
-    out = {"prompts": len(prompts), "seeds": list(seeds), "held_out_generations": int(held.size), "variants": {}}
+    out = {"prompts": len(prompts), "seeds": list(seeds), "detector": detector, "held_out_generations": int(held.size),
+           "variants": {}}
     for name, scores in variants.items():
         row = {}
         for fpr, key in ((0.01, "fpr_at_1pct"), (0.05, "fpr_at_5pct")):

@@ -10,7 +10,7 @@ its own kind (fresh combinations and another style, none in the bench).
 import sys
 from pathlib import Path
 
-from ..calibration import CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
+from ..calibration import CALIBRATION_SEEDS, CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
 from ..score import DETECTORS
 from ..standalone.pipeline import DEFAULT_STEPS
 from ..tiny.evalsets import eval_set_for
@@ -34,7 +34,8 @@ def add_arguments(p):
                    help="a checkpoint file's prediction type; auto: see memoguard.standalone.checkpoints (default auto)")
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the evaluation model's kind (the bundled model's for any other)")
-    p.add_argument("--seeds", type=int, default=1, help="generations per prompt")
+    p.add_argument("--seeds", type=int, default=CALIBRATION_SEEDS,
+                   help=f"seeds a prompt is scored at; its benign score is their mean (default {CALIBRATION_SEEDS})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
     p.add_argument("--detector", choices=DETECTORS, default="magnitude",
                    help="the first-step score the calibration holds (scan --detector); the hosts score magnitude")
