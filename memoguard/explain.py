@@ -39,7 +39,7 @@ METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_screened": "lea
                 "integrated_gradients": "integrated gradients", "gradient_norm": "gradient norm (paper)"}
 MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_screened", "leave_one_out_embedding")
 LEAVE_ONE_OUT_MAX_WORDS = 12  # n + 2 evaluations per step (n conditional, one shared unconditional, the base)
-SCREENED_WORDS = 12           # screened: gradient x input (~3 evaluations) + 1 + 12 = 16 evaluations per step
+SCREENED_WORDS = 12           # screened: gradient x input (2 forwards + a backward ~ 2) + 12 forwards = 16 per step
 
 class ExplanationError(MemoGuardError, ValueError):
     """Settings of an explanation that cannot work."""
@@ -151,13 +151,17 @@ def _unit_sums(per_position: torch.Tensor, units) -> List[torch.Tensor]:
             for b, row in enumerate(units)]
 
 
-def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop, only=None):
+def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop, only=None,
+                   eps_u=None, base=None):
     """Per row, the gap drop when each word is left out (re-encoded, or its positions emptied); `only`: per row,
-    the word indices to measure (the others score 0). Returns (drops per row, base gap (B,))."""
+    the word indices to measure (the others score 0); eps_u and base: the unconditional prediction and the gap
+    (B,) where the caller has them. Returns (drops per row, base gap (B,))."""
     emb = cond.embedding
     with torch.no_grad():
-        eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])  # one unconditional pass serves every edit
-        base = l2_per_image(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
+        if eps_u is None:  # one unconditional pass serves every edit
+            eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])
+        if base is None:
+            base = l2_per_image(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
         out = [torch.zeros(len(row)) for row in units]
         jobs = [(b, k) for b, row in enumerate(units) for k in range(len(row)) if only is None or k in only[b]]
         for start in range(0, len(jobs), batch_size):
@@ -207,7 +211,7 @@ def _attribute(method, model, x, t, cond, uncond, empty, units, ig_steps, batch_
     # the words gradient x input ranks highest, measured exactly; the others are not measured and score 0
     top = [set(torch.argsort(s, descending=True, stable=True)[:SCREENED_WORDS].tolist()) for s in scores]
     drops, base = _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop,
-                                 only=top)
+                                 only=top, eps_u=eps_u, base=base)
     return drops, base, [torch.tensor([k in row for k in range(len(s))]) for row, s in zip(top, scores)]
 
 

@@ -1,6 +1,6 @@
 """Inference-time mitigation: steer a generation away from a memorized image before it forms.
 
-Three strategies, measured side by side by `bench` (BENCHMARKS.md):
+Five strategies, measured side by side by `bench` on both evaluation models (BENCHMARKS.md):
   - "remove_tokens": leave out, one word at a time (a word's BPE pieces together), the word whose
     removal brings the first-step score under `target` with the smallest drop (the least edit that
     ends the recall; the largest drop while none reaches it), at most `max_removals` words. The first
@@ -62,7 +62,7 @@ class MitigationRecord:
     after: List[float] = field(default_factory=list)
     reason: str = ""
     strategy: str = "minimize"
-    removed: List[List[str]] = field(default_factory=list)    # remove_tokens: tokens left out, per image
+    removed: List[List[str]] = field(default_factory=list)    # remove_tokens: words left out, per image
     delay_steps: int = 0                                      # schedules: steps at early_scale
     early_scale: float = 0.0                                  # schedules: scale of those steps (0: no guidance)
     seeds: List[Optional[int]] = field(default_factory=list)  # new_noise: the seed of each image's new noise

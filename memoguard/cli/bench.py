@@ -109,16 +109,7 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
         res["seconds"] = round(time.time() - t_start, 1)
         return res
 
-    threshold = threshold_at_fpr(scores["steps1_gen4"][~positive], 0.01)
-    # the duplicated captions (recall by text, the paper's case), and the other positives (copies without it)
-    memorized = [t for t, k in zip(texts, kinds) if k == "memorized"]
-    groups = {"memorized": memorized[: 12 if quick else 40],
-              "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"][: 12 if quick
-                                                                                                        else 40]}
-    if not quick:  # the cheap order's goal: long prompts (n + 1 first-step passes a word for the exact reference)
-        groups["memorized_long"] = long_prompts(memorized[:16], [t for t, k in zip(texts, kinds) if k == "ordinary"],
-                                                model.tokenizers[0])
-    res["explanation"] = {name: explanation_bench(model, group, threshold, label_steps) for name, group in groups.items()}
+    res["explanation"] = explanation_tables(model, texts, kinds, positive, scores["steps1_gen4"], label_steps, quick)
     for name, e in res["explanation"]["memorized"].get("methods", {}).items():
         log(f"explanation {name}: top-1 removal ends the flag {e['top1_ends_flag']:.2f}, "
             f"deletion AUC {e['deletion_auc']:.3f}")
@@ -293,12 +284,28 @@ def explanation_bench(model, prompts, threshold: float, steps: int, methods=METH
             "top1_ends_flag": float(ends.sum() / max(flagged.sum(), 1)),
             "top1_score_ratio": float(np.mean(top1 / base)),
             "top1_agrees_with_exact": float(agrees[flagged].mean()) if flagged.any() else float("nan"),
+            "top1_agrees_with_exact_all": float(agrees.mean()),  # every prompt of the group, flagged or not
             "function_word_first": int((function_first & flagged).sum()),
             "function_word_first_ends_flag": int((function_first & ends).sum()),
             "evaluations_per_step": evaluations[name] / (len(prompts) * len(SEEDS)) if name in evaluations else None,
             "seconds_per_prompt": seconds[name] / len(prompts) if name in seconds else None,
             "top_tokens": top_tokens}
     return res
+
+
+def explanation_tables(model, texts, kinds, positive: np.ndarray, scores: np.ndarray, steps: int, quick: bool) -> dict:
+    """The deletion test on the duplicated captions (recall by text, the paper's case), on the other positives
+    (copies without it) and, in the full run, on long prompts; flagged = at or above the negatives' 1 % threshold of
+    `scores` (first step, mean of the seeds)."""
+    threshold = threshold_at_fpr(scores[~positive], 0.01)
+    memorized = [t for t, k in zip(texts, kinds) if k == "memorized"]
+    groups = {"memorized": memorized[: 12 if quick else 40],
+              "other_positives": [t for t, k, p in zip(texts, kinds, positive) if p and k != "memorized"][: 12 if quick
+                                                                                                        else 40]}
+    if not quick:  # the cheap order's goal: long prompts (n + 1 first-step passes a word for the exact reference)
+        groups["memorized_long"] = long_prompts(memorized[:16], [t for t, k in zip(texts, kinds) if k == "ordinary"],
+                                                model.tokenizers[0])
+    return {name: explanation_bench(model, group, threshold, steps) for name, group in groups.items()}
 
 
 def long_prompts(memorized, ordinary, tokenizer, length: int = 75):
