@@ -172,12 +172,12 @@ def test_leave_one_out_in_the_embedding_empties_one_position(random_model):
         assert base - after == pytest.approx(score, rel=1e-4, abs=1e-6)
 
 
-def test_default_method_is_exact_leave_one_out_for_short_prompts_and_screened_for_long_ones(random_model):
+def test_default_method_is_exact_leave_one_out_for_short_prompts_and_grouped_for_long_ones(random_model):
     from memoguard.explain import LEAVE_ONE_OUT_MAX_WORDS, default_method
     short = random_model.encode([PROMPT])
     long = random_model.encode([" ".join(["red"] * (LEAVE_ONE_OUT_MAX_WORDS + 1))])
     assert default_method(random_model, short) == "leave_one_out"
-    assert default_method(random_model, long) == "leave_one_out_screened"
+    assert default_method(random_model, long) == "leave_one_out_grouped"
     no_ids = short.with_embedding(short.embedding)
     no_ids.ids = None  # what an adapter that cannot re-encode hands over
     assert default_method(random_model, no_ids) == "gradient_x_delta"
@@ -187,7 +187,7 @@ def test_default_method_is_exact_leave_one_out_for_short_prompts_and_screened_fo
     with pytest.raises(ValueError, match="explanation method must be one of"):
         token_contributions(random_model, cond, uncond, x, method="saliency")
     with pytest.raises(ValueError, match="re-encodes the prompt"):
-        token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out_screened")
+        token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out_grouped")
 
 
 def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random_model):
@@ -209,21 +209,27 @@ def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random
     assert loo.score_without(1) == pytest.approx(gap("a red circle") / x[0].numel() ** 0.5, rel=1e-4)
 
 
-def test_screened_leave_one_out_measures_the_top_words_exactly(random_model):
-    from memoguard.explain import SCREENED_WORDS
+def test_grouped_leave_one_out_narrows_to_the_part_whose_removal_matters_most(random_model):
+    """Brute force on the text: each round leaves out each quarter of the words in play and keeps the quarter
+    whose removal lowers the gap most; the last words are each left out alone, exactly as leave-one-out does."""
+    from memoguard.explain import GROUPED_WORDS, GROUPS
     words = "a large red circle on the left next to a small blue square at the top of the grey picture".split()
-    assert len(words) > SCREENED_WORDS
     cond, uncond, x = _setup(random_model, [" ".join(words)], [3])
-    (screened,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_screened")
+    (grouped,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_grouped")
     (exact,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
-    (grad,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="gradient_x_delta")
-    top = set(grad.ranking()[:SCREENED_WORDS])
-    assert [i for i, m in enumerate(screened.measured) if m] == sorted(top)
+    t = random_model.timesteps(50)[0]
+    gap = lambda keep: l2_per_image(torch.sub(*random_model.eps_pair(
+        x, t, random_model.encode([" ".join(words[i] for i in keep)]), uncond))).item()
+    left = list(range(len(words)))
+    while len(left) > GROUPED_WORDS:
+        parts = [left[k * len(left) // GROUPS:(k + 1) * len(left) // GROUPS] for k in range(GROUPS)]
+        left = min(parts, key=lambda part: gap([i for i in range(len(words)) if i not in part]))
+    assert [i for i, m in enumerate(grouped.measured) if m] == left
     for i in range(len(words)):
-        if i in top:
-            assert screened.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
+        if i in left:
+            assert grouped.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
         else:
-            assert screened.scores[i] == 0.0 and screened.score_without(i) is None
+            assert grouped.scores[i] == 0.0 and grouped.score_without(i) is None
 
 
 def test_the_summary_says_when_no_single_word_ends_the_recall():
