@@ -195,6 +195,24 @@ def test_generate_writes_pngs_with_their_record_and_mitigates(tmp_path, dataset,
         assert not np.array_equal(np.asarray(Image.open(fixed / r["file"])), np.asarray(Image.open(plain / r["file"])))
 
 
+def test_generate_new_noise_records_the_seed_that_remakes_the_image(tmp_path, dataset):
+    """A new initial noise keeps the prompt; its recorded seed, generated plainly, is the same image bit for bit."""
+    prompt = dataset.memorized_captions[3]
+    fixed = tmp_path / "new_noise"
+    assert main(["generate", "--prompt", prompt, "--seeds", "0,1,2,3", "--steps", "10", "--mitigation", "new_noise",
+                 "--mode", "always", "--target", "0", "--noise-candidates", "3", "--out", str(fixed)]) == 0
+    lines = [json.loads(line) for line in (fixed / "results.jsonl").read_text().splitlines()]
+    moved = [r for r in lines if r["mitigation"]["noise_seed"] is not None]
+    assert moved and all(r["mitigation"]["prompt_used"].replace(" ", "") == prompt.replace(" ", "") for r in lines)
+    for r in moved:
+        assert f"seed {r['mitigation']['noise_seed']}" in r["mitigation"]["summary"]
+        again = tmp_path / f"again{r['seed']}"
+        assert main(["generate", "--prompt", prompt, "--seeds", str(r["mitigation"]["noise_seed"]), "--steps", "10",
+                     "--out", str(again)]) == 0
+        remade = json.loads((again / "results.jsonl").read_text())
+        assert np.array_equal(np.asarray(Image.open(again / remade["file"])), np.asarray(Image.open(fixed / r["file"])))
+
+
 @pytest.mark.parametrize("extra, message", [(["--seeds", "0,x"], "--seeds takes integers"),
                                             (["--mitigation", "minimize", "--mode", "auto"], "needs a calibration")])
 def test_generate_bad_arguments_are_one_line(tmp_path, capsys, random_model_dir, extra, message):
