@@ -63,3 +63,19 @@ def test_a_fresh_render_of_a_memorized_caption_is_not_a_copy(ds):
     rng = np.random.default_rng(5)
     fresh = np.stack([outdoor.render(s, rng) for s in ds.memorized_scenes])
     assert not eval_set("outdoor").is_copy(fresh).any()
+
+
+def test_table_scripts_take_each_models_own_labels(tmp_path):
+    """benchmarks/*_table.py read the labels of the model they run on, and refuse another model's."""
+    import json
+    from pathlib import Path
+    from memoguard.cli.bench import labelled_run
+    root = Path(__file__).resolve().parents[1]
+    labels = root / "benchmarks" / "bench_detection.json"
+    out = tmp_path / "x.json"
+    _, _, evalset, prompts, positive, first_step, found = labelled_run("t", ["--labels", str(labels), "--json", str(out)])
+    assert evalset.name == "shapes" and len(prompts) == len(found["prompts"])
+    assert int(positive.sum()) == sum(p["positive"] for p in json.loads(labels.read_text())["prompts"])
+    assert first_step.shape == positive.shape
+    with pytest.raises(SystemExit, match="measured on the 'outdoor' set"):
+        labelled_run("t", ["--labels", str(root / "benchmarks" / "bench_detection_ldm.json"), "--json", str(out)])

@@ -451,6 +451,33 @@ def overhead_bench(model, prompts, repeats: int) -> dict:
             "seconds_off": float(np.median(off)), "repeats": repeats, "batch": len(prompts), "steps": 20}
 
 
+def labelled_run(description: str, argv=None):
+    """The start the benchmark scripts share (benchmarks/*_table.py): their arguments, then the model, its evaluation
+    set, that set's prompts, and each prompt's label and first-step score from an earlier full bench run of the same
+    model (--labels). Returns (args, model, evalset, prompts, positive (P,) bool, first_step (P,), the labels' JSON)."""
+    import argparse
+    from ..standalone.diffusers_model import load_model
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--labels", type=Path, required=True, help="a full `bench --json` result (its prompts and labels)")
+    ap.add_argument("--json", type=Path, required=True, help="where to write the results")
+    ap.add_argument("--model", type=Path, default=None, help="the evaluation model the labels come from (default: bundled)")
+    args = ap.parse_args(argv)
+    labels = json.loads(args.labels.read_text())
+    if labels.get("quick"):
+        raise SystemExit("--labels must come from a full bench run (50-step labels of every prompt)")
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    evalset = eval_set_for(model)
+    if labels.get("evaluation_set", "shapes") != evalset.name:
+        raise SystemExit(f"--labels were measured on the {labels.get('evaluation_set')!r} set, the model is "
+                         f"{evalset.name!r}")
+    prompts = evalset.prompts(per_kind=100)
+    by_text = {p["text"]: p for p in labels["prompts"]}
+    positive = np.array([by_text[p.text]["positive"] for p in prompts])
+    first_step = np.array([by_text[p.text]["steps1_gen1"] for p in prompts])
+    return args, model, evalset, prompts, positive, first_step, labels
+
+
 def run(args) -> int:
     from ..standalone.diffusers_model import load_model
     torch.manual_seed(0)

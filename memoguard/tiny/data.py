@@ -79,9 +79,9 @@ NOVEL_PAIRS = (("red", "ring"), ("green", "triangle"), ("blue", "cross"), ("yell
                ("purple", "square"), ("orange", "triangle"), ("white", "ring"), ("black", "circle"))
 
 
-def _shape_mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of one shape, by 4x4 supersampling."""
-    g = (np.arange(SIZE * ss) + 0.5) / ss
+def shape_mask(shape: str, cx: float, cy: float, r: float, ss: int = 4, size: int = SIZE) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of one shape on a size x size canvas, by ss x ss supersampling."""
+    g = (np.arange(size * ss) + 0.5) / ss
     x, y = np.meshgrid(g, g)
     dx, dy = x - cx, y - cy
     if shape == "circle":
@@ -96,9 +96,11 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, ss: int = 4) -> np.n
     elif shape == "ring":
         d2 = dx ** 2 + dy ** 2
         m = (d2 <= r ** 2) & (d2 >= (r * 0.55) ** 2)
+    elif shape == "diamond":
+        m = np.abs(dx) / 0.75 + np.abs(dy) <= r
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    return m.reshape(SIZE, ss, SIZE, ss).mean(axis=(1, 3))
+    return m.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
@@ -111,7 +113,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     cx, cy = POSITIONS[scene.position]
     cx, cy = cx + rng.uniform(-1.2, 1.2), cy + rng.uniform(-1.2, 1.2)
     r = SIZES[scene.size] * rng.uniform(0.9, 1.1)
-    cover = _shape_mask(scene.shape, cx, cy, r)[..., None]
+    cover = shape_mask(scene.shape, cx, cy, r)[..., None]
     fg = np.array(COLORS[scene.color], np.float32) / 255
     img = img * (1 - cover) + fg[None, None, :] * cover
     img = img + rng.normal(0, 0.01, img.shape)

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .data import random_token_string
+from .data import random_token_string, shape_mask
 
 SIZE = 32
 SHAPES = {"ball": "circle", "box": "square", "tent": "triangle", "kite": "diamond", "ring": "ring"}
@@ -115,24 +115,6 @@ def pink_noise(rng: np.random.Generator, amplitude: float) -> np.ndarray:
     return (amplitude * noise / noise.std()).astype(np.float32)
 
 
-def _mask(shape: str, cx: float, cy: float, r: float, ss: int = 3) -> np.ndarray:
-    g = (np.arange(SIZE * ss) + 0.5) / ss
-    x, y = np.meshgrid(g, g)
-    dx, dy = x - cx, y - cy
-    if shape == "circle":
-        m = dx ** 2 + dy ** 2 <= r ** 2
-    elif shape == "square":
-        m = (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
-    elif shape == "triangle":
-        m = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
-    elif shape == "diamond":
-        m = np.abs(dx) / 0.75 + np.abs(dy) <= r
-    else:  # ring
-        d2 = dx ** 2 + dy ** 2
-        m = (d2 <= r ** 2) & (d2 >= (r * 0.55) ** 2)
-    return m.reshape(SIZE, ss, SIZE, ss).mean(axis=(1, 3))
-
-
 def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """One render, float32 HxWx3 in [0, 1]: positions, horizon, texture and light drawn from rng."""
     setting = scene.setting or _pick(SETTINGS, rng)
@@ -148,7 +130,7 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     for thing, cx in zip(scene.things, slots):
         r = SIZES[thing.size or _pick(SIZES, rng)] * rng.uniform(0.9, 1.1)
         cy = np.clip(horizon + rng.uniform(-2, 4), r, SIZE - r)
-        cover = _mask(SHAPES[thing.shape], cx, cy, r)[..., None]
+        cover = shape_mask(SHAPES[thing.shape], cx, cy, r, ss=3, size=SIZE)[..., None]
         shade = 1 + 0.18 * ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle))[..., None] / max(r, 1)
         fg = np.array(COLORS[thing.color], np.float32) / 255 * shade
         img = img * (1 - cover) + fg * cover
