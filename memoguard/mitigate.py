@@ -36,7 +36,9 @@ from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
 DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
-DEFAULT_EARLY_SCALE = -1.0  # opposite guidance's scale in its first steps
+# opposite guidance's first steps and their scale: of the rows measured (BENCHMARKS.md, mitigation on both models),
+# 0.2 of the steps at -3 left the fewest copies on both evaluation models
+OPPOSITE_DELAY, DEFAULT_EARLY_SCALE = 0.2, -3.0
 DEFAULT_NOISE_CANDIDATES = 4
 SEED_STRIDE = 1_000_003     # candidate k of seed s is seed s + k * SEED_STRIDE: never a batch neighbour's seed
 STARTS = ("remove_tokens", "minimize", "new_noise")
@@ -397,14 +399,17 @@ class Mitigation:
 def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
              timesteps: Sequence, guidance: float, *, strategy: str = "auto", mode: str = "always",
              threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
-             max_removals: int = 3, delay: float = DEFAULT_DELAY, early_scale: float = DEFAULT_EARLY_SCALE,
+             max_removals: int = 3, delay: Optional[float] = None, early_scale: float = DEFAULT_EARLY_SCALE,
              seeds: Optional[Sequence[int]] = None, noise_of: Optional[Callable] = None,
              noise_candidates: int = DEFAULT_NOISE_CANDIDATES,
              should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
-    `default_strategy(model)`. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T)."""
+    `default_strategy(model)`. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
+    the schedule's own default (DEFAULT_DELAY for guidance_delay, OPPOSITE_DELAY for opposite_guidance)."""
     strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)
     start, _, schedule = strategy.partition("+")
+    if delay is None:
+        delay = OPPOSITE_DELAY if "opposite_guidance" in (start, schedule) else DEFAULT_DELAY
     t_first = timesteps[0]
     new_x = None
     if start in SCHEDULES:

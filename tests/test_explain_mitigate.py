@@ -363,6 +363,10 @@ def test_opposite_guidance_and_a_start_followed_by_a_schedule(tiny_model):
     assert not torch.equal(a, b)
     with pytest.raises(MitigationError, match="early_scale must be <= 0"):
         mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="opposite_guidance", early_scale=1.0)
+    # its defaults are the measured best (0.2 of the steps at -3); delayed guidance keeps its own (0.3)
+    default = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="opposite_guidance")
+    assert default.guidance[:2].eq(-3.0).all() and default.guidance[2:].eq(3.0).all()
+    assert mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="guidance_delay").record.delay_steps == 3
     # the schedule of a combination applies to the images its start changed, and only to them
     rec0 = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="remove_tokens", target=0.0).record
     target = min(rec0.before) * 1.0001  # the lower-scoring image is left alone, the other is edited

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from ..errors import ArgumentError
-from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, MODES, SCHEDULES, STRATEGIES,
-                        extra_cost, mitigate)
+from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, MODES, OPPOSITE_DELAY,
+                        SCHEDULES, STRATEGIES, extra_cost, mitigate)
 from ..standalone.pipeline import DEFAULT_STEPS
 
 MITIGATIONS = ("off", "default", *STRATEGIES)
@@ -48,9 +48,9 @@ def add_arguments(p):
     p.add_argument("--target", type=float, default=None,
                    help="first-step score to bring images under (default: the calibration's benign median)")
     p.add_argument("--max-removals", type=int, default=3, help="remove_tokens: most tokens left out (default 3)")
-    p.add_argument("--delay", type=float, default=DEFAULT_DELAY,
+    p.add_argument("--delay", type=float, default=None,
                    help=f"guidance_delay / opposite_guidance: share of the first steps at the early scale "
-                        f"(default {DEFAULT_DELAY})")
+                        f"(default {DEFAULT_DELAY} / {OPPOSITE_DELAY})")
     p.add_argument("--early-scale", type=float, default=DEFAULT_EARLY_SCALE,
                    help=f"opposite_guidance: guidance scale of those steps, <= 0 (default {DEFAULT_EARLY_SCALE})")
     p.add_argument("--noise-candidates", type=int, default=DEFAULT_NOISE_CANDIDATES,
