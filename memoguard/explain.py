@@ -1,27 +1,33 @@
-"""Token-wise significance: which words make the model regurgitate.
+"""Word-wise significance: which words make the model regurgitate.
 
-All methods attribute gap = ||eps(x_t, e) - eps(x_t, e_empty)||_2 (the paper's raw L2) to the
-text-encoder output e_i at each prompt position, averaged over the first `steps` sampling steps
-and over generations; between steps the generation follows ordinary guided DDIM.
-  - "gradient_norm":        ||d gap / d e_i||_2 (Wen et al., Sec. 4, the paper's method). Says how
-                            sensitive the gap is at a position, not what removing the token does.
-  - "gradient_x_delta":     d gap / d e_i . (e_i - e_empty,i): the first-order change of the gap
-                            when position i is set to the empty prompt's output there.
+All methods attribute gap = ||eps(x_t, e) - eps(x_t, e_empty)||_2 (the paper's raw L2) to the words of
+the prompt — a word's BPE pieces together where the adapter's tokenizer marks word ends
+(PromptEncoding.words), else each token — averaged over the first `steps` sampling steps and over
+generations; between steps the generation follows ordinary guided DDIM.
+  - "gradient_norm":        ||d gap / d e_w||_2 over the word's positions (Wen et al., Sec. 4, the
+                            paper's method). Says how sensitive the gap is, not what removing the word does.
+  - "gradient_x_delta":     d gap / d e . (e - e_empty) summed over the word's positions: the first-order
+                            change of the gap when they are set to the empty prompt's output there.
   - "integrated_gradients": the same product along the straight path from e_empty to e
                             (`ig_steps` gradients); the scores add up to the gap.
-  - "leave_one_out":        gap(e) - gap(prompt without token i), one batched forward per token.
-                            Where the adapter can re-encode (DiffusionModel.encode_without) the
-                            prompt is encoded again without the token: the sound removal for a
-                            causal text encoder (CLIP), which writes each token into every later
-                            position. Elsewhere, and as "leave_one_out_embedding", position i
-                            alone takes the empty prompt's output, which leaves the token in the
-                            later positions.
-The three last are signed (negative: the token lowers the gap); shares count positive scores only.
-Default (`default_method`): leave-one-out where the adapter re-encodes and the prompt is short enough
-to stay within the mitigation's budget of 10 forward + backward passes (~30 forwards); gradient x
-input otherwise. Leave-one-out in the embedding depends on what the host's empty prompt holds at each
-position: in the real ComfyUI (which pads with EOS) emptying any one position raised the score of a
-memorized prompt, so it is an option, not a default. `bench` measures all of them (BENCHMARKS.md).
+  - "leave_one_out":        gap(e) - gap(prompt without word w), one batched forward per word. Where the
+                            adapter can re-encode (DiffusionModel.encode_without) the prompt is encoded
+                            again without the word: the sound removal for a causal text encoder (CLIP),
+                            which writes each token into every later position. Elsewhere, and as
+                            "leave_one_out_embedding", the word's positions alone take the empty
+                            prompt's output, which leaves the word in the later positions.
+  - "leave_one_out_grouped": group testing for long prompts (re-encoded): parts of the words are left out
+                            in turn, the part whose removal lowers the gap most is kept, until a few words
+                            remain, which are then left out one by one (14 evaluations at 75 words).
+The leave-one-out and gradient x input scores are signed (negative: the word lowers the gap); shares count
+positive scores only. Leave-one-out also tells the score with a word left out, so an explanation can say
+that no single word ends the recall (TokenContributions.summary).
+Default (`default_method`): exact leave-one-out where the adapter re-encodes and the prompt has at most
+LEAVE_ONE_OUT_MAX_WORDS words, grouped leave-one-out for longer ones; gradient x input where the adapter
+cannot re-encode (the hosts). Leave-one-out in the embedding depends on what the host's empty prompt holds
+at each position: in the real ComfyUI (which pads with EOS) emptying any one position raised the score of a
+memorized prompt, so it is an option, not a default. `bench` measures all of them on both evaluation
+models (BENCHMARKS.md).
 """
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -39,7 +45,7 @@ METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_grouped": "leav
                 "integrated_gradients": "integrated gradients", "gradient_norm": "gradient norm (paper)"}
 MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding")
 GROUPS, GROUPED_WORDS = 4, 4  # grouped: parts a round splits the words in play into, until this many remain
-LEAVE_ONE_OUT_MAX_WORDS = 12  # n + 2 evaluations per step (n conditional, one shared unconditional, the base)
+LEAVE_ONE_OUT_MAX_WORDS = 12  # exact: n + 2 evaluations a step, up to 12 words no more than grouped at 75 words (14)
 
 class ExplanationError(MemoGuardError, ValueError):
     """Settings of an explanation that cannot work."""
