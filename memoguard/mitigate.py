@@ -330,14 +330,18 @@ def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "alw
     """(GuidanceDelay or None, record) from the first-step scores (B,) a host already has: no model call.
     early_scale 0 is delayed guidance, < 0 opposite guidance."""
     check_mode(mode, target)
-    if not early_scale <= 0:
-        raise MitigationError(f"early_scale must be <= 0 (0: no guidance, < 0: away from the prompt), got {early_scale}")
+    check_early_scale(early_scale)
     k = delay_steps(total_steps, delay)
     record, active = decide(gap, mode, threshold, target, "guidance_delay" if early_scale == 0 else "opposite_guidance")
     if active is None:
         return None, record
     _mark_schedule(record, active, k, early_scale)
     return GuidanceDelay(active, k, early_scale), record
+
+
+def check_early_scale(early_scale: float) -> None:
+    if not early_scale <= 0:
+        raise MitigationError(f"early_scale must be <= 0 (0: no guidance, < 0: away from the prompt), got {early_scale}")
 
 
 def _mark_schedule(record: MitigationRecord, images: torch.Tensor, steps: int, scale: float) -> None:
@@ -410,6 +414,8 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     start, _, schedule = strategy.partition("+")
     if delay is None:
         delay = OPPOSITE_DELAY if "opposite_guidance" in (start, schedule) else DEFAULT_DELAY
+    if "opposite_guidance" in (start, schedule):  # before any model call
+        check_early_scale(early_scale)
     t_first = timesteps[0]
     new_x = None
     if start in SCHEDULES:
@@ -435,8 +441,6 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     if not schedule or not bool(changed.any()):
         return Mitigation(cond, None, record, new_x)
     scale = 0.0 if schedule == "guidance_delay" else early_scale
-    if not scale <= 0:
-        raise MitigationError(f"early_scale must be <= 0, got {early_scale}")
     plan = GuidanceDelay(changed, delay_steps(len(timesteps), delay), scale)
     _mark_schedule(record, changed, plan.steps, scale)
     return Mitigation(cond, plan.schedule(len(timesteps), guidance), record, new_x)

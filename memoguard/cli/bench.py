@@ -351,9 +351,10 @@ def mitigation_tables(model, evalset, prompts, positive: np.ndarray, first_step:
             f"{r['alignment_before']:.2f} -> {r['alignment_after']:.2f}, collapsed {r['collapsed_share']:.2f}, "
             f"model calls {r['model_call_ratio']:.2f}x")
     for name in auto_rows:
-        for key, group in (("mitigation_auto", mitigated), ("mitigation_ordinary_auto", ordinary)):
+        for key, label, group in (("mitigation_auto", "positives", mitigated),
+                                  ("mitigation_ordinary_auto", "ordinary", ordinary)):
             out[key][name] = r = mitigation_bench(model, group, evalset, table[name], "auto", threshold)
-            log(f"  auto {key[11:]:14s} {name:40s} changed {r['images_changed']}/{r['n_images']}, copies "
+            log(f"  auto {label:9s} {name:40s} changed {r['images_changed']}/{r['n_images']}, copies "
                 f"{r['copy_rate_before']:.2f} -> {r['copy_rate_after']:.2f}, new copies {r['new_copies']}")
     return out
 
