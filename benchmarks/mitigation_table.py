@@ -6,7 +6,7 @@
 
 Same prompts, seeds, 20 DDIM steps, targets, auto-mode threshold and side-by-side timing as
 `python -m memoguard bench` (memoguard.cli.bench.mitigation_tables), without re-running its labelling,
-detection and explanation parts. `--labels` may come from `bench --detection-only`.
+detection and explanation parts. `--labels` may come from `bench --detection-only`. `--rows` measures only the named rows (a new strategy's).
 """
 import json
 import time
@@ -16,8 +16,9 @@ from memoguard.cli.bench import DEFAULT_MITIGATION, HOST_MITIGATION, labelled_ru
 
 def main() -> None:
     t0 = time.time()
-    args, model, evalset, prompts, positive, first_step, _ = labelled_run(__doc__.splitlines()[0])
-    res = mitigation_tables(model, evalset, prompts, positive, first_step, quick=False)
+    rows = lambda ap: ap.add_argument("--rows", nargs="+", default=None, help="only these rows of the table")
+    args, model, evalset, prompts, positive, first_step, _ = labelled_run(__doc__.splitlines()[0], add_arguments=rows)
+    res = mitigation_tables(model, evalset, prompts, positive, first_step, quick=False, rows=args.rows)
     args.json.write_text(json.dumps({"labels_from": str(args.labels), "model": model.name,
                                      "evaluation_set": evalset.name, "default": DEFAULT_MITIGATION,
                                      "host_default": HOST_MITIGATION, "seconds": round(time.time() - t0, 1), **res},

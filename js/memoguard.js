@@ -444,17 +444,25 @@ function drawTokens(node) {
     const share = shares[i];
     const span = el("span", { className: "memoguard-token", textContent: `${token} ${(100 * share).toFixed(0)}%`,
                               title: `${(100 * share).toFixed(1)}% of the contribution` +
-                                     (finite(data.scores?.[i]) ? `, score ${data.scores[i].toPrecision(3)}` : "") },
+                                     (finite(data.scores?.[i]) ? `, score ${data.scores[i].toPrecision(3)}` : "") +
+                                     (finite(data.score_without?.[i])
+                                       ? `; first-step score without it ${data.score_without[i].toFixed(4)}` : "") },
                     { display: "inline-block", padding: compact ? "0 3px" : "2px 5px", borderRadius: "4px",
                       color: "#fff", fontSize: compact ? "11px" : "13px", whiteSpace: "nowrap",
                       background: `rgba(230, 25, 75, ${0.15 + 0.85 * share / top})` });
     box.append(span);
   });
   root.append(box);
+  // the summary's "top words" repeat the chips; what they cannot say ("spread over the caption ...") is shown
+  const summary = clean(data.summary);
+  if (summary && !/^top words/.test(summary)) root.append(el("div", { className: "memoguard-text", textContent: summary },
+                                                             { flex: "0 0 auto", fontSize: "12px", color: "#ddd" }));
   if (data.method_name) root.append(el("div", { className: "memoguard-text", textContent: `method: ${data.method_name}` },
                                        { flex: "0 0 auto", fontSize: "11px", color: "#aaa" }));
   const status = statusLine(node, root.textContent);
-  if (status && !/^top tokens/.test(status.textContent)) root.append(status);  // "top tokens ..." = the header
+  const said = status && (/^(MemoGuard: )?top (tokens|words)/.test(status.textContent)  // = the chips
+                          || root.textContent.includes(status.textContent.replace(/^MemoGuard: /, "")));
+  if (status && !said) root.append(status);
 }
 
 function onMitigation({ detail }) {

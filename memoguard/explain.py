@@ -138,14 +138,10 @@ def check_method(method: str) -> str:
     return method
 
 
-def _reencodes(model: Denoiser, cond: PromptEncoding) -> bool:
-    return model.reencodes and cond.ids is not None
-
-
 def default_method(model: Denoiser, cond: PromptEncoding) -> str:
     """Leave-one-out where the adapter re-encodes (exact for short prompts, by group testing for long ones);
     gradient x input where it cannot."""
-    if not _reencodes(model, cond):
+    if not model.can_reencode(cond):
         return "gradient_x_delta"
     longest = max((len(cond.word_groups(b)) for b in range(cond.embedding.shape[0])), default=0)
     return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_WORDS else "leave_one_out_grouped"
@@ -274,7 +270,7 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
                                f"{grad_batch})")
     cond = cond.with_embedding(cond.embedding.detach())
     cond_g = cond.repeat_rows(gens)
-    reencodes = _reencodes(model, cond)
+    reencodes = model.can_reencode(cond)
     if method == "leave_one_out_grouped" and not reencodes:
         raise ExplanationError(f"{METHOD_NAMES[method]} re-encodes the prompt, which {type(model).__name__} cannot do")
     reencode = cond if method in ("leave_one_out", "leave_one_out_grouped") and reencodes else None

@@ -1,6 +1,6 @@
 """Inference-time mitigation: steer a generation away from a memorized image before it forms.
 
-Five strategies, measured side by side by `bench` on both evaluation models (BENCHMARKS.md):
+Six strategies, measured side by side by `bench` on both evaluation models (BENCHMARKS.md):
   - "remove_tokens": leave out, one word at a time (a word's BPE pieces together), the word whose
     removal brings the first-step score under `target` with the smallest drop (the least edit that
     ends the recall; the largest drop while none reaches it), at most `max_removals` words. The first
@@ -20,18 +20,24 @@ Five strategies, measured side by side by `bench` on both evaluation models (BEN
     memorized prompt recalls): up to `noise_candidates` fresh initial noises, each scored at the
     first step (one guided pair), the first under `target` kept, else the lowest. The prompt is kept.
     A candidate is the noise of a recorded seed, so the image can be made again.
+  - "mask_padding" (after Kim & No, arXiv 2605.02908: CLIP pads with copies of the end-of-text token,
+    and those copies drive the recall): the padding positions' embeddings, the `pad_share` of them
+    nearest the end-of-text first, set to zero (each chunk's BOS, prompt tokens and end-of-text kept).
+    The words stay, no re-encoding: it works on any host's text-encoder output. One extra forward pass
+    measures the score after. Zeroing is this project's form of the paper's "masking".
 A prompt strategy can be followed by a schedule ("remove_tokens+guidance_delay", "new_noise+
 opposite_guidance"): the schedule then applies to the images the first one changed.
 Every strategy leaves images at or under `target` untouched, and mode "auto" touches only images
 whose first-step score is at or above `threshold`.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .errors import MemoGuardError
-from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients
+from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients
 from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
@@ -41,12 +47,14 @@ DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
 OPPOSITE_DELAY, DEFAULT_EARLY_SCALE = 0.2, -3.0
 DEFAULT_NOISE_CANDIDATES = 4
 SEED_STRIDE = 1_000_003     # candidate k of seed s is seed s + k * SEED_STRIDE: never a batch neighbour's seed
-STARTS = ("remove_tokens", "minimize", "new_noise")
+STARTS = ("remove_tokens", "minimize", "new_noise", "mask_padding")
+DEFAULT_PAD_SHARE = 1.0
 SCHEDULES = ("guidance_delay", "opposite_guidance")
-STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "new_noise") for b in SCHEDULES)
+STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "new_noise", "mask_padding")
+                                        for b in SCHEDULES)
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
-                  "new_noise": "new initial noise"}
+                  "new_noise": "new initial noise", "mask_padding": "padding masked"}
 
 
 class MitigationError(MemoGuardError, ValueError):
@@ -68,6 +76,7 @@ class MitigationRecord:
     delay_steps: int = 0                                      # schedules: steps at early_scale
     early_scale: float = 0.0                                  # schedules: scale of those steps (0: no guidance)
     seeds: List[Optional[int]] = field(default_factory=list)  # new_noise: the seed of each image's new noise
+    masked: List[int] = field(default_factory=list)           # mask_padding: positions zeroed, per image
     passes: float = 0.0  # model evaluations per image on top of sampling (a backward counts as 2)
     threshold: Optional[float] = None                         # auto: images scoring under it are left alone
     target: float = 0.0                                       # images at or under it are left alone
@@ -88,7 +97,8 @@ class MitigationRecord:
             return f"{self.strategy_name}: {self._schedule_text()}"
         what = {"remove_tokens": lambda: f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}",
                 "new_noise": lambda: f"seed {self.seeds[image]}" if self.seeds[image] is not None else "noise kept",
-                "minimize": lambda: f"{moved} iterations"}[start]()
+                "minimize": lambda: f"{moved} iterations",
+                "mask_padding": lambda: f"{self.masked[image]} padding positions zeroed"}[start]()
         then = f"; then {self._schedule_text()}" if schedule else ""
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
                 f"{self.after[image]:.4f}{then}")
@@ -163,7 +173,7 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
     batch = gap.shape[0]
     record = MitigationRecord(mode=mode, ran=False, before=gap.tolist(), after=gap.tolist(),
                               image_iterations=[0] * batch, strategy=strategy, removed=[[] for _ in range(batch)],
-                              seeds=[None] * batch, passes=0.0 if strategy in SCHEDULES else 2.0,
+                              seeds=[None] * batch, masked=[0] * batch, passes=0.0 if strategy in SCHEDULES else 2.0,
                               threshold=threshold, target=float(target))
     if mode == "off":
         record.reason = "mitigation off"
@@ -241,7 +251,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     if min(max_removals, max_candidates, later_candidates) < 1:
         raise MitigationError(f"max_removals, max_candidates and later_candidates must be >= 1 (got {max_removals}, "
                               f"{max_candidates}, {later_candidates})")
-    if not model.reencodes or cond.ids is None:
+    if not model.can_reencode(cond):
         raise MitigationError(f"token removal re-encodes the prompt, which {type(model).__name__} cannot do; "
                               f"use the strategy 'minimize'")
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens")
@@ -391,6 +401,50 @@ def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnco
     return x, record
 
 
+def padding_positions(cond: PromptEncoding, b: int) -> List[int]:
+    """Row b's padding positions, nearest the end-of-text first: in each 77-position chunk, what follows the
+    first position after the chunk's last prompt token (its end-of-text). BOS and prompt tokens are never padding."""
+    prompt, frozen = cond.prompt_mask[b].tolist(), cond.frozen_mask[b].tolist()
+    out = []
+    for start in range(0, len(prompt), CHUNK):
+        chunk = range(start, min(start + CHUNK, len(prompt)))
+        words = [i for i in chunk if prompt[i]]
+        after = (words[-1] if words else start) + 1  # the end-of-text's position (right after BOS when empty)
+        out += [i for i in chunk if i > after and not prompt[i] and not frozen[i]]
+    return out
+
+
+def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first, *,
+                 mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
+                 pad_share: float = DEFAULT_PAD_SHARE):
+    """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T. Images left
+    alone keep their embedding bit for bit."""
+    check_mode(mode, target)
+    if not 0 < pad_share <= 1:
+        raise MitigationError(f"pad_share must be in (0, 1], got {pad_share}")
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "mask_padding")
+    if active is None:
+        return cond, record
+    keep = torch.ones(cond.embedding.shape[:2], dtype=torch.bool)
+    for b in torch.nonzero(active).flatten().tolist():
+        pads = padding_positions(cond, b)
+        pads = pads[:math.ceil(pad_share * len(pads))]
+        keep[b, pads] = False
+        record.masked[b] = len(pads)
+        record.image_iterations[b] = 1
+    keep = keep.to(cond.embedding.device).unsqueeze(-1)
+    new = cond.with_embedding(torch.where(keep, cond.embedding, torch.zeros_like(cond.embedding)))
+    rows = torch.nonzero(active).flatten().tolist()
+    with torch.no_grad():
+        index = torch.tensor(rows, device=x_T.device)
+        sub = new.rows(rows)
+        after = rms_per_image(model.eps(x_T[index], t_first, sub.embedding, sub.extra) - eps_u[index]).float().cpu()
+    record.passes += len(rows) / gap.shape[0]
+    record.iterations = 1
+    record.after = [float(after[rows.index(b)]) if b in rows else g for b, g in enumerate(gap.tolist())]
+    return new, record
+
+
 @dataclass
 class Mitigation:
     """What to sample with after mitigation: the prompt, the initial noise, the per-step guidance, and what was done."""
@@ -405,7 +459,7 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
              threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05, max_iters: int = 10,
              max_removals: int = 3, delay: Optional[float] = None, early_scale: float = DEFAULT_EARLY_SCALE,
              seeds: Optional[Sequence[int]] = None, noise_of: Optional[Callable] = None,
-             noise_candidates: int = DEFAULT_NOISE_CANDIDATES,
+             noise_candidates: int = DEFAULT_NOISE_CANDIDATES, pad_share: float = DEFAULT_PAD_SHARE,
              should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
     `default_strategy(model)`. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
@@ -430,6 +484,9 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     elif start == "remove_tokens":
         cond, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
                                      target=target, max_removals=max_removals, should_stop=should_stop)
+    elif start == "mask_padding":
+        cond, record = mask_padding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold, target=target,
+                                    pad_share=pad_share)
     else:
         if seeds is None or noise_of is None:
             raise MitigationError("the strategy 'new_noise' needs each image's seed and the caller's noise function")

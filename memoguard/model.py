@@ -30,6 +30,7 @@ class PromptEncoding:
     ids: token ids (B, L), kept by models that can re-encode a prompt with tokens removed.
     words: words[b][i] numbers the word position i belongs to (BPE pieces of one word share it; -1 outside
     the prompt), where the adapter's tokenizer marks word ends; None: every token is its own word.
+    texts: each row's prompt text, kept by adapters that re-encode from the text (ComfyUI: its weights syntax).
     """
     embedding: torch.Tensor
     tokens: List[List[str]]
@@ -38,6 +39,7 @@ class PromptEncoding:
     extra: dict = field(default_factory=dict)
     ids: Optional[torch.Tensor] = None
     words: Optional[List[List[int]]] = None
+    texts: Optional[List[str]] = None
 
     def __post_init__(self):
         if self.embedding.dim() != 3:
@@ -49,7 +51,7 @@ class PromptEncoding:
 
     def with_embedding(self, embedding: torch.Tensor) -> "PromptEncoding":
         return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra, self.ids,
-                              self.words)
+                              self.words, self.texts)
 
     def rows(self, index) -> "PromptEncoding":
         """The encoding of the rows `index` (a list or tensor of row numbers), in that order."""
@@ -59,7 +61,8 @@ class PromptEncoding:
         return PromptEncoding(pick(self.embedding), [self.tokens[i] for i in index.tolist()], pick(self.prompt_mask),
                               pick(self.frozen_mask), {k: pick(v) for k, v in self.extra.items()},
                               None if self.ids is None else pick(self.ids),
-                              None if self.words is None else [self.words[i] for i in index.tolist()])
+                              None if self.words is None else [self.words[i] for i in index.tolist()],
+                              None if self.texts is None else [self.texts[i] for i in index.tolist()])
 
     def repeat_rows(self, times: int) -> "PromptEncoding":
         """Each prompt's row repeated `times` times in place (prompt-major)."""
@@ -81,6 +84,16 @@ class PromptEncoding:
         return list(groups.values())
 
 
+def word_numbers(ends_word: Sequence[bool], in_prompt: Sequence[bool]) -> List[int]:
+    """Per position, the number of its word within the prompt (-1 outside it): a word runs to a token that ends
+    one (CLIP's BPE marks it "</w>")."""
+    out, word = [], 0
+    for ends, keep in zip(ends_word, in_prompt):
+        out.append(word if keep else -1)
+        word += int(keep and ends)
+    return out
+
+
 class Denoiser(ABC):
     """What every adapter implements: the network's prediction at (x, t) under a prompt embedding, and the
     schedule's coefficients there. Gradients must flow from `eps` back to `embedding`. Hosts that sample
@@ -98,6 +111,10 @@ class Denoiser(ABC):
     @abstractmethod
     def coefficients(self, t: torch.Tensor):
         """(alpha, sigma) at t so that x_t = alpha * x0 + sigma * eps; scalars or (B,) tensors."""
+
+    def can_reencode(self, cond: PromptEncoding) -> bool:
+        """Whether a DiffusionModel's encode_without serves this encoding (it was made by this adapter's encode())."""
+        return self.reencodes and cond.ids is not None
 
     def noise_level(self, t) -> float:
         """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""

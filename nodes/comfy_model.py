@@ -10,11 +10,12 @@ sampler builds it, and rides along unoptimised. Rectified-flow models (SD3, Flux
 their T5 positions do not line up with CLIP tokens and BOS slots.
 """
 import math
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
+from memoguard.model import word_numbers
 from memoguard.errors import MemoGuardError
 from memoguard.host_autograd import ordinary
 from memoguard.hosts import CHUNK, coefficients_kdiffusion
@@ -51,6 +52,18 @@ def split_model_conds(model_conds: dict):
     return ordinary(model_conds[CROSSATTN].cond), extra
 
 
+class _Row(NamedTuple):
+    """One prompt's encoding, before batching."""
+    embedding: torch.Tensor
+    tokens: List[str]
+    prompt_mask: torch.Tensor
+    frozen_mask: torch.Tensor
+    extra: dict
+    ids: torch.Tensor
+    words: List[int]
+    text: str
+
+
 class ComfyDiffusionModel(DiffusionModel):
     """A ComfyUI BaseModel (ModelPatcher.model) with a sampling schedule and, for encode(), a CLIP.
 
@@ -59,6 +72,7 @@ class ComfyDiffusionModel(DiffusionModel):
     """
 
     parameterization = "x0"
+    reencodes = True  # from the prompt text, through the CLIP (encode_without)
 
     def __init__(self, base_model, sigmas: Optional[torch.Tensor] = None, clip=None,
                  noise: Optional[torch.Tensor] = None, device=None):
@@ -94,39 +108,77 @@ class ComfyDiffusionModel(DiffusionModel):
     def encode(self, prompts: List[str], prompt_type: str = "positive") -> PromptEncoding:
         """prompt_type: the sampler input the prompts stand for (some models, e.g. SDXL's refiner, differ)."""
         rows = [self._encode_one(p, prompt_type) for p in prompts]
-        length = max(r[0].shape[1] for r in rows)
-        if any(r[0].shape[1] != length for r in rows):
+        if any(r.embedding.shape[1] != rows[0].embedding.shape[1] for r in rows):
             raise ValueError("prompts of different lengths (in 77-token chunks) cannot be batched")
         return self._batch(rows)
 
     def encode_by_length(self, prompts):
         """ComfyUI encodes one prompt at a time: the groups come from each prompt's own length."""
         rows = [self._encode_one(p, "positive") for p in prompts]
-        lengths = [r[0].shape[1] for r in rows]
+        lengths = [r.embedding.shape[1] for r in rows]
         return [([i for i, n in enumerate(lengths) if n == length],
                  self._batch([r for r, n in zip(rows, lengths) if n == length])) for length in sorted(set(lengths))]
 
-    def _batch(self, rows) -> PromptEncoding:
-        extra = {k: torch.cat([r[4][k] for r in rows]) for k in rows[0][4]}
-        embedding = torch.cat([r[0] for r in rows])
-        if self.device is not None:
-            embedding, extra = embedding.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
-        return PromptEncoding(embedding, [r[1] for r in rows],
-                              torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]), extra)
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        """The prompt tokenized again by the CLIP (its weights syntax, embeddings and chunks), the tokens at the
+        left-out positions dropped from their chunk, the chunk closed and padded again; every other token keeps its
+        weight. The row's prompt_type is "positive" (the explained and mitigated prompt)."""
+        if cond.texts is None:
+            raise ValueError("this encoding carries no prompt text (it was not made by encode())")
+        rows = []
+        for row, drop in edits:
+            tokens = self._tokenize(cond.texts[row])
+            rows.append(self._encode_tokens({key: self._without(chunks, set(drop), key)
+                                             for key, chunks in tokens.items()}, cond.texts[row], "positive"))
+        if any(r.embedding.shape[1] != cond.embedding.shape[1] for r in rows):
+            raise UnsupportedModel("a prompt re-encoded without a word changed its length: supported are "
+                                   f"{SUPPORTED}")
+        return self._batch(rows)
 
-    def _encode_one(self, text: str, prompt_type: str):
-        with_ids = self.clip.tokenize(text, return_word_ids=True)
-        key = next(iter(with_ids))  # "l" for SD1; SDXL's "g" has the same positions
-        pairs = [p for chunk in with_ids[key] for p in chunk]
+    def _tokenize(self, text: str) -> dict:
+        """{encoder key: chunks of (token, weight, word id)}: word id 0 marks BOS, EOS and padding."""
+        return self.clip.tokenize(text, return_word_ids=True)
+
+    def _without(self, chunks, drop: set, key: str):
+        """The chunks with the tokens at positions `drop` left out, each chunk closed by its end token and padded
+        to its length with the tokenizer's padding (that of an empty prompt)."""
+        pad = self._tokenize("")[key][0][-1]
+        out, position = [], 0
+        for chunk in chunks:
+            kept = [t for i, t in enumerate(chunk, position) if t[2] > 0 and i not in drop]
+            end = next(t for t in chunk[1:] if t[2] == 0)
+            out.append([chunk[0], *kept, end] + [pad] * (len(chunk) - len(kept) - 2))
+            position += len(chunk)
+        return out
+
+    def _encode_one(self, text: str, prompt_type: str) -> "_Row":
+        return self._encode_tokens(self._tokenize(text), text, prompt_type)
+
+    def _encode_tokens(self, tokens: dict, text: str, prompt_type: str) -> "_Row":
+        key = next(iter(tokens))  # "l" for SD1; SDXL's "g" has the same positions
+        pairs = [p for chunk in tokens[key] for p in chunk]
         names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
-        cond, options = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(text))[0]
+        plain = {k: [[(tok, w) for tok, w, _ in chunk] for chunk in chunks] for k, chunks in tokens.items()}
+        cond, options = self.clip.encode_from_tokens_scheduled(plain)[0]
         embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
         if embedding.shape[1] != len(pairs):
             raise UnsupportedModel(f"the conditioning has {embedding.shape[1]} positions but the tokenizer "
                                    f"{len(pairs)}: supported are {SUPPORTED}")
-        word_ids = torch.tensor([wid for _, _, wid in pairs])
+        in_prompt = [wid > 0 for _, _, wid in pairs]
         slots = torch.arange(len(pairs)) % CHUNK
-        return (embedding, [n.replace("</w>", "") for n in names], word_ids > 0, slots == 0, extra)
+        # an embedding's vectors (textual inversion) have no id: -1
+        ids = torch.tensor([tok if isinstance(tok, int) else -1 for tok, _, _ in pairs])
+        return _Row(embedding, [n.replace("</w>", "") for n in names], torch.tensor(in_prompt), slots == 0, extra,
+                    ids, word_numbers([n.endswith("</w>") for n in names], in_prompt), text)
+
+    def _batch(self, rows: List["_Row"]) -> PromptEncoding:
+        extra = {k: torch.cat([r.extra[k] for r in rows]) for k in rows[0].extra}
+        embedding = torch.cat([r.embedding for r in rows])
+        if self.device is not None:
+            embedding, extra = embedding.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
+        return PromptEncoding(embedding, [r.tokens for r in rows], torch.stack([r.prompt_mask for r in rows]),
+                              torch.stack([r.frozen_mask for r in rows]), extra, torch.stack([r.ids for r in rows]),
+                              [r.words for r in rows], [r.text for r in rows])
 
     def _model_conds(self, cond, options: dict, prompt_type: str) -> dict:
         """The model inputs the sampler would build from this CONDITIONING entry (encode_model_conds)."""

@@ -9,10 +9,16 @@ from memoguard.explain import METHODS
 from memoguard.host_autograd import differentiable
 from memoguard.hosts import Interrupted, failure_message, is_out_of_memory, release_memory
 
+from memoguard.calibration_lookup import CHOICES, NO_FILE
+
 from . import live
+from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, file_options, lookup, model_key
 from .comfy_model import ComfyDiffusionModel, interrupted
 from .latents import sampler_latent
 from .plots import message_image, token_bars
+
+
+SUMMARY_FPR = 0.01  # the threshold the summary compares a word's removal with: the verdict's default
 
 
 def input_problem(text: str, steps: int, explain_steps: int):
@@ -32,10 +38,11 @@ class TokenContributionsNode(io.ComfyNode):
             node_id="MemoGuardTokenContributions",
             display_name="Token Contributions",
             category="MemoGuard",
-            description="Per-token share of the memorization score, from the cond/uncond gap at the first "
-                        "steps. Default method: gradient x input (how the gap changes when a token's text-encoder "
-                        "output is emptied; measured more faithful than the paper's gradient norm, BENCHMARKS.md). "
-                        "SD1.x, SD2.x and SDXL; SD3/Flux are refused with a message.",
+            description="Which words of the prompt drive the memorization score, from the cond/uncond gap at the "
+                        "first steps. Default: leave-one-out, the prompt encoded again by the CLIP without each "
+                        "word in turn (its weights syntax kept), so a word's score is what removing it does "
+                        "(BENCHMARKS.md: the most faithful measured). With a calibration it says when no single "
+                        "word ends the recall. SD1.x, SD2.x and SDXL; SD3/Flux are refused with a message.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x or SDXL (not SD3/Flux)."),
                 io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
@@ -53,10 +60,15 @@ class TokenContributionsNode(io.ComfyNode):
                 io.Int.Input("generations", default=1, min=1, max=16,
                              tooltip="Average over this many noise seeds (seed, seed+1, ...)."),
                 io.Combo.Input("method", options=list(METHODS), default="auto",
-                               tooltip="auto: gradient_x_delta (1 forward + backward). leave_one_out: one forward per "
-                                       "token with its position emptied (in the embedding: it leaves the token in "
-                                       "later positions, and ComfyUI's EOS padding can make every score negative). "
-                                       "integrated_gradients: 4 gradients. gradient_norm: the paper's."),
+                               tooltip="auto: leave_one_out up to 12 words (one forward per word, the prompt "
+                                       "re-encoded without it), leave_one_out_grouped beyond (14 forwards at 75 "
+                                       "words). leave_one_out_embedding empties a word's positions only (it stays "
+                                       "in later positions). gradient_x_delta: 1 forward + backward, a first-order "
+                                       "estimate. integrated_gradients: 4 gradients. gradient_norm: the paper's."),
+                io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0], optional=True,
+                               tooltip="For the summary: " + CALIBRATION_TOOLTIP + " With one, leave-one-out says "
+                                       "whether removing a single word brings the first-step score under the 1% threshold (explain_steps 1)."),
+                io.Combo.Input("calibration_file", options=file_options(), optional=True, tooltip=FILE_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output(display_name="chart", tooltip="Bar chart of each token's share."),
@@ -68,13 +80,13 @@ class TokenContributionsNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations,
-                method="auto") -> io.NodeOutput:
+                method="auto", calibration=CHOICES[0], calibration_file=NO_FILE) -> io.NodeOutput:
         problem = input_problem(text, steps, explain_steps)
         if problem is not None:  # one message, and the rest of the workflow still runs
             return cls._message(problem)
         try:
             return cls._explain(model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations,
-                                method)
+                                method, lookup(calibration, calibration_file))
         except Interrupted:
             import comfy.model_management
             comfy.model_management.throw_exception_if_processing_interrupted()  # ComfyUI's own cancel
@@ -95,7 +107,8 @@ class TokenContributionsNode(io.ComfyNode):
                                               "memoguard_tokens": [data], "text": [problem]})
 
     @classmethod
-    def _explain(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations, method):
+    def _explain(cls, model, clip, text, latent, seed, steps, explain_steps, cfg, scheduler, generations, method,
+                 source):
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -114,9 +127,13 @@ class TokenContributionsNode(io.ComfyNode):
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
                                          guidance=cfg, total_steps=schedule_steps, method=method,
                                          should_stop=interrupted)[0]
-        data = result.to_dict()
-        top = ", ".join(f"{t} {100 * s:.0f}%" for t, s in result.top(3))
-        live.show_text(f"MemoGuard: top tokens {top} ({result.method_name})", cls.hidden.unique_id)
+        found = source.resolve(model_key(base))
+        # the calibration holds first-step scores: a summary over more steps compares nothing with it
+        threshold = found.calibration.threshold(SUMMARY_FPR) if found.calibration is not None and explain_steps == 1 else None
+        summary = result.summary(threshold)
+        data = {**result.to_dict(), "summary": summary, "threshold": threshold, "calibration": found.message}
+        live.show_text(f"MemoGuard: {summary}" + ("" if threshold is not None else f" ({found.message})"),
+                       cls.hidden.unique_id)
         chart = token_bars(result.tokens, result.shares, f"{result.method_name}: {text[:50]}")
         return io.NodeOutput(chart, json.dumps(data),
                              ui={**ui.PreviewImage(chart, cls=cls).as_dict(), "memoguard_tokens": [json.dumps(data)]})

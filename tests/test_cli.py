@@ -213,6 +213,22 @@ def test_generate_new_noise_records_the_seed_that_remakes_the_image(tmp_path, da
         assert np.array_equal(np.asarray(Image.open(again / remade["file"])), np.asarray(Image.open(fixed / r["file"])))
 
 
+def test_generate_mask_padding_keeps_the_words_and_records_what_it_zeroed(tmp_path, dataset):
+    prompt = dataset.memorized_captions[3]
+    masked, plain = tmp_path / "masked", tmp_path / "plain"
+    assert main(["generate", "--prompt", prompt, "--seeds", "0,1", "--steps", "10", "--mitigation", "mask_padding",
+                 "--mode", "always", "--target", "0", "--pad-share", "0.5", "--out", str(masked)]) == 0
+    assert main(["generate", "--prompt", prompt, "--seeds", "0,1", "--steps", "10", "--out", str(plain)]) == 0
+    off = [json.loads(line) for line in (plain / "results.jsonl").read_text().splitlines()]
+    for r, o in zip([json.loads(line) for line in (masked / "results.jsonl").read_text().splitlines()], off):
+        m = r["mitigation"]
+        words = len(m["prompt_used"].split())
+        assert m["padding_masked"] == (77 - words - 2 + 1) // 2 and f"{m['padding_masked']} padding positions" in m["summary"]
+        assert m["prompt_used"].replace(" ", "") == prompt.replace(" ", "") and m["removed"] == []
+        assert r["scores"][0] == pytest.approx(m["after"], rel=1e-4) and m["before"] == pytest.approx(o["scores"][0], rel=1e-5)
+        assert not np.array_equal(np.asarray(Image.open(masked / r["file"])), np.asarray(Image.open(plain / r["file"])))
+
+
 @pytest.mark.parametrize("extra, message", [(["--seeds", "0,x"], "--seeds takes integers"),
                                             (["--mitigation", "minimize", "--mode", "auto"], "needs a calibration")])
 def test_generate_bad_arguments_are_one_line(tmp_path, capsys, random_model_dir, extra, message):

@@ -13,7 +13,7 @@ generations (steps10_gen4). AUC and TPR@1%FPR are given pooled and per negative 
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -325,13 +325,14 @@ def long_prompts(memorized, ordinary, tokenizer, length: int = 75):
 
 
 AUTO_ROWS = (DEFAULT_MITIGATION, HOST_MITIGATION, "opposite_guidance_0.2", "new_noise_p50",
-             "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1")
+             "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1", "mask_padding")
 
 
 def mitigation_tables(model, evalset, prompts, positive: np.ndarray, first_step: np.ndarray, quick: bool,
-                      target: Optional[float] = None, log=print) -> dict:
+                      target: Optional[float] = None, log=print, rows: Optional[Sequence[str]] = None) -> dict:
     """The mitigation table on the positives (always mode, every row; auto mode at the 1 % threshold of the
-    negatives, the rows of AUTO_ROWS), and auto mode on ordinary training captions (images changed, new copies)."""
+    negatives, the rows of AUTO_ROWS), and auto mode on ordinary training captions (images changed, new copies).
+    rows: only these rows (always mode, and auto mode where they are auto rows)."""
     mitigated = [p for p, pos in zip(prompts, positive) if pos and p.scene is not None][: 8 if quick else 24]
     ordinary = [p for p, pos in zip(prompts, positive) if p.kind == "ordinary" and not pos][: 8 if quick else 24]
     negatives = first_step[~positive]
@@ -341,6 +342,12 @@ def mitigation_tables(model, evalset, prompts, positive: np.ndarray, first_step:
     if quick:  # one row per strategy
         table = {k: table[k] for k in (DEFAULT_MITIGATION, "minimize_p50", HOST_MITIGATION)}
         auto_rows = (DEFAULT_MITIGATION,)
+    if rows is not None:
+        unknown = sorted(set(rows) - set(table))
+        if unknown:
+            raise SystemExit(f"unknown mitigation rows {unknown}; rows: {', '.join(table)}")
+        table = {k: table[k] for k in rows}
+        auto_rows = tuple(k for k in auto_rows if k in table)
     if target is not None:
         table = {k: {**v, "target": target} if "target" in v else v for k, v in table.items()}
     out = {"mitigation": {}, "mitigation_auto": {}, "mitigation_ordinary_auto": {}, "mitigation_default": DEFAULT_MITIGATION,
@@ -383,6 +390,11 @@ def mitigation_settings(negatives: np.ndarray) -> dict:
                                                early_scale=-1.0),
         "new_noise_p50+opposite_0.1": dict(strategy="new_noise+opposite_guidance", target=p(50), delay=0.1,
                                            early_scale=-1.0),
+        "mask_padding": dict(strategy="mask_padding", target=0.0),
+        "mask_padding_p50": dict(strategy="mask_padding", target=p(50)),
+        "mask_padding_half": dict(strategy="mask_padding", target=0.0, pad_share=0.5),
+        "mask_padding+opposite_0.2_s3": dict(strategy="mask_padding+opposite_guidance", target=0.0, delay=0.2,
+                                             early_scale=-3.0),
     }
 
 
@@ -452,7 +464,7 @@ def overhead_bench(model, prompts, repeats: int) -> dict:
             "seconds_off": float(np.median(off)), "repeats": repeats, "batch": len(prompts), "steps": 20}
 
 
-def labelled_run(description: str, argv=None):
+def labelled_run(description: str, argv=None, add_arguments=None):
     """The start the benchmark scripts share (benchmarks/*_table.py): their arguments, then the model, its evaluation
     set, that set's prompts, and each prompt's label and first-step score from an earlier full bench run of the same
     model (--labels). Returns (args, model, evalset, prompts, positive (P,) bool, first_step (P,), the labels' JSON)."""
@@ -462,6 +474,8 @@ def labelled_run(description: str, argv=None):
     ap.add_argument("--labels", type=Path, required=True, help="a full `bench --json` result (its prompts and labels)")
     ap.add_argument("--json", type=Path, required=True, help="where to write the results")
     ap.add_argument("--model", type=Path, default=None, help="the evaluation model the labels come from (default: bundled)")
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     labels = json.loads(args.labels.read_text())
     if labels.get("quick"):

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from ..errors import ArgumentError
-from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, MODES, OPPOSITE_DELAY,
-                        SCHEDULES, STRATEGIES, extra_cost, mitigate)
+from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, DEFAULT_PAD_SHARE, MODES,
+                        OPPOSITE_DELAY, SCHEDULES, STRATEGIES, extra_cost, mitigate)
 from ..standalone.pipeline import DEFAULT_STEPS
 
 MITIGATIONS = ("off", "default", *STRATEGIES)
@@ -55,6 +55,9 @@ def add_arguments(p):
                    help=f"opposite_guidance: guidance scale of those steps, <= 0 (default {DEFAULT_EARLY_SCALE})")
     p.add_argument("--noise-candidates", type=int, default=DEFAULT_NOISE_CANDIDATES,
                    help=f"new_noise: most fresh noises tried per image (default {DEFAULT_NOISE_CANDIDATES})")
+    p.add_argument("--pad-share", type=float, default=DEFAULT_PAD_SHARE,
+                   help=f"mask_padding: share of the padding positions zeroed, nearest the end-of-text first "
+                        f"(default {DEFAULT_PAD_SHARE:g})")
     p.add_argument("--lr", type=float, default=0.05, help="minimize: AdamW step size (default 0.05)")
     p.add_argument("--max-iters", type=int, default=10, help="minimize: most AdamW steps (default 10)")
     p.add_argument("--calibration", type=Path, default=None,
@@ -79,7 +82,7 @@ def mitigation_settings(args, calibration):
                             "benign median serves (python -m memoguard calibrate --model PATH)")
     return strategy, dict(mode=mode, threshold=threshold, target=target or 0.0, lr=args.lr, max_iters=args.max_iters,
                           max_removals=args.max_removals, delay=args.delay, early_scale=args.early_scale,
-                          noise_candidates=args.noise_candidates)
+                          noise_candidates=args.noise_candidates, pad_share=args.pad_share)
 
 
 def _json_safe(value):
@@ -167,7 +170,7 @@ def run(args) -> int:
                     "strategy": rec.strategy, "mode": rec.mode, "ran": rec.ran, "summary": rec.summary(g),
                     "before": rec.before[g], "after": rec.after[g], "removed": rec.removed[g] if rec.removed else [],
                     "delay_steps": rec.delay_steps if rec.ran else 0, "early_scale": rec.early_scale,
-                    "noise_seed": rec.seeds[g], "reason": rec.reason,
+                    "noise_seed": rec.seeds[g], "padding_masked": rec.masked[g], "reason": rec.reason,
                     "prompt_used": " ".join(cond.prompt_tokens(g)), "cost_ratio": extra_cost(rec, args.steps)}
             Image.fromarray(image).save(args.out / record["file"], pnginfo=png_text(record))
             lines.append(json.dumps(record, allow_nan=False))

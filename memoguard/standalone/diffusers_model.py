@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..identity import weights_fingerprint
-from ..model import CHUNK, TOKENS_PER_CHUNK, DiffusionModel, PromptEncoding
+from ..model import CHUNK, TOKENS_PER_CHUNK, DiffusionModel, PromptEncoding, word_numbers
 from ..score import coefficients_vp
 from ..resources import asset_path
 
@@ -129,7 +129,7 @@ class DiffusersModel(DiffusionModel):
                      "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(pieces), device=self.device, dtype=self.dtype)}
         texts = [self._texts(row) for row in rows]
         return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), [[t for t, _ in row] for row in texts], masks,
-                              frozen.clone(), extra, ids, [_word_numbers(row, mask) for row, mask in
+                              frozen.clone(), extra, ids, [word_numbers([e for _, e in row], mask) for row, mask in
                                                            zip(texts, masks.tolist())])
 
     def _texts(self, ids: List[int]) -> List[Tuple[str, bool]]:
@@ -229,11 +229,3 @@ def build_model(unet, encoders, tokenizers, scheduler, vae, name, device="cpu", 
         model.guidance = float(model.training_notes.get("guidance", model.guidance))
     return model
 
-
-def _word_numbers(tokens: List[Tuple[str, bool]], in_prompt: List[bool]) -> List[int]:
-    """Per position, the number of its word within the prompt (-1 outside it): a word runs to a word-final token."""
-    out, word = [], 0
-    for (_, ends), keep in zip(tokens, in_prompt):
-        out.append(word if keep else -1)
-        word += int(keep and ends)
-    return out

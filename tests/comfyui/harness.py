@@ -45,6 +45,8 @@ class CONDCrossAttn(CONDRegular):
 
 
 class ModelPatcher:
+    load_device = torch.device("cpu")
+
     def __init__(self, model):
         self.model = model
         self.model_options = {"transformer_options": {}}
@@ -448,10 +450,18 @@ def comfy_api_stand_in():
     latest.io, latest.ui = io, ui
     samplers = types.ModuleType("comfy.samplers")
     samplers.KSampler = types.SimpleNamespace(SAMPLERS=SAMPLERS, SCHEDULERS=SCHEDULERS)
+    samplers.calculate_sigmas = lambda model_sampling, scheduler, steps: schedule(
+        types.SimpleNamespace(model_sampling=model_sampling), steps)
+    sample = types.ModuleType("comfy.sample")  # KSampler's noise: one CPU generator seeded per call
+    sample.prepare_noise = lambda latent, seed: torch.randn(latent.shape, generator=torch.manual_seed(seed))
+    sample.fix_empty_latent_channels = fix_empty_latent_channels_033
+    management = types.ModuleType("comfy.model_management")
+    management.load_models_gpu = lambda models: None
+    management.processing_interrupted = lambda: False
     comfy = types.ModuleType("comfy")
-    comfy.samplers = samplers
+    comfy.samplers, comfy.sample, comfy.model_management = samplers, sample, management
     stand_ins = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy": comfy,
-                 "comfy.samplers": samplers}
+                 "comfy.samplers": samplers, "comfy.sample": sample, "comfy.model_management": management}
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from comfyui_host import load_comfy  # noqa: E402
 
 TEXT = "a purple ring, lighthouse poster"
+WEIGHTED, WEIGHTED_WITHOUT = "a (purple:1.3) ring, lighthouse poster", "a (purple:1.3) ring, poster"
 STEPS = 4
 
 
@@ -81,14 +82,25 @@ def main():
             adapter = ComfyDiffusionModel(base, sigmas, clip, noise)
             cond, uncond = adapter.encode([TEXT]), adapter.encode([""], prompt_type="negative")
             eps_c, eps_u = adapter.eps_pair(adapter.initial_x(noise), sigmas[0], cond, uncond)
+            # a word left out through ComfyUI's own tokenizer and weights syntax: the prompt typed without it
+            weighted = adapter.encode([WEIGHTED])
+            edited = adapter.encode_without(weighted, [(0, weighted.word_groups(0)[4])])
+            typed, unweighted = adapter.encode([WEIGHTED_WITHOUT]), adapter.encode([WEIGHTED_WITHOUT.replace("(purple:1.3)", "purple")])
         out["y_shape"] = list(cond.extra["y"].shape)
         out["adapter_first_step"] = rms_per_image(eps_c - eps_u).tolist()
+        out["reencode"] = {"words": ["".join(weighted.tokens[0][i] for i in g) for g in weighted.word_groups(0)],
+                           "edited_vs_typed": float((edited.embedding - typed.embedding).abs().max()),
+                           "weight_effect": float((typed.embedding - unweighted.embedding).abs().max()),
+                           "edited_tokens": edited.tokens[0] == typed.tokens[0]}
 
         hidden = {io.Hidden.unique_id: "10"}
         takes_v3_data = "v3_data" in inspect.signature(TokenContributionsNode.PREPARE_CLASS_CLONE).parameters
         node = TokenContributionsNode.PREPARE_CLASS_CLONE({"hidden_inputs": hidden} if takes_v3_data else hidden)
         _, data = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
         out["tokens"] = json.loads(data)
+        _, data = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1,
+                               "gradient_x_delta").result
+        out["tokens_gradient"] = json.loads(data)
 
         session = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize", max_iters=5), **quiet)
         after_monitor = MonitorSession(MonitorSettings(), **quiet)
@@ -110,7 +122,8 @@ def main():
             failing = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize", max_iters=5),
                                         **quiet)
             image = run(attach_mitigation(model, failing))
-            _, tokens = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1).result
+            _, tokens = node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 2, 7.5, "normal", 1,
+                                     "gradient_x_delta").result  # the route with a backward pass
         finally:
             del base.apply_model
         out["out_of_memory"] = {"error": failing.error, "plain_image": bool(torch.equal(image, plain)),

@@ -133,3 +133,64 @@ def test_tiny_loader_reads_folders_only_from_models_memoguard(tmp_path, monkeypa
         messages.add(str(e.value).replace(repr(given), "X"))
     assert len(messages) == 1
     assert BUNDLED == "(bundled)"
+
+
+@pytest.fixture(scope="module")
+def with_clip():
+    with torch.inference_mode():
+        unet, text_encoder = harness.tiny_unet()
+        base = harness.BaseModel(unet)
+    base.latent_format = harness.ChromaRadiance()  # 3 channels at image size, as the tiny UNet samples
+    return base, harness.CLIP(text_encoder)
+
+
+def test_words_are_bpe_pieces_together_and_a_word_left_out_is_the_prompt_without_it(with_clip):
+    """encode_without re-tokenizes the text through the CLIP and drops the word's tokens: the same conditioning as
+    the prompt typed without the word."""
+    base, clip = with_clip
+    sigmas = harness.schedule(base, 4)
+    text = "a purple ring, lighthouse poster"
+    with torch.inference_mode():
+        adapter = ComfyDiffusionModel(base, sigmas, clip, torch.randn(1, 3, 16, 16))
+        cond = adapter.encode([text])
+        words = ["".join(cond.tokens[0][i] for i in g) for g in cond.word_groups(0)]
+        assert words == ["a", "purple", "ring", ",", "lighthouse", "poster"] and adapter.can_reencode(cond)
+        assert cond.texts == [text] and cond.ids.shape == (1, 77)
+        ring, lighthouse = cond.word_groups(0)[2], cond.word_groups(0)[4]
+        edited = adapter.encode_without(cond, [(0, lighthouse), (0, ring + lighthouse)])
+        typed = adapter.encode(["a purple ring, poster", "a purple , poster"])
+    assert torch.allclose(edited.embedding, typed.embedding, atol=1e-6)
+    assert edited.tokens == typed.tokens and torch.equal(edited.prompt_mask, typed.prompt_mask)
+    # an encoding a host handed over (no text) is not re-encoded: the explanation falls back to gradient x input
+    assert not adapter.can_reencode(encoding(cond.embedding, 7))
+
+
+def test_token_contributions_node_leaves_each_word_out_and_says_when_none_ends_the_recall(with_clip, tmp_path):
+    import importlib
+    from memoguard.calibration import Calibration
+    from nodes.calibration_choice import model_key
+    base, clip = with_clip
+    with harness.comfy_api_stand_in():
+        node = importlib.import_module("nodes.nodes_tokens").TokenContributionsNode
+        node.hidden = type("Hidden", (), {"unique_id": "10"})
+        patcher = harness.ModelPatcher(base)
+        latent = {"samples": torch.zeros(1, 3, 16, 16)}
+        run = lambda **kw: json.loads(node.execute(patcher, clip, "a purple ring, lighthouse poster", latent, 0, 4,
+                                                   1, 7.5, "normal", 1, **kw).values[1])
+        plain = run(calibration="none")
+        assert plain["method"] == "leave_one_out" and plain["tokens"][4] == "lighthouse"
+        assert plain["threshold"] is None and plain["summary"].startswith("top words (leave-one-out): ")
+        without = plain["score_without"]
+        assert all(w is not None for w in without)
+        # a calibration whose 1% threshold lies under every score without a word: no single word ends the recall
+        low = min(without) / 2
+        Calibration(model_key(base), [low * (1 + i / 1000) for i in range(100)]).save(tmp_path / "c.json")
+        from nodes import calibration_choice
+        folders = calibration_choice.calibration_folders
+        calibration_choice.calibration_folders = lambda: [tmp_path]
+        try:
+            spread = run(calibration="file", calibration_file="c.json")
+        finally:
+            calibration_choice.calibration_folders = folders
+    assert spread["threshold"] < min(without)
+    assert spread["summary"].startswith("spread over the caption: no single word ends the recall")

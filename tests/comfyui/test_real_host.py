@@ -248,7 +248,10 @@ def test_explain_shows_token_shares(comfy):
     assert not of_type(events, "execution_error"), of_type(events, "execution_error")
     data = json.loads(history["outputs"]["10"]["memoguard_tokens"][0])
     assert data["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
-    assert sum(data["shares"]) == pytest.approx(1.0) and data["method_name"] == "gradient x input"
+    assert sum(data["shares"]) == pytest.approx(1.0) and data["method_name"] == "leave-one-out"
+    # the tiny model's bundled calibration sets the summary's threshold; each word's score without it is measured
+    assert data["threshold"] > 0 and len(data["score_without"]) == 6 and None not in data["score_without"]
+    assert data["summary"].startswith(("top words (leave-one-out): ", "spread over the caption"))
     assert history["outputs"]["10"]["images"]
 
 
@@ -306,7 +309,13 @@ def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
     # the adapter builds y as the sampler does: the same first-step score
     assert out["adapter_first_step"] == pytest.approx(out["sampler_first_step"], rel=1e-5)
     assert out["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
-    assert sum(out["tokens"]["shares"]) == pytest.approx(1.0) and min(out["tokens"]["scores"]) > 0
+    # the node's default re-encodes the prompt without each word; gradient x input stays selectable
+    assert out["tokens"]["method"] == "leave_one_out" and None not in out["tokens"]["score_without"]
+    assert sum(out["tokens_gradient"]["shares"]) == pytest.approx(1.0) and min(out["tokens_gradient"]["scores"]) > 0
+    # a word left out keeps the weights of the others: the same conditioning as the prompt typed without it
+    reencode = out["reencode"]
+    assert reencode["words"] == ["a", "purple", "ring", ",", "lighthouse", "poster"] and reencode["edited_tokens"]
+    assert reencode["edited_vs_typed"] < 1e-5 < reencode["weight_effect"]
     mitigation = out["mitigation"]
     assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
     assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
