@@ -475,13 +475,8 @@ function onMitigation({ detail }) {
 function showMitigation(node) {
   const root = node.memoguardMitigation, detail = node.properties?.memoguard_mitigation;
   if (!root) return;
-  const fmt4 = (xs) => (xs ?? []).map((v) => (finite(v) ? v.toFixed(4) : "?")).join(", ");
-  const steered = (detail?.image_iterations ?? []).filter((n) => n > 0).length;
-  const text = !detail ? "" : !detail.ran ? `not run: ${clean(detail.reason)}`
-    : detail.strategy === "guidance_delay"
-      ? `delayed guidance: no text guidance for the first ${detail.delay_steps} step(s) of ${steered} of ` +
-        `${(detail.before ?? []).length} image(s); first-step score ${fmt4(detail.before)}`
-      : `minimized: ${detail.iterations} iteration(s), score ${fmt4(detail.before)} → ${fmt4(detail.after)}`;
+  // the server words it (memoguard.mitigate's record summary): one wording for every strategy
+  const text = !detail ? "" : !detail.ran ? `not run: ${clean(detail.reason)}` : clean(detail.summary);
   root.replaceChildren(el("div", { className: "memoguard-text", textContent: text }));
   const status = statusLine(node, text);
   const numbers = (s) => (s.match(/\d+\.\d+/g) ?? []).join(" ");

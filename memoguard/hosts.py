@@ -16,14 +16,18 @@ from typing import List, Optional, Sequence
 import torch
 
 from .explain import check_method
-from .mitigate import DEFAULT_DELAY, MitigationError, check_settings, delay_steps
+from .mitigate import (DEFAULT_EARLY_SCALE, MitigationError, SCHEDULES, check_early_scale, check_settings,
+                       delay_steps, schedule_delay)
 from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding
 from .score import coefficients_vp, eps_difference
-HOST_STRATEGIES = ("guidance_delay", "minimize")  # token removal re-encodes the prompt: not in the hosts yet
+
+# what a host's sampler hook can run: the schedules read the predictions CFG already has; the starts change the
+# prompt's embedding at the first step (padding masking and token removal need the prompt's tokens or text)
+HOST_STRATEGIES = ("guidance_delay", "opposite_guidance", "minimize", "mask_padding", "remove_tokens")
 
 __all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",
            "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference", "combine_rows",
-           "without_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
+           "early_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
            "release_memory", "is_out_of_memory", "Interrupted"]
 
 
@@ -89,10 +93,13 @@ def combine_rows(diff_rows: torch.Tensor, weights: Sequence[Sequence[float]]) ->
     return torch.cat(out)
 
 
-def without_guidance(guided: torch.Tensor, uncond: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Delayed guidance at a delayed step: the marked images (B,) bool take the unconditional prediction."""
+def early_guidance(guided: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, images: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """A schedule's early step: the marked images (B,) bool are guided at `scale` (0: the unconditional prediction,
+    delayed guidance; < 0: away from the prompt, opposite guidance), the others keep the host's guided prediction."""
     mask = images.to(guided.device).reshape(-1, *([1] * (guided.dim() - 1)))
-    return torch.where(mask, uncond.to(guided.dtype), guided)
+    steered = uncond if scale == 0 else uncond + scale * (cond - uncond)
+    return torch.where(mask, steered.to(guided.dtype), guided)
 
 
 # -- prompt encodings from a host's conditioning tensors ---------------------------------------------
@@ -131,11 +138,12 @@ class HostSettings:
     explain_steps: int = 1
     explain_method: str = "auto"        # memoguard.explain.METHODS
     mitigation: str = "off"             # off | always | auto
-    strategy: str = "guidance_delay"    # one of HOST_STRATEGIES
+    strategy: str = "guidance_delay"    # one of HOST_STRATEGIES, or "auto" (memoguard.mitigate.host_strategy)
     target: float = 0.0
     lr: float = 0.05
     max_iters: int = 10
-    delay: float = DEFAULT_DELAY
+    delay: Optional[float] = None       # schedules: share of the first steps; None: the strategy's measured default
+    early_scale: float = DEFAULT_EARLY_SCALE  # opposite guidance's scale in those steps
 
     def __post_init__(self):
         if self.window < 1 or self.explain_steps < 1:
@@ -145,11 +153,17 @@ class HostSettings:
         if self.threshold is not None and not self.threshold >= 0:
             raise ValueError(f"threshold must be >= 0 (or unset), got {self.threshold}")
         check_settings(self.mitigation, self.lr, self.max_iters, self.target)
-        if self.strategy not in HOST_STRATEGIES:
-            raise MitigationError(f"strategy must be one of {', '.join(HOST_STRATEGIES)} in a host (token removal "
-                                  f"re-encodes the prompt), got {self.strategy!r}")
-        delay_steps(1, self.delay)
+        if self.strategy not in ("auto",) + HOST_STRATEGIES:
+            raise MitigationError(f"strategy must be auto or one of {', '.join(HOST_STRATEGIES)} in a host, got "
+                                  f"{self.strategy!r}")
+        for schedule in SCHEDULES:
+            delay_steps(1, schedule_delay(schedule, self.delay))
+        check_early_scale(self.early_scale)
         check_method(self.explain_method)
+
+    def early_steps(self, strategy: str):
+        """(share of the first steps, their guidance scale) of a schedule strategy: 0 is delayed guidance's scale."""
+        return schedule_delay(strategy, self.delay), 0.0 if strategy == "guidance_delay" else self.early_scale
 
     def threshold_from(self, calibration) -> Optional[float]:
         """The threshold verdicts and mode 'auto' compare with: the explicit one, else the calibration's."""
@@ -163,7 +177,8 @@ class HostSettings:
 
     @property
     def delays(self) -> bool:
-        return self.mitigation != "off" and self.strategy == "guidance_delay"
+        """A schedule strategy (delayed or opposite guidance) is on."""
+        return self.mitigation != "off" and self.strategy in SCHEDULES
 
 
 # -- MemoGuard's own failures never cost the image ---------------------------------------------------

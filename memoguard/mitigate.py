@@ -52,6 +52,11 @@ DEFAULT_PAD_SHARE = 1.0
 SCHEDULES = ("guidance_delay", "opposite_guidance")
 STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "new_noise", "mask_padding")
                                         for b in SCHEDULES)
+# the defaults, the best measured on both evaluation models (BENCHMARKS.md, mitigation on both models): padding
+# masking meets the alignment and model-call targets on both and leaves the fewest copies of those that do; where a
+# host knows neither the prompt's tokens nor its text, opposite guidance leaves the fewest of the schedules
+DEFAULT_STRATEGY = "mask_padding"
+DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
                   "new_noise": "new initial noise", "mask_padding": "padding masked"}
@@ -141,9 +146,9 @@ def check_strategy(strategy: str) -> str:
     return strategy
 
 
-def default_strategy(model: DiffusionModel) -> str:
-    """The best measured trade-off the model can run (BENCHMARKS.md, mitigation table)."""
-    return "remove_tokens" if model.reencodes else "minimize"
+def host_strategy(knows_prompt: bool) -> str:
+    """A host's "auto" strategy: the default where it knows the prompt's tokens, else the best schedule."""
+    return DEFAULT_STRATEGY if knows_prompt else DEFAULT_WITHOUT_PROMPT
 
 
 def extra_cost(record: MitigationRecord, steps: int) -> float:
@@ -308,6 +313,13 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     return new.with_embedding(torch.where(keep, cond.embedding, new.embedding.to(cond.embedding))), record
 
 
+def schedule_delay(schedule: str, delay: Optional[float] = None) -> float:
+    """A schedule's share of early steps: `delay`, or where None the schedule's measured default."""
+    if delay is not None:
+        return delay
+    return OPPOSITE_DELAY if schedule == "opposite_guidance" else DEFAULT_DELAY
+
+
 def delay_steps(steps: int, delay: float) -> int:
     """How many of the first steps run without text guidance at a given delay (a share of the steps)."""
     if not 0 <= delay < 1:
@@ -462,12 +474,11 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
              noise_candidates: int = DEFAULT_NOISE_CANDIDATES, pad_share: float = DEFAULT_PAD_SHARE,
              should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
-    `default_strategy(model)`. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
+    DEFAULT_STRATEGY. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
     the schedule's own default (DEFAULT_DELAY for guidance_delay, OPPOSITE_DELAY for opposite_guidance)."""
-    strategy = default_strategy(model) if strategy == "auto" else check_strategy(strategy)
+    strategy = DEFAULT_STRATEGY if strategy == "auto" else check_strategy(strategy)
     start, _, schedule = strategy.partition("+")
-    if delay is None:
-        delay = OPPOSITE_DELAY if "opposite_guidance" in (start, schedule) else DEFAULT_DELAY
+    delay = schedule_delay(schedule or start, delay)
     if "opposite_guidance" in (start, schedule):  # before any model call
         check_early_scale(early_scale)
     t_first = timesteps[0]

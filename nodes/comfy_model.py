@@ -10,6 +10,7 @@ sampler builds it, and rides along unoptimised. Rectified-flow models (SD3, Flux
 their T5 positions do not line up with CLIP tokens and BOS slots.
 """
 import math
+from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -25,6 +26,7 @@ from .monitor_hook import is_rectified_flow
 
 SUPPORTED = "SD1.x, SD2.x and SDXL"
 CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
+PROMPT_SOURCE = "memoguard_prompt"  # the CONDITIONING option MemoGuard Text Encode adds: where it came from
 
 
 class UnsupportedModel(MemoGuardError, ValueError):
@@ -41,6 +43,24 @@ def check_supported(base_model) -> None:
     if is_rectified_flow(base_model):
         raise UnsupportedModel(f"{type(base_model).__name__} is a rectified-flow model (SD3, Flux): token "
                                f"contributions and embedding minimization support {SUPPORTED} only")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """The text and CLIP a conditioning was encoded from (carried in its options; the sampler copies them along)."""
+    text: str
+    clip: object
+
+
+def with_prompt_source(conditioning: list, text: str, clip) -> list:
+    """A CONDITIONING whose entries carry the prompt they were encoded from."""
+    return [[cond, {**options, PROMPT_SOURCE: PromptSource(text, clip)}] for cond, options in conditioning]
+
+
+def prompt_source(entry: dict) -> Optional[PromptSource]:
+    """The prompt a sampler's conditioning entry was encoded from, where MemoGuard Text Encode made it."""
+    source = entry.get(PROMPT_SOURCE)
+    return source if isinstance(source, PromptSource) else None
 
 
 def split_model_conds(model_conds: dict):
@@ -155,21 +175,47 @@ class ComfyDiffusionModel(DiffusionModel):
         return self._encode_tokens(self._tokenize(text), text, prompt_type)
 
     def _encode_tokens(self, tokens: dict, text: str, prompt_type: str) -> "_Row":
-        key = next(iter(tokens))  # "l" for SD1; SDXL's "g" has the same positions
-        pairs = [p for chunk in tokens[key] for p in chunk]
-        names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
+        names, in_prompt, ids, words = self._layout(tokens)
         plain = {k: [[(tok, w) for tok, w, _ in chunk] for chunk in chunks] for k, chunks in tokens.items()}
         cond, options = self.clip.encode_from_tokens_scheduled(plain)[0]
         embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
-        if embedding.shape[1] != len(pairs):
+        if embedding.shape[1] != len(names):
             raise UnsupportedModel(f"the conditioning has {embedding.shape[1]} positions but the tokenizer "
-                                   f"{len(pairs)}: supported are {SUPPORTED}")
+                                   f"{len(names)}: supported are {SUPPORTED}")
+        slots = torch.arange(len(names)) % CHUNK
+        return _Row(embedding, names, torch.tensor(in_prompt), slots == 0, extra, ids, words, text)
+
+    def _layout(self, tokens: dict):
+        """(each position's token text, whether it is a prompt token, token ids, word numbers) of a tokenization."""
+        key = next(iter(tokens))  # "l" for SD1; SDXL's "g" has the same positions
+        pairs = [p for chunk in tokens[key] for p in chunk]
+        names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
         in_prompt = [wid > 0 for _, _, wid in pairs]
-        slots = torch.arange(len(pairs)) % CHUNK
         # an embedding's vectors (textual inversion) have no id: -1
         ids = torch.tensor([tok if isinstance(tok, int) else -1 for tok, _, _ in pairs])
-        return _Row(embedding, [n.replace("</w>", "") for n in names], torch.tensor(in_prompt), slots == 0, extra,
-                    ids, word_numbers([n.endswith("</w>") for n in names], in_prompt), text)
+        return ([n.replace("</w>", "") for n in names], in_prompt, ids,
+                word_numbers([n.endswith("</w>") for n in names], in_prompt))
+
+    def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
+                        check: bool) -> Optional[PromptEncoding]:
+        """A sampler's positive conditioning (B, L, C) as the encoding of `text`: its tokens, words and prompt
+        positions from the CLIP's tokenizer; None when they do not fit it. check: also encode `text` and require
+        the conditioning to be that (token removal re-encodes the text: a conditioning a node changed on the way
+        is not the text's)."""
+        tokens = self._tokenize(text)
+        names, in_prompt, ids, words = self._layout(tokens)
+        if len(names) != embedding.shape[1]:
+            return None
+        if check:
+            own = self._encode_tokens(tokens, text, "positive").embedding.to(embedding)
+            if not torch.allclose(own[0], embedding[0], rtol=1e-3, atol=1e-4):
+                return None
+        b = embedding.shape[0]
+        slots = torch.arange(len(names)) % CHUNK
+        extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in extra.items()}
+        return PromptEncoding(embedding, [names] * b, torch.tensor(in_prompt).expand(b, -1).clone(),
+                              (slots == 0).expand(b, -1).clone(), extra, ids.expand(b, -1).clone(), [words] * b,
+                              [text] * b)
 
     def _batch(self, rows: List["_Row"]) -> PromptEncoding:
         extra = {k: torch.cat([r.extra[k] for r in rows]) for k in rows[0].extra}

@@ -7,6 +7,7 @@ from .nodes_calibration import MemoGuardCalibrate
 from .nodes_loader import MemoGuardTinyModelLoader
 from .nodes_mitigation import EmbeddingMinimization
 from .nodes_monitor import MemorizationMonitor, MemorizationScore
+from .nodes_text_encode import MemoGuardTextEncode
 from .nodes_tokens import TokenContributionsNode
 
 
@@ -14,7 +15,7 @@ class MemoGuardExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [MemorizationMonitor, MemorizationScore, EmbeddingMinimization, TokenContributionsNode,
-                MemoGuardTinyModelLoader, MemoGuardCalibrate]
+                MemoGuardTinyModelLoader, MemoGuardCalibrate, MemoGuardTextEncode]
 
 
 async def comfy_entrypoint() -> MemoGuardExtension:

@@ -1,14 +1,15 @@
 """Mitigation (MODEL -> MODEL): steer a generation away from a memorized image.
 
-The node id and name stay "Embedding Minimization" so that saved workflows load; its strategy input
-picks delayed guidance (the default: BENCHMARKS.md) or the paper's embedding minimization."""
+The node id stays "MemoGuardEmbeddingMinimization" so that saved workflows load (with the strategy they saved);
+its strategy input picks among memoguard.mitigate's strategies, "auto" the best measured one the run's
+conditioning allows (BENCHMARKS.md)."""
 from comfy_api.latest import io
 
 from memoguard.calibration_lookup import CHOICES
 
 from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, accept_saved_value, file_options, lookup
 from .mitigation_hook import STRATEGIES, MitigationSession, MitigationSettings, attach_mitigation
-from memoguard.mitigate import DEFAULT_DELAY, MODES
+from memoguard.mitigate import DEFAULT_DELAY, DEFAULT_EARLY_SCALE, MODES, OPPOSITE_DELAY
 
 
 class EmbeddingMinimization(io.ComfyNode):
@@ -16,20 +17,22 @@ class EmbeddingMinimization(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MemoGuardEmbeddingMinimization",
-            display_name="Embedding Minimization",
+            display_name="MemoGuard Mitigation",
             category="MemoGuard",
-            description="Steers a generation away from a memorized image. 'guidance_delay' (default) turns text "
-                        "guidance off for the first steps of the images that need it: no extra model call. "
-                        "'minimize' (the paper's) nudges the prompt embedding with AdamW at the sampler's first "
-                        "step, on its own starting noise, until the memorization score drops. SD1.x, SD2.x and "
-                        "SDXL; on SD3/Flux minimize says so and leaves the prompt unchanged.",
+            description="Steers a generation away from a memorized image. 'auto' (default): padding masking when "
+                        "the positive prompt comes from MemoGuard Text Encode (the prompt's padding, copies of its "
+                        "end token that drive the recall, zeroed at the first step: one extra model call), else "
+                        "opposite guidance (the first steps guided away from the prompt: no extra call). Both are "
+                        "the best measured on both evaluation models (BENCHMARKS.md). SD1.x, SD2.x and SDXL; on "
+                        "SD3/Flux the prompt strategies say so and leave the prompt unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model your sampler uses."),
                 io.Combo.Input("mode", options=list(MODES), default="auto",
-                               tooltip="'always' minimizes every prompt, 'auto' only prompts whose first-step "
+                               tooltip="'always' mitigates every image, 'auto' only images whose first-step "
                                        "score is at or above the threshold, 'off' does nothing."),
                 io.Float.Input("target", default=0.0, min=0.0, max=100.0, step=0.001,
-                               tooltip="Stop once the first-step score is at or below this (0 = run max_iters)."),
+                               tooltip="Images at or under this first-step score are left alone; minimize and "
+                                       "remove_tokens stop once under it (0 = run max_iters / every removal)."),
                 io.Float.Input("learning_rate", default=0.05, min=0.0001, max=1.0, step=0.001,
                                tooltip="AdamW step size on the embedding (the paper: 0.05)."),
                 io.Int.Input("max_iters", default=10, min=1, max=200,
@@ -42,14 +45,23 @@ class EmbeddingMinimization(io.ComfyNode):
                 io.Float.Input("threshold", default=0.0, min=0.0, max=1000.0, step=0.001,
                                tooltip="For 'auto': mitigate at or above this score; 0 = from the calibration."),
                 io.Combo.Input("strategy", options=list(STRATEGIES), default=STRATEGIES[0],
-                               tooltip="guidance_delay: no text guidance for the first steps (strength: delay); "
-                                       "minimize: the paper's AdamW on the prompt embedding (strength: target, "
-                                       "learning_rate, max_iters)."),
-                io.Float.Input("delay", default=DEFAULT_DELAY, min=0.0, max=0.9, step=0.05,
-                               tooltip="For guidance_delay: the share of the first steps without text guidance "
-                                       "(0.3 of 20 steps = 6 steps). More: less copying, less prompt detail."),
+                               tooltip="auto: mask_padding with MemoGuard Text Encode, else opposite_guidance. "
+                                       "mask_padding: the prompt's padding zeroed (needs MemoGuard Text Encode). "
+                                       "remove_tokens: the words whose removal ends the recall left out, the "
+                                       "prompt re-encoded (needs MemoGuard Text Encode; strength: target). "
+                                       "opposite_guidance / guidance_delay: the first steps guided away from the "
+                                       "prompt / without it (strength: delay, early_scale). minimize: the "
+                                       "paper's AdamW on the prompt embedding (target, learning_rate, max_iters)."),
+                io.Float.Input("delay", default=0.0, min=0.0, max=0.9, step=0.05,
+                               tooltip=f"For opposite_guidance and guidance_delay: the share of the first steps "
+                                       f"steered; 0 = the measured default ({OPPOSITE_DELAY} and {DEFAULT_DELAY}: "
+                                       f"of 20 steps, 4 and 6). More: less copying, less prompt detail."),
+                io.Float.Input("early_scale", default=DEFAULT_EARLY_SCALE, min=-20.0, max=0.0, step=0.5,
+                               optional=True,
+                               tooltip="For opposite_guidance: the guidance scale of those steps, below 0 "
+                                       "(away from the prompt)."),
             ],
-            outputs=[io.Model.Output(display_name="model", tooltip="The model with minimization at the first step.")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model that mitigates in its sampling runs.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -59,10 +71,12 @@ class EmbeddingMinimization(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, target, learning_rate, max_iters, calibration, calibration_file,
-                false_positive_rate, threshold, strategy=STRATEGIES[0], delay=DEFAULT_DELAY) -> io.NodeOutput:
+                false_positive_rate, threshold, strategy=STRATEGIES[0], delay=0.0,
+                early_scale=DEFAULT_EARLY_SCALE) -> io.NodeOutput:
         # the calibration is looked up at the sampler's first step, by the weights it runs
         settings = MitigationSettings(mitigation=mode, target=target, lr=learning_rate, max_iters=max_iters,
                                       threshold=threshold if threshold > 0 else None,
                                       calibration=lookup(calibration, calibration_file),
-                                      fpr=false_positive_rate, strategy=strategy, delay=delay)
+                                      fpr=false_positive_rate, strategy=strategy, delay=delay if delay > 0 else None,
+                                      early_scale=early_scale)
         return io.NodeOutput(attach_mitigation(model, MitigationSession(settings, cls.hidden.unique_id)))

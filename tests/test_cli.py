@@ -151,7 +151,7 @@ def test_bench_quick_writes_every_key(tmp_path):
         assert 0.0 <= m["top1_ends_flag"] <= 1.0 and m["deletion_auc"] > 0
     # re-encoded leave-one-out is the exact reference it is measured against
     assert methods["leave_one_out"]["top_tokens"] == methods["exact_leave_one_out"]["top_tokens"]
-    assert set(res["mitigation"]) == {res["mitigation_default"], "minimize_p50", "guidance_delay_0.3"}
+    assert set(res["mitigation"]) == {res["mitigation_default"], "minimize_p50", "opposite_guidance_0.2_s3"}
     for row in res["mitigation"].values():
         for key in ("copy_rate_before", "copy_rate_after", "alignment_before", "alignment_after", "time_ratio"):
             assert 0.0 <= row[key] <= (10.0 if key == "time_ratio" else 1.0)
@@ -173,9 +173,9 @@ def _png_record(path):
 
 def test_generate_writes_pngs_with_their_record_and_mitigates(tmp_path, dataset, capsys):
     prompt = dataset.memorized_captions[3]
-    plain, fixed = tmp_path / "off", tmp_path / "default"
+    plain, fixed = tmp_path / "off", tmp_path / "removed"
     assert main(["generate", "--prompt", prompt, "--seeds", "0,1,2", "--steps", "10", "--out", str(plain)]) == 0
-    assert main(["generate", "--prompt", prompt, "--seeds", "0,1,2", "--steps", "10", "--mitigation", "default",
+    assert main(["generate", "--prompt", prompt, "--seeds", "0,1,2", "--steps", "10", "--mitigation", "remove_tokens",
                  "--mode", "always", "--out", str(fixed)]) == 0
     lines = [json.loads(line) for line in (fixed / "results.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in lines] == [0, 1, 2]
@@ -213,15 +213,16 @@ def test_generate_new_noise_records_the_seed_that_remakes_the_image(tmp_path, da
         assert np.array_equal(np.asarray(Image.open(again / remade["file"])), np.asarray(Image.open(fixed / r["file"])))
 
 
-def test_generate_mask_padding_keeps_the_words_and_records_what_it_zeroed(tmp_path, dataset):
+def test_generate_default_mitigation_masks_the_padding_keeps_the_words_and_records_what_it_zeroed(tmp_path, dataset):
     prompt = dataset.memorized_captions[3]
     masked, plain = tmp_path / "masked", tmp_path / "plain"
-    assert main(["generate", "--prompt", prompt, "--seeds", "0,1", "--steps", "10", "--mitigation", "mask_padding",
+    assert main(["generate", "--prompt", prompt, "--seeds", "0,1", "--steps", "10", "--mitigation", "default",
                  "--mode", "always", "--target", "0", "--pad-share", "0.5", "--out", str(masked)]) == 0
     assert main(["generate", "--prompt", prompt, "--seeds", "0,1", "--steps", "10", "--out", str(plain)]) == 0
     off = [json.loads(line) for line in (plain / "results.jsonl").read_text().splitlines()]
     for r, o in zip([json.loads(line) for line in (masked / "results.jsonl").read_text().splitlines()], off):
         m = r["mitigation"]
+        assert m["strategy"] == "mask_padding"
         words = len(m["prompt_used"].split())
         assert m["padding_masked"] == (77 - words - 2 + 1) // 2 and f"{m['padding_masked']} padding positions" in m["summary"]
         assert m["prompt_used"].replace(" ", "") == prompt.replace(" ", "") and m["removed"] == []

@@ -9,7 +9,7 @@ from memoguard.errors import MemoGuardError
 from memoguard.explain import token_contributions
 from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients_flow, coefficients_kdiffusion,
                              combine_rows, denoised_difference, empty_encoding, failure_message, is_out_of_memory,
-                             noise_level_flow, noise_level_vp, prediction_name, without_guidance)
+                             noise_level_flow, noise_level_vp, prediction_name, early_guidance)
 from memoguard.mitigate import minimize_embedding
 from memoguard.model import Denoiser, Interrupted
 from memoguard.score import ScoreTrace, coefficients_vp, rms_per_image, to_eps
@@ -73,9 +73,11 @@ def test_combine_rows_weights_and_sub_prompts_per_image():
     assert out.flatten().tolist() == [0.0, 0.5 * 1 + 2.0 * 2, 3.0]
 
 
-def test_without_guidance_marks_only_the_chosen_images():
-    guided, uncond = torch.zeros(3, 2), torch.ones(3, 2)
-    assert without_guidance(guided, uncond, torch.tensor([False, True, False]))[:, 0].tolist() == [0, 1, 0]
+def test_early_guidance_steers_only_the_chosen_images_at_the_early_scale():
+    guided, cond, uncond = torch.zeros(3, 2), torch.full((3, 2), 3.0), torch.ones(3, 2)
+    marked = torch.tensor([False, True, False])
+    assert early_guidance(guided, cond, uncond, marked, 0.0)[:, 0].tolist() == [0, 1, 0]  # delayed: uncond
+    assert early_guidance(guided, cond, uncond, marked, -3.0)[:, 0].tolist() == [0, 1 - 3 * 2, 0]  # away from cond
 
 
 def test_chunked_encoding_freezes_every_bos_and_refuses_odd_lengths():
@@ -145,7 +147,8 @@ def test_failure_messages_name_out_of_memory_and_interrupts():
 
 def test_host_settings_check_every_field_and_resolve_the_threshold():
     for bad in (dict(window=0), dict(fpr=1.5), dict(threshold=-1.0), dict(mitigation="sometimes"),
-                dict(strategy="remove_tokens"), dict(delay=1.0), dict(explain_method="magic"), dict(lr=0)):
+                dict(strategy="prayer"), dict(delay=1.0), dict(early_scale=1.0), dict(explain_method="magic"),
+                dict(lr=0)):
         with pytest.raises(ValueError):
             HostSettings(**bad)
     calibration = Calibration("m", [float(v) for v in range(100)])
@@ -154,6 +157,11 @@ def test_host_settings_check_every_field_and_resolve_the_threshold():
     assert HostSettings().threshold_from(None) is None
     assert HostSettings(mitigation="auto", strategy="minimize").minimizes
     assert HostSettings(mitigation="always").delays and not HostSettings().delays
+    assert HostSettings(mitigation="always", strategy="opposite_guidance").delays
+    # a schedule's early steps: the measured defaults per strategy unless the user set a delay
+    assert HostSettings().early_steps("opposite_guidance") == (0.2, -3.0)
+    assert HostSettings().early_steps("guidance_delay") == (0.3, 0.0)
+    assert HostSettings(delay=0.5, early_scale=-1.0).early_steps("opposite_guidance") == (0.5, -1.0)
 
 
 def test_verdicts_are_always_one_per_image():

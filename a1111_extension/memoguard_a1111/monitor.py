@@ -22,7 +22,7 @@ from memoguard.explain import average_contributions
 from memoguard.calibration import Calibration
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
-                             release_memory, without_guidance)
+                             release_memory, early_guidance)
 from memoguard.mitigate import GuidanceDelay, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
@@ -204,7 +204,7 @@ class RunMonitor:
             return
         result.delay, result.mitigation = plan_guidance_delay(gaps, max(1, pending.total), mode=s.mitigation,
                                                               threshold=threshold,
-                                                              target=s.target, delay=s.delay)
+                                                              target=s.target, delay=s.early_steps(s.strategy)[0])
 
     def _noise_level(self, pending: Pending, t: float) -> float:
         """sigma / alpha of the step: the k-diffusion sigma; a timestep sampler's t through alphas_cumprod."""
@@ -427,7 +427,7 @@ class ForgeRunMonitor(RunMonitor):
                 return args["denoised"]
             marked = torch.zeros(args["denoised"].shape[0], dtype=torch.bool)
             marked[images] = True
-            return without_guidance(args["denoised"], args["uncond_denoised"], marked)
+            return early_guidance(args["denoised"], args["cond_denoised"], args["uncond_denoised"], marked, 0.0)
         return memoguard_post_cfg
 
     def _before(self, params) -> None:

@@ -28,8 +28,8 @@ from ..tiny.evalsets import eval_set_for
 from ..tiny.prompts import KINDS
 
 MITIGATION_STEPS = 20
-DEFAULT_MITIGATION = "remove_tokens_p50"  # the table row of the default strategy at its default target
-HOST_MITIGATION = "guidance_delay_0.3"    # the same for hosts that cannot re-encode a prompt
+DEFAULT_MITIGATION = "mask_padding"  # the table row of the default strategy at its default target
+HOST_MITIGATION = "opposite_guidance_0.2_s3"  # the same for hosts that know neither the prompt's tokens nor its text
 SEEDS = (0, 1, 2, 3)
 
 
@@ -325,7 +325,7 @@ def long_prompts(memorized, ordinary, tokenizer, length: int = 75):
 
 
 AUTO_ROWS = (DEFAULT_MITIGATION, HOST_MITIGATION, "opposite_guidance_0.2", "new_noise_p50",
-             "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1", "mask_padding")
+             "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1", "remove_tokens_p50", "guidance_delay_0.3")
 
 
 def mitigation_tables(model, evalset, prompts, positive: np.ndarray, first_step: np.ndarray, quick: bool,

@@ -27,7 +27,7 @@ from ..calibration import Calibration, default_store_folder
 from ..calibration_lookup import CalibrationLookup
 from ..errors import MemoGuardError
 from ..identity import weights_fingerprint
-from ..mitigate import mitigate
+from ..mitigate import SCHEDULES, mitigate
 from ..score import ScoreTrace, coefficients_vp, eps_difference
 from ..verdict import Verdict, verdict_for
 
@@ -143,13 +143,13 @@ def watch(pipe, calibration: Union[Calibration, str, None] = "auto", window: int
 def mitigated_prompt(pipe, prompt: str, latents: torch.Tensor, num_inference_steps: int, guidance_scale: float,
                      strategy: str = "auto", **settings):
     """(pipeline keyword arguments, MitigationRecord): `prompt` mitigated for each of the initial `latents`
-    (one image per row) with memoguard.mitigate.mitigate — "remove_tokens" (the default here: the pipeline's
-    text encoders re-encode) or "minimize"; `settings` are mitigate's (mode, threshold, target, lr, ...).
+    (one image per row) with memoguard.mitigate.mitigate — "mask_padding" (the default), "remove_tokens" (the
+    pipeline's text encoders re-encode) or "minimize"; `settings` are mitigate's (mode, threshold, target, lr, ...).
     Pass the arguments to the pipeline with the same latents, steps and guidance scale."""
     from .diffusers_model import DiffusersModel
-    if strategy == "guidance_delay":
-        raise PipelineError("delayed guidance changes the guidance scale per step, which a pipeline call cannot "
-                            "take: use remove_tokens or minimize")
+    if any(part in SCHEDULES for part in strategy.split("+")):
+        raise PipelineError(f"{strategy} changes the guidance scale per step, which a pipeline call cannot take: "
+                            f"use mask_padding, remove_tokens or minimize (or MemoGuardGuidance for the schedules)")
     model = DiffusersModel.from_pipeline(pipe)
     images = latents.shape[0]
     with torch.no_grad():

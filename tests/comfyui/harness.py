@@ -439,7 +439,7 @@ def comfy_api_stand_in():
     io = types.ModuleType("comfy_api.latest.io")
     for attr, io_type in {"Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Latent": "LATENT", "Image": "IMAGE",
                           "Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN",
-                          "Combo": "COMBO"}.items():
+                          "Combo": "COMBO", "Conditioning": "CONDITIONING"}.items():
         setattr(io, attr, IOType(io_type))
     io.Schema = lambda **kwargs: kwargs
     io.ComfyNode, io.NodeOutput = object, NodeOutput
@@ -476,7 +476,8 @@ def comfy_api_stand_in():
             del sys.modules[name]  # they hold the stand-ins
 
 
-PACK_NODE_MODULES = ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens", "nodes_calibration")
+PACK_NODE_MODULES = ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens", "nodes_calibration",
+                     "nodes_text_encode")
 
 
 def _pack_schemas():

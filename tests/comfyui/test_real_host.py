@@ -163,7 +163,7 @@ def with_latent_saved(prompt: dict, prefix: str) -> dict:
 def test_node_pack_registers_every_node_with_tooltips(comfy):
     client, _ = comfy
     for node in ("MemoGuardMemorizationMonitor", "MemoGuardMemorizationScore", "MemoGuardEmbeddingMinimization",
-                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader", "MemoGuardCalibrate"):
+                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader", "MemoGuardCalibrate", "MemoGuardTextEncode"):
         info = client.get(f"/object_info/{node}")[node]
         assert info["category"] == "MemoGuard"
         for name, spec in {**info["input"]["required"], **info["input"].get("optional", {})}.items():
@@ -220,26 +220,37 @@ def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
     assert memorized > ordinary
 
 
-def test_mitigate_delays_guidance_and_keeps_the_first_step_score(comfy):
+def test_mitigate_template_masks_the_padding_and_every_strategy_runs_in_the_sampler(comfy):
+    """The template's positive prompt comes from MemoGuard Text Encode: 'auto' masks its padding. The other
+    strategies on the same node: token removal (the prompt re-encoded through ComfyUI's CLIP), opposite guidance
+    (the first step's score read from the sampler's own predictions), the paper's minimization."""
     client, _ = comfy
-    events, history = client.run(workflow(client, "mitigate"))
-    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
-    (record,) = of_type(events, "memoguard.mitigation")
-    assert record["strategy"] == "guidance_delay" and record["ran"] and record["delay_steps"] >= 1
-    steps = {d["step"]: d["score"][0] for d in of_type(events, "memoguard.step")}
-    assert steps[0] == pytest.approx(record["before"][0], rel=1e-4)  # read from the sampler's own first step
-    assert "delayed guidance" in history["outputs"]["9"]["text"][0]
-    # the paper's minimization, picked on the same node: the sampler starts from the minimized score
-    prompt = workflow(client, "mitigate")
-    (node,) = [k for k, v in prompt.items() if v["class_type"] == "MemoGuardEmbeddingMinimization"]
-    prompt[node]["inputs"]["strategy"] = "minimize"
-    events, history = client.run(prompt)
-    (record,) = of_type(events, "memoguard.mitigation")
+
+    def run(strategy=None):
+        prompt = workflow(client, "mitigate")
+        if strategy is not None:
+            (node,) = [k for k, v in prompt.items() if v["class_type"] == "MemoGuardEmbeddingMinimization"]
+            prompt[node]["inputs"]["strategy"] = strategy
+        events, history = client.run(prompt)
+        assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+        (record,) = of_type(events, "memoguard.mitigation")
+        first = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]["score"][0]
+        return record, first, history["outputs"]["9"]["text"][0]
+
+    record, first, text = run()
+    assert record["strategy"] == "mask_padding" and record["ran"] and record["masked"][0] > 60
+    assert record["after"][0] < record["before"][0] and first == pytest.approx(record["after"][0], rel=1e-4)
+    assert "padding masked" in text and "padding masked" in record["summary"]
+    record, first, text = run("remove_tokens")
+    assert record["strategy"] == "remove_tokens" and record["ran"] and record["removed"][0]
+    assert first == pytest.approx(record["after"][0], rel=1e-4) and "token removal: removed" in text
+    record, first, text = run("opposite_guidance")
+    assert record["strategy"] == "opposite_guidance" and record["ran"] and record["early_scale"] == -3.0
+    assert first == pytest.approx(record["before"][0], rel=1e-4) and "away from the prompt" in text
+    record, first, text = run("minimize")
     assert record["strategy"] == "minimize" and record["ran"] and 1 <= record["iterations"] <= 10
-    assert record["after"][0] < record["before"][0]
-    first = [d for d in of_type(events, "memoguard.step") if d["step"] == 0][0]["score"][0]
-    assert first == pytest.approx(record["after"][0], rel=1e-3)
-    assert "iteration" in history["outputs"]["9"]["text"][0]
+    assert record["after"][0] < record["before"][0] and first == pytest.approx(record["after"][0], rel=1e-3)
+    assert "iterations" in text
 
 
 def test_explain_shows_token_shares(comfy):
@@ -293,8 +304,8 @@ def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name
         assert "score" in result["text"]
     if name == "mitigate":
         mitigation = state["MemoGuardEmbeddingMinimization"]["mitigation"]
-        assert mitigation["ran"] and mitigation["strategy"] == "guidance_delay"
-        assert any("delayed guidance" in panel for panel in result["panels"])
+        assert mitigation["ran"] and mitigation["strategy"] == "mask_padding"
+        assert any("padding masked" in panel for panel in result["panels"])
     assert shot.stat().st_size > 10000
 
 
@@ -459,7 +470,8 @@ def test_twenty_queued_prompts_of_mixed_models_and_settings_each_get_their_own_r
     prompts = []
     for k in range(16):
         prompt = workflow(client, "mitigate" if k % 4 == 3 else "detect", steps=3 + k % 3)
-        clip_text = next(n for n in prompt.values() if n["class_type"] == "CLIPTextEncode" and n["inputs"]["text"])
+        clip_text = next(n for n in prompt.values()
+                         if n["class_type"] in ("CLIPTextEncode", "MemoGuardTextEncode") and n["inputs"]["text"])
         clip_text["inputs"]["text"] = texts[k % 4]
         monitor = next(n for n in prompt.values() if n["class_type"] == "MemoGuardMemorizationMonitor")
         monitor["inputs"].update(window=1 + k % 2, threshold=0.0 if k % 3 else 0.02,
