@@ -71,14 +71,21 @@ def test_delayed_guidance_for_the_images_over_the_threshold(modular):
     first = watched.recorder.trace.per_step()[0]
     high = int(first.argmax())
     threshold = float(first.mean())  # one image over it, one under
-    guider = MemoGuardGuidance(guidance_scale=5.0, mitigation="auto", threshold=threshold, delay=0.5)
+    guider = MemoGuardGuidance(guidance_scale=5.0, mitigation="auto", threshold=threshold, delay=0.5,
+                               early_scale=0.0)
     steered = latents_of(modular, guider.watching(modular, calibration=None), x)
-    assert guider.record.ran and guider.record.delay_steps == 2
+    assert guider.record.ran and guider.record.delay_steps == 2 and guider.record.strategy == "guidance_delay"
     assert guider.record.image_iterations[high] == 2 and guider.record.image_iterations[1 - high] == 0
     torch.testing.assert_close(guider.recorder.trace.per_step()[0], first)  # scored before it steers
     assert not torch.equal(steered[high], plain[high]) and torch.equal(steered[1 - high], plain[1 - high])
     unguided = latents_of(modular, ClassifierFreeGuidance(guidance_scale=5.0, start=0.5), x)  # diffusers' own start
     assert not torch.equal(unguided[high], steered[high])  # "no text guidance" is the unconditional prediction
+    # the default schedule: opposite guidance, 0.2 of the steps at -3, for the same image only
+    opposite = MemoGuardGuidance(guidance_scale=5.0, mitigation="auto", threshold=threshold)
+    away = latents_of(modular, opposite.watching(modular, calibration=None), x)
+    assert opposite.record.strategy == "opposite_guidance" and opposite.record.early_scale == -3.0
+    assert opposite.record.image_iterations[high] == opposite.record.delay_steps == round(0.2 * STEPS)
+    assert not torch.equal(away[high], steered[high]) and torch.equal(away[1 - high], plain[1 - high])
     nothing = MemoGuardGuidance(guidance_scale=5.0, mitigation="auto").watching(modular, calibration=None)
     assert torch.equal(latents_of(modular, nothing, x), plain)  # auto without a threshold: says so, changes nothing
     assert not nothing.record.ran and "no threshold" in nothing.record.reason

@@ -144,6 +144,6 @@ def test_every_python_block_runs_as_written(tmp_path, monkeypatch, capsys):
     assert len(ran) == len(blocks("python")) >= 8
     printed = capsys.readouterr().out
     assert "LIKELY MEMORIZED" in printed  # the watched memorized caption, judged by the bundled calibration
-    assert namespace["record"].strategy == "remove_tokens" and namespace["keep"].dtype == torch.bool
+    assert namespace["record"].strategy == "mask_padding" and namespace["keep"].dtype == torch.bool
     assert len(namespace["guider"].recorder.verdicts()) == 1 and not namespace["guider"].record.ran  # no calibration
     assert BUNDLED_MODEL.is_dir() and json.loads((tmp_path / "cal.json").read_text())["models"]["my-model"]

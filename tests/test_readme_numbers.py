@@ -124,6 +124,8 @@ CLAIMS = [
      and _webui_defaults()["explain_steps"] == 1),
     ("max_iters=10, strategy=", lambda: _webui_defaults()["max_iters"] == 10),
     ("delay=0.3, explain_method", lambda: _webui_defaults()["delay"] == 0.3),
+    ("steps, default 0.2, guided away", lambda: __import__("memoguard.mitigate", fromlist=["x"]).OPPOSITE_DELAY == 0.2),
+    ("at `early_scale`, default -3", lambda: __import__("memoguard.mitigate", fromlist=["x"]).DEFAULT_EARLY_SCALE == -3),
     ("about 11 minutes", lambda: 9 * 60 <= _filter()["seconds_total"] <= 13 * 60),
     ("4 scenes duplicated 400 times", lambda: _filter()["settings"]["duplicated"] == 4
      and _filter()["settings"]["duplicates"] == 400),

@@ -10,8 +10,9 @@ Classifier-free guidance exactly as diffusers' ClassifierFreeGuidance computes i
 plus, from the two predictions the guider is handed at each step, MemoGuard's score of every image (no extra model
 call: with mitigation off the latents are bit-identical to plain CFG). With `mitigation` "always" or "auto"
 ("auto": the images whose first-step score reaches the threshold, from the calibration made for the UNet's
-weights or `threshold`), those images get no text guidance (the unconditional prediction) for the first `delay`
-share of the steps: MemoGuard's delayed guidance, planned by memoguard.mitigate from the first step's scores.
+weights or `threshold`), those images are guided at `early_scale` for the first `delay` share of the steps, planned
+by memoguard.mitigate from the first step's scores: away from the prompt (opposite guidance, the default: -3 for
+0.2 of the steps, the best measured schedule), or with early_scale 0 not at all (delayed guidance, 0.3 of them).
 Nothing MemoGuard reads or plans is raised into the pipeline: a failure makes the score unavailable, with the
 reason, and the step is plain CFG.
 """
@@ -20,23 +21,28 @@ from typing import Optional
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders import ClassifierFreeGuidance
 
-from ..hosts import without_guidance
-from ..mitigate import DEFAULT_DELAY, MitigationRecord, check_mode, plan_guidance_delay
+from ..hosts import early_guidance
+from ..mitigate import (DEFAULT_EARLY_SCALE, MitigationRecord, check_early_scale, check_mode, plan_guidance_delay,
+                        schedule_delay)
 from ..score import rms_per_image
 from .diffusers_hook import PipelineError, ScoreRecorder
 
 
 class MemoGuardGuidance(ClassifierFreeGuidance):
-    """ClassifierFreeGuidance that scores each step and can delay text guidance for flagged images."""
+    """ClassifierFreeGuidance that scores each step and can steer flagged images in the first steps: opposite guidance
+    (early_scale < 0, the default: the best measured schedule) or delayed guidance (early_scale 0)."""
 
     @register_to_config
     def __init__(self, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
-                 mitigation: str = "off", delay: float = DEFAULT_DELAY, threshold: Optional[float] = None,
-                 fpr: float = 0.01):
+                 mitigation: str = "off", delay: Optional[float] = None, threshold: Optional[float] = None,
+                 fpr: float = 0.01, early_scale: float = DEFAULT_EARLY_SCALE):
         super().__init__(guidance_scale, guidance_rescale, use_original_formulation, start, stop, enabled)
         check_mode(mitigation, 0.0)
-        self.mitigation, self.delay, self.threshold, self.fpr = mitigation, delay, threshold, fpr
+        check_early_scale(early_scale)
+        self.mitigation, self.threshold, self.fpr, self.early_scale = mitigation, threshold, fpr, early_scale
+        self.strategy = "guidance_delay" if early_scale == 0 else "opposite_guidance"
+        self.delay = schedule_delay(self.strategy, delay)
         self.recorder: Optional[ScoreRecorder] = None
         self.record: Optional[MitigationRecord] = None  # what the mitigation did in the last call
         self._plan = None
@@ -64,14 +70,14 @@ class MemoGuardGuidance(ClassifierFreeGuidance):
         if self._step == 0 and self.mitigation != "off":
             threshold = self._threshold()
             if self.mitigation == "auto" and threshold is None:
-                self.record = MitigationRecord(mode="auto", ran=False, strategy="guidance_delay",
+                self.record = MitigationRecord(mode="auto", ran=False, strategy=self.strategy,
                                                reason=f"no threshold: {self.recorder.calibration_note or 'no calibration'}")
             else:
                 self._plan, self.record = plan_guidance_delay(rms_per_image(diff), self._num_inference_steps,
                                                               mode=self.mitigation, threshold=threshold,
-                                                              delay=self.delay)
+                                                              delay=self.delay, early_scale=self.early_scale)
         if self._plan is not None and self._plan.applies(self._step):
-            out.pred = without_guidance(out.pred, pred_uncond, self._plan.images)
+            out.pred = early_guidance(out.pred, pred_cond, pred_uncond, self._plan.images, self._plan.scale)
         return out
 
     def _threshold(self) -> Optional[float]:
