@@ -36,7 +36,8 @@ def bench_setup(bench_json: Path, n_prompts: int):
     """(prompts, target) exactly as memoguard.cli.bench.run_bench hands them to mitigation_bench."""
     res = json.loads(bench_json.read_text())
     prompts = [p["text"] for p in res["prompts"] if p["positive"] and p["kind"] != "random"][:n_prompts]
-    return prompts, res["mitigation"]["target"], res["mitigation"]
+    row = res["mitigation"]["minimize_p50"]  # its target is the benign median, every *_p50 row's
+    return prompts, row["settings"]["target"], row
 
 
 def copies(images: np.ndarray) -> np.ndarray:

@@ -172,8 +172,9 @@ class HostSettings:
         return None if calibration is None else calibration.threshold(self.fpr)
 
     @property
-    def minimizes(self) -> bool:
-        return self.mitigation != "off" and self.strategy == "minimize"
+    def changes_prompt(self) -> bool:
+        """A start that changes the prompt's embedding at the first step (minimize, mask_padding, remove_tokens)."""
+        return self.mitigation != "off" and self.strategy in HOST_STRATEGIES and self.strategy not in SCHEDULES
 
     @property
     def delays(self) -> bool:

@@ -155,7 +155,8 @@ def test_host_settings_check_every_field_and_resolve_the_threshold():
     assert HostSettings(threshold=0.5).threshold_from(calibration) == 0.5
     assert HostSettings(fpr=0.1).threshold_from(calibration) == calibration.threshold(0.1)
     assert HostSettings().threshold_from(None) is None
-    assert HostSettings(mitigation="auto", strategy="minimize").minimizes
+    assert HostSettings(mitigation="auto", strategy="minimize").changes_prompt
+    assert HostSettings(mitigation="always", strategy="mask_padding").changes_prompt and not HostSettings().changes_prompt
     assert HostSettings(mitigation="always").delays and not HostSettings().delays
     assert HostSettings(mitigation="always", strategy="opposite_guidance").delays
     # a schedule's early steps: the measured defaults per strategy unless the user set a delay

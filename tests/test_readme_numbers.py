@@ -123,7 +123,11 @@ CLAIMS = [
     ("fpr=0.01, explain=false, explain_steps=1", lambda: _webui_defaults()["fpr"] == 0.01
      and _webui_defaults()["explain_steps"] == 1),
     ("max_iters=10, strategy=", lambda: _webui_defaults()["max_iters"] == 10),
-    ("delay=0.3, explain_method", lambda: _webui_defaults()["delay"] == 0.3),
+    ("delay=0 (0 = the", lambda: _webui_defaults()["delay"] == 0),
+    ("early_scale=-3]", lambda: _webui_defaults()["early_scale"] == -3),
+    ("0 = 0.2 of them", lambda: __import__("memoguard.mitigate", fromlist=["x"]).OPPOSITE_DELAY == 0.2),
+    ("scale*, default −3", lambda: _webui_defaults()["early_scale"] == -3),
+    ("0 = 0.3 of them", lambda: __import__("memoguard.mitigate", fromlist=["x"]).DEFAULT_DELAY == 0.3),
     ("steps, default 0.2, guided away", lambda: __import__("memoguard.mitigate", fromlist=["x"]).OPPOSITE_DELAY == 0.2),
     ("at `early_scale`, default -3", lambda: __import__("memoguard.mitigate", fromlist=["x"]).DEFAULT_EARLY_SCALE == -3),
     ("about 11 minutes", lambda: 9 * 60 <= _filter()["seconds_total"] <= 13 * 60),

@@ -12,7 +12,8 @@ from memoguard.errors import ArgumentError
 from memoguard.explain import METHODS
 
 MITIGATION_MODES = ("off", "always", "auto")
-STRATEGIES = ("guidance_delay", "minimize")
+# what the WebUI runs (token removal would re-encode through the WebUI's conditioning functions: not yet)
+STRATEGIES = ("mask_padding", "opposite_guidance", "guidance_delay", "minimize")
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 
@@ -71,6 +72,7 @@ PARSERS = {
     "strategy": lambda n, v: _choice(n, v, STRATEGIES),
     "delay": lambda n, v: _number(n, v, integer=False, low=0, high=0.95),
     "explain_method": lambda n, v: _choice(n, v, METHODS),
+    "early_scale": lambda n, v: _number(n, v, integer=False, low=-20, high=0),
 }
 
 

@@ -23,7 +23,7 @@ from memoguard.calibration import Calibration
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
                              release_memory, early_guidance)
-from memoguard.mitigate import GuidanceDelay, plan_guidance_delay
+from memoguard.mitigate import GuidanceDelay, mask_padding, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
@@ -156,7 +156,7 @@ class RunMonitor:
         # a failing explanation or mitigation is reported; the step is still scored
         if step < self.settings.explain_steps and self.settings.explain:
             self._attempt("explaining tokens", self._explain, params, pending, result)
-        if step == 0 and self.settings.minimizes and result.mitigation is None:
+        if step == 0 and self.settings.changes_prompt and result.mitigation is None:
             self._attempt("mitigating", self._mitigate, params, pending, result)
         if result.embedding is not None:
             params.text_cond = with_embedding(params.text_cond, result.embedding)
@@ -172,14 +172,18 @@ class RunMonitor:
             self._record(pending, guided_difference(params.x, pending.layout, pending.family, pending.sigma))
         self.resolve_calibration()  # after the first model call: A1111's Lora has merged its weights by now
         images = self._delayed_images(pending)
-        if images:  # CFG then combines u + w (c - u) = u for those images: no text guidance at this step
-            x_out, uncond_rows = params.x, len(pending.layout)
+        if images:
+            # CFG then combines u + w * sum_k weight_k (c_k - u); with each c_k moved to u + (scale / w)(c_k - u)
+            # that is u + scale * sum_k weight_k (c_k - u): scale 0, the unconditional prediction
+            x_out, uncond_rows, scale = params.x, len(pending.layout), self.results[pending.iteration].delay.scale
+            ratio = scale / float(getattr(self.p, "cfg_scale", 1.0) or 1.0)
             for i in images:
+                u = x_out[x_out.shape[0] - uncond_rows + i]
                 for row, _ in pending.layout[i]:
-                    x_out[row] = x_out[x_out.shape[0] - uncond_rows + i]
+                    x_out[row] = u if scale == 0 else u + ratio * (x_out[row] - u)
 
     def _delayed_images(self, pending: Pending) -> List[int]:
-        """guidance_delay: plans at the first scored step, then the images whose guidance is off at this step."""
+        """The schedules: plans at the first scored step, then the images steered at this step."""
         s = self.settings
         if not s.delays:
             return []
@@ -187,7 +191,7 @@ class RunMonitor:
         if result.mitigation is None:
             if pending.step != 0 or result.trace.unavailable or not len(result.trace):
                 return []
-            self._attempt("planning delayed guidance", self._plan_delay, pending, result)
+            self._attempt("planning the early guidance", self._plan_delay, pending, result)
         plan = result.delay
         if plan is None or not plan.applies(pending.step):
             return []
@@ -199,12 +203,13 @@ class RunMonitor:
         threshold = self.flag_threshold(result) if s.mitigation == "auto" else None
         if s.mitigation == "auto" and threshold is None:
             result.mitigation = MitigationRecord("auto", False, before=gaps.tolist(), after=gaps.tolist(),
-                                                 image_iterations=[0] * len(gaps), strategy="guidance_delay",
+                                                 image_iterations=[0] * len(gaps), strategy=s.strategy,
                                                  reason="no calibration of this checkpoint and no threshold")
             return
+        delay, scale = s.early_steps(s.strategy)
         result.delay, result.mitigation = plan_guidance_delay(gaps, max(1, pending.total), mode=s.mitigation,
-                                                              threshold=threshold,
-                                                              target=s.target, delay=s.early_steps(s.strategy)[0])
+                                                              threshold=threshold, target=s.target, delay=delay,
+                                                              early_scale=scale)
 
     def _noise_level(self, pending: Pending, t: float) -> float:
         """sigma / alpha of the step: the k-diffusion sigma; a timestep sampler's t through alphas_cumprod."""
@@ -258,7 +263,8 @@ class RunMonitor:
             result.explanations[row].append(c)
 
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
-        """Optimise the prompt rows of the images to mitigate; the record is per image (AND rows combined)."""
+        """Change the prompt rows of the images to mitigate (minimize: optimise them; mask_padding: zero their
+        padding); the record is per image (AND rows combined)."""
         s, layout = self.settings, pending.layout
         with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
             with torch.no_grad():
@@ -268,20 +274,25 @@ class RunMonitor:
                 threshold = self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
                 if threshold is None:
                     result.mitigation = MitigationRecord("auto", False, before=before, after=before,
-                                                         image_iterations=[0] * len(layout),
+                                                         image_iterations=[0] * len(layout), strategy=s.strategy,
                                                          reason="no calibration of this checkpoint and no threshold")
                     return
                 images = [i for i in images if before[i] >= threshold]
                 if not images:
                     result.mitigation = MitigationRecord("auto", False, before=before, after=before,
-                                                         image_iterations=[0] * len(layout),
+                                                         image_iterations=[0] * len(layout), strategy=s.strategy,
                                                          reason=f"first-step score under threshold {threshold:.4g}")
                     return
             rows_of = [[r for r, _ in rows] for rows in layout]
             rows = [r for i in images for r in rows_of[i]]
-            sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
-                                              target=s.target, lr=s.lr, max_iters=s.max_iters,
-                                              should_stop=self.interrupted)
+            if s.strategy == "mask_padding":
+                masked, sub = mask_padding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
+                                           target=s.target)
+                sub_emb = masked.embedding
+            else:
+                sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t,
+                                                  mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters,
+                                                  should_stop=self.interrupted)
             embedding = cond.embedding.detach().clone()
             embedding[rows] = sub_emb.to(embedding.dtype)
             if not sub.ran:
@@ -294,9 +305,11 @@ class RunMonitor:
                 with torch.no_grad():
                     after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)
         row_moves = dict(zip(rows, sub.image_iterations))
-        result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations,
-                                             [max([row_moves.get(r, 0) for r in rs] or [0]) for rs in rows_of],
-                                             sub.losses, before, after, sub.reason)
+        row_masked = dict(zip(rows, sub.masked))
+        per_image = lambda of: [max([of.get(r, 0) for r in rs] or [0]) for rs in rows_of]
+        result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations, per_image(row_moves),
+                                             sub.losses, before, after, sub.reason, strategy=s.strategy,
+                                             masked=per_image(row_masked))
         if sub.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
 
@@ -427,7 +440,8 @@ class ForgeRunMonitor(RunMonitor):
                 return args["denoised"]
             marked = torch.zeros(args["denoised"].shape[0], dtype=torch.bool)
             marked[images] = True
-            return early_guidance(args["denoised"], args["cond_denoised"], args["uncond_denoised"], marked, 0.0)
+            scale = self.results[pending.iteration].delay.scale
+            return early_guidance(args["denoised"], args["cond_denoised"], args["uncond_denoised"], marked, scale)
         return memoguard_post_cfg
 
     def _before(self, params) -> None:

@@ -47,17 +47,23 @@ def verdict_label(v: Verdict) -> str:
 
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
-    """The infotext value: "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps",
-    "MODE not needed (first-step score X under the threshold T)" or "MODE not run (why)"."""
+    """The infotext value: what was changed, so the image can be made again: "MODE padding masked N positions
+    BEFORE -> AFTER", "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE
+    guidance S for K steps" (opposite guidance), "MODE not needed (first-step score X under the threshold T)" or
+    "MODE not run (why)"."""
     if record is None:
         return None
     if not record.ran:
         return f"{record.mode} not run ({record.reason})"
+    if not record.image_iterations[position]:
+        return f"{record.mode} not needed ({record.left_alone(position)})"
     before, after = record.before[position], record.after[position]
     if record.strategy == "guidance_delay":
-        if not record.image_iterations[position]:
-            return f"{record.mode} not needed ({record.left_alone(position)})"
         return f"{record.mode} guidance delayed {record.delay_steps} steps"
+    if record.strategy == "opposite_guidance":
+        return f"{record.mode} guidance {record.early_scale:g} for {record.delay_steps} steps"
+    if record.strategy == "mask_padding":
+        return f"{record.mode} padding masked {record.masked[position]} positions {before:.4f} -> {after:.4f}"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
 
 

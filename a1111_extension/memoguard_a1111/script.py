@@ -14,7 +14,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from memoguard.calibration_lookup import NO_FILE
-from memoguard.mitigate import DEFAULT_DELAY
+from memoguard.mitigate import DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_STRATEGY, OPPOSITE_DELAY
 from modules import processing, script_callbacks, scripts, shared
 
 from . import api, calibrate as calibration_glue
@@ -44,19 +44,26 @@ CONTROLS = (
     ("lr", "Number", "Learning rate", 0.05, "Minimize: AdamW step size (paper: 0.05)", {}),
     ("max_iters", "Slider", "Max iterations", 10, "Minimize: AdamW iterations at most (paper: 10)",
      dict(minimum=0, maximum=50, step=1)),
-    ("strategy", "Radio", "Mitigation strategy", "guidance_delay",
-     "guidance_delay: no text guidance for the first steps (no extra model call); minimize: the paper's AdamW on "
-     "the prompt embedding. Measured side by side in BENCHMARKS.md", dict(choices=["guidance_delay", "minimize"])),
-    ("delay", "Slider", "Guidance delay", DEFAULT_DELAY,
-     "Guidance delay: share of the first steps without text guidance. More: less copying, less prompt detail",
+    ("strategy", "Radio", "Mitigation strategy", DEFAULT_STRATEGY,
+     "mask_padding: the prompt's padding (copies of its end token, which drive the recall) zeroed at the first "
+     "step, one extra model call; opposite_guidance / guidance_delay: the first steps guided away from the prompt "
+     "/ without it, no extra call; minimize: the paper's AdamW on the prompt embedding. Measured side by side on "
+     "both evaluation models in BENCHMARKS.md (mask_padding: the best)",
+     dict(choices=["mask_padding", "opposite_guidance", "guidance_delay", "minimize"])),
+    ("delay", "Slider", "Guidance delay", 0.0,
+     f"Opposite guidance / guidance delay: share of the first steps steered; 0 = the measured default "
+     f"({OPPOSITE_DELAY} / {DEFAULT_DELAY}). More: less copying, less prompt detail",
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
      "auto = gradient x input here (gradient_x_delta: one backward pass per step); leave_one_out: one forward "
      "per token; integrated_gradients: 4 backward passes; gradient_norm: the paper's. The infotext names the one "
      "used",
      dict(choices=["auto", "leave_one_out", "gradient_x_delta", "integrated_gradients", "gradient_norm"])),
+    ("early_scale", "Slider", "Opposite guidance scale", DEFAULT_EARLY_SCALE,
+     "Opposite guidance: the guidance scale of its first steps, below 0 (away from the prompt)",
+     dict(minimum=-10.0, maximum=0.0, step=0.5)),
 )
-ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10, 11), (7, 8, 9))
+ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10, 11, 13), (7, 8, 9))
 ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
 
@@ -67,8 +74,8 @@ def settings_from_args(args) -> Settings:
     return Settings(window=v["window"], threshold=v["threshold"] if v["threshold"] > 0 else None,
                     calibration_file=v["calibration_file"], fpr=v["fpr"], explain=v["explain"],
                     explain_steps=v["explain_steps"], mitigation=v["mitigation"], target=v["target"], lr=v["lr"],
-                    max_iters=v["max_iters"], strategy=v["strategy"], delay=v["delay"],
-                    explain_method=v["explain_method"])
+                    max_iters=v["max_iters"], strategy=v["strategy"], delay=v["delay"] if v["delay"] > 0 else None,
+                    explain_method=v["explain_method"], early_scale=v["early_scale"])
 
 
 def image_of(kwargs) -> tuple:

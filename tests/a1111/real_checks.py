@@ -165,8 +165,8 @@ def and_prompt_record_is_the_images(base):
 
 
 def guidance_delay_keeps_the_first_step_score_and_steers(base):
-    """Delayed guidance (the default strategy): scored from the same first step, then sampled without text
-    guidance for round(delay x steps) steps; a delay of 0 is the plain run."""
+    """Delayed guidance: scored from the same first step, then sampled without text guidance for
+    round(delay x steps) steps; a delay that rounds to no step is the plain run."""
     plain = txt2img(base, "Euler", MONITOR_ONLY)
     steps = int(plain["parameters"]["steps"])
     delayed = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay", 0.5])
@@ -175,8 +175,28 @@ def guidance_delay_keeps_the_first_step_score_and_steers(base):
     assert got["MemoGuard mitigation"] == f"always guidance delayed {round(0.5 * steps)} steps"
     assert got["MemoGuard score"] == first(plain)["MemoGuard score"]
     assert pixels(delayed["images"][0]) != pixels(plain["images"][0])
-    none = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay", 0])
+    none = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "guidance_delay", 0.4 / steps])
     assert pixels(none["images"][0]) == pixels(plain["images"][0])
+
+
+def padding_masking_by_default_and_opposite_guidance(base):
+    """The default strategy masks the prompt's padding: the sampler's first step then scores the masked prompt
+    (the infotext's "after"); opposite guidance (0.2 of the steps at -3) keeps the first step's score."""
+    plain = txt2img(base, "Euler", MONITOR_ONLY)
+    steps, score = int(plain["parameters"]["steps"]), float(first(plain)["MemoGuard score"])
+    masked = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always"])
+    got = first(masked)
+    print("infotext with padding masking:", got["MemoGuard mitigation"], got["MemoGuard score"])
+    mode, padding, what, positions, _, before, _, after = got["MemoGuard mitigation"].split()
+    assert (mode, padding, what) == ("always", "padding", "masked") and int(positions) > 0
+    assert abs(float(before) - score) <= 2e-4 and abs(float(after) - float(got["MemoGuard score"])) <= 2e-4
+    assert pixels(masked["images"][0]) != pixels(plain["images"][0])
+    opposite = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "opposite_guidance"])
+    got = first(opposite)
+    print("infotext with opposite guidance:", got["MemoGuard mitigation"], got["MemoGuard score"])
+    assert got["MemoGuard mitigation"] == f"always guidance -3 for {round(0.2 * steps)} steps"
+    assert got["MemoGuard score"] == first(plain)["MemoGuard score"]
+    assert pixels(opposite["images"][0]) != pixels(plain["images"][0])
 
 
 def progress_text_is_cleared(base):

@@ -340,6 +340,54 @@ def test_guidance_delay_keeps_the_first_step_score_and_steers_only_flagged_image
 @pytest.mark.parametrize("host", ["webui", "forge"])
 def test_guidance_delay_zero_steps_is_the_plain_run(host, request):
     webui = request.getfixturevalue(host)
-    plain = processing.process_images(make_p(webui))
-    monitor, steered = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.0)
+    p = make_p(webui)
+    plain = processing.process_images(p)
+    # a delay that rounds to no step: the plain run, bit for bit
+    monitor, steered = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.4 / p.steps)
     assert not monitor.errors and torch.equal(plain.images[0], steered.images[0])
+    assert monitor.results[0].mitigation.delay_steps == 0
+    # the slider's 0 is the strategy's measured default (guidance delay: 0.3 of the steps)
+    monitor, _ = run(make_p(webui), mitigation="always", strategy="guidance_delay", delay=0.0)
+    assert monitor.results[0].mitigation.delay_steps == round(0.3 * p.steps)
+
+
+# -- opposite guidance and padding masking (issue 20) --------------------------------------------------------
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_opposite_guidance_keeps_the_first_step_score_and_guides_flagged_images_away(host, request):
+    webui = request.getfixturevalue(host)
+    plain_monitor, plain = run(make_p(webui, batch_size=2))
+    first = plain_monitor.results[0].trace.per_step()[0]
+    high = int(first.argmax())
+    threshold = float(first.mean())
+    monitor, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
+                          strategy="opposite_guidance", delay=0.5)
+    _, delayed = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto", strategy="guidance_delay",
+                     delay=0.5)
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
+    assert record.strategy == "opposite_guidance" and record.early_scale == -3.0 and record.delay_steps >= 1
+    assert monitor.results[0].trace.per_step()[0].tolist() == pytest.approx(first.tolist(), rel=1e-6)
+    assert torch.equal(steered.images[1 - high], plain.images[1 - high])
+    assert not torch.equal(steered.images[high], plain.images[high])
+    assert not torch.equal(steered.images[high], delayed.images[high])  # away from the prompt, not just without it
+    fields = [infotext_fields(t)["MemoGuard mitigation"] for t in steered.infotexts]
+    assert fields[high] == f"auto guidance -3 for {record.delay_steps} steps"
+
+
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_padding_masking_is_the_default_and_the_sampler_runs_the_masked_prompt(host, request):
+    from memoguard_a1111.script import DEFAULTS, ARG_NAMES
+    assert dict(zip(ARG_NAMES, DEFAULTS))["strategy"] == "mask_padding"
+    webui = request.getfixturevalue(host)
+    plain_monitor, plain = run(make_p(webui))
+    monitor, masked = run(make_p(webui), mitigation="always")
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
+    words = len(make_p(webui).prompt.replace(",", " ,").split())
+    assert record.strategy == "mask_padding" and record.ran and record.masked == [77 - words - 2]
+    # the sampler's own first step ran with the masked prompt: its score is the one the record reports
+    assert monitor.results[0].trace.per_step()[0].tolist() == pytest.approx(record.after, rel=1e-4)
+    assert record.before == pytest.approx(plain_monitor.results[0].trace.per_step()[0].tolist(), rel=1e-5)
+    assert not torch.equal(masked.images[0], plain.images[0])
+    field = infotext_fields(masked.infotexts[0])["MemoGuard mitigation"]
+    assert field == f"always padding masked {77 - words - 2} positions {record.before[0]:.4f} -> {record.after[0]:.4f}"

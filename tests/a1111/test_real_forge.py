@@ -73,6 +73,10 @@ def test_forge_guidance_delay_keeps_the_first_step_score_and_steers(forge):
     real_checks.guidance_delay_keeps_the_first_step_score_and_steers(forge)
 
 
+def test_forge_padding_masking_by_default_and_opposite_guidance(forge):
+    real_checks.padding_masking_by_default_and_opposite_guidance(forge)
+
+
 def test_forge_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(forge):
     plain = txt2img(forge, "Euler", **FORGE_HIRES)
     watched = txt2img(forge, "Euler", MONITOR_ONLY, **FORGE_HIRES)

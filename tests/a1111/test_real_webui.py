@@ -55,6 +55,10 @@ def test_guidance_delay_keeps_the_first_step_score_and_steers(webui):
     real_checks.guidance_delay_keeps_the_first_step_score_and_steers(webui)
 
 
+def test_padding_masking_by_default_and_opposite_guidance(webui):
+    real_checks.padding_masking_by_default_and_opposite_guidance(webui)
+
+
 def test_hires_fix_scores_the_first_pass_only_and_leaves_the_image_unchanged(webui, euler_plain):
     plain = txt2img(webui, "Euler", **HIRES)
     watched = txt2img(webui, "Euler", MONITOR_ONLY, **HIRES)
