@@ -384,27 +384,36 @@ def test_opposite_guidance_and_a_start_followed_by_a_schedule(tiny_model):
 
 
 def test_padding_masking_zeroes_only_the_padding_after_the_end_of_text(tiny_model):
+    """Memorized captions: their padding zeroed, the score lower. Ordinary ones, whose score masking raises on this
+    model: their prompt kept bit for bit, the record saying why."""
     from memoguard.mitigate import MitigationError, mitigate, padding_positions
-    cond, uncond, x = _setup(tiny_model, ["a red circle", "a blue ring on the left"], [0, 1])
+    from memoguard.tiny.data import build_dataset
+    captions = build_dataset(0).memorized_captions
+    texts = [captions[0], captions[3], "a red circle", "a blue ring on the left"]
+    cond, uncond, x = _setup(tiny_model, texts, [0, 1, 0, 1])
     ts = tiny_model.timesteps(10)
-    pads = [padding_positions(cond, b) for b in range(2)]
-    for b, n_words in ((0, 3), (1, 6)):  # BOS, the words, their end-of-text, then padding to 77
-        assert pads[b] == list(range(n_words + 2, 77)) and cond.tokens[b][n_words + 1] == "<|endoftext|>"
+    pads = [padding_positions(cond, b) for b in range(4)]
+    words = [len(cond.prompt_tokens(b)) for b in range(4)]
+    for b in range(4):  # BOS, the words, their end-of-text, then padding to 77
+        assert pads[b] == list(range(words[b] + 2, 77)) and cond.tokens[b][words[b] + 1] == "<|endoftext|>"
     plan = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", target=0.0)
     rec, emb = plan.record, plan.cond.embedding
-    for b in range(2):
+    for b in (0, 1):
         assert emb[b, pads[b]].eq(0).all() and torch.equal(emb[b, :pads[b][0]], cond.embedding[b, :pads[b][0]])
-        assert rec.masked[b] == len(pads[b]) and f"{len(pads[b])} padding positions zeroed" in rec.summary(b)
+        assert rec.masked[b] == len(pads[b]) and rec.after[b] < rec.before[b] and rec.raised[b] is None
+        assert f"{len(pads[b])} padding positions zeroed" in rec.summary(b)
+    for b in (2, 3):
+        assert torch.equal(emb[b], cond.embedding[b]) and rec.masked[b] == 0 and rec.after[b] == rec.before[b]
+        assert rec.raised[b] >= rec.before[b] and "did not lower the first-step score" in rec.summary(b)
     # the score it reports is the score of the embedding it hands back; one pass more than scoring
     eps_c, eps_u = tiny_model.eps_pair(x, ts[0], plan.cond, uncond)
     assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(rec.after, rel=1e-4)
     assert rec.passes == pytest.approx(3.0) and plan.guidance is None and plan.x_T is None
     # half: the padding nearest the end-of-text; an image under the target keeps its embedding bit for bit
     half = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", pad_share=0.5,
-                    target=min(rec.before) * 1.0001).cond.embedding
-    low = rec.before.index(min(rec.before))
-    assert torch.equal(half[low], cond.embedding[low])
-    high, n = 1 - low, (len(pads[1 - low]) + 1) // 2
-    assert half[high, pads[high][:n]].eq(0).all() and torch.equal(half[high, pads[high][n:]], cond.embedding[high, pads[high][n:]])
+                    target=rec.before[0] * 1.0001).cond.embedding
+    assert torch.equal(half[0], cond.embedding[0])
+    n = (len(pads[1]) + 1) // 2
+    assert half[1, pads[1][:n]].eq(0).all() and torch.equal(half[1, pads[1][n:]], cond.embedding[1, pads[1][n:]])
     with pytest.raises(MitigationError, match="pad_share must be in"):
         mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", pad_share=0.0)

@@ -191,9 +191,12 @@ TEXT = "a purple ring, lighthouse poster"
 
 @pytest.fixture(scope="module")
 def prompted():
-    """The tiny UNet and its CLIP; conditionings as CLIP Text Encode and MemoGuard Text Encode make them."""
+    """The bundled model's trained UNet and CLIP (TEXT is one of its memorized captions); conditionings as CLIP Text
+    Encode and MemoGuard Text Encode make them."""
+    from memoguard.standalone.diffusers_model import load_model
     from nodes.comfy_model import with_prompt_source
-    unet, text_encoder = harness.tiny_unet()
+    bundled = load_model()
+    unet, text_encoder = bundled.unet, bundled.text_encoders[0]
     clip = harness.CLIP(text_encoder)
     with torch.inference_mode():
         plain = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
