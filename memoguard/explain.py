@@ -35,7 +35,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .errors import MemoGuardError
-from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients
+from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients, rows_of_t
 from .score import l2_per_image
 
 METHODS = ("auto", "leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding", "gradient_x_delta",
@@ -180,7 +180,8 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
                     edited[j, units[b][k]] = empty[0, units[b][k]]
                 sub = sub.with_embedding(edited)
             index = rows.to(x.device)
-            gaps = l2_per_image(model.eps(x[index], t, sub.embedding, sub.extra) - eps_u[index]).float().cpu()
+            gaps = l2_per_image(model.eps(x[index], rows_of_t(t, rows.tolist()), sub.embedding, sub.extra)
+                                - eps_u[index]).float().cpu()
             for j, (b, k) in enumerate(part):
                 out[b][k] = base[b] - gaps[j]
     return out, base
@@ -206,7 +207,8 @@ def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, shoul
                 sub = model.encode_without(reencode, [(b // gens, [i for k in part for i in units[b][k]])
                                                       for b, part in chunk])
                 index = torch.tensor([b for b, _ in chunk], device=x.device)
-                gaps += l2_per_image(model.eps(x[index], t, sub.embedding.to(cond.embedding), sub.extra)
+                gaps += l2_per_image(model.eps(x[index], rows_of_t(t, [b for b, _ in chunk]),
+                                               sub.embedding.to(cond.embedding), sub.extra)
                                      - eps_u[index]).float().cpu().tolist()
             for b in parts:
                 options = [(g, part) for (row, part), g in zip(jobs, gaps) if row == b]

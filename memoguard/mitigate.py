@@ -37,7 +37,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .errors import MemoGuardError
-from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients
+from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients, rows_of_t
 from .score import rms_per_image
 
 MODES = ("off", "always", "auto")
@@ -290,7 +290,8 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
                 part = jobs[start:start + batch_size]
                 sub = model.encode_without(cond, [(b, [i for word in removed[b] + [w] for i in word]) for b, w in part])
                 index = torch.tensor([b for b, _ in part], device=x_T.device)
-                eps = model.eps(x_T[index], t_first, sub.embedding.to(cond.embedding.dtype), sub.extra)
+                eps = model.eps(x_T[index], rows_of_t(t_first, [b for b, _ in part]),
+                                sub.embedding.to(cond.embedding.dtype), sub.extra)
                 scores += rms_per_image(eps - eps_u[index]).float().cpu().tolist()
         for b in rows:
             options = [(s, w) for (row, w), s in zip(jobs, scores) if row == b]
@@ -403,7 +404,7 @@ def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnco
         check_stop(should_stop)
         new_seeds = [candidate_seed(seeds[b], k) for b in rows]
         x_k = noise_of(new_seeds).to(x_T)
-        _, gap_k = _first_step(model, cond.rows(rows), uncond, x_k, t_first)
+        _, gap_k = _first_step(model, cond.rows(rows), uncond, x_k, rows_of_t(t_first, rows))
         record.passes += 2 * len(rows) / len(seeds)
         for j, b in enumerate(rows):
             if gap_k[j] < best[b]:
@@ -453,7 +454,8 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     with torch.no_grad():
         index = torch.tensor(rows, device=x_T.device)
         sub = cond.with_embedding(zeroed(masked)).rows(rows)
-        tried = rms_per_image(model.eps(x_T[index], t_first, sub.embedding, sub.extra) - eps_u[index]).float().cpu()
+        tried = rms_per_image(model.eps(x_T[index], rows_of_t(t_first, rows), sub.embedding, sub.extra)
+                              - eps_u[index]).float().cpu()
     record.passes += len(rows) / gap.shape[0]
     record.iterations = 1
     for k, b in enumerate(rows):

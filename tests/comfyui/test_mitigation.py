@@ -254,6 +254,10 @@ def test_token_removal_in_the_sampler_removes_words_and_samples_the_prompt_witho
     unet, clip, _, sourced, negative = prompted
     base = harness.ModelPatcher(harness.BaseModel(unet))
     noise = torch.randn(1, 3, 16, 16, generator=torch.manual_seed(5))
+    # a batch: the sampler's timestep has one sigma per image, the candidates' batches are larger (issue of a run)
+    batch = _session([], mitigation="always", strategy="remove_tokens", target=0.0)
+    harness.sample(attach_mitigation(base, batch), noise.repeat(4, 1, 1, 1), sourced, negative, steps=3)
+    assert batch.error is None and batch.record.ran and all(batch.record.removed)
     texts, monitor = [], MonitorSession(MonitorSettings(), emit=lambda e, d: None, show=lambda t, n: None)
     session = _session(texts, mitigation="always", strategy="remove_tokens", target=0.0)
     harness.sample(attach_monitor(attach_mitigation(base, session), monitor), noise, sourced, negative, steps=3)
