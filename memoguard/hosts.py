@@ -108,16 +108,18 @@ def _bos(batch: int, length: int) -> torch.Tensor:
 
 
 def chunked_encoding(embedding: torch.Tensor, tokens: Optional[List[List[str]]] = None,
-                     prompt_mask: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> PromptEncoding:
+                     prompt_mask: Optional[torch.Tensor] = None, extra: Optional[dict] = None,
+                     words: Optional[List[List[int]]] = None) -> PromptEncoding:
     """A host's prompt conditioning (B, 77 * chunks, C) as a PromptEncoding: every chunk's BOS frozen.
-    Without token strings every position but the BOS counts as prompt."""
+    Without token strings every position but the BOS counts as prompt; words: memoguard.model.word_numbers of
+    each row, where the host's tokenizer marks word ends."""
     b, length, _ = embedding.shape
     if length % CHUNK:
         raise ValueError(f"a CLIP conditioning has a multiple of {CHUNK} positions, got {length}")
     frozen = _bos(b, length)
     extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 and b > 1 else v for k, v in (extra or {}).items()}
     return PromptEncoding(embedding, tokens or [[""] * length for _ in range(b)],
-                          ~frozen if prompt_mask is None else prompt_mask, frozen, extra)
+                          ~frozen if prompt_mask is None else prompt_mask, frozen, extra, words=words)
 
 
 def empty_encoding(embedding: torch.Tensor, extra: Optional[dict] = None) -> PromptEncoding:

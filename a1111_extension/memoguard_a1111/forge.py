@@ -118,6 +118,6 @@ def prompt_encodings(p, params, layout, iteration: int, copy):
         cond_extra["y"] = copy(params.text_cond["vector"])
         uncond_extra["y"] = copy(params.text_uncond["vector"])[image_of_row]
     engine = text_engine(params.denoiser.inner_model.inner_model)
-    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
-    return (chunked_encoding(emb, tokens, prompt_mask, cond_extra), empty_encoding(uncond_emb, uncond_extra),
+    tokens, prompt_mask, words = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
+    return (chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), empty_encoding(uncond_emb, uncond_extra),
             x[image_of_row])

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from memoguard.hosts import chunked_encoding, coefficients_kdiffusion, coefficients_vp, empty_encoding
-from memoguard.model import Denoiser
+from memoguard.model import Denoiser, word_numbers
 
 KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
 TIMESTEPS = "timesteps"     # DDIM / PLMS / UniPC: outputs eps, `sigma` holds the timestep
@@ -98,8 +98,8 @@ def prompt_encodings(p, params, layout, iteration: int):
         uncond_extra["vector"] = uncond["vector"].detach()
     from modules.sd_hijack import model_hijack
     clip = prompt_chunker(model_hijack.clip)
-    tokens, prompt_mask = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
-    return chunked_encoding(emb, tokens, prompt_mask, cond_extra), empty_encoding(uncond_emb, uncond_extra)
+    tokens, prompt_mask, words = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
+    return chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), empty_encoding(uncond_emb, uncond_extra)
 
 
 def prompt_chunker(clip):
@@ -135,7 +135,8 @@ def chunker_tokenizer(clip):
 
 
 def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
-    """Token strings of every cond row, padded to `length` positions.
+    """Token strings, prompt masks and word numbers (memoguard.model.word_numbers: a word's BPE pieces share one)
+    of every cond row, padded to `length` positions.
 
     clip: the WebUI's prompt chunker (tokenize_line, id_start/id_end/id_pad); tokenizer: its CLIP tokenizer.
     """
@@ -143,14 +144,16 @@ def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
     prompts = list(p.prompts) if getattr(p, "prompts", None) else [p.prompt] * len(layout)
     sub_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
     specials = {clip.id_start, clip.id_end, clip.id_pad}
-    tokens, masks = [], []
+    tokens, masks, words = [], [], []
     for indexes in sub_indexes:
         for flat_index, _ in indexes:
             text = prompt_parser.get_learned_conditioning_prompt_schedules([flat[flat_index]], max(1, p.steps))[0][0][1]
             chunks, _ = clip.tokenize_line(text)
             ids = [t for chunk in chunks for t in chunk.tokens][:length]
-            names = [s.replace("</w>", "") for s in tokenizer.convert_ids_to_tokens(ids)]
+            raw = tokenizer.convert_ids_to_tokens(ids)
             pad = length - len(ids)
-            tokens.append(names + [""] * pad)
-            masks.append([t not in specials for t in ids] + [False] * pad)
-    return tokens, torch.tensor(masks, dtype=torch.bool)
+            in_prompt = [t not in specials for t in ids] + [False] * pad
+            tokens.append([s.replace("</w>", "") for s in raw] + [""] * pad)
+            masks.append(in_prompt)
+            words.append(word_numbers([s.endswith("</w>") for s in raw] + [True] * pad, in_prompt))
+    return tokens, torch.tensor(masks, dtype=torch.bool), words

@@ -315,13 +315,17 @@ def test_calibrate_button_reports_progress_and_result(webui, tiny_model):
 
 
 # -- delayed guidance (issue 10) ----------------------------------------------------------------
+def one_flagged(webui):
+    """A plain batch of two, its first-step scores, the higher image and a threshold between the two."""
+    plain_monitor, plain = run(make_p(webui, batch_size=2))
+    first = plain_monitor.results[0].trace.per_step()[0]
+    return plain, first, int(first.argmax()), float(first.mean())
+
+
 @pytest.mark.parametrize("host", ["webui", "forge"])
 def test_guidance_delay_keeps_the_first_step_score_and_steers_only_flagged_images(host, request):
     webui = request.getfixturevalue(host)
-    plain_monitor, plain = run(make_p(webui, batch_size=2))
-    first = plain_monitor.results[0].trace.per_step()[0]
-    high = int(first.argmax())
-    threshold = float(first.mean())  # between the two images' first-step scores
+    plain, first, high, threshold = one_flagged(webui)
     monitor, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
                           strategy="guidance_delay", delay=0.5)
     assert not monitor.errors
@@ -355,10 +359,7 @@ def test_guidance_delay_zero_steps_is_the_plain_run(host, request):
 @pytest.mark.parametrize("host", ["webui", "forge"])
 def test_opposite_guidance_keeps_the_first_step_score_and_guides_flagged_images_away(host, request):
     webui = request.getfixturevalue(host)
-    plain_monitor, plain = run(make_p(webui, batch_size=2))
-    first = plain_monitor.results[0].trace.per_step()[0]
-    high = int(first.argmax())
-    threshold = float(first.mean())
+    plain, first, high, threshold = one_flagged(webui)
     monitor, steered = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto",
                           strategy="opposite_guidance", delay=0.5)
     _, delayed = run(make_p(webui, batch_size=2), threshold=threshold, mitigation="auto", strategy="guidance_delay",

@@ -262,3 +262,17 @@ def test_explanation_hint_names_the_method_as_the_infotext_does(webui):
     _, processed = run(make_p(webui), explain=True)
     used = infotext_fields(processed.infotexts[0])["MemoGuard explanation"]
     assert used == METHOD_NAMES["gradient_x_delta"] and f"auto = {used}" in hint
+
+
+def test_explanation_takes_a_words_pieces_together_as_the_core_does(webui, tiny_model):
+    prompt = "a red parable on a hill"  # "parable" is two BPE pieces
+    p = make_p(webui, sampler_name="Euler", prompt=prompt)
+    monitor, _ = run(p, explain=True)
+    (got,) = monitor.image_explanations(0, 0)
+    x, t = kdiffusion_start(webui, p)
+    core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
+    enc = core.encode([prompt])
+    assert len(enc.prompt_tokens(0)) == 7 and len(enc.word_groups(0)) == 6
+    (want,) = token_contributions(core, enc, core.encode([""]), x, steps=1, total_steps=1, method=got.method)
+    assert got.tokens == want.tokens == ["a", "red", "parable", "on", "a", "hill"]
+    assert got.scores == pytest.approx(want.scores, rel=1e-3, abs=2e-6)
