@@ -384,8 +384,8 @@ def test_opposite_guidance_and_a_start_followed_by_a_schedule(tiny_model):
 
 
 def test_padding_masking_zeroes_only_the_padding_after_the_end_of_text(tiny_model):
-    """Memorized captions: their padding zeroed, the score lower. Ordinary ones, whose score masking raises on this
-    model: their prompt kept bit for bit, the record saying why."""
+    """Every image over the target gets its padding zeroed and the record the masked score: lower for the memorized
+    captions, higher for these ordinary ones on this model (masked all the same, as the paper masks every prompt)."""
     from memoguard.mitigate import MitigationError, mitigate, padding_positions
     from memoguard.tiny.data import build_dataset
     captions = build_dataset(0).memorized_captions
@@ -398,13 +398,11 @@ def test_padding_masking_zeroes_only_the_padding_after_the_end_of_text(tiny_mode
         assert pads[b] == list(range(words[b] + 2, 77)) and cond.tokens[b][words[b] + 1] == "<|endoftext|>"
     plan = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", target=0.0)
     rec, emb = plan.record, plan.cond.embedding
-    for b in (0, 1):
+    for b in range(4):
         assert emb[b, pads[b]].eq(0).all() and torch.equal(emb[b, :pads[b][0]], cond.embedding[b, :pads[b][0]])
-        assert rec.masked[b] == len(pads[b]) and rec.after[b] < rec.before[b] and rec.raised[b] is None
-        assert f"{len(pads[b])} padding positions zeroed" in rec.summary(b)
-    for b in (2, 3):
-        assert torch.equal(emb[b], cond.embedding[b]) and rec.masked[b] == 0 and rec.after[b] == rec.before[b]
-        assert rec.raised[b] >= rec.before[b] and "did not lower the first-step score" in rec.summary(b)
+        assert rec.masked[b] == len(pads[b]) and f"{len(pads[b])} padding positions zeroed" in rec.summary(b)
+    assert rec.after[0] < rec.before[0] and rec.after[1] < rec.before[1]
+    assert rec.after[2] > rec.before[2] and rec.after[3] > rec.before[3]
     # the score it reports is the score of the embedding it hands back; one pass more than scoring
     eps_c, eps_u = tiny_model.eps_pair(x, ts[0], plan.cond, uncond)
     assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(rec.after, rel=1e-4)

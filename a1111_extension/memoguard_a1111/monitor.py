@@ -305,14 +305,11 @@ class RunMonitor:
                 with torch.no_grad():
                     after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)
         row_moves = dict(zip(rows, sub.image_iterations))
-        row_masked, row_raised = dict(zip(rows, sub.masked)), dict(zip(rows, sub.raised))
+        row_masked = dict(zip(rows, sub.masked))
         per_image = lambda of: [max([of.get(r, 0) for r in rs] or [0]) for rs in rows_of]
-        # mask_padding keeps an image's prompt where masking raised its score (every row of it kept): the row's score
-        raised = [None if any(row_raised.get(r) is None for r in rs) else max(row_raised[r] for r in rs)
-                  for rs in rows_of]
         result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations, per_image(row_moves),
                                              sub.losses, before, after, sub.reason, strategy=s.strategy,
-                                             masked=per_image(row_masked), raised=raised)
+                                             masked=per_image(row_masked))
         if sub.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
 

@@ -62,8 +62,6 @@ def mitigation_text(record: Optional[MitigationRecord], position: int) -> Option
         return f"{record.mode} guidance delayed {record.delay_steps} steps"
     if record.strategy == "opposite_guidance":
         return f"{record.mode} guidance {record.early_scale:g} for {record.delay_steps} steps"
-    if record.strategy == "mask_padding" and record.raised[position] is not None:
-        return f"{record.mode} padding kept (masked it scored {record.raised[position]:.4f} over {before:.4f})"
     if record.strategy == "mask_padding":
         return f"{record.mode} padding masked {record.masked[position]} positions {before:.4f} -> {after:.4f}"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"

@@ -180,24 +180,18 @@ def guidance_delay_keeps_the_first_step_score_and_steers(base):
 
 
 def padding_masking_by_default_and_opposite_guidance(base):
-    """The default strategy masks the prompt's padding where that lowers the first-step score: the sampler's first
-    step then scores the masked prompt (the infotext's "after"); where it does not (on the random checkpoint it
-    raises it) the prompt is kept and the image is the plain one. Opposite guidance (0.2 of the steps at -3) keeps
-    the first step's score."""
+    """The default strategy masks the prompt's padding: the sampler's first step then scores the masked prompt (the
+    infotext's "after"; on the random checkpoint it is higher, there is nothing to recall); opposite guidance (0.2
+    of the steps at -3) keeps the first step's score."""
     plain = txt2img(base, "Euler", MONITOR_ONLY)
     steps, score = int(plain["parameters"]["steps"]), float(first(plain)["MemoGuard score"])
     masked = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always"])
     got = first(masked)
     print("infotext with padding masking:", got["MemoGuard mitigation"], got["MemoGuard score"])
-    if got["MemoGuard mitigation"].startswith("always padding kept"):
-        masked_score = float(got["MemoGuard mitigation"].split("scored ")[1].split()[0])
-        assert masked_score >= score and got["MemoGuard score"] == first(plain)["MemoGuard score"]
-        assert pixels(masked["images"][0]) == pixels(plain["images"][0])
-    else:
-        mode, padding, what, positions, _, before, _, after = got["MemoGuard mitigation"].split()
-        assert (mode, padding, what) == ("always", "padding", "masked") and int(positions) > 0
-        assert abs(float(before) - score) <= 2e-4 and abs(float(after) - float(got["MemoGuard score"])) <= 2e-4
-        assert float(after) < float(before) and pixels(masked["images"][0]) != pixels(plain["images"][0])
+    mode, padding, what, positions, _, before, _, after = got["MemoGuard mitigation"].split()
+    assert (mode, padding, what) == ("always", "padding", "masked") and int(positions) > 0
+    assert abs(float(before) - score) <= 2e-4 and abs(float(after) - float(got["MemoGuard score"])) <= 2e-4
+    assert pixels(masked["images"][0]) != pixels(plain["images"][0])
     opposite = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "opposite_guidance"])
     got = first(opposite)
     print("infotext with opposite guidance:", got["MemoGuard mitigation"], got["MemoGuard score"])

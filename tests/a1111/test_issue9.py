@@ -378,8 +378,7 @@ def test_opposite_guidance_keeps_the_first_step_score_and_guides_flagged_images_
 @pytest.mark.parametrize("host", ["webui", "forge"])
 def test_padding_masking_is_the_default_and_the_sampler_runs_the_masked_prompt(host, request):
     """A memorized caption of the bundled model: its padding zeroed, the sampler's first step scores the masked
-    prompt. The test's ordinary prompt, whose score masking raises: kept, the image bit-identical, the infotext
-    says why."""
+    prompt, the infotext records both scores."""
     from memoguard.tiny.data import build_dataset
     from memoguard_a1111.script import DEFAULTS, ARG_NAMES
     assert dict(zip(ARG_NAMES, DEFAULTS))["strategy"] == "mask_padding"
@@ -391,16 +390,10 @@ def test_padding_masking_is_the_default_and_the_sampler_runs_the_masked_prompt(h
     record = monitor.results[0].mitigation
     words = len(caption.replace(",", " ,").split())
     assert record.strategy == "mask_padding" and record.ran and record.masked == [77 - words - 2]
-    assert record.after[0] < record.before[0] and record.raised == [None]
+    assert record.after[0] < record.before[0]
     # the sampler's own first step ran with the masked prompt: its score is the one the record reports
     assert monitor.results[0].trace.per_step()[0].tolist() == pytest.approx(record.after, rel=1e-4)
     assert record.before == pytest.approx(plain_monitor.results[0].trace.per_step()[0].tolist(), rel=1e-5)
     assert not torch.equal(masked.images[0], plain.images[0])
     field = infotext_fields(masked.infotexts[0])["MemoGuard mitigation"]
     assert field == f"always padding masked {77 - words - 2} positions {record.before[0]:.4f} -> {record.after[0]:.4f}"
-    _, ordinary = run(make_p(webui))
-    monitor, kept = run(make_p(webui), mitigation="always")
-    record = monitor.results[0].mitigation
-    assert record.masked == [0] and record.raised[0] >= record.before[0]
-    assert torch.equal(kept.images[0], ordinary.images[0])
-    assert infotext_fields(kept.infotexts[0])["MemoGuard mitigation"].startswith("always padding kept (masked it scored")
