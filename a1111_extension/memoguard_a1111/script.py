@@ -45,10 +45,10 @@ CONTROLS = (
     ("max_iters", "Slider", "Max iterations", 10, "Minimize: AdamW iterations at most (paper: 10)",
      dict(minimum=0, maximum=50, step=1)),
     ("strategy", "Radio", "Mitigation strategy", DEFAULT_STRATEGY,
-     "mask_padding: the prompt's padding (copies of its end token, which drive the recall) zeroed at the first "
-     "step, one extra model call; opposite_guidance / guidance_delay: the first steps guided away from the prompt "
-     "/ without it, no extra call; minimize: the paper's AdamW on the prompt embedding. Measured side by side on "
-     "both evaluation models in BENCHMARKS.md (mask_padding: the best)",
+     "mask_padding (the best measured, BENCHMARKS.md): the prompt's padding, copies of its end token that drive "
+     "the recall, zeroed at the first step (one extra model call). opposite_guidance / guidance_delay: the first "
+     "steps guided away from the prompt / without it (no extra call). minimize: the paper's AdamW on the prompt "
+     "embedding",
      dict(choices=["mask_padding", "opposite_guidance", "guidance_delay", "minimize"])),
     ("delay", "Slider", "Guidance delay", 0.0,
      f"Opposite guidance / guidance delay: share of the first steps steered; 0 = the measured default "
@@ -63,7 +63,7 @@ CONTROLS = (
      "Opposite guidance: the guidance scale of its first steps, below 0 (away from the prompt)",
      dict(minimum=-10.0, maximum=0.0, step=0.5)),
 )
-ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10, 11, 13), (7, 8, 9))
+ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10), (11, 13), (7, 8, 9))
 ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
 

@@ -7,9 +7,14 @@ costs CPU seconds.
 import json
 import math
 import os
+import shutil
+import subprocess
+import tempfile
 import time
 import urllib.error
 from pathlib import Path
+
+import pytest
 
 from real_host import MONITOR_ONLY, call, generate, pixels, txt2img
 
@@ -377,3 +382,27 @@ def concurrent_clients(base):
             if a["MemoGuard verdict"] != "uncalibrated":  # ran after a calibration was saved: judged by it
                 assert (a["MemoGuard verdict"] == "flagged") == (float(a["MemoGuard score"]) >= threshold), (name, a)
         assert pixels(together[name]["images"][0]) == pixels(alone["images"][0]), name
+
+
+ARTIFACTS = Path(os.environ.get("MEMOGUARD_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "memoguard-test-artifacts"))
+
+
+def panel_in_a_browser(base, name: str):
+    """The WebUI's own page in Chromium (browser_check_webui.mjs): the accordion enabled, Mitigation "always" with
+    the default strategy, Generate clicked; the panel under the image shows the padding masking; screenshots of
+    the accordion and the panel land in ARTIFACTS for a person to look at."""
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(chromium).exists():
+        pytest.skip("needs node, NODE_PATH with playwright-core and Chromium (tests/hosts/setup_browser.sh)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"{name}_memoguard.png"
+    run = subprocess.run(["node", str(Path(__file__).with_name("browser_check_webui.mjs")), base,
+                          "a purple ring, lighthouse poster", str(shot)], capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(f"{name} panel:", result["panel"])
+    assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "minimize"],
+                                  "value": "mask_padding"}
+    assert "Opposite guidance scale" in result["labels"] and "padding masked" in result["panel"]
+    assert not result["errors"], result["errors"]
+    assert shot.stat().st_size > 10000

@@ -135,7 +135,11 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
     port = _free_port()
     log = open(data / "webui.log", "w")
     # --server-name: with --nowebui the WebUIs' API server binds 0.0.0.0 unless told otherwise
-    server = subprocess.Popen([python, "launch.py", *flags, *(["--nowebui"] if api_only else []), "--server-name",
+    # the UI serves its own scripts and styles by file= routes, which gradio allows only under its allowed paths:
+    # the data dir by default, so a data dir outside the WebUI's folder needs the folder added (else 403s, and
+    # Generate does nothing: "submit is not defined")
+    ui = [] if api_only else ["--gradio-allowed-path", str(root)]
+    server = subprocess.Popen([python, "launch.py", *flags, *(["--nowebui"] if api_only else ui), "--server-name",
                                "127.0.0.1", "--port", str(port), "--data-dir", str(data)],
                               cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

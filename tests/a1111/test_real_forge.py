@@ -146,9 +146,10 @@ def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory)
         real_checks.route_is_guarded(base, webui_log(base))
 
 
-def test_no_calibration_route_without_api(tmp_path_factory):
+def test_the_ui_alone_has_no_calibration_route_and_shows_the_panel_in_a_browser(tmp_path_factory):
     with running_forge(tmp_path_factory, api_only=False) as base:
         real_checks.route_is_absent_without_api(base, webui_log(base))
+        real_checks.panel_in_a_browser(base, "forge")
 
 
 def test_four_api_clients_at_once_each_get_their_own_record(forge):

@@ -17,6 +17,8 @@ export A1111_DIR=${A1111_DIR:-$HOSTS/a1111}
 export A1111_PYTHON=${A1111_PYTHON:-$A1111_DIR/venv/bin/python}
 export A1111_CKPT=${A1111_CKPT:-$HOSTS/models/random-sd15.safetensors}
 export HF_HOME=${HF_HOME:-$HOSTS/hf} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the browser check (tests/hosts/setup_browser.sh): playwright-core and Chromium; it skips when either is missing
+export NODE_PATH=${NODE_PATH:-$HOSTS/pw/node_modules} CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 PY=${PYTHON:-$A1111_PYTHON}
 for f in "$A1111_DIR/launch.py" "$A1111_PYTHON" "$A1111_CKPT"; do
   [ -e "$f" ] || { echo "missing $f: see tests/hosts/README.md (A1111 / Forge)" >&2; exit 2; }

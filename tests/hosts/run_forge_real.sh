@@ -16,6 +16,8 @@ export FORGE_DIR=${FORGE_DIR:-$HOSTS/forge}
 export FORGE_PYTHON=${FORGE_PYTHON:-$FORGE_DIR/venv/bin/python}
 export FORGE_CKPT=${FORGE_CKPT:-$HOSTS/models/random-sd15.safetensors}
 export HF_HOME=${HF_HOME:-$HOSTS/hf} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# the browser check (tests/hosts/setup_browser.sh): playwright-core and Chromium; it skips when either is missing
+export NODE_PATH=${NODE_PATH:-$HOSTS/pw/node_modules} CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 PY=${PYTHON:-$FORGE_PYTHON}
 for f in "$FORGE_DIR/launch.py" "$FORGE_PYTHON" "$FORGE_CKPT"; do
   [ -e "$f" ] || { echo "missing $f: see tests/hosts/README.md (A1111 / Forge)" >&2; exit 2; }
