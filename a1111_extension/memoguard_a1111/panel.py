@@ -67,6 +67,11 @@ def mitigation_text(record: Optional[MitigationRecord], position: int) -> Option
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
 
 
+# why the WebUI explains without leave-one-out re-encoded (the default on the command line and in ComfyUI)
+NOT_REENCODED = ("(by words; MemoGuard does not re-encode the WebUI's prompts yet, so leave-one-out, the most faithful "
+                 "method, here only empties a word's positions)")
+
+
 def explanation_method(explanations: List[TokenContributions]) -> Optional[str]:
     return explanations[0].method_name if explanations else None
 
@@ -200,7 +205,8 @@ def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: L
         parts.append(f'<div class="memoguard-chart-note">{html.escape(legend)}</div>')
     parts += [_tokens_html(c) for c in explanations]
     if explanations:
-        parts.append(f'<div class="memoguard-chart-note">tokens: {html.escape(explanations[0].method_name)}</div>')
+        parts.append(f'<div class="memoguard-chart-note">tokens: {html.escape(explanations[0].method_name)} '
+                     f'{NOT_REENCODED}</div>')
     if mitigation:
         parts.append(f'<div class="memoguard-mitigation">mitigation: {html.escape(mitigation)}</div>')
     parts.append("</div>")

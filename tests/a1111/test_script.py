@@ -267,8 +267,10 @@ def test_explanation_hint_names_the_method_as_the_infotext_does(webui):
 def test_explanation_takes_a_words_pieces_together_as_the_core_does(webui, tiny_model):
     prompt = "a red parable on a hill"  # "parable" is two BPE pieces
     p = make_p(webui, sampler_name="Euler", prompt=prompt)
-    monitor, _ = run(p, explain=True)
+    monitor, processed = run(p, explain=True)
     (got,) = monitor.image_explanations(0, 0)
+    # the panel says why the method is not the re-encoded leave-one-out of the command line and ComfyUI
+    assert "tokens: gradient x input (by words; MemoGuard does not re-encode" in panel_for(processed.js())
     x, t = kdiffusion_start(webui, p)
     core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
     enc = core.encode([prompt])
