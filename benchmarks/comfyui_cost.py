@@ -1,0 +1,84 @@
+"""Explanation and mitigation time inside ComfyUI as a ratio of one plain generation at the same settings.
+
+    COMFYUI_DIR=/path/to/ComfyUI python benchmarks/comfyui_cost.py CHECKPOINT [--steps 10] [--size 256] [--repeats 3]
+
+Run with ComfyUI's Python. CHECKPOINT: an SD1.5-size checkpoint (tests/hosts/make_random_sd15.py makes one with
+random weights), loaded by ComfyUI's own checkpoint loader. One image, Euler at cfg 7.5, the prompt "a purple ring,
+lighthouse poster" (6 words). Timed side by side in one process, medians of --repeats interleaved runs:
+- plain: CLIP Text Encode + KSampler's sampling (comfy.sample.sample);
+- mitigation: the same with MemoGuard Text Encode and MemoGuard Mitigation (mode always, target 0) in front, per
+  strategy (mask_padding, the default; remove_tokens; opposite_guidance);
+- explanation: the Token Contributions node alone (its default, leave-one-out re-encoded, one explained step),
+  against the same plain generation.
+Prints seconds and ratios.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from comfyui_host import load_comfy
+
+PROMPT = "a purple ring, lighthouse poster"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    load_comfy()
+    import comfy.sample
+    import comfy.sd
+    from comfy_api.latest import io
+    from nodes import CLIPTextEncode  # ComfyUI's own
+    from memoguard_pack.nodes.nodes_mitigation import EmbeddingMinimization
+    from memoguard_pack.nodes.nodes_text_encode import MemoGuardTextEncode
+    from memoguard_pack.nodes.nodes_tokens import TokenContributionsNode
+
+    with torch.inference_mode():  # as ComfyUI executes nodes
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=False,
+                                                                  output_clip=True)
+        latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        negative = CLIPTextEncode().encode(clip, "")[0]
+        plain_positive = CLIPTextEncode().encode(clip, PROMPT)[0]
+        sourced = MemoGuardTextEncode.execute(PROMPT, clip).result[0]
+        hidden = {io.Hidden.unique_id: "1"}
+        mitigation = EmbeddingMinimization.PREPARE_CLASS_CLONE(hidden)
+        tokens = TokenContributionsNode.PREPARE_CLASS_CLONE(hidden)
+
+        def generate(m, positive):
+            return comfy.sample.sample(m, noise, args.steps, 7.5, "euler", "normal", positive, negative, latent,
+                                       disable_pbar=True, seed=0)
+
+        runs = {"plain": lambda: generate(model, plain_positive)}
+        for strategy in ("mask_padding", "remove_tokens", "opposite_guidance"):
+            patched = mitigation.execute(model, "always", 0.0, 0.05, 10, "none", "(none)", 0.01, 0.0, strategy).result[0]
+            runs[f"mitigation {strategy}"] = lambda m=patched: generate(m, sourced)
+        runs["explanation (Token Contributions)"] = lambda: tokens.execute(
+            model, clip, PROMPT, {"samples": latent}, 0, args.steps, 1, 7.5, "normal", 1, calibration="none").result
+        for run in runs.values():  # warm-up: weights loaded, memory allocated
+            run()
+        times = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    plain = statistics.median(times["plain"])
+    print(f"{args.checkpoint}: {args.size}x{args.size}, {args.steps} Euler steps, cfg 7.5, one image, "
+          f"{args.repeats} repeats; device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    print(f"{'run':<36} {'median s':>9} {'/ plain':>8}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<36} {median:>9.3f} {median / plain:>8.3f}")
+
+
+if __name__ == "__main__":
+    main()
