@@ -7,7 +7,7 @@ Six strategies, measured side by side by `bench` on both evaluation models (BENC
     round tries up to `max_candidates` words (one first-step forward each, no backward pass; a longer
     prompt's candidates are its top words by gradient x input, one forward + backward), each later round
     the `later_candidates` that came next in the round before. Needs an adapter that re-encodes
-    prompts (DiffusionModel.reencodes).
+    prompts (Denoiser.can_reencode).
   - "minimize" (Wen et al., Sec. 5, the paper's): AdamW on the conditional prompt embedding (every
     BOS frozen, uncond fixed), loss = RMS gap at the first step on the very x_T the generation then
     starts from; stop once every image is at or under `target`. The embedding then serves every step.
@@ -23,12 +23,14 @@ Six strategies, measured side by side by `bench` on both evaluation models (BENC
   - "mask_padding" (after Kim & No, arXiv 2605.02908: CLIP pads with copies of the end-of-text token,
     and those copies drive the recall): the padding positions' embeddings, the `pad_share` of them
     nearest the end-of-text first, set to zero (each chunk's BOS, prompt tokens and end-of-text kept).
-    The words stay, no re-encoding: it works on any host's text-encoder output. One extra forward pass
-    measures the score after. Zeroing is this project's form of the paper's "masking".
+    The words stay and nothing is re-encoded: it needs only where the prompt's words end (the
+    encoding's prompt_mask, from the host's tokenizer). One extra forward pass measures the score
+    after. Zeroing is this project's form of the paper's "masking".
 A prompt strategy can be followed by a schedule ("remove_tokens+guidance_delay", "new_noise+
 opposite_guidance"): the schedule then applies to the images the first one changed.
 Every strategy leaves images at or under `target` untouched, and mode "auto" touches only images
-whose first-step score is at or above `threshold`.
+whose first-step score is at or above `threshold`. Defaults (the best measured on both evaluation
+models): DEFAULT_STRATEGY where the prompt's tokens are known, DEFAULT_WITHOUT_PROMPT where not.
 """
 import math
 from dataclasses import dataclass, field
