@@ -17,7 +17,7 @@ import torch
 
 from .explain import check_method
 from .mitigate import (DEFAULT_EARLY_SCALE, MitigationError, SCHEDULES, check_early_scale, check_settings,
-                       delay_steps, schedule_delay)
+                       delay_steps, schedule_delay, schedule_scale)
 from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding
 from .score import coefficients_vp, eps_difference
 
@@ -27,7 +27,7 @@ HOST_STRATEGIES = ("guidance_delay", "opposite_guidance", "minimize", "mask_padd
 
 __all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",
            "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference", "combine_rows",
-           "early_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
+           "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
            "release_memory", "is_out_of_memory", "Interrupted"]
 
 
@@ -91,6 +91,15 @@ def combine_rows(diff_rows: torch.Tensor, weights: Sequence[Sequence[float]]) ->
         out.append(d)
         row += len(image)
     return torch.cat(out)
+
+
+def cond_for_early_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, guidance: float) -> torch.Tensor:
+    """For hosts that can only replace the conditional prediction before their CFG (A1111's on_cfg_denoised): the
+    cond prediction c' that CFG's u + guidance (c' - u) turns into a schedule's u + scale (c - u). Linear in c, so it
+    holds per AND sub-prompt too (u + guidance * sum_k weight_k (c'_k - u)). At guidance 0 CFG gives u whatever c'."""
+    if scale == 0:
+        return uncond
+    return cond if guidance == 0 else uncond + (scale / guidance) * (cond - uncond)
 
 
 def early_guidance(guided: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, images: torch.Tensor,
@@ -158,14 +167,14 @@ class HostSettings:
         if self.strategy not in ("auto",) + HOST_STRATEGIES:
             raise MitigationError(f"strategy must be auto or one of {', '.join(HOST_STRATEGIES)} in a host, got "
                                   f"{self.strategy!r}")
-        for schedule in SCHEDULES:
-            delay_steps(1, schedule_delay(schedule, self.delay))
+        if self.delay is not None:  # None: the schedules' measured defaults
+            delay_steps(1, self.delay)
         check_early_scale(self.early_scale)
         check_method(self.explain_method)
 
     def early_steps(self, strategy: str):
         """(share of the first steps, their guidance scale) of a schedule strategy: 0 is delayed guidance's scale."""
-        return schedule_delay(strategy, self.delay), 0.0 if strategy == "guidance_delay" else self.early_scale
+        return schedule_delay(strategy, self.delay), schedule_scale(strategy, self.early_scale)
 
     def threshold_from(self, calibration) -> Optional[float]:
         """The threshold verdicts and mode 'auto' compare with: the explicit one, else the calibration's."""

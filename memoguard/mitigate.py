@@ -323,6 +323,16 @@ def schedule_delay(schedule: str, delay: Optional[float] = None) -> float:
     return OPPOSITE_DELAY if schedule == "opposite_guidance" else DEFAULT_DELAY
 
 
+def schedule_scale(schedule: str, early_scale: float) -> float:
+    """The guidance scale of a schedule's early steps: 0 for delayed guidance, `early_scale` for opposite guidance."""
+    return 0.0 if schedule == "guidance_delay" else early_scale
+
+
+def schedule_of(early_scale: float) -> str:
+    """The schedule an early scale makes: 0 delayed guidance, below 0 opposite guidance."""
+    return "guidance_delay" if early_scale == 0 else "opposite_guidance"
+
+
 def delay_steps(steps: int, delay: float) -> int:
     """How many of the first steps run without text guidance at a given delay (a share of the steps)."""
     if not 0 <= delay < 1:
@@ -357,7 +367,7 @@ def plan_guidance_delay(gap: torch.Tensor, total_steps: int, *, mode: str = "alw
     check_mode(mode, target)
     check_early_scale(early_scale)
     k = delay_steps(total_steps, delay)
-    record, active = decide(gap, mode, threshold, target, "guidance_delay" if early_scale == 0 else "opposite_guidance")
+    record, active = decide(gap, mode, threshold, target, schedule_of(early_scale))
     if active is None:
         return None, record
     _mark_schedule(record, active, k, early_scale)
@@ -491,7 +501,7 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     if start in SCHEDULES:
         _, gap = _first_step(model, cond, uncond, x_T, t_first)
         plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,
-                                           delay=delay, early_scale=0.0 if start == "guidance_delay" else early_scale)
+                                           delay=delay, early_scale=schedule_scale(start, early_scale))
         return Mitigation(cond, None if plan is None else plan.schedule(len(timesteps), guidance), record)
     if start == "minimize":
         emb, record = minimize_embedding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
@@ -513,7 +523,7 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     changed = torch.tensor([n > 0 for n in record.image_iterations])
     if not schedule or not bool(changed.any()):
         return Mitigation(cond, None, record, new_x)
-    scale = 0.0 if schedule == "guidance_delay" else early_scale
+    scale = schedule_scale(schedule, early_scale)
     plan = GuidanceDelay(changed, delay_steps(len(timesteps), delay), scale)
     _mark_schedule(record, changed, plan.steps, scale)
     return Mitigation(cond, plan.schedule(len(timesteps), guidance), record, new_x)

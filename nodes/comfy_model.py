@@ -72,6 +72,27 @@ def split_model_conds(model_conds: dict):
     return ordinary(model_conds[CROSSATTN].cond), extra
 
 
+def _without(chunks, drop: set, pad):
+    """Tokenized chunks with the tokens at positions `drop` left out, each chunk closed by its end token and padded
+    to its length with `pad`."""
+    out, position = [], 0
+    for chunk in chunks:
+        kept = [t for i, t in enumerate(chunk, position) if t[2] > 0 and i not in drop]
+        end = next(t for t in chunk[1:] if t[2] == 0)
+        out.append([chunk[0], *kept, end] + [pad] * (len(chunk) - len(kept) - 2))
+        position += len(chunk)
+    return out
+
+
+class _Layout(NamedTuple):
+    """Where a tokenization's prompt lies: each position's token text, prompt and BOS masks, ids, word numbers."""
+    tokens: List[str]
+    prompt_mask: torch.Tensor
+    frozen_mask: torch.Tensor
+    ids: torch.Tensor
+    words: List[int]
+
+
 class _Row(NamedTuple):
     """One prompt's encoding, before batching."""
     embedding: torch.Tensor
@@ -145,10 +166,11 @@ class ComfyDiffusionModel(DiffusionModel):
         weight. The row's prompt_type is "positive" (the explained and mitigated prompt)."""
         if cond.texts is None:
             raise ValueError("this encoding carries no prompt text (it was not made by encode())")
+        pads = {key: chunks[0][-1] for key, chunks in self._tokenize("").items()}  # each encoder's padding token
         rows = []
         for row, drop in edits:
             tokens = self._tokenize(cond.texts[row])
-            rows.append(self._encode_tokens({key: self._without(chunks, set(drop), key)
+            rows.append(self._encode_tokens({key: _without(chunks, set(drop), pads[key])
                                              for key, chunks in tokens.items()}, cond.texts[row], "positive"))
         if any(r.embedding.shape[1] != cond.embedding.shape[1] for r in rows):
             raise UnsupportedModel("a prompt re-encoded without a word changed its length: supported are "
@@ -159,42 +181,30 @@ class ComfyDiffusionModel(DiffusionModel):
         """{encoder key: chunks of (token, weight, word id)}: word id 0 marks BOS, EOS and padding."""
         return self.clip.tokenize(text, return_word_ids=True)
 
-    def _without(self, chunks, drop: set, key: str):
-        """The chunks with the tokens at positions `drop` left out, each chunk closed by its end token and padded
-        to its length with the tokenizer's padding (that of an empty prompt)."""
-        pad = self._tokenize("")[key][0][-1]
-        out, position = [], 0
-        for chunk in chunks:
-            kept = [t for i, t in enumerate(chunk, position) if t[2] > 0 and i not in drop]
-            end = next(t for t in chunk[1:] if t[2] == 0)
-            out.append([chunk[0], *kept, end] + [pad] * (len(chunk) - len(kept) - 2))
-            position += len(chunk)
-        return out
-
     def _encode_one(self, text: str, prompt_type: str) -> "_Row":
         return self._encode_tokens(self._tokenize(text), text, prompt_type)
 
     def _encode_tokens(self, tokens: dict, text: str, prompt_type: str) -> "_Row":
-        names, in_prompt, ids, words = self._layout(tokens)
+        layout = self._layout(tokens)
         plain = {k: [[(tok, w) for tok, w, _ in chunk] for chunk in chunks] for k, chunks in tokens.items()}
         cond, options = self.clip.encode_from_tokens_scheduled(plain)[0]
         embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
-        if embedding.shape[1] != len(names):
+        if embedding.shape[1] != len(layout.tokens):
             raise UnsupportedModel(f"the conditioning has {embedding.shape[1]} positions but the tokenizer "
-                                   f"{len(names)}: supported are {SUPPORTED}")
-        slots = torch.arange(len(names)) % CHUNK
-        return _Row(embedding, names, torch.tensor(in_prompt), slots == 0, extra, ids, words, text)
+                                   f"{len(layout.tokens)}: supported are {SUPPORTED}")
+        return _Row(embedding, layout.tokens, layout.prompt_mask, layout.frozen_mask, extra, layout.ids, layout.words,
+                    text)
 
-    def _layout(self, tokens: dict):
-        """(each position's token text, whether it is a prompt token, token ids, word numbers) of a tokenization."""
+    def _layout(self, tokens: dict) -> _Layout:
         key = next(iter(tokens))  # "l" for SD1; SDXL's "g" has the same positions
         pairs = [p for chunk in tokens[key] for p in chunk]
         names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
         in_prompt = [wid > 0 for _, _, wid in pairs]
         # an embedding's vectors (textual inversion) have no id: -1
         ids = torch.tensor([tok if isinstance(tok, int) else -1 for tok, _, _ in pairs])
-        return ([n.replace("</w>", "") for n in names], in_prompt, ids,
-                word_numbers([n.endswith("</w>") for n in names], in_prompt))
+        return _Layout([n.replace("</w>", "") for n in names], torch.tensor(in_prompt),
+                       torch.arange(len(pairs)) % CHUNK == 0, ids,
+                       word_numbers([n.endswith("</w>") for n in names], in_prompt))
 
     def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
                         check: bool) -> Optional[PromptEncoding]:
@@ -203,19 +213,18 @@ class ComfyDiffusionModel(DiffusionModel):
         the conditioning to be that (token removal re-encodes the text: a conditioning a node changed on the way
         is not the text's)."""
         tokens = self._tokenize(text)
-        names, in_prompt, ids, words = self._layout(tokens)
-        if len(names) != embedding.shape[1]:
+        layout = self._layout(tokens)
+        if len(layout.tokens) != embedding.shape[1]:
             return None
         if check:
             own = self._encode_tokens(tokens, text, "positive").embedding.to(embedding)
             if not torch.allclose(own[0], embedding[0], rtol=1e-3, atol=1e-4):
                 return None
         b = embedding.shape[0]
-        slots = torch.arange(len(names)) % CHUNK
+        rows = lambda t: t.expand(b, -1).clone()
         extra = {k: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in extra.items()}
-        return PromptEncoding(embedding, [names] * b, torch.tensor(in_prompt).expand(b, -1).clone(),
-                              (slots == 0).expand(b, -1).clone(), extra, ids.expand(b, -1).clone(), [words] * b,
-                              [text] * b)
+        return PromptEncoding(embedding, [layout.tokens] * b, rows(layout.prompt_mask), rows(layout.frozen_mask),
+                              extra, rows(layout.ids), [layout.words] * b, [text] * b)
 
     def _batch(self, rows: List["_Row"]) -> PromptEncoding:
         extra = {k: torch.cat([r.extra[k] for r in rows]) for k in rows[0].extra}

@@ -67,7 +67,8 @@ class TokenContributionsNode(io.ComfyNode):
                                        "estimate. integrated_gradients: 4 gradients. gradient_norm: the paper's."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0], optional=True,
                                tooltip="For the summary: " + CALIBRATION_TOOLTIP + " With one, leave-one-out says "
-                                       "whether removing a single word brings the first-step score under the 1% threshold (explain_steps 1)."),
+                                       "whether removing a single word brings the first-step score under the 1% "
+                                       "threshold (explain_steps 1)."),
                 io.Combo.Input("calibration_file", options=file_options(), optional=True, tooltip=FILE_TOOLTIP),
             ],
             outputs=[
@@ -129,7 +130,8 @@ class TokenContributionsNode(io.ComfyNode):
                                          should_stop=interrupted)[0]
         found = source.resolve(model_key(base))
         # the calibration holds first-step scores: a summary over more steps compares nothing with it
-        threshold = found.calibration.threshold(SUMMARY_FPR) if found.calibration is not None and explain_steps == 1 else None
+        first_step_only = found.calibration is not None and explain_steps == 1
+        threshold = found.calibration.threshold(SUMMARY_FPR) if first_step_only else None
         summary = result.summary(threshold)
         data = {**result.to_dict(), "summary": summary, "threshold": threshold, "calibration": found.message}
         live.show_text(f"MemoGuard: {summary}" + ("" if threshold is not None else f" ({found.message})"),

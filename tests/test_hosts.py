@@ -9,7 +9,8 @@ from memoguard.errors import MemoGuardError
 from memoguard.explain import token_contributions
 from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients_flow, coefficients_kdiffusion,
                              combine_rows, denoised_difference, empty_encoding, failure_message, is_out_of_memory,
-                             noise_level_flow, noise_level_vp, prediction_name, early_guidance)
+                             noise_level_flow, noise_level_vp, prediction_name, early_guidance,
+                             cond_for_early_guidance)
 from memoguard.mitigate import minimize_embedding
 from memoguard.model import Denoiser, Interrupted
 from memoguard.score import ScoreTrace, coefficients_vp, rms_per_image, to_eps
@@ -78,6 +79,11 @@ def test_early_guidance_steers_only_the_chosen_images_at_the_early_scale():
     marked = torch.tensor([False, True, False])
     assert early_guidance(guided, cond, uncond, marked, 0.0)[:, 0].tolist() == [0, 1, 0]  # delayed: uncond
     assert early_guidance(guided, cond, uncond, marked, -3.0)[:, 0].tolist() == [0, 1 - 3 * 2, 0]  # away from cond
+    # a host that replaces the cond prediction before its own CFG (u + w (c' - u)) gets the same guided prediction
+    w = 7.0
+    c_prime = cond_for_early_guidance(cond, uncond, -3.0, w)
+    torch.testing.assert_close(uncond + w * (c_prime - uncond), uncond - 3.0 * (cond - uncond))
+    assert torch.equal(cond_for_early_guidance(cond, uncond, 0.0, w), uncond)
 
 
 def test_chunked_encoding_freezes_every_bos_and_refuses_odd_lengths():

@@ -22,7 +22,7 @@ from memoguard.explain import average_contributions
 from memoguard.calibration import Calibration
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
-                             release_memory, early_guidance)
+                             release_memory, cond_for_early_guidance, early_guidance)
 from memoguard.mitigate import GuidanceDelay, mask_padding, plan_guidance_delay
 from memoguard.verdict import verdict_for
 
@@ -172,15 +172,12 @@ class RunMonitor:
             self._record(pending, guided_difference(params.x, pending.layout, pending.family, pending.sigma))
         self.resolve_calibration()  # after the first model call: A1111's Lora has merged its weights by now
         images = self._delayed_images(pending)
-        if images:
-            # CFG then combines u + w * sum_k weight_k (c_k - u); with each c_k moved to u + (scale / w)(c_k - u)
-            # that is u + scale * sum_k weight_k (c_k - u): scale 0, the unconditional prediction
+        if images:  # the cond rows CFG then turns into the schedule's guidance for those images
             x_out, uncond_rows, scale = params.x, len(pending.layout), self.results[pending.iteration].delay.scale
-            ratio = scale / float(getattr(self.p, "cfg_scale", 1.0) or 1.0)
             for i in images:
                 u = x_out[x_out.shape[0] - uncond_rows + i]
                 for row, _ in pending.layout[i]:
-                    x_out[row] = u if scale == 0 else u + ratio * (x_out[row] - u)
+                    x_out[row] = cond_for_early_guidance(x_out[row], u, scale, float(self.p.cfg_scale))
 
     def _delayed_images(self, pending: Pending) -> List[int]:
         """The schedules: plans at the first scored step, then the images steered at this step."""

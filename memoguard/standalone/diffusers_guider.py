@@ -23,7 +23,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 
 from ..hosts import early_guidance
 from ..mitigate import (DEFAULT_EARLY_SCALE, MitigationRecord, check_early_scale, check_mode, plan_guidance_delay,
-                        schedule_delay)
+                        schedule_delay, schedule_of)
 from ..score import rms_per_image
 from .diffusers_hook import PipelineError, ScoreRecorder
 
@@ -41,7 +41,7 @@ class MemoGuardGuidance(ClassifierFreeGuidance):
         check_mode(mitigation, 0.0)
         check_early_scale(early_scale)
         self.mitigation, self.threshold, self.fpr, self.early_scale = mitigation, threshold, fpr, early_scale
-        self.strategy = "guidance_delay" if early_scale == 0 else "opposite_guidance"
+        self.strategy = schedule_of(early_scale)
         self.delay = schedule_delay(self.strategy, delay)
         self.recorder: Optional[ScoreRecorder] = None
         self.record: Optional[MitigationRecord] = None  # what the mitigation did in the last call
