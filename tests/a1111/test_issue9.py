@@ -215,7 +215,9 @@ def test_each_image_infotext_is_its_own(host, request):
 # -- script_args validation -------------------------------------------------------------------
 @pytest.mark.parametrize("args, word", [(["abc"], "window"), ([1, 0, "", 0.01, False, 1, "bogus"], "mitigation"),
                                         ([1, 0, "", 0.01, "maybe"], "explain"), ([1, -1], "threshold"),
-                                        ([1, 0, "", 2.0], "fpr"), ([1, 0, 5], "calibration_file")])
+                                        ([1, 0, "", 2.0], "fpr"), ([1, 0, 5], "calibration_file"),
+                                        ([1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "opposite_guidance", 0,
+                                          "auto", 2.0], "early_scale")])
 def test_invalid_script_args_are_reported_and_the_image_still_returned(webui, args, word, capsys):
     plain = processing.process_images(make_p(webui))
     processed = MemoGuardScript().run(make_p(webui), *args)
