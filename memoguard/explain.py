@@ -44,6 +44,7 @@ METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_grouped": "leav
                 "leave_one_out_embedding": "leave-one-out (embedding)", "gradient_x_delta": "gradient x input",
                 "integrated_gradients": "integrated gradients", "gradient_norm": "gradient norm (paper)"}
 MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding")
+REENCODED_METHODS = ("auto", "leave_one_out", "leave_one_out_grouped")  # re-encode the prompt where the adapter can
 GROUPS, GROUPED_WORDS = 4, 4  # grouped: parts a round splits the words in play into, until this many remain
 LEAVE_ONE_OUT_MAX_WORDS = 12  # exact: n + 2 evaluations a step, up to 12 words no more than grouped at 75 words (14)
 

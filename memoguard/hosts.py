@@ -10,14 +10,17 @@ x = sigma * eps + (1 - sigma) * x0; timestep samplers use the VP schedule.
 """
 import gc
 import math
+import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from decimal import Decimal
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .explain import check_method
 from .mitigate import (DEFAULT_EARLY_SCALE, MitigationError, SCHEDULES, check_early_scale, check_settings,
                        delay_steps, schedule_delay, schedule_scale)
+from .errors import MemoGuardError
 from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding
 from .score import coefficients_vp, eps_difference
 
@@ -27,7 +30,7 @@ HOST_STRATEGIES = ("guidance_delay", "opposite_guidance", "minimize", "mask_padd
 
 __all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",
            "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference", "combine_rows",
-           "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding", "HostSettings", "failure_message",
+           "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding", "WebUIPromptText", "HostSettings", "failure_message",
            "release_memory", "is_out_of_memory", "Interrupted"]
 
 
@@ -137,6 +140,101 @@ def empty_encoding(embedding: torch.Tensor, extra: Optional[dict] = None) -> Pro
     b, length, _ = embedding.shape
     none = torch.zeros(b, length, dtype=torch.bool)
     return PromptEncoding(embedding, [[""] * length for _ in range(b)], none, none.clone(), dict(extra or {}))
+
+
+# -- WebUI prompts: re-encoding without words -----------------------------------------------------------
+BREAK = "BREAK"  # a WebUI parser's fragment (BREAK, -1) starts a new 77-token chunk
+
+
+def _weight_text(weight: float) -> str:
+    """A weight as the WebUI's emphasis syntax reads it back exactly: positional digits, no exponent."""
+    return format(Decimal(repr(float(weight))), "f")
+
+
+def _escaped(text: str) -> str:
+    return re.sub(r"([\\()\[\]])", r"\\\1", text)
+
+
+@dataclass
+class WebUIPromptText:
+    """How a WebUI (A1111, Forge) turns a prompt's text into conditioning, so that the core can re-encode it
+    without some of its words (memoguard.model.Denoiser.encode_without) exactly as the WebUI would encode the
+    shorter prompt: emphasis weights, BREAK, textual-inversion names and chunking stay the host's own.
+
+    parse: the host's emphasis parser, text -> [(fragment, weight)] with (BREAK, -1) for a BREAK;
+    split: the text encoder tokenizer's word split (CLIP's pre-tokenizer: each piece ends in one "</w>" token);
+    encode: texts -> ((B, L, C) embedding padded to the batch's longest prompt, {key: (B, ...)} of what else the
+    text sets, e.g. SDXL's pooled vector), the host's own conditioning function.
+    escape: whether the host reads emphasis syntax at all (off: a prompt is taken literally)."""
+    parse: Callable[[str], Sequence]
+    split: Callable[[str], List[str]]
+    encode: Callable[[List[str]], Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+    escape: bool = True
+
+    def _fragments(self, text: str) -> List[Tuple[List[str], float]]:
+        """(words, weight) per fragment; a BREAK is ([], -1)."""
+        out = []
+        for fragment, weight in self.parse(text):
+            out.append(([], -1) if (fragment, weight) == (BREAK, -1) else (self.split(fragment), weight))
+        return out
+
+    def word_count(self, text: str) -> int:
+        return sum(len(words) for words, _ in self._fragments(text))
+
+    def without(self, text: str, drop) -> str:
+        """The prompt in the host's syntax with the words numbered in `drop` (0-based over the whole prompt) left
+        out; every other word keeps its weight and every BREAK its place."""
+        parts, number = [], 0
+        for words, weight in self._fragments(text):
+            if weight == -1 and not words:
+                parts.append(BREAK)
+                continue
+            kept = [w for k, w in enumerate(words, start=number) if k not in drop]
+            number += len(words)
+            if not kept:
+                continue
+            if not self.escape:
+                parts.append(" ".join(kept))
+            elif weight == 1:
+                parts.append(_escaped(" ".join(kept)))
+            else:
+                parts.append(f"({_escaped(' '.join(kept))}:{_weight_text(weight)})")
+        return " ".join(parts)
+
+    def mismatch(self, cond: PromptEncoding, texts: Sequence[str]) -> Optional[str]:
+        """Why `cond` (one row per text) cannot be re-encoded from `texts`, or None: every row's words must be the
+        text's words, and the host's encoding of the texts must be the conditioning the sampler uses."""
+        if cond.words is None:
+            return "the tokenizer marks no word ends"
+        for b, text in enumerate(texts):
+            if self.word_count(text) != len(cond.word_groups(b)):
+                return ("the prompt's words do not map onto its tokens one to one (a textual-inversion embedding of "
+                        "several vectors?)")
+        embedding, extra = self.encode(list(texts))
+        if embedding.shape != cond.embedding.shape or not _close(embedding, cond.embedding) or any(
+                k not in cond.extra or not _close(v, cond.extra[k]) for k, v in extra.items()):
+            return "the sampler's conditioning is not the prompt's text encoded again (an extension changed it?)"
+        return None
+
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        """Denoiser.encode_without for cond.texts: one row per (row, positions to leave out), at cond's length."""
+        rows = [row for row, _ in edits]
+        texts = [self.without(cond.texts[row], {cond.words[row][i] for i in drop}) for row, drop in edits]
+        originals = list(dict.fromkeys(cond.texts[row] for row in rows))  # the host pads the rest to their chunks
+        embedding, extra = self.encode(originals + texts)
+        embedding = embedding[len(originals):]
+        if embedding.shape[1] != cond.embedding.shape[1]:
+            raise MemoGuardError(f"a prompt re-encoded without a word has {embedding.shape[1]} positions, not "
+                                 f"{cond.embedding.shape[1]}")
+        sub = cond.rows(rows)
+        sub.extra.update({k: v[len(originals):].to(sub.extra[k]) for k, v in extra.items()})
+        return sub.with_embedding(embedding.to(cond.embedding))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding of a re-run in half precision (relative to the tensor's scale)."""
+    a, b = a.float(), b.to(a.device).float()
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-2 * max(float(b.abs().max()), 1e-6)
 
 
 # -- what the user sets ------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class Denoiser(ABC):
 
     parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
-    reencodes: bool = False         # implements encode_without (DiffusionModel only)
+    reencodes: bool = False         # implements encode_without
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -113,8 +113,13 @@ class Denoiser(ABC):
         """(alpha, sigma) at t so that x_t = alpha * x0 + sigma * eps; scalars or (B,) tensors."""
 
     def can_reencode(self, cond: PromptEncoding) -> bool:
-        """Whether a DiffusionModel's encode_without serves this encoding (it was made by this adapter's encode())."""
+        """Whether encode_without serves this encoding (it was made by this adapter's encode())."""
         return self.reencodes and cond.ids is not None
+
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        """One row per edit (row of `cond`, positions to leave out): the prompt re-encoded without those
+        tokens, at cond's length L. Adapters that implement it set `reencodes`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot re-encode a prompt")
 
     def noise_level(self, t) -> float:
         """sigma / alpha at t: the k-diffusion sigma, the same for every convention (memoguard.calibration)."""
@@ -190,11 +195,6 @@ class DiffusionModel(Denoiser):
             for row, result in zip(rows, work(rows, cond)):
                 out[row] = result
         return out
-
-    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
-        """One row per edit (row of `cond`, positions to leave out): the prompt re-encoded without those
-        tokens, at cond's length L. Adapters that implement it set `reencodes`."""
-        raise NotImplementedError(f"{type(self).__name__} cannot re-encode a prompt")
 
     def initial_x(self, noise: torch.Tensor) -> torch.Tensor:
         """x at the first step of a full-denoise run from unit Gaussian noise."""

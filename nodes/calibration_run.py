@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from memoguard.calibration import Calibration, CalibrationError, CalibrationStore, default_benign_prompts
+from memoguard.calibration import CALIBRATION_SEEDS, Calibration, CalibrationError, CalibrationStore, default_benign_prompts
 from memoguard.measure import calibrate
 
 from .calibration_choice import model_key, noise_level, prediction_of
@@ -48,7 +48,8 @@ def calibrate_loaded(patcher, clip, latent_shape: Sequence[int], sigmas: torch.T
     model = ComfyDiffusionModel(base, sigmas, clip, noise, device=device)
     model.guidance = float(cfg)
     key = model_key(base)
-    cal = calibrate(model, list(prompts), model_key=key, shape=tuple(latent_shape), steps=steps, seeds=(seed,),
+    cal = calibrate(model, list(prompts), model_key=key, shape=tuple(latent_shape), steps=steps,
+                    seeds=range(seed, seed + CALIBRATION_SEEDS),
                     guidance=float(cfg), band_prompts=min(int(band_prompts), len(prompts)),
                     batch_size=int(batch_size), progress=progress,
                     conditions={"host": "comfyui", "prediction": prediction_of(base), "scheduler": scheduler,
@@ -58,7 +59,7 @@ def calibrate_loaded(patcher, clip, latent_shape: Sequence[int], sigmas: torch.T
     path = CalibrationStore(folder).save(cal)
     band = (f"; benign band over {cal.band.settings.get('prompts')} prompts at cfg {cfg:g}"
             if cal.band is not None else "; no band (band_prompts 0)")
-    summary = (f"calibrated {key}: {len(cal.scores)} benign prompts, {steps} steps ({scheduler}), first sigma "
+    summary = (f"calibrated {key}: {len(cal.scores)} benign prompts x {CALIBRATION_SEEDS} seeds, {steps} steps ({scheduler}), first sigma "
                f"{float(sigmas[0]):.4g}, latent {'x'.join(map(str, latent_shape))}; threshold at 1% FPR "
                f"{cal.threshold(FPR):.4f} (median {cal.median:.4f}){band}; saved to {path}")
     return CalibrationResult(cal, path, summary)

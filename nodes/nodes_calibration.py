@@ -40,7 +40,9 @@ class MemoGuardCalibrate(io.ComfyNode):
                              tooltip="How many of the prompts also get a full guided run for the benign band drawn "
                                      "under the Monitor's chart (0: no band; each costs 2 x steps evaluations)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
-                             tooltip="Noise seed of the benign runs."),
+                             tooltip="First noise seed of the benign runs: each prompt is scored at this seed and "
+                                     "the next 3, its benign score their mean (a threshold that holds its false-"
+                                     "positive rate at other seeds)."),
                 io.Int.Input("batch_size", default=16, min=1, max=512,
                              tooltip="Prompts per model call (lower it if you run out of memory)."),
             ],

@@ -85,13 +85,16 @@ CLAIMS = [
     ("Its 32 memorized", lambda: len(_outdoor().memorized_captions) == 32),
     ("duplicated 10, 20, 40 or 80 times", lambda: sorted(set(_outdoor().memorized_duplicates)) == [10, 20, 40, 80]),
     ("each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4),
-    ("(**4 UNet evaluations per prompt**)", lambda: _parser_default("calibrate", "seeds") == 4),
+    ("(**4 UNet evaluations per prompt**;", lambda: _parser_default("calibrate", "seeds") == 4),
     ("the nominal 1 % false-positive rate became 3.2 %", lambda: _bench_says(
-        r"one seed a prompt \(ComfyUI and the WebUI\) \| [\d.]+ \| [\d.]+ \| ([\d.]+)") == "0.032"),
-    ("still score one seed\n  (one evaluation per prompt)", lambda: __import__("inspect").signature(
-        __import__("memoguard.measure", fromlist=["x"]).calibrate).parameters["seeds"].default == (0,)
-     and "seeds=(seed,)" in (ROOT / "nodes/calibration_run.py").read_text()
-     and "seeds=" not in (ROOT / "a1111_extension/memoguard_a1111/calibrate.py").read_text()),
+        r"one seed a prompt \(before: [^|]*\) \| [\d.]+ \| [\d.]+ \| ([\d.]+)") == "0.032"),
+    ("`remove_tokens` (up to 3 words left out", lambda: __import__("inspect").signature(
+        __import__("memoguard.mitigate", fromlist=["x"]).remove_tokens).parameters["max_removals"].default == 3),
+    ("one model call a word, by groups over 12 words", lambda: __import__(
+        "memoguard.explain", fromlist=["x"]).LEAVE_ONE_OUT_MAX_WORDS == 12),
+    ("Every host scores each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4
+     and "seeds=range(seed, seed + CALIBRATION_SEEDS)" in (ROOT / "nodes/calibration_run.py").read_text()
+     and "seeds=range(CALIBRATION_SEEDS)" in (ROOT / "a1111_extension/memoguard_a1111/calibrate.py").read_text()),
     ("duplicated 40 times", lambda: __import__("inspect").signature(
         __import__("memoguard.tiny.data", fromlist=["x"]).build_dataset).parameters["duplicates"].default == 40),
     ("a `global_step` of 875000", lambda: "875000" in (ROOT / "memoguard/standalone/checkpoints.py").read_text()),

@@ -13,7 +13,7 @@ from memoguard.explain import METHODS
 
 MITIGATION_MODES = ("off", "always", "auto")
 # what the WebUI runs (token removal would re-encode through the WebUI's conditioning functions: not yet)
-STRATEGIES = ("mask_padding", "opposite_guidance", "guidance_delay", "minimize")
+STRATEGIES = ("mask_padding", "opposite_guidance", "guidance_delay", "remove_tokens", "minimize")  # the radio's order
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 
 

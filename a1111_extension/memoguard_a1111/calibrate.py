@@ -20,7 +20,7 @@ import torch
 
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.hosts import coefficients_kdiffusion, prediction_name
-from memoguard.calibration import CalibrationError, CalibrationStore, default_benign_prompts
+from memoguard.calibration import CALIBRATION_SEEDS, CalibrationError, CalibrationStore, default_benign_prompts
 from memoguard.calibration_lookup import NO_FILE, CalibrationLookup, file_choices
 from memoguard.measure import calibrate
 
@@ -31,8 +31,8 @@ STORE_SUBFOLDER = "memoguard"
 LIMITS = dict(prompts=(10, 10000), band_prompts=(0, 10000), steps=(2, 150), width=(64, 4096), height=(64, 4096),
               guidance=(1.0, 30.0), fpr=(0.0, 0.5), batch_size=(1, 64))
 # What one request may ask of the GPU, whoever sends it: its body, each prompt, and the whole work in UNet
-# evaluations of a 512x512 image (one per prompt for the verdict, two per step of each band run). The
-# defaults need about 1,600; the limit is under an hour on a mid-range GPU.
+# evaluations of a 512x512 image (one per prompt and seed for the verdict, two per step of each band run).
+# The defaults need about 2,500; the limit is under an hour on a mid-range GPU.
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 2000
 MAX_WORK = 40000
@@ -254,15 +254,17 @@ def check_request(values: dict) -> dict:
     work = work_of(out)
     if work > MAX_WORK:
         raise CalibrationError(f"this calibration asks for {work:,.0f} UNet evaluations at 512x512 ({out['prompts']} "
-                               f"prompts + {out['band_prompts']} band runs x {out['steps']} steps x 2 at "
+                               f"prompts x {CALIBRATION_SEEDS} seeds + {out['band_prompts']} band runs x "
+                               f"{out['steps']} steps x 2 at "
                                f"{out['width']}x{out['height']}); at most {MAX_WORK:,}: fewer band runs, steps or "
                                f"pixels")
     return out
 
 
 def work_of(settings: dict) -> float:
-    """UNet evaluations of a 512x512 image the calibration costs: one a prompt, two a step of a band run."""
-    evaluations = settings["prompts"] + 2 * settings["band_prompts"] * settings["steps"]
+    """UNet evaluations of a 512x512 image the calibration costs: one a prompt and seed (the empty prompt's at each
+    seed is shared), two a step of a band run."""
+    evaluations = settings["prompts"] * CALIBRATION_SEEDS + 2 * settings["band_prompts"] * settings["steps"]
     return evaluations * settings["width"] * settings["height"] / (512 * 512)
 
 
@@ -336,7 +338,8 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
                 show(f"MemoGuard calibration: {stage} {n}/{total} prompts")
 
             calibration = calibrate(model, s["prompt_list"], model_key=key, shape=shape, steps=s["steps"],
-                                    guidance=s["guidance"], band_prompts=s["band_prompts"],
+                                    seeds=range(CALIBRATION_SEEDS), guidance=s["guidance"],
+                                    band_prompts=s["band_prompts"],
                                     batch_size=s["batch_size"], conditions=conditions, progress=report)
             calibration.meta.update(checkpoint=checkpoint_name(sd_model), seconds=round(time.time() - started, 1))
             path = store().save(calibration)

@@ -13,10 +13,13 @@ import importlib.util
 
 import torch
 
-from memoguard.hosts import chunked_encoding, coefficients_kdiffusion, denoised_difference, empty_encoding
+from dataclasses import replace
+
+from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, denoised_difference,
+                             empty_encoding)
 from memoguard.model import Denoiser
 
-from .host_model import cond_embedding, row_tokens
+from .host_model import ReencodesPrompts, cond_embedding, row_tokens, split_words
 
 
 def is_forge() -> bool:
@@ -61,7 +64,7 @@ def check_supported(kmodel) -> None:
                          "explanation and mitigation support SD1.x, SD2.x and SDXL only; the score still works")
 
 
-class ForgeModel(Denoiser):
+class ForgeModel(ReencodesPrompts, Denoiser):
     """Forge's KModel (UNet + predictor) at the sampler's current step: apply_model(x, sigma, c_crossattn=...)
     returns denoised x0.
 
@@ -118,6 +121,27 @@ def prompt_encodings(p, params, layout, iteration: int, copy):
         cond_extra["y"] = copy(params.text_cond["vector"])
         uncond_extra["y"] = copy(params.text_uncond["vector"])[image_of_row]
     engine = text_engine(params.denoiser.inner_model.inner_model)
-    tokens, prompt_mask, words = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
-    return (chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), empty_encoding(uncond_emb, uncond_extra),
-            x[image_of_row])
+    tokens, prompt_mask, words, texts = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
+    cond = replace(chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), texts=texts)
+    return cond, empty_encoding(uncond_emb, uncond_extra), x[image_of_row]
+
+
+def forge_prompt_text(p, denoiser, unet, copy) -> WebUIPromptText:
+    """Forge's emphasis parser and its model's get_learned_conditioning at the first pass's size; `copy` makes its
+    inference-mode output usable. Encoding loads the text encoder; where that moved the sampling UNet off the GPU
+    (low VRAM) it is loaded back before the sampler's next step."""
+    from backend import memory_management
+    from backend.text_processing import parsing
+    from modules import prompt_parser, shared
+    sd_model = denoiser.inner_model.inner_model
+    emphasis = getattr(shared.opts, "emphasis", "Original")
+
+    def encode(texts):
+        cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(texts, width=p.width, height=p.height))
+        memory_management.load_model_gpu(unet)
+        if isinstance(cond, dict):
+            return copy(cond["crossattn"]), {"y": copy(cond["vector"])}
+        return copy(cond), {}
+
+    return WebUIPromptText(lambda text: parsing.parse_prompt_attention(text, emphasis),
+                           split_words(text_engine(sd_model).tokenizer), encode, escape=emphasis != "None")

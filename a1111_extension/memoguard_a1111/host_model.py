@@ -7,11 +7,14 @@ the prompt embedding is the conditioning tensor the sampler is about to use (wei
 inversion and long-prompt chunks already applied).
 """
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import Optional
 
 import torch
 
-from memoguard.hosts import chunked_encoding, coefficients_kdiffusion, coefficients_vp, empty_encoding
-from memoguard.model import Denoiser, word_numbers
+from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, coefficients_vp,
+                             empty_encoding)
+from memoguard.model import Denoiser, PromptEncoding, word_numbers
 
 KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
 TIMESTEPS = "timesteps"     # DDIM / PLMS / UniPC: outputs eps, `sigma` holds the timestep
@@ -27,19 +30,70 @@ def cond_embedding(cond) -> torch.Tensor:
     return cond["crossattn"] if isinstance(cond, dict) else cond
 
 
-def with_embedding(cond, embedding: torch.Tensor):
-    """The same conditioning with its cross-attention tensor replaced (the dict is rebuilt per step)."""
+def with_embedding(cond, embedding: torch.Tensor, vector: Optional[torch.Tensor] = None):
+    """The same conditioning with its cross-attention tensor (and SDXL's vector, where given) replaced (the dict is
+    rebuilt per step)."""
     current = cond_embedding(cond)
     if current.shape != embedding.shape:
         raise ValueError(f"the prompt conditioning changed shape during sampling ({tuple(embedding.shape)} -> "
                          f"{tuple(current.shape)}, prompt editing?); the mitigated prompt is not applied at this step")
     if isinstance(cond, dict):
         cond["crossattn"] = embedding
+        if vector is not None:
+            cond["vector"] = vector.to(cond["vector"])
         return cond
     return embedding
 
 
-class WebUIModel(Denoiser):
+class ReencodesPrompts:
+    """A WebUI model that re-encodes its prompts through the host (`prompt_text`) where `reencodable` allowed it."""
+    reencodes = True
+    prompt_text: Optional[WebUIPromptText] = None
+    reencode_note = ""  # why the prompts are not re-encoded (reencodable)
+
+    def can_reencode(self, cond: PromptEncoding) -> bool:
+        return self.prompt_text is not None and cond.texts is not None
+
+    def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
+        return self.prompt_text.encode_without(cond, edits)
+
+    def reencodable(self, cond: PromptEncoding, prompt_text: WebUIPromptText) -> PromptEncoding:
+        """cond with its texts where the host re-encodes them to the sampler's conditioning, else without (and
+        the reason in `reencode_note`)."""
+        self.prompt_text = prompt_text
+        self.reencode_note = prompt_text.mismatch(cond, cond.texts) or ""
+        return replace(cond, texts=None) if self.reencode_note else cond
+
+
+def split_words(tokenizer):
+    """The tokenizer's word split: CLIP's pre-tokenizer pattern (HF's slow CLIPTokenizer and OpenCLIP keep it as
+    `pat`), or a fast tokenizer's pre-tokenizer (its pieces as spans of the text)."""
+    pattern = getattr(tokenizer, "pat", None)
+    if pattern is not None:
+        return pattern.findall
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.pre_tokenizer is None:
+        raise ValueError(f"{type(tokenizer).__name__} has no word pattern")
+    return lambda text: [text[a:b] for _, (a, b) in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def a1111_prompt_text(p, tokenizer) -> WebUIPromptText:
+    """A1111's emphasis parser (off when opts.emphasis is "None") and its model's get_learned_conditioning at the
+    first pass's size (SDXL's size conditioning)."""
+    from modules import prompt_parser, shared
+    literal = getattr(shared.opts, "emphasis", "Original") == "None"
+
+    def encode(texts):
+        with torch.no_grad():
+            cond = p.sd_model.get_learned_conditioning(prompt_parser.SdConditioning(texts, width=p.width,
+                                                                                    height=p.height))
+        return (cond["crossattn"], {"vector": cond["vector"]}) if isinstance(cond, dict) else (cond, {})
+
+    parse = (lambda text: [(text, 1.0)]) if literal else prompt_parser.parse_prompt_attention
+    return WebUIPromptText(parse, split_words(tokenizer), encode, escape=not literal)
+
+
+class WebUIModel(ReencodesPrompts, Denoiser):
     """The sampler's model call at its current step; explanation and mitigation pass that step's t."""
     def __init__(self, denoiser, family: str):
         sd_model = denoiser.p.sd_model
@@ -83,7 +137,8 @@ def _rows_of(value, index: list):
 
 
 def prompt_encodings(p, params, layout, iteration: int):
-    """(cond, uncond) PromptEncodings, one row per cond row of this CFG call (uncond row of its image)."""
+    """(cond, uncond) PromptEncodings, one row per cond row of this CFG call (uncond row of its image); cond.texts:
+    each row's text at the first step (not yet checked: ReencodesPrompts.reencodable)."""
     n_rows = sum(len(rows) for rows in layout)
     batch = len(layout)
     image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
@@ -96,10 +151,20 @@ def prompt_encodings(p, params, layout, iteration: int):
     if isinstance(params.text_cond, dict):
         cond_extra["vector"] = params.text_cond["vector"].detach()
         uncond_extra["vector"] = uncond["vector"].detach()
+    clip = prompt_chunker(webui_clip())
+    tokens, prompt_mask, words, texts = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
+    cond = replace(chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), texts=texts)
+    return cond, empty_encoding(uncond_emb, uncond_extra)
+
+
+def webui_clip():
     from modules.sd_hijack import model_hijack
-    clip = prompt_chunker(model_hijack.clip)
-    tokens, prompt_mask, words = row_tokens(p, layout, iteration, emb.shape[1], clip, chunker_tokenizer(clip))
-    return chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), empty_encoding(uncond_emb, uncond_extra)
+    return model_hijack.clip
+
+
+def webui_tokenizer():
+    """The tokenizer of A1111's prompt chunker."""
+    return chunker_tokenizer(prompt_chunker(webui_clip()))
 
 
 def prompt_chunker(clip):
@@ -119,6 +184,7 @@ class _OpenClipTokenNames:
 
     def __init__(self, bpe):
         self.decoder = bpe.decoder
+        self.pat = bpe.pat
 
     def convert_ids_to_tokens(self, ids):
         return [self.decoder[i] for i in ids]
@@ -135,8 +201,8 @@ def chunker_tokenizer(clip):
 
 
 def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
-    """Token strings, prompt masks and word numbers (memoguard.model.word_numbers: a word's BPE pieces share one)
-    of every cond row, padded to `length` positions.
+    """Token strings, prompt masks, word numbers (memoguard.model.word_numbers: a word's BPE pieces share one) and
+    the text at the first step (prompt editing applied) of every cond row, padded to `length` positions.
 
     clip: the WebUI's prompt chunker (tokenize_line, id_start/id_end/id_pad); tokenizer: its CLIP tokenizer.
     """
@@ -144,7 +210,7 @@ def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
     prompts = list(p.prompts) if getattr(p, "prompts", None) else [p.prompt] * len(layout)
     sub_indexes, flat, _ = prompt_parser.get_multicond_prompt_list(prompts)
     specials = {clip.id_start, clip.id_end, clip.id_pad}
-    tokens, masks, words = [], [], []
+    tokens, masks, words, texts = [], [], [], []
     for indexes in sub_indexes:
         for flat_index, _ in indexes:
             text = prompt_parser.get_learned_conditioning_prompt_schedules([flat[flat_index]], max(1, p.steps))[0][0][1]
@@ -156,4 +222,5 @@ def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
             tokens.append([s.replace("</w>", "") for s in raw] + [""] * pad)
             masks.append(in_prompt)
             words.append(word_numbers([s.endswith("</w>") for s in raw] + [True] * pad, in_prompt))
-    return tokens, torch.tensor(masks, dtype=torch.bool), words
+            texts.append(text)
+    return tokens, torch.tensor(masks, dtype=torch.bool), words, texts

@@ -11,25 +11,25 @@ import math
 import sys
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 import torch
 
 from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, rms_per_image,
                        token_contributions, uncond_is_missing)
-from memoguard.explain import average_contributions
+from memoguard.explain import REENCODED_METHODS, average_contributions
 from memoguard.calibration import Calibration
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
                              release_memory, cond_for_early_guidance, early_guidance)
-from memoguard.mitigate import GuidanceDelay, mask_padding, plan_guidance_delay
+from memoguard.mitigate import GuidanceDelay, MitigationError, mask_padding, plan_guidance_delay, remove_tokens
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
 from . import forge
-from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, cond_embedding, frozen_parameters, prompt_encodings,
-                         sampler_family, with_embedding)
+from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, a1111_prompt_text, cond_embedding, frozen_parameters,
+                         prompt_encodings, sampler_family, webui_tokenizer, with_embedding)
 from .model_identity import model_key
 
 # A1111 writes these keys into p.extra_generation_params at a step whose uncond pass it skipped
@@ -67,7 +67,9 @@ class IterationResult:
     rows_per_image: List[List[int]] = field(default_factory=list)
     mitigation: Optional[MitigationRecord] = None       # per image (AND sub-prompts combined)
     embedding: Optional[torch.Tensor] = None            # the mitigated cond rows, used for every step
+    vector: Optional[torch.Tensor] = None               # SDXL: their pooled vectors where token removal changed them
     delay: Optional[GuidanceDelay] = None               # guidance_delay: which images, how many steps
+    explain_note: str = ""                              # why the explanation did not re-encode the prompts
     levels: List[float] = field(default_factory=list)   # noise level (sigma / alpha) of each recorded step
     latent: Optional[tuple] = None                      # (C, H, W) of the sampled latent
 
@@ -159,7 +161,7 @@ class RunMonitor:
         if step == 0 and self.settings.changes_prompt and result.mitigation is None:
             self._attempt("mitigating", self._mitigate, params, pending, result)
         if result.embedding is not None:
-            params.text_cond = with_embedding(params.text_cond, result.embedding)
+            params.text_cond = with_embedding(params.text_cond, result.embedding, result.vector)
         self._pending = pending
 
     def _family(self, denoiser) -> str:
@@ -242,17 +244,32 @@ class RunMonitor:
         return torch.equal(x_out[-len(pending.layout):], x_out[first_rows])
 
     @contextmanager
-    def _gradient_inputs(self, params, pending: Pending):
-        """(model, cond, uncond, x of the cond rows, t) for the core, with autograd kept off the host's weights."""
+    def _gradient_inputs(self, params, pending: Pending, reencode: bool = False):
+        """(model, cond, uncond, x of the cond rows, t) for the core, with autograd kept off the host's weights;
+        reencode: let the model re-encode the prompts where the host's text encoding gives the sampler's
+        conditioning (else model.reencode_note says why not)."""
         model = WebUIModel(params.denoiser, pending.family)
         cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
         with frozen_parameters(self.p.sd_model):
-            yield model, cond, uncond, params.x[:cond.embedding.shape[0]], params.sigma[0]
+            yield (model, self._reencodable(model, cond, lambda: a1111_prompt_text(self.p, webui_tokenizer()), reencode),
+                   uncond, params.x[:cond.embedding.shape[0]], params.sigma[0])
+
+    @staticmethod
+    def _reencodable(model, cond, prompt_text, reencode: bool):
+        if not reencode:
+            return replace(cond, texts=None)
+        try:
+            return model.reencodable(cond, prompt_text())
+        except Exception as e:  # the explanation goes on without re-encoding, and says why
+            model.reencode_note = f"re-encoding failed: {type(e).__name__}: {e}"
+            return replace(cond, texts=None)
 
     def _explain(self, params, pending: Pending, result: IterationResult) -> None:
-        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
+        method = self.settings.explain_method
+        with self._gradient_inputs(params, pending, method in REENCODED_METHODS) as (model, cond, uncond, x, t):
             contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=[t],
-                                                method=self.settings.explain_method, should_stop=self.interrupted)
+                                                method=method, should_stop=self.interrupted)
+        result.explain_note = model.reencode_note
         if not result.explanations:
             result.explanations = [[] for _ in contributions]
             result.rows_per_image = [[r for r, _ in rows] for rows in pending.layout]
@@ -261,9 +278,9 @@ class RunMonitor:
 
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
         """Change the prompt rows of the images to mitigate (minimize: optimise them; mask_padding: zero their
-        padding); the record is per image (AND rows combined)."""
+        padding; remove_tokens: encode them again without words); the record is per image (AND rows combined)."""
         s, layout = self.settings, pending.layout
-        with self._gradient_inputs(params, pending) as (model, cond, uncond, x, t):
+        with self._gradient_inputs(params, pending, s.strategy == "remove_tokens") as (model, cond, uncond, x, t):
             with torch.no_grad():
                 before = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding)
             images = list(range(len(layout)))
@@ -282,10 +299,22 @@ class RunMonitor:
                     return
             rows_of = [[r for r, _ in rows] for rows in layout]
             rows = [r for i in images for r in rows_of[i]]
+            vector = None  # SDXL's pooled vectors, where token removal changes them
             if s.strategy == "mask_padding":
                 masked, sub = mask_padding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
                                            target=s.target)
                 sub_emb = masked.embedding
+            elif s.strategy == "remove_tokens":
+                if not model.can_reencode(cond):
+                    raise MitigationError("token removal encodes the prompt again without words, which is not "
+                                          f"possible here: {model.reencode_note}")
+                shorter, sub = remove_tokens(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
+                                             target=s.target, should_stop=self.interrupted)
+                sub_emb = shorter.embedding
+                pooled = shorter.extra.get("vector", shorter.extra.get("y"))  # SDXL: A1111's / Forge's name
+                if pooled is not None:
+                    vector = params.text_cond["vector"].clone()
+                    vector[rows] = pooled.to(vector)
             else:
                 sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t,
                                                   mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters,
@@ -303,12 +332,15 @@ class RunMonitor:
                     after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)
         row_moves = dict(zip(rows, sub.image_iterations))
         row_masked = dict(zip(rows, sub.masked))
+        row_removed = dict(zip(rows, sub.removed))
         per_image = lambda of: [max([of.get(r, 0) for r in rs] or [0]) for rs in rows_of]
         result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations, per_image(row_moves),
                                              sub.losses, before, after, sub.reason, strategy=s.strategy,
-                                             masked=per_image(row_masked))
+                                             masked=per_image(row_masked),
+                                             removed=[[w for r in rs for w in row_removed.get(r, [])] for rs in rows_of])
         if sub.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
+            result.vector = vector
 
     @staticmethod
     def _image_gaps(model, cond, uncond, x, t, layout, embedding) -> List[float]:
@@ -405,6 +437,11 @@ class RunMonitor:
     def verdict(self, iteration: int, position: int) -> Verdict:
         return self.verdicts(iteration)[position]
 
+    def explain_note(self, iteration: int) -> str:
+        """Why this iteration's explanation did not re-encode its prompts ("" where it did or did not need to)."""
+        result = self.results.get(iteration)
+        return result.explain_note if result is not None else ""
+
     def image_explanations(self, iteration: int, position: int):
         """Token contributions of one image, averaged over the explained steps, one per AND sub-prompt."""
         result = self.results.get(iteration)
@@ -464,9 +501,11 @@ class ForgeRunMonitor(RunMonitor):
         return noise_level_flow(t) if self._flow else t
 
     @contextmanager
-    def _gradient_inputs(self, params, pending: Pending):
-        kmodel = forge.forge_unet(params.denoiser).model
-        forge.check_supported(kmodel)  # before touching the weights
-        with differentiable(kmodel), frozen_parameters(kmodel):  # Forge samples under inference mode
+    def _gradient_inputs(self, params, pending: Pending, reencode: bool = False):
+        unet = forge.forge_unet(params.denoiser)
+        forge.check_supported(unet.model)  # before touching the weights
+        with differentiable(unet.model), frozen_parameters(unet.model):  # Forge samples under inference mode
             cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary)
-            yield forge.ForgeModel(kmodel), cond, uncond, x, ordinary(params.sigma[0])
+            model = forge.ForgeModel(unet.model)
+            prompt_text = lambda: forge.forge_prompt_text(self.p, params.denoiser, unet, ordinary)
+            yield model, self._reencodable(model, cond, prompt_text, reencode), uncond, x, ordinary(params.sigma[0])

@@ -48,7 +48,7 @@ def verdict_label(v: Verdict) -> str:
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
     """The infotext value: what was changed, so the image can be made again: "MODE padding masked N positions
-    BEFORE -> AFTER", "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE
+    BEFORE -> AFTER", "MODE removed WORD ... BEFORE -> AFTER" (the prompt without those words), "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE
     guidance S for K steps" (opposite guidance), "MODE not needed (first-step score X under the threshold T)" or
     "MODE not run (why)"."""
     if record is None:
@@ -64,16 +64,16 @@ def mitigation_text(record: Optional[MitigationRecord], position: int) -> Option
         return f"{record.mode} guidance {record.early_scale:g} for {record.delay_steps} steps"
     if record.strategy == "mask_padding":
         return f"{record.mode} padding masked {record.masked[position]} positions {before:.4f} -> {after:.4f}"
+    if record.strategy == "remove_tokens":
+        return f"{record.mode} removed {' '.join(record.removed[position])} {before:.4f} -> {after:.4f}"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
 
 
-# why the WebUI explains without leave-one-out re-encoded (the default on the command line and in ComfyUI)
-NOT_REENCODED = ("(by words; MemoGuard does not re-encode the WebUI's prompts yet, so leave-one-out, the most faithful "
-                 "method, here only empties a word's positions)")
-
-
-def explanation_method(explanations: List[TokenContributions]) -> Optional[str]:
-    return explanations[0].method_name if explanations else None
+def explanation_method(explanations: List[TokenContributions], note: str = "") -> Optional[str]:
+    """The method's name, and why the prompt was not re-encoded where that is the reason for the method."""
+    if not explanations:
+        return None
+    return explanations[0].method_name + (f" (not re-encoded: {note})" if note else "")
 
 
 def top_tokens_text(explanations: List[TokenContributions], k: int = 3) -> Optional[str]:
@@ -190,7 +190,7 @@ def _tokens_html(c: TokenContributions) -> str:
 
 
 def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: List[TokenContributions],
-                mitigation: Optional[str], chart: Optional[Chart] = None) -> str:
+                mitigation: Optional[str], chart: Optional[Chart] = None, explain_note: str = "") -> str:
     chart = chart or Chart([None] * len(gaps), list(range(len(gaps))))
     status = verdict_label(verdict)
     parts = [f'<div class="memoguard-image memoguard-{status}"><b>{html.escape(title)}</b> '
@@ -205,8 +205,8 @@ def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: L
         parts.append(f'<div class="memoguard-chart-note">{html.escape(legend)}</div>')
     parts += [_tokens_html(c) for c in explanations]
     if explanations:
-        parts.append(f'<div class="memoguard-chart-note">tokens: {html.escape(explanations[0].method_name)} '
-                     f'{NOT_REENCODED}</div>')
+        parts.append(f'<div class="memoguard-chart-note">tokens: '
+                     f'{html.escape(explanation_method(explanations, explain_note))}</div>')
     if mitigation:
         parts.append(f'<div class="memoguard-mitigation">mitigation: {html.escape(mitigation)}</div>')
     parts.append("</div>")

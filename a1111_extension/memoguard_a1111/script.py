@@ -18,7 +18,7 @@ from memoguard.mitigate import DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_STRAT
 from modules import processing, script_callbacks, scripts, shared
 
 from . import api, calibrate as calibration_glue
-from .args import parse_args
+from .args import STRATEGIES, parse_args
 from .forge import is_forge
 from .monitor import ForgeRunMonitor, RunMonitor, Settings
 from .panel import Chart, explanation_method, image_panel, mitigation_text, panel, top_tokens_text
@@ -47,18 +47,21 @@ CONTROLS = (
     ("strategy", "Radio", "Mitigation strategy", DEFAULT_STRATEGY,
      "mask_padding (the best measured, BENCHMARKS.md): the prompt's padding, copies of its end token that drive "
      "the recall, zeroed at the first step (one extra model call). opposite_guidance / guidance_delay: the first "
-     "steps guided away from the prompt / without it (no extra call). minimize: the paper's AdamW on the prompt "
-     "embedding",
-     dict(choices=["mask_padding", "opposite_guidance", "guidance_delay", "minimize"])),
+     "steps guided away from the prompt / without it (no extra call). remove_tokens: up to 3 words left out, "
+     "the prompt encoded again by the WebUI (fewest copies, most change; the infotext names the words). minimize: "
+     "the paper's AdamW on the prompt embedding",
+     dict(choices=list(STRATEGIES))),
     ("delay", "Slider", "Guidance delay", 0.0,
      f"Opposite guidance / guidance delay: share of the first steps steered; 0 = the measured default "
      f"({OPPOSITE_DELAY} / {DEFAULT_DELAY}). More: less copying, less prompt detail",
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
-     "auto = gradient x input here (gradient_x_delta: one backward pass per step); leave_one_out: one forward "
-     "per token; integrated_gradients: 4 backward passes; gradient_norm: the paper's. The infotext names the one "
-     "used",
-     dict(choices=["auto", "leave_one_out", "gradient_x_delta", "integrated_gradients", "gradient_norm"])),
+     "auto = leave-one-out: the prompt encoded again without each word (one forward per word; over 12 words "
+     "by groups, 14 forwards), gradient x input where the prompt cannot be encoded again (the panel says why); "
+     "gradient_x_delta: one backward pass; integrated_gradients: 4; gradient_norm: the paper's. The infotext "
+     "names the one used",
+     dict(choices=["auto", "leave_one_out", "leave_one_out_grouped", "gradient_x_delta", "integrated_gradients",
+                   "gradient_norm"])),
     ("early_scale", "Slider", "Opposite guidance scale", DEFAULT_EARLY_SCALE,
      "Opposite guidance: the guidance scale of its first steps, below 0 (away from the prompt)",
      dict(minimum=-10.0, maximum=0.0, step=0.5)),
@@ -283,7 +286,8 @@ class MemoGuardBase(scripts.Script):
             extra["MemoGuard mitigation"] = mitigation
         if s.explain:
             extra["MemoGuard tokens"] = lambda **kw: top_tokens_text(monitor.image_explanations(*image_of(kw)))
-            extra["MemoGuard explanation"] = lambda **kw: explanation_method(monitor.image_explanations(*image_of(kw)))
+            extra["MemoGuard explanation"] = lambda **kw: explanation_method(monitor.image_explanations(*image_of(kw)),
+                                                                             monitor.explain_note(image_of(kw)[0]))
 
     @staticmethod
     def _images(p):
@@ -300,7 +304,7 @@ class MemoGuardBase(scripts.Script):
                                      monitor.verdict(iteration, position), gaps,
                                      monitor.image_explanations(iteration, position),
                                      mitigation_text(_mitigation(monitor, iteration), position),
-                                     self._chart(p, monitor, result)))
+                                     self._chart(p, monitor, result), monitor.explain_note(iteration)))
         return panel(parts, monitor.errors, list(self._notes(monitor)))
 
     @staticmethod

@@ -10,6 +10,7 @@ from backend.diffusion_engine.base import ForgeObjects
 from backend.modules.k_model import KModel
 from backend.modules.k_prediction import Prediction
 from backend.patcher.unet import UnetPatcher
+from backend import memory_management
 from backend.text_processing.classic_engine import ClassicTextProcessingEngine
 from webui_model import TinyXLDiffusion
 
@@ -30,6 +31,7 @@ class TinyForgeDiffusion:
     def __init__(self, diffusers_model, unet=None):
         self.alphas_cumprod = diffusers_model.alphas_cumprod
         self.latent_shape = diffusers_model.latent_shape()
+        self.image_size = diffusers_model.image_size()  # (height, width)
         self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd")
         self.text_encoder = diffusers_model.text_encoders[0]
         setattr(self, self.engine_name, ClassicTextProcessingEngine(diffusers_model.tokenizers[0]))
@@ -40,12 +42,11 @@ class TinyForgeDiffusion:
         self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
 
     def get_learned_conditioning(self, prompts):
-        """One (77 * chunks, C) tensor per prompt, each 77-token chunk encoded on its own."""
-        conds = []
-        for prompt in prompts:
-            ids = torch.tensor([chunk.tokens for chunk in self.text_processing_engine.tokenize_line(prompt)[0]])
-            conds.append(self.text_encoder(ids).last_hidden_state.reshape(-1, self.text_encoder.config.hidden_size))
-        return conds
+        """(B, 77 * chunks, C) for the batch under inference mode, as Forge's engines encode; the text encoder
+        loaded first (memory_management)."""
+        memory_management.load_model_gpu(self.text_encoder)
+        with torch.inference_mode():
+            return self.text_processing_engine.encode(self.text_encoder, prompts)[0]
 
 
 class TinyForgeXLDiffusion(TinyForgeDiffusion):
@@ -60,5 +61,6 @@ class TinyForgeXLDiffusion(TinyForgeDiffusion):
 
     def get_learned_conditioning(self, prompts):
         """A plain {"crossattn", "vector"} dict for the batch, as Forge's StableDiffusionXL returns."""
+        memory_management.load_model_gpu(self.text_encoder)
         with torch.inference_mode():
             return dict(self.xl.get_learned_conditioning(prompts))

@@ -277,6 +277,34 @@ def out_of_memory_keeps_the_image(base):
     assert "MemoGuard error" not in first(txt2img(base, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10]))
 
 
+# issue 20: a prompt with emphasis, BREAK and prompt editing (its first-step text ends in "hill"), and what the WebUI
+# would get without each of three words, written out
+EDITED_PROMPT = "a (red:1.3) house BREAK on a [hill:field:2]"
+WITHOUT_WORD = {"red": "a house BREAK on a hill", "house": "a (red:1.3) BREAK on a hill",
+                "hill": "a (red:1.3) house BREAK on a"}
+EXPLAIN = [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10]
+
+
+def leave_one_out_re_encodes_through_the_webui(base):
+    """The default explanation leaves each word out of the prompt and encodes it again through the WebUI's own
+    conditioning: a word's score is the first-step gap of the prompt minus that of the prompt without the word, as
+    the WebUI samples it (weights, BREAK and the first step's prompt edit kept)."""
+    got = first(txt2img(base, "Euler", EXPLAIN, prompt=EDITED_PROMPT))
+    print("explanation with emphasis, BREAK and prompt editing:", got)
+    assert unquote(got["MemoGuard explanation"]) == "leave-one-out" and "MemoGuard error" not in got
+    explained = call(base + "/memoguard-probe/explanation")
+    assert explained["method"] == "leave_one_out"
+    assert explained["tokens"] == ["a", "red", "house", "on", "a", "hill"], explained["tokens"]
+    root = math.sqrt(explained["elements"])  # scores are L2 gaps, the infotext score an RMS
+    assert explained["gap"] == pytest.approx(explained["score"] * root, rel=1e-4)
+    for word, shorter in WITHOUT_WORD.items():
+        txt2img(base, "Euler", MONITOR_ONLY, prompt=shorter)
+        drop = (explained["score"] - call(base + "/memoguard-probe/explanation")["score"]) * root
+        score = explained["scores"][explained["tokens"].index(word)]
+        print(f"without {word!r}: leave-one-out {score:.6f}, the WebUI's own run {drop:.6f}")
+        assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"])
+
+
 def checkpoint_b(ckpt_env):
     first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
     return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))

@@ -29,6 +29,12 @@ import torch
 from modules import script_callbacks, shared
 
 _first = {}  # image 0's inputs at step 0 of the last first pass (A1111's row layout)
+_last = {}   # the last generation's p (MemoGuard's monitor travels on it as p.memoguard)
+
+
+def _remember(params):
+    if params.denoiser is not None and getattr(params.denoiser, "p", None) is not None:
+        _last["p"] = params.denoiser.p
 
 
 def _capture(params):
@@ -68,9 +74,18 @@ def _routes(demo, app):
         return {"parameterization": model.parameterization, "gap": float(gap[0])}
 
 
+    @app.get("/memoguard-probe/explanation")
+    def explanation():
+        """Image 0's first-step score and token contributions in the last generation, at full precision."""
+        monitor = _last["p"].memoguard
+        out = {"score": float(monitor.results[0].trace.per_step()[0, 0])}
+        for c in monitor.image_explanations(0, 0)[:1]:
+            out.update(method=c.method, tokens=c.tokens, scores=c.scores, gap=c.gap_before, elements=c.elements)
+        return out
+
     @app.post("/memoguard-probe/out-of-memory/{on}")
     def out_of_memory(on: int):
-        """on=1: MemoGuard's gradient passes fail as on a GPU without memory left (the sampler's own calls go
+        """on=1: MemoGuard's own model calls fail as on a GPU without memory left (the sampler's own calls go
         through); on=0 undoes it."""
         import sys
         oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
@@ -82,15 +97,14 @@ def _routes(demo, app):
                 continue
 
             def raw_prediction(self, x, t, embedding, extra, original=original):
-                if embedding.requires_grad:
-                    raise oom("CUDA out of memory. Tried to allocate 3.00 GiB (injected by the test probe)")
-                return original(self, x, t, embedding, extra)
+                raise oom("CUDA out of memory. Tried to allocate 3.00 GiB (injected by the test probe)")
             cls.raw_prediction = raw_prediction
         return {"on": bool(on)}
 
 
 _unpatched = {}
 script_callbacks.on_app_started(_routes)
+script_callbacks.on_cfg_denoiser(_remember)
 if importlib.util.find_spec("modules_forge") is None:  # Forge's UNet is not called through sd_model.apply_model
     script_callbacks.on_cfg_denoiser(_capture)
 '''

@@ -44,7 +44,7 @@ def test_forge_sdxl_images_stay_bit_identical_with_monitor_and_explanation(forge
     assert all(torch.equal(a, b) for a, b in zip(plain.images, watched.images))
 
 
-@pytest.mark.parametrize("method", ["auto", "gradient_norm"])
+@pytest.mark.parametrize("method", ["gradient_x_delta", "gradient_norm"])
 def test_forge_sdxl_explanation_is_the_gaps_gradient_at_the_prompt_tokens(forge_xl, method):
     p = make_p(forge_xl, sampler_name="Euler")
     monitor, processed = run(p, explain=True, explain_method=method)

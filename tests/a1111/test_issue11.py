@@ -84,7 +84,8 @@ def _fail_when_differentiating(monkeypatch, error):
     monkeypatch.setattr(WebUIModel, "raw_prediction", raw_prediction)
 
 
-@pytest.mark.parametrize("what", [dict(explain=True), dict(mitigation="always", strategy="minimize", max_iters=3)])
+@pytest.mark.parametrize("what", [dict(explain=True, explain_method="gradient_x_delta"),
+                                  dict(mitigation="always", strategy="minimize", max_iters=3)])
 def test_out_of_memory_inside_memoguard_keeps_the_image(webui, monkeypatch, what):
     plain = processing.process_images(make_p(webui))
     _fail_when_differentiating(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB"))

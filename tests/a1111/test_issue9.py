@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from memoguard import rms_per_image
-from memoguard.calibration import Calibration
+from memoguard.calibration import CALIBRATION_SEEDS, Calibration
 from memoguard.identity import weights_fingerprint
 from memoguard_a1111 import calibrate as calibration_glue
 from memoguard_a1111.script import MemoGuardScript, panel_for
@@ -44,13 +44,17 @@ def test_calibration_runs_through_the_webui_model_and_is_saved_by_key(host, tiny
     # the band's runs are the sampler the conditions name (it recorded "ddim" beside conditions saying Euler)
     assert calibration.band.settings["sampler"] == calibration.conditions["sampler"] == "Euler"
     assert answer["threshold"] == pytest.approx(calibration.threshold(0.01))
-    # first-step scores: the core's gap on the diffusers model at the WebUI's first sigma, seed 0
+    # first-step scores: the core's gap on the diffusers model at the WebUI's first sigma, the mean over seeds 0-3
+    assert calibration.meta["seeds"] == CALIBRATION_SEEDS == 4
     wrap = CompVisDenoiser(webui)
     sigma = wrap.get_sigmas(3)[0]
     prompts = calibration_glue.default_benign_prompts()[:10]
-    noise = torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(0))] * 10)
-    x_vp = noise * sigma / (sigma ** 2 + 1).sqrt()
-    want = rms_per_image(core_first_step(tiny_model, prompts, x_vp, wrap.sigma_to_t(sigma.reshape(1))[0]))
+    at_seeds = []
+    for seed in range(CALIBRATION_SEEDS):
+        noise = torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(seed))] * 10)
+        x_vp = noise * sigma / (sigma ** 2 + 1).sqrt()
+        at_seeds.append(rms_per_image(core_first_step(tiny_model, prompts, x_vp, wrap.sigma_to_t(sigma.reshape(1))[0])))
+    want = torch.stack(at_seeds).mean(0)
     assert calibration.scores == pytest.approx(sorted(want.tolist()), rel=1e-3)
     assert calibration.conditions["noise_level"] == pytest.approx(float(sigma))
     assert shared.state.textinfo is None  # progress text cleared

@@ -53,6 +53,10 @@ def test_forge_scores_explains_and_leaves_the_image_unchanged(forge):
     assert call(forge + "/memoguard-probe/forge-post-cfg") == []  # patched a clone, not the model's UNet
 
 
+def test_forge_leave_one_out_re_encodes_through_forge(forge):
+    real_checks.leave_one_out_re_encodes_through_the_webui(forge)
+
+
 def test_forge_cfg_1_is_unavailable(forge):
     got = fields(txt2img(forge, "Euler", MONITOR_ONLY, cfg_scale=1))
     assert got["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in got

@@ -32,13 +32,17 @@ def test_txt2img_api_scores_explains_and_leaves_the_image_unchanged(webui, euler
     watched = txt2img(webui, "Euler", [1, 0, "", 0.01, True, 1, "off", 0, 0.05, 10])
     got = fields(watched)
     assert got["MemoGuard verdict"] == "uncalibrated" and got["MemoGuard tokens"]  # not calibrated yet: never "ok"
-    assert got["MemoGuard explanation"] == "gradient x input"
+    assert got["MemoGuard explanation"] == "leave-one-out"
     assert "MemoGuard hires pass" not in got
     assert assert_core_gap(webui, watched)["parameterization"] == "eps"
     print("infotext with MemoGuard:", infotext(watched))
     assert pixels(euler_plain["images"][0]) == pixels(watched["images"][0])  # the PNGs differ in their infotext chunk
     callbacks = call(webui + "/memoguard-probe/cfg-callbacks")
     assert not any("RunMonitor" in name for names in callbacks.values() for name in names), callbacks
+
+
+def test_leave_one_out_re_encodes_through_the_webui(webui):
+    real_checks.leave_one_out_re_encodes_through_the_webui(webui)
 
 
 def test_timestep_sampler_is_scored(webui):

@@ -44,8 +44,9 @@ def infotext_fields(text):
 def assert_explanation_is_the_cores(got, processed, tiny_model, x, t):
     """The script's first-step token contributions equal the core's at the same x and t, and reach the infotext."""
     core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
-    # the WebUI does not re-encode a prompt: its default is gradient x input, which the core computes alike
-    assert got.method == "gradient_x_delta"
+    # the WebUI re-encodes the prompt through its own conditioning function: its default is leave-one-out, which the
+    # core computes alike by re-encoding the token ids
+    assert got.method == "leave_one_out"
     (want,) = token_contributions(core, core.encode([PROMPT]), core.encode([""]), x, steps=1, total_steps=1,
                                   method=got.method)
     assert got.tokens == want.tokens == ["a", "red", "house", "on", "a", "hill"]
@@ -261,7 +262,7 @@ def test_explanation_hint_names_the_method_as_the_infotext_does(webui):
     hint = next(c[4] for c in CONTROLS if c[0] == "explain_method")
     _, processed = run(make_p(webui), explain=True)
     used = infotext_fields(processed.infotexts[0])["MemoGuard explanation"]
-    assert used == METHOD_NAMES["gradient_x_delta"] and f"auto = {used}" in hint
+    assert used == METHOD_NAMES["leave_one_out"] and f"auto = {used}" in hint
 
 
 def test_explanation_takes_a_words_pieces_together_as_the_core_does(webui, tiny_model):
@@ -269,8 +270,8 @@ def test_explanation_takes_a_words_pieces_together_as_the_core_does(webui, tiny_
     p = make_p(webui, sampler_name="Euler", prompt=prompt)
     monitor, processed = run(p, explain=True)
     (got,) = monitor.image_explanations(0, 0)
-    # the panel says why the method is not the re-encoded leave-one-out of the command line and ComfyUI
-    assert "tokens: gradient x input (by words; MemoGuard does not re-encode" in panel_for(processed.js())
+    # re-encoded by the WebUI as on the command line and in ComfyUI: no note on the method
+    assert "tokens: leave-one-out</div>" in panel_for(processed.js())
     x, t = kdiffusion_start(webui, p)
     core = core_on_schedule(tiny_model, torch.as_tensor(t).reshape(1))
     enc = core.encode([prompt])

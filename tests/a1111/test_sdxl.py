@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memoguard import l2_per_image, rms_per_image
-from modules import processing
+from modules import processing, prompt_parser
 from modules.sd_samplers_timesteps import CompVisSampler
 from test_script import PROMPT, infotext_fields, kdiffusion_start, make_p, run, seeds_noise
 
@@ -12,8 +12,10 @@ LONG_NEGATIVE = " ".join(["blurry"] * 80)  # two chunks against the prompt's one
 
 
 def conditioning(model, prompt, batch=1):
+    """The prompt's conditioning at the model's image size (the size the stand-in WebUI samples at)."""
+    height, width = model.image_size
     with torch.no_grad():
-        return model.get_learned_conditioning([prompt] * batch)
+        return model.get_learned_conditioning(prompt_parser.SdConditioning([prompt] * batch, width=width, height=height))
 
 
 def direct_gap(model, x, t, negative="", prompt=PROMPT):
@@ -82,7 +84,7 @@ def assert_explanation_is_the_gradient(got, processed, model, x, t):
     assert infotext_fields(processed.infotexts[0])["MemoGuard tokens"].startswith(got.top(1)[0][0])
 
 
-@pytest.mark.parametrize("method", ["auto", "gradient_norm"])
+@pytest.mark.parametrize("method", ["gradient_x_delta", "gradient_norm"])
 def test_explanation_is_the_gaps_gradient_at_the_prompt_tokens(webui_xl, method):
     p = make_p(webui_xl, sampler_name="Euler")
     monitor, processed = run(p, explain=True, explain_method=method)

@@ -20,6 +20,7 @@ class TinyLatentDiffusion:
         self.model = SimpleNamespace(conditioning_key="crossattn", diffusion_model=self.unet)
         self.sd_checkpoint_info = SimpleNamespace(model_name="tiny-sd")
         self.latent_shape = diffusers_model.latent_shape()
+        self.image_size = diffusers_model.image_size()  # (height, width)
 
     def parameters(self):
         yield from self.unet.parameters()
@@ -29,12 +30,8 @@ class TinyLatentDiffusion:
         return self.unet(x_noisy, t, encoder_hidden_states=cond["c_crossattn"][0]).sample
 
     def get_learned_conditioning(self, prompts):
-        """One (77 * chunks, C) tensor per prompt, each 77-token chunk encoded on its own."""
-        conds = []
-        for prompt in prompts:
-            ids = torch.tensor([chunk.tokens for chunk in model_hijack.clip.tokenize_line(prompt)[0]])
-            conds.append(self.text_encoder(ids).last_hidden_state.reshape(-1, self.text_encoder.config.hidden_size))
-        return conds
+        """(B, 77 * chunks, C) for the batch, each 77-token chunk encoded on its own, weighted by emphasis."""
+        return model_hijack.clip.encode(self.text_encoder, prompts)[0]
 
 
 class TinyXLDiffusion(TinyLatentDiffusion):
@@ -61,14 +58,9 @@ class TinyXLDiffusion(TinyLatentDiffusion):
 
     def get_learned_conditioning(self, prompts):
         """DictWithShape for the batch: crossattn padded with empty chunks to the longest prompt,
-        vector = pooled output of the first chunk ++ size features."""
-        clip = self.conditioner.embedders[0]
-        chunks = [clip.tokenize_line(prompt)[0] for prompt in prompts]
-        count = max(len(c) for c in chunks)
-        empty = clip.tokenize_line("")[0]
-        ids = torch.tensor([[chunk.tokens for chunk in c + empty * (count - len(c))] for c in chunks])
-        out = self.text_encoder(ids.flatten(0, 1))
-        crossattn = out.last_hidden_state.reshape(len(prompts), -1, self.text_encoder.config.hidden_size)
-        pooled = out.pooler_output.reshape(len(prompts), count, -1)[:, 0]
-        vector = torch.cat([pooled, self.size_features.expand(len(prompts), -1)], dim=1)
+        vector = pooled output of the first chunk ++ size features for the batch's size (default 1024 x 1024)."""
+        crossattn, pooled = self.conditioner.embedders[0].encode(self.text_encoder, prompts)
+        height, width = getattr(prompts, "height", None) or 1024, getattr(prompts, "width", None) or 1024
+        size = timestep_embedding(torch.tensor([height, width, 0, 0, height, width]), 256).flatten()
+        vector = torch.cat([pooled, size.expand(len(prompts), -1)], dim=1)
         return DictWithShape({"crossattn": crossattn, "vector": vector})

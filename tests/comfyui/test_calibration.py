@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from memoguard.calibration import Band, Calibration, CalibrationStore
+from memoguard.calibration import CALIBRATION_SEEDS, Band, Calibration, CalibrationStore
 from memoguard.standalone.diffusers_model import BUNDLED_MODEL
 from nodes.calibration_choice import lookup, model_key
 from nodes.calibration_run import calibrate_loaded, prompt_list
@@ -38,11 +38,12 @@ def random_copy():
     return harness.ModelPatcher(harness.BaseModel(unet)), harness.CLIP(text)
 
 
-def monitor(patcher, clip, text="a red circle", batch=1, cfg=3.0, steps=20, scheduler=None, sigmas=None, **settings):
+def monitor(patcher, clip, text="a red circle", batch=1, cfg=3.0, steps=20, scheduler=None, sigmas=None, seed=0,
+            **settings):
     events = []
     session = MonitorSession(MonitorSettings(**settings), node_id="2", emit=lambda e, d: events.append((e, d)),
                              show=lambda t, n: events.append(("text", t)))
-    noise = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     out = harness.sample(attach_monitor(patcher, session), noise, pos, neg, cfg=cfg, steps=steps, sigmas=sigmas)
@@ -96,8 +97,12 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     (verdict,) = session.final_verdicts()
     assert verdict.label in ("ok", "flagged") and verdict.threshold == pytest.approx(cal.threshold(0.01))
     assert verdict.notes == []
-    # the calibration measured exactly what the Monitor measures: same sigma, x_T scaling and encoding
-    assert min(abs(s - verdict.score) for s in cal.scores) < 1e-5 * max(1.0, verdict.score)
+    # the calibration measured exactly what the Monitor measures (same sigma, x_T scaling and encoding), at the
+    # node's seed and the next 3, a prompt's benign score their mean
+    assert cal.meta["seeds"] == CALIBRATION_SEEDS == 4
+    at_seeds = [verdict.score] + [monitor(patcher, clip, PROMPTS[0], steps=4, seed=s)[0].final_verdicts()[0].score
+                                  for s in range(1, CALIBRATION_SEEDS)]
+    assert cal.scores[0] == pytest.approx(sum(at_seeds) / len(at_seeds), rel=1e-5)
     steps = of(events, "step")
     assert all(set(d) == STEP_FIELDS for d in steps)
     assert all(d["band"] is not None and d["band"][0] <= d["band"][1] for d in steps[:-1])

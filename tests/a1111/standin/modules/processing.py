@@ -19,6 +19,8 @@ class StableDiffusionProcessingTxt2Img:
     seed: int = 1
     steps: int = 6
     cfg_scale: float = 7.5
+    width: Optional[int] = None   # None: the loaded model's image size
+    height: Optional[int] = None
     batch_size: int = 1
     n_iter: int = 1
     sampler_name: str = "Euler"
@@ -94,6 +96,7 @@ def process_images(p):
     model = p.sd_model or shared.sd_model
     images, infotexts = [], []
     forge = sd_samplers_common.running_forge()
+    p.height, p.width = (p.height or model.image_size[0]), (p.width or model.image_size[1])
     p.all_prompts = [p.prompt] * (p.n_iter * p.batch_size)
     p.all_seeds = [p.seed + i for i in range(p.n_iter * p.batch_size)]
     if p.scripts is not None:
@@ -105,9 +108,11 @@ def process_images(p):
             p.seeds = p.all_seeds[iteration * p.batch_size:(iteration + 1) * p.batch_size]
             seeds = p.seeds
             noise = torch.stack([torch.randn(model.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-            cond = prompt_parser.get_multicond_learned_conditioning(model, p.prompts, p.steps)
-            uncond = None if forge and p.cfg_scale == 1 else \
-                prompt_parser.get_learned_conditioning(model, [p.negative_prompt] * p.batch_size, p.steps)  # Forge: none at CFG 1
+            size = dict(width=p.width, height=p.height)
+            cond = prompt_parser.get_multicond_learned_conditioning(
+                model, prompt_parser.SdConditioning(p.prompts, **size), p.steps)
+            uncond = None if forge and p.cfg_scale == 1 else prompt_parser.get_learned_conditioning(  # Forge: none at CFG 1
+                model, prompt_parser.SdConditioning([p.negative_prompt] * p.batch_size, True, **size), p.steps)
             sampler = SAMPLERS[p.sampler_name](model)
             if forge:  # Forge resets its model objects before every sampling
                 model.forge_objects = model.forge_objects_after_applying_lora.shallow_copy()

@@ -1,10 +1,65 @@
-"""Stand-in for modules/prompt_parser.py: AND composition (no prompt editing, no emphasis), SDXL's dict conds."""
+"""Stand-in for modules/prompt_parser.py: AND composition and emphasis (no prompt editing), SDXL's dict conds."""
 import re
 
 import torch
 
 re_AND = re.compile(r"\bAND\b")
 re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+re_emphasis = re.compile(r"\\(.)|(\()|(\[)|:\s*([+-]?[.\d]+)\s*\)|(\))|(\])|([^\\()\[\]:]+|:)", re.S)
+re_break = re.compile(r"\s*\bBREAK\b\s*")
+
+
+class SdConditioning(list):
+    """The prompts of a batch with the size SDXL's conditioning is built for."""
+
+    def __init__(self, prompts, is_negative_prompt=False, width=None, height=None, copy_from=None):
+        super().__init__(prompts)
+        self.is_negative_prompt, self.width, self.height = is_negative_prompt, width, height
+
+
+def parse_prompt_attention(text):
+    """[[fragment, weight]]: "(a)" x1.1, "[a]" / 1.1, "(a:w)" x w, nested brackets multiply, "\\(" a literal
+    bracket, a BREAK outside brackets is ["BREAK", -1]; neighbours of equal weight merged."""
+    out, open_round, open_square = [], [], []
+
+    def scale(start, factor):
+        for item in out[start:]:
+            item[1] *= factor
+
+    for m in re_emphasis.finditer(text):
+        literal, round_open, square_open, weight, round_close, square_close, plain = m.groups()
+        if literal is not None:
+            out.append([literal, 1.0])
+        elif round_open:
+            open_round.append(len(out))
+        elif square_open:
+            open_square.append(len(out))
+        elif weight is not None and open_round:
+            scale(open_round.pop(), float(weight))
+        elif round_close and open_round:
+            scale(open_round.pop(), 1.1)
+        elif square_close and open_square:
+            scale(open_square.pop(), 1 / 1.1)
+        else:
+            for k, part in enumerate(re_break.split(m.group(0))):
+                if k:
+                    out.append(["BREAK", -1])
+                out.append([part, 1.0])
+    for start in open_round:
+        scale(start, 1.1)
+    for start in open_square:
+        scale(start, 1 / 1.1)
+    merged = []
+    for item in out:
+        if item[0] == "" and item[1] != -1:
+            continue
+        if merged and merged[-1][1] == item[1] and item[1] != -1:
+            merged[-1][0] += item[0]
+        else:
+            merged.append(item)
+    return merged or [["", 1.0]]
 
 
 class ScheduledPromptConditioning:
@@ -50,7 +105,8 @@ def get_multicond_prompt_list(prompts):
 
 def get_multicond_learned_conditioning(model, prompts, steps):
     res_indexes, flat, _ = get_multicond_prompt_list(prompts)
-    schedules = get_learned_conditioning(model, flat, steps)
+    size = dict(width=getattr(prompts, "width", None), height=getattr(prompts, "height", None))
+    schedules = get_learned_conditioning(model, SdConditioning(flat, **size), steps)
     batch = [[ComposableScheduledPromptConditioning(schedules[i], w) for i, w in indexes] for indexes in res_indexes]
     return MulticondLearnedConditioning((len(prompts),), batch)
 
@@ -83,6 +139,6 @@ def reconstruct_cond_batch(c, current_step):
 
 
 def get_learned_conditioning(model, prompts, steps):
-    conds = model.get_learned_conditioning(list(prompts))
+    conds = model.get_learned_conditioning(prompts)
     rows = [{key: v[i] for key, v in conds.items()} for i in range(len(prompts))] if isinstance(conds, dict) else conds
     return [[ScheduledPromptConditioning(steps, cond)] for cond in rows]

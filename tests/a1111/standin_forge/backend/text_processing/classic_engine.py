@@ -10,3 +10,6 @@ class ClassicTextProcessingEngine:
 
     def tokenize_line(self, line):
         return self._chunker.tokenize_line(line)
+
+    def encode(self, text_encoder, prompts):
+        return self._chunker.encode(text_encoder, prompts)
