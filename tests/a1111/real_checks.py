@@ -305,6 +305,21 @@ def leave_one_out_re_encodes_through_the_webui(base):
         assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"])
 
 
+def token_removal_samples_the_prompt_without_its_words(base):
+    """Token removal: the infotext names the words left out, and the image's first step is the WebUI's own run of
+    the prompt without them."""
+    prompt = "a red house on the hill"  # every word once: the shorter prompt follows from the removed words
+    got = first(txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "remove_tokens"],
+                        prompt=prompt))
+    print("token removal:", got.get("MemoGuard mitigation"), got.get("MemoGuard error"))
+    mode, action, *words, before, arrow, after = unquote(got["MemoGuard mitigation"]).split()
+    assert (mode, action, arrow) == ("always", "removed", "->") and words and float(after) < float(before)
+    mitigated = call(base + "/memoguard-probe/explanation")["score"]
+    assert mitigated == pytest.approx(float(after), abs=6e-5)
+    txt2img(base, "Euler", MONITOR_ONLY, prompt=" ".join(w for w in prompt.split() if w not in words))
+    assert mitigated == pytest.approx(call(base + "/memoguard-probe/explanation")["score"], rel=1e-3)
+
+
 def checkpoint_b(ckpt_env):
     first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
     return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))

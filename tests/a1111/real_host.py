@@ -209,6 +209,16 @@ HIRES = dict(enable_hr=True, hr_scale=2, hr_upscaler="Latent", hr_second_pass_st
 MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
 
 
+def launch_flags(host: str, ckpt, api_only: bool = True) -> list:
+    """launch.py's flags for a headless CPU run of `host` ("a1111" or "forge") with checkpoint `ckpt`."""
+    if host == "forge":
+        return ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu",
+                "--no-half", "--ckpt", str(ckpt)]
+    # --test-server turns the API on (configure_for_tests adds --api): a launch without the API goes without it
+    return ["--skip-prepare-environment", "--skip-torch-cuda-test", *(["--test-server"] if api_only else []),
+            "--do-not-download-clip", "--no-half", "--use-cpu", "all", "--ckpt", str(ckpt)]
+
+
 @contextmanager
 def a1111(tmp_path_factory, ckpt_env: str, required: bool = False, extra_flags=(), api_only: bool = True):
     """A1111_DIR's WebUI on CPU with the checkpoint named by ckpt_env (skip when unset and required)."""
@@ -216,10 +226,7 @@ def a1111(tmp_path_factory, ckpt_env: str, required: bool = False, extra_flags=(
     if required and not os.environ.get(ckpt_env):
         pytest.skip(f"{ckpt_env} is not set")
     python = os.environ.get("A1111_PYTHON", str(root / "venv" / "bin" / "python"))
-    # --test-server turns the API on (configure_for_tests adds --api): a launch without the API goes without it
-    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", *(["--test-server"] if api_only else []),
-             "--do-not-download-clip", "--no-half", "--use-cpu", "all", "--ckpt", str(checkpoint(root, ckpt_env)),
-             *extra_flags]
+    flags = [*launch_flags("a1111", checkpoint(root, ckpt_env), api_only), *extra_flags]
     data = tmp_path_factory.mktemp("webui-data")
     with running_webui(root, python, flags, data, api_only) as base:
         yield base

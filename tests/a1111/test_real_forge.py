@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import real_checks
-from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fields, img2img, infotext, pixels,
-                       running_webui, txt2img, webui_log)
+from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fields, img2img, infotext, launch_flags,
+                       pixels, running_webui, txt2img, webui_log)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
@@ -25,8 +25,7 @@ FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
 def running_forge(tmp_path_factory, extra_flags=(), api_only=True):
     root = Path(FORGE_DIR)
     python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
-    flags = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu",
-             "--no-half", "--ckpt", str(checkpoint(root, "FORGE_CKPT")), *extra_flags]
+    flags = [*launch_flags("forge", checkpoint(root, "FORGE_CKPT")), *extra_flags]
     data = tmp_path_factory.mktemp("forge-data")
     with running_webui(root, python, flags, data, api_only) as base:
         yield base
@@ -55,6 +54,10 @@ def test_forge_scores_explains_and_leaves_the_image_unchanged(forge):
 
 def test_forge_leave_one_out_re_encodes_through_forge(forge):
     real_checks.leave_one_out_re_encodes_through_the_webui(forge)
+
+
+def test_forge_token_removal_samples_the_prompt_without_its_words(forge):
+    real_checks.token_removal_samples_the_prompt_without_its_words(forge)
 
 
 def test_forge_cfg_1_is_unavailable(forge):

@@ -45,6 +45,10 @@ def test_leave_one_out_re_encodes_through_the_webui(webui):
     real_checks.leave_one_out_re_encodes_through_the_webui(webui)
 
 
+def test_token_removal_samples_the_prompt_without_its_words(webui):
+    real_checks.token_removal_samples_the_prompt_without_its_words(webui)
+
+
 def test_timestep_sampler_is_scored(webui):
     assert_core_gap(webui, txt2img(webui, "DDIM", MONITOR_ONLY))
 

@@ -102,7 +102,8 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     assert cal.meta["seeds"] == CALIBRATION_SEEDS == 4
     at_seeds = [verdict.score] + [monitor(patcher, clip, PROMPTS[0], steps=4, seed=s)[0].final_verdicts()[0].score
                                   for s in range(1, CALIBRATION_SEEDS)]
-    assert cal.scores[0] == pytest.approx(sum(at_seeds) / len(at_seeds), rel=1e-5)
+    mean = sum(at_seeds) / len(at_seeds)
+    assert min(abs(s - mean) for s in cal.scores) < 1e-5 * max(1.0, mean)  # the scores are kept sorted
     steps = of(events, "step")
     assert all(set(d) == STEP_FIELDS for d in steps)
     assert all(d["band"] is not None and d["band"][0] <= d["band"][1] for d in steps[:-1])
