@@ -28,8 +28,12 @@ log = logging.getLogger("memoguard")
 
 ACTIONS = ("none", "warn", "stop")
 SESSION_KEY = "memoguard_monitor"  # model_options entry naming the session (a string survives clone())
-CFG1_MESSAGE = ("ComfyUI skips the unconditional pass at cfg 1; turn on 'force_uncond_at_cfg1' "
-                "(doubles the cost) to score anyway")
+CFG1_MESSAGE = ("ComfyUI skips the unconditional pass at cfg 1 and this sampler has no negative conditioning "
+                "(e.g. BasicGuider) for MemoGuard to run it with: use a CFGGuider or KSampler with an empty "
+                "negative prompt, or turn on 'force_uncond_at_cfg1'")
+CFG1_NOTE = "cfg 1: MemoGuard ran the negative prompt's pass itself at the scored steps (1 extra model call each)"
+PREDICT_NOISE = "predict_noise"  # comfy.patcher_extension.WrappersMP.PREDICT_NOISE
+WRAPPER_KEY = "memoguard_monitor_cfg1"
 MAX_SESSIONS = 64
 
 
@@ -124,8 +128,26 @@ class MonitorSession:
         self._bands: list = []
         self._schedule = None
         self._calls = 0
+        self._own_uncond = None  # (sigma, uncond prediction) MemoGuard computed for this step at cfg 1
 
     # -- one sampler call -------------------------------------------------------------
+    def before_prediction(self, guider, x: torch.Tensor, timestep: torch.Tensor, model_options: dict) -> None:
+        """At cfg 1 ComfyUI skips the negative prompt's pass: run it for the steps the verdict reads (the first
+        `window`), so that the Monitor scores at one extra model call a scored step; the sampler's own passes and
+        the image are untouched."""
+        self._own_uncond = None
+        negative = guider.conds.get("negative")
+        if (not math.isclose(float(guider.cfg), 1.0) or model_options.get("disable_cfg1_optimization", False)
+                or negative is None):
+            return
+        sigma = float(timestep.reshape(-1)[0])
+        schedule = model_options.get("transformer_options", {}).get("sample_sigmas")
+        if step_index(schedule, sigma, self._calls) >= self.settings.window:
+            return
+        import comfy.samplers
+        (uncond,) = comfy.samplers.calc_cond_batch(guider.inner_model, [negative], x, timestep, model_options)
+        self._own_uncond = (sigma, uncond)
+
     def observe(self, args: dict) -> None:
         sigma_t = args["sigma"]
         sigma = float(sigma_t.reshape(-1)[0])
@@ -138,7 +160,14 @@ class MonitorSession:
         self._calls += 1
         if self.trace.unavailable:
             return
-        if args.get("uncond") is None or (len(self.trace) == 0 and uncond_is_missing(args["uncond_denoised"])):
+        own, self._own_uncond = self._own_uncond, None
+        if args.get("uncond") is None and own is not None and own[0] == sigma:
+            args = {**args, "uncond_denoised": own[1]}
+            if CFG1_NOTE not in self.ctx.notes:
+                self.ctx.notes.append(CFG1_NOTE)
+        elif args.get("uncond") is None and len(self.trace) >= self.settings.window:
+            return  # cfg 1: the verdict's steps are scored; the rest of the run has no unconditional pass
+        elif args.get("uncond") is None or (len(self.trace) == 0 and uncond_is_missing(args["uncond_denoised"])):
             self.trace.mark_unavailable(CFG1_MESSAGE)
             self._publish_unavailable(CFG1_MESSAGE)
             return
@@ -279,8 +308,16 @@ def attach_monitor(model, session: MonitorSession):
             session.fail(e)
         return args["denoised"]
 
+    def memoguard_cfg1_uncond(executor, x, timestep, model_options={}, seed=None):
+        try:
+            session.before_prediction(executor.class_obj, x, timestep, model_options)
+        except Exception as e:
+            session.fail(e)
+        return executor(x, timestep, model_options, seed)
+
     patched = model.clone()
     patched.set_model_sampler_post_cfg_function(memoguard_monitor,
                                                 disable_cfg1_optimization=session.settings.force_uncond_at_cfg1)
+    patched.add_wrapper_with_key(PREDICT_NOISE, WRAPPER_KEY, memoguard_cfg1_uncond)
     register(patched, SESSION_KEY, session)
     return patched

@@ -38,8 +38,10 @@ class MemorizationMonitor(io.ComfyNode):
                                tooltip="When flagged: 'none' only shows it, 'warn' also logs a warning, "
                                        "'stop' ends the queue item with a message."),
                 io.Boolean.Input("force_uncond_at_cfg1", default=False,
-                                 tooltip="At cfg 1 ComfyUI skips the unconditional pass, so there is no score. "
-                                         "On: run it anyway (2x cost; the image may change in the last bits)."),
+                                 tooltip="At cfg 1 ComfyUI skips the unconditional pass; MemoGuard then runs the "
+                                         "negative prompt's pass itself at the scored steps only (1 extra model "
+                                         "call an image with window 1; the image unchanged). On: ComfyUI runs it "
+                                         "at every step instead (2x cost; the image may change in the last bits)."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The same model, monitored.")],
             hidden=[io.Hidden.unique_id],

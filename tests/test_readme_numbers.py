@@ -92,6 +92,8 @@ CLAIMS = [
         __import__("memoguard.mitigate", fromlist=["x"]).remove_tokens).parameters["max_removals"].default == 3),
     ("one model call a word, by groups over 12 words", lambda: __import__(
         "memoguard.explain", fromlist=["x"]).LEAVE_ONE_OUT_MAX_WORDS == 12),
+    ("(one extra model call an image with\nwindow 1;", lambda: "step_index(schedule, sigma, self._calls) >= "
+     "self.settings.window" in (ROOT / "nodes/monitor_hook.py").read_text()),
     ("Every host scores each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4
      and "seeds=range(seed, seed + CALIBRATION_SEEDS)" in (ROOT / "nodes/calibration_run.py").read_text()
      and "seeds=range(CALIBRATION_SEEDS)" in (ROOT / "a1111_extension/memoguard_a1111/calibrate.py").read_text()),

@@ -297,12 +297,17 @@ def leave_one_out_re_encodes_through_the_webui(base):
     assert explained["tokens"] == ["a", "red", "house", "on", "a", "hill"], explained["tokens"]
     root = math.sqrt(explained["elements"])  # scores are L2 gaps, the infotext score an RMS
     assert explained["gap"] == pytest.approx(explained["score"] * root, rel=1e-4)
+    pairs = {}
     for word, shorter in WITHOUT_WORD.items():
         txt2img(base, "Euler", MONITOR_ONLY, prompt=shorter)
         drop = (explained["score"] - call(base + "/memoguard-probe/explanation")["score"]) * root
-        score = explained["scores"][explained["tokens"].index(word)]
-        print(f"without {word!r}: leave-one-out {score:.6f}, the WebUI's own run {drop:.6f}")
-        assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"])
+        pairs[word] = (explained["scores"][explained["tokens"].index(word)], drop)
+        print(f"without {word!r}: leave-one-out {pairs[word][0]:.6f}, the WebUI's own run {drop:.6f} "
+              f"(gap {explained['gap']:.4f})")
+    # the model calls differ in batch size (the edits together, the sampler's cond + uncond): on the random SD1.5
+    # the fp32 gaps then differ by up to ~3e-4 of the gap
+    for word, (score, drop) in pairs.items():
+        assert score == pytest.approx(drop, abs=1e-3 * explained["gap"]), word
 
 
 def token_removal_samples_the_prompt_without_its_words(base):

@@ -13,7 +13,8 @@ torch.set_num_threads(1)
 
 
 def _model_management_stand_in():
-    """comfy.model_management's interrupt flag (what the queue's Cancel sets), where ComfyUI is not installed."""
+    """comfy.model_management's interrupt flag (what the queue's Cancel sets) and comfy.samplers.calc_cond_batch,
+    where ComfyUI is not installed."""
     import importlib.util
     import types
     if importlib.util.find_spec("comfy") is not None:
@@ -22,8 +23,11 @@ def _model_management_stand_in():
     management = types.ModuleType("comfy.model_management")
     management.interrupt_processing = False
     management.processing_interrupted = lambda: management.interrupt_processing
-    comfy.model_management = management
-    sys.modules.update({"comfy": comfy, "comfy.model_management": management})
+    from . import harness
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.calc_cond_batch = harness.calc_cond_batch
+    comfy.model_management, comfy.samplers = management, samplers
+    sys.modules.update({"comfy": comfy, "comfy.model_management": management, "comfy.samplers": samplers})
 
 
 _model_management_stand_in()

@@ -4,6 +4,8 @@ What is reproduced, after comfy/samplers.py and comfy/model_patcher.py (ComfyUI 
 - ModelPatcher.clone() deep-copies model_options and copies the wrapper lists;
   set_model_sampler_post_cfg_function appends to model_options["sampler_post_cfg_function"] and
   may set "disable_cfg1_optimization"; add_wrapper_with_key(type, key, fn).
+- CFGGuider.predict_noise runs inside the PREDICT_NOISE wrappers, fn(executor, x, timestep, model_options, seed)
+  with the guider as executor.class_obj (its conds, cfg, inner_model).
 - sampling_function: at cfg == 1 (without disable_cfg1_optimization) the uncond conditioning is
   None, calc_cond_batch returns torch.zeros_like(x) for it; CALC_COND_BATCH wrappers run as
   fn(executor, model, conds, x, timestep, model_options); cfg_function calls each post-CFG
@@ -263,6 +265,34 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
     return cfg_function(model, out[0], out[1], cond_scale, x, timestep, model_options, cond=cond, uncond=uncond_)
 
 
+class Executor:
+    """A wrapper's view of the call it wraps: callable, and the object whose method it is (class_obj)."""
+
+    def __init__(self, call, class_obj):
+        self.call, self.class_obj = call, class_obj
+
+    def __call__(self, *args):
+        return self.call(*args)
+
+
+class Guider:
+    """CFGGuider: its processed conds ("positive", "negative" when the sampler has one), cfg and inner_model;
+    predict_noise runs sampling_function inside the PREDICT_NOISE wrappers, which see it as executor.class_obj."""
+
+    def __init__(self, inner_model, conds, cfg):
+        self.inner_model, self.conds, self.cfg = inner_model, conds, cfg
+
+    def predict_noise(self, x, timestep, model_options, seed=None):
+        return sampling_function(self.inner_model, x, timestep, self.conds.get("negative"), self.conds["positive"],
+                                 self.cfg, model_options)
+
+    def __call__(self, x, timestep, model_options, seed=None):
+        call = self.predict_noise
+        for wrapper in reversed(model_options["transformer_options"].get("wrappers", {}).get("predict_noise", [])):
+            call = (lambda w, inner: lambda *a: w(Executor(inner, self), *a))(wrapper, call)
+        return call(x, timestep, model_options, seed)
+
+
 def schedule(model, steps):
     """Sigmas evenly spaced in timestep ("normal"-like), ending at 0."""
     ms = model.model_sampling
@@ -284,7 +314,8 @@ def model_conds(model, conditioning, noise, prompt_type):
 
 
 def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler", sigmas=None):
-    """A full-denoise run like KSampler: returns the final latent. positive/negative: CONDITIONING or a tensor."""
+    """A full-denoise run like KSampler: returns the final latent. positive/negative: CONDITIONING or a tensor;
+    negative None: a guider without one (BasicGuider)."""
     with torch.inference_mode():
         model = patcher.model
         sigmas = schedule(model, steps) if sigmas is None else sigmas
@@ -293,15 +324,17 @@ def sample(patcher, noise, positive, negative, cfg=7.5, steps=4, sampler="euler"
         model_options["transformer_options"]["wrappers"] = {
             k: [fn for fns in w.values() for fn in fns] for k, w in patcher.wrappers.items()}
         model_options["transformer_options"]["sample_sigmas"] = sigmas
-        conds = {"positive": model_conds(model, positive, noise, "positive"),
-                 "negative": model_conds(model, negative, noise, "negative")}
+        conds = {"positive": model_conds(model, positive, noise, "positive")}
+        if negative is not None:  # BasicGuider: no negative
+            conds["negative"] = model_conds(model, negative, noise, "negative")
         max_denoise = math.isclose(float(model.model_sampling.sigma_max), float(sigmas[0]), rel_tol=1e-5) or \
             float(sigmas[0]) > float(model.model_sampling.sigma_max)  # KSampler.max_denoise
         x = model.model_sampling.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=max_denoise)
 
+        guider = Guider(model, conds, cfg)
+
         def denoise(x, sigma):
-            t = sigma.expand(x.shape[0])
-            return sampling_function(model, x, t, conds["negative"], conds["positive"], cfg, model_options)
+            return guider(x, sigma.expand(x.shape[0]), model_options)
 
         for i in range(steps):
             s, s_next = sigmas[i], sigmas[i + 1]

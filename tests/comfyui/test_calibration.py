@@ -39,13 +39,14 @@ def random_copy():
 
 
 def monitor(patcher, clip, text="a red circle", batch=1, cfg=3.0, steps=20, scheduler=None, sigmas=None, seed=0,
-            **settings):
+            negative="", **settings):
+    """A monitored and a plain run; negative None: a guider without a negative (BasicGuider)."""
     events = []
     session = MonitorSession(MonitorSettings(**settings), node_id="2", emit=lambda e, d: events.append((e, d)),
                              show=lambda t, n: events.append(("text", t)))
     noise = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
     pos = clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    neg = None if negative is None else clip.encode_from_tokens_scheduled(clip.tokenize(negative))
     out = harness.sample(attach_monitor(patcher, session), noise, pos, neg, cfg=cfg, steps=steps, sigmas=sigmas)
     plain = harness.sample(patcher, noise, pos, neg, cfg=cfg, steps=steps, sigmas=sigmas)
     return session, events, out, plain
@@ -177,7 +178,7 @@ def test_one_verdict_per_image(bundled, tmp_path):
 
 
 def test_cfg1_unavailable_says_it_once_per_image(bundled, tmp_path):
-    session, events, out, plain = monitor(*bundled, batch=2, cfg=1.0, steps=4,
+    session, events, out, plain = monitor(*bundled, batch=2, cfg=1.0, steps=4, negative=None,
                                           calibration=lookup("auto", folders=[tmp_path]))
     verdicts = session.final_verdicts()
     assert [v.label for v in verdicts] == ["unavailable", "unavailable"]

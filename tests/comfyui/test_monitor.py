@@ -64,9 +64,36 @@ def test_batch_scores_each_image_like_alone(unet):
         assert alone.trace.per_step()[:, 0] == pytest.approx(both[:, i].tolist(), rel=1e-3, abs=1e-6)
 
 
-def test_cfg1_says_unavailable_instead_of_scoring_zeros(unet):
-    base, session, events, inputs = setup(unet)
-    harness.sample(attach_monitor(base, session), *inputs, cfg=1.0, steps=STEPS)
+def counting_calls(base):
+    """The model's apply_model calls, counted per batch row."""
+    calls = []
+    apply_model = base.model.apply_model
+    base.model.apply_model = lambda x, t, **kw: calls.append(x.shape[0]) or apply_model(x, t, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("flow", [False, True])
+@pytest.mark.parametrize("window", [1, 2])
+def test_cfg1_scores_the_verdicts_steps_with_one_extra_model_call_each(unet, flow, window):
+    """At cfg 1 ComfyUI skips the negative prompt's pass; the Monitor runs it itself for the steps its verdict reads
+    and no others, and the image is the unmonitored one bit for bit."""
+    base, session, events, inputs = setup(unet, flow=flow, batch=2, window=window)
+    calls = counting_calls(base)
+    plain = harness.sample(base, *inputs, cfg=1.0, steps=STEPS)
+    plain_calls = sum(calls)
+    watched = harness.sample(attach_monitor(base, session), *inputs, cfg=1.0, steps=STEPS)
+    assert torch.equal(plain, watched)
+    assert sum(calls) - plain_calls == plain_calls + 2 * window  # one extra pass a scored step, per image
+    assert session.trace.unavailable is None and len(session.trace) == window
+    assert session.trace.per_step()[0] == pytest.approx(first_step_gap(base.model, *inputs).tolist(), rel=1e-4)
+    assert all(v.available for v in session.final_verdicts())
+    assert any("1 extra model call" in note for note in session.to_dict()["notes"])  # what the panel shows
+
+
+def test_cfg1_without_a_negative_says_unavailable_instead_of_scoring_zeros(unet):
+    base, session, events, (noise, positive, _) = setup(unet)
+    watched = harness.sample(attach_monitor(base, session), noise, positive, None, cfg=1.0, steps=STEPS)
+    assert torch.equal(watched, harness.sample(base, noise, positive, None, cfg=1.0, steps=STEPS))
     assert session.trace.unavailable == CFG1_MESSAGE
     assert not [e for e, _ in events if e == "step"]
     verdict = session.final_verdicts()[0]
