@@ -449,8 +449,8 @@ def panel_in_a_browser(base, name: str):
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{name} panel:", result["panel"])
-    assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "minimize"],
-                                  "value": "mask_padding"}
+    assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "remove_tokens",
+                                              "minimize"], "value": "mask_padding"}
     assert "Opposite guidance scale" in result["labels"] and "padding masked" in result["panel"]
     assert not result["errors"], result["errors"]
     assert shot.stat().st_size > 10000

@@ -208,6 +208,33 @@ def test_detect_streams_each_step_and_leaves_the_latent_bit_identical(comfy):
     assert saved_latent(output, "watched").equal(saved_latent(output, "plain"))
 
 
+def test_cfg1_scores_the_first_step_with_the_negative_pass_the_monitor_runs(comfy):
+    """At cfg 1 ComfyUI skips the negative prompt's pass: the Monitor runs it for step 1 only, its score equals the one
+    ComfyUI's own pass gives (force_uncond_at_cfg1), and the latent is the unmonitored one."""
+    client, output = comfy
+    watched = with_latent_saved(workflow(client, "detect"), "cfg1_watched")
+    watched["6"]["inputs"]["cfg"] = 1.0
+    events, history = client.run(watched)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    steps = [d for d in of_type(events, "memoguard.step") if d["node"] == "2"]
+    trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
+    print("cfg 1:", trace["summary"], trace["notes"])
+    assert [d["step"] for d in steps] == [0] and trace["label"] != "unavailable"
+    assert any("1 extra model call" in note for note in trace["notes"])
+    forced = workflow(client, "detect")
+    forced["6"]["inputs"]["cfg"] = 1.0
+    forced["2"]["inputs"]["force_uncond_at_cfg1"] = True
+    events, _ = client.run(forced)
+    reference = [d for d in of_type(events, "memoguard.step") if d["node"] == "2" and d["step"] == 0][0]["score"][0]
+    assert steps[0]["score"][0] == pytest.approx(reference, rel=1e-4)
+    plain = {k: v for k, v in watched.items() if k not in ("2", "9")}
+    plain["6"]["inputs"]["model"] = ["1", 0]
+    plain["90"]["inputs"]["filename_prefix"] = "cfg1_plain"
+    events, _ = client.run(plain)
+    assert not of_type(events, "execution_error")
+    assert saved_latent(output, "cfg1_watched").equal(saved_latent(output, "cfg1_plain"))
+
+
 def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
     client, _ = comfy
     scores = {}
