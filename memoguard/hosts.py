@@ -210,25 +210,35 @@ class WebUIPromptText:
             if self.word_count(text) != len(cond.word_groups(b)):
                 return ("the prompt's words do not map onto its tokens one to one (a textual-inversion embedding of "
                         "several vectors?)")
-        embedding, extra = self.encode(list(texts))
-        if embedding.shape != cond.embedding.shape or not _close(embedding, cond.embedding) or any(
-                k not in cond.extra or not _close(v, cond.extra[k]) for k, v in extra.items()):
+        distinct = list(dict.fromkeys(texts))  # as the sampler encoded them: each distinct prompt once, together
+        embedding, extra = self.encode(distinct)
+        row = [distinct.index(text) for text in texts]
+        if embedding.shape[1:] != cond.embedding.shape[1:] or not _close(embedding[row], cond.embedding) or any(
+                k not in cond.extra or not _close(v[row], cond.extra[k]) for k, v in extra.items()):
             return "the sampler's conditioning is not the prompt's text encoded again (an extension changed it?)"
         return None
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
-        """Denoiser.encode_without for cond.texts: one row per (row, positions to leave out), at cond's length."""
-        rows = [row for row, _ in edits]
-        texts = [self.without(cond.texts[row], {cond.words[row][i] for i in drop}) for row, drop in edits]
-        originals = list(dict.fromkeys(cond.texts[row] for row in rows))  # the host pads the rest to their chunks
-        embedding, extra = self.encode(originals + texts)
-        embedding = embedding[len(originals):]
-        if embedding.shape[1] != cond.embedding.shape[1]:
-            raise MemoGuardError(f"a prompt re-encoded without a word has {embedding.shape[1]} positions, not "
-                                 f"{cond.embedding.shape[1]}")
-        sub = cond.rows(rows)
-        sub.extra.update({k: v[len(originals):].to(sub.extra[k]) for k, v in extra.items()})
-        return sub.with_embedding(embedding.to(cond.embedding))
+        """Denoiser.encode_without for cond.texts: one row per (row, positions to leave out), at cond's length.
+        Each shorter prompt is encoded alone, as the WebUI encodes a prompt generated alone: its emphasis rescales
+        by the mean over the prompts encoded together. One that lost a 77-token chunk is padded with the empty
+        prompt's chunk, as the WebUI pads the shorter prompts of a batch."""
+        length = cond.embedding.shape[1]
+        embeddings, extras, empty = [], [], None
+        for row, drop in edits:
+            embedding, extra = self.encode([self.without(cond.texts[row], {cond.words[row][i] for i in drop})])
+            if embedding.shape[1] < length:
+                empty = self.encode([""])[0] if empty is None else empty
+                embedding = torch.cat([embedding, empty.repeat(1, -(-(length - embedding.shape[1]) // empty.shape[1]),
+                                                               1)], 1)[:, :length]
+            if embedding.shape[1] != length:
+                raise MemoGuardError(f"a prompt re-encoded without a word has {embedding.shape[1]} positions, not "
+                                     f"{length}")
+            embeddings.append(embedding)
+            extras.append(extra)
+        sub = cond.rows([row for row, _ in edits])
+        sub.extra.update({k: torch.cat([e[k] for e in extras]).to(sub.extra[k]) for k in extras[0]})
+        return sub.with_embedding(torch.cat(embeddings).to(cond.embedding))
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -44,8 +44,10 @@ class ChunkingTokenizer:
         return chunks, count
 
     def encode(self, text_encoder, prompts):
-        """(B, 77 * chunks, C): each chunk encoded on its own and scaled by its multipliers, shorter prompts padded
-        with empty chunks; and the first chunk's pooled output (B, C)."""
+        """(B, 77 * chunks, C): each chunk encoded on its own, shorter prompts padded with empty chunks; each chunk
+        position of the batch scaled by its multipliers, then back to the batch's mean before scaling (the WebUI's
+        "Original" emphasis: a prompt's encoding depends on the prompts encoded with it); and the first chunk's
+        pooled output (B, C)."""
         chunks = [self.tokenize_line(prompt)[0] for prompt in prompts]
         count = max(len(c) for c in chunks)
         empty = self.tokenize_line("")[0]
@@ -53,9 +55,12 @@ class ChunkingTokenizer:
         ids = torch.tensor([[chunk.tokens for chunk in row] for row in rows])
         multipliers = torch.tensor([[chunk.multipliers for chunk in row] for row in rows])
         out = text_encoder(ids.flatten(0, 1))
-        hidden = out.last_hidden_state.reshape(len(prompts), count * (self.chunk_length + 2), -1)
+        hidden = out.last_hidden_state.reshape(len(prompts), count, self.chunk_length + 2, -1)
+        scaled = hidden * multipliers.unsqueeze(-1).to(hidden)
+        means = lambda z: z.mean(dim=(0, 2, 3), keepdim=True)  # per chunk, over the batch
+        scaled = scaled * (means(hidden) / means(scaled))
         pooled = out.pooler_output.reshape(len(prompts), count, -1)[:, 0]
-        return hidden * multipliers.reshape(len(prompts), -1, 1).to(hidden), pooled
+        return scaled.reshape(len(prompts), count * (self.chunk_length + 2), -1), pooled
 
 
 model_hijack = SimpleNamespace(clip=None)
