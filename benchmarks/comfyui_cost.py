@@ -13,12 +13,11 @@ lighthouse poster" (6 words). Timed side by side in one process, medians of --re
 Prints seconds and ratios.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from comfyui_host import load_comfy
+from side_by_side import interleaved_medians, print_ratios
 
 PROMPT = "a purple ring, lighthouse poster"
 
@@ -61,23 +60,11 @@ def main():
             runs[f"mitigation {strategy}"] = lambda m=patched: generate(m, sourced)
         runs["explanation (Token Contributions)"] = lambda: tokens.execute(
             model, clip, PROMPT, {"samples": latent}, 0, args.steps, 1, 7.5, "normal", 1, calibration="none").result
-        for run in runs.values():  # warm-up: weights loaded, memory allocated
-            run()
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-    plain = statistics.median(times["plain"])
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        medians = interleaved_medians(runs, args.repeats, sync)
     print(f"{args.checkpoint}: {args.size}x{args.size}, {args.steps} Euler steps, cfg 7.5, one image, "
           f"{args.repeats} repeats; device {'cuda' if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'run':<36} {'median s':>9} {'/ plain':>8}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<36} {median:>9.3f} {median / plain:>8.3f}")
+    print_ratios(medians, 36)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ decoding and the PNG, as a user waits for it):
 Prints seconds and ratios.
 """
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from side_by_side import interleaved_medians, print_ratios
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "a1111"))
 from real_host import launch_flags, running_webui, txt2img  # noqa: E402
@@ -48,21 +48,11 @@ def main():
     runs["explanation (leave-one-out, 1 step)"] = MONITOR[:4] + [True] + MONITOR[5:]
     with tempfile.TemporaryDirectory() as data, \
             running_webui(args.root, python, launch_flags(args.host, args.checkpoint), Path(data)) as base:
-        for script_args in runs.values():  # warm-up: weights loaded, memory allocated
-            txt2img(base, "Euler", script_args, **settings)
-        times = {name: [] for name in runs}
-        for _ in range(args.repeats):
-            for name, script_args in runs.items():
-                start = time.perf_counter()
-                txt2img(base, "Euler", script_args, **settings)
-                times[name].append(time.perf_counter() - start)
-    plain = statistics.median(times["plain"])
+        medians = interleaved_medians({name: (lambda a=script_args: txt2img(base, "Euler", a, **settings))
+                                       for name, script_args in runs.items()}, args.repeats)
     print(f"{args.host} {args.root}, {args.checkpoint}: {args.size}x{args.size}, {args.steps} Euler steps, cfg 7.5, "
           f"one image, {args.repeats} repeats; CPU")
-    print(f"{'run':<40} {'median s':>9} {'/ plain':>8}")
-    for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<40} {median:>9.3f} {median / plain:>8.3f}")
+    print_ratios(medians)
 
 
 if __name__ == "__main__":

@@ -451,7 +451,7 @@ def panel_in_a_browser(base, name: str):
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{name} panel:", result["panel"])
     assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "remove_tokens",
-                                              "minimize"], "value": "mask_padding"}
+                                              "minimize"], "value": "mask_padding"}, result["strategy"]
     assert "Opposite guidance scale" in result["labels"] and "padding masked" in result["panel"]
     assert not result["errors"], result["errors"]
     assert shot.stat().st_size > 10000

@@ -160,6 +160,17 @@ def with_latent_saved(prompt: dict, prefix: str) -> dict:
     return prompt
 
 
+def assert_latent_is_the_unmonitored_one(client, output, watched: dict) -> None:
+    """`watched` (with_latent_saved, already run) again without the Monitor (2) and Score (9): the same latent."""
+    prefix = watched["90"]["inputs"]["filename_prefix"]
+    plain = {k: copy.deepcopy(v) for k, v in watched.items() if k not in ("2", "9")}
+    plain["6"]["inputs"]["model"] = ["1", 0]
+    plain["90"]["inputs"]["filename_prefix"] = f"unmonitored_{prefix}"  # a prefix the watched one's glob misses
+    events, _ = client.run(plain)
+    assert not of_type(events, "execution_error")
+    assert saved_latent(output, prefix).equal(saved_latent(output, f"unmonitored_{prefix}"))
+
+
 def test_node_pack_registers_every_node_with_tooltips(comfy):
     client, _ = comfy
     for node in ("MemoGuardMemorizationMonitor", "MemoGuardMemorizationScore", "MemoGuardEmbeddingMinimization",
@@ -200,12 +211,7 @@ def test_detect_streams_each_step_and_leaves_the_latent_bit_identical(comfy):
     trace = json.loads(history["outputs"]["9"]["memoguard_trace"][0])
     assert len(trace["trace"]["rms"][0]) == len(steps) and trace["trace"]["rms"][0][0] == pytest.approx(steps[0]["score"][0])
 
-    plain = {k: v for k, v in watched.items() if k not in ("2", "9")}
-    plain["6"]["inputs"]["model"] = ["1", 0]
-    plain["90"]["inputs"]["filename_prefix"] = "plain"
-    events, _ = client.run(plain)
-    assert not of_type(events, "execution_error")
-    assert saved_latent(output, "watched").equal(saved_latent(output, "plain"))
+    assert_latent_is_the_unmonitored_one(client, output, watched)
 
 
 def test_cfg1_scores_the_first_step_with_the_negative_pass_the_monitor_runs(comfy):
@@ -227,12 +233,7 @@ def test_cfg1_scores_the_first_step_with_the_negative_pass_the_monitor_runs(comf
     events, _ = client.run(forced)
     reference = [d for d in of_type(events, "memoguard.step") if d["node"] == "2" and d["step"] == 0][0]["score"][0]
     assert steps[0]["score"][0] == pytest.approx(reference, rel=1e-4)
-    plain = {k: v for k, v in watched.items() if k not in ("2", "9")}
-    plain["6"]["inputs"]["model"] = ["1", 0]
-    plain["90"]["inputs"]["filename_prefix"] = "cfg1_plain"
-    events, _ = client.run(plain)
-    assert not of_type(events, "execution_error")
-    assert saved_latent(output, "cfg1_watched").equal(saved_latent(output, "cfg1_plain"))
+    assert_latent_is_the_unmonitored_one(client, output, watched)
 
 
 def test_memorized_prompt_scores_above_an_ordinary_one(comfy):
