@@ -34,7 +34,8 @@ CONTROLS = (
     ("fpr", "Slider", "False-positive rate", 0.01, "Share of benign prompts the calibrated threshold may flag",
      dict(minimum=0.001, maximum=0.2, step=0.001)),
     ("explain", "Checkbox", "Explain tokens", False,
-     "Colour each prompt token by how much it drives the gap (one backward pass per explained step)", {}),
+     "Colour each word of the prompt by how much it drives the gap (by default: the prompt encoded again without "
+     "each word, one model call a word per explained step)", {}),
     ("explain_steps", "Slider", "Explanation steps", 1, "Average token contributions over the first N sampling steps",
      dict(minimum=1, maximum=10, step=1)),
     ("mitigation", "Radio", "Mitigation", "off",
