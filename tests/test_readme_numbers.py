@@ -94,6 +94,8 @@ CLAIMS = [
         "memoguard.explain", fromlist=["x"]).LEAVE_ONE_OUT_MAX_WORDS == 12),
     ("(one extra model call an image with\nwindow 1;", lambda: "step_index(schedule, sigma, self._calls) >= "
      "self.settings.window" in (ROOT / "nodes/monitor_hook.py").read_text()),
+    ("(one extra model call an image with window 1,\nsaid in", lambda: "self._pending.step < self.settings.window"
+     in (ROOT / "a1111_extension/memoguard_a1111/monitor.py").read_text()),
     ("Every host scores each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4
      and "seeds=range(seed, seed + CALIBRATION_SEEDS)" in (ROOT / "nodes/calibration_run.py").read_text()
      and "seeds=range(CALIBRATION_SEEDS)" in (ROOT / "a1111_extension/memoguard_a1111/calibrate.py").read_text()),

@@ -1,4 +1,5 @@
-"""Forge glue: the post-CFG patch that scores, and Forge's UNet as a `memoguard.DiffusionModel`.
+"""Forge glue: the post-CFG patch that scores, Forge's UNet as a `memoguard.DiffusionModel`, the negative prompt's
+pass MemoGuard runs itself at CFG scale 1, and Forge's prompt encoding for re-encoding.
 
 Forge fires on_cfg_denoiser but never on_cfg_denoised; its sampling function (ComfyUI-like)
 runs the functions in `forge_objects.unet.model_options["sampler_post_cfg_function"]` with
@@ -124,6 +125,24 @@ def prompt_encodings(p, params, layout, iteration: int, copy):
     tokens, prompt_mask, words, texts = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
     cond = replace(chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), texts=texts)
     return cond, empty_encoding(uncond_emb, uncond_extra), x[image_of_row]
+
+
+def negative_prediction(p, params, unet) -> torch.Tensor:
+    """At CFG scale 1 Forge neither encodes the negative prompts nor runs their pass: both, for this step's x (one
+    row per image), through Forge's own get_learned_conditioning and KModel, as ForgeModel calls it (ControlNet and
+    model_options patches not applied). The UNet is loaded back after the text encoder."""
+    from backend import memory_management
+    from modules import prompt_parser
+    x = params.x
+    negatives = list(getattr(p, "negative_prompts", None) or [p.negative_prompt] * x.shape[0])
+    sd_model = params.denoiser.inner_model.inner_model
+    cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(negatives, is_negative_prompt=True,
+                                                                          width=p.width, height=p.height))
+    memory_management.load_model_gpu(unet)
+    extra = _model_extras(params, unet, list(range(x.shape[0])), x)
+    if isinstance(cond, dict):
+        extra["y"] = cond["vector"]
+    return unet.model.apply_model(x, params.sigma, c_crossattn=cond_embedding(cond), transformer_options={}, **extra)
 
 
 def forge_prompt_text(p, denoiser, unet, copy) -> WebUIPromptText:

@@ -36,8 +36,10 @@ from .model_identity import model_key
 # and puts copies of the cond rows where the uncond rows belong.
 SKIPPED_UNCOND_KEYS = ("NGMS", "Skip Early CFG")
 
-FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, so there is no gap to measure; "
-                     "use a CFG scale other than 1 to score")
+FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, and MemoGuard's own pass failed (see "
+                     "MemoGuard error); use a CFG scale other than 1 to score")
+FORGE_CFG1_NOTE = ("CFG scale 1: MemoGuard ran the negative prompt's pass itself at the scored steps (1 extra model "
+                   "call each)")
 
 
 @dataclass
@@ -413,6 +415,10 @@ class RunMonitor:
         return calibration.check(self.prediction(), self.first_level(result), result.latent,
                                  window=self.settings.window)
 
+    def scoring_notes(self) -> List[str]:
+        """How MemoGuard got the score beyond the sampler's own passes (infotext and panel)."""
+        return []
+
     def uncalibrated_hint(self) -> str:
         problem = f"{self.calibration_problem}; " if self.calibration_problem else ""
         which = f" ({self.model_key})" if self.model_key else ""
@@ -457,6 +463,8 @@ class ForgeRunMonitor(RunMonitor):
         super().__init__(p, settings, shared_state)
         self.post_cfg = self._post_cfg_hook()
         self._flow = False
+        self._own_uncond: Optional[torch.Tensor] = None  # CFG 1: the negative prompt's prediction MemoGuard ran
+        self.cfg1_scored = False
 
     def _post_cfg_hook(self):
         # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
@@ -480,17 +488,32 @@ class ForgeRunMonitor(RunMonitor):
 
     def _before(self, params) -> None:
         super()._before(params)
+        self._own_uncond = None
         if self._pending is not None:
-            self._flow = forge.is_rectified_flow(forge.forge_unet(params.denoiser).model)
+            unet = forge.forge_unet(params.denoiser)
+            self._flow = forge.is_rectified_flow(unet.model)
             forge.install_post_cfg(params.denoiser, self.post_cfg)
+            if params.text_uncond is None and self._pending.step < self.settings.window:
+                self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params, unet)
+
+    def _negative_pass(self, params, unet) -> None:
+        self._own_uncond = forge.negative_prediction(self.p, params, unet)
+
+    def scoring_notes(self) -> List[str]:
+        return [FORGE_CFG1_NOTE] if self.cfg1_scored else []
 
     def _family(self, denoiser) -> str:
         return "forge"  # every Forge sampler calls the model in k-diffusion form (DDIM's timesteps become sigmas)
 
     def _after_post_cfg(self, args: dict, pending: Pending) -> None:
         cfg_one = math.isclose(float(self.p.cfg_scale), 1.0)
-        if (cfg_one or any(k in self.p.extra_generation_params for k in SKIPPED_UNCOND_KEYS)) \
-                and uncond_is_missing(args["uncond_denoised"]):  # Forge hands over zeros for a skipped pass
+        own, self._own_uncond = self._own_uncond, None
+        skipped = (cfg_one or any(k in self.p.extra_generation_params for k in SKIPPED_UNCOND_KEYS)) \
+            and uncond_is_missing(args["uncond_denoised"])  # Forge hands over zeros for a skipped pass
+        if skipped and own is not None:
+            self._record(pending, forge.guided_difference({**args, "uncond_denoised": own}))
+            self.cfg1_scored = True
+        elif skipped:
             self._skip(pending, FORGE_CFG1_REASON if cfg_one else self._skipped_keys_reason(pending))
         else:
             self._record(pending, forge.guided_difference(args))

@@ -264,7 +264,7 @@ class MemoGuardBase(scripts.Script):
 
         def notes(**kw):
             v = verdict(kw)
-            return "; ".join(v.notes) or None
+            return "; ".join(v.notes + monitor.scoring_notes()) or None
 
         def errors(**_):
             return "; ".join(monitor.errors + ([monitor.calibration_problem] if monitor.calibration_problem else [])) \
@@ -342,6 +342,7 @@ class MemoGuardBase(scripts.Script):
             yield f"MemoGuard: {monitor.calibration_problem}"
         if monitor.hires_seen:
             yield "MemoGuard scores the first pass only; the hires-fix pass is not scored."
+        yield from (f"MemoGuard: {note}" for note in monitor.scoring_notes())
 
 
 class MemoGuardScript(MemoGuardBase):

@@ -67,7 +67,33 @@ def test_forge_mitigation_lowers_the_gap_and_the_sampler_uses_it(forge):
     assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)
 
 
-def test_forge_cfg_1_is_unavailable_not_zero(forge):
+@pytest.mark.parametrize("window", [1, 2])
+def test_forge_cfg_1_scores_the_verdicts_steps_with_the_negative_pass_memoguard_runs(forge, tiny_model, window):
+    """At CFG scale 1 Forge neither encodes the negative prompt nor runs its pass: MemoGuard does both for the steps
+    its verdict reads, the score is the core's first-step gap against the negative, the image is untouched."""
+    kmodel = forge.forge_objects.unet.model
+    plain = processing.process_images(make_p(forge, cfg_scale=1.0, batch_size=2, negative_prompt="blurry"))
+    calls = []
+    apply_model = kmodel.apply_model
+    kmodel.apply_model = lambda x, t, **kw: calls.append(x.shape[0]) or apply_model(x, t, **kw)
+    p = make_p(forge, cfg_scale=1.0, batch_size=2, negative_prompt="blurry", sampler_name="Euler")
+    monitor, processed = run(p, window=window)
+    assert torch.equal(plain.images[0], processed.images[0]) and torch.equal(plain.images[1], processed.images[1])
+    assert sum(calls) == 2 * p.steps + 2 * window  # the sampler's cond passes + one negative pass a scored step
+    x, t = kdiffusion_start(forge, p)
+    expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t, negative="blurry"))
+    trace = monitor.results[0].trace
+    assert len(trace) == window and monitor.results[0].skipped_steps == list(range(window, p.steps))
+    torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
+    fields = infotext_fields(processed.infotexts[0])
+    assert fields["MemoGuard verdict"] != "unavailable" and "1 extra model call" in fields["MemoGuard note"]
+    assert not monitor.errors
+
+
+def test_forge_cfg_1_is_unavailable_not_zero_when_memoguards_pass_fails(forge, monkeypatch):
+    def fails(*args):
+        raise RuntimeError("no text encoder")
+    monkeypatch.setattr(forge_module, "negative_prediction", fails)
     plain = processing.process_images(make_p(forge, cfg_scale=1.0))
     monitor, processed = run(make_p(forge, cfg_scale=1.0), explain=True)
     assert "explanation and mitigation need a CFG scale other than 1" in processed.comments
@@ -75,6 +101,7 @@ def test_forge_cfg_1_is_unavailable_not_zero(forge):
     assert not verdict.available and "CFG scale 1" in verdict.reason
     fields = infotext_fields(processed.infotexts[0])
     assert fields["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in fields
+    assert "no text encoder" in fields["MemoGuard error"]
     assert monitor.results[0].skipped_steps == [0, 1, 2]
     assert torch.equal(plain.images[0], processed.images[0])
 
