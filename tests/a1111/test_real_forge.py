@@ -60,9 +60,17 @@ def test_forge_token_removal_samples_the_prompt_without_its_words(forge):
     real_checks.token_removal_samples_the_prompt_without_its_words(forge)
 
 
-def test_forge_cfg_1_is_unavailable(forge):
-    got = fields(txt2img(forge, "Euler", MONITOR_ONLY, cfg_scale=1))
-    assert got["MemoGuard verdict"] == "unavailable" and "MemoGuard score" not in got
+def test_forge_cfg_1_is_scored_with_the_negative_pass_memoguard_runs(forge):
+    """The first step's x does not depend on the CFG scale, nor does its gap: at CFG 1, where Forge runs no negative
+    pass, MemoGuard's own pass gives the score Forge's own passes give at CFG 7; the image is Forge's."""
+    plain = txt2img(forge, "Euler", cfg_scale=1, negative_prompt="blurry")
+    watched = txt2img(forge, "Euler", MONITOR_ONLY, cfg_scale=1, negative_prompt="blurry")
+    got = fields(watched)
+    print("Forge at CFG 1:", got)
+    assert "1 extra model call" in got["MemoGuard note"] and "MemoGuard error" not in got
+    at_cfg7 = fields(txt2img(forge, "Euler", MONITOR_ONLY, negative_prompt="blurry"))["MemoGuard score"]
+    assert abs(float(got["MemoGuard score"]) - float(at_cfg7)) <= 1e-4
+    assert pixels(plain["images"][0]) == pixels(watched["images"][0])
 
 
 def test_forge_timestep_sampler_is_scored(forge):
