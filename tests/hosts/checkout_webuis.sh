@@ -9,7 +9,9 @@
 # github:avilaops/stable-diffusion-webui, github:lllyasviel/stable-diffusion-webui-forge,
 # github:Stability-AI/stablediffusion, github:Stability-AI/generative-models, github:crowsonkb/k-diffusion,
 # github:AUTOMATIC1111/stable-diffusion-webui-assets, github:lllyasviel/huggingface_guess leaves in
-# /work/.mirror). Writes DEST_ROOT/a1111 and DEST_ROOT/forge (existing ones are left alone).
+# /work/.mirror; github:exo101/sd-webui-forge-neo-v3 for Forge Neo 2.26, a repackaging of
+# Haoming02/sd-webui-forge-classic's neo branch). Writes DEST_ROOT/a1111, DEST_ROOT/forge and DEST_ROOT/forge-neo
+# (existing ones are left alone; Forge Neo only where its mirror is there).
 # Override the mirror dir names with A1111_MIRROR=..., FORGE_MIRROR=..., etc.
 set -euo pipefail
 MIRRORS=${1:?MIRROR_ROOT}; DEST=${2:?DEST_ROOT}
@@ -22,6 +24,8 @@ ASSETS_MIRROR=${ASSETS_MIRROR:-$MIRRORS/AUTOMATIC1111+stable-diffusion-webui-ass
 HFG_MIRROR=${HFG_MIRROR:-$MIRRORS/lllyasviel+huggingface_guess/repo}
 A1111_COMMIT=${A1111_COMMIT:-82a973c04367123ae98bd9abdf80d9eda9b910e2}   # v1.10.1
 FORGE_COMMIT=${FORGE_COMMIT:-dfdcbab685e57677014f05a3309b48cc87383167}   # "Fix SD upscale Batch count (#2950)"
+NEO_MIRROR=${NEO_MIRROR:-$MIRRORS/exo101+sd-webui-forge-neo-v3/repo}
+NEO_COMMIT=${NEO_COMMIT:-5692d2d1e6c293faf5486f7cb18c27c9a3faa758}      # Forge Neo 2.26
 
 # A git work tree (local clone sharing the mirror's objects) so the WebUIs' own `git describe` works.
 worktree() {  # mirror commit dest
@@ -55,3 +59,15 @@ worktree "$FORGE_MIRROR" "$FORGE_COMMIT" "$DEST/forge"
 R=$DEST/forge/repositories
 pinned "$DEST/forge" HUGGINGFACE_GUESS_HASH "$HFG_MIRROR" "$R/huggingface_guess"
 pinned "$DEST/forge" ASSETS_COMMIT_HASH "$ASSETS_MIRROR" "$R/stable-diffusion-webui-assets"
+
+# Forge Neo: the WebUI is the snapshot's webui/ folder; its webui/extensions (about 30 bundled third-party plugins,
+# some of their files missing from the snapshot, which makes a whole checkout abort) is left out: a clean host.
+if [ -d "$NEO_MIRROR" ] && [ ! -e "$DEST/forge-neo" ]; then
+  mkdir -p "$DEST/forge-neo"
+  index=$(mktemp -u)
+  GIT_INDEX_FILE=$index git --git-dir="$NEO_MIRROR" --work-tree="$DEST/forge-neo" checkout -q "$NEO_COMMIT" -- \
+    $(git --git-dir="$NEO_MIRROR" ls-tree --name-only "$NEO_COMMIT" webui/ | grep -vx webui/extensions)
+  rm -f "$index"
+  mkdir -p "$DEST/forge-neo/webui/extensions"
+  echo "$DEST/forge-neo/webui at ${NEO_COMMIT:0:8}"
+fi
