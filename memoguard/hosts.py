@@ -28,10 +28,10 @@ from .score import coefficients_vp, eps_difference
 # prompt's embedding at the first step (padding masking and token removal need the prompt's tokens or text)
 HOST_STRATEGIES = ("guidance_delay", "opposite_guidance", "minimize", "mask_padding", "remove_tokens")
 
-__all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow", "coefficients_vp",
-           "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference", "combine_rows",
-           "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding", "WebUIPromptText", "HostSettings", "failure_message",
-           "release_memory", "is_out_of_memory", "Interrupted"]
+__all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow",
+           "coefficients_vp", "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference",
+           "combine_rows", "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding",
+           "WebUIPromptText", "HostSettings", "failure_message", "release_memory", "is_out_of_memory", "Interrupted"]
 
 
 # -- schedules ------------------------------------------------------------------------------------
