@@ -5,7 +5,7 @@ weights into the UNet lazily, in the first forward of a generation, and Forge pa
 when it loads the UNet for sampling; so the key is taken after the first model call of a run
 (or of a calibration). Fingerprinting reads a few hundred values per tensor (milliseconds); the
 result is cached per denoiser module and "what could have changed its weights" (checkpoint, the
-networks A1111 has loaded, the LoRA patches on Forge's UNet), so a run's per-step cost is nil.
+networks A1111 has loaded, the LoRA patches on Forge's and Forge Neo's UNet), so a run's per-step cost is nil.
 """
 import sys
 
@@ -28,7 +28,8 @@ def _signature(sd_model, unet_patcher=None):
     loaded = tuple((str(getattr(n, "name", n)), getattr(n, "te_multiplier", None), getattr(n, "unet_multiplier", None),
                     getattr(n, "dyn_dim", None)) for n in (getattr(networks, "loaded_networks", None) or ()))
     patches = tuple(sorted(repr(k) for k in (getattr(unet_patcher, "lora_patches", None) or {})))
-    return checkpoint, loaded, patches
+    # Forge Neo keeps LoRA weights in `patches`, renamed by a new patches_uuid whenever they change
+    return checkpoint, loaded, patches, str(getattr(unet_patcher, "patches_uuid", ""))
 
 
 def model_key(sd_model, unet_patcher=None) -> str:

@@ -37,7 +37,8 @@ from .model_identity import model_key
 SKIPPED_UNCOND_KEYS = ("NGMS", "Skip Early CFG")
 
 FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, and MemoGuard's own pass failed (see "
-                     "MemoGuard error); use a CFG scale other than 1 to score")
+                     "MemoGuard error) or does not serve this model yet (flow models: Flux, Chroma, Qwen-Image); use a "
+                     "CFG scale other than 1 to score")
 FORGE_CFG1_NOTE = ("CFG scale 1: MemoGuard ran the negative prompt's pass itself at the scored steps (1 extra model "
                    "call each)")
 
@@ -493,7 +494,7 @@ class ForgeRunMonitor(RunMonitor):
             unet = forge.forge_unet(params.denoiser)
             self._flow = forge.is_rectified_flow(unet.model)
             forge.install_post_cfg(params.denoiser, self.post_cfg)
-            if params.text_uncond is None and self._pending.step < self.settings.window:
+            if params.text_uncond is None and self._pending.step < self.settings.window and not self._flow:
                 self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params, unet)
 
     def _negative_pass(self, params, unet) -> None:

@@ -135,12 +135,14 @@ def call(url, payload=None, timeout=1200, auth=None):
 
 
 @contextmanager
-def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bool = True):
+def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bool = True, select=None):
     """Start `launch.py` with the extension and the probe in data/extensions; yield the base URL; stop it.
 
     api_only: `--nowebui` (the API alone); else the UI, with the API only if `flags` hold --api. Ready once the
     probe's route answers (extensions' app_started callbacks have run). The server's output goes to
-    data/webui.log (see `errors_logged`).
+    data/webui.log (see `errors_logged`); its stdin is closed (a WebUI that asks a question fails instead of
+    waiting). select: a checkpoint file to load through the options route once ready (Forge Neo loads none by
+    itself).
     """
     (data / "extensions").mkdir()
     (data / "extensions" / "memoguard").symlink_to(REPO, target_is_directory=True)
@@ -155,7 +157,8 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
     ui = [] if api_only else ["--gradio-allowed-path", str(root)]
     server = subprocess.Popen([python, "launch.py", *flags, *(["--nowebui"] if api_only else ui), "--server-name",
                                "127.0.0.1", "--port", str(port), "--data-dir", str(data)],
-                              cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     LOGS[base] = data / "webui.log"
     deadline = time.time() + STARTUP_TIMEOUT_S
@@ -170,6 +173,8 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
                 if time.time() > deadline:
                     pytest.fail(f"the WebUI did not answer within {STARTUP_TIMEOUT_S} s; see {data / 'webui.log'}")
                 time.sleep(5)
+        if select is not None:
+            call(base + "/sdapi/v1/options", {"sd_model_checkpoint": Path(select).name})
         yield base
     finally:
         if server.poll() is None:  # one that exited at start-up has said why in its log
@@ -210,7 +215,11 @@ MONITOR_ONLY = [1, 0, "", 0.01, False, 1, "off", 0, 0.05, 10]
 
 
 def launch_flags(host: str, ckpt, api_only: bool = True) -> list:
-    """launch.py's flags for a headless CPU run of `host` ("a1111" or "forge") with checkpoint `ckpt`."""
+    """launch.py's flags for a headless CPU run of `host` ("a1111", "forge" or "forge-neo") with checkpoint `ckpt`.
+    Forge Neo has no --ckpt (argparse would take it for --ckpt-dirs): its folder is listed and running_webui picks
+    the checkpoint through the options route."""
+    if host == "forge-neo":
+        return ["--skip-prepare-environment", "--skip-version-check", "--cpu", "--ckpt-dirs", str(Path(ckpt).parent)]
     if host == "forge":
         return ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--always-cpu",
                 "--no-half", "--ckpt", str(ckpt)]

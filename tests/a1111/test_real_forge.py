@@ -16,6 +16,7 @@ from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fie
                        pixels, running_webui, txt2img, webui_log)
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
+FORGE_KIND = os.environ.get("FORGE_KIND", "forge")  # or "forge-neo" (tests/hosts/run_forge_neo_real.sh)
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
 # Forge's API leaves hr_additional_modules None and its hires sampling then fails on `in None` (script on or off)
 FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
@@ -25,9 +26,10 @@ FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
 def running_forge(tmp_path_factory, extra_flags=(), api_only=True):
     root = Path(FORGE_DIR)
     python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
-    flags = [*launch_flags("forge", checkpoint(root, "FORGE_CKPT")), *extra_flags]
+    ckpt = checkpoint(root, "FORGE_CKPT")
+    flags = [*launch_flags(FORGE_KIND, ckpt), *extra_flags]
     data = tmp_path_factory.mktemp("forge-data")
-    with running_webui(root, python, flags, data, api_only) as base:
+    with running_webui(root, python, flags, data, api_only, select=ckpt if FORGE_KIND == "forge-neo" else None) as base:
         yield base
         assert not errors_logged(data)
 
