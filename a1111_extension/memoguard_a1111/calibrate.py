@@ -24,7 +24,7 @@ from memoguard.calibration import CALIBRATION_SEEDS, CalibrationError, Calibrati
 from memoguard.calibration_lookup import NO_FILE, CalibrationLookup, file_choices
 from memoguard.measure import calibrate
 
-from .forge import is_forge
+from .forge import host_name, is_forge
 from .model_identity import checkpoint_name, denoiser_module, model_key
 
 STORE_SUBFOLDER = "memoguard"
@@ -328,7 +328,7 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
             show("MemoGuard calibration: preparing")
             _first_forward(model, shape)  # weights final (lazy LoRA merge, Forge's load) before the key is taken
             key = model_key(sd_model)
-            conditions = {"host": "forge" if is_forge() else "a1111", "prediction": model.prediction,
+            conditions = {"host": host_name(), "prediction": model.prediction,
                           "sampler": "Euler", "scheduler": "Automatic", "steps": s["steps"],
                           "width": s["width"], "height": s["height"], "checkpoint": checkpoint_name(sd_model)}
             done = {}

@@ -27,6 +27,18 @@ def is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
+def host_name() -> str:
+    """a1111 | forge | forge-neo, as calibrations record the host (Forge Neo's modules_forge.forge_version says
+    "neo")."""
+    if not is_forge():
+        return "a1111"
+    try:
+        from modules_forge import forge_version
+    except ImportError:
+        return "forge"
+    return "forge-neo" if getattr(forge_version, "version", "") == "neo" else "forge"
+
+
 def forge_objects(denoiser):
     """The ForgeObjects Forge's sampling function reads its UnetPatcher from (the sampler's shared.sd_model)."""
     return denoiser.inner_model.inner_model.forge_objects

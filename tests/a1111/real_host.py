@@ -173,7 +173,7 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
                 if time.time() > deadline:
                     pytest.fail(f"the WebUI did not answer within {STARTUP_TIMEOUT_S} s; see {data / 'webui.log'}")
                 time.sleep(5)
-        if select is not None:
+        if select is not None and api_only:  # the UI alone has no API: its checkpoint dropdown chooses there
             call(base + "/sdapi/v1/options", {"sd_model_checkpoint": Path(select).name})
         yield base
     finally:

@@ -133,7 +133,7 @@ def test_forge_progress_text_is_cleared_after_the_job(forge):
 
 @pytest.fixture(scope="module")
 def calibrated(forge):
-    return real_checks.calibrate_and_judge(forge, "forge")
+    return real_checks.calibrate_and_judge(forge, FORGE_KIND)
 
 
 def test_forge_calibrate_through_the_api_then_the_verdict_uses_it(calibrated):
@@ -166,7 +166,7 @@ def test_calibration_route_sits_behind_api_auth_and_its_limits(tmp_path_factory)
 def test_the_ui_alone_has_no_calibration_route_and_shows_the_panel_in_a_browser(tmp_path_factory):
     with running_forge(tmp_path_factory, api_only=False) as base:
         real_checks.route_is_absent_without_api(base, webui_log(base))
-        real_checks.panel_in_a_browser(base, "forge")
+        real_checks.panel_in_a_browser(base, FORGE_KIND)
 
 
 def test_four_api_clients_at_once_each_get_their_own_record(forge):
