@@ -1,6 +1,7 @@
 // Drives the WebUI's own page (A1111 or Forge) in Chromium as a user would: txt2img at 64x64, 3 Euler steps, the
-// prompt given, the MemoGuard accordion opened and enabled with Mitigation "always" (strategy left at its default),
-// Generate clicked; waits for MemoGuard's panel under the image, then screenshots the accordion and the panel.
+// prompt given, the MemoGuard accordion opened and enabled with Explain tokens and Mitigation "always" (strategy and
+// explanation method left at their defaults), Generate clicked; waits for MemoGuard's panel under the image, then
+// screenshots the accordion and the panel.
 // Usage: node browser_check_webui.mjs URL PROMPT SCREENSHOT.png
 // Prints one JSON line: the strategy radio's choices and value, the controls' labels, the panel's text, the page
 // errors that name MemoGuard.
@@ -31,6 +32,7 @@ try {
   await accordion.scrollIntoViewIfNeeded();
   await accordion.locator(".label-wrap").first().click();
   await page.locator(`#${P}_enabled_txt2img input[type=checkbox]`).check();
+  await page.locator(`#${P}_explain_txt2img input[type=checkbox]`).check();
   await page.locator(`#${P}_mitigation_txt2img label`, { hasText: "always" }).click();
   const strategy = await page.locator(`#${P}_strategy_txt2img`).evaluate((el) => ({
     choices: [...el.querySelectorAll("label")].map((l) => l.textContent.trim()),

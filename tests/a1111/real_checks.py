@@ -437,9 +437,10 @@ ARTIFACTS = Path(os.environ.get("MEMOGUARD_TEST_ARTIFACTS", Path(tempfile.gettem
 
 
 def panel_in_a_browser(base, name: str):
-    """The WebUI's own page in Chromium (browser_check_webui.mjs): the accordion enabled, Mitigation "always" with
-    the default strategy, Generate clicked; the panel under the image shows the padding masking; screenshots of
-    the accordion and the panel land in ARTIFACTS for a person to look at."""
+    """The WebUI's own page in Chromium (browser_check_webui.mjs): the accordion enabled, Explain tokens on and
+    Mitigation "always" with the defaults, Generate clicked; the panel under the image shows the words by
+    leave-one-out and the padding masking; screenshots of the accordion and the panel land in ARTIFACTS for a
+    person to look at."""
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(chromium).exists():
         pytest.skip("needs node, NODE_PATH with playwright-core and Chromium (tests/hosts/setup_browser.sh)")
@@ -453,5 +454,6 @@ def panel_in_a_browser(base, name: str):
     assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "remove_tokens",
                                               "minimize"], "value": "mask_padding"}, result["strategy"]
     assert "Opposite guidance scale" in result["labels"] and "padding masked" in result["panel"]
+    assert "tokens: leave-one-out" in result["panel"]  # the default explanation, re-encoded by the WebUI
     assert not result["errors"], result["errors"]
     assert shot.stat().st_size > 10000

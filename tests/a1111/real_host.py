@@ -174,7 +174,8 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
                     pytest.fail(f"the WebUI did not answer within {STARTUP_TIMEOUT_S} s; see {data / 'webui.log'}")
                 time.sleep(5)
         if select is not None and api_only:  # the UI alone has no API: its checkpoint dropdown chooses there
-            call(base + "/sdapi/v1/options", {"sd_model_checkpoint": Path(select).name})
+            auth = next((tuple(flags[i + 1].split(":", 1)) for i, f in enumerate(flags) if f == "--api-auth"), None)
+            call(base + "/sdapi/v1/options", {"sd_model_checkpoint": Path(select).name}, auth=auth)
         yield base
     finally:
         if server.poll() is None:  # one that exited at start-up has said why in its log

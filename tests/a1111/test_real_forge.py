@@ -18,8 +18,10 @@ from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fie
 FORGE_DIR = os.environ.get("FORGE_DIR")
 FORGE_KIND = os.environ.get("FORGE_KIND", "forge")  # or "forge-neo" (tests/hosts/run_forge_neo_real.sh)
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
-# Forge's API leaves hr_additional_modules None and its hires sampling then fails on `in None` (script on or off)
-FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"])
+# Forge's API leaves hr_additional_modules None and its hires sampling then fails on `in None` (script on or off);
+# Forge Neo has no latent upscalers: its pixel-space Lanczos needs no weights either
+FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"],
+                   **({"hr_upscaler": "Lanczos"} if FORGE_KIND == "forge-neo" else {}))
 
 
 @contextmanager
