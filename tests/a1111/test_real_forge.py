@@ -19,9 +19,9 @@ FORGE_DIR = os.environ.get("FORGE_DIR")
 FORGE_KIND = os.environ.get("FORGE_KIND", "forge")  # or "forge-neo" (tests/hosts/run_forge_neo_real.sh)
 pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="FORGE_DIR is not set (path to a Forge checkout with its environment)")
 # Forge's API leaves hr_additional_modules None and its hires sampling then fails on `in None` (script on or off);
-# Forge Neo has no latent upscalers: its pixel-space Lanczos needs no weights either
+# Forge Neo lists no latent upscalers and no Lanczos: its "None" upscaler (a plain resize) needs no weights either
 FORGE_HIRES = dict(HIRES, hr_additional_modules=["Use same choices"],
-                   **({"hr_upscaler": "Lanczos"} if FORGE_KIND == "forge-neo" else {}))
+                   **({"hr_upscaler": "None"} if FORGE_KIND == "forge-neo" else {}))
 
 
 @contextmanager
