@@ -167,9 +167,10 @@ def _first_step(model, cond, uncond, x_T, t_first):
     return eps_u, gap
 
 
-def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy):
-    """The first-step scores, the record, and which images to work on (None: nothing to do)."""
-    eps_u, gap = _first_step(model, cond, uncond, x_T, t_first)
+def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy, first_step=None):
+    """The first-step scores, the record, and which images to work on (None: nothing to do). first_step: (eps_u,
+    RMS gap per image) at (x_T, t_first) where the caller has scored that step already (a host's own check)."""
+    eps_u, gap = _first_step(model, cond, uncond, x_T, t_first) if first_step is None else first_step
     record, active = decide(gap, mode, threshold, target, strategy)
     return eps_u, gap, record, active
 
@@ -204,20 +205,23 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
 def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding,
                        x_T: torch.Tensor, t_first, *, mode: str = "always", threshold: Optional[float] = None,
                        target: float = 0.0, lr: float = 0.05, max_iters: int = 10, grad_batch: int = 1,
-                       should_stop: Optional[Callable[[], bool]] = None):
+                       should_stop: Optional[Callable[[], bool]] = None, first_step=None):
     """The paper's strategy. Returns (embedding to sample with, MitigationRecord). mode "auto" needs `threshold`.
 
     cond must hold one prompt per image of x_T. Images already at or under `target` stop moving
     (their rows are restored after each AdamW step), so one image never pays for another.
     grad_batch: images per backward pass (peak memory grows with it; the result does not depend on it).
     should_stop: polled before every model call; True raises memoguard.model.Interrupted.
+    first_step: (unconditional eps, RMS gap per image) at (x_T, t_first) where the caller has them (a host that
+    scored the step to decide): not evaluated again. The same in remove_tokens and mask_padding.
     """
     check_settings(mode, lr, max_iters, target)
     if grad_batch < 1:
         raise MitigationError(f"grad_batch must be >= 1, got {grad_batch}")
     check_stop(should_stop)
     emb0 = cond.embedding.detach()
-    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "minimize")
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "minimize",
+                                        first_step)
     if active is None:
         return emb0, record
     frozen_positions = cond.frozen_mask.to(emb0.device).unsqueeze(-1)
@@ -252,7 +256,7 @@ def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEnco
 def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
                   t_first, *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
                   max_removals: int = 3, max_candidates: int = 8, later_candidates: int = 2,
-                  batch_size: int = 16, should_stop: Optional[Callable[[], bool]] = None):
+                  batch_size: int = 16, should_stop: Optional[Callable[[], bool]] = None, first_step=None):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
     check_mode(mode, target)
     if min(max_removals, max_candidates, later_candidates) < 1:
@@ -261,7 +265,8 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     if not model.can_reencode(cond):
         raise MitigationError(f"token removal re-encodes the prompt, which {type(model).__name__} cannot do; "
                               f"use the strategy 'minimize'")
-    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens")
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens",
+                                        first_step)
     if active is None:
         return cond, record
     removed = [[] for _ in range(gap.shape[0])]      # words left out (tuples of positions), per image
@@ -441,7 +446,7 @@ def padding_positions(cond: PromptEncoding, b: int) -> List[int]:
 
 def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first, *,
                  mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
-                 pad_share: float = DEFAULT_PAD_SHARE):
+                 pad_share: float = DEFAULT_PAD_SHARE, first_step=None):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T. Every image over
     the target (and, in auto mode, flagged) is masked, whatever the masked first-step score: on the bundled model
     masking stopped copies whose first-step score it raised (keeping those prompts left 16 % of the copies, not
@@ -449,7 +454,8 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     check_mode(mode, target)
     if not 0 < pad_share <= 1:
         raise MitigationError(f"pad_share must be in (0, 1], got {pad_share}")
-    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "mask_padding")
+    eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "mask_padding",
+                                        first_step)
     if active is None:
         return cond, record
     rows = torch.nonzero(active).flatten().tolist()

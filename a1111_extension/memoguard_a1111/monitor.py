@@ -285,7 +285,7 @@ class RunMonitor:
         s, layout = self.settings, pending.layout
         with self._gradient_inputs(params, pending, s.strategy == "remove_tokens") as (model, cond, uncond, x, t):
             with torch.no_grad():
-                before = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding)
+                before, eps_u, row_gaps = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding)
             images = list(range(len(layout)))
             if s.mitigation == "auto":  # decided on each image's own (combined) score; weights are final now
                 threshold = self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
@@ -302,17 +302,18 @@ class RunMonitor:
                     return
             rows_of = [[r for r, _ in rows] for rows in layout]
             rows = [r for i in images for r in rows_of[i]]
+            first_step = (eps_u[rows], row_gaps[rows])  # the core starts from this step's scores, not again
             vector = None  # SDXL's pooled vectors, where token removal changes them
             if s.strategy == "mask_padding":
                 masked, sub = mask_padding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
-                                           target=s.target)
+                                           target=s.target, first_step=first_step)
                 sub_emb = masked.embedding
             elif s.strategy == "remove_tokens":
                 if not model.can_reencode(cond):
                     raise MitigationError("token removal encodes the prompt again without words, which is not "
                                           f"possible here: {model.reencode_note}")
                 shorter, sub = remove_tokens(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
-                                             target=s.target, should_stop=self.interrupted)
+                                             target=s.target, should_stop=self.interrupted, first_step=first_step)
                 sub_emb = shorter.embedding
                 pooled = shorter.extra.get("vector", shorter.extra.get("y"))  # SDXL: A1111's / Forge's name
                 if pooled is not None:
@@ -321,7 +322,7 @@ class RunMonitor:
             else:
                 sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t,
                                                   mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters,
-                                                  should_stop=self.interrupted)
+                                                  should_stop=self.interrupted, first_step=first_step)
             embedding = cond.embedding.detach().clone()
             embedding[rows] = sub_emb.to(embedding.dtype)
             if not sub.ran:
@@ -332,7 +333,7 @@ class RunMonitor:
                     after[i] = sub.after[k]
             else:
                 with torch.no_grad():
-                    after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)
+                    after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)[0]
         row_moves = dict(zip(rows, sub.image_iterations))
         row_masked = dict(zip(rows, sub.masked))
         row_removed = dict(zip(rows, sub.removed))
@@ -346,10 +347,12 @@ class RunMonitor:
             result.vector = vector
 
     @staticmethod
-    def _image_gaps(model, cond, uncond, x, t, layout, embedding) -> List[float]:
-        """First-step RMS gap of each image with the cond rows at `embedding`, AND sub-prompts combined."""
+    def _image_gaps(model, cond, uncond, x, t, layout, embedding):
+        """First-step RMS gap of each image with the cond rows at `embedding`, AND sub-prompts combined; and the
+        unconditional eps and the RMS gap of each row, which the core's strategies start from."""
         eps_c, eps_u = model.eps_pair(x, t, cond, uncond, embedding)
-        return rms_per_image(combine_rows(eps_c - eps_u, and_weights(layout))).float().cpu().tolist()
+        images = rms_per_image(combine_rows(eps_c - eps_u, and_weights(layout))).float().cpu().tolist()
+        return images, eps_u, rms_per_image(eps_c - eps_u).float().cpu()
 
     def interrupted(self) -> bool:
         """The WebUI's Interrupt / Skip: MemoGuard's own loops stop at once, then the sampler does."""

@@ -279,3 +279,16 @@ def test_explanation_takes_a_words_pieces_together_as_the_core_does(webui, tiny_
     (want,) = token_contributions(core, enc, core.encode([""]), x, steps=1, total_steps=1, method=got.method)
     assert got.tokens == want.tokens == ["a", "red", "parable", "on", "a", "hill"]
     assert got.scores == pytest.approx(want.scores, rel=1e-3, abs=2e-6)
+
+
+def test_padding_masking_starts_from_the_first_step_the_webui_scored(webui, monkeypatch):
+    """The adapter scores the first step to decide (cond and uncond in one model call); the core starts from those
+    scores and adds only the masked prompt's call: two of MemoGuard's own model calls an iteration."""
+    calls = []
+    inner = monitor_module.WebUIModel.raw_prediction
+    monkeypatch.setattr(monitor_module.WebUIModel, "raw_prediction",
+                        lambda self, *a: calls.append(a[0].shape[0]) or inner(self, *a))
+    monitor, _ = run(make_p(webui, sampler_name="Euler", batch_size=2), mitigation="always", strategy="mask_padding")
+    record = monitor.results[0].mitigation
+    assert record.ran and not monitor.errors
+    assert calls == [4, 2]  # 2 images x (cond, uncond), then the 2 masked prompts
