@@ -115,42 +115,51 @@ def _model_extras(params, unet, rows: list, x: torch.Tensor) -> dict:
     return extra
 
 
-def prompt_encodings(p, params, layout, iteration: int, copy):
-    """(cond, uncond, x) for the cond rows of this CFG call; `copy` makes host tensors autograd-safe.
+def prompt_encodings(p, params, layout, iteration: int, copy, text_uncond=None):
+    """(cond, uncond, x) for the cond rows of this CFG call; `copy` makes host tensors autograd-safe; text_uncond:
+    the negative conditioning where Forge made none (CFG scale 1: negative_conditioning).
 
     On Forge the callback sees one x row per image (not A1111's cond rows + uncond rows).
     """
-    if params.text_uncond is None:
-        raise ValueError("Forge encodes no negative prompt at CFG scale 1: token explanation and mitigation need "
-                         "a CFG scale other than 1")
+    text_uncond = params.text_uncond if params.text_uncond is not None else text_uncond
+    if text_uncond is None:
+        raise ValueError("Forge encodes no negative prompt at CFG scale 1 and MemoGuard's own encoding of it is not "
+                         "there (a flow model, or it failed): token explanation and mitigation need a CFG scale "
+                         "other than 1 here")
     unet = forge_unet(params.denoiser)
     image_of_row = [i for i, rows in enumerate(layout) for _ in rows]
     emb = copy(cond_embedding(params.text_cond))
-    uncond_emb = copy(cond_embedding(params.text_uncond))[image_of_row]
+    uncond_emb = copy(cond_embedding(text_uncond))[image_of_row]
     x = copy(params.x)
     cond_extra = {k: copy(v) for k, v in _model_extras(params, unet, image_of_row, x).items()}
     uncond_extra = dict(cond_extra)
     if isinstance(params.text_cond, dict):
         cond_extra["y"] = copy(params.text_cond["vector"])
-        uncond_extra["y"] = copy(params.text_uncond["vector"])[image_of_row]
+        uncond_extra["y"] = copy(text_uncond["vector"])[image_of_row]
     engine = text_engine(params.denoiser.inner_model.inner_model)
     tokens, prompt_mask, words, texts = row_tokens(p, layout, iteration, emb.shape[1], engine, engine.tokenizer)
     cond = replace(chunked_encoding(emb, tokens, prompt_mask, cond_extra, words), texts=texts)
     return cond, empty_encoding(uncond_emb, uncond_extra), x[image_of_row]
 
 
-def negative_prediction(p, params, unet) -> torch.Tensor:
-    """At CFG scale 1 Forge neither encodes the negative prompts nor runs their pass: both, for this step's x (one
-    row per image), through Forge's own get_learned_conditioning and KModel, as ForgeModel calls it (ControlNet and
-    model_options patches not applied). The UNet is loaded back after the text encoder."""
+def negative_conditioning(p, params, unet):
+    """At CFG scale 1 Forge does not encode the negative prompts: their conditioning (one row per image) through
+    Forge's own get_learned_conditioning, the UNet loaded back after the text encoder."""
     from backend import memory_management
     from modules import prompt_parser
-    x = params.x
-    negatives = list(getattr(p, "negative_prompts", None) or [p.negative_prompt] * x.shape[0])
+    negatives = list(getattr(p, "negative_prompts", None) or [p.negative_prompt] * params.x.shape[0])
     sd_model = params.denoiser.inner_model.inner_model
     cond = sd_model.get_learned_conditioning(prompt_parser.SdConditioning(negatives, is_negative_prompt=True,
                                                                           width=p.width, height=p.height))
     memory_management.load_model_gpu(unet)
+    return cond
+
+
+def negative_prediction(params, unet, cond) -> torch.Tensor:
+    """At CFG scale 1 Forge runs no negative pass: the KModel's prediction for this step's x (one row per image)
+    under the negative conditioning `cond`, as ForgeModel calls it (ControlNet and model_options patches not
+    applied)."""
+    x = params.x
     extra = _model_extras(params, unet, list(range(x.shape[0])), x)
     if isinstance(cond, dict):
         extra["y"] = cond["vector"]

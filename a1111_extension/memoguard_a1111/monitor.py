@@ -468,6 +468,7 @@ class ForgeRunMonitor(RunMonitor):
         self.post_cfg = self._post_cfg_hook()
         self._flow = False
         self._own_uncond: Optional[torch.Tensor] = None  # CFG 1: the negative prompt's prediction MemoGuard ran
+        self._negatives: Dict[int, object] = {}  # CFG 1: the negative conditioning MemoGuard encoded, per iteration
         self.cfg1_scored = False
 
     def _post_cfg_hook(self):
@@ -501,7 +502,14 @@ class ForgeRunMonitor(RunMonitor):
                 self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params, unet)
 
     def _negative_pass(self, params, unet) -> None:
-        self._own_uncond = forge.negative_prediction(self.p, params, unet)
+        self._own_uncond = forge.negative_prediction(params, unet, self._negative(params, unet))
+
+    def _negative(self, params, unet):
+        """The negative conditioning Forge did not make at CFG scale 1, encoded once a generation iteration."""
+        iteration = int(getattr(self.p, "iteration", 0))
+        if iteration not in self._negatives:
+            self._negatives[iteration] = forge.negative_conditioning(self.p, params, unet)
+        return self._negatives[iteration]
 
     def scoring_notes(self) -> List[str]:
         return [FORGE_CFG1_NOTE] if self.cfg1_scored else []
@@ -531,8 +539,10 @@ class ForgeRunMonitor(RunMonitor):
     def _gradient_inputs(self, params, pending: Pending, reencode: bool = False):
         unet = forge.forge_unet(params.denoiser)
         forge.check_supported(unet.model)  # before touching the weights
+        negative = self._negative(params, unet) if params.text_uncond is None else None  # CFG scale 1
         with differentiable(unet.model), frozen_parameters(unet.model):  # Forge samples under inference mode
-            cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary)
+            cond, uncond, x = forge.prompt_encodings(self.p, params, pending.layout, pending.iteration, ordinary,
+                                                     negative)
             model = forge.ForgeModel(unet.model)
             prompt_text = lambda: forge.forge_prompt_text(self.p, params.denoiser, unet, ordinary)
             yield model, self._reencodable(model, cond, prompt_text, reencode), uncond, x, ordinary(params.sigma[0])

@@ -80,6 +80,7 @@ def test_forge_cfg_1_scores_the_verdicts_steps_with_the_negative_pass_memoguard_
     monitor, processed = run(p, window=window)
     assert torch.equal(plain.images[0], processed.images[0]) and torch.equal(plain.images[1], processed.images[1])
     assert sum(calls) == 2 * p.steps + 2 * window  # the sampler's cond passes + one negative pass a scored step
+    assert len(monitor._negatives) == 1  # the negative prompts encoded once for the whole generation
     x, t = kdiffusion_start(forge, p)
     expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t, negative="blurry"))
     trace = monitor.results[0].trace
@@ -90,13 +91,25 @@ def test_forge_cfg_1_scores_the_verdicts_steps_with_the_negative_pass_memoguard_
     assert not monitor.errors
 
 
+def test_forge_cfg_1_explains_against_the_negative_memoguard_encoded(forge, tiny_model):
+    p = make_p(forge, cfg_scale=1.0, negative_prompt="blurry", sampler_name="Euler")
+    monitor, processed = run(p, explain=True)
+    (got,) = monitor.image_explanations(0, 0)
+    assert got.method == "leave_one_out" and not monitor.errors
+    x, t = kdiffusion_start(forge, p)
+    # its gap is the score's: the prompt against the negative prompt at the first step
+    expected = float(rms_per_image(core_first_step(tiny_model, [PROMPT], x, t, negative="blurry"))[0])
+    assert got.gap_before / got.elements ** 0.5 == pytest.approx(expected, rel=1e-4)
+    assert infotext_fields(processed.infotexts[0])["MemoGuard explanation"] == "leave-one-out"
+
+
 def test_forge_cfg_1_is_unavailable_not_zero_when_memoguards_pass_fails(forge, monkeypatch):
     def fails(*args):
         raise RuntimeError("no text encoder")
-    monkeypatch.setattr(forge_module, "negative_prediction", fails)
+    monkeypatch.setattr(forge_module, "negative_conditioning", fails)
     plain = processing.process_images(make_p(forge, cfg_scale=1.0))
     monitor, processed = run(make_p(forge, cfg_scale=1.0), explain=True)
-    assert "explanation and mitigation need a CFG scale other than 1" in processed.comments
+    assert "MemoGuard failed explaining tokens: RuntimeError: no text encoder" in processed.comments
     verdict = monitor.verdict(0, 0)
     assert not verdict.available and "CFG scale 1" in verdict.reason
     fields = infotext_fields(processed.infotexts[0])
