@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import real_checks
+from real_checks import EXPLAIN
 from real_host import (HIRES, MONITOR_ONLY, call, checkpoint, errors_logged, fields, img2img, infotext, launch_flags,
                        pixels, running_webui, txt2img, webui_log)
 
@@ -66,12 +67,14 @@ def test_forge_token_removal_samples_the_prompt_without_its_words(forge):
 
 def test_forge_cfg_1_is_scored_with_the_negative_pass_memoguard_runs(forge):
     """The first step's x does not depend on the CFG scale, nor does its gap: at CFG 1, where Forge runs no negative
-    pass, MemoGuard's own pass gives the score Forge's own passes give at CFG 7; the image is Forge's."""
+    pass, MemoGuard's own pass gives the score Forge's own passes give at CFG 7; the words are explained against
+    the same negative; the image is Forge's."""
     plain = txt2img(forge, "Euler", cfg_scale=1, negative_prompt="blurry")
-    watched = txt2img(forge, "Euler", MONITOR_ONLY, cfg_scale=1, negative_prompt="blurry")
+    watched = txt2img(forge, "Euler", EXPLAIN, cfg_scale=1, negative_prompt="blurry")
     got = fields(watched)
     print("Forge at CFG 1:", got)
     assert "1 extra model call" in got["MemoGuard note"] and "MemoGuard error" not in got
+    assert got["MemoGuard explanation"] == "leave-one-out" and got["MemoGuard tokens"]
     at_cfg7 = fields(txt2img(forge, "Euler", MONITOR_ONLY, negative_prompt="blurry"))["MemoGuard score"]
     assert abs(float(got["MemoGuard score"]) - float(at_cfg7)) <= 1e-4
     assert pixels(plain["images"][0]) == pixels(watched["images"][0])
