@@ -13,8 +13,8 @@ from .errors import MemoGuardError
 from .explain import TokenContributions, token_contributions
 from .mitigate import MitigationRecord, minimize_embedding
 from .model import DiffusionModel, PromptEncoding
-from .score import (PARAMETERIZATIONS, ScoreTrace, ScoreUnavailable, eps_difference, l2_per_image,
-                    rms_per_image, to_eps, uncond_is_missing)
+from .score import (DEFAULT_DETECTOR, PARAMETERIZATIONS, ScoreTrace, ScoreUnavailable, eps_difference,
+                    l2_per_image, rms_per_image, step_score, to_eps, uncond_is_missing)
 from .train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
 from .verdict import Verdict, verdict_for
 

@@ -1,7 +1,7 @@
 """Calibration: what score is unusual for *this* model, from scores of benign prompts.
 
-A calibration holds the sorted first-step (or windowed) RMS scores of ordinary prompts on one
-model at one setting. It answers "which percentile of benign prompts is this score" and "what
+A calibration holds the sorted first-step (or windowed) RMS scores of ordinary prompts' generations on one
+model at one setting, by one detector (memoguard.score; recorded in `conditions`). It answers "which percentile of benign prompts is this score" and "what
 threshold gives a false-positive rate of f". It records what it was measured at (`conditions`:
 the model's prediction type, the noise level of the first step, the latent size, the host), so a
 run that differs in a way that changes the score can say so, and optionally a `Band`: the benign
@@ -33,8 +33,9 @@ READABLE_FORMATS = (1, 2)
 NOISE_TOLERANCE = 0.02   # relative difference in first-step noise level that changes the score
 
 
-# Seeds `calibrate` scores each prompt at (the mean is its benign score): one seed made the nominal 1 % a held-out
-# 3.2 % on the second evaluation model, four 1.3 % (0.8 % on the bundled one; BENCHMARKS.md, calibration_fpr)
+# Seeds `calibrate` scores each prompt at, each generation a benign score: the nominal 1 % then holds for held-out
+# single generations on both evaluation models (1.0-1.1 %; one seed a prompt: up to 4.6 %, the mean over four seeds:
+# up to 2.0 %; BENCHMARKS.md, calibration_fpr)
 CALIBRATION_SEEDS = 4
 
 
@@ -130,6 +131,12 @@ class Calibration:
         if not math.isfinite(score):
             return float("nan")
         return 100.0 * bisect.bisect_left(self.scores, score) / len(self.scores)
+
+    @property
+    def detector(self) -> str:
+        """What the scores are (memoguard.score.DETECTORS); files made before detectors were recorded hold the
+        magnitude."""
+        return self.conditions.get("detector", "magnitude")
 
     @property
     def median(self) -> float:

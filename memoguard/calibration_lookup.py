@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .calibration import Calibration, CalibrationError, CalibrationStore, keys_in
+from .score import DEFAULT_DETECTOR, STEP_DETECTORS
 
 CHOICES = ("auto", "file", "none")
 NO_FILE = "(none)"   # the file list's first entry: no file picked
@@ -58,13 +59,21 @@ class Resolution:
         return self.problem or (f"calibration from {self.source}" if self.calibration is not None else "")
 
 
+def run_detector(calibration: Optional[Calibration]) -> str:
+    """How a sampler's run is scored: as its calibration's scores are, else by the default detector."""
+    return calibration.detector if calibration is not None else DEFAULT_DETECTOR
+
+
 @dataclass
 class CalibrationLookup:
     choice: str = "auto"
     file: str = ""                                   # a name from file_choices(folders), for "file"
     folders: Sequence = field(default_factory=list)  # the host's calibration folders
     how_to: str = "calibrate this model once"        # what the user does to get a calibration, in host words
-    detector: str = "magnitude"                      # how the run scores (memoguard.score.DETECTORS)
+    detector: Optional[str] = None                   # how the run scores (memoguard.score.DETECTORS); None: the
+                                                     # run scores as the calibration found does
+    sampler_run: bool = True                         # the run's score comes from its sampler's steps (hosts), so
+                                                     # only memoguard.score.STEP_DETECTORS serve it
 
     def __post_init__(self):
         if self.choice not in CHOICES:
@@ -88,10 +97,15 @@ class CalibrationLookup:
             found = self._from_file(key) if self.choice == "file" else self._auto(key)
         except CalibrationError as e:  # a broken file is said, never skipped for another one
             return Resolution(None, problem=f"calibration unusable ({e}); delete the file or calibrate again")
-        measured = found.calibration.conditions.get("detector", "magnitude") if found.calibration else None
-        if measured is not None and measured != self.detector:  # scores of another kind: no verdict from them
+        measured = found.calibration.detector if found.calibration else None
+        if measured is None:
+            return found
+        if self.detector is not None and measured != self.detector:  # scores of another kind: no verdict from them
             return Resolution(None, problem=f"the calibration from {found.source} holds {measured} scores; this run "
                                             f"scores with the {self.detector} detector: calibrate with that detector")
+        if self.sampler_run and measured not in STEP_DETECTORS:
+            return Resolution(None, problem=f"the calibration from {found.source} holds {measured} scores, which "
+                                            f"only a first-step scan gives (memoguard scan --detector {measured})")
         return found
 
     def _from_file(self, key: str) -> Resolution:

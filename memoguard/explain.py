@@ -1,6 +1,7 @@
 """Word-wise significance: which words make the model regurgitate.
 
-All methods attribute gap = ||eps(x_t, e) - eps(x_t, e_empty)||_2 (the paper's raw L2) to the words of
+All methods attribute the verdict's score in its raw L2 form, gap = ||D(eps(x_t, e) - eps(x_t, e_empty))||_2
+(D: the identity for the paper's magnitude, the detail for memoguard.score's default detector), to the words of
 the prompt — a word's BPE pieces together where the adapter's tokenizer marks word ends
 (PromptEncoding.words), else each token — averaged over the first `steps` sampling steps and over
 generations; between steps the generation follows ordinary guided DDIM.
@@ -30,13 +31,14 @@ memorized prompt, so it is an option, not a default. `bench` measures all of the
 models (BENCHMARKS.md).
 """
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .errors import MemoGuardError
 from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients, rows_of_t
-from .score import l2_per_image
+from .score import DEFAULT_DETECTOR, check_step_detector, raw_step_score
 
 METHODS = ("auto", "leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding", "gradient_x_delta",
            "integrated_gradients", "gradient_norm")
@@ -154,8 +156,8 @@ def _unit_sums(per_position: torch.Tensor, units) -> List[torch.Tensor]:
             for b, row in enumerate(units)]
 
 
-def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop, only=None,
-                   eps_u=None, base=None):
+def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop, gap_of,
+                   only=None, eps_u=None, base=None):
     """Per row, the gap drop when each word is left out (re-encoded, or its positions emptied); `only`: per row,
     the word indices to measure (the others score 0); eps_u and base: the unconditional prediction and the gap
     (B,) where the caller has them. Returns (drops per row, base gap (B,))."""
@@ -164,7 +166,7 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
         if eps_u is None:  # one unconditional pass serves every edit
             eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])
         if base is None:
-            base = l2_per_image(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
+            base = gap_of(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
         out = [torch.zeros(len(row)) for row in units]
         jobs = [(b, k) for b, row in enumerate(units) for k in range(len(row)) if only is None or k in only[b]]
         for start in range(0, len(jobs), batch_size):
@@ -181,21 +183,21 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
                     edited[j, units[b][k]] = empty[0, units[b][k]]
                 sub = sub.with_embedding(edited)
             index = rows.to(x.device)
-            gaps = l2_per_image(model.eps(x[index], rows_of_t(t, rows.tolist()), sub.embedding, sub.extra)
-                                - eps_u[index]).float().cpu()
+            gaps = gap_of(model.eps(x[index], rows_of_t(t, rows.tolist()), sub.embedding, sub.extra)
+                          - eps_u[index]).float().cpu()
             for j, (b, k) in enumerate(part):
                 out[b][k] = base[b] - gaps[j]
     return out, base
 
 
-def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop):
+def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop, gap_of):
     """Group testing: split the words into GROUPS contiguous parts, leave each part out (re-encoded), keep the part
     whose removal lowers the gap most, repeat until at most GROUPED_WORDS words remain, then leave each of them out
     alone. 2 + GROUPS a round + the words left, a step (75 words: 2 + 4 + 4 + 4 = 14). Returns (drops, base,
     measured)."""
     with torch.no_grad():
         eps_u = model.eps_uncond(x, t, uncond, cond.embedding.shape[1])
-        base = l2_per_image(model.eps(x, t, cond.embedding, cond.extra) - eps_u).float().cpu()
+        base = gap_of(model.eps(x, t, cond.embedding, cond.extra) - eps_u).float().cpu()
         left = [list(range(len(row))) for row in units]  # per row, the word indices still in play
         while any(len(w) > GROUPED_WORDS for w in left):
             parts = {b: [w[k * len(w) // GROUPS:(k + 1) * len(w) // GROUPS] for k in range(GROUPS)]
@@ -208,29 +210,29 @@ def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, shoul
                 sub = model.encode_without(reencode, [(b // gens, [i for k in part for i in units[b][k]])
                                                       for b, part in chunk])
                 index = torch.tensor([b for b, _ in chunk], device=x.device)
-                gaps += l2_per_image(model.eps(x[index], rows_of_t(t, [b for b, _ in chunk]),
-                                               sub.embedding.to(cond.embedding), sub.extra)
-                                     - eps_u[index]).float().cpu().tolist()
+                gaps += gap_of(model.eps(x[index], rows_of_t(t, [b for b, _ in chunk]),
+                                         sub.embedding.to(cond.embedding), sub.extra)
+                               - eps_u[index]).float().cpu().tolist()
             for b in parts:
                 options = [(g, part) for (row, part), g in zip(jobs, gaps) if row == b]
                 left[b] = min(options, key=lambda o: o[0])[1]
-    drops, _ = _leave_one_out(model, x, t, cond, uncond, None, units, batch_size, gens, reencode, should_stop,
+    drops, _ = _leave_one_out(model, x, t, cond, uncond, None, units, batch_size, gens, reencode, should_stop, gap_of,
                               only=[set(w) for w in left], eps_u=eps_u, base=base)
     return drops, base, [torch.tensor([k in set(w) for k in range(len(row))]) for w, row in zip(left, units)]
 
 
 def _attribute(method, model, x, t, cond, uncond, empty, units, ig_steps, batch_size, gens, reencode,
-               grad_batch, should_stop):
+               grad_batch, should_stop, gap_of):
     """(per row, one score per word; base gap per row (B,); per row, which words were measured, or None: all)."""
     emb = cond.embedding
     if method == "leave_one_out_grouped":
-        return _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop)
+        return _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop, gap_of)
     if method in ("leave_one_out", "leave_one_out_embedding"):
-        return (*_leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop),
-                None)
+        return (*_leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, reencode, should_stop,
+                                gap_of), None)
     with torch.no_grad():  # the uncond pass needs no gradient: computed once, apart
         eps_u = model.eps_uncond(x, t, uncond, emb.shape[1])
-    gradient = lambda e: gap_gradients(model, x, t, cond, eps_u, e, gap_of=l2_per_image, grad_batch=grad_batch,
+    gradient = lambda e: gap_gradients(model, x, t, cond, eps_u, e, gap_of=gap_of, grad_batch=grad_batch,
                                        should_stop=should_stop)
     if method == "gradient_norm":
         base, grad = gradient(emb)
@@ -249,8 +251,10 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
                         x_T: torch.Tensor, steps: int = 1, guidance: Optional[float] = None,
                         total_steps: int = 50, method: str = "auto", ig_steps: int = 4,
                         batch_size: int = 16, timesteps: Optional[Sequence] = None, grad_batch: int = 1,
-                        should_stop: Optional[Callable[[], bool]] = None) -> List[TokenContributions]:
-    """Contributions of each word of each prompt of `cond`; x_T is (B * generations, ...) laid out prompt-major.
+                        should_stop: Optional[Callable[[], bool]] = None,
+                        detector: str = DEFAULT_DETECTOR) -> List[TokenContributions]:
+    """Contributions of each word of each prompt of `cond` to the first steps' score by `detector`
+    (memoguard.score.STEP_DETECTORS: the verdict's); x_T is (B * generations, ...) laid out prompt-major.
 
     steps: how many of the first sampling steps of a `total_steps` schedule to average over.
     method: one of METHODS; "auto" is `default_method`. Each result names the method it used.
@@ -271,6 +275,7 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
     if min(ig_steps, batch_size, grad_batch) < 1:
         raise ExplanationError(f"ig_steps, batch_size and grad_batch must be >= 1 (got {ig_steps}, {batch_size}, "
                                f"{grad_batch})")
+    gap_of = partial(raw_step_score, detector=check_step_detector(detector))
     cond = cond.with_embedding(cond.embedding.detach())
     cond_g = cond.repeat_rows(gens)
     reencodes = model.can_reencode(cond)
@@ -292,8 +297,8 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
     measured = [torch.ones(len(row), dtype=torch.bool) for row in units]
     base = torch.zeros(cond_g.embedding.shape[0])
     for i in range(steps):
-        scores, gap, step_measured = _attribute(label, model, x, ts[i], cond_g, uncond, empty, units, ig_steps, batch_size,
-                                 gens, reencode, grad_batch, should_stop)
+        scores, gap, step_measured = _attribute(label, model, x, ts[i], cond_g, uncond, empty, units, ig_steps,
+                                                batch_size, gens, reencode, grad_batch, should_stop, gap_of)
         totals = [a + s for a, s in zip(totals, scores)]
         if step_measured is not None:
             measured = [m & n for m, n in zip(measured, step_measured)]

@@ -14,7 +14,7 @@ import torch
 from .calibration import Band, Calibration, CalibrationError
 from .model import DiffusionModel, PromptEncoding
 from .sampling import initial_noise, sample
-from .score import ANISOTROPY_LOW_STEP, anisotropy_score, detector_score
+from .score import ANISOTROPY_LOW_STEP, DEFAULT_DETECTOR, anisotropy_score, detector_score, explained_detector
 
 Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 
@@ -22,7 +22,7 @@ Progress = Callable[[int, int], None]  # (evaluations done, evaluations in all)
 @torch.no_grad()
 def first_step_gaps(model: DiffusionModel, prompts: Sequence[str], seeds: Sequence[int], shape, t_first,
                     batch_size: int = 32, progress: Optional[Progress] = None,
-                    detector: str = "magnitude", uncond: Optional[PromptEncoding] = None) -> np.ndarray:
+                    detector: str = DEFAULT_DETECTOR, uncond: Optional[PromptEncoding] = None) -> np.ndarray:
     """(P, G) RMS gap (or another detector's score, memoguard.score.DETECTORS) at the first step (timestep /
     sigma `t_first`) of each prompt x seed. uncond: the empty prompt's encoding, when the caller has it already."""
     first = FirstStep(model, model.encode([""]) if uncond is None else uncond, seeds, shape, t_first, detector)
@@ -45,7 +45,7 @@ class FirstStep:
     its paper): two conditional evaluations per prompt and seed."""
 
     def __init__(self, model: DiffusionModel, uncond: PromptEncoding, seeds: Sequence[int], shape, t_first,
-                 detector: str = "magnitude", t_low=None):
+                 detector: str = DEFAULT_DETECTOR, t_low=None):
         self.model, self.uncond, self.t, self.detector = model, uncond, t_first, detector
         self.x = initial_noise(model, shape, list(seeds), _device(uncond))
         self._eps_u = {}  # (prompt length, t) -> (G, ...) eps under the empty prompt
@@ -79,15 +79,16 @@ class FirstStep:
 @torch.no_grad()
 def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, steps: int, guidance: float,
               batch_size: int = 8, progress: Optional[Progress] = None,
-              timesteps: Optional[torch.Tensor] = None) -> np.ndarray:
-    """(P, steps) RMS gap per step of a guided run of each prompt (one seed each: seed, seed + 1, ...), on the
-    model's `steps`-step schedule or on explicit `timesteps`."""
+              timesteps: Optional[torch.Tensor] = None, detector: str = DEFAULT_DETECTOR) -> np.ndarray:
+    """(P, steps) score per step (by `detector`) of a guided run of each prompt (one seed each: seed, seed + 1,
+    ...), on the model's `steps`-step schedule or on explicit `timesteps`."""
     uncond = model.encode([""])
     out = []
 
     def gaps(rows, cond):  # rows of the batch at `start`: prompt start + r has seed seed + start + r
         x = initial_noise(model, shape, [seed + start + r for r in rows], _device(cond))
-        return sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps).trace.per_step().T.numpy()
+        return sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps,
+                      detector=detector).trace.per_step().T.numpy()
 
     for start in range(0, len(prompts), batch_size):
         stop = min(len(prompts), start + batch_size)
@@ -101,14 +102,16 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
               seeds: Sequence[int] = (0,), guidance: Optional[float] = None, band_prompts: int = 32,
               band_fpr: float = 0.01, extra_timesteps: Sequence = (), batch_size: int = 32,
               conditions: Optional[dict] = None, progress: Optional[Callable[[str, int, int], None]] = None,
-              band_timesteps: Optional[torch.Tensor] = None, detector: str = "magnitude") -> Calibration:
+              band_timesteps: Optional[torch.Tensor] = None, detector: str = DEFAULT_DETECTOR) -> Calibration:
     """A calibration of `model` from benign `prompts` at the first step of its `steps`-step schedule.
 
     band_prompts: how many of the prompts also get a full run for the band (0: no band); band_timesteps: the
     schedule of those runs (default: the model's `steps`-step one), e.g. one spanning the whole noise range
     so that the band serves schedulers that start higher or end lower. detector: what the verdict's scores are
     (memoguard.score.DETECTORS; recorded, and only runs scored the same way are judged against them); the band
-    is always the per-step magnitude.
+    is the same detector's score per step (magnitude for the detectors a step cannot give).
+    Each prompt x seed is one benign sample: a verdict judges one generation, and calibrated so the held-out rate
+    of single generations holds the nominal one on both evaluation models (BENCHMARKS.md, calibration_fpr).
     extra_timesteps: first steps at these timesteps (the model's own t convention) are scored as well
     (other_levels), for samplers and schedulers that start their runs at other noise levels. conditions: what the host adds (host, prediction, sampler ...).
     """
@@ -121,20 +124,21 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
     report = (lambda stage: (lambda done, total: progress(stage, done, total))) if progress else (lambda stage: None)
     t_first = model.timesteps(steps)[0]
     scores = first_step_gaps(model, prompts, seeds, shape, t_first, batch_size, report("first step"),
-                             detector).mean(1)
+                             detector).reshape(-1)
     other = {}
     for t in extra_timesteps:
         t = torch.as_tensor(t, device=t_first.device, dtype=t_first.dtype)
         level = model.noise_level(t)
         if level != model.noise_level(t_first):
             other[repr(level)] = first_step_gaps(model, prompts, seeds, shape, t, batch_size,
-                                                 report(f"first step at t={float(t):g}"), detector).mean(1).tolist()
+                                                 report(f"first step at t={float(t):g}"),
+                                                 detector).reshape(-1).tolist()
     band = None
     if band_prompts:
         chosen = list(prompts[:band_prompts])
         schedule = model.timesteps(steps) if band_timesteps is None else band_timesteps
         gaps = band_gaps(model, chosen, 1000, shape, len(schedule), guidance, max(1, batch_size // 4),
-                         report("band"), schedule)
+                         report("band"), schedule, explained_detector(detector))
         # deterministic DDIM, which in sigma form is the host's Euler: named as the host names its sampler
         sampler = (conditions or {}).get("sampler") or "ddim"
         band = Band.from_runs([model.noise_level(t) for t in schedule], gaps, band_fpr,

@@ -34,13 +34,14 @@ models): DEFAULT_STRATEGY where the prompt's tokens are known, DEFAULT_WITHOUT_P
 """
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from .errors import MemoGuardError
 from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients, rows_of_t
-from .score import rms_per_image
+from .score import DEFAULT_DETECTOR, step_score
 
 MODES = ("off", "always", "auto")
 DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
@@ -159,18 +160,19 @@ def extra_cost(record: MitigationRecord, steps: int) -> float:
     return 1 + record.passes / (2 * steps)
 
 
-def _first_step(model, cond, uncond, x_T, t_first):
-    """(uncond eps, RMS gap per image) at the first step; the uncond pass serves every later evaluation."""
+def _first_step(model, cond, uncond, x_T, t_first, detector):
+    """(uncond eps, score per image) at the first step; the uncond pass serves every later evaluation."""
     with torch.no_grad():
         eps_u = model.eps_uncond(x_T, t_first, uncond, cond.embedding.shape[1])
-        gap = rms_per_image(model.eps(x_T, t_first, cond.embedding.detach(), cond.extra) - eps_u).float().cpu()
+        gap = step_score(model.eps(x_T, t_first, cond.embedding.detach(), cond.extra) - eps_u,
+                         detector).float().cpu()
     return eps_u, gap
 
 
-def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy, first_step=None):
+def _start(model, cond, uncond, x_T, t_first, mode, threshold, target, strategy, detector, first_step=None):
     """The first-step scores, the record, and which images to work on (None: nothing to do). first_step: (eps_u,
-    RMS gap per image) at (x_T, t_first) where the caller has scored that step already (a host's own check)."""
-    eps_u, gap = _first_step(model, cond, uncond, x_T, t_first) if first_step is None else first_step
+    score per image) at (x_T, t_first) where the caller has scored that step already (a host's own check)."""
+    eps_u, gap = _first_step(model, cond, uncond, x_T, t_first, detector) if first_step is None else first_step
     record, active = decide(gap, mode, threshold, target, strategy)
     return eps_u, gap, record, active
 
@@ -205,15 +207,18 @@ def decide(gap: torch.Tensor, mode: str, threshold: Optional[float], target: flo
 def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding,
                        x_T: torch.Tensor, t_first, *, mode: str = "always", threshold: Optional[float] = None,
                        target: float = 0.0, lr: float = 0.05, max_iters: int = 10, grad_batch: int = 1,
-                       should_stop: Optional[Callable[[], bool]] = None, first_step=None):
+                       should_stop: Optional[Callable[[], bool]] = None, first_step=None,
+                       detector: str = DEFAULT_DETECTOR):
     """The paper's strategy. Returns (embedding to sample with, MitigationRecord). mode "auto" needs `threshold`.
 
     cond must hold one prompt per image of x_T. Images already at or under `target` stop moving
     (their rows are restored after each AdamW step), so one image never pays for another.
     grad_batch: images per backward pass (peak memory grows with it; the result does not depend on it).
     should_stop: polled before every model call; True raises memoguard.model.Interrupted.
-    first_step: (unconditional eps, RMS gap per image) at (x_T, t_first) where the caller has them (a host that
+    first_step: (unconditional eps, score per image) at (x_T, t_first) where the caller has them (a host that
     scored the step to decide): not evaluated again. The same in remove_tokens and mask_padding.
+    detector: the score every strategy reads, decides by and lowers (memoguard.score.STEP_DETECTORS; the verdict's,
+    so that threshold and target are in its units).
     """
     check_settings(mode, lr, max_iters, target)
     if grad_batch < 1:
@@ -221,14 +226,14 @@ def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEnco
     check_stop(should_stop)
     emb0 = cond.embedding.detach()
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "minimize",
-                                        first_step)
+                                        detector, first_step)
     if active is None:
         return emb0, record
     frozen_positions = cond.frozen_mask.to(emb0.device).unsqueeze(-1)
     emb = emb0.clone().float().requires_grad_(True)
     opt = torch.optim.AdamW([emb], lr=lr)
     step = lambda weight: gap_gradients(model, x_T, t_first, cond, eps_u, emb.detach().to(emb0.dtype),
-                                        gap_of=rms_per_image, weight=weight, grad_batch=grad_batch,
+                                        gap_of=partial(step_score, detector=detector), weight=weight, grad_batch=grad_batch,
                                         should_stop=should_stop)
     for _ in range(max_iters):
         gap, grad = step(active.float())
@@ -256,7 +261,8 @@ def minimize_embedding(model: Denoiser, cond: PromptEncoding, uncond: PromptEnco
 def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
                   t_first, *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
                   max_removals: int = 3, max_candidates: int = 8, later_candidates: int = 2,
-                  batch_size: int = 16, should_stop: Optional[Callable[[], bool]] = None, first_step=None):
+                  batch_size: int = 16, should_stop: Optional[Callable[[], bool]] = None, first_step=None,
+                  detector: str = DEFAULT_DETECTOR):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T."""
     check_mode(mode, target)
     if min(max_removals, max_candidates, later_candidates) < 1:
@@ -266,7 +272,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
         raise MitigationError(f"token removal re-encodes the prompt, which {type(model).__name__} cannot do; "
                               f"use the strategy 'minimize'")
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "remove_tokens",
-                                        first_step)
+                                        detector, first_step)
     if active is None:
         return cond, record
     removed = [[] for _ in range(gap.shape[0])]      # words left out (tuples of positions), per image
@@ -274,7 +280,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     if any(len(c) > max_candidates for c, a in zip(candidates, active.tolist()) if a):
         from .explain import token_contributions  # explain builds on this module's neighbours, not on it
         ranked = token_contributions(model, cond, uncond, x_T, steps=1, total_steps=1, method="gradient_x_delta",
-                                     timesteps=[t_first], should_stop=should_stop)
+                                     timesteps=[t_first], should_stop=should_stop, detector=detector)
         candidates = [[tuple(c.groups[i]) for i in c.ranking()[:max_candidates]] for c in ranked]
         record.passes += 3
     gap = gap.clone()
@@ -295,7 +301,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
                 index = torch.tensor([b for b, _ in part], device=x_T.device)
                 eps = model.eps(x_T[index], rows_of_t(t_first, [b for b, _ in part]),
                                 sub.embedding.to(cond.embedding.dtype), sub.extra)
-                scores += rms_per_image(eps - eps_u[index]).float().cpu().tolist()
+                scores += step_score(eps - eps_u[index], detector).float().cpu().tolist()
         for b in rows:
             options = [(s, w) for (row, w), s in zip(jobs, scores) if row == b]
             reaching = [o for o in options if o[0] <= target]
@@ -397,7 +403,8 @@ def candidate_seed(seed: int, k: int) -> int:
 def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first,
                  seeds: Sequence[int], noise_of: Callable[[Sequence[int]], torch.Tensor], *, mode: str = "always",
                  threshold: Optional[float] = None, target: float = 0.0,
-                 candidates: int = DEFAULT_NOISE_CANDIDATES, should_stop: Optional[Callable[[], bool]] = None):
+                 candidates: int = DEFAULT_NOISE_CANDIDATES, should_stop: Optional[Callable[[], bool]] = None,
+                 detector: str = DEFAULT_DETECTOR):
     """Returns (x_T to sample from, MitigationRecord). seeds: each image's seed; noise_of(seeds) -> x_T of those
     seeds as the caller makes it (so the recorded seed remakes the image). Candidates are tried in turn for the
     images still over `target` (one guided pair each); an image keeps the first under it, else its lowest."""
@@ -405,7 +412,7 @@ def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnco
     if candidates < 1 or len(seeds) != x_T.shape[0]:
         raise MitigationError(f"need candidates >= 1 and one seed per image (got {candidates}, {len(seeds)} seeds "
                               f"for {x_T.shape[0]} images)")
-    _, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "new_noise")
+    _, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "new_noise", detector)
     if active is None:
         return x_T, record
     best, x = gap.clone(), x_T.clone()
@@ -417,7 +424,7 @@ def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnco
         check_stop(should_stop)
         new_seeds = [candidate_seed(seeds[b], k) for b in rows]
         x_k = noise_of(new_seeds).to(x_T)
-        _, gap_k = _first_step(model, cond.rows(rows), uncond, x_k, rows_of_t(t_first, rows))
+        _, gap_k = _first_step(model, cond.rows(rows), uncond, x_k, rows_of_t(t_first, rows), detector)
         record.passes += 2 * len(rows) / len(seeds)
         for j, b in enumerate(rows):
             if gap_k[j] < best[b]:
@@ -446,7 +453,7 @@ def padding_positions(cond: PromptEncoding, b: int) -> List[int]:
 
 def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first, *,
                  mode: str = "always", threshold: Optional[float] = None, target: float = 0.0,
-                 pad_share: float = DEFAULT_PAD_SHARE, first_step=None):
+                 pad_share: float = DEFAULT_PAD_SHARE, first_step=None, detector: str = DEFAULT_DETECTOR):
     """Returns (PromptEncoding to sample with, MitigationRecord); one prompt row per image of x_T. Every image over
     the target (and, in auto mode, flagged) is masked, whatever the masked first-step score: on the bundled model
     masking stopped copies whose first-step score it raised (keeping those prompts left 16 % of the copies, not
@@ -455,7 +462,7 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     if not 0 < pad_share <= 1:
         raise MitigationError(f"pad_share must be in (0, 1], got {pad_share}")
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "mask_padding",
-                                        first_step)
+                                        detector, first_step)
     if active is None:
         return cond, record
     rows = torch.nonzero(active).flatten().tolist()
@@ -469,8 +476,8 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     with torch.no_grad():
         index = torch.tensor(rows, device=x_T.device)
         sub = new.rows(rows)
-        after = rms_per_image(model.eps(x_T[index], rows_of_t(t_first, rows), sub.embedding, sub.extra)
-                              - eps_u[index]).float().cpu()
+        after = step_score(model.eps(x_T[index], rows_of_t(t_first, rows), sub.embedding, sub.extra)
+                           - eps_u[index], detector).float().cpu()
     record.passes += len(rows) / gap.shape[0]
     record.iterations = 1
     for k, b in enumerate(rows):
@@ -493,10 +500,11 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
              max_removals: int = 3, delay: Optional[float] = None, early_scale: float = DEFAULT_EARLY_SCALE,
              seeds: Optional[Sequence[int]] = None, noise_of: Optional[Callable] = None,
              noise_candidates: int = DEFAULT_NOISE_CANDIDATES, pad_share: float = DEFAULT_PAD_SHARE,
-             should_stop: Optional[Callable[[], bool]] = None) -> Mitigation:
+             should_stop: Optional[Callable[[], bool]] = None, detector: str = DEFAULT_DETECTOR) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
     DEFAULT_STRATEGY. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
-    the schedule's own default (DEFAULT_DELAY for guidance_delay, OPPOSITE_DELAY for opposite_guidance)."""
+    the schedule's own default (DEFAULT_DELAY for guidance_delay, OPPOSITE_DELAY for opposite_guidance).
+    detector: the verdict's (threshold and target are in its units)."""
     strategy = DEFAULT_STRATEGY if strategy == "auto" else check_strategy(strategy)
     start, _, schedule = strategy.partition("+")
     delay = schedule_delay(schedule or start, delay)
@@ -505,26 +513,28 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     t_first = timesteps[0]
     new_x = None
     if start in SCHEDULES:
-        _, gap = _first_step(model, cond, uncond, x_T, t_first)
+        _, gap = _first_step(model, cond, uncond, x_T, t_first, detector)
         plan, record = plan_guidance_delay(gap, len(timesteps), mode=mode, threshold=threshold, target=target,
                                            delay=delay, early_scale=schedule_scale(start, early_scale))
         return Mitigation(cond, None if plan is None else plan.schedule(len(timesteps), guidance), record)
     if start == "minimize":
         emb, record = minimize_embedding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
-                                         target=target, lr=lr, max_iters=max_iters, should_stop=should_stop)
+                                         target=target, lr=lr, max_iters=max_iters, should_stop=should_stop,
+                                         detector=detector)
         cond = cond.with_embedding(emb)
     elif start == "remove_tokens":
         cond, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
-                                     target=target, max_removals=max_removals, should_stop=should_stop)
+                                     target=target, max_removals=max_removals, should_stop=should_stop,
+                                     detector=detector)
     elif start == "mask_padding":
         cond, record = mask_padding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold, target=target,
-                                    pad_share=pad_share)
+                                    pad_share=pad_share, detector=detector)
     else:
         if seeds is None or noise_of is None:
             raise MitigationError("the strategy 'new_noise' needs each image's seed and the caller's noise function")
         new_x, record = choose_noise(model, cond, uncond, x_T, t_first, seeds, noise_of, mode=mode,
                                      threshold=threshold, target=target, candidates=noise_candidates,
-                                     should_stop=should_stop)
+                                     should_stop=should_stop, detector=detector)
     record.strategy = strategy
     changed = torch.tensor([n > 0 for n in record.image_iterations])
     if not schedule or not bool(changed.any()):

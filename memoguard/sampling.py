@@ -9,7 +9,7 @@ from typing import Callable, Optional
 import torch
 
 from .model import DiffusionModel, PromptEncoding, ddim_step
-from .score import ScoreTrace
+from .score import DEFAULT_DETECTOR, ScoreTrace
 
 CLEAN = (1.0, 0.0)  # (alpha, sigma) of the finished image in every convention
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, rms gaps (B,) on device)
@@ -31,8 +31,9 @@ def initial_noise(model: DiffusionModel, shape, seeds, device="cpu", dtype=torch
 def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
            steps: int = 20, guidance=None, monitor: bool = True,
            cond_embedding: Optional[torch.Tensor] = None, on_step: Optional[StepCallback] = None,
-           timesteps: Optional[torch.Tensor] = None) -> SampleResult:
-    """DDIM with CFG. With monitor=True the per-step gap goes into a ScoreTrace; nothing else changes.
+           timesteps: Optional[torch.Tensor] = None, detector: str = DEFAULT_DETECTOR) -> SampleResult:
+    """DDIM with CFG. With monitor=True each step's score (by `detector`) goes into a ScoreTrace; nothing else
+    changes.
     timesteps: an explicit schedule (noisiest first) instead of the model's `steps`-step one.
     guidance: a scale, or a (steps, B) tensor of scales per step and image (memoguard.mitigate)."""
     ts = model.timesteps(steps) if timesteps is None else timesteps
@@ -41,7 +42,7 @@ def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, 
         raise ValueError(f"a guidance schedule must be (steps, images) = ({len(ts)}, {x_T.shape[0]}), "
                          f"got {tuple(guidance.shape)}")
     x = x_T
-    trace = ScoreTrace() if monitor else None
+    trace = ScoreTrace(detector=detector) if monitor else None
     for i, t in enumerate(ts):
         eps_c, eps_u = model.eps_pair(x, t, cond, uncond, cond_embedding)
         if trace is not None:

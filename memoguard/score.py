@@ -9,7 +9,8 @@ denoised image) or "flow" (velocity eps - x0). eps_c - eps_u is linear in pred_c
 score needs neither x nor a second conversion.
 
 Two forms of the gap: the paper's raw L2 over the whole latent, and the RMS (raw / sqrt(numel
-per image)), which does not grow with resolution. Verdicts and calibrations use the RMS.
+per image)), which does not grow with resolution. Verdicts and calibrations use the RMS, of the whole difference
+("magnitude", the paper's) or of its detail ("detail_magnitude", the default: see detector_score).
 """
 import math
 from dataclasses import dataclass, field
@@ -84,12 +85,48 @@ def rms_per_image(diff: torch.Tensor) -> torch.Tensor:
 
 
 DETECTORS = ("magnitude", "magnitude_alignment", "anisotropy", "detail_magnitude")
+# the detectors a step's score can be read from eps_c - eps_u alone: what a sampler's trace, a calibration's band,
+# explanation and mitigation use
+STEP_DETECTORS = ("magnitude", "detail_magnitude")
+# the verdict's detector where no calibration says otherwise: wins on both evaluation models at the magnitude's cost
+# (BENCHMARKS.md, "Detectors side by side on both models")
+DEFAULT_DETECTOR = "detail_magnitude"
 # Asthana & Belagiannis (arXiv 2601.20642): weights of the L2 norm and of the cosine in their SD v1 evaluation
 ANISOTROPY_WEIGHTS = (1.0, 2.0)
 ANISOTROPY_LOW_STEP = -3   # the cosine's timestep: the third-to-last of the run's schedule (50-step DDIM: t = 41)
 
 
-def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "magnitude") -> torch.Tensor:
+def check_step_detector(detector: str) -> str:
+    if detector not in STEP_DETECTORS:
+        raise ValueError(f"a step's score is one of {', '.join(STEP_DETECTORS)}; got {detector!r}")
+    return detector
+
+
+def explained_detector(detector: str) -> str:
+    """The step score explanation and mitigation work on for a verdict by `detector`: itself, or the magnitude
+    for the detectors a step cannot give."""
+    return detector if detector in STEP_DETECTORS else "magnitude"
+
+
+def step_score(diff: torch.Tensor, detector: str = DEFAULT_DETECTOR) -> torch.Tensor:
+    """The score of one step per image (B,) from eps_c - eps_u: "magnitude", the paper's RMS gap, or
+    "detail_magnitude", the RMS of the difference minus its 3x3 local mean (each channel, and frame, alone).
+    Differentiable (mitigation minimizes it). Resolution-independent; `raw_step_score` is the L2 form."""
+    check_step_detector(detector)
+    if detector == "magnitude":
+        return rms_per_image(diff)
+    flat = diff.reshape(-1, 1, *diff.shape[-2:])
+    flat = flat if flat.dtype == torch.float64 else flat.float()
+    local = torch.nn.functional.avg_pool2d(flat, 3, stride=1, padding=1, count_include_pad=False)
+    return rms_per_image((flat - local).reshape(diff.shape))
+
+
+def raw_step_score(diff: torch.Tensor, detector: str = DEFAULT_DETECTOR) -> torch.Tensor:
+    """The paper's raw L2 form of step_score (B,)."""
+    return step_score(diff, detector) * math.sqrt(diff[0].numel())
+
+
+def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = DEFAULT_DETECTOR) -> torch.Tensor:
     """The first-step detection score per image (B,).
 
     "magnitude": the paper's RMS gap. "magnitude_alignment": the gap times exp(cos(eps_u, eps_c - eps_u)),
@@ -106,15 +143,10 @@ def detector_score(eps_c: torch.Tensor, eps_u: torch.Tensor, detector: str = "ma
     if detector == "anisotropy":
         raise ValueError("the anisotropy detector needs the predictions at two noise levels: anisotropy_score")
     diff = eps_c - eps_u
-    rms = rms_per_image(diff)
-    if detector == "magnitude":
-        return rms
-    if detector == "detail_magnitude":
-        flat = diff.reshape(-1, *diff.shape[-2:]).float().unsqueeze(1)  # every channel (and frame) alone
-        local = torch.nn.functional.avg_pool2d(flat, 3, stride=1, padding=1, count_include_pad=False)
-        return rms_per_image((flat - local).reshape(diff.shape))
+    if detector in STEP_DETECTORS:
+        return step_score(diff, detector)
     cos = torch.nn.functional.cosine_similarity(eps_u.flatten(1).float(), diff.flatten(1).float(), dim=1)
-    return rms * torch.exp(cos)
+    return rms_per_image(diff) * torch.exp(cos)
 
 
 def anisotropy_score(diff_first: torch.Tensor, eps_u_low: torch.Tensor, diff_low: torch.Tensor,
@@ -136,24 +168,28 @@ def uncond_is_missing(pred_uncond: Optional[torch.Tensor]) -> bool:
 
 @dataclass
 class ScoreTrace:
-    """Per-step gaps of one generation (all images of a batch).
+    """Per-step scores of one generation (all images of a batch), by one of STEP_DETECTORS.
 
     record() keeps device tensors and never synchronises; steps() moves them to the CPU at
     once. Samplers of second order evaluate the model more than once per step: only the first
     call of each step is kept, so a step's score is always taken at the step's own x_t.
     """
     numel: Optional[int] = None                  # elements per image, for the raw form
-    _steps: list = field(default_factory=list)   # [(step, sigma_or_t, rms tensor (B,))]
+    detector: str = DEFAULT_DETECTOR             # a run is scored one way: a calibration of that detector judges it
+    _steps: list = field(default_factory=list)   # [(step, sigma_or_t, score tensor (B,))]
     unavailable: Optional[str] = None            # why no score exists (cfg = 1, NGMS ...)
 
+    def __post_init__(self):
+        check_step_detector(self.detector)
+
     def record(self, step: int, diff: torch.Tensor, t: Optional[float] = None) -> torch.Tensor:
-        """Record eps_c - eps_u of one step; returns its RMS gap per image (device tensor)."""
+        """Record eps_c - eps_u of one step; returns its score per image (device tensor)."""
         if self._steps and self._steps[-1][0] >= step:
             return self._steps[-1][2]
-        rms = rms_per_image(diff.detach())
+        score = step_score(diff.detach(), self.detector)
         self.numel = diff[0].numel()
-        self._steps.append((step, t, rms))
-        return rms
+        self._steps.append((step, t, score))
+        return score
 
     def mark_unavailable(self, reason: str) -> None:
         self.unavailable = reason
@@ -162,7 +198,7 @@ class ScoreTrace:
         return len(self._steps)
 
     def per_step(self) -> torch.Tensor:
-        """(steps, B) float CPU tensor of RMS gaps; NaN where the model output was not finite."""
+        """(steps, B) float CPU tensor of the steps' scores; NaN where the model output was not finite."""
         if not self._steps:
             return torch.empty(0, 0)
         return torch.stack([r for _, _, r in self._steps]).cpu()
@@ -171,7 +207,7 @@ class ScoreTrace:
         return [s for s, _, _ in self._steps]
 
     def score(self, window: int = 1, start: int = 0) -> torch.Tensor:
-        """Mean RMS gap over the recorded steps numbered [start, start + window) per image -> (B,).
+        """Mean score over the recorded steps numbered [start, start + window) per image -> (B,).
         First step by default; a window none of whose steps was recorded has no score."""
         if self.unavailable:
             raise ScoreUnavailable(self.unavailable)
@@ -192,7 +228,8 @@ class ScoreTrace:
     def to_dict(self) -> dict:
         gaps = self.per_step()
         return {"steps": self.step_indices(), "t": [t for _, t, _ in self._steps],
-                "rms": gaps.T.tolist(), "numel": self.numel, "unavailable": self.unavailable}
+                "rms": gaps.T.tolist(), "detector": self.detector, "numel": self.numel,
+                "unavailable": self.unavailable}
 
 
 def coefficients_vp(alphas_cumprod: torch.Tensor, t: Union[int, torch.Tensor]):

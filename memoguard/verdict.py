@@ -17,7 +17,7 @@ LABELS = ("ok", "flagged", "uncalibrated", "unavailable")
 @dataclass
 class Verdict:
     available: bool
-    score: float = float("nan")      # RMS gap, mean over the window (what thresholds compare)
+    score: float = float("nan")      # the detector's RMS score, mean over the window (what thresholds compare)
     raw: float = float("nan")        # the paper's raw L2 form of the same number
     percentile: float = float("nan")  # among the calibration's benign prompts
     threshold: float = float("nan")
@@ -25,6 +25,7 @@ class Verdict:
     reason: str = ""                 # why unavailable, what the verdict rests on, or how to calibrate
     notes: List[str] = field(default_factory=list)  # how this run differs from its calibration
     manual: bool = False             # the threshold was given by the user, not taken from the calibration
+    detector: str = ""               # which score (memoguard.score.STEP_DETECTORS)
 
     @property
     def calibrated(self) -> bool:
@@ -59,7 +60,12 @@ def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, wi
                 fpr: float = 0.01, threshold: Optional[float] = None, *, images: int,
                 uncalibrated_hint: str = HOW_TO_CALIBRATE, notes: Sequence[str] = ()) -> List[Verdict]:
     """Exactly one verdict per image of the traced batch of `images`, scored or not. An explicit threshold
-    overrides the calibration's; `notes` say how the run differs from it."""
+    overrides the calibration's; `notes` say how the run differs from it. A calibration of another detector
+    than the trace's judges nothing (its scores are another quantity)."""
+    if calibration is not None and calibration.detector != trace.detector:
+        uncalibrated_hint = (f"the calibration holds {calibration.detector} scores, this run was scored by "
+                             f"{trace.detector}: calibrate again")
+        calibration = None
     try:
         scores = trace.score(window)
         raws = trace.raw_score(window)
@@ -77,8 +83,8 @@ def verdict_for(trace: ScoreTrace, calibration: Optional[Calibration] = None, wi
             continue
         pct = calibration.percentile(s) if calibration is not None else float("nan")
         if threshold is None:
-            out.append(Verdict(True, s, r, pct, reason=uncalibrated_hint))
+            out.append(Verdict(True, s, r, pct, reason=uncalibrated_hint, detector=trace.detector))
             continue
         out.append(Verdict(True, s, r, pct, float(threshold), bool(s >= threshold), f"first {window} step(s)",
-                           list(notes), manual))
+                           list(notes), manual, trace.detector))
     return out

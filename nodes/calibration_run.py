@@ -59,7 +59,7 @@ def calibrate_loaded(patcher, clip, latent_shape: Sequence[int], sigmas: torch.T
     path = CalibrationStore(folder).save(cal)
     band = (f"; benign band over {cal.band.settings.get('prompts')} prompts at cfg {cfg:g}"
             if cal.band is not None else "; no band (band_prompts 0)")
-    summary = (f"calibrated {key}: {len(cal.scores)} benign prompts x {CALIBRATION_SEEDS} seeds, {steps} steps ({scheduler}), first sigma "
+    summary = (f"calibrated {key}: {len(prompts)} benign prompts x {CALIBRATION_SEEDS} seeds, {steps} steps ({scheduler}), first sigma "
                f"{float(sigmas[0]):.4g}, latent {'x'.join(map(str, latent_shape))}; threshold at 1% FPR "
                f"{cal.threshold(FPR):.4f} (median {cal.median:.4f}){band}; saved to {path}")
     return CalibrationResult(cal, path, summary)

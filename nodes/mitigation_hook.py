@@ -19,14 +19,14 @@ from typing import Callable, Optional
 
 import torch
 
-from memoguard import minimize_embedding, rms_per_image, uncond_is_missing
+from memoguard import minimize_embedding, step_score, uncond_is_missing
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HOST_STRATEGIES, HostSettings, chunked_encoding, early_guidance, empty_encoding,
                              failure_message, release_memory)
 from memoguard.mitigate import SCHEDULES, host_strategy, mask_padding, plan_guidance_delay, remove_tokens
 
 from . import live
-from memoguard.calibration_lookup import CalibrationLookup
+from memoguard.calibration_lookup import CalibrationLookup, run_detector
 
 from .calibration_choice import model_key, noise_level, prediction_of
 from .comfy_model import (CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, interrupted,
@@ -98,12 +98,12 @@ class MitigationSession:
         except UnsupportedModel as e:
             self._report_skip(str(e))
             return
-        threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in)
+        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in)
         if self.settings.mitigation == "auto" and threshold is None:
             return
-        self._start(base_model, positive, negative[0], source, x_in, timestep, threshold)
+        self._start(base_model, positive, negative[0], source, x_in, timestep, threshold, detector)
 
-    def _start(self, base_model, positive, negative, source, x_in, timestep, threshold) -> None:
+    def _start(self, base_model, positive, negative, source, x_in, timestep, threshold, detector) -> None:
         entry, s, batch = positive[0], self.settings, x_in.shape[0]
         with differentiable(base_model):
             cond, extra_c = split_model_conds(entry["model_conds"])
@@ -113,7 +113,7 @@ class MitigationSession:
             model = ComfyDiffusionModel(base_model, clip=None if source is None else source.clip, noise=x_in,
                                         device=x_in.device)
             x, t = ordinary(x_in), ordinary(timestep)
-            common = dict(mode=s.mitigation, threshold=threshold, target=s.target)
+            common = dict(mode=s.mitigation, threshold=threshold, target=s.target, detector=detector)
             if self.strategy == "minimize":
                 new, record = minimize_embedding(model, chunked_encoding(cond, extra=extra_c), uncond_enc, x, t,
                                                  lr=s.lr, max_iters=s.max_iters, should_stop=interrupted, **common)
@@ -165,10 +165,10 @@ class MitigationSession:
             self._report_skip("at cfg 1 there is no text guidance to steer")
             return
         base_model = args["model"]
-        threshold, self.notes = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
+        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
         if self.settings.mitigation == "auto" and threshold is None:
             return
-        gap = rms_per_image(guided_difference(args))
+        gap = step_score(guided_difference(args), detector)
         s = self.settings
         delay, scale = s.early_steps(self.strategy)
         self._plan, self.record = plan_guidance_delay(gap, schedule.numel() - 1, mode=s.mitigation,
@@ -177,17 +177,19 @@ class MitigationSession:
         self._emit()
 
     def _threshold(self, base_model, first_sigma: float, x_in):
-        """(threshold, notes) of this run: the explicit one, else the calibration of these weights."""
+        """(threshold, notes, detector) of this run: the explicit threshold, else the calibration of these weights;
+        the score is its calibration's (memoguard.calibration_lookup.run_detector)."""
         s = self.settings
         if s.threshold is not None or s.mitigation != "auto":
-            return s.threshold, []
+            return s.threshold, [], run_detector(None)
         found = s.calibration.resolve(model_key(base_model))
         if found.calibration is None:
             self._report_skip(f"mode 'auto' has no threshold for this model: {found.problem}; or set threshold > 0")
-            return None, []
+            return None, [], run_detector(None)
         level = noise_level(base_model, first_sigma)
         cal = found.calibration.at_noise_level(level)
-        return s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]), window=1)
+        return (s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]), window=1),
+                run_detector(cal))
 
     def fail(self, error: BaseException) -> None:
         """Anything that went wrong (out of memory, an interrupt, a bug): the run samples the plain prompt."""

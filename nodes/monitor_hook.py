@@ -20,7 +20,7 @@ from memoguard.errors import MemoGuardError
 from memoguard.hosts import HostSettings, denoised_difference
 
 from . import live
-from memoguard.calibration_lookup import CalibrationLookup
+from memoguard.calibration_lookup import CalibrationLookup, run_detector
 
 from .calibration_choice import is_flow, lookup, model_key, noise_level, prediction_of
 
@@ -231,12 +231,13 @@ class MonitorSession:
 
     # -- internals ----------------------------------------------------------------------
     def _start_run(self, schedule, args, sigma) -> None:
-        self.trace, self.verdicts, self.error, self._bands = ScoreTrace(), [], None, []
+        self.verdicts, self.error, self._bands = [], None, []
         self._schedule, self._calls = schedule, 0
         self.runs += 1
         self.total = None if schedule is None else schedule.numel() - 1
         first = sigma if schedule is None else float(schedule.reshape(-1)[0])
         self.ctx = resolve_run(self.settings, args["model"], first, tuple(args["input"].shape), args.get("cond_scale"))
+        self.trace = ScoreTrace(detector=run_detector(self.ctx.calibration))  # scored as its calibration is
 
     def _band_at(self, base_model, sigma: float):
         band = self.ctx.band

@@ -77,8 +77,9 @@ class MemorizationScore(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="The sampler's output, so that this node runs after it."),
             ],
             outputs=[
-                io.Float.Output(display_name="score", tooltip="Verdict score (RMS gap over the window; "
-                                "highest image of the batch); NaN when unavailable."),
+                io.Float.Output(display_name="score", tooltip="Verdict score (RMS of the detail of the "
+                                "text's pull, or the calibration's detector; mean over the window; highest image of "
+                                "the batch); NaN when unavailable."),
                 io.Boolean.Output(display_name="flagged", tooltip="True when any image is at or above the threshold."),
                 io.String.Output(display_name="summary", tooltip="The verdict per image, in words."),
                 io.Image.Output(display_name="plot", tooltip="Score per step, one line per image, threshold dashed."),

@@ -9,7 +9,7 @@ from memoguard.explain import METHODS
 from memoguard.host_autograd import differentiable
 from memoguard.hosts import Interrupted, failure_message, is_out_of_memory, release_memory
 
-from memoguard.calibration_lookup import CHOICES, NO_FILE
+from memoguard.calibration_lookup import CHOICES, NO_FILE, run_detector
 
 from . import live
 from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, file_options, lookup, model_key
@@ -120,6 +120,7 @@ class TokenContributionsNode(io.ComfyNode):
         shape_of = sampler_latent(model, latent)[:1]  # the size KSampler samples this latent at
         noise = torch.cat([comfy.sample.prepare_noise(shape_of, seed + g) for g in range(generations)])
         noise = noise.to(device)
+        found = source.resolve(model_key(base))
         with differentiable(base):
             adapter = ComfyDiffusionModel(base, sigmas, clip, noise, device=device)
             cond, uncond = adapter.encode([text]), adapter.encode([""], prompt_type="negative")
@@ -127,8 +128,7 @@ class TokenContributionsNode(io.ComfyNode):
             schedule_steps = len(sigmas) - 1  # some schedulers (ddim_uniform) add a step
             result = token_contributions(adapter, cond, uncond, x_T, steps=min(explain_steps, schedule_steps),
                                          guidance=cfg, total_steps=schedule_steps, method=method,
-                                         should_stop=interrupted)[0]
-        found = source.resolve(model_key(base))
+                                         should_stop=interrupted, detector=run_detector(found.calibration))[0]
         # the calibration holds first-step scores: a summary over more steps compares nothing with it
         first_step_only = found.calibration is not None and explain_steps == 1
         threshold = found.calibration.threshold(SUMMARY_FPR) if first_step_only else None

@@ -67,7 +67,7 @@ def test_metrics_match_brute_force():
 def test_verdict_flags_by_threshold_and_reports_unavailable():
     import torch
     cal = Calibration("m", list(np.linspace(0, 1, 101)))
-    trace = ScoreTrace()
+    trace = ScoreTrace(detector="magnitude")
     diff = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 2.0)])
     trace.record(0, diff)
     low, high = verdict_for(trace, cal, images=2)
@@ -168,7 +168,7 @@ def test_store_finds_by_key_falls_back_to_the_bundled_preset_and_reports_corrupt
 
 def test_without_a_threshold_the_verdict_is_uncalibrated_never_ok():
     import torch
-    trace = ScoreTrace()
+    trace = ScoreTrace(detector="magnitude")
     trace.record(0, torch.full((2, 1, 2, 2), 0.5))
     verdicts = verdict_for(trace, None, images=2)
     assert [v.label for v in verdicts] == ["uncalibrated", "uncalibrated"]
@@ -187,15 +187,16 @@ def test_calibrate_runs_the_verdict_and_the_band_through_the_model(tiny_model):
     prompts = [f"a {c} circle" for c in ("red", "blue", "green", "purple", "orange", "yellow")] * 2
     calls = []
     cal = calibrate(tiny_model, prompts, model_key="k", shape=tiny_model.latent_shape(), steps=6, band_prompts=3,
-                    extra_timesteps=[999], batch_size=4, conditions={"host": "test"},
+                    seeds=[0, 5], extra_timesteps=[999], batch_size=4, conditions={"host": "test"},
                     progress=lambda stage, done, total: calls.append((stage, done, total)))
-    direct = first_step_gaps(tiny_model, prompts, [0], tiny_model.latent_shape(), tiny_model.timesteps(6)[0])
-    assert cal.scores == pytest.approx(sorted(direct[:, 0].tolist()), rel=1e-5)  # batch sizes differ: last bits
+    direct = first_step_gaps(tiny_model, prompts, [0, 5], tiny_model.latent_shape(), tiny_model.timesteps(6)[0])
+    # every prompt x seed is a benign sample (a verdict judges one generation)
+    assert cal.scores == pytest.approx(sorted(direct.reshape(-1).tolist()), rel=1e-5)  # batch sizes: last bits
     levels = [tiny_model.noise_level(t) for t in tiny_model.timesteps(6)]
     assert cal.band.noise_levels == pytest.approx(levels) and len(cal.band.high) == 6
     assert all(h >= m for h, m in zip(cal.band.high, cal.band.median))
     assert cal.conditions == {"host": "test", "noise_level": pytest.approx(levels[0]), "latent": [3, 16, 16],
-                              "prediction": "eps", "detector": "magnitude"}
+                              "prediction": "eps", "detector": "detail_magnitude"}
     (level,) = cal.other_levels
     assert float(level) == pytest.approx(tiny_model.noise_level(999))
     assert ("band", 3, 3) in calls and ("first step", 12, 12) in calls

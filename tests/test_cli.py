@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from memoguard.calibration import Calibration
+from memoguard.calibration import CALIBRATION_SEEDS, Calibration
 from memoguard.cli import COMMANDS, main
 from memoguard.cli.demo import demo_prompts
 from memoguard.tiny.data import build_dataset
@@ -72,7 +72,8 @@ def test_calibrate_then_scan_with_it(tmp_path, capsys, tiny_model, random_model_
     assert main(["calibrate", "--tiny-benign", "--band-prompts", "4", "--band-steps", "10", "--steps", "10",
                  "--out", str(cal_file)]) == 0
     cal = Calibration.load(cal_file, tiny_model.model_key)
-    assert len(cal.scores) == 300 and cal.threshold(0.01) > cal.scores[150]
+    assert len(cal.scores) == 300 * CALIBRATION_SEEDS and cal.threshold(0.01) > cal.scores[600]
+    assert cal.detector == "detail_magnitude" and cal.meta["seeds"] == CALIBRATION_SEEDS
     assert cal.conditions["noise_level"] == pytest.approx(tiny_model.noise_level(tiny_model.timesteps(10)[0]))
     assert cal.band is not None and len(cal.band.median) == 10 and cal.band.settings["prompts"] == 4
     # the band spans the whole noise range: from where k-diffusion samplers start (t = 999) to t = 1
@@ -508,8 +509,8 @@ def test_help_of_every_command_prints_and_exits_cleanly(command, capsys):
 
 
 def test_a_calibration_serves_only_scores_of_its_own_detector(tmp_path, capsys, monkeypatch):
-    """calibrate --detector anisotropy records it; scan judges anisotropy scores against it, and refuses to judge
-    magnitude scores (another scale) against it."""
+    """calibrate --detector anisotropy records it; scan judges anisotropy scores against it (by default: it follows
+    its calibration), and refuses to judge magnitude scores (another scale) against it."""
     monkeypatch.setenv("MEMOGUARD_CALIBRATIONS", str(tmp_path / "store"))
     assert main(["calibrate", "--tiny-benign", "--band-prompts", "0", "--detector", "anisotropy"]) == 2
     assert "needs --out FILE" in capsys.readouterr().err
@@ -522,8 +523,10 @@ def test_a_calibration_serves_only_scores_of_its_own_detector(tmp_path, capsys, 
     scan = ["scan", "--prompt", "a purple ring, lighthouse poster", "--explain", "0", "--steps", "10",
             "--calibration", str(cal_file)]
     assert main(scan + ["--detector", "anisotropy"]) == 0
-    assert capsys.readouterr().out.split()[0] in ("FLAG", "ok")
-    assert main(scan) == 2
+    chosen = capsys.readouterr().out
+    assert chosen.split()[0] in ("FLAG", "ok")
+    assert main(scan) == 0 and capsys.readouterr().out == chosen
+    assert main(scan + ["--detector", "magnitude"]) == 2
     assert "holds anisotropy scores; this run scores with the magnitude detector" in capsys.readouterr().err
 
 
@@ -531,7 +534,9 @@ def test_calibration_fpr_bench_measures_held_out_generations(tiny_model):
     """The held-out FPR rows: thresholds fitted on half the prompts, judged on the other half's every generation."""
     from memoguard.cli.bench import calibration_fpr_bench
     from memoguard.tiny.evalsets import eval_set_for
-    res = calibration_fpr_bench(tiny_model, eval_set_for(tiny_model).benign_prompts(), 10, seeds=(0, 1))
-    assert res["held_out_generations"] == res["prompts"] // 2 * 2
+    res = calibration_fpr_bench(tiny_model, eval_set_for(tiny_model).benign_prompts(), 10, seeds=(0, 1), splits=5)
+    assert res["held_out_generations"] == res["prompts"] // 2 * 2 and res["detector"] == "detail_magnitude"
     for row in res["variants"].values():
         assert 0.0 <= row["fpr_at_1pct"] <= row["fpr_at_5pct"] <= 0.2  # more allowed, never fewer flagged
+        low, high = row["fpr_at_1pct_p10_p90"]
+        assert low <= row["fpr_at_1pct"] <= high

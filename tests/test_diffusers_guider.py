@@ -11,7 +11,7 @@ from diffusers.guiders import ClassifierFreeGuidance  # noqa: E402
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks  # noqa: E402
 
 from memoguard.standalone.diffusers_guider import MemoGuardGuidance  # noqa: E402
-from memoguard.score import rms_per_image  # noqa: E402
+from memoguard.score import step_score  # noqa: E402
 
 STEPS = 4
 
@@ -60,7 +60,7 @@ def test_watching_leaves_the_latents_bit_identical_and_scores_the_predictions_cf
     per_step = guider.recorder.trace.per_step()
     assert per_step.shape == (STEPS, 2) and len(Recorded.seen) == STEPS
     for step, (t, cond, uncond) in enumerate(Recorded.seen):  # eps-prediction: the RMS of eps_c - eps_u
-        torch.testing.assert_close(per_step[step], rms_per_image(cond - uncond), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(per_step[step], step_score(cond - uncond), rtol=1e-5, atol=1e-7)
     assert [v.label for v in guider.recorder.verdicts()] == ["uncalibrated"] * 2
 
 

@@ -55,7 +55,7 @@ def test_verdicts_are_per_image_and_use_the_calibration(pipe):
     bundled = Calibration.load(asset_path("calibration.json"))
     assert [v.threshold for v in monitor.verdicts()] == [bundled.threshold(0.01)] * 3
     threshold = float(scores.median())
-    calibration = Calibration("m", [threshold * k / 10 for k in range(1, 21)])
+    calibration = Calibration("m", [threshold * k / 10 for k in range(1, 21)], conditions={"detector": "detail_magnitude"})
     with watch(pipe, calibration=calibration, threshold=threshold) as monitor:
         run(pipe, x)
     verdicts = monitor.verdicts()

@@ -8,7 +8,7 @@ from memoguard.standalone.diffusers_model import load_model
 from memoguard.explain import token_contributions
 from memoguard.mitigate import minimize_embedding
 from memoguard.sampling import initial_noise
-from memoguard.score import l2_per_image, rms_per_image
+from memoguard.score import raw_step_score, step_score
 
 
 def _setup(model, prompts, seeds):
@@ -28,7 +28,7 @@ def test_token_scores_match_finite_differences(random_model, random_model_dir):
 
     def gap(e):
         eps_c, eps_u = model64.eps_pair(x64, t, cond64, uncond64, e)
-        return l2_per_image(eps_c - eps_u).sum()
+        return raw_step_score(eps_c - eps_u).sum()
 
     e = cond64.embedding.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(gap(e), [e])
@@ -96,7 +96,7 @@ def test_mitigation_modes(random_model):
 def _gap64(model64, x64, t, cond64, uncond64):
     def gap(e, cond=cond64):
         eps_c, eps_u = model64.eps_pair(x64, t, cond, uncond64, e)
-        return l2_per_image(eps_c - eps_u).sum()
+        return raw_step_score(eps_c - eps_u).sum()
     return gap
 
 
@@ -152,7 +152,7 @@ def test_leave_one_out_re_encodes_the_prompt_without_each_token(random_model):
     def gap(text):
         c = random_model.encode([text]).repeat_rows(2)
         eps_c, eps_u = random_model.eps_pair(x, t, c, uncond)
-        return l2_per_image(eps_c - eps_u).mean().item()
+        return raw_step_score(eps_c - eps_u).mean().item()
 
     for k, score in enumerate(contrib.scores):  # brute force: each word removed from the text
         assert gap(PROMPT) - gap(" ".join(words[:k] + words[k + 1:])) == pytest.approx(score, rel=1e-4, abs=1e-6)
@@ -164,11 +164,11 @@ def test_leave_one_out_in_the_embedding_empties_one_position(random_model):
                                      batch_size=2)
     assert contrib.method_name == "leave-one-out (embedding)"
     t = random_model.timesteps(50)[0]
-    base = l2_per_image(torch.sub(*random_model.eps_pair(x, t, cond, uncond))).item()
+    base = raw_step_score(torch.sub(*random_model.eps_pair(x, t, cond, uncond))).item()
     for pos, score in zip(contrib.positions, contrib.scores):
         emb = cond.embedding.clone()
         emb[0, pos] = uncond.embedding[0, pos]
-        after = l2_per_image(torch.sub(*random_model.eps_pair(x, t, cond, uncond, emb))).item()
+        after = raw_step_score(torch.sub(*random_model.eps_pair(x, t, cond, uncond, emb))).item()
         assert base - after == pytest.approx(score, rel=1e-4, abs=1e-6)
 
 
@@ -203,7 +203,7 @@ def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random
     assert word.scores[1] == pytest.approx(sum(piece_by_piece.scores[1:-2]), rel=1e-5)
     (loo,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
     t = random_model.timesteps(50)[0]
-    gap = lambda txt: l2_per_image(torch.sub(*random_model.eps_pair(x, t, random_model.encode([txt]), uncond))).item()
+    gap = lambda txt: raw_step_score(torch.sub(*random_model.eps_pair(x, t, random_model.encode([txt]), uncond))).item()
     assert gap(text) - gap("a red circle") == pytest.approx(loo.scores[1], rel=1e-4, abs=1e-6)
     # the score with a word left out, as the spread message reads it (RMS of the same difference)
     assert loo.score_without(1) == pytest.approx(gap("a red circle") / x[0].numel() ** 0.5, rel=1e-4)
@@ -218,7 +218,7 @@ def test_grouped_leave_one_out_narrows_to_the_part_whose_removal_matters_most(ra
     (grouped,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_grouped")
     (exact,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
     t = random_model.timesteps(50)[0]
-    gap = lambda keep: l2_per_image(torch.sub(*random_model.eps_pair(
+    gap = lambda keep: raw_step_score(torch.sub(*random_model.eps_pair(
         x, t, random_model.encode([" ".join(words[i] for i in keep)]), uncond))).item()
     left = list(range(len(words)))
     while len(left) > GROUPED_WORDS:
@@ -261,14 +261,14 @@ def test_token_removal_ends_the_recall_and_leaves_other_images_alone(tiny_model)
     memorized = build_dataset(0).memorized_captions[0]
     cond, uncond, x = _setup(tiny_model, [memorized, "a red circle"], [0, 0])
     t = tiny_model.timesteps(20)[0]
-    new, rec = remove_tokens(tiny_model, cond, uncond, x, t, target=0.0157, max_removals=3)
+    new, rec = remove_tokens(tiny_model, cond, uncond, x, t, target=0.008, max_removals=3)
     assert rec.ran and rec.strategy == "remove_tokens"
-    assert rec.after[0] <= 0.0157 < rec.before[0] and 1 <= len(rec.removed[0]) <= 3
+    assert rec.after[0] <= 0.008 < rec.before[0] and 1 <= len(rec.removed[0]) <= 3
     # the score it reports is the score of the prompt it hands back
     eps_c, eps_u = tiny_model.eps_pair(x, t, new, uncond)
-    assert rms_per_image(eps_c - eps_u)[0].item() == pytest.approx(rec.after[0], rel=1e-4)
+    assert step_score(eps_c - eps_u)[0].item() == pytest.approx(rec.after[0], rel=1e-4)
     assert len(new.prompt_tokens(0)) == len(cond.prompt_tokens(0)) - len(rec.removed[0])
-    if rec.before[1] <= 0.0157:  # an image already under target keeps its prompt bit for bit
+    if rec.before[1] <= 0.008:  # an image already under target keeps its prompt bit for bit
         assert rec.removed[1] == [] and torch.equal(new.embedding[1], cond.embedding[1])
 
 
@@ -405,7 +405,7 @@ def test_padding_masking_zeroes_only_the_padding_after_the_end_of_text(tiny_mode
     assert rec.after[2] > rec.before[2] and rec.after[3] > rec.before[3]
     # the score it reports is the score of the embedding it hands back; one pass more than scoring
     eps_c, eps_u = tiny_model.eps_pair(x, ts[0], plan.cond, uncond)
-    assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(rec.after, rel=1e-4)
+    assert step_score(eps_c - eps_u).tolist() == pytest.approx(rec.after, rel=1e-4)
     assert rec.passes == pytest.approx(3.0) and plan.guidance is None and plan.x_T is None
     # half: the padding nearest the end-of-text; an image under the target keeps its embedding bit for bit
     half = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", pad_share=0.5,

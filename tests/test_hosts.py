@@ -13,7 +13,7 @@ from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients
                              cond_for_early_guidance)
 from memoguard.mitigate import minimize_embedding
 from memoguard.model import Denoiser, Interrupted
-from memoguard.score import ScoreTrace, coefficients_vp, rms_per_image, to_eps
+from memoguard.score import ScoreTrace, coefficients_vp, step_score, to_eps
 from memoguard.verdict import verdict_for
 
 

@@ -61,6 +61,29 @@ def _filter():
     return _json("benchmarks/train_filter.json")
 
 
+def _calibration_fpr(model, detector, variant):
+    """Held-out FPR at nominal 1 % of `bench --detection-only` on the bundled ("") or the second ("_ldm") model."""
+    return _json(f"benchmarks/bench_detection{model}.json")["calibration_fpr"][detector]["variants"][variant][
+        "fpr_at_1pct"]
+
+
+def _detail_kernel():
+    """The side of the local mean `detail_magnitude` subtracts, read off a single-pixel difference."""
+    import torch
+    from memoguard.score import step_score
+    spike = torch.zeros(1, 1, 9, 9)
+    spike[0, 0, 4, 4] = 1.0
+    for k in (3, 5):  # the detail of a spike: 1 - 1/k² at it, -1/k² at its k² - 1 neighbours
+        if abs(step_score(spike).item() - (((1 - 1 / k ** 2) ** 2 + (k ** 2 - 1) / k ** 4) / 81) ** 0.5) < 1e-6:
+            return k
+    return None
+
+
+def _detector_tpr(model, detector):
+    return _json(f"benchmarks/bench_detection{model}.json")["detectors"][detector]["by_outcome"]["steps1_gen1"][
+        "tpr_at_1pct_fpr"]
+
+
 def _bench_says(pattern):
     """The number BENCHMARKS.md states where `pattern` (one group) matches."""
     found = re.search(pattern, BENCH, re.S)
@@ -86,8 +109,20 @@ CLAIMS = [
     ("duplicated 10, 20, 40 or 80 times", lambda: sorted(set(_outdoor().memorized_duplicates)) == [10, 20, 40, 80]),
     ("each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4),
     ("(**4 UNet evaluations per prompt**;", lambda: _parser_default("calibrate", "seeds") == 4),
-    ("the nominal 1 % false-positive rate became 3.2 %", lambda: _bench_says(
-        r"one seed a prompt \(before: [^|]*\) \| [\d.]+ \| [\d.]+ \| ([\d.]+)") == "0.032"),
+    ("1.1 % on\n  both evaluation models", lambda: all(round(_calibration_fpr(m, "detail_magnitude", "every_seed"), 3)
+                                                     == 0.011 for m in ("", "_ldm"))),
+    ("one seed a prompt gave up to 4.6 %", lambda: round(max(_calibration_fpr(m, d, "one_seed") for m in ("", "_ldm")
+                                                            for d in ("magnitude", "detail_magnitude")), 3) == 0.046),
+    ("the mean over 4 seeds up to 2.0 %", lambda: round(max(_calibration_fpr(m, d, "seed_mean") for m in ("", "_ldm")
+                                                           for d in ("magnitude", "detail_magnitude")), 3) == 0.020),
+    ("minus its 3×3", lambda: _detail_kernel() == 3),
+    ("a 3×3 average more", lambda: _detail_kernel() == 3),
+    ("the nominal 1 % then holds", lambda: _parser_default("scan", "fpr") == 0.01),
+    ("Does a calibration's 1 % hold", lambda: "### Does a calibration's 1 % hold" in BENCH),
+    ("at a 1 % false-positive rate and the detail 58 % of them", lambda: round(_detector_tpr("_ldm", "detail_magnitude"), 2) == 0.58
+     and _detector_tpr("_ldm", "magnitude") == 0.0),
+    ("on the bundled model 29 % against 16 %", lambda: round(_detector_tpr("", "detail_magnitude"), 2) == 0.29
+     and round(_detector_tpr("", "magnitude"), 2) == 0.16),
     ("`remove_tokens` (up to 3 words left out", lambda: __import__("inspect").signature(
         __import__("memoguard.mitigate", fromlist=["x"]).remove_tokens).parameters["max_removals"].default == 3),
     ("one model call a word, by groups over 12 words", lambda: __import__(

@@ -89,7 +89,7 @@ def test_uncond_missing_detects_none_and_cfg1_zeros():
 
 
 def test_trace_keeps_first_call_of_each_step_and_averages_windows():
-    trace = ScoreTrace()
+    trace = ScoreTrace(detector="magnitude")
     trace.record(0, torch.full((2, 1, 2, 2), 1.0))
     trace.record(0, torch.full((2, 1, 2, 2), 9.0))  # a second-order sampler's extra call
     trace.record(1, torch.full((2, 1, 2, 2), 3.0))
@@ -100,7 +100,7 @@ def test_trace_keeps_first_call_of_each_step_and_averages_windows():
 
 
 def test_trace_scores_steps_by_number_not_by_recording_order():
-    trace = ScoreTrace()  # step 0 was never recorded (e.g. a hook that failed on it)
+    trace = ScoreTrace(detector="magnitude")  # step 0 was never recorded (e.g. a hook that failed on it)
     trace.record(1, torch.full((1, 1, 2, 2), 3.0))
     trace.record(2, torch.full((1, 1, 2, 2), 5.0))
     with pytest.raises(ScoreUnavailable, match="steps 0 to 0 were not recorded"):
@@ -110,7 +110,7 @@ def test_trace_scores_steps_by_number_not_by_recording_order():
 
 
 def test_trace_nan_and_unavailable():
-    trace = ScoreTrace()
+    trace = ScoreTrace(detector="magnitude")
     diff = torch.ones(2, 1, 2, 2)
     diff[1, 0, 0, 0] = float("nan")
     trace.record(0, diff)
@@ -129,7 +129,7 @@ def test_detector_scores():
     eps_u = torch.randn(2, 4, 8, 8)
     diff = torch.stack([eps_u[0], -eps_u[1]]) * 0.1  # along the uncond prediction / against it
     eps_c = eps_u + diff
-    magnitude = detector_score(eps_c, eps_u)
+    magnitude = detector_score(eps_c, eps_u, "magnitude")
     assert torch.allclose(magnitude, diff.flatten(1).norm(dim=1) / 16)
     combined = detector_score(eps_c, eps_u, "magnitude_alignment")
     assert torch.allclose(combined, magnitude * torch.tensor([math.e, 1 / math.e]), rtol=1e-5)
@@ -176,3 +176,35 @@ def test_anisotropy_first_step_scores_match_direct_evaluation(tiny_model):
     batched = first_step_gaps(model, prompts, [0, 1], model.latent_shape(), t_first, batch_size=2, detector="anisotropy")
     np.testing.assert_allclose(batched, got, rtol=1e-4, atol=1e-5)
     assert FirstStep(model, uncond, [0], model.latent_shape(), t_first, "anisotropy").t_low == t_low
+
+
+def test_detail_score_ignores_what_is_flat_over_3x3_and_keeps_single_pixel_detail():
+    from memoguard.score import DEFAULT_DETECTOR, step_score
+    assert DEFAULT_DETECTOR == "detail_magnitude"
+    flat = torch.full((1, 4, 8, 8), 2.0)  # a caption's colour: the whole latent pulled one way
+    assert step_score(flat, "magnitude").item() == pytest.approx(2.0)
+    assert step_score(flat).item() == pytest.approx(0.0, abs=1e-6)
+    spike = torch.zeros(1, 1, 8, 8)
+    spike[0, 0, 4, 4] = 9.0  # one latent pixel: its 3x3 mean is 1, so it keeps 8 and its 8 neighbours -1
+    assert step_score(spike).item() == pytest.approx(math.sqrt((8 ** 2 + 8 * 1) / 64), rel=1e-6)
+    video = torch.randn(2, 4, 3, 8, 8)  # (B, C, frames, H, W): each frame alone
+    frames = torch.stack([step_score(video[:, :, f]) for f in range(3)], 1)
+    assert torch.allclose(step_score(video), (frames ** 2).mean(1).sqrt(), rtol=1e-5)
+
+
+def test_trace_records_its_detector_and_a_calibration_of_another_detector_judges_nothing():
+    from memoguard.calibration import Calibration
+    from memoguard.verdict import verdict_for
+    diff = torch.randn(2, 4, 8, 8)
+    detail, magnitude = ScoreTrace(), ScoreTrace(detector="magnitude")
+    detail.record(0, diff)
+    magnitude.record(0, diff)
+    assert detail.to_dict()["detector"] == "detail_magnitude" and detail.score()[0] < magnitude.score()[0]
+    with pytest.raises(ValueError, match="a step's score is one of"):
+        ScoreTrace(detector="anisotropy")
+    low = Calibration("k", [0.001 * i for i in range(1, 21)], conditions={"detector": "magnitude"})
+    judged = verdict_for(magnitude, low, images=2)
+    assert all(v.flagged and v.detector == "magnitude" for v in judged)
+    refused = verdict_for(detail, low, images=2)
+    assert all(v.label == "uncalibrated" and "holds magnitude scores" in v.reason for v in refused)
+    assert Calibration("k", [0.1] * 10).detector == "magnitude"  # files from before detectors were recorded

@@ -348,7 +348,7 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
         lock.release()
     threshold = calibration.threshold(s["fpr"])
     return {"model_key": key, "checkpoint": checkpoint_name(sd_model), "threshold": threshold, "fpr": s["fpr"],
-            "median": calibration.median, "prompts": len(calibration.scores),
+            "median": calibration.median, "prompts": calibration.meta["prompts"],
             "band": calibration.band is not None, "band_prompts": s["band_prompts"] if calibration.band else 0,
             "conditions": calibration.conditions, "saved_to": str(path),
             "seconds": round(time.time() - started, 1)}

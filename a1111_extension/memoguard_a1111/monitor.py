@@ -16,10 +16,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, rms_per_image,
+from memoguard import (MitigationRecord, ScoreTrace, Verdict, eps_difference, minimize_embedding, step_score,
                        token_contributions, uncond_is_missing)
 from memoguard.explain import REENCODED_METHODS, average_contributions
 from memoguard.calibration import Calibration
+from memoguard.calibration_lookup import run_detector
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
                              release_memory, cond_for_early_guidance, early_guidance)
@@ -221,6 +222,10 @@ class RunMonitor:
         result = self.results[pending.iteration]
         t = float(pending.sigma[0])
         recorded = len(result.trace)
+        if not recorded and not result.trace.unavailable:
+            # scored as the calibration's scores are; looked up after the first model call, which merges LoRAs
+            self.resolve_calibration()
+            result.trace = ScoreTrace(detector=run_detector(self.calibration))
         gaps = result.trace.record(pending.step, diff, t)
         if len(result.trace) > recorded:
             result.levels.append(self._noise_level(pending, t))
@@ -271,7 +276,8 @@ class RunMonitor:
         method = self.settings.explain_method
         with self._gradient_inputs(params, pending, method in REENCODED_METHODS) as (model, cond, uncond, x, t):
             contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=[t],
-                                                method=method, should_stop=self.interrupted)
+                                                method=method, should_stop=self.interrupted,
+                                                detector=result.trace.detector)
         result.explain_note = model.reencode_note
         if not result.explanations:
             result.explanations = [[] for _ in contributions]
@@ -282,10 +288,10 @@ class RunMonitor:
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
         """Change the prompt rows of the images to mitigate (minimize: optimise them; mask_padding: zero their
         padding; remove_tokens: encode them again without words); the record is per image (AND rows combined)."""
-        s, layout = self.settings, pending.layout
+        s, layout, detector = self.settings, pending.layout, result.trace.detector
         with self._gradient_inputs(params, pending, s.strategy == "remove_tokens") as (model, cond, uncond, x, t):
             with torch.no_grad():
-                before, eps_u, row_gaps = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding)
+                before, eps_u, row_gaps = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding, detector)
             images = list(range(len(layout)))
             if s.mitigation == "auto":  # decided on each image's own (combined) score; weights are final now
                 threshold = self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
@@ -306,14 +312,15 @@ class RunMonitor:
             vector = None  # SDXL's pooled vectors, where token removal changes them
             if s.strategy == "mask_padding":
                 masked, sub = mask_padding(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
-                                           target=s.target, first_step=first_step)
+                                           target=s.target, first_step=first_step, detector=detector)
                 sub_emb = masked.embedding
             elif s.strategy == "remove_tokens":
                 if not model.can_reencode(cond):
                     raise MitigationError("token removal encodes the prompt again without words, which is not "
                                           f"possible here: {model.reencode_note}")
                 shorter, sub = remove_tokens(model, cond.rows(rows), uncond.rows(rows), x[rows], t, mode="always",
-                                             target=s.target, should_stop=self.interrupted, first_step=first_step)
+                                             target=s.target, should_stop=self.interrupted, first_step=first_step,
+                                             detector=detector)
                 sub_emb = shorter.embedding
                 pooled = shorter.extra.get("vector", shorter.extra.get("y"))  # SDXL: A1111's / Forge's name
                 if pooled is not None:
@@ -322,7 +329,8 @@ class RunMonitor:
             else:
                 sub_emb, sub = minimize_embedding(model, cond.rows(rows), uncond.rows(rows), x[rows], t,
                                                   mode="always", target=s.target, lr=s.lr, max_iters=s.max_iters,
-                                                  should_stop=self.interrupted, first_step=first_step)
+                                                  should_stop=self.interrupted, first_step=first_step,
+                                                  detector=detector)
             embedding = cond.embedding.detach().clone()
             embedding[rows] = sub_emb.to(embedding.dtype)
             if not sub.ran:
@@ -333,7 +341,7 @@ class RunMonitor:
                     after[i] = sub.after[k]
             else:
                 with torch.no_grad():
-                    after = self._image_gaps(model, cond, uncond, x, t, layout, embedding)[0]
+                    after = self._image_gaps(model, cond, uncond, x, t, layout, embedding, detector)[0]
         row_moves = dict(zip(rows, sub.image_iterations))
         row_masked = dict(zip(rows, sub.masked))
         row_removed = dict(zip(rows, sub.removed))
@@ -347,12 +355,12 @@ class RunMonitor:
             result.vector = vector
 
     @staticmethod
-    def _image_gaps(model, cond, uncond, x, t, layout, embedding):
-        """First-step RMS gap of each image with the cond rows at `embedding`, AND sub-prompts combined; and the
-        unconditional eps and the RMS gap of each row, which the core's strategies start from."""
+    def _image_gaps(model, cond, uncond, x, t, layout, embedding, detector):
+        """First-step score of each image with the cond rows at `embedding`, AND sub-prompts combined; and the
+        unconditional eps and the score of each row, which the core's strategies start from."""
         eps_c, eps_u = model.eps_pair(x, t, cond, uncond, embedding)
-        images = rms_per_image(combine_rows(eps_c - eps_u, and_weights(layout))).float().cpu().tolist()
-        return images, eps_u, rms_per_image(eps_c - eps_u).float().cpu()
+        images = step_score(combine_rows(eps_c - eps_u, and_weights(layout)), detector).float().cpu().tolist()
+        return images, eps_u, step_score(eps_c - eps_u, detector).float().cpu()
 
     def interrupted(self) -> bool:
         """The WebUI's Interrupt / Skip: MemoGuard's own loops stop at once, then the sampler does."""

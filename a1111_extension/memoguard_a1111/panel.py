@@ -142,7 +142,7 @@ def score_plot(gaps: List[float], threshold: float, chart: Chart) -> str:
     out.append(f'<line class="memoguard-axis" x1="{LEFT}" x2="{LEFT}" y1="{TOP}" y2="{PLOT_H - BOTTOM}"/>')
     out.append(f'<text x="{LEFT + span_x / 2:.1f}" y="{PLOT_H - 3}" text-anchor="middle">sampling step</text>')
     out.append(f'<text x="10" y="{TOP + (PLOT_H - TOP - BOTTOM) / 2:.1f}" text-anchor="middle" '
-               f'transform="rotate(-90 10 {TOP + (PLOT_H - TOP - BOTTOM) / 2:.1f})">score (RMS gap)</text>')
+               f'transform="rotate(-90 10 {TOP + (PLOT_H - TOP - BOTTOM) / 2:.1f})">score (RMS)</text>')
     # band: one polygon per run of consecutive steps the band covers, median line on top of it
     runs, current = [], []
     for i, b in enumerate(bands):

@@ -274,6 +274,7 @@ class MemoGuardBase(scripts.Script):
         extra["MemoGuard score"] = score
         extra["MemoGuard verdict"] = lambda **kw: verdict(kw).label
         extra["MemoGuard percentile"] = percentile
+        extra["MemoGuard detector"] = lambda **kw: verdict(kw).detector or None  # what the score is
         extra["MemoGuard model"] = lambda **_: monitor.model_key
         extra["MemoGuard note"] = notes
         extra["MemoGuard error"] = errors

@@ -21,7 +21,7 @@ import torch
 from ..calibration import roc_auc, threshold_at_fpr, tpr_at_fpr
 from ..explain import METHODS, token_contributions
 from ..mitigate import extra_cost, mitigate
-from ..score import DETECTORS
+from ..score import DEFAULT_DETECTOR, DETECTORS, STEP_DETECTORS
 from ..standalone.pipeline import generate
 from ..sampling import initial_noise, sample
 from ..tiny.evalsets import eval_set_for
@@ -31,6 +31,7 @@ MITIGATION_STEPS = 20
 DEFAULT_MITIGATION = "mask_padding"  # the table row of the default strategy at its default target
 HOST_MITIGATION = "opposite_guidance_0.2_s3"  # the same for hosts that know neither the prompt's tokens nor its text
 SEEDS = (0, 1, 2, 3)
+CALIBRATION_FPR_PROMPTS, CALIBRATION_SPLITS = 600, 200  # benign prompts and random halvings of the held-out FPR
 
 
 def add_arguments(p):
@@ -98,9 +99,9 @@ def run_bench(model, quick: bool, target=None, log=print, detection_only: bool =
         got = res["detectors"][detector]["by_outcome"]["steps1_gen1"]
         log(f"detector {detector}: AUC {got['auc']:.3f}, TPR@1%FPR {got['tpr_at_1pct_fpr']:.3f}, "
             f"{res['detectors'][detector]['cost_ratio']:.2f}x the magnitude's time")
-    res["calibration_fpr"] = {detector: calibration_fpr_bench(model, evalset.benign_prompts(), label_steps,
-                                                              detector=detector)
-                              for detector in ("magnitude", "detail_magnitude")}
+    res["calibration_fpr"] = {detector: calibration_fpr_bench(model, evalset.benign_prompts(CALIBRATION_FPR_PROMPTS),
+                                                              label_steps, detector=detector)
+                              for detector in STEP_DETECTORS}
     for detector, found in res["calibration_fpr"].items():
         for name, row in found["variants"].items():
             log(f"calibration {detector} {name}: held-out FPR {row['fpr_at_1pct']:.3f} at nominal 0.01, "
@@ -144,24 +145,29 @@ def detector_bench(model, texts, positive: np.ndarray, kinds: np.ndarray, steps:
     return out
 
 
-def calibration_fpr_bench(model, prompts, steps: int, seeds=(0, 1, 2, 3), detector: str = "magnitude") -> dict:
-    """Does a calibration's 1 % mean 1 % for the images users make? Benign prompts of the model's kind, split in two
-    halves: the calibration's threshold from one half, the share of the other half's single generations (every
-    seed: a user's image is one generation) at or above it. Calibration variants: one seed (what the hosts do),
-    the mean over the seeds per prompt, and every prompt x seed as its own sample."""
+def calibration_fpr_bench(model, prompts, steps: int, seeds=(0, 1, 2, 3), detector: str = DEFAULT_DETECTOR,
+                          splits: int = CALIBRATION_SPLITS) -> dict:
+    """Does a calibration's 1 % mean 1 % for the images users make? Benign prompts of the model's kind, split at
+    random into two halves, `splits` times: the calibration's threshold from one half, the share of the other half's
+    single generations (every seed: a user's image is one generation) at or above it; mean and 10th / 90th
+    percentile over the splits (one split alone swings with the few prompts at the top). Calibration variants:
+    one seed a prompt, the mean over the seeds a prompt, and every prompt x seed a sample (what `calibrate` keeps)."""
     from ..measure import first_step_gaps
     gaps = first_step_gaps(model, prompts, list(seeds), model.latent_shape(), model.timesteps(steps)[0], 128,
                            detector=detector)
-    fit, held = gaps[0::2], gaps[1::2]
-    variants = {"one_seed": fit[:, 0], "seed_mean": fit.mean(1), "every_seed": fit.reshape(-1)}
-    out = {"prompts": len(prompts), "seeds": list(seeds), "detector": detector, "held_out_generations": int(held.size),
-           "variants": {}}
-    for name, scores in variants.items():
-        row = {}
-        for fpr, key in ((0.01, "fpr_at_1pct"), (0.05, "fpr_at_5pct")):
-            row[key] = float((held >= threshold_at_fpr(scores, fpr)).mean())
-        out["variants"][name] = row
-    return out
+    rng, half = np.random.default_rng(0), len(prompts) // 2
+    found = {}
+    for _ in range(splits):
+        order = rng.permutation(len(prompts))
+        fit, held = gaps[order[:half]], gaps[order[half:]]
+        for name, scores in (("one_seed", fit[:, 0]), ("seed_mean", fit.mean(1)), ("every_seed", fit.reshape(-1))):
+            for fpr, key in ((0.01, "fpr_at_1pct"), (0.05, "fpr_at_5pct")):
+                found.setdefault(name, {}).setdefault(key, []).append(float((held >= threshold_at_fpr(scores, fpr)).mean()))
+    variants = {name: {key: float(np.mean(v)) for key, v in rows.items()} |
+                {f"{key}_p10_p90": [float(np.percentile(v, 10)), float(np.percentile(v, 90))] for key, v in rows.items()}
+                for name, rows in found.items()}
+    return {"prompts": len(prompts), "seeds": list(seeds), "detector": detector, "splits": splits,
+            "held_out_generations": (len(prompts) - half) * len(seeds), "variants": variants}
 
 
 def band_shares(band, levels, lines: np.ndarray, positive: np.ndarray, first_steps: int = 3) -> dict:

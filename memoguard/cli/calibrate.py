@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..calibration import CALIBRATION_SEEDS, CalibrationError, CalibrationStore, default_benign_prompts, default_store_folder
-from ..score import DETECTORS
+from ..score import DEFAULT_DETECTOR, DETECTORS, STEP_DETECTORS
 from ..standalone.pipeline import DEFAULT_STEPS
 from ..tiny.evalsets import eval_set_for
 from .lib.inputs import PromptFileError, read_prompts
@@ -35,10 +35,11 @@ def add_arguments(p):
     p.add_argument("--prompts", type=Path, default=None, help="benign prompts (.txt/.csv/.jsonl); default: shipped list")
     p.add_argument("--tiny-benign", action="store_true", help="use ordinary captions of the evaluation model's kind (the bundled model's for any other)")
     p.add_argument("--seeds", type=int, default=CALIBRATION_SEEDS,
-                   help=f"seeds a prompt is scored at; its benign score is their mean (default {CALIBRATION_SEEDS})")
+                   help=f"seeds a prompt is scored at, each generation a benign sample (default {CALIBRATION_SEEDS})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM schedule whose first timestep is scored")
-    p.add_argument("--detector", choices=DETECTORS, default="magnitude",
-                   help="the first-step score the calibration holds (scan --detector); the hosts score magnitude")
+    p.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                   help=f"the first-step score the calibration holds (default {DEFAULT_DETECTOR}); runs are scored "
+                        f"as their calibration's scores are; the hosts score {' or '.join(STEP_DETECTORS)}")
     p.add_argument("--extra-timesteps", type=_ints, default=[], metavar="T[,T...]",
                    help="also score the first step at these timesteps, e.g. 999 (where the hosts' k-diffusion "
                         "samplers start); 1 UNet evaluation per prompt each")
@@ -57,10 +58,10 @@ def run(args) -> int:
     from ..errors import ModelLoadError
     from ..standalone.diffusers_model import load_model
     from ..measure import calibrate
-    if args.detector != "magnitude" and args.out is None:  # the folder the hosts read holds magnitude scores
+    if args.detector not in STEP_DETECTORS and args.out is None:  # the folder the hosts read
         print(f"memoguard calibrate: --detector {args.detector} needs --out FILE (the calibration folder keeps one "
-              f"calibration a model, of the magnitude the hosts score); scan with --detector {args.detector} "
-              f"--calibration FILE", file=sys.stderr)
+              f"calibration a model, of a score the hosts can give: {', '.join(STEP_DETECTORS)}); scan with "
+              f"--detector {args.detector} --calibration FILE", file=sys.stderr)
         return 2
     try:
         prompts = [p for p, _ in read_prompts(args.prompts)] if args.prompts and not args.tiny_benign else None
@@ -91,7 +92,8 @@ def run(args) -> int:
     except (CalibrationError, OSError) as e:
         print(f"memoguard calibrate: {e}", file=sys.stderr)
         return 2
-    print(f"{model.name} ({cal.model_key}): {len(cal.scores)} benign scores at noise level "
+    print(f"{model.name} ({cal.model_key}): {len(cal.scores)} benign {cal.detector} scores ({len(prompts)} prompts x "
+          f"{args.seeds} seeds) at noise level "
           f"{cal.conditions['noise_level']:.4g}, median {cal.median:.4f}, threshold at 1% FPR "
           f"{cal.threshold(0.01):.4f}{', band over ' + str(len(cal.band.median)) + ' steps' if cal.band else ''} -> {out}")
     print("Hosts find it by the model's key: copy the file into ComfyUI/models/memoguard/ or "

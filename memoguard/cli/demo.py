@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import report
+from ..calibration_lookup import run_detector
 from ..explain import token_contributions
 from ..mitigate import mitigate
 from ..standalone.pipeline import DEFAULT_STEPS
@@ -62,13 +63,14 @@ def run(args) -> int:
     model = load_model()
     calibration, notes = load_calibration(None, model, args.steps)
     threshold = calibration.threshold(args.fpr) if calibration else None
+    detector = run_detector(calibration)
     levels = [model.noise_level(t) for t in model.timesteps(args.steps)]
     band = [calibration.band.at(s) if calibration and calibration.band else None for s in levels]
     train_images = unique_training_images(build_dataset(0).images)
     uncond = model.encode([""])
     parts = [f"<p>Bundled tiny model, DDIM {args.steps} steps, guidance {model.guidance}, seed {DEMO_SEED}. "
              f"Verdict from the first-step score against the {100 * args.fpr:g}% false-positive threshold of "
-             f"{len(calibration.scores) if calibration else 0} benign prompts"
+             f"{calibration.meta.get('prompts', 0) if calibration else 0} benign prompts"
              f"{f' ({threshold:.4f})' if threshold else ' (no calibration found: scores only)'}. "
              + (f"The shaded band under each line is where benign prompts lie at each step: from the median up to "
                 f"the level only {100 * calibration.band.fpr:g}% of benign runs exceed at that step (fitted to "
@@ -86,14 +88,14 @@ def run(args) -> int:
     for k, (prompt, kind) in enumerate(demo_prompts()):
         cond = model.encode([prompt])
         x = initial_noise(model, model.latent_shape(), [DEMO_SEED], model.device)
-        result = sample(model, cond, uncond, x, args.steps, on_step=progress(prompt))
+        result = sample(model, cond, uncond, x, args.steps, on_step=progress(prompt), detector=detector)
         verdict = verdict_for(result.trace, calibration, fpr=args.fpr, images=1, notes=notes)[0]
         image = model.decode(result.latents).numpy()
         near_idx, _, near_r = nearest_training(image, train_images)
-        contrib = token_contributions(model, cond, uncond, x, total_steps=args.steps)[0]
+        contrib = token_contributions(model, cond, uncond, x, total_steps=args.steps, detector=detector)[0]
         plan = mitigate(model, cond, uncond, x, model.timesteps(args.steps), model.guidance,
                         mode="auto" if threshold else "always", threshold=threshold,
-                        target=calibration.median if calibration else 0.0)
+                        target=calibration.median if calibration else 0.0, detector=detector)
         record = plan.record
         mitigated = model.decode(sample(model, plan.cond, uncond, x, args.steps, guidance=plan.guidance,
                                         monitor=False).latents).numpy()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..calibration_lookup import run_detector
 from ..errors import ArgumentError
 from ..mitigate import (DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_NOISE_CANDIDATES, DEFAULT_PAD_SHARE, MODES,
                         OPPOSITE_DELAY, SCHEDULES, STRATEGIES, extra_cost, mitigate)
@@ -83,7 +84,8 @@ def mitigation_settings(args, calibration):
                             "benign median serves (python -m memoguard calibrate --model PATH)")
     return strategy, dict(mode=mode, threshold=threshold, target=target or 0.0, lr=args.lr, max_iters=args.max_iters,
                           max_removals=args.max_removals, delay=args.delay, early_scale=args.early_scale,
-                          noise_candidates=args.noise_candidates, pad_share=args.pad_share)
+                          noise_candidates=args.noise_candidates, pad_share=args.pad_share,
+                          detector=run_detector(calibration))
 
 
 def _json_safe(value):
@@ -155,7 +157,7 @@ def run(args) -> int:
                 release_memory(e)
                 print(failure, file=sys.stderr)
         run_ = sample(model, cond, uncond, x, args.steps, guidance if plan is None or plan.guidance is None
-                      else plan.guidance)
+                      else plan.guidance, detector=run_detector(calibration))
         verdicts = verdict_for(run_.trace, calibration, fpr=args.fpr, images=len(seeds), notes=notes)
         images = (model.decode(run_.latents).numpy() * 255).round().astype(np.uint8)
         lines = []

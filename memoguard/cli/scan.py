@@ -12,7 +12,8 @@ from pathlib import Path
 from ..calibration import CalibrationError, roc_auc, tpr_at_fpr
 from ..errors import MemoGuardError
 from ..model import TOKENS_PER_CHUNK
-from ..score import DETECTORS
+from ..calibration_lookup import run_detector
+from ..score import DEFAULT_DETECTOR, DETECTORS, explained_detector
 from ..standalone.pipeline import DEFAULT_STEPS
 from .lib.inputs import DTYPES, PromptFileError, check_dtype, load_calibration, read_prompts
 from .lib.jobs import Progress, keep_batches, results_so_far
@@ -32,10 +33,11 @@ def add_arguments(p):
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
     p.add_argument("--seeds", type=int, default=1, help="generations per prompt (scores are averaged)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="schedule whose first timestep is scored")
-    p.add_argument("--detector", choices=DETECTORS, default="magnitude",
-                   help="first-step score: magnitude (Wen et al., the default), anisotropy (Asthana & Belagiannis: "
-                        "also the alignment at a low noise level, 2 conditional evaluations a prompt), "
-                        "magnitude_alignment; a calibration serves only scores of its own detector")
+    p.add_argument("--detector", choices=DETECTORS, default=None,
+                   help=f"first-step score (default: the calibration's, else {DEFAULT_DETECTOR}): detail_magnitude "
+                        f"(the magnitude of the difference's detail), magnitude (Wen et al.), anisotropy (Asthana & "
+                        f"Belagiannis: also the alignment at a low noise level, 2 conditional evaluations a prompt), "
+                        f"magnitude_alignment; a calibration serves only scores of its own detector")
     p.add_argument("--explain", type=int, default=3, metavar="K", help="show the top K tokens (0: skip, faster)")
     p.add_argument("--out", type=Path, default=None,
                    help="write results to .csv or .json, or append them to .jsonl batch by batch (+ an HTML report)")
@@ -46,14 +48,16 @@ def add_arguments(p):
 
 
 def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEPS, explain=3, batch_size=16,
-                 skip=frozenset(), detector="magnitude"):
-    """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`."""
+                 skip=frozenset(), detector=None):
+    """Results batch by batch (a list of dicts per batch) for the rows whose index is not in `skip`. detector:
+    the first-step score (default: the calibration's, else memoguard.score.DEFAULT_DETECTOR)."""
     from ..explain import token_contributions
     from ..measure import FirstStep
     if batch_size < 1:
         raise MemoGuardError(f"--batch-size must be >= 1, got {batch_size}")
     todo = [(i, prompt, label) for i, (prompt, label) in enumerate(rows) if i not in skip]
     threshold = calibration.threshold(fpr) if calibration else float("nan")
+    detector = detector or run_detector(calibration)
     uncond = model.encode([""])
     first = FirstStep(model, uncond, range(seeds), model.latent_shape(), model.timesteps(steps)[0], detector)
 
@@ -64,7 +68,8 @@ def scan_batches(model, rows, calibration, fpr=0.01, seeds=1, steps=DEFAULT_STEP
         found = {}
         if explain and worded:
             x = first.x.repeat(len(worded), 1, 1, 1)
-            found = dict(zip(worded, token_contributions(model, cond.rows(worded), uncond, x, total_steps=steps)))
+            found = dict(zip(worded, token_contributions(model, cond.rows(worded), uncond, x, total_steps=steps,
+                                                         detector=explained_detector(detector))))
         return [(score, int(n), found.get(k)) for k, (score, n) in enumerate(zip(scores, counts))]
 
     for start in range(0, len(todo), batch_size):
@@ -131,7 +136,7 @@ def run(args) -> int:
         else:
             done = []
         model = load_model(args.model, device=device, dtype=DTYPES[args.dtype], prediction=args.prediction)
-        calibration, notes = load_calibration(args.calibration, model, args.steps, args.detector)
+        calibration, notes = load_calibration(args.calibration, model, args.steps, args.detector, sampler_run=False)
     except (PromptFileError, CalibrationError, ModelLoadError) as e:
         print(f"memoguard scan: {e}", file=sys.stderr)
         return 2

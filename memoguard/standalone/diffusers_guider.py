@@ -24,7 +24,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 from ..hosts import early_guidance
 from ..mitigate import (DEFAULT_EARLY_SCALE, MitigationRecord, check_early_scale, check_mode, plan_guidance_delay,
                         schedule_delay, schedule_of)
-from ..score import rms_per_image
+from ..score import step_score
 from .diffusers_hook import PipelineError, ScoreRecorder
 
 
@@ -73,7 +73,8 @@ class MemoGuardGuidance(ClassifierFreeGuidance):
                 self.record = MitigationRecord(mode="auto", ran=False, strategy=self.strategy,
                                                reason=f"no threshold: {self.recorder.calibration_note or 'no calibration'}")
             else:
-                self._plan, self.record = plan_guidance_delay(rms_per_image(diff), self._num_inference_steps,
+                self._plan, self.record = plan_guidance_delay(step_score(diff, self.recorder.trace.detector),
+                                                              self._num_inference_steps,
                                                               mode=self.mitigation, threshold=threshold,
                                                               delay=self.delay, early_scale=self.early_scale)
         if self._plan is not None and self._plan.applies(self._step):

@@ -24,7 +24,7 @@ from typing import List, Optional, Union
 import torch
 
 from ..calibration import Calibration, default_store_folder
-from ..calibration_lookup import CalibrationLookup
+from ..calibration_lookup import CalibrationLookup, run_detector
 from ..errors import MemoGuardError
 from ..identity import weights_fingerprint
 from ..mitigate import SCHEDULES, mitigate
@@ -65,7 +65,7 @@ class ScoreRecorder:
 
     def start(self) -> None:
         """A new pipeline call."""
-        self.trace, self.images = ScoreTrace(), 0
+        self.trace, self.images = ScoreTrace(detector=run_detector(self.calibration)), 0
 
     def record(self, step: int, t, pred_cond: torch.Tensor, pred_uncond: torch.Tensor) -> torch.Tensor:
         """eps_c - eps_u of every image at this step, recorded; returned for a caller that steers with it."""

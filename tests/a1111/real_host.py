@@ -59,7 +59,7 @@ def _routes(demo, app):
     def first_step_gap():
         """The core's formula on the raw UNet output (eps or v, as the checkpoint's config says) at image 0's
         first step, computed apart from the CFG wrapper the extension reads its x0 / eps from."""
-        from memoguard import eps_difference, rms_per_image
+        from memoguard import eps_difference, step_score
         model, f = shared.sd_model, _first
         with torch.no_grad():
             if hasattr(f["wrap"], "sigma_to_t"):  # k-diffusion: x = x0 + sigma * eps, the UNet sees x / sqrt(sigma^2 + 1)
@@ -70,7 +70,7 @@ def _routes(demo, app):
                 x, t = f["x"], f["sigma"]
             out = [model.apply_model(x, t, cond={"c_crossattn": [c], "c_concat": [f["image_cond"]]})
                    for c in (f["cond"], f["uncond"])]
-            gap = rms_per_image(eps_difference(out[0], out[1], model.parameterization, float(alpha)))
+            gap = step_score(eps_difference(out[0], out[1], model.parameterization, float(alpha)))
         return {"parameterization": model.parameterization, "gap": float(gap[0])}
 
 

@@ -12,6 +12,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from memoguard_a1111 import api, calibrate as calibration_glue  # noqa: E402
+from memoguard.calibration import CALIBRATION_SEEDS  # noqa: E402
 from modules import shared  # noqa: E402
 
 SMALL = dict(prompts=10, band_prompts=2, steps=3, width=128, height=128)  # the tiny model's 16x16 latent
@@ -147,7 +148,7 @@ def test_the_route_answers_the_calibration(webui, served, models_folder):
     assert got["prompts"] == 10 and got["model_key"].startswith("unet-")
     assert got["saved_to"].startswith(str(models_folder))
     saved = json.loads((models_folder / "memoguard" / f"{got['model_key']}.json").read_text())
-    assert len(saved["models"][got["model_key"]]["scores"]) == 10
+    assert len(saved["models"][got["model_key"]]["scores"]) == 10 * CALIBRATION_SEEDS  # each generation a sample
 
 
 def test_a_client_that_disconnects_cancels_its_calibration_behind_the_webuis_middleware(webui, monkeypatch,

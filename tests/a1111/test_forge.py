@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from memoguard import rms_per_image
+from memoguard import step_score
 from memoguard_a1111 import forge as forge_module
 from memoguard_a1111.monitor import ForgeRunMonitor
 from modules import processing, script_callbacks, shared
@@ -19,7 +19,7 @@ def test_forge_is_detected_and_scored_through_the_post_cfg_patch(forge, tiny_mod
     assert isinstance(monitor, ForgeRunMonitor)
     trace = monitor.results[0].trace
     x, t = kdiffusion_start(forge, p)
-    expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t))
+    expected = step_score(core_first_step(tiny_model, [PROMPT] * 2, x, t))
     torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert trace.per_step().shape == (p.steps, 2)
     fields = [infotext_fields(text) for text in processed.infotexts]
@@ -82,7 +82,7 @@ def test_forge_cfg_1_scores_the_verdicts_steps_with_the_negative_pass_memoguard_
     assert sum(calls) == 2 * p.steps + 2 * window  # the sampler's cond passes + one negative pass a scored step
     assert len(monitor._negatives) == 1  # the negative prompts encoded once for the whole generation
     x, t = kdiffusion_start(forge, p)
-    expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t, negative="blurry"))
+    expected = step_score(core_first_step(tiny_model, [PROMPT] * 2, x, t, negative="blurry"))
     trace = monitor.results[0].trace
     assert len(trace) == window and monitor.results[0].skipped_steps == list(range(window, p.steps))
     torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
@@ -98,7 +98,7 @@ def test_forge_cfg_1_explains_against_the_negative_memoguard_encoded(forge, tiny
     assert got.method == "leave_one_out" and not monitor.errors
     x, t = kdiffusion_start(forge, p)
     # its gap is the score's: the prompt against the negative prompt at the first step
-    expected = float(rms_per_image(core_first_step(tiny_model, [PROMPT], x, t, negative="blurry"))[0])
+    expected = float(step_score(core_first_step(tiny_model, [PROMPT], x, t, negative="blurry"))[0])
     assert got.gap_before / got.elements ** 0.5 == pytest.approx(expected, rel=1e-4)
     assert infotext_fields(processed.infotexts[0])["MemoGuard explanation"] == "leave-one-out"
 

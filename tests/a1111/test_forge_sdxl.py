@@ -3,7 +3,7 @@ KModel.apply_model as y, checked against that apply_model directly."""
 import pytest
 import torch
 
-from memoguard import eps_difference, rms_per_image
+from memoguard import eps_difference, step_score
 from modules import processing
 from modules.sd_samplers_kdiffusion import CompVisDenoiser
 from test_script import PROMPT, infotext_fields, kdiffusion_start, make_p, run, seeds_noise
@@ -31,7 +31,7 @@ def test_forge_sdxl_score_is_the_kmodels_first_step_gap(forge_xl, negative):
     monitor, processed = run(p)
     assert not monitor.errors
     with torch.no_grad():
-        expected = rms_per_image(kmodel_gap(forge_xl, *euler_start(forge_xl, p), negative))
+        expected = step_score(kmodel_gap(forge_xl, *euler_start(forge_xl, p), negative))
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert [float(infotext_fields(text)["MemoGuard score"]) for text in processed.infotexts] == \
         pytest.approx(expected.tolist(), abs=1e-4)
@@ -64,7 +64,7 @@ def test_forge_sdxl_mitigation_lowers_the_gap_and_leaves_y_alone(forge_xl, monke
     assert not monitor.errors
     record = monitor.results[0].mitigation
     with torch.no_grad():
-        before = rms_per_image(kmodel_gap(forge_xl, *euler_start(forge_xl, p))).item()
+        before = step_score(kmodel_gap(forge_xl, *euler_start(forge_xl, p))).item()
     assert record.ran and record.before[0] == pytest.approx(before, rel=1e-4) and record.after[0] < record.before[0]
     # the sampler saw the optimised crossattn: its first recorded gap is the record's "after"
     assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from memoguard import rms_per_image
+from memoguard import step_score
 from memoguard.calibration import CALIBRATION_SEEDS, Calibration
 from memoguard.identity import weights_fingerprint
 from memoguard_a1111 import calibrate as calibration_glue
@@ -44,7 +44,7 @@ def test_calibration_runs_through_the_webui_model_and_is_saved_by_key(host, tiny
     # the band's runs are the sampler the conditions name (it recorded "ddim" beside conditions saying Euler)
     assert calibration.band.settings["sampler"] == calibration.conditions["sampler"] == "Euler"
     assert answer["threshold"] == pytest.approx(calibration.threshold(0.01))
-    # first-step scores: the core's gap on the diffusers model at the WebUI's first sigma, the mean over seeds 0-3
+    # first-step scores: the core's score on the diffusers model at the WebUI's first sigma, at each of seeds 0-3
     assert calibration.meta["seeds"] == CALIBRATION_SEEDS == 4
     wrap = CompVisDenoiser(webui)
     sigma = wrap.get_sigmas(3)[0]
@@ -53,8 +53,8 @@ def test_calibration_runs_through_the_webui_model_and_is_saved_by_key(host, tiny
     for seed in range(CALIBRATION_SEEDS):
         noise = torch.stack([torch.randn(webui.latent_shape, generator=torch.Generator().manual_seed(seed))] * 10)
         x_vp = noise * sigma / (sigma ** 2 + 1).sqrt()
-        at_seeds.append(rms_per_image(core_first_step(tiny_model, prompts, x_vp, wrap.sigma_to_t(sigma.reshape(1))[0])))
-    want = torch.stack(at_seeds).mean(0)
+        at_seeds.append(step_score(core_first_step(tiny_model, prompts, x_vp, wrap.sigma_to_t(sigma.reshape(1))[0])))
+    want = torch.stack(at_seeds).reshape(-1)
     assert calibration.scores == pytest.approx(sorted(want.tolist()), rel=1e-3)
     assert calibration.conditions["noise_level"] == pytest.approx(float(sigma))
     assert shared.state.textinfo is None  # progress text cleared
@@ -75,6 +75,25 @@ def test_verdict_uses_the_calibration_of_this_checkpoint_only(webui, tiny_model)
     v = monitor.verdict(0, 0)
     assert v.threshold == pytest.approx(answer["threshold"]) and v.flagged == (v.score >= answer["threshold"])
     assert "MemoGuard note" not in got and "MemoGuard error" not in got
+
+
+@pytest.mark.parametrize("host", ["webui", "forge"])
+def test_a_run_is_scored_as_its_calibration_is(host, request):
+    """A calibration from before detectors were recorded (magnitude scores) still judges: the run scores the
+    magnitude, looked up after the first model call (A1111 merges LoRAs there); the default is the detail."""
+    webui = request.getfixturevalue(host)
+    shared.sd_model = webui
+    plain, _ = run(make_p(webui))
+    assert plain.results[0].trace.detector == "detail_magnitude"
+    key = plain.model_key
+    Calibration(key, [0.01 * k for k in range(1, 41)], conditions={"detector": "magnitude"}).save(
+        calibration_glue.store_folder() / f"{key}.json")
+    monitor, processed = run(make_p(webui))
+    v = monitor.verdict(0, 0)
+    assert monitor.results[0].trace.detector == v.detector == "magnitude" and v.label in ("ok", "flagged")
+    got = infotext_fields(processed.infotexts[0])
+    assert v.score > plain.verdict(0, 0).score and got["MemoGuard verdict"] == v.label
+    assert got["MemoGuard detector"] == "magnitude"
 
 
 def other_model(webui_model, tiny_model):
@@ -255,8 +274,8 @@ def test_and_prompt_mitigation_records_the_images_combined_score(host, request):
 
 def test_auto_mitigation_decides_on_the_images_combined_score(webui):
     prompt = "a red house AND a blue boat"
-    _, plain = run(make_p(webui, prompt=prompt))
-    combined = scores_of(plain)[0]
+    plain, _ = run(make_p(webui, prompt=prompt))
+    combined = plain.results[0].trace.score()[0].item()  # not the infotext's 4 decimals
     monitor, processed = run(make_p(webui, prompt=prompt), threshold=combined * 0.999, mitigation="auto", strategy="minimize", max_iters=1)
     assert monitor.results[0].mitigation.ran
     monitor, _ = run(make_p(webui, prompt=prompt), threshold=combined * 1.001, mitigation="auto", strategy="minimize", max_iters=1)
@@ -293,7 +312,7 @@ def test_plot_has_axes_values_band_and_window(webui):
     calibrate_small()
     _, processed = run(make_p(webui, cfg_scale=7.0), window=2)
     html = panel_for(processed.js())
-    assert "sampling step" in html and "score (RMS gap)" in html
+    assert "sampling step" in html and "score (RMS)" in html
     assert html.count("<text") >= 8                   # tick values on both axes
     assert 'class="memoguard-band"' in html and "benign band" in html
     assert 'class="memoguard-window"' in html and "steps 1-2" in html

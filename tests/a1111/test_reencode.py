@@ -6,7 +6,7 @@ import html
 import pytest
 import torch
 
-from memoguard import l2_per_image
+from memoguard.score import raw_step_score
 from memoguard.hosts import WebUIPromptText
 from modules import prompt_parser, shared
 from test_script import infotext_fields, kdiffusion_start, make_p, run
@@ -52,7 +52,7 @@ def gap(model, x, t, text, negative=""):
         return dict(c) if isinstance(c, dict) else {"c_crossattn": [c]}
     t = torch.as_tensor(t).reshape(1)
     with torch.no_grad():
-        return float(l2_per_image(model.apply_model(x, t, cond(text)) - model.apply_model(x, t, cond(negative))))
+        return float(raw_step_score(model.apply_model(x, t, cond(text)) - model.apply_model(x, t, cond(negative))))
 
 
 # each word of PROMPT and the prompt the WebUI would get without it, written out

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from memoguard import rms_per_image, token_contributions
+from memoguard import step_score, token_contributions
 from memoguard_a1111 import monitor as monitor_module
 from memoguard_a1111.script import ARG_NAMES, DEFAULTS, MemoGuardScript, panel_for
 from modules import processing, script_callbacks, shared
@@ -81,7 +81,7 @@ def test_kdiffusion_score_is_the_cores_first_step_gap(webui, tiny_model):
     monitor, processed = run(p)
     trace = monitor.results[0].trace
     x, t = kdiffusion_start(webui, p)
-    expected = rms_per_image(core_first_step(tiny_model, [PROMPT] * 2, x, t))
+    expected = step_score(core_first_step(tiny_model, [PROMPT] * 2, x, t))
     torch.testing.assert_close(trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert trace.per_step().shape == (p.steps, 2)
     assert trace.per_step()[0, 0] != trace.per_step()[0, 1]  # two seeds, two images, two scores
@@ -116,7 +116,7 @@ def test_and_prompt_rows_are_grouped_per_image_and_weighted(host, tiny_model, re
     x, t = kdiffusion_start(webui, p)
     first = core_first_step(tiny_model, ["a red house"] * 2, x, t)
     second = core_first_step(tiny_model, ["a blue boat"] * 2, x, t)
-    expected = rms_per_image(first + 0.5 * second)
+    expected = step_score(first + 0.5 * second)
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
 
@@ -125,7 +125,7 @@ def test_long_prompt_over_75_tokens_is_scored(webui, tiny_model):
     p = make_p(webui, sampler_name="Euler", prompt=prompt)
     monitor, _ = run(p, explain=True)
     x, t = kdiffusion_start(webui, p)
-    expected = rms_per_image(core_first_step(tiny_model, [prompt], x, t))
+    expected = step_score(core_first_step(tiny_model, [prompt], x, t))
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     (contributions,) = monitor.image_explanations(0, 0)
     assert len(contributions.tokens) == 80 and contributions.positions[75] == 78  # second chunk after BOS/EOS

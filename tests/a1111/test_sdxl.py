@@ -3,7 +3,8 @@ WebUI, checked against the model's own apply_model."""
 import pytest
 import torch
 
-from memoguard import l2_per_image, rms_per_image
+from memoguard import step_score
+from memoguard.score import raw_step_score
 from modules import processing, prompt_parser
 from modules.sd_samplers_timesteps import CompVisSampler
 from test_script import PROMPT, infotext_fields, kdiffusion_start, make_p, run, seeds_noise
@@ -31,7 +32,7 @@ def test_kdiffusion_score_is_the_models_first_step_gap(webui_xl, negative):
     p = make_p(webui_xl, sampler_name="Euler", batch_size=2, negative_prompt=negative)
     monitor, processed = run(p)
     x, t = kdiffusion_start(webui_xl, p)
-    expected = rms_per_image(direct_gap(webui_xl, x, t, negative))
+    expected = step_score(direct_gap(webui_xl, x, t, negative))
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
     assert [float(infotext_fields(text)["MemoGuard score"]) for text in processed.infotexts] == \
         pytest.approx(expected.tolist(), abs=1e-4)
@@ -41,7 +42,7 @@ def test_and_prompt_rows_stack_dicts_per_row_and_add_with_their_weights(webui_xl
     p = make_p(webui_xl, sampler_name="Euler", batch_size=2, prompt="a red house AND a blue boat:0.5")
     monitor, _ = run(p)
     x, t = kdiffusion_start(webui_xl, p)
-    expected = rms_per_image(direct_gap(webui_xl, x, t, prompt="a red house")
+    expected = step_score(direct_gap(webui_xl, x, t, prompt="a red house")
                              + 0.5 * direct_gap(webui_xl, x, t, prompt="a blue boat"))
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
@@ -50,7 +51,7 @@ def test_ddim_score_is_the_models_first_step_gap(webui_xl):
     p = make_p(webui_xl, sampler_name="DDIM", batch_size=2)
     monitor, _ = run(p)
     x, t = seeds_noise(webui_xl, p), CompVisSampler(webui_xl).timesteps(p.steps)[0]
-    expected = rms_per_image(direct_gap(webui_xl, x, t))
+    expected = step_score(direct_gap(webui_xl, x, t))
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0], expected, rtol=1e-4, atol=1e-6)
 
 
@@ -69,7 +70,7 @@ def assert_explanation_is_the_gradient(got, processed, model, x, t):
     cond, uncond = conditioning(model, PROMPT), conditioning(model, "")
     emb = cond["crossattn"].clone().requires_grad_(True)
     with torch.enable_grad():
-        gap = l2_per_image(model.apply_model(x, t, {**cond, "crossattn": emb}) - model.apply_model(x, t, uncond))
+        gap = raw_step_score(model.apply_model(x, t, {**cond, "crossattn": emb}) - model.apply_model(x, t, uncond))
         (grad,) = torch.autograd.grad(gap.sum(), [emb])
     assert got.tokens == ["a", "red", "house", "on", "a", "hill"] and got.positions == [1, 2, 3, 4, 5, 6]
     assert sum(got.shares) == pytest.approx(1.0)
@@ -103,7 +104,7 @@ def test_mitigation_lowers_the_gap_and_leaves_the_vector_alone(webui_xl, monkeyp
     assert not monitor.errors
     record = monitor.results[0].mitigation
     x, t = kdiffusion_start(webui_xl, p)
-    assert record.ran and record.before[0] == pytest.approx(rms_per_image(direct_gap(webui_xl, x, t)).item(), rel=1e-4)
+    assert record.ran and record.before[0] == pytest.approx(step_score(direct_gap(webui_xl, x, t)).item(), rel=1e-4)
     assert record.after[0] < record.before[0]
     # the sampler saw the optimised crossattn: its first recorded gap is the record's "after"
     assert monitor.results[0].trace.per_step()[0, 0].item() == pytest.approx(record.after[0], rel=1e-4)

@@ -49,7 +49,7 @@ def main():
     import comfy.sample
     import comfy.samplers
     from comfy_api.latest import io
-    from memoguard import rms_per_image
+    from memoguard import step_score
     from memoguard_pack.nodes import tiny_loader
     from memoguard.host_autograd import differentiable
     from memoguard_pack.nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
@@ -87,7 +87,7 @@ def main():
             edited = adapter.encode_without(weighted, [(0, weighted.word_groups(0)[4])])
             typed, unweighted = adapter.encode([WEIGHTED_WITHOUT]), adapter.encode([WEIGHTED_WITHOUT.replace("(purple:1.3)", "purple")])
         out["y_shape"] = list(cond.extra["y"].shape)
-        out["adapter_first_step"] = rms_per_image(eps_c - eps_u).tolist()
+        out["adapter_first_step"] = step_score(eps_c - eps_u).tolist()
         out["reencode"] = {"words": ["".join(weighted.tokens[0][i] for i in g) for g in weighted.word_groups(0)],
                            "edited_vs_typed": float((edited.embedding - typed.embedding).abs().max()),
                            "weight_effect": float((typed.embedding - unweighted.embedding).abs().max()),

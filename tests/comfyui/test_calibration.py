@@ -77,6 +77,28 @@ def test_auto_finds_the_bundled_preset_for_the_bundled_weights_only(bundled, ran
                for d in of(events, "step"))
 
 
+def test_the_monitor_scores_as_its_calibration_does(random_copy, tmp_path):
+    """A calibration made before detectors were recorded holds magnitude scores: the Monitor then scores the
+    magnitude and judges by it (no recalibration needed); one of a score no sampler step gives is refused, said."""
+    patcher, clip = random_copy
+    key = model_key(patcher.model)
+    session = monitor(patcher, clip, steps=4, calibration=lookup("none"))[0]
+    detail = session.trace.score()[0].item()
+    assert session.trace.detector == "detail_magnitude"
+    for detector, judged in (("magnitude", True), ("anisotropy", False)):
+        folder = tmp_path / detector
+        CalibrationStore(folder).save(Calibration(key, [0.001 * k for k in range(1, 41)],
+                                                  conditions={"detector": detector}))
+        session, _, out, plain = monitor(patcher, clip, steps=4, calibration=lookup("auto", folders=[folder]))
+        assert torch.equal(out, plain)
+        (verdict,) = session.final_verdicts()
+        if judged:
+            assert session.trace.detector == verdict.detector == "magnitude" and verdict.label in ("ok", "flagged")
+            assert verdict.score > detail  # the magnitude of the same difference, its low frequencies included
+        else:
+            assert verdict.label == "uncalibrated" and "only a first-step scan gives" in session.ctx.source
+
+
 def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     patcher, clip = random_copy
     sigmas = harness.schedule(patcher.model, 4)
@@ -90,7 +112,7 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     cal = Calibration.load(result.path, key)
     assert cal.conditions["host"] == "comfyui" and cal.conditions["prediction"] == "eps"
     assert cal.conditions["noise_level"] == pytest.approx(float(sigmas[0])) and cal.conditions["latent"] == [3, 16, 16]
-    assert len(cal.scores) == len(PROMPTS) and cal.band is not None and len(cal.band.noise_levels) == 4
+    assert len(cal.scores) == len(PROMPTS) * CALIBRATION_SEEDS and cal.band is not None and len(cal.band.noise_levels) == 4
 
     session, events, out, plain = monitor(patcher, clip, PROMPTS[0], steps=4,
                                           calibration=lookup("auto", folders=[tmp_path]))
@@ -99,12 +121,12 @@ def test_calibrate_node_saves_what_the_monitor_then_uses(random_copy, tmp_path):
     assert verdict.label in ("ok", "flagged") and verdict.threshold == pytest.approx(cal.threshold(0.01))
     assert verdict.notes == []
     # the calibration measured exactly what the Monitor measures (same sigma, x_T scaling and encoding), at the
-    # node's seed and the next 3, a prompt's benign score their mean
+    # node's seed and the next 3, each generation a benign sample
     assert cal.meta["seeds"] == CALIBRATION_SEEDS == 4
     at_seeds = [verdict.score] + [monitor(patcher, clip, PROMPTS[0], steps=4, seed=s)[0].final_verdicts()[0].score
                                   for s in range(1, CALIBRATION_SEEDS)]
-    mean = sum(at_seeds) / len(at_seeds)
-    assert min(abs(s - mean) for s in cal.scores) < 1e-5 * max(1.0, mean)  # the scores are kept sorted
+    for score in at_seeds:  # the scores are kept sorted
+        assert min(abs(s - score) for s in cal.scores) < 1e-5 * max(1.0, score)
     steps = of(events, "step")
     assert all(set(d) == STEP_FIELDS for d in steps)
     assert all(d["band"] is not None and d["band"][0] <= d["band"][1] for d in steps[:-1])
@@ -287,5 +309,5 @@ def test_calibrate_takes_prompts_over_one_chunk_and_scores_each_as_alone(random_
     run = lambda batch, folder: calibrate_loaded(patcher, clip, (3, 16, 16), sigmas, prompts, folder, cfg=3.0,
                                                  band_prompts=0, seed=0, batch_size=batch, scheduler="normal")
     together, alone = run(4, tmp_path / "a").calibration, run(1, tmp_path / "b").calibration
-    assert len(together.scores) == len(prompts)
+    assert len(together.scores) == len(prompts) * CALIBRATION_SEEDS
     assert sorted(together.scores) == pytest.approx(sorted(alone.scores), rel=1e-5)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from memoguard import rms_per_image
+from memoguard import step_score
 
 from nodes.monitor_hook import (CFG1_MESSAGE, MemorizationFlagged, MonitorSession, MonitorSettings,
                                 attach_monitor, session_of)
@@ -37,7 +37,7 @@ def first_step_gap(model, noise, positive, negative):
         d_u = model.apply_model(x, t, c_crossattn=negative.expand(noise.shape[0], -1, -1))
     sigma = sigmas[0]
     scale = (1 - sigma) if model.flow else 1.0
-    return rms_per_image(scale * ((x - d_c) / sigma - (x - d_u) / sigma))
+    return step_score(scale * ((x - d_c) / sigma - (x - d_u) / sigma))
 
 
 @pytest.mark.parametrize("flow", [False, True])

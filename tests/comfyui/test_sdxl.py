@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from memoguard import rms_per_image, token_contributions
+from memoguard import step_score, token_contributions
 from memoguard.host_autograd import differentiable
 from nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
 from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
@@ -46,7 +46,7 @@ def test_token_contributions_build_y_as_the_sampler_does(sdxl):
         result = token_contributions(adapter, cond, uncond, x_T, steps=2, total_steps=STEPS,
                                      method="gradient_norm")[0]
     # the adapter's first-step gap is the sampler's own: same y (pooled text and 128x128 size ids)
-    assert rms_per_image(eps_c - eps_u).tolist() == pytest.approx(monitor.trace.per_step()[0].tolist(), rel=1e-4)
+    assert step_score(eps_c - eps_u).tolist() == pytest.approx(monitor.trace.per_step()[0].tolist(), rel=1e-4)
     assert result.tokens == ["a", "purple", "ring", ",", "lighthouse", "poster"]
     assert sum(result.shares) == pytest.approx(1.0) and all(s > 0 for s in result.scores)
 

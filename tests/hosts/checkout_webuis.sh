@@ -27,6 +27,17 @@ FORGE_COMMIT=${FORGE_COMMIT:-dfdcbab685e57677014f05a3309b48cc87383167}   # "Fix 
 NEO_MIRROR=${NEO_MIRROR:-$MIRRORS/exo101+sd-webui-forge-neo-v3/repo}
 NEO_COMMIT=${NEO_COMMIT:-5692d2d1e6c293faf5486f7cb18c27c9a3faa758}      # Forge Neo 2.26
 
+# Every mirror first: a missing one otherwise stops the checkout halfway with a bare git error.
+missing=()
+for mirror in "$A1111_MIRROR" "$FORGE_MIRROR" "$SD_MIRROR" "$SGM_MIRROR" "$KD_MIRROR" "$ASSETS_MIRROR" "$HFG_MIRROR"; do
+  [ -d "$mirror" ] || missing+=("$mirror")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  printf 'missing mirror (fetch github:<owner>/<name> for each, <owner>+<name> in the path):\n' >&2
+  printf '  %s\n' "${missing[@]}" >&2
+  exit 1
+fi
+
 # A git work tree (local clone sharing the mirror's objects) so the WebUIs' own `git describe` works.
 worktree() {  # mirror commit dest
   [ -e "$3" ] && { echo "keep $3"; return; }

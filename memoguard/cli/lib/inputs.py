@@ -2,6 +2,7 @@
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -68,16 +69,18 @@ def check_dtype(device: str, dtype: str) -> None:
         raise MemoGuardError(f"--dtype {dtype} needs a GPU (--device cuda); on the CPU use fp32")
 
 
-def load_calibration(path, model, steps: int, detector: str = "magnitude"):
+def load_calibration(path, model, steps: int, detector: Optional[str] = None, sampler_run: bool = True):
     """The model's calibration (the file `path`, else the default store or the bundled preset) at the noise level
     of the first step of a `steps` schedule, and notes on how this run differs from it; (None, []) if none was
-    made for this model. A file that is refused or broken raises CalibrationError (the CLI stops with it)."""
+    made for this model. A file that is refused or broken raises CalibrationError (the CLI stops with it).
+    detector: the run's; None: whichever the calibration holds (of memoguard.score.STEP_DETECTORS where the score
+    comes from a sampling run: `sampler_run`)."""
     how_to = f"run `memoguard calibrate --model ...` on it ({model.name})"
     if path is not None:
         path = Path(path)
-        lookup = CalibrationLookup("file", path.name, [path.parent], how_to, detector)
+        lookup = CalibrationLookup("file", path.name, [path.parent], how_to, detector, sampler_run)
     else:
-        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to, detector)
+        lookup = CalibrationLookup("auto", "", [default_store_folder()], how_to, detector, sampler_run)
     found = lookup.resolve(model.model_key)
     if found.calibration is None:
         if found.absent:
