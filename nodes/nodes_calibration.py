@@ -41,8 +41,8 @@ class MemoGuardCalibrate(io.ComfyNode):
                                      "under the Monitor's chart (0: no band; each costs 2 x steps evaluations)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
                              tooltip="First noise seed of the benign runs: each prompt is scored at this seed and "
-                                     "the next 3, its benign score their mean (a threshold that holds its false-"
-                                     "positive rate at other seeds)."),
+                                     "the next 3, each generation a benign score (a threshold whose false-positive "
+                                     "rate holds for single images at other seeds)."),
                 io.Int.Input("batch_size", default=16, min=1, max=512,
                              tooltip="Prompts per model call (lower it if you run out of memory)."),
             ],
