@@ -489,7 +489,12 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
         os.kill(pid, signal.SIGKILL)
     _, err = run.communicate(timeout=300)
     assert run.returncode != 0
-    assert "memoguard scan (process 0 of 2): stopped after" in err and "two.jsonl.part0: run the same command" in err
+    # process 0 says where its prompts are, unless it had finished them all and waited for process 1 (a loaded
+    # machine schedules the two unevenly): then the launcher stops it inside the wait, and its shard is complete
+    part0 = tmp_path / "two.jsonl.part0"
+    finished = part0.is_file() and part0.read_text().count("\n") == 16
+    assert finished or ("memoguard scan (process 0 of 2): stopped after" in err
+                        and "two.jsonl.part0: run the same command" in err), err[-2000:]
     kept = shard.read_text().count("\n")
     assert 1 <= kept < 16, f"worker 1 was killed after {kept} of its 16 prompts"  # mid-run, finished ones on disk
     again = subprocess.run([*TWO_PROCESSES, *scan, str(out), "--resume"], env=env, capture_output=True, text=True,
