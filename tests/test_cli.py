@@ -480,9 +480,12 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
     out = tmp_path / "two.jsonl"
     run = subprocess.Popen([*TWO_PROCESSES, *scan, str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
-    shard = tmp_path / "two.jsonl.part1"
+    shard, part0 = tmp_path / "two.jsonl.part1", tmp_path / "two.jsonl.part0"
+    started = lambda part: part.is_file() and part.read_text().count("\n") >= 1
     deadline = time.time() + 300
-    while not (shard.is_file() and shard.read_text().count("\n") >= 1) and time.time() < deadline:
+    # both processes have finished a batch: each is inside its run (process 0 still loading the model when the
+    # launcher stops it would end without its line: the launcher's SIGTERM comes before MemoGuard listens for it)
+    while not (started(shard) and started(part0)) and time.time() < deadline:
         assert run.poll() is None, run.communicate()[1][-2000:]
         time.sleep(0.01)
     for pid in _worker_pids(1, str(out)):
@@ -491,7 +494,6 @@ def test_scan_on_two_processes_loses_nothing_when_one_is_killed(tmp_path):
     assert run.returncode != 0
     # process 0 says where its prompts are, unless it had finished them all and waited for process 1 (a loaded
     # machine schedules the two unevenly): then the launcher stops it inside the wait, and its shard is complete
-    part0 = tmp_path / "two.jsonl.part0"
     finished = part0.is_file() and part0.read_text().count("\n") == 16
     assert finished or ("memoguard scan (process 0 of 2): stopped after" in err
                         and "two.jsonl.part0: run the same command" in err), err[-2000:]
