@@ -222,10 +222,9 @@ class RunMonitor:
         result = self.results[pending.iteration]
         t = float(pending.sigma[0])
         recorded = len(result.trace)
-        if not recorded and not result.trace.unavailable:
-            # scored as the calibration's scores are; looked up after the first model call, which merges LoRAs
+        if not recorded:  # looked up after the first model call, which merges LoRAs
             self.resolve_calibration()
-            result.trace = ScoreTrace(detector=run_detector(self.calibration))
+            self._score_detector(result)
         gaps = result.trace.record(pending.step, diff, t)
         if len(result.trace) > recorded:
             result.levels.append(self._noise_level(pending, t))
@@ -277,7 +276,7 @@ class RunMonitor:
         with self._gradient_inputs(params, pending, method in REENCODED_METHODS) as (model, cond, uncond, x, t):
             contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=[t],
                                                 method=method, should_stop=self.interrupted,
-                                                detector=result.trace.detector)
+                                                detector=self._score_detector(result))
         result.explain_note = model.reencode_note
         if not result.explanations:
             result.explanations = [[] for _ in contributions]
@@ -288,13 +287,16 @@ class RunMonitor:
     def _mitigate(self, params, pending: Pending, result: IterationResult) -> None:
         """Change the prompt rows of the images to mitigate (minimize: optimise them; mask_padding: zero their
         padding; remove_tokens: encode them again without words); the record is per image (AND rows combined)."""
-        s, layout, detector = self.settings, pending.layout, result.trace.detector
+        s, layout = self.settings, pending.layout
+        # auto mode looks the calibration up for its threshold: the scores it is compared with are of its detector
+        threshold = (self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
+                     if s.mitigation == "auto" else None)
+        detector = self._score_detector(result)
         with self._gradient_inputs(params, pending, s.strategy == "remove_tokens") as (model, cond, uncond, x, t):
             with torch.no_grad():
                 before, eps_u, row_gaps = self._image_gaps(model, cond, uncond, x, t, layout, cond.embedding, detector)
             images = list(range(len(layout)))
             if s.mitigation == "auto":  # decided on each image's own (combined) score; weights are final now
-                threshold = self.flag_threshold(result, self._noise_level(pending, float(pending.sigma[0])))
                 if threshold is None:
                     result.mitigation = MitigationRecord("auto", False, before=before, after=before,
                                                          image_iterations=[0] * len(layout), strategy=s.strategy,
@@ -413,6 +415,13 @@ class RunMonitor:
         self.resolve_calibration()
         level = self.first_level(result) if level is None else level
         return None if self.calibration is None else self.calibration.at_noise_level(level)
+
+    def _score_detector(self, result: IterationResult) -> str:
+        """The iteration's score: its calibration's once the calibration is looked up (an empty trace takes it then),
+        else the default; explanation and mitigation at step 0 read the score the verdict reads."""
+        if not len(result.trace) and not result.trace.unavailable and self._resolved:
+            result.trace = ScoreTrace(detector=run_detector(self.calibration))
+        return result.trace.detector
 
     def flag_threshold(self, result: IterationResult, level: Optional[float] = None) -> Optional[float]:
         if self.settings.threshold is not None:

@@ -94,6 +94,11 @@ def test_a_run_is_scored_as_its_calibration_is(host, request):
     got = infotext_fields(processed.infotexts[0])
     assert v.score > plain.verdict(0, 0).score and got["MemoGuard verdict"] == v.label
     assert got["MemoGuard detector"] == "magnitude"
+    # auto mitigation at step 0, before the first model call: it decides by the magnitude the calibration holds
+    mitigated, _ = run(make_p(webui), mitigation="auto", strategy="mask_padding")
+    record = mitigated.results[0].mitigation
+    assert mitigated.results[0].trace.detector == "magnitude"
+    assert record.before[0] == pytest.approx(v.score, rel=1e-4) and record.ran == (v.score >= v.threshold)
 
 
 def other_model(webui_model, tiny_model):
