@@ -10,8 +10,8 @@ score along a whole sampling run, for charts. Files are small JSON, keyed by mod
 `CalibrationStore` keeps one file per model in a folder.
 
 Noise level: sigma / alpha of x_t = alpha * x0 + sigma * eps, the noise-to-signal ratio. It is the
-k-diffusion sigma of ComfyUI and the WebUI, sqrt((1 - abar_t) / abar_t) of a timestep t, and
-sigma / (1 - sigma) of a rectified-flow model: one coordinate for every host and scheduler.
+k-diffusion sigma of ComfyUI and the WebUI, sqrt((1 - abar_t) / abar_t) of a timestep t, and the sigma of a
+rectified-flow model read as x = x0 + sigma * v (memoguard.score): one coordinate for every host and scheduler.
 """
 import bisect
 import json
@@ -165,11 +165,17 @@ class Calibration:
 
     def check(self, prediction: Optional[str] = None, noise_level: Optional[float] = None,
               latent: Optional[Sequence[int]] = None, guidance: Optional[float] = None,
-              window: Optional[int] = None) -> List[str]:
+              window: Optional[int] = None, embedded_guidance: Optional[float] = None) -> List[str]:
         """What differs between this run and the calibration in a way that changes the score (empty: none).
         Conditions the calibration did not record are not compared; `guidance` is compared with the band's,
-        `window` (the steps the verdict averages) with the calibration's. Every host and the CLI ask this."""
+        `window` (the steps the verdict averages) with the calibration's, `embedded_guidance` (a guidance-distilled
+        model's input, Flux's FluxGuidance: it changes every prediction, the first step's too) with the one the
+        calibration encoded. Every host and the CLI ask this."""
         c, out = self.conditions, []
+        recorded = c.get("embedded_guidance")
+        if embedded_guidance is not None and recorded is not None and abs(embedded_guidance - recorded) > 1e-6:
+            out.append(f"calibrated at embedded guidance {recorded:g} (Flux guidance), this run uses "
+                       f"{embedded_guidance:g}")
         if window is not None and window != self.window:
             out.append(f"calibrated on {self.window} step(s), this verdict averages {window}")
         if prediction and c.get("prediction") and prediction != c["prediction"]:

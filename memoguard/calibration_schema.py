@@ -18,7 +18,8 @@ PREDICTIONS = ("eps", "v", "flow", "edm", "x0")
 
 # conditions that change the score, with their kinds; other keys are descriptive (short strings or numbers)
 CONDITION_KINDS = {"prediction": "prediction", "noise_level": "positive", "latent": "latent", "steps": "count",
-                   "width": "count", "height": "count", "guidance": "guidance", "detector": "name"}
+                   "width": "count", "height": "count", "guidance": "guidance", "detector": "name",
+                   "embedded_guidance": "guidance"}
 
 
 def _error(where: str, what: str, value: Any = None, show_value: bool = True):

@@ -6,7 +6,9 @@ live here, so every host computes them the same way.
 
 Conventions (see memoguard.score): k-diffusion / EDM hosts call the model with sigma and get the
 denoised x0 at x = x0 + sigma * eps (alpha = 1); rectified-flow models (SD3, Flux) sample
-x = sigma * eps + (1 - sigma) * x0; timestep samplers use the VP schedule.
+x = sigma * eps + (1 - sigma) * x0 = x0 + sigma * v, which memoguard reads in the same form with the velocity v
+in the place of eps (memoguard.score): the same conversions, and the flow's sigma is its noise level; timestep
+samplers use the VP schedule.
 """
 import gc
 import math
@@ -28,28 +30,17 @@ from .score import coefficients_vp, eps_difference
 # prompt's embedding at the first step (padding masking and token removal need the prompt's tokens or text)
 HOST_STRATEGIES = ("guidance_delay", "opposite_guidance", "minimize", "mask_padding", "remove_tokens")
 
-__all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion", "coefficients_flow",
-           "coefficients_vp", "noise_level_flow", "noise_level_vp", "prediction_name", "denoised_difference",
+__all__ = ["CHUNK", "TOKENS_PER_CHUNK", "HOST_STRATEGIES", "coefficients_kdiffusion",
+           "coefficients_vp", "noise_level_vp", "prediction_name", "denoised_difference",
            "combine_rows", "early_guidance", "cond_for_early_guidance", "chunked_encoding", "empty_encoding",
            "WebUIPromptText", "HostSettings", "failure_message", "release_memory", "is_out_of_memory", "Interrupted"]
 
 
 # -- schedules ------------------------------------------------------------------------------------
 def coefficients_kdiffusion(sigma):
-    """(alpha, sigma) of x = x0 + sigma * eps."""
+    """(alpha, sigma) of x = x0 + sigma * eps, and of a rectified flow's x = x0 + sigma * v."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32)
     return torch.ones_like(sigma), sigma
-
-
-def coefficients_flow(sigma):
-    """(alpha, sigma) of a rectified flow's x = (1 - sigma) * x0 + sigma * eps."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    return 1 - sigma, sigma
-
-
-def noise_level_flow(sigma: float) -> float:
-    """memoguard's noise level (sigma / alpha) of a rectified flow's sigma."""
-    return sigma / (1 - sigma) if sigma < 1 else math.inf
 
 
 def noise_level_vp(alphas_cumprod: torch.Tensor, t: float) -> float:
@@ -74,11 +65,10 @@ def prediction_name(kind: Optional[str]) -> Optional[str]:
 
 
 # -- predictions -> the score's eps_c - eps_u --------------------------------------------------------
-def denoised_difference(cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor, sigma,
-                        flow: bool = False) -> torch.Tensor:
-    """eps_c - eps_u per image from a k-diffusion / EDM (or rectified-flow) host's denoised predictions."""
-    alpha = (1 - sigma) if flow else 1.0
-    return eps_difference(cond_denoised, uncond_denoised, "x0", alpha, sigma)
+def denoised_difference(cond_denoised: torch.Tensor, uncond_denoised: torch.Tensor, sigma) -> torch.Tensor:
+    """eps_c - eps_u per image from a k-diffusion / EDM host's denoised predictions (a rectified flow's: v_c - v_u,
+    the same conversion in memoguard's reading of the flow)."""
+    return eps_difference(cond_denoised, uncond_denoised, "x0", 1.0, sigma)
 
 
 def combine_rows(diff_rows: torch.Tensor, weights: Sequence[Sequence[float]]) -> torch.Tensor:

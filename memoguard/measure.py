@@ -60,8 +60,9 @@ class FirstStep:
         if key not in self._eps_u:
             self._eps_u[key] = self.model.eps_uncond(x, t, self.uncond, length)
         rows = cond.repeat_rows(gens)
-        eps_c = self.model.eps(x.repeat(batch, 1, 1, 1), t, rows.embedding, rows.extra)
-        return eps_c, self._eps_u[key].repeat(batch, 1, 1, 1)
+        tile = (batch,) + (1,) * (x.dim() - 1)  # images or video latents (B, C, [T,] H, W)
+        eps_c = self.model.eps(x.repeat(tile), t, rows.embedding, rows.extra)
+        return eps_c, self._eps_u[key].repeat(tile)
 
     @torch.no_grad()
     def gaps(self, cond: PromptEncoding) -> np.ndarray:

@@ -3,9 +3,12 @@
 Every host speaks one of a few conventions. All of them fit x_t = alpha * x0 + sigma * eps:
   - VP timestep models (diffusers, A1111's DDIM/PLMS/UniPC): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t)
   - k-diffusion / ComfyUI denoised outputs (x = x0 + sigma * eps): alpha = 1
-  - rectified flow (SD3, Flux; x = sigma * eps + (1 - sigma) * x0): alpha = 1 - sigma
+  - rectified flow (SD3, Flux, Qwen-Image): read as x = x0 + sigma * v (alpha = 1), with the velocity
+    v = eps - x0 in the place of eps. Its noise difference eps_c - eps_u = (1 - sigma) (v_c - v_u) vanishes at
+    sigma = 1, where flow samplers start, so a flow model's score is the velocity difference, what its CFG
+    scales; DDIM in this form is the flow's Euler step, and its noise level (sigma / alpha) is the flow's sigma.
 and a prediction is one of: "eps" (noise), "v" (alpha*eps - sigma*x0, VP only), "x0" (the
-denoised image) or "flow" (velocity eps - x0). eps_c - eps_u is linear in pred_c - pred_u, so the
+denoised image) or "flow" (velocity eps - x0). The difference is linear in pred_c - pred_u, so the
 score needs neither x nor a second conversion.
 
 Two forms of the gap: the paper's raw L2 over the whole latent, and the RMS (raw / sqrt(numel
@@ -52,7 +55,7 @@ def to_eps(pred: torch.Tensor, parameterization: str, x: torch.Tensor, alpha: Nu
         return a * pred + s * x
     if parameterization == "x0":
         return (x - a * pred) / s
-    return x + a * pred  # flow: velocity u = eps - x0, a = 1 - sigma
+    return pred  # flow: the velocity stands in for eps (x = x0 + sigma * v)
 
 
 def eps_difference(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, parameterization: str,
@@ -66,7 +69,9 @@ def eps_difference(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, parameter
     if parameterization == "eps":
         return diff
     a = _per_image(alpha, diff)
-    if parameterization in ("v", "flow"):
+    if parameterization == "flow":
+        return diff
+    if parameterization == "v":
         return a * diff
     if sigma is None:
         raise ValueError("an 'x0' (denoised) prediction needs sigma to give eps")

@@ -12,10 +12,12 @@ import logging
 import os
 from typing import Optional
 
+import torch
+
 from memoguard.calibration import default_store_folder
 from memoguard.calibration_lookup import NO_FILE, CalibrationLookup, file_choices
 from memoguard.identity import cached_fingerprint
-from memoguard.hosts import noise_level_flow, prediction_name
+from memoguard.hosts import prediction_name
 
 log = logging.getLogger("memoguard")
 
@@ -80,6 +82,11 @@ def is_flow(base_model) -> bool:
     return any(c.__name__ == "CONST" for c in type(sampling).__mro__)
 
 
-def noise_level(base_model, sigma: float) -> float:
-    """memoguard's noise level (sigma / alpha) of ComfyUI's sigma: sigma itself, sigma/(1-sigma) for flow."""
-    return noise_level_flow(sigma) if is_flow(base_model) else sigma
+def embedded_guidance(conds) -> Optional[float]:
+    """The guidance value a guidance-distilled model (Flux dev: FluxGuidance) gets from the first of the sampler's
+    conditioning entries that carries one; None for models without it."""
+    for entry in conds or []:
+        value = entry.get("model_conds", {}).get("guidance")
+        if value is not None and isinstance(value.cond, torch.Tensor) and value.cond.numel():
+            return float(value.cond.reshape(-1)[0])
+    return None

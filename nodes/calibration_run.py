@@ -15,7 +15,7 @@ import torch
 from memoguard.calibration import CALIBRATION_SEEDS, Calibration, CalibrationError, CalibrationStore, default_benign_prompts
 from memoguard.measure import calibrate
 
-from .calibration_choice import model_key, noise_level, prediction_of
+from .calibration_choice import model_key, prediction_of
 from .comfy_model import ComfyDiffusionModel
 
 FPR = 0.01
@@ -45,7 +45,7 @@ def calibrate_loaded(patcher, clip, latent_shape: Sequence[int], sigmas: torch.T
     sigmas = sigmas.to(device)
     steps = len(sigmas) - 1
     noise = torch.zeros(1, *latent_shape, device=device)
-    model = ComfyDiffusionModel(base, sigmas, clip, noise, device=device)
+    model = ComfyDiffusionModel(base, sigmas, clip, noise, device=device, words=False)  # any text encoder
     model.guidance = float(cfg)
     key = model_key(base)
     cal = calibrate(model, list(prompts), model_key=key, shape=tuple(latent_shape), steps=steps,
@@ -54,12 +54,16 @@ def calibrate_loaded(patcher, clip, latent_shape: Sequence[int], sigmas: torch.T
                     batch_size=int(batch_size), progress=progress,
                     conditions={"host": "comfyui", "prediction": prediction_of(base), "scheduler": scheduler,
                                 "steps": steps})
-    cal.conditions["noise_level"] = noise_level(base, float(sigmas[0]))
+    embedded = model.encode(list(prompts[:1])).extra.get("guidance")  # Flux dev: the guidance it was encoded at
+    if embedded is not None:
+        cal.conditions["embedded_guidance"] = float(embedded.reshape(-1)[0])
     cal.meta.update(prompts=len(prompts), band_prompts=min(int(band_prompts), len(prompts)), seed=seed)
     path = CalibrationStore(folder).save(cal)
+    flux = (f"; embedded guidance {cal.conditions['embedded_guidance']:g}"
+            if "embedded_guidance" in cal.conditions else "")
     band = (f"; benign band over {cal.band.settings.get('prompts')} prompts at cfg {cfg:g}"
             if cal.band is not None else "; no band (band_prompts 0)")
     summary = (f"calibrated {key}: {len(prompts)} benign prompts x {CALIBRATION_SEEDS} seeds, {steps} steps ({scheduler}), first sigma "
                f"{float(sigmas[0]):.4g}, latent {'x'.join(map(str, latent_shape))}; threshold at 1% FPR "
-               f"{cal.threshold(FPR):.4f} (median {cal.median:.4f}){band}; saved to {path}")
+               f"{cal.threshold(FPR):.4f} (median {cal.median:.4f}){band}{flux}; saved to {path}")
     return CalibrationResult(cal, path, summary)

@@ -1,13 +1,16 @@
 """memoguard.DiffusionModel over a loaded ComfyUI model, so the core's explanation and mitigation run on it.
 
 ComfyUI's timestep is sigma and its models return the denoised image at x = x0 + sigma*eps:
-parameterization "x0", alpha = 1. ComfyUI executes nodes under torch.inference_mode(); gradients
-need `differentiable(...)` first (memoguard.host_autograd, shared with the Forge adapter).
+parameterization "x0", alpha = 1; a rectified flow (x = x0 + sigma*v) is read in the same form (memoguard.score).
+ComfyUI executes nodes under torch.inference_mode(); gradients need `differentiable(...)` first
+(memoguard.host_autograd, shared with the Forge adapter).
 
-Supported: cross-attention UNets whose conditioning is CLIP's 77-slot chunks (SD1.x, SD2.x,
-SDXL). SDXL's `y` (pooled text + size ids) is built by the model's own `extra_conds`, as the
-sampler builds it, and rides along unoptimised. Rectified-flow models (SD3, Flux) are refused:
-their T5 positions do not line up with CLIP tokens and BOS slots.
+Every model whose text conditioning is `c_crossattn` is encoded, scored and calibrated (SD1.x, SD2.x, SDXL, SD3,
+Flux, Chroma, Qwen-Image). Its other inputs (SDXL's y, Flux's pooled text and guidance) come from the model's own
+`extra_conds`, as the sampler builds them, and ride along unoptimised. Explanation and mitigation also need the
+words behind each position: known where the conditioning is laid out as the tokenizer's CLIP chunks (SD1.x, SD2.x,
+SDXL, a DiT fed by a CLIP); other layouts (T5 beside CLIP, an LLM encoder's chat template) are refused with the
+reason.
 """
 import math
 from dataclasses import dataclass
@@ -22,27 +25,22 @@ from memoguard.host_autograd import ordinary
 from memoguard.hosts import CHUNK, coefficients_kdiffusion
 
 from .calibration_choice import prediction_of
-from .monitor_hook import is_rectified_flow
 
-SUPPORTED = "SD1.x, SD2.x and SDXL"
+SUPPORTED = "models whose text conditioning is c_crossattn (SD1.x, SD2.x, SDXL, SD3, Flux, Chroma, Qwen-Image)"
+WORDS_SUPPORTED = "conditionings laid out as the tokenizer's CLIP chunks (SD1.x, SD2.x, SDXL, a DiT fed by a CLIP)"
 CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
+CONSTANT = "memoguard_constant:"  # prefix of an extra that is one number for the model (split_model_conds)
 PROMPT_SOURCE = "memoguard_prompt"  # the CONDITIONING option MemoGuard Text Encode adds: where it came from
 
 
 class UnsupportedModel(MemoGuardError, ValueError):
-    """A model family whose conditioning MemoGuard's gradient features cannot map to prompt tokens."""
+    """A model whose conditioning MemoGuard cannot read, or whose positions it cannot map to the prompt's words."""
 
 
 def interrupted() -> bool:
     """ComfyUI's interrupt flag (the queue's Cancel): MemoGuard's loops stop with the sampler."""
     from comfy import model_management
     return model_management.processing_interrupted()
-
-
-def check_supported(base_model) -> None:
-    if is_rectified_flow(base_model):
-        raise UnsupportedModel(f"{type(base_model).__name__} is a rectified-flow model (SD3, Flux): token "
-                               f"contributions and embedding minimization support {SUPPORTED} only")
 
 
 @dataclass(frozen=True)
@@ -64,12 +62,37 @@ def prompt_source(entry: dict) -> Optional[PromptSource]:
 
 
 def split_model_conds(model_conds: dict):
-    """(text-encoder output, the other model inputs such as SDXL's y) from a conditioning's model_conds."""
+    """(text-encoder output, the other model inputs such as SDXL's y) from a conditioning's model_conds. A number
+    (Lumina 2's and Z-Image's num_tokens, a CONDConstant) rides along as a (1,) tensor under CONSTANT + its name, so
+    that the core batches it like the tensors; raw_prediction hands the model the number back."""
     if CROSSATTN not in model_conds:
         raise UnsupportedModel(f"this model's conditioning has no {CROSSATTN} (has {sorted(model_conds)}): "
                                f"supported are {SUPPORTED}")
-    extra = {k: ordinary(v.cond) for k, v in model_conds.items() if k != CROSSATTN}
+    extra = {}
+    for key, value in model_conds.items():
+        if key == CROSSATTN:
+            continue
+        if isinstance(value.cond, torch.Tensor):
+            extra[key] = ordinary(value.cond)
+        elif isinstance(value.cond, (bool, int, float)):
+            extra[CONSTANT + key] = torch.tensor([value.cond])
+        else:
+            raise UnsupportedModel(f"this model's conditioning input {key!r} is a {type(value.cond).__name__}: "
+                                   f"supported are {SUPPORTED}")
     return ordinary(model_conds[CROSSATTN].cond), extra
+
+
+def model_inputs(extra: dict) -> dict:
+    """The model's keyword inputs from an encoding's extra: each constant one number again (a batch holds one)."""
+    out = {}
+    for key, value in extra.items():
+        if key.startswith(CONSTANT):
+            if value.unique().numel() != 1:
+                raise UnsupportedModel(f"{key[len(CONSTANT):]} differs within one batch: {value.tolist()}")
+            value = value.reshape(-1)[0].item()
+            key = key[len(CONSTANT):]
+        out[key] = value
+    return out
 
 
 def _without(chunks, drop: set, pad):
@@ -110,23 +133,25 @@ class ComfyDiffusionModel(DiffusionModel):
 
     noise: the sampler-shaped noise; encode() derives SDXL's size conditioning from it exactly as
     the sampler does (comfy.samplers.encode_model_conds: width/height = latent size x 8).
+    words: whether encode() must map positions to the prompt's words (explanation, mitigation); a calibration
+    needs only the conditioning, so any text encoder serves it.
     """
 
     parameterization = "x0"
     reencodes = True  # from the prompt text, through the CLIP (encode_without)
 
     def __init__(self, base_model, sigmas: Optional[torch.Tensor] = None, clip=None,
-                 noise: Optional[torch.Tensor] = None, device=None):
-        check_supported(base_model)
+                 noise: Optional[torch.Tensor] = None, device=None, words: bool = True):
         self.base = base_model
         self.sigmas = sigmas
         self.clip = clip
         self.noise = noise
         self.device = device  # where encode() puts the conditioning (CLIP outputs land on the CPU)
         self.prediction = prediction_of(base_model)  # what the checkpoint predicts, for calibrations
+        self.words = words
 
     def raw_prediction(self, x, t, embedding, extra):
-        return self.base.apply_model(x, t, c_crossattn=embedding, **extra)
+        return self.base.apply_model(x, t, c_crossattn=embedding, **model_inputs(extra))
 
     def coefficients(self, t):
         return coefficients_kdiffusion(t)
@@ -174,7 +199,7 @@ class ComfyDiffusionModel(DiffusionModel):
                                              for key, chunks in tokens.items()}, cond.texts[row], "positive"))
         if any(r.embedding.shape[1] != cond.embedding.shape[1] for r in rows):
             raise UnsupportedModel("a prompt re-encoded without a word changed its length: supported are "
-                                   f"{SUPPORTED}")
+                                   f"{WORDS_SUPPORTED}")
         return self._batch(rows)
 
     def _tokenize(self, text: str) -> dict:
@@ -185,19 +210,29 @@ class ComfyDiffusionModel(DiffusionModel):
         return self._encode_tokens(self._tokenize(text), text, prompt_type)
 
     def _encode_tokens(self, tokens: dict, text: str, prompt_type: str) -> "_Row":
-        layout = self._layout(tokens)
         plain = {k: [[(tok, w) for tok, w, _ in chunk] for chunk in chunks] for k, chunks in tokens.items()}
         cond, options = self.clip.encode_from_tokens_scheduled(plain)[0]
         embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
-        if embedding.shape[1] != len(layout.tokens):
-            raise UnsupportedModel(f"the conditioning has {embedding.shape[1]} positions but the tokenizer "
-                                   f"{len(layout.tokens)}: supported are {SUPPORTED}")
+        try:
+            layout = self._layout(tokens, embedding.shape[1])
+        except UnsupportedModel:
+            if self.words:
+                raise
+            none = torch.zeros(embedding.shape[1], dtype=torch.bool)  # the words are unknown: no prompt positions
+            layout = _Layout([""] * embedding.shape[1], none, none.clone(), None, [-1] * embedding.shape[1])
         return _Row(embedding, layout.tokens, layout.prompt_mask, layout.frozen_mask, extra, layout.ids, layout.words,
                     text)
 
-    def _layout(self, tokens: dict) -> _Layout:
-        key = next(iter(tokens))  # "l" for SD1; SDXL's "g" has the same positions
+    def _layout(self, tokens: dict, length: int) -> _Layout:
+        """The words behind the conditioning's `length` positions, from the first tokenizer ("l" for SD1; SDXL's
+        "g" has the same positions); UnsupportedModel where they are not laid out so."""
+        key = next(iter(tokens))
         pairs = [p for chunk in tokens[key] for p in chunk]
+        if len(pairs) != length:
+            raise UnsupportedModel(
+                f"this model's text encoder ({'+'.join(tokens)}) gives {length} positions and its tokenizer "
+                f"{key!r} {len(pairs)}: MemoGuard maps words to positions in {WORDS_SUPPORTED} (the Monitor and "
+                "calibration work on every model)")
         names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
         in_prompt = [wid > 0 for _, _, wid in pairs]
         # an embedding's vectors (textual inversion) have no id: -1
@@ -209,13 +244,11 @@ class ComfyDiffusionModel(DiffusionModel):
     def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
                         check: bool) -> Optional[PromptEncoding]:
         """A sampler's positive conditioning (B, L, C) as the encoding of `text`: its tokens, words and prompt
-        positions from the CLIP's tokenizer; None when they do not fit it. check: also encode `text` and require
-        the conditioning to be that (token removal re-encodes the text: a conditioning a node changed on the way
-        is not the text's)."""
+        positions from the CLIP's tokenizer (UnsupportedModel where its length is not the tokenizer's). check: also
+        encode `text` and require the conditioning to be that, else None (token removal re-encodes the text: a
+        conditioning a node changed on the way is not the text's)."""
         tokens = self._tokenize(text)
-        layout = self._layout(tokens)
-        if len(layout.tokens) != embedding.shape[1]:
-            return None
+        layout = self._layout(tokens, embedding.shape[1])
         if check:
             own = self._encode_tokens(tokens, text, "positive").embedding.to(embedding)
             if not torch.allclose(own[0], embedding[0], rtol=1e-3, atol=1e-4):
@@ -231,9 +264,10 @@ class ComfyDiffusionModel(DiffusionModel):
         embedding = torch.cat([r.embedding for r in rows])
         if self.device is not None:
             embedding, extra = embedding.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
+        ids = None if any(r.ids is None for r in rows) else torch.stack([r.ids for r in rows])  # None: cannot re-encode
         return PromptEncoding(embedding, [r.tokens for r in rows], torch.stack([r.prompt_mask for r in rows]),
-                              torch.stack([r.frozen_mask for r in rows]), extra, torch.stack([r.ids for r in rows]),
-                              [r.words for r in rows], [r.text for r in rows])
+                              torch.stack([r.frozen_mask for r in rows]), extra, ids, [r.words for r in rows],
+                              [r.text for r in rows])
 
     def _model_conds(self, cond, options: dict, prompt_type: str) -> dict:
         """The model inputs the sampler would build from this CONDITIONING entry (encode_model_conds)."""
@@ -241,6 +275,6 @@ class ComfyDiffusionModel(DiffusionModel):
             raise ValueError("encode() needs the sampler-shaped noise (ComfyDiffusionModel(..., noise=...))")
         noise = self.noise
         params = {**options, "cross_attn": cond, "device": noise.device, "noise": noise,
-                  "width": options.get("width", noise.shape[3] * 8), "height": options.get("height", noise.shape[2] * 8),
+                  "width": options.get("width", noise.shape[-1] * 8), "height": options.get("height", noise.shape[-2] * 8),
                   "prompt_type": options.get("prompt_type", prompt_type)}
         return self.base.extra_conds(**params)

@@ -28,8 +28,8 @@ from memoguard.mitigate import SCHEDULES, host_strategy, mask_padding, plan_guid
 from . import live
 from memoguard.calibration_lookup import CalibrationLookup, run_detector
 
-from .calibration_choice import model_key, noise_level, prediction_of
-from .comfy_model import (CROSSATTN, ComfyDiffusionModel, UnsupportedModel, check_supported, interrupted,
+from .calibration_choice import embedded_guidance, model_key, prediction_of
+from .comfy_model import (CROSSATTN, ComfyDiffusionModel, UnsupportedModel, interrupted,
                           prompt_source, split_model_conds)
 from .monitor_hook import guided_difference, json_safe, register, session_of as _session_of, step_index
 
@@ -93,15 +93,14 @@ class MitigationSession:
         if self.strategy in NEEDS_TEXT and source is None:
             self._report_skip(f"{self.strategy} needs the prompt's text: {HOW_TO_TEXT}")
             return
-        try:
-            check_supported(base_model)
-        except UnsupportedModel as e:
-            self._report_skip(str(e))
-            return
-        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in)
+        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), x_in,
+                                                          embedded_guidance(positive))
         if self.settings.mitigation == "auto" and threshold is None:
             return
-        self._start(base_model, positive, negative[0], source, x_in, timestep, threshold, detector)
+        try:
+            self._start(base_model, positive, negative[0], source, x_in, timestep, threshold, detector)
+        except UnsupportedModel as e:  # a conditioning MemoGuard cannot read or map to words: said, not a failure
+            self._report_skip(str(e))
 
     def _start(self, base_model, positive, negative, source, x_in, timestep, threshold, detector) -> None:
         entry, s, batch = positive[0], self.settings, x_in.shape[0]
@@ -165,7 +164,8 @@ class MitigationSession:
             self._report_skip("at cfg 1 there is no text guidance to steer")
             return
         base_model = args["model"]
-        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"])
+        threshold, self.notes, detector = self._threshold(base_model, float(schedule.reshape(-1)[0]), args["input"],
+                                                          embedded_guidance(args.get("cond")))
         if self.settings.mitigation == "auto" and threshold is None:
             return
         gap = step_score(guided_difference(args), detector)
@@ -176,9 +176,10 @@ class MitigationSession:
                                                       early_scale=scale)
         self._emit()
 
-    def _threshold(self, base_model, first_sigma: float, x_in):
+    def _threshold(self, base_model, first_sigma: float, x_in, embedded: Optional[float]):
         """(threshold, notes, detector) of this run: the explicit threshold, else the calibration of these weights;
-        the score is its calibration's (memoguard.calibration_lookup.run_detector)."""
+        the score is its calibration's (memoguard.calibration_lookup.run_detector). embedded: the run's embedded
+        guidance (Flux)."""
         s = self.settings
         if s.threshold is not None or s.mitigation != "auto":
             return s.threshold, [], run_detector(None)
@@ -186,9 +187,9 @@ class MitigationSession:
         if found.calibration is None:
             self._report_skip(f"mode 'auto' has no threshold for this model: {found.problem}; or set threshold > 0")
             return None, [], run_detector(None)
-        level = noise_level(base_model, first_sigma)
-        cal = found.calibration.at_noise_level(level)
-        return (s.threshold_from(cal), cal.check(prediction_of(base_model), level, list(x_in.shape[1:]), window=1),
+        cal = found.calibration.at_noise_level(first_sigma)
+        return (s.threshold_from(cal), cal.check(prediction_of(base_model), first_sigma, list(x_in.shape[1:]), window=1,
+                                               embedded_guidance=embedded),
                 run_detector(cal))
 
     def fail(self, error: BaseException) -> None:

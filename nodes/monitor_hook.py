@@ -1,7 +1,7 @@
 """The Memorization Monitor's hook: reads the sampler's own cond/uncond predictions, never changes them.
 
 ComfyUI hands a post-CFG function the denoised predictions D_c and D_u at x = x0 + sigma*eps
-(rectified flow: x = sigma*eps + (1 - sigma)*x0); memoguard.score turns them into eps_c - eps_u.
+(rectified flow: x = x0 + sigma*v); memoguard.score turns them into eps_c - eps_u (flow: v_c - v_u).
 The hook is a closure over a MonitorSession, not a bound method: ModelPatcher.clone() deep-copies
 model_options, which copies a method's object but shares a plain function.
 """
@@ -22,7 +22,7 @@ from memoguard.hosts import HostSettings, denoised_difference
 from . import live
 from memoguard.calibration_lookup import CalibrationLookup, run_detector
 
-from .calibration_choice import is_flow, lookup, model_key, noise_level, prediction_of
+from .calibration_choice import embedded_guidance, lookup, model_key, prediction_of
 
 log = logging.getLogger("memoguard")
 
@@ -70,10 +70,11 @@ class RunContext:
         return self.source
 
 
-def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, latent_shape, cond_scale) -> RunContext:
-    """The calibration, threshold, notes and band of a run on `base_model` starting at `first_sigma`."""
+def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, latent_shape, cond_scale,
+                embedded: Optional[float] = None) -> RunContext:
+    """The calibration, threshold, notes and band of a run on `base_model` starting at `first_sigma`; embedded: the
+    run's embedded guidance (Flux), compared with the calibration's."""
     ctx = RunContext(images=int(latent_shape[0]))
-    level = noise_level(base_model, first_sigma)
     try:
         ctx.key = model_key(base_model) if settings.calibration.choice != "none" else None
     except Exception as e:  # an odd model: no calibration, said so
@@ -83,24 +84,19 @@ def resolve_run(settings: MonitorSettings, base_model, first_sigma: float, laten
         found = settings.calibration.resolve(ctx.key)
         ctx.source = found.message
         if found.calibration is not None:
-            cal = found.calibration.at_noise_level(level)
+            cal = found.calibration.at_noise_level(first_sigma)
             ctx.calibration = cal
-            ctx.notes = cal.check(prediction_of(base_model), level, list(latent_shape[1:]), cond_scale,
-                                  settings.window)
+            ctx.notes = cal.check(prediction_of(base_model), first_sigma, list(latent_shape[1:]), cond_scale,
+                                  settings.window, embedded)
             ctx.band = cal.band if cal.band is not None and cal.band.serves(cond_scale) else None
     ctx.threshold = settings.threshold_from(ctx.calibration)
     return ctx
 
 
-def is_rectified_flow(model) -> bool:
-    """ComfyUI's flow models (SD3, Flux) sample with a model_sampling that mixes in CONST."""
-    return is_flow(model)
-
-
 def guided_difference(args: dict) -> torch.Tensor:
-    """eps_c - eps_u per image from a post-CFG call's denoised predictions (the Monitor and delayed guidance)."""
-    return denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"],
-                               is_rectified_flow(args["model"]))
+    """eps_c - eps_u (a rectified flow's v_c - v_u) per image from a post-CFG call's denoised predictions (the
+    Monitor and delayed guidance)."""
+    return denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"])
 
 
 def step_index(sample_sigmas: Optional[torch.Tensor], sigma: float, fallback: int) -> int:
@@ -236,14 +232,15 @@ class MonitorSession:
         self.runs += 1
         self.total = None if schedule is None else schedule.numel() - 1
         first = sigma if schedule is None else float(schedule.reshape(-1)[0])
-        self.ctx = resolve_run(self.settings, args["model"], first, tuple(args["input"].shape), args.get("cond_scale"))
+        self.ctx = resolve_run(self.settings, args["model"], first, tuple(args["input"].shape), args.get("cond_scale"),
+                               embedded_guidance(args.get("cond")))
         self.trace = ScoreTrace(detector=run_detector(self.ctx.calibration))  # scored as its calibration is
 
     def _band_at(self, base_model, sigma: float):
         band = self.ctx.band
         if band is None:
             return None
-        at = band.at(noise_level(base_model, sigma))
+        at = band.at(sigma)
         return None if at is None else [at[0], at[1]]
 
     def _decide(self) -> None:

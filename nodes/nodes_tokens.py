@@ -13,7 +13,7 @@ from memoguard.calibration_lookup import CHOICES, NO_FILE, run_detector
 
 from . import live
 from .calibration_choice import FILE_TOOLTIP, TOOLTIP as CALIBRATION_TOOLTIP, file_options, lookup, model_key
-from .comfy_model import ComfyDiffusionModel, interrupted
+from .comfy_model import ComfyDiffusionModel, UnsupportedModel, interrupted
 from .latents import sampler_latent
 from .plots import message_image, token_bars
 
@@ -92,6 +92,8 @@ class TokenContributionsNode(io.ComfyNode):
             import comfy.model_management
             comfy.model_management.throw_exception_if_processing_interrupted()  # ComfyUI's own cancel
             raise
+        except UnsupportedModel as e:  # a model whose positions are not its words: said on the node, queue goes on
+            return cls._message(str(e))
         except Exception as e:
             if not is_out_of_memory(e):
                 raise

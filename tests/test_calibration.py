@@ -134,6 +134,23 @@ def test_band_interpolates_in_noise_level_and_refuses_outside():
         Band([1.0, 2.0], [0, 0], [0, 0])
 
 
+def test_a_flow_calibration_keeps_its_embedded_guidance_and_says_when_a_run_differs(tmp_path):
+    """Flux dev gets its guidance as an input: every prediction, the first step's too, depends on it."""
+    cal = Calibration("k", list(np.linspace(0.1, 0.2, 20)), conditions={"noise_level": 1.0, "prediction": "flow",
+                                                                        "embedded_guidance": 3.5})
+    cal.save(tmp_path / "c.json")
+    again = Calibration.load(tmp_path / "c.json")
+    assert again.check("flow", 1.0, embedded_guidance=3.5) == [] and again.check("flow", 1.0) == []
+    (note,) = again.check("flow", 1.0, embedded_guidance=2.0)
+    assert "embedded guidance 3.5" in note and "uses 2" in note
+    assert Calibration("k", [0.1] * 20).check(embedded_guidance=2.0) == []  # not recorded: not compared
+    bad = json.loads((tmp_path / "c.json").read_text())
+    next(iter(bad["models"].values()))["conditions"]["embedded_guidance"] = "high"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(CalibrationError, match="embedded_guidance"):
+        Calibration.load(tmp_path / "bad.json")
+
+
 def test_conditions_pick_the_level_and_say_what_differs(tmp_path):
     cal = Calibration("k", list(np.linspace(0.1, 0.2, 20)), conditions={"noise_level": 14.6, "latent": [4, 64, 64],
                                                                         "prediction": "eps"},

@@ -1,5 +1,4 @@
 """The host contract (memoguard.hosts) and the Denoiser split, on a small cross-attention model built here."""
-import math
 
 import pytest
 import torch
@@ -7,13 +6,13 @@ import torch
 from memoguard.calibration import Calibration
 from memoguard.errors import MemoGuardError
 from memoguard.explain import token_contributions
-from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients_flow, coefficients_kdiffusion,
+from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients_kdiffusion,
                              combine_rows, denoised_difference, empty_encoding, failure_message, is_out_of_memory,
-                             noise_level_flow, noise_level_vp, prediction_name, early_guidance,
+                             noise_level_vp, prediction_name, early_guidance,
                              cond_for_early_guidance)
 from memoguard.mitigate import minimize_embedding
 from memoguard.model import Denoiser, Interrupted
-from memoguard.score import ScoreTrace, coefficients_vp, step_score, to_eps
+from memoguard.score import ScoreTrace, coefficients_vp, to_eps
 from memoguard.verdict import verdict_for
 
 
@@ -48,21 +47,19 @@ def encodings(batch=3, chunks=1, uncond_chunks=1, seed=1):
     return cond, uncond, x
 
 
-def test_denoised_difference_is_the_eps_gap_in_both_conventions():
+def test_denoised_difference_is_the_eps_gap():
     x = torch.randn(2, 4, 3, 3)
     d_c, d_u = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
     sigma = torch.tensor([0.7, 0.3])
-    for flow, coefficients in ((False, coefficients_kdiffusion), (True, coefficients_flow)):
-        alpha, s = coefficients(sigma)
-        expected = to_eps(d_c, "x0", x, alpha, s) - to_eps(d_u, "x0", x, alpha, s)
-        torch.testing.assert_close(denoised_difference(d_c, d_u, sigma.reshape(-1, 1, 1, 1), flow), expected)
+    alpha, s = coefficients_kdiffusion(sigma)
+    expected = to_eps(d_c, "x0", x, alpha, s) - to_eps(d_u, "x0", x, alpha, s)
+    torch.testing.assert_close(denoised_difference(d_c, d_u, sigma.reshape(-1, 1, 1, 1)), expected)
 
 
 def test_noise_levels_and_prediction_names():
     abar = torch.linspace(0.99, 0.01, 1000)
     alpha, sigma = coefficients_vp(abar, torch.tensor([500]))
     assert noise_level_vp(abar, 500) == pytest.approx(float(sigma / alpha))
-    assert noise_level_flow(0.5) == 1.0 and math.isinf(noise_level_flow(1.0))
     assert [prediction_name(k) for k in ("epsilon", "EPS", "v_prediction", "V_PREDICTION_EDM", "const", "FLUX",
                                          "FLOW", "edm", None)] == ["eps", "eps", "v", "v", "flow", "flow", "flow",
                                                                   "edm", None]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from memoguard.model import ddim_step
 from memoguard.score import (ScoreTrace, ScoreUnavailable, eps_difference, l2_per_image, rms_per_image, to_eps,
                              uncond_is_missing)
 
@@ -25,13 +26,26 @@ def test_vp_predictions_recover_eps(abar):
         torch.testing.assert_close(to_eps(pred, kind, x, a, s), eps, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("sigma", [0.95, 0.5, 0.1])
-def test_flow_velocity_and_denoised_recover_eps(sigma):
+@pytest.mark.parametrize("sigma", [1.0, 0.5, 0.1])
+def test_a_flow_is_read_as_x0_plus_sigma_velocity(sigma):
+    """x = (1 - sigma) x0 + sigma eps = x0 + sigma v: with (alpha, sigma) = (1, sigma) the velocity stands where eps
+    stands, ComfyUI's denoised x0 converts to it, and DDIM's step is the flow's Euler step."""
     x0, eps = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
     x = sigma * eps + (1 - sigma) * x0
     velocity = eps - x0
-    torch.testing.assert_close(to_eps(velocity, "flow", x, 1 - sigma, sigma), eps, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(to_eps(x0, "x0", x, 1 - sigma, sigma), eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(to_eps(velocity, "flow", x, 1.0, sigma), velocity)
+    torch.testing.assert_close(to_eps(x0, "x0", x, 1.0, sigma), velocity, rtol=1e-4, atol=1e-4)
+    euler = x + (0.25 * sigma - sigma) * velocity
+    torch.testing.assert_close(ddim_step(x, velocity, (1.0, sigma), (1.0, 0.25 * sigma)), euler, rtol=1e-5, atol=1e-5)
+
+
+def test_a_flow_scores_at_sigma_one_where_its_noise_difference_vanishes():
+    x = torch.randn(2, 16, 4, 4)
+    v_c, v_u = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    d_c, d_u = x - v_c, x - v_u  # ComfyUI's denoised at sigma 1
+    gap = rms_per_image(eps_difference(d_c, d_u, "x0", 1.0, 1.0))
+    torch.testing.assert_close(gap, rms_per_image(v_c - v_u))
+    assert float(gap.min()) > 0.5  # (1 - sigma)(v_c - v_u), the noise difference, is 0 here
 
 
 def test_kdiffusion_denoised_recovers_eps():
@@ -42,7 +56,7 @@ def test_kdiffusion_denoised_recovers_eps():
 
 @pytest.mark.parametrize("kind", ["eps", "v", "x0", "flow"])
 def test_difference_is_the_difference_of_conversions(kind):
-    a, s = (0.6, 0.8) if kind != "flow" else (0.3, 0.7)
+    a, s = (0.6, 0.8) if kind != "flow" else (1.0, 0.7)
     x, pc, pu = torch.randn(3, 2, 4, 4, 4).unbind(0)
     expected = to_eps(pc, kind, x, a, s) - to_eps(pu, kind, x, a, s)
     torch.testing.assert_close(eps_difference(pc, pu, kind, a, s), expected, rtol=1e-5, atol=1e-5)
@@ -56,9 +70,9 @@ def test_hand_computed_cases():
     assert eps_difference(c, u, "v", alpha=0.5)[0, 0, 0, 0].item() == pytest.approx(1.0)
     # x0 in k-diffusion: (D_u - D_c) / sigma = (1 - 3) / 4
     assert eps_difference(c, u, "x0", 1.0, 4.0)[0, 0, 0, 0].item() == pytest.approx(-0.5)
-    # flow denoised: (1 - sigma)(D_u - D_c) / sigma with sigma = 0.5
-    assert eps_difference(c, u, "x0", 0.5, 0.5)[0, 0, 0, 0].item() == pytest.approx(-2.0)
-    assert eps_difference(c, u, "flow", 0.25)[0, 0, 0, 0].item() == pytest.approx(0.5)
+    # flow denoised, read as x = x0 + sigma v: (D_u - D_c) / sigma with sigma = 0.5
+    assert eps_difference(c, u, "x0", 1.0, 0.5)[0, 0, 0, 0].item() == pytest.approx(-4.0)
+    assert eps_difference(c, u, "flow", 1.0)[0, 0, 0, 0].item() == pytest.approx(2.0)
 
 
 def test_per_image_coefficients_broadcast():

@@ -64,8 +64,7 @@ def is_rectified_flow(kmodel) -> bool:
 
 def guided_difference(args: dict) -> torch.Tensor:
     """eps_c - eps_u per image from a post-CFG call, scaled as Forge's CFG scales AND prompts (edit strength)."""
-    diff = denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"],
-                               is_rectified_flow(args["model"]))
+    diff = denoised_difference(args["cond_denoised"], args["uncond_denoised"], args["sigma"])
     strength = sum(item.get("strength", 1) for item in args["cond"])
     return diff if strength == 1 else strength * diff
 

@@ -22,7 +22,7 @@ from memoguard.explain import REENCODED_METHODS, average_contributions
 from memoguard.calibration import Calibration
 from memoguard.calibration_lookup import run_detector
 from memoguard.host_autograd import differentiable, ordinary
-from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_flow, noise_level_vp,
+from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_vp,
                              release_memory, cond_for_early_guidance, early_guidance)
 from memoguard.mitigate import GuidanceDelay, MitigationError, mask_padding, plan_guidance_delay, remove_tokens
 from memoguard.verdict import verdict_for
@@ -549,8 +549,8 @@ class ForgeRunMonitor(RunMonitor):
         self.resolve_calibration()  # the UNet this sampling loaded, LoRA patches applied
 
     def _noise_level(self, pending: Pending, t: float) -> float:
-        """Forge calls every model in sigma form; a rectified flow's x = (1 - sigma) x0 + sigma eps."""
-        return noise_level_flow(t) if self._flow else t
+        """Forge calls every model in sigma form, a rectified flow's too (memoguard reads it as x = x0 + sigma v)."""
+        return t
 
     @contextmanager
     def _gradient_inputs(self, params, pending: Pending, reencode: bool = False):

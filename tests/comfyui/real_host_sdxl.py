@@ -7,7 +7,6 @@ encode_adm) with a small UNet and random weights, paired with MemoGuard's tiny C
 import inspect
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -44,7 +43,6 @@ def tiny_sdxl(pooled_channels: int):
 
 def main():
     load_comfy()
-    import comfy.model_base
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
@@ -52,7 +50,7 @@ def main():
     from memoguard import step_score
     from memoguard_pack.nodes import tiny_loader
     from memoguard.host_autograd import differentiable
-    from memoguard_pack.nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
+    from memoguard_pack.nodes.comfy_model import ComfyDiffusionModel
     from memoguard_pack.nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
     from memoguard_pack.nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
     from memoguard_pack.nodes.nodes_tokens import TokenContributionsNode
@@ -129,13 +127,6 @@ def main():
         out["out_of_memory"] = {"error": failing.error, "plain_image": bool(torch.equal(image, plain)),
                                 "tokens": json.loads(tokens)}
 
-        flow = types.SimpleNamespace(model_sampling=comfy.model_base.model_sampling(
-            base.model_config, comfy.model_base.ModelType.FLOW))
-        try:
-            ComfyDiffusionModel(flow)
-            out["flow_refused"] = None
-        except UnsupportedModel as e:
-            out["flow_refused"] = str(e)
     print(json.dumps(out))
 
 

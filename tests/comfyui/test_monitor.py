@@ -28,7 +28,8 @@ def setup(unet, flow=False, batch=1, **settings):
 
 
 def first_step_gap(model, noise, positive, negative):
-    """The score straight from the model: RMS of eps_c - eps_u at the sampler's x_T."""
+    """The score straight from the model at the sampler's x_T: of eps_c - eps_u, a rectified flow's of v_c - v_u
+    (x = x0 + sigma * v, so (D_u - D_c) / sigma in both)."""
     sigmas = harness.schedule(model, STEPS)
     x = model.model_sampling.noise_scaling(sigmas[:1], noise, torch.zeros_like(noise), max_denoise=True)
     t = sigmas[:1].expand(noise.shape[0])
@@ -36,8 +37,7 @@ def first_step_gap(model, noise, positive, negative):
         d_c = model.apply_model(x, t, c_crossattn=positive.expand(noise.shape[0], -1, -1))
         d_u = model.apply_model(x, t, c_crossattn=negative.expand(noise.shape[0], -1, -1))
     sigma = sigmas[0]
-    scale = (1 - sigma) if model.flow else 1.0
-    return step_score(scale * ((x - d_c) / sigma - (x - d_u) / sigma))
+    return step_score((x - d_c) / sigma - (x - d_u) / sigma)
 
 
 @pytest.mark.parametrize("flow", [False, True])
@@ -50,6 +50,9 @@ def test_monitor_leaves_image_bit_identical_and_scores_each_step(unet, flow):
     assert [d["step"] for e, d in events if e == "step"] == list(range(STEPS))
     expected = first_step_gap(base.model, *inputs)
     assert session.trace.per_step()[0] == pytest.approx(expected.tolist(), rel=1e-4)
+    # a flow sampler starts at sigma 1, where the noise difference (1 - sigma)(v_c - v_u) is zero: the score must
+    # read the velocity there
+    assert float(session.trace.per_step()[0, 0]) > 1e-3
     assert session.error is None
 
 

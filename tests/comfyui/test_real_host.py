@@ -358,9 +358,48 @@ def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
     mitigation = out["mitigation"]
     assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
     assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
-    assert "rectified-flow" in out["flow_refused"]
     oom = out["out_of_memory"]
     assert oom["plain_image"] and "ran out of memory" in oom["error"] and "ran out of memory" in oom["tokens"]["error"]
+
+
+def test_flow_families_are_scored_calibrated_explained_and_mitigated_in_the_real_host():
+    """tests/comfyui/real_host_flow.py in ComfyUI's Python: SD3, Flux dev and schnell, Chroma, Qwen-Image (and, where
+    the host has them, Flux.2 and Z-Image) as ComfyUI's own classes, tiny and random."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    run = subprocess.run([python, str(Path(__file__).with_name("real_host_flow.py"))], capture_output=True, text=True,
+                         timeout=1800, env={**os.environ, "COMFYUI_DIR": COMFYUI_DIR})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    present = {name: row for name, row in out.items() if "absent" not in row}
+    assert {"sd3", "flux", "flux_schnell", "chroma", "qwen_image"} <= set(present)
+    for name, row in present.items():
+        assert row["prompt_changes_image"] > 1e-3 and row["bit_identical"], name
+        # flow samplers start at sigma 1: the score reads the velocity there (the noise difference is 0)
+        assert row["first_sigma"] == 1.0 and min(row["first_step"]) > 1e-5, name
+        assert row["calibration"]["prediction"] == "flow" and row["calibration"]["noise_level"] == 1.0, name
+        verdict = row["verdict"]
+        assert verdict["label"] in ("ok", "flagged") and verdict["notes"] == [], name
+        assert verdict["threshold"] == pytest.approx(verdict["calibrated_threshold"]), name
+        # the verdict's run (seed 0, a calibration prompt) is one of the calibration's own samples
+        assert min(abs(s - verdict["score"]) for s in row["calibration_scores"]) < 1e-5 * max(1.0, verdict["score"])
+        assert row.get("other_models_calibration", "uncalibrated") == "uncalibrated", name
+        if name == "flux2_klein":  # its conditioning is padded to 512 positions: words are not mapped, and it says so
+            assert "512 positions" in row["tokens"]["error"] and "512 positions" in row["mitigation"]["error"]
+            assert not row["mitigation"]["ran"]
+            continue
+        assert row["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"], name
+        assert row["tokens"]["method"] == "leave_one_out" and None not in row["tokens"]["score_without"], name
+        mitigation = row["mitigation"]
+        assert mitigation["error"] is None and mitigation["ran"] and mitigation["removed"][0], name
+        assert mitigation["after"][0] < mitigation["before"][0], name
+        assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4), name
+    # Flux dev's embedded guidance: recorded by the calibration, a run at another one says so
+    assert present["flux"]["calibration"]["embedded_guidance"] == 3.5
+    assert present["sd3"]["calibration"]["embedded_guidance"] is None
+    assert any("embedded guidance 3.5" in n and "uses 2" in n for n in present["flux"]["guidance_2_notes"])
+    cfg1 = present["flux_schnell"]["cfg1"]  # guidance-distilled at cfg 1: MemoGuard's own negative pass, image kept
+    assert cfg1["bit_identical"] and cfg1["first_step"] == pytest.approx(present["flux_schnell"]["first_step"], rel=1e-4)
+    assert any("1 extra model call" in note for note in cfg1["notes"])
 
 
 def _version(client) -> str:

@@ -1,10 +1,10 @@
-"""SDXL-style conditioning (y = pooled text + size ids) and the refusal of flow models, against the harness."""
+"""SDXL-style conditioning (y = pooled text + size ids), against the harness."""
 import pytest
 import torch
 
 from memoguard import step_score, token_contributions
 from memoguard.host_autograd import differentiable
-from nodes.comfy_model import ComfyDiffusionModel, UnsupportedModel
+from nodes.comfy_model import ComfyDiffusionModel
 from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
 from nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
 from . import harness
@@ -67,20 +67,3 @@ def test_mitigation_keeps_y_and_the_sampler_starts_from_the_minimized_score(sdxl
     assert session.error is None and record.ran and record.iterations == 4
     assert all(a < b for a, b in zip(record.after, record.before))
     assert monitor.trace.per_step()[0].tolist() == pytest.approx(record.after, rel=1e-3, abs=1e-6)
-
-
-def test_flow_models_are_refused_with_a_message_and_left_alone():
-    with torch.inference_mode():
-        unet, _ = harness.tiny_unet()
-        flow = harness.BaseModel(unet, flow=True)
-    with pytest.raises(UnsupportedModel, match="rectified-flow.*SD1.x, SD2.x and SDXL"):
-        ComfyDiffusionModel(flow)
-    texts = []
-    session = MitigationSession(MitigationSettings(mitigation="always", strategy="minimize"), emit=lambda e, d: None,
-                                show=lambda text, node: texts.append(text))
-    torch.manual_seed(6)
-    inputs = (torch.randn(1, 3, 16, 16), torch.randn(1, 77, 64), torch.randn(1, 77, 64))
-    plain = harness.ModelPatcher(flow)
-    out = harness.sample(attach_mitigation(plain, session), *inputs, steps=STEPS)
-    assert torch.equal(out, harness.sample(plain, *inputs, steps=STEPS))
-    assert session.record is None and "rectified-flow" in texts[-1] and "prompt unchanged" not in texts[-1]
