@@ -6,20 +6,21 @@ ComfyUI executes nodes under torch.inference_mode(); gradients need `differentia
 (memoguard.host_autograd, shared with the Forge adapter).
 
 Every model whose text conditioning is `c_crossattn` is encoded, scored and calibrated (SD1.x, SD2.x, SDXL, SD3,
-Flux, Chroma, Qwen-Image). Its other inputs (SDXL's y, Flux's pooled text and guidance) come from the model's own
-`extra_conds`, as the sampler builds them, and ride along unoptimised. Explanation and mitigation also need the
-words behind each position: known where the conditioning is laid out as the tokenizer's CLIP chunks (SD1.x, SD2.x,
-SDXL, a DiT fed by a CLIP); other layouts (T5 beside CLIP, an LLM encoder's chat template) are refused with the
-reason.
+Flux, Chroma, Qwen-Image, Flux.2, Z-Image). Its other inputs (SDXL's y, Flux's pooled text and guidance, Z-Image's
+token count) come from the model's own `extra_conds`, as the sampler builds them, and ride along unoptimised.
+Explanation and mitigation also need the words behind each position: known where the positions are one CLIP's
+77-token chunks (SD1.x, SD2.x, SDXL, a DiT fed by a CLIP), one T5's tokens (Flux) or a CLIP's followed by a T5's
+(SD3); a word is then its pieces in every tokenizer's stream. Other layouts (an LLM encoder's chat template, Flux.2's
+512 padded positions, Chroma's unpadded T5 once a word is left out) are refused with the reason.
 """
 import math
+import string
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
-from memoguard.model import word_numbers
 from memoguard.errors import MemoGuardError
 from memoguard.host_autograd import ordinary
 from memoguard.hosts import CHUNK, coefficients_kdiffusion
@@ -27,10 +28,13 @@ from memoguard.hosts import CHUNK, coefficients_kdiffusion
 from .calibration_choice import prediction_of
 
 SUPPORTED = "models whose text conditioning is c_crossattn (SD1.x, SD2.x, SDXL, SD3, Flux, Chroma, Qwen-Image)"
-WORDS_SUPPORTED = "conditionings laid out as the tokenizer's CLIP chunks (SD1.x, SD2.x, SDXL, a DiT fed by a CLIP)"
+WORDS_SUPPORTED = ("conditionings laid out as a CLIP's or T5's tokens (SD1.x, SD2.x, SDXL, SD3 and Flux with their "
+                   "own encoders, a DiT fed by a CLIP)")
 CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder output
 CONSTANT = "memoguard_constant:"  # prefix of an extra that is one number for the model (split_model_conds)
 PROMPT_SOURCE = "memoguard_prompt"  # the CONDITIONING option MemoGuard Text Encode adds: where it came from
+CLIP_STREAMS = ("l", "g", "h")  # ComfyUI's tokenizer keys of CLIP BPE streams; T5 streams' keys contain "t5"
+WORD_START = "\u2581"  # sentencepiece's mark of a piece that starts a word
 
 
 class UnsupportedModel(MemoGuardError, ValueError):
@@ -96,15 +100,51 @@ def model_inputs(extra: dict) -> dict:
 
 
 def _without(chunks, drop: set, pad):
-    """Tokenized chunks with the tokens at positions `drop` left out, each chunk closed by its end token and padded
-    to its length with `pad`."""
+    """Tokenized chunks with the tokens at positions `drop` left out, each chunk (CLIP's opened by its BOS) closed by
+    its end token and padded to its length with `pad` (None: a tokenizer that does not pad, e.g. Chroma's T5)."""
     out, position = [], 0
     for chunk in chunks:
+        bos = chunk[:1] if chunk[0][2] == 0 else []  # T5 has no BOS: its first token is the prompt's
         kept = [t for i, t in enumerate(chunk, position) if t[2] > 0 and i not in drop]
-        end = next(t for t in chunk[1:] if t[2] == 0)
-        out.append([chunk[0], *kept, end] + [pad] * (len(chunk) - len(kept) - 2))
+        end = next(t for t in chunk[len(bos):] if t[2] == 0)
+        padding = [] if pad is None else [pad] * (len(chunk) - len(kept) - len(bos) - 1)
+        out.append([*bos, *kept, end, *padding])
         position += len(chunk)
     return out
+
+
+def piece_words(names: List[str], segments: List[int], sentencepiece: bool) -> List[int]:
+    """Per token of one tokenizer's stream, the number of its word within the prompt (-1 outside it: ComfyUI's word
+    id 0 marks BOS, EOS and padding). CLIP's BPE ends a word with "</w>"; sentencepiece (T5) starts one with "▁",
+    and a punctuation piece stands alone, as CLIP's BPE splits it. A new weights segment (ComfyUI's word id) always
+    starts a word."""
+    out, word, open_word, segment, after_punctuation = [], -1, False, None, False
+    for name, seg in zip(names, segments):
+        if seg <= 0:
+            out.append(-1)
+            open_word = False
+            continue
+        if sentencepiece:
+            text = name.replace(WORD_START, "")
+            punctuation = bool(text) and all(c in string.punctuation for c in text)
+            starts = (not open_word or seg != segment or name.startswith(WORD_START) or punctuation
+                      or after_punctuation)
+            open_word, after_punctuation = True, punctuation
+        else:
+            starts = not open_word or seg != segment
+            open_word = not name.endswith("</w>")
+        word += int(starts)
+        out.append(word)
+        segment = seg
+    return out
+
+
+class _Stream(NamedTuple):
+    """One tokenizer's tokens of a prompt, flattened: (token, weight, ComfyUI word id) each, its pieces' names, and
+    each token's word number (piece_words)."""
+    pairs: list
+    names: List[str]
+    words: List[int]
 
 
 class _Layout(NamedTuple):
@@ -186,17 +226,23 @@ class ComfyDiffusionModel(DiffusionModel):
                  self._batch([r for r, n in zip(rows, lengths) if n == length])) for length in sorted(set(lengths))]
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
-        """The prompt tokenized again by the CLIP (its weights syntax, embeddings and chunks), the tokens at the
-        left-out positions dropped from their chunk, the chunk closed and padded again; every other token keeps its
-        weight. The row's prompt_type is "positive" (the explained and mitigated prompt)."""
-        if cond.texts is None:
+        """The prompt tokenized again by the CLIP (its weights syntax, embeddings and chunks), the words at the
+        left-out positions dropped from every tokenizer's stream (SD3's CLIP and T5 alike, Flux's pooling CLIP too),
+        each chunk closed and padded again; every other token keeps its weight. The row's prompt_type is "positive"
+        (the explained and mitigated prompt)."""
+        if cond.texts is None or cond.words is None:
             raise ValueError("this encoding carries no prompt text (it was not made by encode())")
-        pads = {key: chunks[0][-1] for key, chunks in self._tokenize("").items()}  # each encoder's padding token
+        pads = {key: chunks[0][-1] if len(chunks[0]) > 1 else None  # each encoder's padding token (None: unpadded)
+                for key, chunks in self._tokenize("").items()}
         rows = []
         for row, drop in edits:
+            left_out = {cond.words[row][i] for i in drop} - {-1}
             tokens = self._tokenize(cond.texts[row])
-            rows.append(self._encode_tokens({key: _without(chunks, set(drop), pads[key])
-                                             for key, chunks in tokens.items()}, cond.texts[row], "positive"))
+            streams = self._streams(tokens)
+            edited = {key: _without(chunks, {i for i, w in enumerate(streams[key].words) if w in left_out},
+                                    pads[key]) if key in streams else chunks
+                      for key, chunks in tokens.items()}
+            rows.append(self._encode_tokens(edited, cond.texts[row], "positive"))
         if any(r.embedding.shape[1] != cond.embedding.shape[1] for r in rows):
             raise UnsupportedModel("a prompt re-encoded without a word changed its length: supported are "
                                    f"{WORDS_SUPPORTED}")
@@ -223,23 +269,54 @@ class ComfyDiffusionModel(DiffusionModel):
         return _Row(embedding, layout.tokens, layout.prompt_mask, layout.frozen_mask, extra, layout.ids, layout.words,
                     text)
 
+    def _streams(self, tokens: dict) -> dict:
+        """{key: _Stream} of the CLIP and T5 streams this CLIP's text encoder reads (SD3 loaded without T5 ignores
+        its T5 stream), with their words."""
+        tokenizer, encoder = self.clip.tokenizer, getattr(self.clip, "cond_stage_model", None)
+        out = {}
+        for key, chunks in tokens.items():
+            t5 = "t5" in key
+            if not (t5 or key in CLIP_STREAMS):
+                continue
+            modules = [getattr(encoder, name) for name in (key, f"clip_{key}") if hasattr(encoder, name)]
+            if modules and all(m is None for m in modules):
+                continue  # the tokenizer makes the stream, the loaded encoder has no model for it
+            own = next((getattr(tokenizer, name) for name in (key, f"clip_{key}") if hasattr(tokenizer, name)),
+                       tokenizer)
+            pairs = [p for chunk in chunks for p in chunk]
+            names = [name for _, name in own.untokenize([(tok, w) for tok, w, _ in pairs])]
+            out[key] = _Stream(pairs, names, piece_words(names, [seg for _, _, seg in pairs], t5))
+        return out
+
     def _layout(self, tokens: dict, length: int) -> _Layout:
-        """The words behind the conditioning's `length` positions, from the first tokenizer ("l" for SD1; SDXL's
-        "g" has the same positions); UnsupportedModel where they are not laid out so."""
-        key = next(iter(tokens))
-        pairs = [p for chunk in tokens[key] for p in chunk]
-        if len(pairs) != length:
+        """The words behind the conditioning's `length` positions. They are one CLIP stream's (SD1; SDXL's two share
+        their positions; SD3 without T5), a T5 stream's (Flux, Chroma), or a CLIP's followed by a T5's (SD3); a word
+        is the same in every stream (the n-th word of each), its text from the first. UnsupportedModel where the
+        conditioning is laid out otherwise, or the tokenizers split the prompt into different words."""
+        streams = self._streams(tokens)
+        clip, t5 = [k for k in streams if k in CLIP_STREAMS], [k for k in streams if k not in CLIP_STREAMS]
+        options = ([[clip[0], t5[0]]] if clip and t5 else []) + ([[t5[0]]] if t5 else []) + ([[clip[0]]] if clip else [])
+        feeding = next((o for o in options if sum(len(streams[k].pairs) for k in o) == length), None)
+        if feeding is None:
             raise UnsupportedModel(
-                f"this model's text encoder ({'+'.join(tokens)}) gives {length} positions and its tokenizer "
-                f"{key!r} {len(pairs)}: MemoGuard maps words to positions in {WORDS_SUPPORTED} (the Monitor and "
-                "calibration work on every model)")
-        names = [name for _, name in self.clip.tokenizer.untokenize([(tok, w) for tok, w, _ in pairs])]
-        in_prompt = [wid > 0 for _, _, wid in pairs]
-        # an embedding's vectors (textual inversion) have no id: -1
-        ids = torch.tensor([tok if isinstance(tok, int) else -1 for tok, _, _ in pairs])
-        return _Layout([n.replace("</w>", "") for n in names], torch.tensor(in_prompt),
-                       torch.arange(len(pairs)) % CHUNK == 0, ids,
-                       word_numbers([n.endswith("</w>") for n in names], in_prompt))
+                f"this model's text encoder ({'+'.join(tokens)}) gives {length} positions, which are not its "
+                f"tokenizers' tokens ({', '.join(f'{k} {len(s.pairs)}' for k, s in streams.items()) or 'none'}): "
+                f"MemoGuard maps words to positions in {WORDS_SUPPORTED} (the Monitor and calibration work on every "
+                "model)")
+        counts = {k: max(s.words, default=-1) + 1 for k, s in streams.items()}
+        if len(set(counts.values())) > 1:
+            raise UnsupportedModel(f"this prompt's tokenizers split it into different numbers of words ({counts}): "
+                                   "no word can be left out of all of them alike")
+        text, prompt, frozen, ids, words = [], [], [], [], []
+        for n, key in enumerate(feeding):
+            s, bos = streams[key], key in CLIP_STREAMS  # CLIP opens each 77-token chunk with BOS
+            for i, ((tok, _, _), name, word) in enumerate(zip(s.pairs, s.names, s.words)):
+                text.append("" if n else name.replace("</w>", "").replace(WORD_START, ""))
+                prompt.append(word >= 0)
+                frozen.append(bos and i % CHUNK == 0)
+                ids.append(tok if isinstance(tok, int) else -1)  # an embedding's vectors (textual inversion): -1
+                words.append(word)
+        return _Layout(text, torch.tensor(prompt), torch.tensor(frozen), torch.tensor(ids), words)
 
     def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
                         check: bool) -> Optional[PromptEncoding]:

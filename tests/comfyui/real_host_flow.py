@@ -56,6 +56,74 @@ def tiny_configs(context: int, pooled: int) -> dict:
     }
 
 
+# the families' own text encoders at toy size: ComfyUI's CLIP and T5 classes with small configs, composed as the
+# families feed their DiTs (Flux: T5 positions, CLIP-L pooled; SD3: CLIP-L|G positions then T5's, both pooled)
+TINY_CLIP = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
+             "projection_dim": 32, "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1}
+TINY_T5 = {"d_ff": 64, "d_kv": 16, "d_model": 64, "num_heads": 2, "num_layers": 1, "vocab_size": 32128,
+           "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True, "model_type": "t5", "layer_norm_epsilon": 1e-6,
+           "relative_attention_num_buckets": 32}
+
+
+def own_encoders(family: str, seed: int):
+    """(ComfyUI CLIP object with the family's own tokenizer and toy encoders, conditioning width, pooled width)."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    import comfy.text_encoders.flux
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.t5
+
+    def clip_model(pad, **kw):
+        return comfy.sd1_clip.SDClipModel(textmodel_json_config=TINY_CLIP, return_projected_pooled=False,
+                                          special_tokens={"start": 49406, "end": 49407, "pad": pad}, **kw)
+
+    def t5_model(**kw):
+        return comfy.sd1_clip.SDClipModel(textmodel_json_config=TINY_T5, model_class=comfy.text_encoders.t5.T5,
+                                          special_tokens={"end": 1, "pad": 0}, **kw)
+
+    class Encoders(torch.nn.Module):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__()
+            kw = dict(device=device, dtype=dtype, model_options=model_options)
+            self.clip_l, self.t5xxl = clip_model(49407, **kw), t5_model(**kw)
+            self.clip_g = clip_model(0, **kw) if family == "sd3" else None
+            self.dtypes = {dtype}
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    p.normal_(0, 0.5 if "embed" in name or "shared" in name else 0.1) if p.dim() > 1 else \
+                        p.fill_(1.0 if name.endswith("weight") else 0.0)
+
+        def parts(self):
+            return [m for m in (self.clip_l, self.clip_g, self.t5xxl) if m is not None]
+
+        def set_clip_options(self, options):
+            for m in self.parts():
+                m.set_clip_options(options)
+
+        def reset_clip_options(self):
+            for m in self.parts():
+                m.reset_clip_options()
+
+        def encode_token_weights(self, tokens):
+            t5, _ = self.t5xxl.encode_token_weights(tokens["t5xxl"])[:2]
+            l_out, l_pooled = self.clip_l.encode_token_weights(tokens["l"])[:2]
+            if family == "flux":
+                return t5, l_pooled
+            g_out, g_pooled = self.clip_g.encode_token_weights(tokens["g"])[:2]
+            return torch.cat([torch.cat([l_out, g_out], dim=-1), t5], dim=1), torch.cat([l_pooled, g_pooled], dim=-1)
+
+        def load_sd(self, sd):
+            return self.load_state_dict(sd, strict=False)
+
+    tokenizer = comfy.text_encoders.flux.FluxTokenizer if family == "flux" else comfy.text_encoders.sd3_clip.SD3Tokenizer
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tokenizer, Encoders))
+    width = TINY_CLIP["hidden_size"] * (1 if family == "flux" else 2)
+    return clip, TINY_T5["d_model"], width
+
+
 def build(class_name: str, config: dict, params: str, seed: int):
     import importlib
     import comfy.model_management
@@ -90,7 +158,8 @@ def main():
     from memoguard_pack.nodes import tiny_loader
     from memoguard_pack.nodes.calibration_choice import lookup, model_key
     from memoguard_pack.nodes.calibration_run import calibrate_loaded
-    from memoguard_pack.nodes.comfy_model import with_prompt_source
+    from memoguard.host_autograd import differentiable
+    from memoguard_pack.nodes.comfy_model import ComfyDiffusionModel, with_prompt_source
     from memoguard_pack.nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
     from memoguard_pack.nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
     from memoguard_pack.nodes.nodes_tokens import TokenContributionsNode
@@ -102,10 +171,15 @@ def main():
     out, previous_folder = {}, None
     with torch.inference_mode(), TemporaryDirectory() as folders:  # as ComfyUI executes nodes
         clip = tiny_loader.load_clip()
-        encode = lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        positive, negative = with_prompt_source(encode(TEXT), TEXT, clip), encode("")
-        context, pooled = positive[0][0].shape[-1], positive[0][1]["pooled_output"].shape[-1]
-        for seed, (name, (class_name, config, params)) in enumerate(tiny_configs(context, pooled).items()):
+        first = clip.encode_from_tokens_scheduled(clip.tokenize(TEXT))
+        context, pooled = first[0][0].shape[-1], first[0][1]["pooled_output"].shape[-1]
+        families = [(name, spec, clip) for name, spec in tiny_configs(context, pooled).items()]
+        for own in ("sd3", "flux"):  # the families' own tokenizers and toy encoders
+            own_clip, own_context, own_pooled = own_encoders(own, 100)
+            families.append((f"{own}_own_encoders", tiny_configs(own_context, own_pooled)[own], own_clip))
+        for seed, (name, (class_name, config, params), clip) in enumerate(families):
+            encode = lambda text, clip=clip: clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            positive, negative = with_prompt_source(encode(TEXT), TEXT, clip), encode("")
             if not hasattr(comfy.supported_models, class_name):
                 out[name] = {"absent": f"this ComfyUI has no {class_name}"}
                 continue
@@ -157,6 +231,19 @@ def main():
             _, data = tokens_node.execute(model, clip, TEXT, {"samples": latent}, 0, STEPS, 1, CFG, "simple",
                                           1).result
             row["tokens"] = json.loads(data)
+            if name.endswith("_own_encoders"):  # a word left out = the prompt typed without it, in every stream
+                with differentiable(model.model):
+                    adapter = ComfyDiffusionModel(model.model, sigmas, clip, noise)
+                    cond = adapter.encode([TEXT])
+                    words = cond.word_groups(0)
+                    edited = adapter.encode_without(cond, [(0, words[4])])  # "lighthouse"
+                    typed = adapter.encode([TEXT.replace(" lighthouse", "")])
+                row["reencode"] = {"words": ["".join(cond.tokens[0][i] for i in g) for g in words],
+                                   "positions": [len(g) for g in words], "length": cond.embedding.shape[1],
+                                   "edited_vs_typed": float((edited.embedding - typed.embedding).abs().max()),
+                                   "pooled_vs_typed": float(max((edited.extra[k] - typed.extra[k]).abs().max()
+                                                                for k in typed.extra)),
+                                   "effect": float((edited.embedding - cond.embedding).abs().max())}
             session = MitigationSession(MitigationSettings(mitigation="always", strategy="remove_tokens"), **quiet)
             after = MonitorSession(MonitorSettings(), **quiet)
             sample(attach_monitor(attach_mitigation(model, session), after))

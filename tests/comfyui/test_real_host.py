@@ -371,7 +371,7 @@ def test_flow_families_are_scored_calibrated_explained_and_mitigated_in_the_real
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     present = {name: row for name, row in out.items() if "absent" not in row}
-    assert {"sd3", "flux", "flux_schnell", "chroma", "qwen_image"} <= set(present)
+    assert {"sd3", "flux", "flux_schnell", "chroma", "qwen_image", "sd3_own_encoders", "flux_own_encoders"} <= set(present)
     for name, row in present.items():
         assert row["prompt_changes_image"] > 1e-3 and row["bit_identical"], name
         # flow samplers start at sigma 1: the score reads the velocity there (the noise difference is 0)
@@ -393,6 +393,13 @@ def test_flow_families_are_scored_calibrated_explained_and_mitigated_in_the_real
         assert mitigation["error"] is None and mitigation["ran"] and mitigation["removed"][0], name
         assert mitigation["after"][0] < mitigation["before"][0], name
         assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4), name
+    # with the families' own tokenizers (SD3: CLIP-L/G positions then T5's; Flux: T5's, CLIP-L pooled) a word is
+    # its pieces in every stream, and leaving it out is exactly the prompt typed without it, pooled text included
+    for name, length in (("sd3_own_encoders", 154), ("flux_own_encoders", 256)):
+        reencode = present[name]["reencode"]
+        assert reencode["words"] == ["a", "purple", "ring", ",", "lighthouse", "poster"] and reencode["length"] == length
+        assert min(reencode["positions"]) >= (2 if name.startswith("sd3") else 1)
+        assert reencode["edited_vs_typed"] < 1e-5 and reencode["pooled_vs_typed"] < 1e-5 < reencode["effect"]
     # Flux dev's embedded guidance: recorded by the calibration, a run at another one says so
     assert present["flux"]["calibration"]["embedded_guidance"] == 3.5
     assert present["sd3"]["calibration"]["embedded_guidance"] is None
