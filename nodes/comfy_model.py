@@ -148,12 +148,14 @@ class _Stream(NamedTuple):
 
 
 class _Layout(NamedTuple):
-    """Where a tokenization's prompt lies: each position's token text, prompt and BOS masks, ids, word numbers."""
+    """Where a tokenization's prompt lies: each position's token text, prompt and BOS masks, ids, word numbers, and
+    whether the positions are one CLIP's chunks alone (no T5 stream)."""
     tokens: List[str]
     prompt_mask: torch.Tensor
     frozen_mask: torch.Tensor
     ids: torch.Tensor
     words: List[int]
+    clip_only: bool
 
 
 class _Row(NamedTuple):
@@ -265,7 +267,7 @@ class ComfyDiffusionModel(DiffusionModel):
             if self.words:
                 raise
             none = torch.zeros(embedding.shape[1], dtype=torch.bool)  # the words are unknown: no prompt positions
-            layout = _Layout([""] * embedding.shape[1], none, none.clone(), None, [-1] * embedding.shape[1])
+            layout = _Layout([""] * embedding.shape[1], none, none.clone(), None, [-1] * embedding.shape[1], False)
         return _Row(embedding, layout.tokens, layout.prompt_mask, layout.frozen_mask, extra, layout.ids, layout.words,
                     text)
 
@@ -316,7 +318,13 @@ class ComfyDiffusionModel(DiffusionModel):
                 frozen.append(bos and i % CHUNK == 0)
                 ids.append(tok if isinstance(tok, int) else -1)  # an embedding's vectors (textual inversion): -1
                 words.append(word)
-        return _Layout(text, torch.tensor(prompt), torch.tensor(frozen), torch.tensor(ids), words)
+        return _Layout(text, torch.tensor(prompt), torch.tensor(frozen), torch.tensor(ids), words,
+                       feeding[0] in CLIP_STREAMS and len(feeding) == 1)
+
+    def clip_chunks(self, text: str, length: int) -> bool:
+        """Whether a conditioning of `length` positions that encodes `text` is one CLIP's 77-token chunks alone:
+        padding masking's premise (CLIP pads a prompt with copies of its end token)."""
+        return self._layout(self._tokenize(text), length).clip_only
 
     def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
                         check: bool) -> Optional[PromptEncoding]:

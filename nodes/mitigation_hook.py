@@ -118,6 +118,12 @@ class MitigationSession:
                                                  lr=s.lr, max_iters=s.max_iters, should_stop=interrupted, **common)
                 new_extra = {}
             else:
+                if self.strategy == "mask_padding" and not model.clip_chunks(source.text, cond.shape[1]):
+                    if s.strategy != "auto":
+                        raise UnsupportedModel("padding masking zeroes a CLIP's padding (copies of its end token); "
+                                               "this model's conditioning holds T5 positions: choose remove_tokens")
+                    self.strategy = "remove_tokens"  # auto: the prompt strategy whose premise holds for any encoder
+                    self.notes.append("auto: token removal (padding masking needs a CLIP-only conditioning)")
                 prompt = model.prompt_encoding(source.text, cond, extra_c, check=self.strategy == "remove_tokens")
                 if prompt is None:
                     self._report_skip(f"the positive conditioning is not MemoGuard Text Encode's encoding of its "

@@ -244,6 +244,10 @@ def main():
                                    "pooled_vs_typed": float(max((edited.extra[k] - typed.extra[k]).abs().max()
                                                                 for k in typed.extra)),
                                    "effect": float((edited.embedding - cond.embedding).abs().max())}
+            auto = MitigationSession(MitigationSettings(mitigation="always", strategy="auto"), **quiet)
+            sample(attach_mitigation(model, auto))
+            row["auto_strategy"] = {"strategy": auto.record.strategy if auto.record else None, "notes": auto.notes,
+                                    "error": auto.error}
             session = MitigationSession(MitigationSettings(mitigation="always", strategy="remove_tokens"), **quiet)
             after = MonitorSession(MonitorSettings(), **quiet)
             sample(attach_monitor(attach_mitigation(model, session), after))

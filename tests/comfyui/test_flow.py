@@ -9,7 +9,7 @@ import torch
 from memoguard import Calibration, step_score, token_contributions
 from nodes.calibration_choice import embedded_guidance, lookup, model_key
 from memoguard.host_autograd import differentiable
-from memoguard.model import ddim_step
+from memoguard.model import CHUNK, ddim_step
 from nodes.calibration_run import calibrate_loaded
 from nodes.comfy_model import (CONSTANT, WORD_START, ComfyDiffusionModel, UnsupportedModel, _without, model_inputs,
                                piece_words, split_model_conds, with_prompt_source)
@@ -179,3 +179,62 @@ def test_a_word_left_out_of_a_t5_stream_keeps_its_end_token_and_length():
     clip = [(49406, 1.0, 0), (320, 1.0, 1), (5496, 1.2, 2), (49407, 1.0, 0), (49407, 1.0, 0)]
     assert _without([clip], {1}, (49407, 1.0, 0)) == [[(49406, 1.0, 0), (5496, 1.2, 2), (49407, 1.0, 0),
                                                         (49407, 1.0, 0), (49407, 1.0, 0)]]
+
+
+class TwoStreamTokenizer:
+    """A CLIP stream and a T5-like stream of the same text (as SD3's tokenizer gives "l" and "t5xxl")."""
+
+    def __init__(self, clip):
+        self.clip_l, self.t5xxl, self.hf = clip.tokenizer, self, clip.tokenizer.hf
+
+    def untokenize(self, pairs):  # sentencepiece names: a word's first piece marked
+        names = self.clip_l.untokenize(pairs)
+        return [(pair, ("" if name.startswith("<") else WORD_START) + name.replace("</w>", ""))
+                for pair, (_, name) in zip(pairs, names)]
+
+
+class TwoStreamCLIP(harness.CLIP):
+    """SD3's layout: the CLIP's 77 positions, then the T5 stream's (no BOS, end token, padding to 77)."""
+
+    def __init__(self, text_encoder):
+        super().__init__(text_encoder)
+        self.tokenizer = TwoStreamTokenizer(harness.CLIP(text_encoder))
+
+    def tokenize(self, text, return_word_ids=False):
+        clip = super().tokenize(text, return_word_ids=True)["l"]
+        words = [t for t in clip[0][1:] if t[2] > 0]
+        t5 = words + [(1, 1.0, 0)] + [(0, 1.0, 0)] * (CHUNK - len(words) - 1)
+        return {"l": clip, "t5xxl": [t5]}
+
+    def encode_from_tokens_scheduled(self, tokens):
+        [[clip, options]] = super().encode_from_tokens_scheduled({"l": tokens["l"]})
+        with torch.no_grad():
+            t5 = self.text_encoder(torch.tensor([[t[0] for t in tokens["t5xxl"][0]]])).last_hidden_state
+        return [[torch.cat([clip, t5], dim=1), options]]
+
+
+def test_a_clip_and_t5_conditioning_maps_each_word_to_both_streams_and_leaves_it_out_of_both(flow):
+    patcher, text_clip = flow
+    clip = TwoStreamCLIP(text_clip.text_encoder)
+    sigmas = harness.schedule(patcher.model, STEPS)
+    with torch.inference_mode():
+        adapter = ComfyDiffusionModel(patcher.model, sigmas, clip, torch.zeros(1, 3, 16, 16))
+        cond = adapter.encode([TEXT])
+        groups = cond.word_groups(0)
+        edited = adapter.encode_without(cond, [(0, groups[4])])
+        typed = adapter.encode([TEXT.replace(" lighthouse", "")])
+    assert cond.embedding.shape[1] == 2 * CHUNK and len(groups) == 6
+    assert all(len(g) == 2 and g[0] < CHUNK <= g[1] for g in groups)  # the word in the CLIP and in the T5 part
+    assert ["".join(cond.tokens[0][i] for i in g) for g in groups] == ["a", "purple", "ring", ",", "lighthouse",
+                                                                       "poster"]
+    torch.testing.assert_close(edited.embedding, typed.embedding)
+    assert not adapter.clip_chunks(TEXT, 2 * CHUNK)
+    texts = []
+    auto = MitigationSession(MitigationSettings(mitigation="always", strategy="auto"), emit=lambda e, d: None,
+                             show=lambda t, n: texts.append(t))
+    with torch.inference_mode():
+        pos = with_prompt_source(clip.encode_from_tokens_scheduled(clip.tokenize(TEXT)), TEXT, clip)
+        neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    harness.sample(attach_mitigation(patcher, auto), torch.randn(1, 3, 16, 16), pos, neg, cfg=3.0, steps=STEPS)
+    assert auto.error is None and auto.record.strategy == "remove_tokens" and auto.record.ran
+    assert any("padding masking needs" in n for n in auto.notes)
