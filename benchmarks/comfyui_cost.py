@@ -2,7 +2,7 @@
 
     COMFYUI_DIR=/path/to/ComfyUI python benchmarks/comfyui_cost.py CHECKPOINT [--steps 10] [--size 256] [--repeats 3]
 
-Run with ComfyUI's Python. CHECKPOINT: an SD1.5-size checkpoint (tests/hosts/make_random_sd15.py makes one with
+Run with ComfyUI's Python. CHECKPOINT: an SD1.5-size checkpoint (tests/hosts/make_random_checkpoint.py makes one with
 random weights), loaded by ComfyUI's own checkpoint loader. One image, Euler at cfg 7.5, the prompt "a purple ring,
 lighthouse poster" (6 words). Timed side by side in one process, medians of --repeats interleaved runs:
 - plain: CLIP Text Encode + KSampler's sampling (comfy.sample.sample);

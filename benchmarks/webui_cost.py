@@ -4,7 +4,7 @@ settings.
     python benchmarks/webui_cost.py --host a1111 --root /path/to/stable-diffusion-webui CHECKPOINT [--python PY]
         [--steps 10] [--size 256] [--repeats 3]
 
-CHECKPOINT: an SD1.5-size checkpoint (tests/hosts/make_random_sd15.py makes one with random weights). The WebUI
+CHECKPOINT: an SD1.5-size checkpoint (tests/hosts/make_random_checkpoint.py makes one with random weights). The WebUI
 (`--host a1111` or `forge`, its folder `--root`, its venv's Python by default) is launched headless on the CPU with
 the extension, as the real-host suites launch it (tests/a1111/real_host.py), and driven through its txt2img API:
 one image, Euler at cfg 7.5, the prompt "a purple ring, lighthouse poster" (6 words). Timed side by side against the

@@ -470,7 +470,7 @@ def sd15_prompt(checkpoint: str, calibrate: bool, seed: int = 0) -> dict:
 
 
 @pytest.mark.skipif(not (MODELS / "random-sd15.safetensors").exists() or not (MODELS / "random-sd15-b.safetensors").exists(),
-                    reason="needs tests/hosts/make_random_sd15.py checkpoints")
+                    reason="needs tests/hosts/make_random_checkpoint.py checkpoints")
 def test_calibrate_node_on_a_checkpoint_then_auto_uses_it_and_only_for_that_checkpoint(comfy):
     client, _ = comfy
     started = time.time()
@@ -538,7 +538,7 @@ def test_calibration_files_come_from_the_list_and_saved_paths_still_queue(comfy)
     assert "is not one of the tiny models in models/memoguard" in error["exception_message"]
 
 
-@pytest.mark.skipif(not (MODELS / "random-sd15.safetensors").exists(), reason="needs tests/hosts/make_random_sd15.py checkpoints")
+@pytest.mark.skipif(not (MODELS / "random-sd15.safetensors").exists(), reason="needs tests/hosts/make_random_checkpoint.py checkpoints")
 def test_twenty_queued_prompts_of_mixed_models_and_settings_each_get_their_own_record(comfy):
     """Issue 18, load: 20 prompts queued at once, the tiny model and an SD1.5-size checkpoint, different prompts,
     seeds, windows, thresholds and calibration choices, some mitigated. Every prompt's record (score per step,

@@ -1,6 +1,6 @@
 """Outside CI: does memoguard's single-file loader read SD1 / SD2 / SDXL checkpoints exactly as ComfyUI does?
 
-Step 1, in a ComfyUI venv: build a random-weight model with ComfyUI's own classes (as make_random_sd15.py),
+Step 1, in a ComfyUI venv: build a random-weight model with ComfyUI's own classes (as make_random_checkpoint.py),
 save it with comfy.sd.save_checkpoint (the original LDM/SGM key layout, fp16) and record ComfyUI's text
 conditioning of a prompt and its raw UNet output on a fixed latent and timestep (fp32 compute on the fp16
 weights), plus ComfyUI's own prediction-type verdict for the file:
@@ -47,7 +47,7 @@ def peak_gib():
 
 def make(a):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from make_random_sd15 import comfy_imports, init_module
+    from make_random_checkpoint import comfy_imports, init_module
     out = os.path.abspath(a.out)
     comfy = comfy_imports(a.comfyui_dir)
     import torch
@@ -80,7 +80,7 @@ def make(a):
         if a.family == "sdxl":
             kwargs["y"] = base.encode_adm(pooled_output=pooled, width=1024, height=1024)
         eps = base.diffusion_model(x, t, context=cond.float(), **kwargs)
-        conv = base.diffusion_model.out[-1]  # eps std ~1, as make_random_sd15.py
+        conv = base.diffusion_model.out[-1]  # eps std ~1, as make_random_checkpoint.py
         s = 1.0 / float(eps.std())
         conv.weight.data.mul_(s)
         conv.bias.data.mul_(s)

@@ -1,13 +1,16 @@
-"""A random-weight SD1.5 checkpoint (LDM single-file layout, fp16 .safetensors, ~2 GB) built with ComfyUI's own classes.
+"""A random-weight SD1.5 (fp16 .safetensors, ~2 GB) or SDXL (~7 GB) checkpoint in the single-file layout every host
+detects, built with ComfyUI's own classes.
 
 Run with a ComfyUI venv (setup_comfyui.sh) from anywhere; the ComfyUI checkout is --comfyui-dir, else
 $COMFYUI_DIR, else the one that goes with the running venv (comfy-venv -> /work/hosts/ComfyUI, comfy033-venv ->
 /work/hosts/ComfyUI-033), else whichever of those two exists:
-    /work/hosts/comfy-venv/bin/python    tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
-    /work/hosts/comfy033-venv/bin/python tests/hosts/make_random_sd15.py --out /work/hosts/models/random-sd15.safetensors --seed 0
+    /work/hosts/comfy-venv/bin/python    tests/hosts/make_random_checkpoint.py --out /work/hosts/models/random-sd15.safetensors --seed 0
+    /work/hosts/comfy-venv/bin/python    tests/hosts/make_random_checkpoint.py --family sdxl --out /work/hosts/models/random-sdxl.safetensors
+(SDXL: about 14 GB of RAM while it is built in fp32.)
 
-supported_models.SD15 (model_channels 320, context 768: detected as SD15 by every host) + its CLIP-L text
-encoder + the SD AutoencoderKL. comfy.ops skips init and LDM zero-initialises output projections (a UNet
+supported_models.SD15 (model_channels 320, context 768) with its CLIP-L, or supported_models.SDXL (context 2048,
+adm 2816) with CLIP-L and CLIP-G, each as model_detection writes its config for the real checkpoints, + the SD
+AutoencoderKL (SDXL's has the same shape). comfy.ops skips init and LDM zero-initialises output projections (a UNet
 that then ignores the prompt) - so every conv/linear weight is drawn here: normal(0, 1/sqrt(fan_in)),
 biases normal(0, 0.02), norm weights 1 / biases normal(0, 0.02), embeddings normal(0, 0.02). The UNet's
 final conv is then scaled so eps has std ~1, the VAE decoder's final conv so pixels have std ~0.5 before
@@ -20,6 +23,21 @@ import sys
 
 
 HOSTS = "/work/hosts"
+# the full openaimodel configs model_detection writes for an SD1.5 and an SDXL base checkpoint
+UNET_CONFIGS = {
+    "sd15": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+             'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
+             'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
+             'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+             'use_temporal_attention': False, 'use_temporal_resblock': False},
+    "sdxl": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
+             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
+             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
+             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
+             'use_temporal_attention': False, 'use_temporal_resblock': False},
+}
 VENV_TO_CHECKOUT = {"comfy-venv": "ComfyUI", "comfy033-venv": "ComfyUI-033"}  # tests/hosts/README.md layout
 
 
@@ -84,6 +102,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", choices=sorted(UNET_CONFIGS), default="sd15")
     ap.add_argument("--comfyui-dir", default=None,
                     help="ComfyUI checkout (default: $COMFYUI_DIR, else the /work/hosts checkout matching this venv)")
     a = ap.parse_args()
@@ -95,15 +114,9 @@ def main():
     torch.manual_seed(a.seed)
     cpu = torch.device("cpu")
 
-    # UNet: SD15's full openaimodel config, as model_detection writes it for an SD1.5 checkpoint
-    unet_config = {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-                   'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
-                   'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0],
-                   'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
-                   'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-                   'use_temporal_attention': False, 'use_temporal_resblock': False}
-    config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
-    assert type(config) is comfy.supported_models.SD15, type(config)
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[a.family]))
+    expected = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[a.family]
+    assert type(config) is expected, type(config)
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({}, device=cpu)
     init_module(base.diffusion_model, torch, g)
@@ -122,10 +135,11 @@ def main():
     with torch.inference_mode(False), torch.no_grad():
         # scale the UNet's last conv: eps std ~1 on a noisy latent with a real prompt's conditioning
         tokens = clip.tokenize("a photograph of an astronaut riding a horse")
-        cond = clip.encode_from_tokens(tokens).float()
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
         x = torch.randn(1, 4, 8, 8, generator=g)
         t = torch.tensor([500.0])
-        eps = base.diffusion_model(x, t, context=cond)
+        y = base.encode_adm(pooled_output=pooled.float(), width=64, height=64) if a.family == "sdxl" else None
+        eps = base.diffusion_model(x, t, context=cond.float(), y=y)
         conv = base.diffusion_model.out[-1]
         s = 1.0 / float(eps.std())
         conv.weight.data.mul_(s)
@@ -143,7 +157,8 @@ def main():
         vae.first_stage_model.half()  # VAE() loads into its own working dtype (fp32 on CPU)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         comfy.sd.save_checkpoint(out, model, clip=clip, vae=vae,
-                                 metadata={"memoguard": f"random SD1.5, seed {a.seed}, tests/hosts/make_random_sd15.py"})
+                                 metadata={"memoguard": f"random {a.family}, seed {a.seed}, "
+                                                        "tests/hosts/make_random_checkpoint.py"})
     os.chmod(out, 0o644)
     import safetensors
     with safetensors.safe_open(out, "pt") as f:
