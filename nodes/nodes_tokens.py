@@ -42,9 +42,11 @@ class TokenContributionsNode(io.ComfyNode):
                         "first steps. Default: leave-one-out, the prompt encoded again by the CLIP without each "
                         "word in turn (its weights syntax kept), so a word's score is what removing it does "
                         "(BENCHMARKS.md: the most faithful measured). With a calibration it says when no single "
-                        "word ends the recall. SD1.x, SD2.x and SDXL; SD3/Flux are refused with a message.",
+                        "word ends the recall. SD1.x, SD2.x, SDXL, SD3 and Flux (a word left out of every text "
+                        "encoder); models whose positions are not their words say so.",
             inputs=[
-                io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x or SDXL (not SD3/Flux)."),
+                io.Model.Input("model", tooltip="The diffusion model: SD1.x, SD2.x, SDXL, SD3, Flux (others: the node "
+                                                      "says why not)."),
                 io.Clip.Input("clip", tooltip="The text encoder that goes with the model."),
                 io.String.Input("text", multiline=True, default="", tooltip="The prompt to explain."),
                 io.Latent.Input("latent", tooltip="An empty latent of the size you sample at (e.g. Empty Latent Image)."),
