@@ -190,6 +190,9 @@ CLAIMS = [
     ("bad input is a 400", lambda: "status_code=400" in (ROOT / "a1111_extension/memoguard_a1111/api.py").read_text()),
     ("a body over 1 MiB a 413", lambda: "RequestError(413" in (ROOT / "a1111_extension/memoguard_a1111/api.py").read_text()),
     ("calibration runs a 409", lambda: "status_code=409" in (ROOT / "a1111_extension/memoguard_a1111/api.py").read_text()),
+    ("with the\nMonitor (bit-identical image, 1.01× the time)", lambda: _json("benchmarks/comfyui_sdxl_full.json")[
+        "monitor"]["bit_identical"] and round(_json("benchmarks/comfyui_sdxl_full.json")["ratios"]["monitored / plain"], 2)
+     == 1.01),
     ("first step at t = 999", lambda: any(abs(float(level) - 14.6146) < 0.01 for level in _json(
         "memoguard/assets/calibration.json")["models"]["unet-681368e6af6f82b5"]["other_levels"])),
 ]
@@ -223,7 +226,7 @@ NOT_CLAIMS = re.compile(r"v0\.3\.64|0\.33|1\.10\.1|2\.13\.0|3\.10|ICLR 2024|2024
                         r"SD1(\.[x5])?|SD2(\.x)?|SD3|SDXL|sdapi/v1|/v1/|128x128|16x16|64×64|512x512|"
                         r"TPR@1%FPR|ViT|CLIP-[LG]|L2|x0|ε|2-minute|2 CPU cores|[cC][fF][gG]( scale)? 1\b|"
                         r"other than 1|=0|\(0 =|is 0\)|processes 4|always 3 iterations|iterations 0\.0280|0\.0152|lr=0\.05|"
-                        r"max_iters=10")
+                        r"max_iters=10|1 − σ|σ = 1|sigma 1\b")
 
 
 def test_every_number_in_the_readmes_prose_is_a_claim():
