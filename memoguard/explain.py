@@ -37,7 +37,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .errors import MemoGuardError
-from .model import Denoiser, DiffusionModel, PromptEncoding, check_stop, ddim_step, gap_gradients, rows_of_t
+from .model import Denoiser, DiffusionModel, PromptEncoding, ddim_step, gap_gradients, in_batches, rows_of_t
 from .score import DEFAULT_DETECTOR, check_step_detector, raw_step_score
 
 METHODS = ("auto", "leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding", "gradient_x_delta",
@@ -169,9 +169,8 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
             base = gap_of(model.eps(x, t, emb, cond.extra) - eps_u).float().cpu()
         out = [torch.zeros(len(row)) for row in units]
         jobs = [(b, k) for b, row in enumerate(units) for k in range(len(row)) if only is None or k in only[b]]
-        for start in range(0, len(jobs), batch_size):
-            check_stop(should_stop)
-            part = jobs[start:start + batch_size]
+
+        def run(part):
             rows = torch.tensor([b for b, _ in part])
             if reencode is not None:  # cond row b holds prompt b // gens
                 sub = model.encode_without(reencode, [(b // gens, units[b][k]) for b, k in part])
@@ -187,6 +186,8 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
                           - eps_u[index]).float().cpu()
             for j, (b, k) in enumerate(part):
                 out[b][k] = base[b] - gaps[j]
+
+        in_batches(jobs, batch_size, run, should_stop)
     return out, base
 
 
@@ -204,15 +205,16 @@ def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, shoul
                      for b, w in enumerate(left) if len(w) > GROUPED_WORDS}
             jobs = [(b, part) for b, ps in parts.items() for part in ps]
             gaps = []
-            for start in range(0, len(jobs), batch_size):
-                check_stop(should_stop)
-                chunk = jobs[start:start + batch_size]
+
+            def run(chunk):
                 sub = model.encode_without(reencode, [(b // gens, [i for k in part for i in units[b][k]])
                                                       for b, part in chunk])
                 index = torch.tensor([b for b, _ in chunk], device=x.device)
-                gaps += gap_of(model.eps(x[index], rows_of_t(t, [b for b, _ in chunk]),
-                                         sub.embedding.to(cond.embedding), sub.extra)
-                               - eps_u[index]).float().cpu().tolist()
+                gaps.extend(gap_of(model.eps(x[index], rows_of_t(t, [b for b, _ in chunk]),
+                                           sub.embedding.to(cond.embedding), sub.extra)
+                                   - eps_u[index]).float().cpu().tolist())
+
+            in_batches(jobs, batch_size, run, should_stop)
             for b in parts:
                 options = [(g, part) for (row, part), g in zip(jobs, gaps) if row == b]
                 left[b] = min(options, key=lambda o: o[0])[1]

@@ -10,7 +10,6 @@ x = sigma * eps + (1 - sigma) * x0 = x0 + sigma * v, which memoguard reads in th
 in the place of eps (memoguard.score): the same conversions, and the flow's sigma is its noise level; timestep
 samplers use the VP schedule.
 """
-import gc
 import math
 import re
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from .explain import check_method
 from .mitigate import (DEFAULT_EARLY_SCALE, MitigationError, SCHEDULES, check_early_scale, check_settings,
                        delay_steps, schedule_delay, schedule_scale)
 from .errors import MemoGuardError
-from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding
+from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding, is_out_of_memory, release_memory
 from .score import coefficients_vp, eps_difference
 
 # what a host's sampler hook can run: the schedules read the predictions CFG already has; the starts change the
@@ -292,21 +291,6 @@ class HostSettings:
 
 
 # -- MemoGuard's own failures never cost the image ---------------------------------------------------
-def is_out_of_memory(error: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(error, oom)) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
-def release_memory(error: Optional[BaseException] = None) -> None:
-    """Free what a failed explanation or mitigation held: its frames (through the traceback), then the cache."""
-    if error is not None:
-        error.__traceback__ = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def failure_message(doing: str, error: BaseException) -> str:
     """One line for the user when MemoGuard's own work fails; the generation goes on with the plain prompt."""
     if isinstance(error, Interrupted):

@@ -40,7 +40,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .errors import MemoGuardError
-from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients, rows_of_t
+from .model import CHUNK, Denoiser, DiffusionModel, PromptEncoding, check_stop, gap_gradients, in_batches, rows_of_t
 from .score import DEFAULT_DETECTOR, step_score
 
 MODES = ("off", "always", "auto")
@@ -293,15 +293,16 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
         jobs = [(b, w) for b in rows for w in left(b)]
         record.passes += max(sum(1 for row, _ in jobs if row == b) for b in rows)
         scores = []
+
+        def run(part):
+            sub = model.encode_without(cond, [(b, [i for word in removed[b] + [w] for i in word]) for b, w in part])
+            index = torch.tensor([b for b, _ in part], device=x_T.device)
+            eps = model.eps(x_T[index], rows_of_t(t_first, [b for b, _ in part]),
+                            sub.embedding.to(cond.embedding.dtype), sub.extra)
+            scores.extend(step_score(eps - eps_u[index], detector).float().cpu().tolist())
+
         with torch.no_grad():
-            for start in range(0, len(jobs), batch_size):
-                check_stop(should_stop)
-                part = jobs[start:start + batch_size]
-                sub = model.encode_without(cond, [(b, [i for word in removed[b] + [w] for i in word]) for b, w in part])
-                index = torch.tensor([b for b, _ in part], device=x_T.device)
-                eps = model.eps(x_T[index], rows_of_t(t_first, [b for b, _ in part]),
-                                sub.embedding.to(cond.embedding.dtype), sub.extra)
-                scores += step_score(eps - eps_u[index], detector).float().cpu().tolist()
+            in_batches(jobs, batch_size, run, should_stop)
         for b in rows:
             options = [(s, w) for (row, w), s in zip(jobs, scores) if row == b]
             reaching = [o for o in options if o[0] <= target]

@@ -6,6 +6,7 @@ the score, explanation and mitigation at a host's own step (A1111, Forge). A `Di
 "what is this prompt as text-encoder output" (`encode`) and a schedule, so the core can run a
 generic DDIM loop in any convention (diffusers, the bundled model, ComfyUI).
 """
+import gc
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -250,6 +251,41 @@ class Interrupted(MemoGuardError, RuntimeError):
 def check_stop(should_stop) -> None:
     if should_stop is not None and should_stop():
         raise Interrupted("the generation was interrupted")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(error, oom)) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def release_memory(error: Optional[BaseException] = None) -> None:
+    """Free what a failed explanation or mitigation held: its frames (through the traceback), then the cache."""
+    if error is not None:
+        error.__traceback__ = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def in_batches(jobs: Sequence, batch_size: int, run: Callable[[Sequence], None],
+               should_stop: Optional[Callable[[], bool]] = None) -> None:
+    """run(part) over `jobs` in parts of at most `batch_size`. Out of memory halves the part and tries it again, down
+    to one job, so a large model at a large size is explained at the batch its memory holds (a batch of re-encoded
+    prompts of full-size SDXL at 1024 px does not fit beside the weights of a 24 GB card)."""
+    start, size = 0, batch_size
+    while start < len(jobs):
+        check_stop(should_stop)
+        part = jobs[start:start + size]
+        try:
+            run(part)
+        except Exception as e:
+            if size == 1 or not is_out_of_memory(e):
+                raise
+            release_memory(e)
+            size = max(1, size // 2)
+            continue
+        start += len(part)
 
 
 def expand_batch(value: torch.Tensor, batch: int) -> torch.Tensor:

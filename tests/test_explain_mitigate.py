@@ -415,3 +415,38 @@ def test_padding_masking_zeroes_only_the_padding_after_the_end_of_text(tiny_mode
     assert half[1, pads[1][:n]].eq(0).all() and torch.equal(half[1, pads[1][n:]], cond.embedding[1, pads[1][n:]])
     with pytest.raises(MitigationError, match="pad_share must be in"):
         mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="mask_padding", pad_share=0.0)
+
+
+def _small_memory(monkeypatch, model, limit):
+    """`model`, but a forward of more than `limit` images runs out of memory (as a big model at a big size does);
+    returns the batch sizes it was called with."""
+    calls, inner = [], model.raw_prediction
+
+    def raw_prediction(x, t, embedding, extra):
+        calls.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB")
+        return inner(x, t, embedding, extra)
+    monkeypatch.setattr(model, "raw_prediction", raw_prediction)
+    return calls
+
+
+def test_leave_one_out_and_token_removal_go_on_at_the_batch_memory_holds(random_model, tiny_model, monkeypatch):
+    """Out of memory inside a batch of edited prompts halves the batch and goes on: the same numbers as a small
+    batch, no failure; out of memory at one image is still an error (the host's fallback then applies)."""
+    from memoguard.mitigate import remove_tokens
+    cond, uncond, x = _setup(random_model, [PROMPT], [3, 4])
+    (ref,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out", batch_size=2)
+    calls = _small_memory(monkeypatch, random_model, limit=2)
+    (got,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out", batch_size=16)
+    assert got.scores == pytest.approx(ref.scores, rel=1e-5, abs=1e-7) and max(calls) > 2
+    t = tiny_model.timesteps(20)[0]
+    cond, uncond, x = _setup(tiny_model, ["a purple ring, lighthouse poster"], [0])
+    _, ref = remove_tokens(tiny_model, cond, uncond, x, t, target=0.0, max_removals=1, batch_size=1)
+    calls = _small_memory(monkeypatch, tiny_model, limit=3)
+    _, got = remove_tokens(tiny_model, cond, uncond, x, t, target=0.0, max_removals=1, batch_size=16)
+    assert got.removed == ref.removed and got.after == pytest.approx(ref.after, rel=1e-5) and max(calls) > 3
+    monkeypatch.undo()
+    _small_memory(monkeypatch, tiny_model, limit=0)
+    with pytest.raises(torch.OutOfMemoryError):
+        remove_tokens(tiny_model, cond, uncond, x, t, target=0.0, max_removals=1)
