@@ -19,56 +19,19 @@ PROMPT = "a photograph of an astronaut riding a horse"
 T = 500
 SIZE = 16  # latent side of the comparison (the UNet is resolution-agnostic)
 
-UNET = {
-    "sd1": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-            'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
-            'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
-            'transformer_depth_middle': 1, 'use_linear_in_transformer': False, 'context_dim': 768, 'num_heads': 8,
-            'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            'use_temporal_attention': False, 'use_temporal_resblock': False},
-    "sd2": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-            'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
-            'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
-            'transformer_depth_middle': 1, 'use_linear_in_transformer': True, 'context_dim': 1024,
-            'num_head_channels': 64, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-            'use_temporal_attention': False, 'use_temporal_resblock': False},
-    "sdxl": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
-             'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
-             'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
-             'channel_mult': [1, 2, 4], 'transformer_depth_middle': 10, 'use_linear_in_transformer': True,
-             'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             'use_temporal_attention': False, 'use_temporal_resblock': False},
-}
-
-
 def peak_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def make(a):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from make_random_checkpoint import comfy_imports, init_module
+    from make_random_checkpoint import build_random, comfy_imports
     out = os.path.abspath(a.out)
     comfy = comfy_imports(a.comfyui_dir)
     import torch
     g = torch.Generator().manual_seed(a.seed)
-    cpu = torch.device("cpu")
-    config = comfy.model_detection.model_config_from_unet_config(dict(UNET[a.family]))
-    want = {"sd1": comfy.supported_models.SD15, "sd2": comfy.supported_models.SD20,
-            "sdxl": comfy.supported_models.SDXL}[a.family]
-    assert type(config) is want, type(config)
-    config.set_inference_dtype(torch.float16, torch.float32)  # fp16 weights, fp32 compute (manual cast)
-    base = config.get_model({}, device=cpu)
-    init_module(base.diffusion_model, torch, g)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32, "load_device": cpu,
-                                                               "offload_device": cpu, "initial_device": cpu})
-    init_module(clip.cond_stage_model, torch, g)
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
-                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
-    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    init_module(ae, torch, g)
+    # fp16 weights, fp32 compute (manual cast)
+    config, base, model, clip, ae = build_random(comfy, a.family, torch, g, torch.float16, torch.float32)
     with torch.inference_mode(False), torch.no_grad():
         clip.cond_stage_model.half().float()  # the reference uses exactly the fp16 weights the file will hold
         tokens = clip.tokenize(PROMPT)
@@ -131,7 +94,7 @@ def compare(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["make", "compare"])
-    ap.add_argument("--family", choices=sorted(UNET), default="sd2")
+    ap.add_argument("--family", choices=("sd15", "sd2", "sdxl"), default="sd2")
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32",

@@ -23,7 +23,8 @@ import sys
 
 
 HOSTS = "/work/hosts"
-# the full openaimodel configs model_detection writes for an SD1.5 and an SDXL base checkpoint
+# the full openaimodel configs model_detection writes for SD1.5, SD2 (v) and SDXL base checkpoints, and the
+# supported_models class each is detected as
 UNET_CONFIGS = {
     "sd15": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
              'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
@@ -31,6 +32,12 @@ UNET_CONFIGS = {
              'channel_mult': [1, 2, 4, 4], 'transformer_depth_middle': 1, 'use_linear_in_transformer': False,
              'context_dim': 768, 'num_heads': 8, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
              'use_temporal_attention': False, 'use_temporal_resblock': False},
+    "sd2": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
+            'legacy': False, 'adm_in_channels': None, 'in_channels': 4, 'model_channels': 320,
+            'num_res_blocks': [2, 2, 2, 2], 'transformer_depth': [1, 1, 1, 1, 1, 1, 0, 0], 'channel_mult': [1, 2, 4, 4],
+            'transformer_depth_middle': 1, 'use_linear_in_transformer': True, 'context_dim': 1024,
+            'num_head_channels': 64, 'transformer_depth_output': [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            'use_temporal_attention': False, 'use_temporal_resblock': False},
     "sdxl": {'use_checkpoint': False, 'image_size': 32, 'out_channels': 4, 'use_spatial_transformer': True,
              'legacy': False, 'num_classes': 'sequential', 'adm_in_channels': 2816, 'in_channels': 4,
              'model_channels': 320, 'num_res_blocks': [2, 2, 2], 'transformer_depth': [0, 0, 2, 2, 10, 10],
@@ -38,6 +45,9 @@ UNET_CONFIGS = {
              'context_dim': 2048, 'num_head_channels': 64, 'transformer_depth_output': [0, 0, 0, 2, 2, 2, 10, 10, 10],
              'use_temporal_attention': False, 'use_temporal_resblock': False},
 }
+DETECTED_AS = {"sd15": "SD15", "sd2": "SD20", "sdxl": "SDXL"}
+VAE_CONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
+              'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 VENV_TO_CHECKOUT = {"comfy-venv": "ComfyUI", "comfy033-venv": "ComfyUI-033"}  # tests/hosts/README.md layout
 
 
@@ -98,11 +108,30 @@ def init_module(module, torch, generator):
             raise RuntimeError(f"all-zero parameter after init: {name}")
 
 
+def build_random(comfy, family, torch, generator, weight_dtype, compute_dtype=None):
+    """(model config, BaseModel, its ModelPatcher, CLIP, AutoencoderKL) of `family` with ComfyUI's classes on the CPU,
+    every weight drawn by init_module."""
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[family]))
+    assert type(config) is getattr(comfy.supported_models, DETECTED_AS[family]), type(config)
+    config.set_inference_dtype(weight_dtype, compute_dtype)
+    cpu = torch.device("cpu")
+    base = config.get_model({}, device=cpu)
+    init_module(base.diffusion_model, torch, generator)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32, "load_device": cpu,
+                                                               "offload_device": cpu, "initial_device": cpu})
+    init_module(clip.cond_stage_model, torch, generator)
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    ae = AutoencoderKL(ddconfig=VAE_CONFIG, embed_dim=4)
+    init_module(ae, torch, generator)
+    return config, base, model, clip, ae
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", choices=sorted(UNET_CONFIGS), default="sd15")
+    ap.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     ap.add_argument("--comfyui-dir", default=None,
                     help="ComfyUI checkout (default: $COMFYUI_DIR, else the /work/hosts checkout matching this venv)")
     a = ap.parse_args()
@@ -112,25 +141,8 @@ def main():
     import torch
     g = torch.Generator().manual_seed(a.seed)
     torch.manual_seed(a.seed)
-    cpu = torch.device("cpu")
 
-    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIGS[a.family]))
-    expected = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[a.family]
-    assert type(config) is expected, type(config)
-    config.set_inference_dtype(torch.float32, None)
-    base = config.get_model({}, device=cpu)
-    init_module(base.diffusion_model, torch, g)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
-
-    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32, "load_device": cpu,
-                                                               "offload_device": cpu, "initial_device": cpu})
-    init_module(clip.cond_stage_model, torch, g)
-
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    ddconfig = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channels': 3, 'out_ch': 3, 'ch': 128,
-                'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
-    ae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    init_module(ae, torch, g)
+    config, base, model, clip, ae = build_random(comfy, a.family, torch, g, torch.float32)
 
     with torch.inference_mode(False), torch.no_grad():
         # scale the UNet's last conv: eps std ~1 on a noisy latent with a real prompt's conditioning
