@@ -7,6 +7,7 @@ the score, explanation and mitigation at a host's own step (A1111, Forge). A `Di
 generic DDIM loop in any convention (diffusers, the bundled model, ComfyUI).
 """
 import gc
+import string
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -17,6 +18,7 @@ from .errors import MemoGuardError
 from .score import check_parameterization, to_eps
 
 CHUNK = 77  # positions per CLIP window in every host: BOS + 75 tokens + EOS/padding
+WORD_START = "\u2581"  # sentencepiece's mark of a piece that starts a word
 TOKENS_PER_CHUNK = CHUNK - 2
 
 
@@ -87,12 +89,26 @@ class PromptEncoding:
 
 def word_numbers(ends_word: Sequence[bool], in_prompt: Sequence[bool]) -> List[int]:
     """Per position, the number of its word within the prompt (-1 outside it): a word runs to a token that ends
-    one (CLIP's BPE marks it "</w>")."""
+    one (CLIP's BPE marks it "</w>"; sentencepiece_word_ends for T5)."""
     out, word = [], 0
     for ends, keep in zip(ends_word, in_prompt):
         out.append(word if keep else -1)
         word += int(keep and ends)
     return out
+
+
+def sentencepiece_word_ends(pieces: Sequence[str], segments: Sequence[int]) -> List[bool]:
+    """For word_numbers: whether each piece of a sentencepiece (T5) tokenization ends a word. The next piece starts
+    one where it carries the word-start mark, is punctuation or follows punctuation (CLIP's BPE splits punctuation off
+    too, so both tokenizers count the same words), or opens another segment (a host's weights groups; 0: outside
+    the prompt)."""
+    def starts(i):
+        text = pieces[i].replace(WORD_START, "")
+        punctuation = lambda j: bool(pieces[j].replace(WORD_START, "")) and all(
+            c in string.punctuation for c in pieces[j].replace(WORD_START, ""))
+        return (pieces[i].startswith(WORD_START) or (bool(text) and punctuation(i)) or punctuation(i - 1)
+                or segments[i] != segments[i - 1])
+    return [i + 1 == len(pieces) or starts(i + 1) for i in range(len(pieces))]
 
 
 class Denoiser(ABC):

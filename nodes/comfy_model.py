@@ -14,7 +14,6 @@ Explanation and mitigation also need the words behind each position: known where
 512 padded positions, Chroma's unpadded T5 once a word is left out) are refused with the reason.
 """
 import math
-import string
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional
 
@@ -22,6 +21,7 @@ import torch
 
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.errors import MemoGuardError
+from memoguard.model import WORD_START, sentencepiece_word_ends, word_numbers
 from memoguard.host_autograd import ordinary
 from memoguard.hosts import CHUNK, coefficients_kdiffusion
 
@@ -34,7 +34,6 @@ CROSSATTN = "c_crossattn"  # the model_conds entry holding the text-encoder outp
 CONSTANT = "memoguard_constant:"  # prefix of an extra that is one number for the model (split_model_conds)
 PROMPT_SOURCE = "memoguard_prompt"  # the CONDITIONING option MemoGuard Text Encode adds: where it came from
 CLIP_STREAMS = ("l", "g", "h")  # ComfyUI's tokenizer keys of CLIP BPE streams; T5 streams' keys contain "t5"
-WORD_START = "\u2581"  # sentencepiece's mark of a piece that starts a word
 
 
 class UnsupportedModel(MemoGuardError, ValueError):
@@ -113,35 +112,9 @@ def _without(chunks, drop: set, pad):
     return out
 
 
-def piece_words(names: List[str], segments: List[int], sentencepiece: bool) -> List[int]:
-    """Per token of one tokenizer's stream, the number of its word within the prompt (-1 outside it: ComfyUI's word
-    id 0 marks BOS, EOS and padding). CLIP's BPE ends a word with "</w>"; sentencepiece (T5) starts one with "▁",
-    and a punctuation piece stands alone, as CLIP's BPE splits it. A new weights segment (ComfyUI's word id) always
-    starts a word."""
-    out, word, open_word, segment, after_punctuation = [], -1, False, None, False
-    for name, seg in zip(names, segments):
-        if seg <= 0:
-            out.append(-1)
-            open_word = False
-            continue
-        if sentencepiece:
-            text = name.replace(WORD_START, "")
-            punctuation = bool(text) and all(c in string.punctuation for c in text)
-            starts = (not open_word or seg != segment or name.startswith(WORD_START) or punctuation
-                      or after_punctuation)
-            open_word, after_punctuation = True, punctuation
-        else:
-            starts = not open_word or seg != segment
-            open_word = not name.endswith("</w>")
-        word += int(starts)
-        out.append(word)
-        segment = seg
-    return out
-
-
 class _Stream(NamedTuple):
     """One tokenizer's tokens of a prompt, flattened: (token, weight, ComfyUI word id) each, its pieces' names, and
-    each token's word number (piece_words)."""
+    each token's word number (memoguard.model.word_numbers)."""
     pairs: list
     names: List[str]
     words: List[int]
@@ -287,7 +260,9 @@ class ComfyDiffusionModel(DiffusionModel):
                        tokenizer)
             pairs = [p for chunk in chunks for p in chunk]
             names = [name for _, name in own.untokenize([(tok, w) for tok, w, _ in pairs])]
-            out[key] = _Stream(pairs, names, piece_words(names, [seg for _, _, seg in pairs], t5))
+            segments = [seg for _, _, seg in pairs]
+            ends = sentencepiece_word_ends(names, segments) if t5 else [n.endswith("</w>") for n in names]
+            out[key] = _Stream(pairs, names, word_numbers(ends, [seg > 0 for seg in segments]))
         return out
 
     def _layout(self, tokens: dict, length: int) -> _Layout:

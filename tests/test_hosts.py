@@ -11,7 +11,7 @@ from memoguard.hosts import (CHUNK, HostSettings, chunked_encoding, coefficients
                              noise_level_vp, prediction_name, early_guidance,
                              cond_for_early_guidance)
 from memoguard.mitigate import minimize_embedding
-from memoguard.model import Denoiser, Interrupted
+from memoguard.model import WORD_START, Denoiser, Interrupted, sentencepiece_word_ends, word_numbers
 from memoguard.score import ScoreTrace, coefficients_vp, to_eps
 from memoguard.verdict import verdict_for
 
@@ -198,3 +198,17 @@ def test_a_schedule_made_under_inference_mode_serves_the_backward_pass():
     contributions = token_contributions(model, cond, uncond, x, steps=1, total_steps=1, timesteps=sigmas[:1],
                                         method="gradient_x_delta")
     assert all(any(s != 0 for s in c.scores) for c in contributions)
+
+
+def test_words_are_read_alike_from_clip_bpe_and_t5_sentencepiece():
+    """ComfyUI's tokenizers of 'a (purple:1.2) ring, lighthouse poster': its word ids are weights segments, not
+    words; CLIP ends a word with </w>, T5 starts one with a word-start mark and splits punctuation apart."""
+    clip = ["<|startoftext|>", "a</w>", "purple</w>", "ring</w>", ",</w>", "light", "house</w>", "poster</w>",
+            "<|endoftext|>"]
+    t5 = [f"{WORD_START}", "a", f"{WORD_START}purple", f"{WORD_START}", "ring", ",", f"{WORD_START}light", "house",
+          f"{WORD_START}poster", "</s>", "<pad>"]
+    clip_segments, t5_segments = [0, 1, 2, 3, 3, 3, 3, 3, 0], [1, 1, 2, 3, 3, 3, 3, 3, 3, 0, 0]
+    assert word_numbers([n.endswith("</w>") for n in clip], [s > 0 for s in clip_segments]) == [-1, 0, 1, 2, 3, 4, 4,
+                                                                                                5, -1]
+    assert word_numbers(sentencepiece_word_ends(t5, t5_segments), [s > 0 for s in t5_segments]) == [0, 0, 1, 2, 2, 3,
+                                                                                                    4, 4, 5, -1, -1]

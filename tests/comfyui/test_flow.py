@@ -9,10 +9,10 @@ import torch
 from memoguard import Calibration, step_score, token_contributions
 from nodes.calibration_choice import embedded_guidance, lookup, model_key
 from memoguard.host_autograd import differentiable
-from memoguard.model import CHUNK, ddim_step
+from memoguard.model import CHUNK, WORD_START, ddim_step
 from nodes.calibration_run import calibrate_loaded
-from nodes.comfy_model import (CONSTANT, WORD_START, ComfyDiffusionModel, UnsupportedModel, _without, model_inputs,
-                               piece_words, split_model_conds, with_prompt_source)
+from nodes.comfy_model import (CONSTANT, ComfyDiffusionModel, UnsupportedModel, _without, model_inputs,
+                               split_model_conds, with_prompt_source)
 from nodes.mitigation_hook import MitigationSession, MitigationSettings, attach_mitigation
 from nodes.monitor_hook import MonitorSession, MonitorSettings, attach_monitor
 from . import harness
@@ -158,17 +158,6 @@ def test_the_embedded_guidance_is_read_from_the_conditioning_that_carries_one():
     guidance = types.SimpleNamespace(cond=torch.tensor([2.5]))
     assert embedded_guidance([{"model_conds": {}}, {"model_conds": {"guidance": guidance}}]) == 2.5
     assert embedded_guidance([{"model_conds": {}}]) is None and embedded_guidance(None) is None
-
-
-def test_words_are_read_alike_from_clip_bpe_and_t5_sentencepiece():
-    """ComfyUI's tokenizers of 'a (purple:1.2) ring, lighthouse poster': its word ids are weights segments, not
-    words; CLIP ends a word with </w>, T5 starts one with a word-start mark and splits punctuation apart."""
-    clip = ["<|startoftext|>", "a</w>", "purple</w>", "ring</w>", ",</w>", "light", "house</w>", "poster</w>",
-            "<|endoftext|>"]
-    t5 = [f"{WORD_START}", "a", f"{WORD_START}purple", f"{WORD_START}", "ring", ",", f"{WORD_START}light", "house",
-          f"{WORD_START}poster", "</s>", "<pad>"]
-    assert piece_words(clip, [0, 1, 2, 3, 3, 3, 3, 3, 0], False) == [-1, 0, 1, 2, 3, 4, 4, 5, -1]
-    assert piece_words(t5, [1, 1, 2, 3, 3, 3, 3, 3, 3, 0, 0], True) == [0, 0, 1, 2, 2, 3, 4, 4, 5, -1, -1]
 
 
 def test_a_word_left_out_of_a_t5_stream_keeps_its_end_token_and_length():
