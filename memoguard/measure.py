@@ -88,8 +88,8 @@ def band_gaps(model: DiffusionModel, prompts: Sequence[str], seed: int, shape, s
 
     def gaps(rows, cond):  # rows of the batch at `start`: prompt start + r has seed seed + start + r
         x = initial_noise(model, shape, [seed + start + r for r in rows], _device(cond))
-        return sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps,
-                      detector=detector).trace.per_step().T.numpy()
+        return sample(model, cond, uncond, x, steps, guidance, timesteps=timesteps, detector=detector,
+                      cfg1_scored_steps=None).trace.per_step().T.numpy()
 
     for start in range(0, len(prompts), batch_size):
         stop = min(len(prompts), start + batch_size)
@@ -146,6 +146,8 @@ def calibrate(model: DiffusionModel, prompts: Sequence[str], *, model_key: str, 
                               {"steps": len(schedule), "guidance": guidance, "sampler": sampler, "prompts": len(chosen)})
     cond = {**(conditions or {}), "noise_level": model.noise_level(t_first), "latent": list(shape), "detector": detector,
             "prediction": (conditions or {}).get("prediction") or model.prediction or model.parameterization}
+    if model.embedded_guidance is not None and "embedded_guidance" not in cond:
+        cond["embedded_guidance"] = model.embedded_guidance
     return Calibration(model_key, scores.tolist(), 1, guidance,
                        {"prompts": len(prompts), "seeds": len(seeds), "steps": steps}, cond, band, other)
 

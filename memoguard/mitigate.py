@@ -60,6 +60,11 @@ STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "n
 # host knows neither the prompt's tokens nor its text, opposite guidance leaves the fewest of the schedules
 DEFAULT_STRATEGY = "mask_padding"
 DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
+# where the prompt's positions are not CLIP's end-token padded chunks (T5: SD3, Flux), nothing is padding to mask;
+# token removal re-encodes the prompt without its words (unmeasured there: no flow evaluation model exists)
+DEFAULT_WITHOUT_PADDING = "remove_tokens"
+PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end token); this model's prompt positions "
+                   "are not CLIP chunks alone (T5)")
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
                   "new_noise": "new initial noise", "mask_padding": "padding masked"}
@@ -462,6 +467,8 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     check_mode(mode, target)
     if not 0 < pad_share <= 1:
         raise MitigationError(f"pad_share must be in (0, 1], got {pad_share}")
+    if not model.pads_with_end_token:
+        raise MitigationError(PADDING_PREMISE)
     eps_u, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "mask_padding",
                                         detector, first_step)
     if active is None:
@@ -503,10 +510,12 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
              noise_candidates: int = DEFAULT_NOISE_CANDIDATES, pad_share: float = DEFAULT_PAD_SHARE,
              should_stop: Optional[Callable[[], bool]] = None, detector: str = DEFAULT_DETECTOR) -> Mitigation:
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
-    DEFAULT_STRATEGY. new_noise needs `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None:
-    the schedule's own default (DEFAULT_DELAY for guidance_delay, OPPOSITE_DELAY for opposite_guidance).
-    detector: the verdict's (threshold and target are in its units)."""
-    strategy = DEFAULT_STRATEGY if strategy == "auto" else check_strategy(strategy)
+    DEFAULT_STRATEGY (DEFAULT_WITHOUT_PADDING on a model whose prompt positions are not CLIP's). new_noise needs
+    `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None: the schedule's own default (DEFAULT_DELAY
+    for guidance_delay, OPPOSITE_DELAY for opposite_guidance). detector: the verdict's (threshold and target are in its units)."""
+    if strategy == "auto":
+        strategy = DEFAULT_STRATEGY if model.pads_with_end_token else DEFAULT_WITHOUT_PADDING
+    strategy = check_strategy(strategy)
     start, _, schedule = strategy.partition("+")
     delay = schedule_delay(schedule or start, delay)
     if "opposite_guidance" in (start, schedule):  # before any model call

@@ -120,6 +120,7 @@ class Denoiser(ABC):
     parameterization: str = "eps"   # what the network outputs: eps, v, x0 or flow
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
     reencodes: bool = False         # implements encode_without
+    pads_with_end_token: bool = True  # the prompt's positions are CLIP's 77-token chunks, padded with its end token
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -179,6 +180,7 @@ class DiffusionModel(Denoiser):
 
     init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
     guidance: float = 7.5           # classifier-free guidance scale this model samples well at
+    embedded_guidance: Optional[float] = None  # a guidance-distilled model's guidance input (Flux dev), calibrated at
 
     @abstractmethod
     def timesteps(self, steps: int) -> torch.Tensor:

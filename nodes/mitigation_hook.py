@@ -23,7 +23,8 @@ from memoguard import minimize_embedding, step_score, uncond_is_missing
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HOST_STRATEGIES, HostSettings, chunked_encoding, early_guidance, empty_encoding,
                              failure_message, release_memory)
-from memoguard.mitigate import SCHEDULES, host_strategy, mask_padding, plan_guidance_delay, remove_tokens
+from memoguard.mitigate import (DEFAULT_WITHOUT_PADDING, PADDING_PREMISE, SCHEDULES, host_strategy, mask_padding,
+                               plan_guidance_delay, remove_tokens)
 
 from . import live
 from memoguard.calibration_lookup import CalibrationLookup, run_detector
@@ -120,9 +121,8 @@ class MitigationSession:
             else:
                 if self.strategy == "mask_padding" and not model.clip_chunks(source.text, cond.shape[1]):
                     if s.strategy != "auto":
-                        raise UnsupportedModel("padding masking zeroes a CLIP's padding (copies of its end token); "
-                                               "this model's conditioning holds T5 positions: choose remove_tokens")
-                    self.strategy = "remove_tokens"  # auto: the prompt strategy whose premise holds for any encoder
+                        raise UnsupportedModel(f"{PADDING_PREMISE}: choose {DEFAULT_WITHOUT_PADDING}")
+                    self.strategy = DEFAULT_WITHOUT_PADDING  # auto: the prompt strategy whose premise holds for any encoder
                     self.notes.append("auto: token removal (padding masking needs a CLIP-only conditioning)")
                 prompt = model.prompt_encoding(source.text, cond, extra_c, check=self.strategy == "remove_tokens")
                 if prompt is None:

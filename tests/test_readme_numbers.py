@@ -148,6 +148,9 @@ CLAIMS = [
     ("peak memory 6.3 GiB", lambda: _bench_says(r"SD1\.5-size checkpoint: `scan` of one prompt.*?peak ([\d.]+) GiB")
      == "6.3"),
     ("text encoder's 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
+    ("past CLIP's 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
+    ("embedded guidance (3.5", lambda: __import__("memoguard.standalone.diffusers_flow",
+                                                  fromlist=["x"]).FLUX_EMBEDDED_GUIDANCE == 3.5),
     ("`--batch-size` (default 16", lambda: _parser_default("scan", "batch_size") == 16),
     ("the shipped ~300", lambda: 250 <= _benign() <= 350),
     ("(32 by default", lambda: _parser_default("calibrate", "band_prompts") == 32),

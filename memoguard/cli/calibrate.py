@@ -21,13 +21,6 @@ def _ints(text: str):
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def full_range_timesteps(model, steps: int):
-    """`steps` integer timesteps from the noisiest (T - 1) to the cleanest (1), noisiest first."""
-    import torch
-    last = len(model.alphas_cumprod) - 1
-    return torch.linspace(last, 1, max(2, steps), device=model.device).round().long()
-
-
 def add_arguments(p):
     p.add_argument("--model", type=Path, default=None, help="diffusers folder or .safetensors/.ckpt (default: bundled tiny model)")
     p.add_argument("--prediction", choices=("auto", "eps", "v"), default="auto",
@@ -81,7 +74,7 @@ def run(args) -> int:
         cal = calibrate(model, prompts, model_key=model.model_key, shape=model.latent_shape(), steps=args.steps,
                         seeds=list(range(args.seeds)), guidance=args.guidance, band_prompts=args.band_prompts,
                         extra_timesteps=args.extra_timesteps, batch_size=args.batch_size,
-                        band_timesteps=full_range_timesteps(model, args.band_steps),
+                        band_timesteps=model.full_range_timesteps(args.band_steps),
                         conditions={"host": "diffusers", "prediction": model.parameterization, "model": model.name},
                         progress=progress, detector=args.detector)
         if args.out is not None:
@@ -96,6 +89,10 @@ def run(args) -> int:
           f"{args.seeds} seeds) at noise level "
           f"{cal.conditions['noise_level']:.4g}, median {cal.median:.4f}, threshold at 1% FPR "
           f"{cal.threshold(0.01):.4f}{', band over ' + str(len(cal.band.median)) + ' steps' if cal.band else ''} -> {out}")
-    print("Hosts find it by the model's key: copy the file into ComfyUI/models/memoguard/ or "
-          "stable-diffusion-webui/models/memoguard/.")
+    if model.parameterization == "flow":  # diffusers splits the attention projections the original files fuse
+        print("ComfyUI and Forge Neo hold this model's weights in its original layout, whose key differs: calibrate "
+              "it there (MemoGuard Calibrate, the panel's Calibrate).")
+    else:
+        print("Hosts find it by the model's key: copy the file into ComfyUI/models/memoguard/ or "
+              "stable-diffusion-webui/models/memoguard/.")
     return 0

@@ -141,6 +141,12 @@ class DiffusersModel(DiffusionModel):
         return [self._token_texts[i] for i in ids]
 
     # -- images ---------------------------------------------------------------------------
+    def full_range_timesteps(self, steps: int) -> torch.Tensor:
+        """`steps` integer timesteps from the noisiest (T - 1) to the cleanest (1), noisiest first: a band over them
+        covers where k-diffusion samplers start (sigma max) and where DDIM ends."""
+        last = len(self.alphas_cumprod) - 1
+        return torch.linspace(last, 1, max(2, steps), device=self.device).round().long()
+
     def latent_shape(self):
         s = self.unet.config.sample_size
         return (self.unet.config.in_channels, s, s)
@@ -158,9 +164,10 @@ class DiffusersModel(DiffusionModel):
 
 
 def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.float32, prediction: str = "auto",
-               config: Optional[Path] = None) -> DiffusersModel:
+               config: Optional[Path] = None) -> DiffusionModel:
     """Load a local diffusers pipeline folder (the bundled tiny model by default) or a single-file SD1.x /
     SD2.x / SDXL checkpoint (.safetensors / .ckpt in the original LDM layout, offline: memoguard.standalone.checkpoints).
+    An SD3 / SD3.5 or Flux.1 pipeline folder loads as a flow model (memoguard.standalone.diffusers_flow).
 
     prediction: "auto" (a folder: its scheduler config; a file: see memoguard.standalone.checkpoints), "eps" or "v".
     config: for a single file of a non-standard architecture, a diffusers-layout folder with its configs.
@@ -196,6 +203,11 @@ def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.flo
         index = json.loads(index_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{index_file} is unreadable: {e}") from None
+    from .diffusers_flow import PIPELINES, load_flow_pipeline
+    if index.get("_class_name") in PIPELINES:
+        if prediction != "auto":
+            raise ModelLoadError(f"{index['_class_name']} is a flow-matching model: --prediction does not apply")
+        return load_flow_pipeline(folder, device, dtype)
     sdxl = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)

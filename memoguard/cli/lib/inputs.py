@@ -88,5 +88,6 @@ def load_calibration(path, model, steps: int, detector: Optional[str] = None, sa
         raise CalibrationError(found.problem)
     level = model.noise_level(model.timesteps(steps)[0])
     calibration = found.calibration.at_noise_level(level)
-    return calibration, calibration.check(model.parameterization, level, model.latent_shape(), window=1)
+    return calibration, calibration.check(model.parameterization, level, model.latent_shape(), window=1,
+                                          embedded_guidance=model.embedded_guidance)
 

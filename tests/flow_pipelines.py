@@ -1,0 +1,95 @@
+"""Tiny random-weight diffusers pipelines of today's flow-matching families (SD3, Flux schnell / dev), built offline
+from diffusers' and transformers' own classes: CLIP's BPE files of the bundled model, a T5 sentencepiece tokenizer
+trained here on a few hundred ordinary captions. Weights are drawn from a normal distribution (no all-zero layer: the
+output depends on the prompt), saved as a pipeline folder `memoguard.standalone` loads like a downloaded one."""
+from pathlib import Path
+
+import torch
+
+from memoguard.resources import asset_path
+
+CLIP_TOKENIZER = asset_path("tiny-sd", "tokenizer")
+FAMILIES = ("sd3", "flux", "flux-dev")
+WORDS = ("a an the photo painting of portrait cat dog red blue green old young man woman house tree river city "
+         "mountain at night in on with by under sunset street boat car garden window and beside small large bright "
+         "dark forest beach flowers table chair bird horse sky clouds snow rain winter summer").split()
+
+
+def captions(n: int = 400, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(WORDS), (n, 6), generator=g).tolist()
+    return [" ".join(WORDS[i] for i in row) + ("," if k % 3 == 0 else "") + " " + WORDS[row[0]]
+            for k, row in enumerate(picks)]
+
+
+def t5_tokenizer():
+    """A sentencepiece-style (Unigram, "▁" word starts) tokenizer with T5's special tokens: pad 0, </s> 1, unk 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(captions() + [",.!?;:"], trainers.UnigramTrainer(
+        vocab_size=160, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _normal_init(*modules, seed: int):
+    """Every parameter drawn from N(0, 0.02), norms' scales from 1 + N(0, 0.02), token embeddings ten times wider (the
+    prompt must move the prediction): zero-initialised output layers and modulations (the DiT default) would make
+    the prediction ignore the prompt."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in modules:
+            for name, p in m.named_parameters():
+                noise = torch.randn(p.shape, generator=g) * 0.02
+                norm = "norm" in name and name.endswith("weight")
+                p.copy_(1 + noise if norm else noise * (10 if "embed" in name else 1))
+
+
+def build_flow_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
+    """A diffusers pipeline folder of `family` (FAMILIES) with tiny random weights; returns the folder."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    torch.manual_seed(seed)
+    clip = lambda hidden, cls: cls(CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
+                                                  num_hidden_layers=2, num_attention_heads=4, projection_dim=hidden,
+                                                  max_position_embeddings=77, pad_token_id=49407,
+                                                  bos_token_id=49406, eos_token_id=49407, hidden_act="gelu"))
+    tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
+    t5_tok = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, scaling_factor=1.5, shift_factor=0.1)
+    if family == "sd3":
+        clip_l, clip_g = clip(32, CLIPTextModelWithProjection), clip(48, CLIPTextModelWithProjection)
+        transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                            caption_projection_dim=32, pooled_projection_dim=80, out_channels=16,
+                                            pos_embed_max_size=32)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        modules = (transformer, clip_l, clip_g, t5, vae)
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                        tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer,
+                                        text_encoder_3=t5, tokenizer_3=t5_tok)
+    else:
+        clip_l = clip(32, CLIPTextModel)
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                             pooled_projection_dim=32, guidance_embeds=family == "flux-dev",
+                                             axes_dims_rope=(4, 6, 6))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+        modules = (transformer, clip_l, t5, vae)
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                            tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok)
+    _normal_init(*modules, seed=seed)
+    pipe.save_pretrained(folder)
+    return folder
