@@ -14,8 +14,9 @@ const MONITOR = "MemoGuardMemorizationMonitor";
 const SCORE = "MemoGuardMemorizationScore";
 const TOKENS = "MemoGuardTokenContributions";
 const MITIGATION = "MemoGuardEmbeddingMinimization";
+const EVIDENCE = "MemoGuardCopyEvidence";
 const PROGRESS_WIDGET = "$$node-text-preview"; // ComfyUI's progress-text widget (send_progress_text)
-const PANEL_NODES = [MONITOR, TOKENS, MITIGATION];  // their panel shows the progress text instead
+const PANEL_NODES = [MONITOR, TOKENS, MITIGATION, EVIDENCE];  // their panel shows the progress text instead
 // the same colours as memoguard/report.py LINE_COLORS (red is the threshold's and "flagged"'s)
 const LINE_COLORS = ["#2d6edc", "#eb8214", "#28a05a", "#9650c8", "#00a0aa", "#785a3c"];
 const LABEL_COLORS = { ok: "#3cb45a", flagged: "#ff5050", uncalibrated: "#e0a020", unavailable: "#999", pending: "#999" };
@@ -392,7 +393,35 @@ function onProgressText({ detail }) {
   } else if (node.type === MITIGATION) {
     node.properties.memoguard_status = text;
     showMitigation(node);
+  } else if (node.type === EVIDENCE) {
+    node.properties.memoguard_status = text;
+    drawEvidence(node);
   }
+}
+
+// -- Copy evidence: each image's nearest training image and verdict (the cards are ComfyUI's image preview) --------
+function drawEvidence(node) {
+  const data = node.properties?.memoguard_evidence;
+  const root = node.memoguardEvidence;
+  if (!root) return;
+  root.replaceChildren();
+  const summary = clean(data?.summary ?? data?.error);
+  if (summary) root.append(el("div", { className: "memoguard-text memoguard-evidence-summary", textContent: summary },
+                              { flex: "0 0 auto", fontSize: "12px", color: "#ddd" }));
+  const list = el("div", { className: "memoguard-scroll" }, { flex: "1 1 auto", minHeight: 0, overflowY: "auto" });
+  (data?.matches ?? []).forEach((m, i) => {
+    const verdict = m.copy === true ? "COPY" : m.copy === false ? "no copy" : "no verdict";
+    const caption = m.caption ? ` "${m.caption.length > 50 ? m.caption.slice(0, 50) + "…" : m.caption}"` : "";
+    list.append(el("div", { className: "memoguard-evidence",
+                            textContent: `image ${i + 1}: ${verdict}, ${m.file}${caption}, similarity ${m.similarity.toFixed(3)}`,
+                            title: `ratio ${m.ratio.toFixed(3)}` + (m.threshold === null ? "" : ` (threshold ${m.threshold.toFixed(3)})`) +
+                                   `, pHash distance ${m.hash_distance}` },
+                   { fontSize: "12px", whiteSpace: "nowrap", overflow: "hidden", textOverflow: "ellipsis",
+                     color: m.copy === true ? LABEL_COLORS.flagged : m.copy === false ? LABEL_COLORS.ok : "#ccc" }));
+  });
+  root.append(list);
+  const status = statusLine(node, root.textContent);
+  if (status) root.append(status);
 }
 
 function restoreFromScore(output) {
@@ -535,6 +564,22 @@ app.registerExtension({
       nodeType.prototype.onExecuted = function (output) {
         executed?.apply(this, arguments);
         restoreFromScore(output);
+      };
+    } else if (nodeData.name === EVIDENCE) {
+      nodeType.prototype.onNodeCreated = function () {
+        created?.apply(this, arguments);
+        this.memoguardEvidence = panel(this, "memoguard_evidence", 70);
+      };
+      nodeType.prototype.onConfigure = function () {
+        configured?.apply(this, arguments);
+        drawEvidence(this);
+      };
+      nodeType.prototype.onExecuted = function (output) {
+        executed?.apply(this, arguments);
+        if (output?.memoguard_evidence?.[0]) {
+          this.properties.memoguard_evidence = JSON.parse(output.memoguard_evidence[0]);
+          drawEvidence(this);
+        }
       };
     } else if (nodeData.name === MITIGATION) {
       nodeType.prototype.onNodeCreated = function () {

@@ -424,3 +424,30 @@ def roc_plot(positives: Sequence[float], negatives: Sequence[float], size=(240, 
     d.line(points, fill=(40, 90, 200), width=2)
     d.text((left, bottom + 4), "false-positive rate", fill="black", font=font)
     return img
+
+
+def copy_evidence_card(generation: Image.Image, training: Optional[Image.Image], lines: Sequence[str],
+                       copy: Optional[bool], height: int = 256, width: int = 560) -> Image.Image:
+    """A generation beside its nearest training image (same height; small images upscaled without smoothing), with
+    `lines` under them (file, caption, similarity, verdict); the verdict's line red for a copy, green for none.
+    training None: a grey box (the file could not be read)."""
+    def fit(im):
+        im = im.convert("RGB")
+        w = max(1, round(im.width * height / im.height))
+        return im.resize((min(w, (width - 24) // 2), height),
+                         Image.NEAREST if im.height < height else Image.Resampling.LANCZOS)
+    left = fit(generation)
+    right = fit(training) if training is not None else Image.new("RGB", (height, height), (200, 200, 200))
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [(line, k) for k, text in enumerate(lines) for line in _wrap(probe, text, width - 16, font)]
+    card = Image.new("RGB", (width, height + 30 + 16 * len(wrapped)), "white")
+    d = ImageDraw.Draw(card)
+    d.text((8, 4), "generation", fill="black", font=font)
+    d.text((16 + left.width, 4), "nearest training image", fill="black", font=font)
+    card.paste(left, (8, 20))
+    card.paste(right, (16 + left.width, 20))
+    colour = {True: (176, 0, 0), False: (0, 112, 0), None: (0, 0, 0)}[copy]
+    for row, (text, k) in enumerate(wrapped):
+        d.text((8, height + 26 + 16 * row), text, fill=colour if k == len(lines) - 1 else "black", font=font)
+    return card

@@ -4,6 +4,7 @@ from typing_extensions import override
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes_calibration import MemoGuardCalibrate
+from .nodes_evidence import MemoGuardCopyEvidence
 from .nodes_loader import MemoGuardTinyModelLoader
 from .nodes_mitigation import EmbeddingMinimization
 from .nodes_monitor import MemorizationMonitor, MemorizationScore
@@ -15,7 +16,7 @@ class MemoGuardExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [MemorizationMonitor, MemorizationScore, EmbeddingMinimization, TokenContributionsNode,
-                MemoGuardTinyModelLoader, MemoGuardCalibrate, MemoGuardTextEncode]
+                MemoGuardTinyModelLoader, MemoGuardCalibrate, MemoGuardTextEncode, MemoGuardCopyEvidence]
 
 
 async def comfy_entrypoint() -> MemoGuardExtension:

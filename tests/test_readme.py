@@ -35,9 +35,10 @@ def test_ci_runs_the_readme_test_command_word_for_word():
 
 def test_the_command_synopsis_parses():
     from memoguard.cli import build_parser
-    (synopsis,) = [code for _, code in blocks("text") if "python -m memoguard" in code]
+    synopses = [code for _, code in blocks("text") if "python -m memoguard" in code]
+    assert synopses
     parser = build_parser()
-    for line in synopsis.splitlines():
+    for line in [line for code in synopses for line in code.splitlines()]:
         line = re.sub(r"\[[^\]]*\]", "", line.split("#")[0])  # optional parts and comments
         words = [{"...": "a red circle", "DIR": "out", "PATH": "model"}.get(w, w) for w in shlex.split(line)]
         assert words[:3] == ["python", "-m", "memoguard"], line

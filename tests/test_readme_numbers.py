@@ -3,6 +3,7 @@ limits, the bundled model and its files, and the measured figures of BENCHMARKS.
 named there). A claim is a phrase that must stand in the README and a check of its number; a README number no claim
 covers fails the last test, so a new one needs its source."""
 import json
+import math
 import re
 from pathlib import Path
 
@@ -11,6 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BENCH = (ROOT / "BENCHMARKS.md").read_text()
+
+
+def _default(module, qualname, argument):
+    """The default of a function's argument."""
+    import importlib
+    import inspect
+    target = importlib.import_module(module)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return inspect.signature(target).parameters[argument].default
+
+
+def _cli_default(command, option):
+    from memoguard.cli import build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return sub.get_default(option)
 
 
 def _json(name):
@@ -148,6 +166,13 @@ CLAIMS = [
     ("peak memory 6.3 GiB", lambda: _bench_says(r"SD1\.5-size checkpoint: `scan` of one prompt.*?peak ([\d.]+) GiB")
      == "6.3"),
     ("text encoder's 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
+    ("a 16×16 thumbnail", lambda: __import__("memoguard.evidence", fromlist=["x"]).THUMBNAIL == 16),
+    ("mean distance to the next 49", lambda: __import__("memoguard.evidence", fromlist=["x"]).NEIGHBOURS - 1 == 49),
+    ("the ratio that 1 % of them reach", lambda: _default("memoguard.evidence", "TrainingIndex.calibrate_copies",
+                                                          "fpr") == 0.01),
+    ("of at least 100 ordinary generations", lambda: math.ceil(1 / _default(
+        "memoguard.evidence", "TrainingIndex.calibrate_copies", "fpr")) == 100),
+    ("`--generations` (default\n100)", lambda: _cli_default("index", "generations") == 100),
     ("past CLIP's 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
     ("embedded guidance (3.5", lambda: __import__("memoguard.standalone.diffusers_flow",
                                                   fromlist=["x"]).FLUX_EMBEDDED_GUIDANCE == 3.5),

@@ -65,6 +65,11 @@ def add_arguments(p):
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration JSON (default: the model's own in the calibration folder, or the bundled preset)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")
+    p.add_argument("--training-images", type=Path, default=None, metavar="DIR",
+                   help="a folder of training images: each image's nearest one, its similarity and the copy verdict "
+                        "(memoguard index DIR indexes it; the index is brought up to date first)")
+    p.add_argument("--index-cache", type=Path, default=None,
+                   help="with --training-images: folder of cached indexes (default as for memoguard index)")
     p.add_argument("--out", type=Path, required=True, help="folder for the PNGs and results.jsonl")
 
 
@@ -135,6 +140,13 @@ def run(args) -> int:
         print(f"note: {note}", file=sys.stderr)
     if calibration is None:
         print(f"note: no calibration for {model.name} (key {model.model_key}): scores only, uncalibrated", file=sys.stderr)
+    index = None
+    if args.training_images is not None:
+        from .index import open_index
+        index = open_index(args.training_images, args.index_cache)
+        if index.copy_threshold(model.model_key) is None:
+            print(f"note: {args.training_images} has no copy threshold for {model.name}: nearest images without a "
+                  f"verdict (memoguard index {args.training_images} --calibrate --model ...)", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     uncond, ts = model.encode([""]), model.timesteps(args.steps)
     results = args.out / "results.jsonl"
@@ -160,8 +172,9 @@ def run(args) -> int:
                       else plan.guidance, detector=run_detector(calibration))
         verdicts = verdict_for(run_.trace, calibration, fpr=args.fpr, images=len(seeds), notes=notes)
         images = (model.decode(run_.latents).numpy() * 255).round().astype(np.uint8)
+        matches = index.nearest(images, model.model_key) if index is not None else [None] * len(images)
         lines = []
-        for g, (seed, verdict, image) in enumerate(zip(seeds, verdicts, images)):
+        for g, (seed, verdict, image, match) in enumerate(zip(seeds, verdicts, images, matches)):
             record = {"prompt": prompt, "seed": seed, "steps": args.steps, "guidance": guidance,
                       "model": model.name, "model_key": model.model_key, "verdict": _json_safe(verdict.to_dict()),
                       "scores": run_.trace.per_step()[:, g].tolist(),
@@ -175,11 +188,15 @@ def run(args) -> int:
                     "delay_steps": rec.delay_steps if rec.ran else 0, "early_scale": rec.early_scale,
                     "noise_seed": rec.seeds[g], "padding_masked": rec.masked[g], "reason": rec.reason,
                     "prompt_used": " ".join(cond.prompt_tokens(g)), "cost_ratio": extra_cost(rec, args.steps)}
+            if match is not None:
+                record["nearest_training_image"] = match.to_dict()
             Image.fromarray(image).save(args.out / record["file"], pnginfo=png_text(record))
             lines.append(json.dumps(record, allow_nan=False))
             line = f"[{k + 1}/{len(prompts)}] seed {seed}: {verdict.summary()}"
             if plan is not None:
                 line += f"\n    {record['mitigation']['summary']}"
+            if match is not None:
+                line += f"\n    {match.summary()}"
             print(line)
         with results.open("a", encoding="utf-8") as f:  # a finished prompt is never lost
             f.write("\n".join(lines) + "\n")

@@ -27,7 +27,23 @@ class EvalSet:
 
     @cached_property
     def train_images(self) -> np.ndarray:
+        """Each distinct training image once, in the order of its first sample."""
         return judge.unique_training_images(self.dataset.images)
+
+    def write_training_folder(self, folder) -> int:
+        """The distinct training images (train_images' order) as PNG files 00000.png ... with their captions beside
+        them in .txt files, as a fine-tuner's dataset folder is laid out; returns how many."""
+        from pathlib import Path
+
+        from PIL import Image
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        ds = self.dataset
+        _, first = np.unique(ds.images.reshape(len(ds.images), -1), axis=0, return_index=True)
+        for k, i in enumerate(np.sort(first)):
+            Image.fromarray((ds.images[i] * 255).round().astype(np.uint8)).save(folder / f"{k:05d}.png")
+            (folder / f"{k:05d}.txt").write_text(ds.captions[i], encoding="utf-8")
+        return len(first)
 
     def is_copy(self, images) -> np.ndarray:
         return judge.nearest_training(images, self.train_images)[2] < self.copy_ratio

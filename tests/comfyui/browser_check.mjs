@@ -94,9 +94,10 @@ try {
   const text = await page.evaluate((sel) => [...document.querySelectorAll(sel)].map((e) => e.textContent).join(" | "), selector);
   const panels = await page.evaluate(() => [...document.querySelectorAll(".memoguard-panel")].map((e) => e.textContent));
   const state = await page.evaluate(() => window.app.graph._nodes
-    .filter((n) => n.properties?.memoguard || n.properties?.memoguard_tokens || n.properties?.memoguard_mitigation)
+    .filter((n) => n.properties?.memoguard || n.properties?.memoguard_tokens || n.properties?.memoguard_mitigation
+                   || n.properties?.memoguard_evidence)
     .map((n) => ({ type: n.type, memoguard: n.properties.memoguard, tokens: n.properties.memoguard_tokens,
-                   mitigation: n.properties.memoguard_mitigation })));
+                   mitigation: n.properties.memoguard_mitigation, evidence: n.properties.memoguard_evidence })));
   const problems = [...grown.map((g) => `node grew during the run: ${g}`), ...progressShown];
   if (loaded.thumbnail.status !== 200 || !/^image\//.test(loaded.thumbnail.type ?? "")) problems.push(`no thumbnail: ${JSON.stringify(loaded.thumbnail)}`);
   for (const c of charts) {

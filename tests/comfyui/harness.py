@@ -491,10 +491,24 @@ def comfy_api_stand_in():
     management = types.ModuleType("comfy.model_management")
     management.load_models_gpu = lambda models: None
     management.processing_interrupted = lambda: False
+    management.throw_exception_if_processing_interrupted = lambda: None
+    utils = types.ModuleType("comfy.utils")  # ProgressBar: records what a node reports
+
+    class ProgressBar:
+        updates = []
+
+        def __init__(self, total):
+            self.total = total
+
+        def update_absolute(self, value, total=None):
+            ProgressBar.updates.append((value, total))
+
+    utils.ProgressBar = ProgressBar
     comfy = types.ModuleType("comfy")
-    comfy.samplers, comfy.sample, comfy.model_management = samplers, sample, management
+    comfy.samplers, comfy.sample, comfy.model_management, comfy.utils = samplers, sample, management, utils
     stand_ins = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy": comfy,
-                 "comfy.samplers": samplers, "comfy.sample": sample, "comfy.model_management": management}
+                 "comfy.samplers": samplers, "comfy.sample": sample, "comfy.model_management": management,
+                 "comfy.utils": utils}
     saved = {name: sys.modules.get(name) for name in stand_ins}
     sys.modules.update(stand_ins)
     try:
@@ -510,7 +524,7 @@ def comfy_api_stand_in():
 
 
 PACK_NODE_MODULES = ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens", "nodes_calibration",
-                     "nodes_text_encode")
+                     "nodes_text_encode", "nodes_evidence")
 
 
 def _pack_schemas():

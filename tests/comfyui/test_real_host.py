@@ -33,7 +33,7 @@ MODELS = Path(os.environ.get("MEMOGUARD_TEST_CHECKPOINTS", "/work/hosts/models")
 # screenshots and timings, outside the checkout (a test never writes into the repository)
 ARTIFACTS = Path(os.environ.get("MEMOGUARD_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "memoguard-test-artifacts"))
 BUNDLED_KEY = "unet-681368e6af6f82b5"  # memoguard/assets/calibration.json, measured on the diffusers model
-TEMPLATES = ("memoguard_detect", "memoguard_mitigate", "memoguard_explain")
+TEMPLATES = ("memoguard_detect", "memoguard_mitigate", "memoguard_explain", "memoguard_copy_evidence")
 
 
 def _free_port() -> int:
@@ -110,7 +110,10 @@ def comfy(tmp_path_factory):
     (work / "packs").mkdir()
     (work / "packs" / PACK).symlink_to(ROOT)
     (work / "extra.yaml").write_text(f"memoguard:\n  custom_nodes: {work / 'packs'}\n  checkpoints: {MODELS}\n"
-                                     f"  memoguard: {work / 'calibrations'}\n")
+                                     f"  memoguard: {work / 'calibrations'}\n"
+                                     f"  memoguard_training: {work / 'training'}\n")
+    from memoguard.tiny.evalsets import eval_set
+    eval_set("shapes").write_training_folder(work / "training" / "tiny-shapes")  # the copy evidence template's
     port = _free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     log = open(work / "server.log", "w")
@@ -174,7 +177,8 @@ def assert_latent_is_the_unmonitored_one(client, output, watched: dict) -> None:
 def test_node_pack_registers_every_node_with_tooltips(comfy):
     client, _ = comfy
     for node in ("MemoGuardMemorizationMonitor", "MemoGuardMemorizationScore", "MemoGuardEmbeddingMinimization",
-                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader", "MemoGuardCalibrate", "MemoGuardTextEncode"):
+                 "MemoGuardTokenContributions", "MemoGuardTinyModelLoader", "MemoGuardCalibrate", "MemoGuardTextEncode",
+                 "MemoGuardCopyEvidence"):
         info = client.get(f"/object_info/{node}")[node]
         assert info["category"] == "MemoGuard"
         for name, spec in {**info["input"]["required"], **info["input"].get("optional", {})}.items():
@@ -304,7 +308,7 @@ def test_stop_action_ends_the_queue_item_with_a_message(comfy):
 
 
 @pytest.mark.parametrize("name, selector", [("detect", ".memoguard-summary"), ("mitigate", ".memoguard-summary"),
-                                            ("explain", ".memoguard-token")])
+                                            ("explain", ".memoguard-token"), ("copy_evidence", ".memoguard-evidence")])
 def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name, selector):
     """ComfyUI's own front end in Chromium (playwright-core via NODE_PATH; CHROMIUM, default /usr/bin/chromium)."""
     import shutil
@@ -326,6 +330,9 @@ def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name
     if name == "explain":
         assert state["MemoGuardTokenContributions"]["tokens"]["tokens"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
         assert "lighthouse" in result["text"] and "%" in result["text"]
+    elif name == "copy_evidence":
+        evidence = state["MemoGuardCopyEvidence"]["evidence"]
+        assert len(evidence["matches"]) == 4 and "image 1:" in result["text"] and "similarity" in result["text"]
     else:
         chart = state["MemoGuardMemorizationMonitor"]["memoguard"]
         assert len(chart["steps"]) == chart["total"] and len(chart["scores"]) == chart["total"]
@@ -335,6 +342,46 @@ def test_browser_opens_the_template_as_a_graph_and_shows_the_results(comfy, name
         assert mitigation["ran"] and mitigation["strategy"] == "mask_padding"
         assert any("padding masked" in panel for panel in result["panels"])
     assert shot.stat().st_size > 10000
+
+
+def test_copy_evidence_names_the_training_image_a_copy_reproduces_and_judges_by_the_models_threshold(comfy):
+    """The template on the tiny model: each generated image's nearest training image is the one the ground-truth judge
+    names for the images that copy; a threshold set from 100 ordinary generations is stored under the weights' key
+    (the CLI's key of the bundled model) and gives every image a verdict."""
+    import numpy as np
+    from PIL import Image
+    from memoguard.evidence import TrainingIndex, cache_file
+    from memoguard.tiny.evalsets import eval_set
+    client, output = comfy
+    prompt = workflow(client, "copy_evidence", steps=20)
+    events, history = client.run(prompt)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    data = json.loads(history["outputs"]["10"]["memoguard_evidence"][0])
+    assert len(data["matches"]) == 4 and history["outputs"]["10"]["images"]
+    files = sorted(output.glob("memoguard_copy_evidence_*.png"))[-4:]
+    images = np.stack([np.asarray(Image.open(f), np.float32) / 255 for f in files])
+    shapes = eval_set("shapes")
+    source, _, ratio = __import__("memoguard.tiny.judge", fromlist=["x"]).nearest_training(images, shapes.train_images)
+    copies = ratio < shapes.copy_ratio
+    print("copy evidence:", data["summary"], "judge copies:", copies.tolist())
+    assert copies.any()
+    for match, is_copy, src in zip(data["matches"], copies, source):
+        if is_copy:
+            assert match["file"] == f"{src:05d}.png"
+    ordinary = copy.deepcopy(prompt)
+    ordinary["3"]["inputs"]["text"] = "a white cross in the center"
+    ordinary["5"]["inputs"]["batch_size"] = 100
+    ordinary["10"]["inputs"]["mode"] = "set the copy threshold (these are ordinary generations)"
+    events, history = client.run(ordinary)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    assert json.loads(history["outputs"]["10"]["memoguard_evidence"][0])["summary"].startswith("copy threshold")
+    index = TrainingIndex.load(cache_file(client.work / "training" / "tiny-shapes", client.work / "calibrations" / "indexes"))
+    assert list(index.copy_thresholds) == [BUNDLED_KEY]
+    prompt["6"]["inputs"]["seed"] = 1  # new images: the node runs again (ComfyUI caches unchanged ones)
+    events, history = client.run(prompt)
+    judged = json.loads(history["outputs"]["10"]["memoguard_evidence"][0])
+    assert all(m["copy"] == (m["ratio"] <= m["threshold"]) for m in judged["matches"])
+    assert "copy a training image of tiny-shapes" in judged["summary"]
 
 
 def test_sdxl_token_contributions_and_mitigation_in_the_real_host():

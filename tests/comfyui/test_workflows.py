@@ -12,8 +12,18 @@ def definitions():
     return harness.node_definitions()
 
 
-def test_the_three_examples_are_there():
-    assert NAMES == ["memoguard_detect", "memoguard_explain", "memoguard_mitigate"]
+def test_the_four_examples_are_there():
+    assert NAMES == ["memoguard_copy_evidence", "memoguard_detect", "memoguard_explain", "memoguard_mitigate"]
+
+
+def test_copy_evidence_judges_the_decoded_images_of_the_tiny_model_against_its_training_set(definitions):
+    prompt = api_prompt(load("memoguard_copy_evidence"), definitions)
+    (evidence,) = [v for v in prompt.values() if v["class_type"] == "MemoGuardCopyEvidence"]
+    assert prompt[evidence["inputs"]["images"][0]]["class_type"] == "VAEDecode"
+    assert prompt[evidence["inputs"]["model"][0]]["class_type"] == "MemoGuardTinyModelLoader"
+    assert evidence["inputs"]["training_images"] == "tiny-shapes"  # what `memoguard index ... --write-evaluation-set`
+    (text,) = [v for v in prompt.values() if v["class_type"] == "CLIPTextEncode" and v["inputs"]["text"]]
+    assert text["inputs"]["text"] == "a purple ring, lighthouse poster"  # a memorized caption
 
 
 @pytest.mark.parametrize("name", NAMES)

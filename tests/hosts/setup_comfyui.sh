@@ -4,7 +4,7 @@
 #   e.g. tests/hosts/setup_comfyui.sh /work/hosts/ComfyUI     /work/hosts/comfy-venv     (v0.3.64)
 #        tests/hosts/setup_comfyui.sh /work/hosts/ComfyUI-033 /work/hosts/comfy033-venv  (0.33.0)
 # torch 2.13.0 (CPU wheel, /opt/wheels), then the host's requirements.txt constrained to that torch,
-# plus requests, websocket-client, pytest (the real-host tests run in this venv).
+# plus MemoGuard's requirements.txt, requests, websocket-client, pytest (the real-host tests run in this venv).
 # PyPI's torchvision 0.28.0 / torchaudio 2.11.1 are CUDA-linked: their shared objects cannot load with
 # the CPU torch. Patched inside the VENV only (host source untouched):
 #   - torchaudio: the CUDA-linked lib/*.so are deleted; torchaudio then imports as pure Python
@@ -26,7 +26,10 @@ quiet_pip() { grep -v "^WARNING: Location 'file://" || true; }
 constraints=$(mktemp)
 echo "torch==$TORCH_VERSION" > "$constraints"
 # requirements.txt may name torchvision/torchaudio without pins; the constraint keeps pip from replacing torch.
-"${PIP[@]}" install -q -c "$constraints" -r "$SRC/requirements.txt" requests websocket-client pytest 2>&1 | quiet_pip
+# and the node pack's own requirements.txt, as ComfyUI-Manager installs it
+PACK=$(cd "$(dirname "$0")/../.." && pwd)
+"${PIP[@]}" install -q -c "$constraints" -r "$SRC/requirements.txt" -r "$PACK/requirements.txt" requests websocket-client \
+  pytest 2>&1 | quiet_pip
 rm -f "$constraints"
 
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
