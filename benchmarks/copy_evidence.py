@@ -54,7 +54,7 @@ def measure(name: str, quick: bool, log=print) -> dict:
                                150 if quick else 300, steps)
     threshold = index.calibrate_copies(model.model_key, ordinary, FPR, note="benchmark")
     ordinary_copies = int((judge.nearest_training(ordinary, train)[2] < evalset.copy_ratio).sum())
-    ordinary_hashes = hash_distances(index.hashes, perceptual_hashes(ordinary)).min(1)
+    ordinary_hashes = hash_distances(index.hashes, perceptual_hashes(ordinary)).min(1).astype(float)
     hash_threshold = -threshold_at_fpr((-ordinary_hashes).tolist(), FPR)  # a copy is at most this many bits away
     log(f"  {ordinary_copies} of the {len(ordinary)} ordinary generations copy a training image (the judge)")
     prompts = evalset.prompts(per_kind=20 if quick else 50)

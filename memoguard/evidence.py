@@ -363,6 +363,29 @@ def ordinary_prompts(prompts: Sequence[str], captions: Sequence[str]) -> List[st
     return [p for p in prompts if p.strip().lower() not in known]
 
 
+def dataset_folders(roots) -> Dict[str, Path]:
+    """{name: folder} of the training sets in `roots` (each subfolder one; the first root that holds a name wins):
+    what hosts offer in their list, never a typed path."""
+    found = {}
+    for root in roots:
+        try:
+            subs = sorted(Path(root).iterdir())
+        except OSError:
+            continue
+        for sub in subs:
+            if sub.is_dir() and not sub.name.startswith(".") and sub.name not in found:
+                found[sub.name] = sub
+    return found
+
+
+def evidence_card(index: "TrainingIndex", image, match: Match):
+    """A generation (H, W, 3 uint8) beside its nearest training image, with the match's lines under them (PIL)."""
+    from PIL import Image
+
+    from .report import copy_evidence_card
+    return copy_evidence_card(Image.fromarray(image), index.image(match), match.lines(), match.copy)
+
+
 def default_index_folder() -> Path:
     """Where the CLI keeps indexes: $MEMOGUARD_INDEXES, else ~/.cache/memoguard/indexes."""
     return Path(os.environ.get("MEMOGUARD_INDEXES", Path.home() / ".cache" / "memoguard" / "indexes"))

@@ -5,13 +5,12 @@ entries included): each subfolder is a dataset (images with kohya-style .txt cap
 free path. Indexes are cached in models/memoguard/indexes."""
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
 
-from memoguard import report
-from memoguard.evidence import Match, TrainingIndex
+from memoguard.evidence import Match, TrainingIndex, dataset_folders, evidence_card
 
 from .calibration_choice import calibration_folders
 
@@ -30,17 +29,7 @@ def training_roots() -> List[str]:
 
 
 def training_folders() -> Dict[str, Path]:
-    """{name: folder} of the training sets a user may pick (the first root that holds a name wins)."""
-    found = {}
-    for root in training_roots():
-        try:
-            subs = sorted(Path(root).iterdir())
-        except OSError:
-            continue
-        for sub in subs:
-            if sub.is_dir() and not sub.name.startswith(".") and sub.name not in found:
-                found[sub.name] = sub
-    return found
+    return dataset_folders(training_roots())
 
 
 def folder_options() -> List[str]:
@@ -68,14 +57,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (arr * 255).round().astype(np.uint8)
 
 
-def cards(index: TrainingIndex, images: np.ndarray, matches: List[Match], note: Optional[str] = None) -> torch.Tensor:
-    """One card per image (the generation beside its nearest training image, the measures and the verdict under
-    them) as a ComfyUI IMAGE batch, padded white to the tallest card."""
-    from PIL import Image
-    drawn = [report.copy_evidence_card(Image.fromarray(image), index.image(match),
-                                       match.lines() + ([note] if note and match.threshold is None else []),
-                                       match.copy)
-             for image, match in zip(images, matches)]
+def cards(index: TrainingIndex, images: np.ndarray, matches: List[Match]) -> torch.Tensor:
+    """One card per image (memoguard.evidence.evidence_card) as a ComfyUI IMAGE batch, padded white to the tallest."""
+    drawn = [evidence_card(index, image, match) for image, match in zip(images, matches)]
     height, width = max(c.height for c in drawn), max(c.width for c in drawn)
     batch = np.full((len(drawn), height, width, 3), 255, np.uint8)
     for k, card in enumerate(drawn):

@@ -198,7 +198,7 @@ CLAIMS = [
      and _webui_defaults()["explain_steps"] == 1),
     ("max_iters=10, strategy=", lambda: _webui_defaults()["max_iters"] == 10),
     ("delay=0 (0 = the", lambda: _webui_defaults()["delay"] == 0),
-    ("early_scale=-3]", lambda: _webui_defaults()["early_scale"] == -3),
+    ("early_scale=-3, training_images", lambda: _webui_defaults()["early_scale"] == -3),
     ("0 = 0.2 of them", lambda: __import__("memoguard.mitigate", fromlist=["x"]).OPPOSITE_DELAY == 0.2),
     ("scale*, default −3", lambda: _webui_defaults()["early_scale"] == -3),
     ("0 = 0.3 of them", lambda: __import__("memoguard.mitigate", fromlist=["x"]).DEFAULT_DELAY == 0.3),

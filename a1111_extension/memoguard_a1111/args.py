@@ -73,6 +73,7 @@ PARSERS = {
     "delay": lambda n, v: _number(n, v, integer=False, low=0, high=0.95),
     "explain_method": lambda n, v: _choice(n, v, METHODS),
     "early_scale": lambda n, v: _number(n, v, integer=False, low=-20, high=0),
+    "training_images": _text,  # a folder name from models/memoguard_training, checked against that list when used
 }
 
 

@@ -49,6 +49,7 @@ class Settings(HostSettings):
     """The core's settings plus the WebUI's own: the explanation switch and an explicit calibration file."""
     explain: bool = False
     calibration_file: str = ""          # explicit calibration (must be this model's); else found by model key
+    training_images: str = ""           # copy evidence: a folder of models/memoguard_training ("" or "(none)": off)
 
 
 @dataclass
@@ -115,6 +116,7 @@ class RunMonitor:
         self.entry = ""                         # which MemoGuard entry started it (dropdown or accordion)
         self.results: Dict[int, IterationResult] = {}
         self.errors: List[str] = []
+        self.evidence = None  # memoguard_a1111.evidence.RunEvidence when copy evidence is on
         self.hires_seen = False
         self._pending: Optional[Pending] = None
         # which model this is and its calibration: resolved once, after the run's first model call

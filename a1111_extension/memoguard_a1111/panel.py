@@ -11,6 +11,7 @@ LEFT, RIGHT, TOP, BOTTOM = 46, 12, 10, 30   # margins: room for the tick labels 
 # Inline, so that the panel looks the same whether the repository or a1111_extension/ is the extension folder.
 STYLE = """
 .memoguard-panel { display: flex; flex-direction: column; gap: 0.5em; }
+.memoguard-evidence-card { max-width: 100%; margin-top: 0.3em; }
 .memoguard-image { padding: 0.4em 0.6em; border-radius: 6px; border: 1px solid var(--border-color-primary); }
 .memoguard-flagged { border-color: #e4572e; }
 .memoguard-verdict { margin-left: 0.5em; }
@@ -190,7 +191,9 @@ def _tokens_html(c: TokenContributions) -> str:
 
 
 def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: List[TokenContributions],
-                mitigation: Optional[str], chart: Optional[Chart] = None, explain_note: str = "") -> str:
+                mitigation: Optional[str], chart: Optional[Chart] = None, explain_note: str = "",
+                evidence: Optional[tuple] = None) -> str:
+    """evidence: (infotext line, card PNG as base64 or None) of the image's copy evidence."""
     chart = chart or Chart([None] * len(gaps), list(range(len(gaps))))
     status = verdict_label(verdict)
     parts = [f'<div class="memoguard-image memoguard-{status}"><b>{html.escape(title)}</b> '
@@ -209,6 +212,12 @@ def image_panel(title: str, verdict: Verdict, gaps: List[float], explanations: L
                      f'{html.escape(explanation_method(explanations, explain_note))}</div>')
     if mitigation:
         parts.append(f'<div class="memoguard-mitigation">mitigation: {html.escape(mitigation)}</div>')
+    if evidence is not None:
+        line, card = evidence
+        parts.append(f'<div class="memoguard-evidence">copy evidence: {html.escape(line or "not judged")}</div>')
+        if card:
+            parts.append(f'<img class="memoguard-evidence-card" alt="nearest training image" '
+                         f'src="data:image/png;base64,{card}">')
     parts.append("</div>")
     return "".join(parts)
 

@@ -17,7 +17,7 @@ from memoguard.calibration_lookup import NO_FILE
 from memoguard.mitigate import DEFAULT_DELAY, DEFAULT_EARLY_SCALE, DEFAULT_STRATEGY, OPPOSITE_DELAY
 from modules import processing, script_callbacks, scripts, shared
 
-from . import api, calibrate as calibration_glue
+from . import api, calibrate as calibration_glue, evidence
 from .args import STRATEGIES, parse_args
 from .forge import is_forge
 from .monitor import ForgeRunMonitor, RunMonitor, Settings
@@ -66,8 +66,12 @@ CONTROLS = (
     ("early_scale", "Slider", "Opposite guidance scale", DEFAULT_EARLY_SCALE,
      "Opposite guidance: the guidance scale of its first steps, below 0 (away from the prompt)",
      dict(minimum=-10.0, maximum=0.0, step=0.5)),
+    ("training_images", "Dropdown", "Copy evidence: training images", evidence.NO_FOLDER,
+     "A dataset folder in models/memoguard_training (images, .txt captions): each image beside its nearest "
+     "training image, with the copy verdict, in the panel and the infotext (the MemoGuard Monitor accordion; "
+     "indexed on first use, cached in models/memoguard/indexes)", {}),
 )
-ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10), (11, 13), (7, 8, 9))
+ROWS = ((0, 1), (2, 3), (4, 5, 12), (6, 10), (11, 13), (7, 8, 9), (14,))
 ARG_NAMES = tuple(c[0] for c in CONTROLS)
 DEFAULTS = tuple(c[3] for c in CONTROLS)
 
@@ -79,7 +83,8 @@ def settings_from_args(args) -> Settings:
                     calibration_file=v["calibration_file"], fpr=v["fpr"], explain=v["explain"],
                     explain_steps=v["explain_steps"], mitigation=v["mitigation"], target=v["target"], lr=v["lr"],
                     max_iters=v["max_iters"], strategy=v["strategy"], delay=v["delay"] if v["delay"] > 0 else None,
-                    explain_method=v["explain_method"], early_scale=v["early_scale"])
+                    explain_method=v["explain_method"], early_scale=v["early_scale"],
+                    training_images="" if v["training_images"] == evidence.NO_FOLDER else v["training_images"])
 
 
 def image_of(kwargs) -> tuple:
@@ -187,6 +192,8 @@ class MemoGuardBase(scripts.Script):
                 for name, component, label, default, hint, options in (CONTROLS[i] for i in row):
                     if name == "calibration_file":  # the files there now (a new one shows after a UI reload)
                         options = dict(choices=calibration_glue.file_options())
+                    elif name == "training_images":  # the dataset folders there now
+                        options = dict(choices=evidence.folder_options())
                     made[name] = getattr(gr, component)(value=default, label=label, info=hint,
                                                         elem_id=f"{self.id_prefix}_{name}_{tab}", **options)
         with gr.Accordion("Calibrate this checkpoint", open=False, elem_id=f"{self.id_prefix}_calibrate_{tab}"):
@@ -226,6 +233,9 @@ class MemoGuardBase(scripts.Script):
         remove_leftover_callbacks()
         monitor = (ForgeRunMonitor if is_forge() else RunMonitor)(p, settings, shared.state)
         monitor.entry = self.id_prefix
+        if settings.training_images:
+            monitor.evidence = evidence.RunEvidence(settings.training_images, lambda: monitor.model_key,
+                                                    lambda text: setattr(shared.state, "textinfo", text))
         setattr(p, RUN_ATTR, monitor)
         # X/Y/Z plot's cells are shallow copies of one p: each cell's keys go into a dict of its own
         p.extra_generation_params = dict(p.extra_generation_params)
@@ -286,6 +296,8 @@ class MemoGuardBase(scripts.Script):
                 iteration, position = image_of(kw)
                 return mitigation_text(_mitigation(monitor, iteration), position)
             extra["MemoGuard mitigation"] = mitigation
+        if s.training_images:
+            extra["MemoGuard copy evidence"] = lambda **kw: monitor.evidence.infotext(*image_of(kw))
         if s.explain:
             extra["MemoGuard tokens"] = lambda **kw: top_tokens_text(monitor.image_explanations(*image_of(kw)))
             extra["MemoGuard explanation"] = lambda **kw: explanation_method(monitor.image_explanations(*image_of(kw)),
@@ -306,7 +318,8 @@ class MemoGuardBase(scripts.Script):
                                      monitor.verdict(iteration, position), gaps,
                                      monitor.image_explanations(iteration, position),
                                      mitigation_text(_mitigation(monitor, iteration), position),
-                                     self._chart(p, monitor, result), monitor.explain_note(iteration)))
+                                     self._chart(p, monitor, result), monitor.explain_note(iteration),
+                                     _evidence(monitor, iteration, position)))
         return panel(parts, monitor.errors, list(self._notes(monitor)))
 
     @staticmethod
@@ -339,6 +352,9 @@ class MemoGuardBase(scripts.Script):
 
     @staticmethod
     def _notes(monitor: RunMonitor):
+        if monitor.settings.training_images and monitor.entry != MemoGuardAccordion.id_prefix:
+            yield ("MemoGuard: copy evidence runs in the MemoGuard Monitor accordion (the WebUI hands each image to "
+                   "always-on scripts only)")
         if monitor.calibration_problem:
             yield f"MemoGuard: {monitor.calibration_problem}"
         if monitor.hires_seen:
@@ -392,10 +408,23 @@ class MemoGuardAccordion(MemoGuardBase):
         if enabled:
             self.start(p, args)
 
+    def postprocess_image(self, p, pp, enabled=False, *args):
+        """Each image as the WebUI hands it over, before its infotext is written: its copy evidence."""
+        monitor = getattr(p, RUN_ATTR, None)
+        if enabled and isinstance(monitor, RunMonitor) and monitor.entry == self.id_prefix and monitor.evidence:
+            monitor.evidence.judge(pp.image, int(getattr(p, "iteration", 0) or 0))
+
     def postprocess(self, p, processed, enabled=False, *args):
         monitor = getattr(p, RUN_ATTR, None)
         if enabled and isinstance(monitor, RunMonitor) and monitor.entry == self.id_prefix:
             self.finish(p, monitor, processed)
+
+
+def _evidence(monitor: RunMonitor, iteration: int, position: int):
+    """(infotext line, card PNG as base64) of an image's copy evidence; None when copy evidence is off."""
+    if monitor.evidence is None:
+        return None
+    return monitor.evidence.infotext(iteration, position), monitor.evidence.card(iteration, position)
 
 
 def _mitigation(monitor: RunMonitor, iteration: int):

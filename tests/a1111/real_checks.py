@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from real_host import MONITOR_ONLY, call, generate, pixels, txt2img
+from real_host import MONITOR_ONLY, call, generate, pixels, txt2img, webui_log
 
 ACCORDION = "MemoGuard Monitor"  # the always-visible script's title, its alwayson_scripts key
 # 9 short benign prompts and one over 75 tokens (two CLIP chunks): each is scored as if alone
@@ -457,3 +457,44 @@ def panel_in_a_browser(base, name: str):
     assert "tokens: leave-one-out" in result["panel"]  # the default explanation, re-encoded by the WebUI
     assert not result["errors"], result["errors"]
     assert shot.stat().st_size > 10000
+
+
+def copy_evidence_in_the_infotext(base):
+    """Copy evidence with the accordion (issue 22, item 2): each image's infotext names its nearest image of a folder
+    picked by name from models/memoguard_training; once the generated image itself is in the folder (re-indexed: the
+    folder changed) and a copy threshold is stored for the weights' key, the same generation is judged a copy of it;
+    the image is the plain run's throughout; a name that is not in the list is a message, and the image is made."""
+    import base64
+
+    import numpy as np
+    from PIL import Image
+
+    from memoguard.evidence import TrainingIndex
+    data = webui_log(base).parent
+    folder = data / "models" / "memoguard_training" / "pictures"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    smooth = lambda: np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((64, 64)))
+    for i in range(20):
+        Image.fromarray(smooth()).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(f"picture {i}")
+    args = lambda name: {ACCORDION: {"args": [True] + MONITOR_ONLY + ["mask_padding", 0, "auto", -3, name]}}
+    before = txt2img(base, "Euler", None, alwayson_scripts=args("pictures"))
+    fields = first(before)
+    line = unquote(fields["MemoGuard copy evidence"])
+    print("copy evidence before:", line)
+    assert line.startswith("pictures/") and "similarity" in line and "no copy threshold" in line
+    (folder / "generated.png").write_bytes(base64.b64decode(before["images"][0]))
+    (folder / "generated.txt").write_text("the generation itself")
+    index = TrainingIndex.open(folder, data / "models" / "memoguard" / "indexes")
+    index.calibrate_copies(fields["MemoGuard model"], np.stack([smooth() for _ in range(100)]), note="test")
+    index.save_to(data / "models" / "memoguard" / "indexes")
+    after = txt2img(base, "Euler", None, alwayson_scripts=args("pictures"))
+    line = unquote(first(after)["MemoGuard copy evidence"])
+    print("copy evidence after:", line)
+    assert line.startswith("pictures/generated.png, similarity 1.000, COPY")
+    plain = txt2img(base, "Euler")
+    assert pixels(after["images"][0]) == pixels(plain["images"][0]) == pixels(before["images"][0])
+    missing = txt2img(base, "Euler", None, alwayson_scripts=args("no-such-folder"))
+    assert "is not in models/memoguard_training" in unquote(first(missing)["MemoGuard copy evidence"])
+    assert pixels(missing["images"][0]) == pixels(plain["images"][0])

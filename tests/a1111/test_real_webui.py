@@ -146,3 +146,7 @@ def test_the_ui_alone_has_no_calibration_route_and_shows_the_panel_in_a_browser(
 
 def test_four_api_clients_at_once_each_get_their_own_record(webui):
     real_checks.concurrent_clients(webui)
+
+
+def test_copy_evidence_names_the_nearest_training_image_in_the_infotext(webui):
+    real_checks.copy_evidence_in_the_infotext(webui)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from memoguard.calibration import CALIBRATION_SEEDS, Band, Calibration, CalibrationStore
+from memoguard.calibration import CALIBRATION_SEEDS, Calibration, CalibrationStore
 from memoguard.standalone.diffusers_model import BUNDLED_MODEL
 from nodes.calibration_choice import lookup, model_key
 from nodes.calibration_run import calibrate_loaded, prompt_list

@@ -19,8 +19,9 @@ done
 make_venv "$VENV"
 install_torch "$VENV"
 install_requirements "$VENV" "$SRC/requirements_versions.txt"
-# k-diffusion imports `clip` (k_diffusion/evaluation.py); not in the WebUI's requirements; pytest: the runner of run_a1111_real.sh
-pip_c "$VENV" clip-anytorch ftfy regex pytest
+# k-diffusion imports `clip` (k_diffusion/evaluation.py); not in the WebUI's requirements; pytest: the runner of run_a1111_real.sh;
+# imagehash: MemoGuard's copy evidence (README: the WebUI's venv needs it)
+pip_c "$VENV" clip-anytorch ftfy regex pytest imagehash
 pin_setuptools "$VENV"
 guard_torchvision "$VENV"
 make_hf_cache "$VENV" "$HF"

@@ -21,8 +21,9 @@ make_venv "$VENV"
 install_torch "$VENV"
 install_requirements "$VENV" "$SRC/requirements_versions.txt"
 # torchdiffeq/torchsde were missed once by a first pass; clip-anytorch for extensions importing `clip`;
-# joblib for the built-in soft-inpainting extension; pytest: the runner of run_forge_real.sh
-pip_c "$VENV" torchdiffeq==0.2.3 torchsde==0.2.6 clip-anytorch ftfy regex pytest joblib
+# joblib for the built-in soft-inpainting extension; pytest: the runner of run_forge_real.sh; imagehash: MemoGuard's
+# copy evidence
+pip_c "$VENV" torchdiffeq==0.2.3 torchsde==0.2.6 clip-anytorch ftfy regex pytest joblib imagehash
 pin_setuptools "$VENV"
 guard_torchvision "$VENV"
 make_hf_cache "$VENV" "$HF"

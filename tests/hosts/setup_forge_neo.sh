@@ -20,7 +20,7 @@ make_venv "$VENV"
 install_torch "$VENV"
 pip_c "$VENV" gradio==4.40.0 gradio_rangeslider==0.0.8
 install_requirements "$VENV" "$SRC/requirements.txt"
-pip_c "$VENV" pytest
+pip_c "$VENV" pytest imagehash  # imagehash: MemoGuard's copy evidence
 pin_setuptools "$VENV"
 guard_torchvision "$VENV"
 mkdir -p "$SRC/models/Stable-diffusion"

@@ -4,8 +4,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from PIL import Image
 
-from modules import prompt_parser, sd_samplers_common, shared
+from modules import prompt_parser, scripts, sd_samplers_common, shared
 from modules.sd_samplers_kdiffusion import KDiffusionSampler
 from modules.sd_samplers_timesteps import CompVisSampler
 
@@ -124,6 +125,9 @@ def process_images(p):
                 p.is_hr_pass = False
             for i in range(p.batch_size):
                 images.append(samples[i])
+                if p.scripts is not None:  # the decoded image (the tiny model works in pixels), before its infotext
+                    pixels = ((samples[i].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                    p.scripts.postprocess_image(p, scripts.PostprocessImageArgs(Image.fromarray(pixels)))
                 infotexts.append(create_infotext(p, p.prompts, p.seeds, [], index=i))  # as the WebUI: index in batch
     shared.state.job_timestamp = getattr(shared.state, "job_timestamp", 0) + 1
     processed = Processed(images, infotexts, "".join(f"{c}\n" for c in p.comments), list(p.all_prompts),
