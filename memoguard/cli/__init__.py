@@ -1,4 +1,4 @@
-"""python -m memoguard {demo,generate,scan,bench,calibrate,index,table,train-filter-demo} ...
+"""python -m memoguard {demo,generate,scan,bench,calibrate,index,audit,table,train-filter-demo} ...
 
 Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`;
 this file only routes. Heavy imports (diffusers) happen inside the commands.
@@ -13,6 +13,8 @@ COMMANDS = {
     "scan": ("memoguard.cli.scan", "score prompts (one, or a txt/CSV/JSONL file) at the first step"),
     "bench": ("memoguard.cli.bench", "measure detection, explanation, mitigation and overhead on the bundled model"),
     "calibrate": ("memoguard.cli.calibrate", "score benign prompts on a model and save a calibration file"),
+    "audit": ("memoguard.cli.audit", "the fine-tuner's audit: a dataset's captions by recall (with and without a LoRA), "
+                                     "with the generations' nearest training images, as an HTML report"),
     "index": ("memoguard.cli.index", "index a folder of training images: nearest-image copy evidence, near-duplicates"),
     "table": ("memoguard.cli.table", "the paper's detection table (AUC, TPR@1%FPR) for two prompt files on a model"),
     "train-filter-demo": ("memoguard.cli.filter_demo", "train with and without the memorization filter and compare"),

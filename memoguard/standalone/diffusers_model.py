@@ -39,6 +39,7 @@ class DiffusersModel(DiffusionModel):
         self.init_noise_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.is_sdxl = len(text_encoders) == 2
+        self.lora: Optional[str] = None  # the LoRA file attached (memoguard.standalone.lora)
         self._key = None
         self._token_texts = {}
 
@@ -56,6 +57,10 @@ class DiffusersModel(DiffusionModel):
         if self._key is None:
             self._key = weights_fingerprint(self.unet)
         return self._key
+
+    def weights_changed(self) -> None:
+        """The weights were changed in place (a LoRA attached, turned on or off): the key is taken again."""
+        self._key = None
 
     # -- DiffusionModel -------------------------------------------------------------------
     def raw_prediction(self, x, t, embedding, extra):
