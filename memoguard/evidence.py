@@ -88,37 +88,37 @@ class Match:
                 "hash_distance": self.hash_distance, "threshold": self.threshold, "copy": self.copy}
 
 
-def thumbnails(images) -> np.ndarray:
-    """(N, 3 * THUMBNAIL^2) unit-length, centred thumbnails of images (N, H, W, 3) in [0, 1] or uint8, or of a list
-    of PIL images."""
+def _pictures(images) -> list:
+    """PIL images from images (N, H, W, 3) in [0, 1] or uint8 (numpy or torch), or a list of PIL images as it is."""
     from PIL import Image
     if isinstance(images, np.ndarray) or hasattr(images, "numpy"):
         arr = images.numpy() if hasattr(images, "numpy") else images
         arr = arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        images = [Image.fromarray(a) for a in arr]
+        return [Image.fromarray(a) for a in arr]
+    return list(images)
+
+
+def thumbnail_vectors(images) -> np.ndarray:
+    """(N, 3 * THUMBNAIL^2) unit-length, centred thumbnails of the images (see _pictures)."""
+    from PIL import Image
     out = np.stack([np.asarray(_small(im).resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BOX), np.float32).reshape(-1)
-                    for im in images])
+                    for im in _pictures(images)])
     out -= out.mean(1, keepdims=True)
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return out / np.where(norm > 0, norm, 1)
 
 
 def perceptual_hashes(images) -> np.ndarray:
-    """(N, 8) uint8: each image's 64-bit pHash, packed."""
+    """(N, 8) uint8: each image's 64-bit pHash, packed (images: see _pictures)."""
     try:
         import imagehash
     except ImportError:
         raise IndexError_("copy evidence needs the imagehash package: pip install imagehash") from None
-    from PIL import Image
-    if isinstance(images, np.ndarray) or hasattr(images, "numpy"):
-        arr = images.numpy() if hasattr(images, "numpy") else images
-        arr = arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-        images = [Image.fromarray(a) for a in arr]
-    return np.stack([np.packbits(imagehash.phash(_small(im)).hash.reshape(-1)) for im in images])
+    return np.stack([np.packbits(imagehash.phash(_small(im)).hash.reshape(-1)) for im in _pictures(images)])
 
 
 def _small(image):
-    """RGB, at most 256 px a side (a thumbnail and a pHash need no more; decoding a JPEG at a reduced size is fast)."""
+    """RGB, at most about 512 px a side (a thumbnail and a pHash need no more; a JPEG is decoded at a reduced size)."""
     if image.format == "JPEG":
         image.draft("RGB", (256, 256))
     image = image.convert("RGB")
@@ -141,7 +141,7 @@ def _describe(batch, unreadable: list) -> dict:
             unreadable.append(f"{name}: {type(e).__name__}: {e}")
     if not opened:
         return {}
-    thumbs, hashes = thumbnails(opened), perceptual_hashes(opened)
+    thumbs, hashes = thumbnail_vectors(opened), perceptual_hashes(opened)
     return {name: (stamp, _caption(path), thumbs[k], hashes[k]) for k, (name, path, stamp) in enumerate(kept)}
 
 
@@ -258,7 +258,7 @@ class TrainingIndex:
         """(nearest index (N,), its similarity (N,), the copy ratio (N,)) of each image."""
         if len(self) < 2:
             raise IndexError_(f"the index of {self.folder} holds {len(self)} image(s); a copy test needs at least 2")
-        sims = thumbnails(images) @ self.thumbnails.T
+        sims = thumbnail_vectors(images) @ self.thumbnails.T
         k = min(NEIGHBOURS, len(self))
         top = np.sort(np.partition(-sims, k - 1, axis=1)[:, :k], axis=1)  # the k highest, negated, best first
         distance = np.sqrt(np.maximum(2 + 2 * top, 0))  # between unit vectors: sqrt(2 - 2 similarity)
