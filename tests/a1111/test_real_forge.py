@@ -30,8 +30,12 @@ def running_forge(tmp_path_factory, extra_flags=(), api_only=True):
     root = Path(FORGE_DIR)
     python = os.environ.get("FORGE_PYTHON", str(root / "venv" / "bin" / "python"))
     ckpt = checkpoint(root, "FORGE_CKPT")
-    flags = [*launch_flags(FORGE_KIND, ckpt), *extra_flags]
     data = tmp_path_factory.mktemp("forge-data")
+    if FORGE_KIND == "forge-neo":  # Neo lists a whole folder (and its UI picks one of it): a folder of this one alone
+        (data / "checkpoints").mkdir()
+        (data / "checkpoints" / Path(ckpt).name).symlink_to(Path(ckpt).resolve())
+        ckpt = data / "checkpoints" / Path(ckpt).name
+    flags = [*launch_flags(FORGE_KIND, ckpt), *extra_flags]
     with running_webui(root, python, flags, data, api_only, select=ckpt if FORGE_KIND == "forge-neo" else None) as base:
         yield base
         assert not errors_logged(data)
