@@ -3,7 +3,7 @@ import json
 
 from comfy_api.latest import io, ui
 
-from memoguard.evidence import IndexError_, TrainingIndex
+from memoguard.evidence import TrainingIndex
 
 from . import live
 from .calibration_choice import accept_saved_value, model_key
@@ -74,7 +74,7 @@ class MemoGuardCopyEvidence(io.ComfyNode):
         except InterruptedError:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise
-        except (IndexError_, ValueError) as e:  # said on the node; the rest of the workflow runs
+        except (ValueError, OSError) as e:  # memoguard.evidence.IndexError_ too: said on the node, the rest runs
             problem = f"Copy Evidence: {e}"
             live.show_text(f"MemoGuard: {problem}", cls.hidden.unique_id)
             data = json.dumps({"error": problem})
