@@ -1,19 +1,17 @@
 """The fine-tuner's audit: which captions of a dataset a model (or a LoRA on it) recalls, with the evidence.
 
-Every caption of a training folder (memoguard.evidence's index: the images and their kohya-style captions) is scored
-at the first step, as `scan` scores a prompt, on the model and — with a LoRA — on the model with the LoRA: the change
-is what the LoRA added. Captions are ranked by that change (by the score where there is no LoRA); the top ones are
-sampled, and each image's nearest training image (and whether it is one of the caption's own images) is the
+Every caption of a training folder (memoguard.evidence's index: the images and their kohya-style captions) is
+scored at the first step, as `scan` scores a prompt, on the model and — with a LoRA — on the model with the LoRA:
+the change is what the LoRA added. Captions are ranked by that change (by the score where there is no LoRA); the top
+ones are sampled, and each image's nearest training image (and whether it is one of the caption's own images) is the
 evidence. `write_report` makes the HTML page.
 """
-import base64
 import html
-import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .evidence import Match, TrainingIndex
+from .evidence import Match, TrainingIndex, card_base64
 
 
 @dataclass
@@ -61,13 +59,10 @@ def rank(records: Sequence[CaptionRecord]) -> List[CaptionRecord]:
 
 def gather_evidence(index: TrainingIndex, record: CaptionRecord, images, model_key: Optional[str]) -> Evidence:
     """The caption's generations (N, H, W, 3 uint8) beside their nearest training images."""
-    from .evidence import evidence_card
     evidence = Evidence(record.caption)
     for image, match in zip(images, index.nearest(images, model_key)):
-        buffer = io.BytesIO()
-        evidence_card(index, image, match).save(buffer, format="PNG")
         evidence.matches.append(match)
-        evidence.cards.append(base64.b64encode(buffer.getvalue()).decode())
+        evidence.cards.append(card_base64(index, image, match))
         evidence.own.append(match.file in record.files)
     return evidence
 

@@ -10,11 +10,11 @@ downloaded:
     in which two hashes differ are shown beside the similarity.
 The copy verdict is Carlini et al.'s extraction test on thumbnails (2023: a generation copies when it is far closer
 to one training image than to the others): the `ratio` of its distance to the nearest training image's thumbnail
-over its mean distance to the next NEIGHBOURS - 1 (thumbnails as unit vectors), 0 for an exact copy, about 1 for a picture no closer to one image than
-to its neighbours. A generation close to a whole family of similar training images (a common subject, a plain
-style) is not a copy; one that sits on a single image is. The threshold is calibrated on ordinary generations of the
-model (prompts that are not the dataset's captions): the ratio only `fpr` of them reach, as the memorization
-verdict's threshold is set on benign prompts.
+over its mean distance to the next NEIGHBOURS - 1 (thumbnails as unit vectors), 0 for an exact copy, about 1 for a
+picture no closer to one image than to its neighbours. A generation close to a whole family of similar training
+images (a common subject, a plain style) is not a copy; one that sits on a single image is. The threshold is
+calibrated on ordinary generations of the model (prompts that are not the dataset's captions): the ratio only `fpr`
+of them reach, as the memorization verdict's threshold is set on benign prompts.
 
 The index is cached in a folder of the user's choosing (never beside the images, never sent anywhere), keyed to the
 folder's contents: each image by its path, size and modification time, so a changed, added or removed image is
@@ -66,22 +66,23 @@ class Match:
     def copy(self) -> Optional[bool]:
         return None if self.threshold is None else self.ratio <= self.threshold
 
+    @property
+    def verdict(self) -> str:
+        """The copy verdict in words, the same wherever it is shown."""
+        if self.threshold is None:
+            return "no copy threshold for these weights and this folder"
+        return f"{'COPY' if self.copy else 'no copy'} (ratio {self.ratio:.3f}, threshold {self.threshold:.3f})"
+
     def summary(self) -> str:
-        verdict = ("no copy threshold for this model (memoguard index DIR --calibrate --model PATH)"
-                   if self.threshold is None else
-                   f"{'COPY' if self.copy else 'no copy'} (ratio {self.ratio:.3f}, threshold {self.threshold:.3f})")
         caption = f' "{self.caption[:60]}"' if self.caption else ""
         return (f"nearest training image {self.file}{caption}: similarity {self.similarity:.3f}, "
-                f"pHash distance {self.hash_distance}; {verdict}")
+                f"pHash distance {self.hash_distance}; {self.verdict}")
 
     def lines(self) -> List[str]:
         """What a card under the two pictures says: the file, its caption, the measures, the verdict (last)."""
-        verdict = ("no copy verdict: no copy threshold for these weights and this folder" if self.threshold is None
-                   else f"COPY: ratio {self.ratio:.3f} <= {self.threshold:.3f}" if self.copy
-                   else f"no copy: ratio {self.ratio:.3f} > {self.threshold:.3f}")
         return [self.file, f'caption: "{self.caption}"' if self.caption else "no caption",
                 f"similarity {self.similarity:.3f}, ratio {self.ratio:.3f}, pHash distance {self.hash_distance}",
-                verdict]
+                self.verdict]
 
     def to_dict(self) -> dict:
         return {"file": self.file, "caption": self.caption, "similarity": self.similarity, "ratio": self.ratio,
@@ -338,7 +339,8 @@ class TrainingIndex:
                 thumbs, hashes = data["thumbnails"], data["hashes"]
             n = len(header["files"])
             ok = (header.get("format") == FORMAT and header.get("thumbnail") == THUMBNAIL
-                  and thumbs.dtype == np.float32 and thumbs.shape == (n, 3 * THUMBNAIL ** 2) and np.isfinite(thumbs).all()
+                  and thumbs.dtype == np.float32 and thumbs.shape == (n, 3 * THUMBNAIL ** 2)
+                  and np.isfinite(thumbs).all()
                   and hashes.dtype == np.uint8 and hashes.shape == (n, HASH_BITS // 8)
                   and len(header["stamps"]) == n and len(header["captions"]) == n
                   and all(isinstance(f, str) and not Path(f).is_absolute() and ".." not in Path(f).parts
@@ -384,6 +386,14 @@ def evidence_card(index: "TrainingIndex", image, match: Match):
 
     from .report import copy_evidence_card
     return copy_evidence_card(Image.fromarray(image), index.image(match), match.lines(), match.copy)
+
+
+def card_base64(index: "TrainingIndex", image, match: Match) -> str:
+    """evidence_card as a base64 PNG, for HTML pages (the audit report, the WebUI panel)."""
+    import base64
+
+    from .report import to_png
+    return base64.b64encode(to_png(evidence_card(index, image, match))).decode()
 
 
 def default_index_folder() -> Path:

@@ -512,7 +512,8 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
     """One front door to every strategy for a run over `timesteps` at `guidance`; strategy "auto" is
     DEFAULT_STRATEGY (DEFAULT_WITHOUT_PADDING on a model whose prompt positions are not CLIP's). new_noise needs
     `seeds` (one per image) and `noise_of` (seeds -> x_T). delay None: the schedule's own default (DEFAULT_DELAY
-    for guidance_delay, OPPOSITE_DELAY for opposite_guidance). detector: the verdict's (threshold and target are in its units)."""
+    for guidance_delay, OPPOSITE_DELAY for opposite_guidance). detector: the verdict's (threshold and target are in
+    its units)."""
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY if model.pads_with_end_token else DEFAULT_WITHOUT_PADDING
     strategy = check_strategy(strategy)

@@ -180,7 +180,7 @@ class DiffusionModel(Denoiser):
 
     init_noise_sigma: float = 1.0   # x_T = noise * init_noise_sigma
     guidance: float = 7.5           # classifier-free guidance scale this model samples well at
-    embedded_guidance: Optional[float] = None  # a guidance-distilled model's guidance input (Flux dev), calibrated at
+    embedded_guidance: Optional[float] = None  # a distilled model's guidance input (Flux dev); calibrated at it
 
     @abstractmethod
     def timesteps(self, steps: int) -> torch.Tensor:

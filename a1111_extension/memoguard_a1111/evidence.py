@@ -5,14 +5,12 @@ kohya-style .txt captions), never a typed path; indexes are cached in models/mem
 copy threshold stored for the loaded weights' key (set by `memoguard index --calibrate` or ComfyUI's Copy Evidence
 node; the keys are the same). Each image is judged in the accordion's postprocess_image, before its infotext is
 written; a failure is a message in the panel and infotext, never a lost image."""
-import base64
-import io
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from memoguard.evidence import Match, TrainingIndex, dataset_folders, evidence_card
+from memoguard.evidence import Match, TrainingIndex, card_base64, dataset_folders
 
 from .calibrate import store_folder
 
@@ -63,9 +61,7 @@ class RunEvidence:
             index = self._open()
             pixels = np.asarray(image.convert("RGB"))[None]
             match = index.nearest(pixels, self.key_of())[0]
-            buffer = io.BytesIO()
-            evidence_card(index, pixels[0], match).save(buffer, format="PNG")
-            self.matches[(iteration, position)] = (match, base64.b64encode(buffer.getvalue()).decode())
+            self.matches[(iteration, position)] = (match, card_base64(index, pixels[0], match))
         except (OSError, ValueError, InterruptedError) as e:  # IndexError_ is a ValueError
             self.error = f"copy evidence: {e}"
 
@@ -74,9 +70,7 @@ class RunEvidence:
         if found is None:
             return self.error
         m = found[0]
-        verdict = ("no copy threshold for these weights" if m.threshold is None else
-                   f"{'COPY' if m.copy else 'no copy'} (ratio {m.ratio:.3f}, threshold {m.threshold:.3f})")
-        return f"{self.name}/{m.file}, similarity {m.similarity:.3f}, {verdict}"
+        return f"{self.name}/{m.file}, similarity {m.similarity:.3f}, {m.verdict}"
 
     def card(self, iteration: int, position: int) -> Optional[str]:
         found = self.matches.get((iteration, position))
