@@ -17,14 +17,20 @@ generations; between steps the generation follows ordinary guided DDIM.
                             which writes each token into every later position. Elsewhere, and as
                             "leave_one_out_embedding", the word's positions alone take the empty
                             prompt's output, which leaves the word in the later positions.
-  - "leave_one_out_grouped": group testing for long prompts (re-encoded): parts of the words are left out
-                            in turn, the part whose removal lowers the gap most is kept, until a few words
-                            remain, which are then left out one by one (14 evaluations at 75 words).
+  - "leave_one_out_screened": leave-one-out for long prompts (re-encoded) on the SCREENED_WORDS words whose
+                            removal a first-order estimate says lowers the gap most: the prompt is re-encoded
+                            without each word (text encoder only), and d gap / d e . (e_without - e) over
+                            every position estimates each removal's effect, later positions' shift included
+                            (2 + a backward + 12 evaluations a step at any length).
+  - "leave_one_out_grouped": group testing for long prompts (re-encoded), with no backward pass (for a model
+                            whose backward does not fit beside it): parts of the words are left out in turn,
+                            the part whose removal lowers the gap most is kept, until a few words remain,
+                            which are then left out one by one (14 evaluations at 75 words).
 The leave-one-out and gradient x input scores are signed (negative: the word lowers the gap); shares count
 positive scores only. Leave-one-out also tells the score with a word left out, so an explanation can say
 that no single word ends the recall (TokenContributions.summary).
 Default (`default_method`): exact leave-one-out where the adapter re-encodes and the prompt has at most
-LEAVE_ONE_OUT_MAX_WORDS words, grouped leave-one-out for longer ones; gradient x input where the adapter
+LEAVE_ONE_OUT_MAX_WORDS words, screened leave-one-out for longer ones; gradient x input where the adapter
 cannot re-encode (the hosts). Leave-one-out in the embedding depends on what the host's empty prompt holds
 at each position: in the real ComfyUI (which pads with EOS) emptying any one position raised the score of a
 memorized prompt, so it is an option, not a default. `bench` measures all of them on both evaluation
@@ -40,15 +46,18 @@ from .errors import MemoGuardError
 from .model import Denoiser, DiffusionModel, PromptEncoding, ddim_step, gap_gradients, in_batches, rows_of_t
 from .score import DEFAULT_DETECTOR, check_step_detector, raw_step_score
 
-METHODS = ("auto", "leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding", "gradient_x_delta",
-           "integrated_gradients", "gradient_norm")
-METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_grouped": "leave-one-out in the part that matters",
+METHODS = ("auto", "leave_one_out", "leave_one_out_screened", "leave_one_out_grouped", "leave_one_out_embedding",
+           "gradient_x_delta", "integrated_gradients", "gradient_norm")
+METHOD_NAMES = {"leave_one_out": "leave-one-out", "leave_one_out_screened": "leave-one-out of the likeliest words",
+                "leave_one_out_grouped": "leave-one-out in the part that matters",
                 "leave_one_out_embedding": "leave-one-out (embedding)", "gradient_x_delta": "gradient x input",
                 "integrated_gradients": "integrated gradients", "gradient_norm": "gradient norm (paper)"}
-MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_grouped", "leave_one_out_embedding")
-REENCODED_METHODS = ("auto", "leave_one_out", "leave_one_out_grouped")  # re-encode the prompt where the adapter can
+MEASURES_REMOVAL = ("leave_one_out", "leave_one_out_screened", "leave_one_out_grouped", "leave_one_out_embedding")
+# re-encode the prompt where the adapter can
+REENCODED_METHODS = ("auto", "leave_one_out", "leave_one_out_screened", "leave_one_out_grouped")
+SCREENED_WORDS = 12  # screened: words measured exactly, 2 + a backward (2) + 12 = 16 evaluations a step
 GROUPS, GROUPED_WORDS = 4, 4  # grouped: parts a round splits the words in play into, until this many remain
-LEAVE_ONE_OUT_MAX_WORDS = 12  # exact: n + 2 evaluations a step, up to 12 words no more than grouped at 75 words (14)
+LEAVE_ONE_OUT_MAX_WORDS = 12  # exact: n + 2 evaluations a step, up to 12 words less than the screen's 16
 
 class ExplanationError(MemoGuardError, ValueError):
     """Settings of an explanation that cannot work."""
@@ -142,12 +151,12 @@ def check_method(method: str) -> str:
 
 
 def default_method(model: Denoiser, cond: PromptEncoding) -> str:
-    """Leave-one-out where the adapter re-encodes (exact for short prompts, by group testing for long ones);
+    """Leave-one-out where the adapter re-encodes (exact for short prompts, on the screened words of long ones);
     gradient x input where it cannot."""
     if not model.can_reencode(cond):
         return "gradient_x_delta"
     longest = max((len(cond.word_groups(b)) for b in range(cond.embedding.shape[0])), default=0)
-    return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_WORDS else "leave_one_out_grouped"
+    return "leave_one_out" if longest <= LEAVE_ONE_OUT_MAX_WORDS else "leave_one_out_screened"
 
 
 def _unit_sums(per_position: torch.Tensor, units) -> List[torch.Tensor]:
@@ -191,6 +200,40 @@ def _leave_one_out(model, x, t, cond, uncond, empty, units, batch_size, gens, re
     return out, base
 
 
+def _screened(model, x, t, cond, uncond, units, batch_size, gens, reencode, grad_batch, should_stop, gap_of):
+    """Leave-one-out on each prompt's SCREENED_WORDS words whose removal lowers the gap most by a first-order
+    estimate: gradient of the gap at the prompt's embedding . (the prompt re-encoded without the word - the prompt),
+    summed over the prompt's generations, so that all of them measure the same words. Prompts of at most
+    SCREENED_WORDS words skip the gradient (every word is measured). Returns (drops, base, measured)."""
+    with torch.no_grad():
+        eps_u = model.eps_uncond(x, t, uncond, cond.embedding.shape[1])
+    long = [p for p in range(reencode.embedding.shape[0]) if len(units[p * gens]) > SCREENED_WORDS]
+    if long:
+        weight = torch.tensor([float(b // gens in long) for b in range(x.shape[0])])  # 0: no backward for that image
+        base, grad = gap_gradients(model, x, t, cond, eps_u, cond.embedding, gap_of=gap_of, weight=weight,
+                                   grad_batch=grad_batch, should_stop=should_stop)
+    else:
+        with torch.no_grad():
+            base = gap_of(model.eps(x, t, cond.embedding, cond.extra) - eps_u).float().cpu()
+    only = [set(range(len(row))) for row in units]
+    for p in long:
+        words = units[p * gens]
+        slope = grad[p * gens:(p + 1) * gens].sum(0)
+        estimate = torch.zeros(len(words))
+
+        def run(part):
+            sub = model.encode_without(reencode, [(p, words[k]) for k in part])
+            change = sub.embedding.to(slope) - reencode.embedding[p:p + 1].to(slope)
+            estimate[list(part)] = -(change * slope).sum((1, 2)).cpu()  # the gap's first-order drop
+
+        in_batches(range(len(words)), batch_size, run, should_stop)
+        chosen = set(torch.argsort(estimate, descending=True, stable=True)[:SCREENED_WORDS].tolist())
+        only[p * gens:(p + 1) * gens] = [chosen] * gens
+    drops, _ = _leave_one_out(model, x, t, cond, uncond, None, units, batch_size, gens, reencode, should_stop, gap_of,
+                              only=only, eps_u=eps_u, base=base)
+    return drops, base, [torch.tensor([k in w for k in range(len(row))]) for w, row in zip(only, units)]
+
+
 def _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop, gap_of):
     """Group testing: split the words into GROUPS contiguous parts, leave each part out (re-encoded), keep the part
     whose removal lowers the gap most, repeat until at most GROUPED_WORDS words remain, then leave each of them out
@@ -227,6 +270,8 @@ def _attribute(method, model, x, t, cond, uncond, empty, units, ig_steps, batch_
                grad_batch, should_stop, gap_of):
     """(per row, one score per word; base gap per row (B,); per row, which words were measured, or None: all)."""
     emb = cond.embedding
+    if method == "leave_one_out_screened":
+        return _screened(model, x, t, cond, uncond, units, batch_size, gens, reencode, grad_batch, should_stop, gap_of)
     if method == "leave_one_out_grouped":
         return _grouped(model, x, t, cond, uncond, units, batch_size, gens, reencode, should_stop, gap_of)
     if method in ("leave_one_out", "leave_one_out_embedding"):
@@ -281,9 +326,9 @@ def token_contributions(model: Denoiser, cond: PromptEncoding, uncond: PromptEnc
     cond = cond.with_embedding(cond.embedding.detach())
     cond_g = cond.repeat_rows(gens)
     reencodes = model.can_reencode(cond)
-    if method == "leave_one_out_grouped" and not reencodes:
+    if method in ("leave_one_out_screened", "leave_one_out_grouped") and not reencodes:
         raise ExplanationError(f"{METHOD_NAMES[method]} re-encodes the prompt, which {type(model).__name__} cannot do")
-    reencode = cond if method in ("leave_one_out", "leave_one_out_grouped") and reencodes else None
+    reencode = cond if method in REENCODED_METHODS and reencodes else None
     label = method if method != "leave_one_out" or reencode is not None else "leave_one_out_embedding"
     empty = _reference(uncond.embedding.detach(), cond_g.embedding.shape[1]).to(cond_g.embedding)
     units = [cond_g.word_groups(b) for b in range(cond_g.embedding.shape[0])]

@@ -63,8 +63,10 @@ class TokenContributionsNode(io.ComfyNode):
                              tooltip="Average over this many noise seeds (seed, seed+1, ...)."),
                 io.Combo.Input("method", options=list(METHODS), default="auto",
                                tooltip="auto: leave_one_out up to 12 words (one forward per word, the prompt "
-                                       "re-encoded without it), leave_one_out_grouped beyond (14 forwards at 75 "
-                                       "words). leave_one_out_embedding empties a word's positions only (it stays "
+                                       "re-encoded without it), leave_one_out_screened beyond (the 12 words a "
+                                       "first-order estimate ranks first: 1 backward + 14 forwards). "
+                                       "leave_one_out_grouped: by groups, no backward (14 forwards at 75 words). "
+                                       "leave_one_out_embedding empties a word's positions only (it stays "
                                        "in later positions). gradient_x_delta: 1 forward + backward, a first-order "
                                        "estimate. integrated_gradients: 4 gradients. gradient_norm: the paper's."),
                 io.Combo.Input("calibration", options=list(CHOICES), default=CHOICES[0], optional=True,

@@ -172,12 +172,12 @@ def test_leave_one_out_in_the_embedding_empties_one_position(random_model):
         assert base - after == pytest.approx(score, rel=1e-4, abs=1e-6)
 
 
-def test_default_method_is_exact_leave_one_out_for_short_prompts_and_grouped_for_long_ones(random_model):
+def test_default_method_is_exact_leave_one_out_for_short_prompts_and_screened_for_long_ones(random_model):
     from memoguard.explain import LEAVE_ONE_OUT_MAX_WORDS, default_method
     short = random_model.encode([PROMPT])
     long = random_model.encode([" ".join(["red"] * (LEAVE_ONE_OUT_MAX_WORDS + 1))])
     assert default_method(random_model, short) == "leave_one_out"
-    assert default_method(random_model, long) == "leave_one_out_grouped"
+    assert default_method(random_model, long) == "leave_one_out_screened"
     no_ids = short.with_embedding(short.embedding)
     no_ids.ids = None  # what an adapter that cannot re-encode hands over
     assert default_method(random_model, no_ids) == "gradient_x_delta"
@@ -186,8 +186,9 @@ def test_default_method_is_exact_leave_one_out_for_short_prompts_and_grouped_for
     assert c.method == "leave_one_out_embedding"  # named for what it did
     with pytest.raises(ValueError, match="explanation method must be one of"):
         token_contributions(random_model, cond, uncond, x, method="saliency")
-    with pytest.raises(ValueError, match="re-encodes the prompt"):
-        token_contributions(random_model, no_ids, uncond, x, total_steps=10, method="leave_one_out_grouped")
+    for method in ("leave_one_out_screened", "leave_one_out_grouped"):
+        with pytest.raises(ValueError, match="re-encodes the prompt"):
+            token_contributions(random_model, no_ids, uncond, x, total_steps=10, method=method)
 
 
 def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random_model):
@@ -230,6 +231,39 @@ def test_grouped_leave_one_out_narrows_to_the_part_whose_removal_matters_most(ra
             assert grouped.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
         else:
             assert grouped.scores[i] == 0.0 and grouped.score_without(i) is None
+
+
+def test_screened_leave_one_out_measures_the_words_a_first_order_estimate_of_their_removal_ranks_first(random_model):
+    """Brute force on the text: the estimate is the gap's gradient at the prompt's embedding (summed over the
+    prompt's generations) times the change each word's removal makes to the re-encoded embedding; the top
+    SCREENED_WORDS words by it are measured exactly as leave-one-out measures them, the others not at all."""
+    from memoguard.explain import SCREENED_WORDS
+    from memoguard.model import gap_gradients
+    words = "a large red circle on the left next to a small blue square at the top of the grey picture".split()
+    assert len(words) > SCREENED_WORDS
+    cond, uncond, x = _setup(random_model, [" ".join(words)], [3, 4])
+    (screened,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_screened")
+    (exact,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
+    t = random_model.timesteps(50)[0]
+    rows = cond.repeat_rows(2)
+    with torch.no_grad():
+        eps_u = random_model.eps_uncond(x, t, uncond, cond.embedding.shape[1])
+    _, grad = gap_gradients(random_model, x, t, rows, eps_u, rows.embedding, gap_of=raw_step_score)
+    without = [random_model.encode([" ".join(w for j, w in enumerate(words) if j != i)]).embedding
+               for i in range(len(words))]
+    estimate = [-((e - cond.embedding) * grad.sum(0)).sum().item() for e in without]
+    chosen = sorted(sorted(range(len(words)), key=lambda i: -estimate[i])[:SCREENED_WORDS])
+    assert [i for i, m in enumerate(screened.measured) if m] == chosen
+    for i in range(len(words)):
+        if i in chosen:
+            assert screened.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
+        else:
+            assert screened.scores[i] == 0.0 and screened.score_without(i) is None
+    short = "a large red circle"  # every word measured, no gradient needed
+    cond, uncond, x = _setup(random_model, [short], [3])
+    (a,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_screened")
+    (b,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out")
+    assert all(a.measured) and a.scores == pytest.approx(b.scores, rel=1e-5, abs=1e-7)
 
 
 def test_the_summary_says_when_no_single_word_ends_the_recall():

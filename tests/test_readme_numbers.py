@@ -143,8 +143,10 @@ CLAIMS = [
      and round(_detector_tpr("", "magnitude"), 2) == 0.16),
     ("`remove_tokens` (up to 3 words left out", lambda: __import__("inspect").signature(
         __import__("memoguard.mitigate", fromlist=["x"]).remove_tokens).parameters["max_removals"].default == 3),
-    ("one model call a word, by groups over 12 words", lambda: __import__(
-        "memoguard.explain", fromlist=["x"]).LEAVE_ONE_OUT_MAX_WORDS == 12),
+    ("one model call a word, over 12 words on the\n12 a first-order", lambda: __import__(
+        "memoguard.explain", fromlist=["x"]).LEAVE_ONE_OUT_MAX_WORDS == 12
+     and __import__("memoguard.explain", fromlist=["x"]).SCREENED_WORDS == 12),
+    ("long\n  prompts on the 12 words", lambda: __import__("memoguard.explain", fromlist=["x"]).SCREENED_WORDS == 12),
     ("(one extra model call an image with\nwindow 1;", lambda: "step_index(schedule, sigma, self._calls) >= "
      "self.settings.window" in (ROOT / "nodes/monitor_hook.py").read_text()),
     ("(one extra model call an image with window 1,\nsaid in", lambda: "self._pending.step < self.settings.window"

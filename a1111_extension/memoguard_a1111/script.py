@@ -58,11 +58,11 @@ CONTROLS = (
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
      "auto = leave-one-out: the prompt encoded again without each word (one forward per word; over 12 words "
-     "by groups, 14 forwards), gradient x input where the prompt cannot be encoded again (the panel says why); "
-     "gradient_x_delta: one backward pass; integrated_gradients: 4; gradient_norm: the paper's. The infotext "
-     "names the one used",
-     dict(choices=["auto", "leave_one_out", "leave_one_out_grouped", "gradient_x_delta", "integrated_gradients",
-                   "gradient_norm"])),
+     "on the 12 a first-order estimate ranks first, 16 forwards), gradient x input where the prompt cannot be "
+     "encoded again (the panel says why); leave_one_out_grouped: by groups, no backward pass; gradient_x_delta: "
+     "one backward pass; integrated_gradients: 4; gradient_norm: the paper's. The infotext names the one used",
+     dict(choices=["auto", "leave_one_out", "leave_one_out_screened", "leave_one_out_grouped", "gradient_x_delta",
+                   "integrated_gradients", "gradient_norm"])),
     ("early_scale", "Slider", "Opposite guidance scale", DEFAULT_EARLY_SCALE,
      "Opposite guidance: the guidance scale of its first steps, below 0 (away from the prompt)",
      dict(minimum=-10.0, maximum=0.0, step=0.5)),

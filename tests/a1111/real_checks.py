@@ -311,6 +311,28 @@ def leave_one_out_re_encodes_through_the_webui(base):
         assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"]), word
 
 
+LONG_PROMPT = "a red house on a green hill under a blue sky with white clouds and a small yellow dog"
+
+
+def long_prompts_are_explained_on_the_screened_words(base):
+    """Over 12 words the default measures the 12 words a first-order estimate ranks first (a backward pass through
+    the WebUI's model): the top word's score is the WebUI's own run of the prompt without it."""
+    words = LONG_PROMPT.split()
+    got = first(txt2img(base, "Euler", EXPLAIN, prompt=LONG_PROMPT))
+    assert unquote(got["MemoGuard explanation"]) == "leave-one-out of the likeliest words", got
+    assert "MemoGuard error" not in got
+    explained = call(base + "/memoguard-probe/explanation")
+    assert explained["method"] == "leave_one_out_screened" and explained["tokens"] == words
+    assert sum(explained["measured"]) == 12
+    top = max((i for i, m in enumerate(explained["measured"]) if m), key=lambda i: explained["scores"][i])
+    assert all(s == 0.0 for s, m in zip(explained["scores"], explained["measured"]) if not m)
+    txt2img(base, "Euler", MONITOR_ONLY, prompt=" ".join(w for i, w in enumerate(words) if i != top))
+    root = math.sqrt(explained["elements"])
+    drop = (explained["score"] - call(base + "/memoguard-probe/explanation")["score"]) * root
+    print(f"screened top word {words[top]!r}: leave-one-out {explained['scores'][top]:.6f}, the WebUI's run {drop:.6f}")
+    assert explained["scores"][top] == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"])
+
+
 def token_removal_samples_the_prompt_without_its_words(base):
     """Token removal: the infotext names the words left out, and the image's first step is the WebUI's own run of
     the prompt without them."""

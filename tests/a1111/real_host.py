@@ -80,7 +80,8 @@ def _routes(demo, app):
         monitor = _last["p"].memoguard
         out = {"score": float(monitor.results[0].trace.per_step()[0, 0])}
         for c in monitor.image_explanations(0, 0)[:1]:
-            out.update(method=c.method, tokens=c.tokens, scores=c.scores, gap=c.gap_before, elements=c.elements)
+            out.update(method=c.method, tokens=c.tokens, scores=c.scores, gap=c.gap_before, elements=c.elements,
+                       measured=c.measured)
         return out
 
     @app.post("/memoguard-probe/out-of-memory/{on}")

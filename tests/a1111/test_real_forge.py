@@ -65,6 +65,10 @@ def test_forge_leave_one_out_re_encodes_through_forge(forge):
     real_checks.leave_one_out_re_encodes_through_the_webui(forge)
 
 
+def test_forge_long_prompts_are_explained_on_the_screened_words(forge):
+    real_checks.long_prompts_are_explained_on_the_screened_words(forge)
+
+
 def test_forge_token_removal_samples_the_prompt_without_its_words(forge):
     real_checks.token_removal_samples_the_prompt_without_its_words(forge)
 

@@ -45,6 +45,10 @@ def test_leave_one_out_re_encodes_through_the_webui(webui):
     real_checks.leave_one_out_re_encodes_through_the_webui(webui)
 
 
+def test_long_prompts_are_explained_on_the_screened_words(webui):
+    real_checks.long_prompts_are_explained_on_the_screened_words(webui)
+
+
 def test_token_removal_samples_the_prompt_without_its_words(webui):
     real_checks.token_removal_samples_the_prompt_without_its_words(webui)
 

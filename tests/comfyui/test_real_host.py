@@ -298,6 +298,23 @@ def test_explain_shows_token_shares(comfy):
     assert history["outputs"]["10"]["images"]
 
 
+def test_long_prompts_are_explained_on_the_screened_words(comfy):
+    """Over 12 words auto measures the 12 words a first-order estimate ranks first (a backward pass through
+    ComfyUI's model, the prompt re-encoded by its CLIP without each word)."""
+    client, _ = comfy
+    text = "a red house on a green hill under a blue sky with white clouds and a small yellow dog"
+    prompt = workflow(client, "explain")
+    prompt["10"]["inputs"]["text"] = text
+    events, history = client.run(prompt)
+    assert not of_type(events, "execution_error"), of_type(events, "execution_error")
+    data = json.loads(history["outputs"]["10"]["memoguard_tokens"][0])
+    assert data["tokens"] == text.split() and data["method"] == "leave_one_out_screened"
+    assert data["method_name"] == "leave-one-out of the likeliest words"
+    measured = [i for i, s in enumerate(data["score_without"]) if s is not None]
+    assert len(measured) == 12 and all(data["scores"][i] == 0.0 for i in range(len(text.split())) if i not in measured)
+    assert data["summary"].startswith(("top words (leave-one-out of the likeliest words): ", "spread over the caption"))
+
+
 def test_stop_action_ends_the_queue_item_with_a_message(comfy):
     client, _ = comfy
     prompt = workflow(client, "detect")
