@@ -15,6 +15,7 @@ const SCORE = "MemoGuardMemorizationScore";
 const TOKENS = "MemoGuardTokenContributions";
 const MITIGATION = "MemoGuardEmbeddingMinimization";
 const EVIDENCE = "MemoGuardCopyEvidence";
+const FILTER_REPORT = "MemoGuardTrainingFilterReport";
 const PROGRESS_WIDGET = "$$node-text-preview"; // ComfyUI's progress-text widget (send_progress_text)
 const PANEL_NODES = [MONITOR, TOKENS, MITIGATION, EVIDENCE];  // their panel shows the progress text instead
 // the same colours as memoguard/report.py LINE_COLORS (red is the threshold's and "flagged"'s)
@@ -512,6 +513,14 @@ function showMitigation(node) {
   if (status && !(detail && numbers(status.textContent) && numbers(text).includes(numbers(status.textContent)))) root.append(status);
 }
 
+function showFilterReport(node) {
+  const root = node.memoguardFilterReport;
+  if (!root) return;
+  const text = clean(node.properties?.memoguard_filter_report ?? "");
+  root.replaceChildren(el("div", { className: "memoguard-text memoguard-scroll", textContent: text },
+                          { whiteSpace: "pre-wrap", overflowY: "auto" }));
+}
+
 app.registerExtension({
   name: "memoguard.nodes",
   setup() {
@@ -579,6 +588,22 @@ app.registerExtension({
         if (output?.memoguard_evidence?.[0]) {
           this.properties.memoguard_evidence = JSON.parse(output.memoguard_evidence[0]);
           drawEvidence(this);
+        }
+      };
+    } else if (nodeData.name === FILTER_REPORT) {
+      nodeType.prototype.onNodeCreated = function () {
+        created?.apply(this, arguments);
+        this.memoguardFilterReport = panel(this, "memoguard_filter_report", 60);
+      };
+      nodeType.prototype.onConfigure = function () {
+        configured?.apply(this, arguments);
+        showFilterReport(this);
+      };
+      nodeType.prototype.onExecuted = function (output) {
+        executed?.apply(this, arguments);
+        if (output?.memoguard_filter_report?.[0] !== undefined) {
+          this.properties.memoguard_filter_report = output.memoguard_filter_report[0];
+          showFilterReport(this);
         }
       };
     } else if (nodeData.name === MITIGATION) {

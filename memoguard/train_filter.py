@@ -53,6 +53,29 @@ def gaps_from_predictions(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, pa
                                             parameterization, alpha, sigma))
 
 
+def sample_key(encoding: torch.Tensor) -> str:
+    """A caption's key for barring where only its text-encoder output is at hand (a training node's batch): the
+    same caption encodes to the same values, so a hash of them (float32, 4 decimals) names the caption."""
+    import hashlib
+    values = torch.round(encoding.detach().float().cpu() * 1e4).to(torch.int64)
+    return hashlib.sha1(values.numpy().tobytes()).hexdigest()[:16]
+
+
+def kept_gradient(prediction: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The prediction unchanged in value whose gradient, under any loss that averages an element-wise term over
+    the batch (MSE, L1, Huber), is that loss's over the kept samples only: dropped samples pass no gradient and
+    the kept ones' is scaled by B / kept. For trainers that take the batch-mean loss of the prediction where no
+    hook reaches (ComfyUI's training node): the same update as masked_loss(..., "mean"). Nothing kept: every
+    gradient is zero, and backward still runs."""
+    if keep.dtype != torch.bool or keep.shape != prediction.shape[:1]:
+        raise ValueError(f"need a bool keep-mask (B,) for a prediction of {tuple(prediction.shape)}, got "
+                         f"{tuple(keep.shape)} {keep.dtype}")
+    weight = keep.float() * (keep.numel() / max(int(keep.sum()), 1))
+    weight = weight.to(prediction.device, prediction.dtype).reshape(-1, *[1] * (prediction.dim() - 1))
+    fixed = prediction.detach()
+    return fixed + (prediction - fixed) * weight
+
+
 @dataclass
 class TimestepReference:
     """Median gap of ordinary training samples in equal timestep bands over [0, num_train_timesteps)."""
@@ -195,6 +218,16 @@ class MemorizationFilter:
         self.history = deque(maxlen=history)
         self.stats = FilterStats()
         self.last: Optional[StepLog] = None
+
+    @classmethod
+    def relative_to_ordinary(cls, gaps: torch.Tensor, timesteps, fpr: float, **settings) -> "MemorizationFilter":
+        """The recommended filter (train-filter-demo): gaps relative to the ordinary gap of their timestep band
+        (a TimestepReference fitted on `gaps`, ordinary samples measured the training way), tau at the share
+        `fpr` of them dropped. settings: bar_alpha, warmup_steps, history."""
+        reference = TimestepReference.fit(gaps, timesteps)
+        calibration = Calibration("ordinary-training-gaps", reference.relative(gaps.detach().float().reshape(-1).cpu(),
+                                                                             timesteps).tolist())
+        return cls(calibration=calibration, fpr=fpr, reference=reference, **settings)
 
     @property
     def tau(self) -> Optional[float]:

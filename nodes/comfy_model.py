@@ -233,7 +233,7 @@ class ComfyDiffusionModel(DiffusionModel):
     def _encode_tokens(self, tokens: dict, text: str, prompt_type: str) -> "_Row":
         plain = {k: [[(tok, w) for tok, w, _ in chunk] for chunk in chunks] for k, chunks in tokens.items()}
         cond, options = self.clip.encode_from_tokens_scheduled(plain)[0]
-        embedding, extra = split_model_conds(self._model_conds(cond, options, prompt_type))
+        embedding, extra = self.conditioning_inputs(cond, options, prompt_type)
         try:
             layout = self._layout(tokens, embedding.shape[1])
         except UnsupportedModel:
@@ -328,6 +328,10 @@ class ComfyDiffusionModel(DiffusionModel):
         return PromptEncoding(embedding, [r.tokens for r in rows], torch.stack([r.prompt_mask for r in rows]),
                               torch.stack([r.frozen_mask for r in rows]), extra, ids, [r.words for r in rows],
                               [r.text for r in rows])
+
+    def conditioning_inputs(self, cond: torch.Tensor, options: dict, prompt_type: str = "positive"):
+        """(text-encoder output, other model inputs) of one CONDITIONING entry, as the sampler hands them over."""
+        return split_model_conds(self._model_conds(cond, options, prompt_type))
 
     def _model_conds(self, cond, options: dict, prompt_type: str) -> dict:
         """The model inputs the sampler would build from this CONDITIONING entry (encode_model_conds)."""

@@ -92,8 +92,15 @@ def load_model(folder: Path = BUNDLED):
     for module in model.diffusion_model.modules():  # ComfyUI's UNet hard-codes 32 groups
         if isinstance(module, torch.nn.GroupNorm):
             module.num_groups = groups
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                               offload_device=comfy.model_management.unet_offload_device())
+    # ComfyUI 0.33 builds a fresh copy from a loader's factory where it needs one (Train LoRA does)
+    patcher.cached_patcher_init = (_fresh_model, (str(folder),))
+    return patcher
+
+
+def _fresh_model(folder: str, disable_dynamic: bool = False):
+    return load_model(Path(folder))
 
 
 def load_clip(folder: Path = BUNDLED):

@@ -81,7 +81,8 @@ def _ordinary_gaps(ns):
     empty = pipe.tokenizer([""] * 256, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         cond, uncond = pipe.text_encoder(ids)[0], pipe.text_encoder(empty)[0]
-        ns.update(gaps=gaps_from_predictions(pipe.unet(x, t, cond).sample, pipe.unet(x, t, uncond).sample), t=t)
+        ns.update(ordinary_gaps=gaps_from_predictions(pipe.unet(x, t, cond).sample, pipe.unet(x, t, uncond).sample),
+                  ordinary_t=t)
 
 
 def _this_batch(ns):
@@ -119,7 +120,7 @@ def _modular_pipeline(ns):
 SETUPS = {
     'load_model("tiny.safetensors"': lambda ns, tmp: _single_file(tmp),
     "filt = MemorizationFilter(percentile=95": lambda ns, tmp: _training_loop(ns),
-    "ref = TimestepReference.fit(gaps, t)": lambda ns, tmp: _ordinary_gaps(ns),
+    "relative_to_ordinary(ordinary_gaps, ordinary_t, 0.05)   #": lambda ns, tmp: _ordinary_gaps(ns),
     "bar_alpha=1e-4": lambda ns, tmp: _this_batch(ns),
     "trace = ScoreTrace()": lambda ns, tmp: _sampler_step(ns, tmp),
     "MemoGuardGuidance(": lambda ns, tmp: _modular_pipeline(ns),

@@ -196,6 +196,40 @@ def test_masked_loss_and_unet_gradients_equal_those_of_the_kept_subset(unet):
     assert_same_grads(filtered, grads(unet))
 
 
+@pytest.mark.parametrize("criterion", [torch.nn.MSELoss(), torch.nn.L1Loss(), torch.nn.HuberLoss()])
+def test_kept_gradient_under_a_batch_mean_loss_gives_the_kept_subsets_gradients(unet, criterion):
+    """What ComfyUI's training node does: criterion(prediction, target) over the whole batch, no hook at the loss."""
+    from memoguard.train_filter import kept_gradient
+    x, t, emb, target = batch(6, seed=4)
+    keep = torch.tensor([True, False, True, True, False, True])
+    unet.zero_grad()
+    pred = unet(x, t, encoder_hidden_states=emb).sample
+    adjusted = kept_gradient(pred, keep)
+    assert torch.equal(adjusted, pred)  # the value the trainer sees and logs is unchanged
+    criterion(adjusted, target).backward()
+    filtered = grads(unet)
+    unet.zero_grad()
+    criterion(unet(x[keep], t[keep], encoder_hidden_states=emb[keep]).sample, target[keep]).backward()
+    assert_same_grads(filtered, grads(unet), rtol=1e-4, atol=1e-7)
+    unet.zero_grad()  # nothing kept: backward runs, every gradient is zero
+    criterion(kept_gradient(unet(x, t, encoder_hidden_states=emb).sample, torch.zeros(6, dtype=torch.bool)),
+              target).backward()
+    assert all(float(g.abs().max()) == 0.0 for g in grads(unet).values())
+    with pytest.raises(ValueError, match="bool keep-mask"):
+        kept_gradient(pred, torch.ones(5, dtype=torch.bool))
+
+
+def test_relative_to_ordinary_drops_the_given_share_of_the_gaps_it_was_fitted_on():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (2000,), generator=g)
+    gaps = (1.0 + torch.rand(2000, generator=g)) * (1100 - t) / 1000  # the ordinary gap falls with t
+    filt = MemorizationFilter.relative_to_ordinary(gaps, t, 0.05, bar_alpha=1e-4, warmup_steps=0)
+    dropped = 1 - filt.keep_mask(gaps, t).float().mean()
+    assert abs(float(dropped) - 0.05) < 0.005 and filt.reference is not None and filt.bar_alpha == 1e-4
+    # a gap twice the ordinary one at its timestep is dropped at every timestep, small t or large
+    assert not filt.keep_mask(3.0 * (1100 - torch.tensor([50, 950])) / 1000, torch.tensor([50, 950])).any()
+
+
 def test_gradient_accumulation_with_sum_reduction_equals_one_pass_over_the_kept_samples(unet):
     x, t, emb, target = batch(8, seed=2)
     keep = torch.tensor([True, True, False, True, False, False, False, False])  # 2nd micro-batch: all dropped

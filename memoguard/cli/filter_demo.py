@@ -22,14 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..calibration import Calibration
 from ..errors import ModelLoadError
 from ..standalone.diffusers_model import load_model
 from ..standalone.pipeline import generate
 from ..tiny.data import Scene, add_specks, build_dataset, render, to_tensor_batch
 from ..tiny.judge import alignment, is_copy, unique_training_images
 from ..tiny.train import SCHEDULER_CONFIG, tokenize, training_steps
-from ..train_filter import MemorizationFilter, TimestepReference, gaps_from_predictions
+from ..train_filter import MemorizationFilter, gaps_from_predictions
 
 # Titles whose words occur in no caption the bundled model was trained on.
 NEW_TITLES = ("basalt overture", "zephyr almanac", "indigo reverie", "granite folio", "cinder ballad",
@@ -169,11 +168,9 @@ def run_demo(settings: DemoSettings, seed: int = 0, model_dir=None, tau=None, lo
     if fixed is None:
         gaps, _, t = training_gaps_and_loss(base.unet, base.text_encoders[0], *_subset(data, ~data.is_duplicated),
                                             n=settings.calibration_samples, seed=seed + 3)
-        reference = TimestepReference.fit(gaps, t)
-        calibration = Calibration("base-training-gaps", reference.relative(gaps, t).tolist())
-        filters = {"per-sample": MemorizationFilter(calibration=calibration, fpr=settings.fpr, reference=reference),
-                   "filtered": MemorizationFilter(calibration=calibration, fpr=settings.fpr, reference=reference,
-                                                  bar_alpha=settings.bar_alpha, warmup_steps=settings.key_warmup)}
+        filters = {"per-sample": MemorizationFilter.relative_to_ordinary(gaps, t, settings.fpr),
+                   "filtered": MemorizationFilter.relative_to_ordinary(gaps, t, settings.fpr, bar_alpha=settings.bar_alpha,
+                                                                       warmup_steps=settings.key_warmup)}
         tau_source = (f"{1 - settings.fpr:.0%} of the base model's gaps on {settings.calibration_samples} ordinary "
                       "training samples, relative to their timestep band's median")
     else:

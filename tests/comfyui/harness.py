@@ -65,6 +65,9 @@ class ModelPatcher:
         if disable_cfg1_optimization:
             self.model_options["disable_cfg1_optimization"] = True
 
+    def set_model_unet_function_wrapper(self, fn):
+        self.model_options["model_function_wrapper"] = fn
+
     def get_model_object(self, name):
         return getattr(self.model, name)
 
@@ -104,6 +107,16 @@ class ModelSamplingDiscrete(torch.nn.Module, EPS):
     def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
         sigma = sigma.reshape(-1, *([1] * (noise.dim() - 1)))
         return noise * (torch.sqrt(1 + sigma ** 2) if max_denoise else sigma) + latent_image
+
+    def percent_to_sigma(self, percent):  # 0 -> the largest sigma, 1 -> 0, as Train LoRA draws its noise levels
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        t = (1 - percent) * 999
+        low = min(int(t), 998)
+        w = t - low
+        return float(((1 - w) * self.sigmas[low].log() + w * self.sigmas[low + 1].log()).exp())
 
 
 class ModelSamplingFlow(torch.nn.Module, CONST):
@@ -192,6 +205,9 @@ class BaseModel(torch.nn.Module):
                                    class_labels=y).sample
         return x - out * sigma  # EPS: x - eps*sigma; CONST: x - v*sigma with v = eps - x0
 
+    def process_latent_in(self, latent):
+        return latent
+
     def encode_adm(self, **kwargs):
         return None
 
@@ -236,7 +252,9 @@ def calc_cond_batch(model, conds, x, timestep, model_options):
                 continue
             inputs = {k: v.cond.expand(x.shape[0], *v.cond.shape[1:]) if v.cond.shape[0] == 1 else v.cond
                       for k, v in cond[0]["model_conds"].items()}
-            out.append(model.apply_model(x, timestep, **inputs))
+            wrapper = model_options.get("model_function_wrapper")
+            out.append(model.apply_model(x, timestep, **inputs) if wrapper is None else
+                       wrapper(model.apply_model, {"input": x, "timestep": timestep, "c": inputs, "cond_or_uncond": [0]}))
         return out
 
     call = run
@@ -472,7 +490,7 @@ def comfy_api_stand_in():
     io = types.ModuleType("comfy_api.latest.io")
     for attr, io_type in {"Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Latent": "LATENT", "Image": "IMAGE",
                           "Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN",
-                          "Combo": "COMBO", "Conditioning": "CONDITIONING"}.items():
+                          "Combo": "COMBO", "Conditioning": "CONDITIONING", "AnyType": "*"}.items():
         setattr(io, attr, IOType(io_type))
     io.Schema = lambda **kwargs: kwargs
     io.ComfyNode, io.NodeOutput = object, NodeOutput
@@ -524,7 +542,7 @@ def comfy_api_stand_in():
 
 
 PACK_NODE_MODULES = ("nodes_loader", "nodes_monitor", "nodes_mitigation", "nodes_tokens", "nodes_calibration",
-                     "nodes_text_encode", "nodes_evidence")
+                     "nodes_text_encode", "nodes_evidence", "nodes_training_filter")
 
 
 def _pack_schemas():

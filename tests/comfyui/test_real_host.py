@@ -315,6 +315,46 @@ def test_long_prompts_are_explained_on_the_screened_words(comfy):
     assert data["summary"].startswith(("top words (leave-one-out of the likeliest words): ", "spread over the caption"))
 
 
+def default_inputs(definition: dict) -> dict:
+    """A node's required inputs at their defaults (a combo without one: its first option), from /object_info."""
+    out = {}
+    for name, spec in definition["input"]["required"].items():
+        options = spec[1] if len(spec) > 1 else {}
+        if "default" in options:
+            out[name] = options["default"]
+        elif isinstance(spec[0], list) and spec[0]:
+            out[name] = spec[0][0]
+        elif options.get("options"):
+            out[name] = options["options"][0]
+    return out
+
+
+def test_training_filter_runs_inside_comfyuis_own_train_lora(comfy):
+    """MemoGuard Training Filter -> ComfyUI's Train LoRA -> the Report, through the server (which runs nodes under
+    inference mode, Train LoRA with gradients): the filter judges every training step's sample."""
+    client, _ = comfy
+    loader = workflow(client, "explain")["1"]
+    train = {**default_inputs(client.definitions["TrainLoraNode"]), "model": ["20", 0], "latents": ["5", 0],
+             "positive": ["3", 0], "steps": 30, "batch_size": 1, "training_dtype": "fp32", "lora_dtype": "fp32",
+             "gradient_checkpointing": False}
+    prompt = {
+        "1": loader,
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a purple ring, lighthouse poster", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 4, "color": 0x6040a0}},
+        "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},  # the dataset's latents
+        "20": {"class_type": "MemoGuardTrainingFilter",
+               "inputs": {**default_inputs(client.definitions["MemoGuardTrainingFilter"]), "model": ["1", 0],
+                          "clip": ["1", 1], "latents": ["5", 0], "positive": ["3", 0], "reference_samples": 160}},
+        "21": {"class_type": "TrainLoraNode", "inputs": train},
+        "22": {"class_type": "MemoGuardTrainingFilterReport", "inputs": {"model": ["20", 0], "trained": ["21", 0]}},
+    }
+    events, history = client.run(prompt)
+    assert not of_type(events, "execution_error"), [e.get("exception_message") for e in of_type(events, "execution_error")]
+    text = history["outputs"]["22"]["memoguard_filter_report"][0]
+    print(text)
+    assert text.startswith("30 training steps: ") and "samples dropped" in text, text
+
+
 def test_stop_action_ends_the_queue_item_with_a_message(comfy):
     client, _ = comfy
     prompt = workflow(client, "detect")
