@@ -210,6 +210,16 @@ def test_a_word_is_its_pieces_together_and_leave_one_out_removes_it_whole(random
     assert loo.score_without(1) == pytest.approx(gap("a red circle") / x[0].numel() ** 0.5, rel=1e-4)
 
 
+def assert_measures_only(contributions, words, exact):
+    """`words` measured as exact leave-one-out measures them, the others not at all."""
+    assert [i for i, m in enumerate(contributions.measured) if m] == words
+    for i in range(len(contributions.tokens)):
+        if i in words:
+            assert contributions.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
+        else:
+            assert contributions.scores[i] == 0.0 and contributions.score_without(i) is None
+
+
 def test_grouped_leave_one_out_narrows_to_the_part_whose_removal_matters_most(random_model):
     """Brute force on the text: each round leaves out each quarter of the words in play and keeps the quarter
     whose removal lowers the gap most; the last words are each left out alone, exactly as leave-one-out does."""
@@ -225,12 +235,7 @@ def test_grouped_leave_one_out_narrows_to_the_part_whose_removal_matters_most(ra
     while len(left) > GROUPED_WORDS:
         parts = [left[k * len(left) // GROUPS:(k + 1) * len(left) // GROUPS] for k in range(GROUPS)]
         left = min(parts, key=lambda part: gap([i for i in range(len(words)) if i not in part]))
-    assert [i for i, m in enumerate(grouped.measured) if m] == left
-    for i in range(len(words)):
-        if i in left:
-            assert grouped.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
-        else:
-            assert grouped.scores[i] == 0.0 and grouped.score_without(i) is None
+    assert_measures_only(grouped, left, exact)
 
 
 def test_screened_leave_one_out_measures_the_words_a_first_order_estimate_of_their_removal_ranks_first(random_model):
@@ -253,12 +258,7 @@ def test_screened_leave_one_out_measures_the_words_a_first_order_estimate_of_the
                for i in range(len(words))]
     estimate = [-((e - cond.embedding) * grad.sum(0)).sum().item() for e in without]
     chosen = sorted(sorted(range(len(words)), key=lambda i: -estimate[i])[:SCREENED_WORDS])
-    assert [i for i, m in enumerate(screened.measured) if m] == chosen
-    for i in range(len(words)):
-        if i in chosen:
-            assert screened.scores[i] == pytest.approx(exact.scores[i], rel=1e-4, abs=1e-6)
-        else:
-            assert screened.scores[i] == 0.0 and screened.score_without(i) is None
+    assert_measures_only(screened, chosen, exact)
     short = "a large red circle"  # every word measured, no gradient needed
     cond, uncond, x = _setup(random_model, [short], [3])
     (a,) = token_contributions(random_model, cond, uncond, x, total_steps=50, method="leave_one_out_screened")
