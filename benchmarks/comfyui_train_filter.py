@@ -8,8 +8,7 @@ The bundled model (MemoGuard Tiny Model Loader's objects) gets a LoRA trained by
 plus new scenes, each with a unique speck pattern and a title of words the model never saw, duplicated many times.
 Arms, with the same sample order and noise (ComfyUI draws them from the global torch generator, reseeded before
 each run): plain; MemoGuard Training Filter with its defaults between the model and Train LoRA ("filtered": samples
-with an unusual gap dropped, captions dropped too often barred); the same with bar_alpha 0 ("per-sample", the
-paper's filter alone). Each LoRA'd model then samples the duplicated captions (8 seeds, DDIM 50, cfg 3, ComfyUI's
+with an unusual gap dropped, captions dropped too often barred). Each LoRA'd model then samples the duplicated captions (8 seeds, DDIM 50, cfg 3, ComfyUI's
 KSampler) and ordinary training captions; copy rate and alignment are memoguard.tiny.judge's. Seconds per step:
 each arm's training wall time / steps, the arms run one after another on the same machine.
 """
@@ -24,23 +23,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comfyui_host import ROOT, load_comfy  # noqa: E402
+from comfyui_host import load_comfy  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=5000, help="Train LoRA steps (batch 1)")
+    ap.add_argument("--steps", type=int, default=12000, help="Train LoRA steps (batch 1)")
     ap.add_argument("--ordinary", type=int, default=400, help="ordinary training pairs")
     ap.add_argument("--duplicates", type=int, default=100, help="copies of each new scene")
-    ap.add_argument("--learning-rate", type=float, default=4e-3)
+    ap.add_argument("--learning-rate", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=8, help="generations per duplicated caption")
     args = ap.parse_args()
     load_comfy()
-    sys.path.insert(0, str(ROOT))
     import comfy_extras.nodes_train as train
-    import nodes as comfy_nodes
+    import nodes as comfy_nodes  # ComfyUI's (the pack's own package is memoguard_pack.nodes)
     from transformers import CLIPTokenizer
     from memoguard.cli.filter_demo import DemoSettings, finetune_data
     from memoguard.resources import asset_path
@@ -79,12 +77,12 @@ def main() -> None:
                 "alignment_ordinary": float(alignment(ordinary, data.ordinary_scenes).mean())}
 
     results = {"base": judge(tiny_loader.load_model())}
-    for arm, bar_alpha in (("plain", None), ("filtered", 1e-4), ("per-sample", 0.0)):
+    for arm, bar_alpha in (("plain", None), ("filtered", 1e-4)):
         model = tiny_loader.load_model()
         t0 = time.perf_counter()
         if bar_alpha is not None:
             (model,) = MemoGuardTrainingFilter.execute([model], [clip], [{"samples": images}], positive,
-                                                       bar_alpha=[bar_alpha]).values
+                                                       bar_alpha=[bar_alpha]).args
         fitted = time.perf_counter() - t0
         torch.manual_seed(0)  # Train LoRA's sample order and noise: the same in every arm
         t0 = time.perf_counter()
@@ -97,7 +95,7 @@ def main() -> None:
         results[arm] = {**judge(trained), "seconds_per_step": seconds / args.steps, "filter_fit_seconds": fitted,
                         "train_loss_last_tenth": float(np.mean(loss["loss"][-args.steps // 10:]))}
         if bar_alpha is not None:
-            report = json.loads(MemoGuardTrainingFilterReport.execute(trained).values[0])
+            report = json.loads(MemoGuardTrainingFilterReport.execute(model, args.steps).args[0])
             duplicated = set(np.flatnonzero(data.is_duplicated[rows]).tolist())
             results[arm]["filter"] = {**report, "barred_images_all_duplicated": all(
                 set(b["images"]) <= duplicated for b in report["barred"])}

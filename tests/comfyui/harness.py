@@ -457,7 +457,7 @@ def node_definitions() -> dict:
 
 class NodeOutput:
     def __init__(self, *values, ui=None):
-        self.values, self.ui = values, ui
+        self.args, self.ui = values, ui  # comfy_api.latest.io.NodeOutput: args, ui
 
 
 @contextlib.contextmanager

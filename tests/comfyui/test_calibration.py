@@ -225,7 +225,7 @@ def test_score_node_never_stops_the_workflow_when_the_score_is_unavailable(bundl
         for cfg in (1.0, 3.0):
             samples = {"samples": harness.sample(watched, noise, pos, neg, cfg=cfg, steps=3)}
             out = nodes_monitor.MemorizationScore.execute(watched, samples)
-            score, flagged, summary, plot = out.values
+            score, flagged, summary, plot = out.args
             assert plot.shape[0] == 1 and plot.shape[-1] == 3
             trace = json.loads(out.ui["memoguard_trace"][0])
             assert {"trace", "sigma", "band", "threshold", "window", "verdicts", "notes", "label"} <= set(trace)
@@ -245,7 +245,7 @@ def test_token_contributions_empty_text_is_one_message():
         assert tokens.input_problem("  ", 20, 1) == "the text is empty: give the prompt to explain"
         node.hidden = type("Hidden", (), {"unique_id": "10"})
         out = node.execute(None, None, " ", None, 0, 20, 1, 3.0, "normal", 1)
-        chart, data = out.values
+        chart, data = out.args
         assert json.loads(data) == {"error": "the text is empty: give the prompt to explain"}
         assert out.ui["text"] == ["the text is empty: give the prompt to explain"] and chart.shape[-1] == 3
 

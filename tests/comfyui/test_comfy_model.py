@@ -176,7 +176,7 @@ def test_token_contributions_node_leaves_each_word_out_and_says_when_none_ends_t
         patcher = harness.ModelPatcher(base)
         latent = {"samples": torch.zeros(1, 3, 16, 16)}
         run = lambda **kw: json.loads(node.execute(patcher, clip, "a purple ring, lighthouse poster", latent, 0, 4,
-                                                   1, 7.5, "normal", 1, **kw).values[1])
+                                                   1, 7.5, "normal", 1, **kw).args[1])
         plain = run(calibration="none")
         assert plain["method"] == "leave_one_out" and plain["tokens"][4] == "lighthouse"
         assert plain["threshold"] is None and plain["summary"].startswith("top words (leave-one-out): ")

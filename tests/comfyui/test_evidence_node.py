@@ -55,7 +55,7 @@ def test_cards_and_json_name_each_images_nearest_training_image(setup):
     (folder_input,) = [i for i in schema["inputs"] if i.name == "training_images"]
     assert folder_input.options["options"] == ["my-lora"]
     out = node.execute(as_images([pictures[3], pictures[17]]), "my-lora")
-    cards, data = out.values
+    cards, data = out.args
     matches = json.loads(data)["matches"]
     assert [m["file"] for m in matches] == ["03.png", "17.png"] and matches[0]["caption"] == "photo of item 3"
     assert all(m["copy"] is None for m in matches) and "connect the model" in json.loads(data)["summary"]
@@ -67,7 +67,7 @@ def test_cards_and_json_name_each_images_nearest_training_image(setup):
 def test_a_folder_that_is_not_in_the_list_is_a_message(setup):
     module, node, pictures, rng, tmp_path = setup
     out = node.execute(as_images([pictures[0]]), str(tmp_path / "memoguard_training" / "my-lora"))
-    data = json.loads(out.values[1])
+    data = json.loads(out.args[1])
     assert "not a training folder in models/memoguard_training" in data["error"]
     assert node.validate_inputs("/some/saved/path") is True  # a saved workflow still queues, the node says why
 
@@ -75,13 +75,13 @@ def test_a_folder_that_is_not_in_the_list_is_a_message(setup):
 def test_the_copy_threshold_is_set_from_ordinary_images_for_that_model_only(setup):
     module, node, pictures, rng, tmp_path = setup
     ordinary = as_images([picture(rng) for _ in range(100)])
-    message = json.loads(node.execute(ordinary, "my-lora", module.CALIBRATE).values[1])
+    message = json.loads(node.execute(ordinary, "my-lora", module.CALIBRATE).args[1])
     assert "needs the model input" in message["error"]
     mine, other = model_of(1), model_of(2)
-    out = json.loads(node.execute(ordinary, "my-lora", module.CALIBRATE, mine).values[1])
+    out = json.loads(node.execute(ordinary, "my-lora", module.CALIBRATE, mine).args[1])
     assert out["summary"].startswith("copy threshold for these weights and my-lora")
     copy = np.roll(pictures[5], 1, axis=0)
-    judged = json.loads(node.execute(as_images([copy, picture(rng)]), "my-lora", module.JUDGE, mine).values[1])
+    judged = json.loads(node.execute(as_images([copy, picture(rng)]), "my-lora", module.JUDGE, mine).args[1])
     assert [m["copy"] for m in judged["matches"]] == [True, False]
-    unjudged = json.loads(node.execute(as_images([copy]), "my-lora", module.JUDGE, other).values[1])
+    unjudged = json.loads(node.execute(as_images([copy]), "my-lora", module.JUDGE, other).args[1])
     assert unjudged["matches"][0]["copy"] is None and "no copy threshold" in unjudged["summary"]

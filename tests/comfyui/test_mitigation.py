@@ -280,7 +280,7 @@ def test_memoguard_text_encode_is_clip_text_encode_plus_the_prompt(prompted):
     _, clip, plain_cond, _, _ = prompted
     with harness.comfy_api_stand_in():
         node = importlib.import_module("nodes.nodes_text_encode").MemoGuardTextEncode
-        (conditioning,) = node.execute(TEXT, clip).values
+        (conditioning,) = node.execute(TEXT, clip).args
         with pytest.raises(RuntimeError, match="clip input is empty"):
             node.execute(TEXT, None)
     assert torch.equal(conditioning[0][0], plain_cond[0][0])

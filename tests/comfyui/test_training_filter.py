@@ -30,7 +30,7 @@ def setup(models):
     with harness.comfy_api_stand_in():
         module = importlib.import_module("nodes.nodes_training_filter")
         (filtered,) = module.MemoGuardTrainingFilter.execute([patcher], [clip], [{"samples": latents}], positive,
-                                                              reference_samples=[160]).values
+                                                              reference_samples=[160]).args
         yield module, patcher, filtered, latents, positive, images
 
 
@@ -103,7 +103,7 @@ def test_a_caption_dropped_too_often_is_barred_and_the_report_names_its_images(s
     for step in range(40):  # the duplicated caption's samples at a high noise level, another's at a low one
         training_step(filtered, latents, positive, [duplicated], 14.0)
         training_step(filtered, latents, positive, [other], 0.05)
-    report = json.loads(module.MemoGuardTrainingFilterReport.execute(filtered, 5).values[0])
+    report = json.loads(module.MemoGuardTrainingFilterReport.execute(filtered, 5).args[0])
     assert [b["images"] for b in report["barred"]] == [[0, 3, 5, 7, 9]]
     text = module.MemoGuardTrainingFilterReport.execute(filtered, 5).ui["memoguard_filter_report"][0]
     assert "1 caption(s) barred" in text and "images 0, 3, 5, 7, 9 (5 with this caption)" in text
