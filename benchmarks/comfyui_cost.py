@@ -10,6 +10,8 @@ lighthouse poster" (6 words). Timed side by side in one process, medians of --re
   strategy (mask_padding, the default; remove_tokens; opposite_guidance);
 - explanation: the Token Contributions node alone (its default, leave-one-out re-encoded, one explained step),
   against the same plain generation.
+--long: plain and the explanation only, with also a 57-word prompt (64 tokens) explained by the default (screened
+leave-one-out: the 12 words a first-order estimate ranks first) and by exact leave-one-out.
 Prints seconds and ratios.
 """
 import argparse
@@ -20,6 +22,9 @@ from comfyui_host import load_comfy
 from side_by_side import interleaved_medians, print_ratios
 
 PROMPT = "a purple ring, lighthouse poster"
+LONG_PROMPT = (PROMPT + ", a small red house on a green hill under a pale blue sky, two white clouds drifting over a "
+               "quiet harbor with wooden boats, a lighthouse beside old stone walls, seagulls above calm water at "
+               "dusk, warm light on the windows, a narrow path leading down to the beach with tall grass")
 
 
 def main():
@@ -28,6 +33,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long", action="store_true", help="plain and explanation only, with a 57-word prompt too")
     args = ap.parse_args()
     load_comfy()
     import comfy.sample
@@ -55,11 +61,16 @@ def main():
                                        disable_pbar=True, seed=0)
 
         runs = {"plain": lambda: generate(model, plain_positive)}
-        for strategy in ("mask_padding", "remove_tokens", "opposite_guidance"):
+        for strategy in () if args.long else ("mask_padding", "remove_tokens", "opposite_guidance"):
             patched = mitigation.execute(model, "always", 0.0, 0.05, 10, "none", "(none)", 0.01, 0.0, strategy).result[0]
             runs[f"mitigation {strategy}"] = lambda m=patched: generate(m, sourced)
         runs["explanation (Token Contributions)"] = lambda: tokens.execute(
             model, clip, PROMPT, {"samples": latent}, 0, args.steps, 1, 7.5, "normal", 1, calibration="none").result
+        if args.long:
+            for method in ("auto", "leave_one_out"):
+                runs[f"explanation, 57 words, {method}"] = lambda m=method: tokens.execute(
+                    model, clip, LONG_PROMPT, {"samples": latent}, 0, args.steps, 1, 7.5, "normal", 1, m,
+                    calibration="none").result
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         medians = interleaved_medians(runs, args.repeats, sync)
     print(f"{args.checkpoint}: {args.size}x{args.size}, {args.steps} Euler steps, cfg 7.5, one image, "

@@ -31,6 +31,7 @@ Gradient accumulation: take reduction="sum" per micro-batch and divide the gradi
 number of samples kept in the whole window before the optimizer step; that is exactly the mean
 loss over the kept samples of the accumulated batch.
 """
+import hashlib
 import json
 import math
 import numbers
@@ -56,7 +57,6 @@ def gaps_from_predictions(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, pa
 def sample_key(encoding: torch.Tensor) -> str:
     """A caption's key for barring where only its text-encoder output is at hand (a training node's batch): the
     same caption encodes to the same values, so a hash of them (float32, 4 decimals) names the caption."""
-    import hashlib
     values = torch.round(encoding.detach().float().cpu() * 1e4).to(torch.int64)
     return hashlib.sha1(values.numpy().tobytes()).hexdigest()[:16]
 

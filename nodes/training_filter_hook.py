@@ -22,8 +22,8 @@ FIT_BATCH = 16  # samples per model call while measuring the ordinary gaps
 
 
 class TrainingFilterHook:
-    """model_function_wrapper of the filtered model. Holds no model: ComfyUI deep-copies model options on every
-    clone, and the clones (Train LoRA's included) share this one filter and its record."""
+    """model_function_wrapper of the filtered model. ComfyUI deep-copies model options on every clone; a copy of the
+    hook is the hook itself, so the clones (Train LoRA's included) share one filter and its record."""
 
     def __init__(self, filt: MemorizationFilter, empty_embedding: torch.Tensor, empty_extra: dict,
                  images_of_key: Dict[str, List[int]], timestep_of, previous=None):
