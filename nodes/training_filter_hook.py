@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 
 from memoguard.hosts import coefficients_kdiffusion
-from memoguard.score import rms_per_image
+from memoguard.model import expand_batch, match_length
 from memoguard.train_filter import MemorizationFilter, gaps_from_predictions, kept_gradient, sample_key
 
 from .comfy_model import CROSSATTN, ComfyDiffusionModel, model_inputs
@@ -56,13 +56,9 @@ class TrainingFilterHook:
 
     def _keep(self, apply_model, args, x, sigma, c, out) -> torch.Tensor:
         cond = c[CROSSATTN]
-        batch, length = cond.shape[0], cond.shape[1]
-        empty = self.empty_embedding
-        if length % empty.shape[1]:
-            raise ValueError(f"a caption of {length} positions cannot be paired with the empty prompt's "
-                             f"{empty.shape[1]}")
-        uncond = {**c, CROSSATTN: empty.repeat(1, length // empty.shape[1], 1).to(cond).expand(batch, -1, -1)}
-        uncond.update({k: v.to(cond.device).expand(batch, *v.shape[1:])
+        batch = cond.shape[0]
+        uncond = {**c, CROSSATTN: expand_batch(match_length(self.empty_embedding, cond.shape[1]).to(cond), batch)}
+        uncond.update({k: expand_batch(v.to(cond.device), batch)
                        for k, v in model_inputs(self.empty_extra).items() if isinstance(v, torch.Tensor)})
         with torch.no_grad():
             out_u = self._call(apply_model, args, x, sigma, uncond)
@@ -144,8 +140,8 @@ def fit_filter(patcher, clip, buckets: List[torch.Tensor], positive: list, *, dr
                 noise = torch.randn(clean.shape, generator=g).to(device)
                 sigma = sigmas[part].to(device)
                 x = sampling.noise_scaling(sigma, noise, clean, False)
-                diff = model.eps(x, sigma, embedding, extra) - model.eps_uncond(x, sigma, empty, length)
-                gaps[part] = rms_per_image(diff.float()).cpu()
+                gaps[part] = gaps_from_predictions(model.eps(x, sigma, embedding, extra),
+                                                   model.eps_uncond(x, sigma, empty, length)).cpu()
     filt = MemorizationFilter.relative_to_ordinary(gaps, sampling.timestep(sigmas).float(), drop_share,
                                                    bar_alpha=bar_alpha or None, warmup_steps=count_after)
     timestep_of = lambda s: sampling.timestep(s.to(sampling.sigmas.device)).float().cpu()
