@@ -3,9 +3,7 @@ import json
 
 from comfy_api.latest import io
 
-from .training_filter_hook import TrainingFilterHook, fit_filter, report_text
-
-REPORT_OPTION = "model_function_wrapper"  # where the filter sits in the model's options
+from .training_filter_hook import WRAPPER_OPTION, TrainingFilterHook, fit_filter, report_text
 
 
 class MemoGuardTrainingFilter(io.ComfyNode):
@@ -87,7 +85,7 @@ class MemoGuardTrainingFilterReport(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, trained=None) -> io.NodeOutput:
-        hook = model.model_options.get(REPORT_OPTION)
+        hook = model.model_options.get(WRAPPER_OPTION)
         report = hook.report() if isinstance(hook, TrainingFilterHook) else None
         text = report_text(report)
         return io.NodeOutput(json.dumps(report), ui={"memoguard_filter_report": [text]})

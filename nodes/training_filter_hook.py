@@ -19,6 +19,7 @@ from memoguard.train_filter import MemorizationFilter, gaps_from_predictions, ke
 from .comfy_model import CROSSATTN, ComfyDiffusionModel, model_inputs
 
 FIT_BATCH = 16  # samples per model call while measuring the ordinary gaps
+WRAPPER_OPTION = "model_function_wrapper"  # where the filter sits in the model's options
 
 
 class TrainingFilterHook:
@@ -146,7 +147,7 @@ def fit_filter(patcher, clip, buckets: List[torch.Tensor], positive: list, *, dr
                                                    bar_alpha=bar_alpha or None, warmup_steps=count_after)
     timestep_of = lambda s: sampling.timestep(s.to(sampling.sigmas.device)).float().cpu()
     return TrainingFilterHook(filt, empty.embedding.detach().cpu(), {k: v.detach().cpu() for k, v in empty.extra.items()},
-                              images_of_key, timestep_of, patcher.model_options.get("model_function_wrapper"))
+                              images_of_key, timestep_of, patcher.model_options.get(WRAPPER_OPTION))
 
 
 def report_text(report: Optional[dict]) -> str:

@@ -58,8 +58,8 @@ CONTROLS = (
      dict(minimum=0.0, maximum=0.9, step=0.05)),
     ("explain_method", "Dropdown", "Explanation method", "auto",
      "auto = leave-one-out: the prompt encoded again without each word (one forward per word; over 12 words "
-     "on the 12 a first-order estimate ranks first, 16 forwards), gradient x input where the prompt cannot be "
-     "encoded again (the panel says why); leave_one_out_grouped: by groups, no backward pass; gradient_x_delta: "
+     "on the 12 a first-order estimate ranks first: a backward, 14 forwards), gradient x input where the prompt "
+     "cannot be encoded again (the panel says why); leave_one_out_grouped: by groups, no backward pass; gradient_x_delta: "
      "one backward pass; integrated_gradients: 4; gradient_norm: the paper's. The infotext names the one used",
      dict(choices=["auto", "leave_one_out", "leave_one_out_screened", "leave_one_out_grouped", "gradient_x_delta",
                    "integrated_gradients", "gradient_norm"])),
