@@ -1,4 +1,4 @@
-"""The standalone path on today's flow-matching pipelines (SD3, Flux schnell, Flux dev): tiny random-weight pipeline
+"""The standalone path on today's flow-matching pipelines (SD3, Flux schnell, Flux dev, Chroma): tiny random-weight pipeline
 folders built by tests/flow_pipelines.py from diffusers' and transformers' own classes, loaded like downloaded ones."""
 import json
 import sys
@@ -27,12 +27,14 @@ STEPS = 4
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     return {family: build_flow_pipeline(root / family, family, seed=k)
-            for k, family in enumerate(("sd3", "flux", "flux-dev"))}
+            for k, family in enumerate(("sd3", "flux", "flux-dev", "chroma"))}
 
 
 @pytest.fixture(scope="module")
 def models(folders):
-    return {family: load_model(folder) for family, folder in folders.items()}
+    out = {family: load_model(folder) for family, folder in folders.items()}
+    out["chroma"].sample_size = 32  # 256 image tokens, not the pipeline's default 4,096: the test's time
+    return out
 
 
 def _pipeline_latents(folder, model, x):
@@ -45,13 +47,14 @@ def _pipeline_latents(folder, model, x):
                     width=size, latents=x, output_type="latent").images
     b, c, h, w = x.shape
     packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-    extra = {} if model.embedded_guidance is None else {"guidance_scale": model.embedded_guidance}
+    extra = ({"negative_prompt": "", "guidance_scale": model.guidance} if model.family == "chroma"
+             else {} if model.embedded_guidance is None else {"guidance_scale": model.embedded_guidance})
     out = pipe(PROMPT, num_inference_steps=STEPS, height=size, width=size, latents=packed, output_type="latent",
                **extra).images
     return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-dev"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-dev", "chroma"])
 def test_monitored_sampling_is_the_pipelines_own_and_the_monitor_changes_no_bit(folders, models, family):
     model = models[family]
     cond, uncond = model.encode([PROMPT]), model.encode([""])
@@ -82,7 +85,7 @@ def test_a_guidance_distilled_model_pays_one_unconditional_pass_for_its_score(mo
     assert run.trace.step_indices() == [0]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "chroma"])
 def test_leaving_a_word_out_is_the_prompt_typed_without_it_in_every_stream(models, family):
     model = models[family]
     enc = model.encode([PROMPT])
@@ -93,7 +96,11 @@ def test_leaving_a_word_out_is_the_prompt_typed_without_it_in_every_stream(model
     without = model.encode_without(enc, [(0, enc.word_groups(0)[1]), (0, enc.word_groups(0)[6])])
     typed = model.encode(["a cat, on a mat", "a red cat, on a"])
     assert torch.allclose(without.embedding, typed.embedding, atol=1e-6)
-    assert torch.allclose(without.extra["pooled"], typed.extra["pooled"], atol=1e-6)  # the pooled CLIP too
+    for key in typed.extra:  # the pooled CLIP too; Chroma's mask: the shorter prompt is shorter
+        assert torch.equal(without.extra[key], typed.extra[key]) or torch.allclose(without.extra[key],
+                                                                                     typed.extra[key], atol=1e-6)
+    if family == "chroma":
+        assert (without.extra["attention_mask"].sum(1) < enc.extra["attention_mask"].sum()).all()
     assert not torch.allclose(without.embedding[0], enc.embedding[0], atol=1e-4)
 
 
@@ -107,7 +114,7 @@ def test_words_past_clips_75_tokens_are_explained_in_t5_alone(models):
     assert ["".join(enc.tokens[0][i] for i in g) for g in groups[74:77]] == ["red", "cat", "red"]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "chroma"])
 def test_leave_one_out_explains_the_words_of_a_flow_prompt(models, family):
     model = models[family]
     cond, uncond = model.encode([PROMPT]), model.encode([""])

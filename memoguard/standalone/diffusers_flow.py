@@ -1,5 +1,5 @@
-"""The standalone path for today's flow-matching diffusers pipelines: SD3 / SD3.5 (StableDiffusion3Pipeline) and
-Flux.1 schnell / dev (FluxPipeline), as a DiffusionModel.
+"""The standalone path for today's flow-matching diffusers pipelines: SD3 / SD3.5 (StableDiffusion3Pipeline), Flux.1
+schnell / dev (FluxPipeline) and Chroma (ChromaPipeline), as a DiffusionModel.
 
 The core reads a rectified flow as x = x0 + sigma * v (memoguard.score): the velocity is the prediction, the score the
 velocity difference, its DDIM step the flow's Euler step, and the schedule's timestep is sigma * 1000 as diffusers'
@@ -9,6 +9,9 @@ FlowMatchEulerDiscreteScheduler gives it. Prompts are encoded the way these pipe
 - Flux: T5 (512 positions); CLIP-L only gives the pooled text. Flux dev also takes an embedded guidance value
   (`embedded_guidance`, the pipeline's `guidance_scale`, 3.5) and samples at CFG 1: a guidance-distilled model, scored
   with one unconditional pass at the first step only (memoguard.sampling).
+- Chroma: Flux's architecture without CLIP or embedded guidance, sampled with real CFG (two passes a step, 5.0). T5
+  (512 positions) runs under its tokenizer's attention mask, and the transformer sees the prompt's tokens, its
+  end-of-text and the first padding position only (the pipeline's mask), so a shorter prompt is truly shorter there.
 A word is the same in every tokenizer stream (the n-th word of each: CLIP BPE pieces end words, T5 sentencepiece
 pieces start them, punctuation is a word in both), so leaving a word out removes it from every stream, the pooled CLIP
 too: the prompt as if typed without it.
@@ -22,9 +25,10 @@ from ..identity import weights_fingerprint
 from ..model import CHUNK, TOKENS_PER_CHUNK, WORD_START, DiffusionModel, PromptEncoding, sentencepiece_word_ends, \
     word_numbers
 
-PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-T5_LENGTH = {"sd3": 256, "flux": 512}  # the pipelines' max_sequence_length
-GUIDANCE = {"sd3": 7.0, "flux": 1.0}  # CFG scale the pipelines sample at (Flux is guidance-distilled)
+PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ChromaPipeline": "chroma"}
+T5_LENGTH = {"sd3": 256, "flux": 512, "chroma": 512}  # the pipelines' max_sequence_length
+GUIDANCE = {"sd3": 7.0, "flux": 1.0, "chroma": 5.0}  # CFG scale the pipelines sample at (Flux is guidance-distilled)
+PACKED = ("flux", "chroma")  # 2x2 latent patches as tokens, Flux's layout
 FLUX_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale, Flux dev's input
 LATENT_SIZE = 128  # the pipelines' default sample size (1024 px)
 
@@ -51,9 +55,11 @@ class DiffusersFlowModel(DiffusionModel):
         if family == "sd3":
             self.clips = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
             self.t5 = (pipe.tokenizer_3, pipe.text_encoder_3) if pipe.text_encoder_3 is not None else None
-        else:
+        elif family == "flux":
             self.clips = [(pipe.tokenizer, pipe.text_encoder)]
             self.t5 = (pipe.tokenizer_2, pipe.text_encoder_2)
+        else:
+            self.clips, self.t5 = [], (pipe.tokenizer, pipe.text_encoder)
         self.guidance = GUIDANCE[family]
         guided = family == "flux" and self.transformer.config.guidance_embeds
         self.embedded_guidance: Optional[float] = FLUX_EMBEDDED_GUIDANCE if guided else None
@@ -72,20 +78,27 @@ class DiffusersFlowModel(DiffusionModel):
     # -- DiffusionModel -------------------------------------------------------------------
     def raw_prediction(self, x, t, embedding, extra):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).to(self.dtype)
-        pooled, embedding = extra["pooled"].to(self.dtype), embedding.to(self.dtype)
+        embedding = embedding.to(self.dtype)
         if self.family == "sd3":
             return self.transformer(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=embedding,
-                                    pooled_projections=pooled).sample
+                                    pooled_projections=extra["pooled"].to(self.dtype)).sample
         b, c, h, w = x.shape
         patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
         rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, self.dtype)
         txt_ids = torch.zeros(embedding.shape[1], 3, device=x.device, dtype=self.dtype)
-        guidance = (None if self.embedded_guidance is None
-                    else torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32))
-        out = self.transformer(hidden_states=patches.to(self.dtype), timestep=t / 1000, guidance=guidance,
-                               pooled_projections=pooled, encoder_hidden_states=embedding, txt_ids=txt_ids,
-                               img_ids=img_ids).sample
+        if self.family == "chroma":  # the prompt's mask, then every image token
+            mask = torch.cat([extra["attention_mask"].to(x.device, self.dtype).expand(b, -1),
+                              torch.ones(b, patches.shape[1], device=x.device, dtype=self.dtype)], 1)
+            out = self.transformer(hidden_states=patches.to(self.dtype), timestep=t / 1000,
+                                   encoder_hidden_states=embedding, txt_ids=txt_ids, img_ids=img_ids,
+                                   attention_mask=mask).sample
+        else:
+            guidance = (None if self.embedded_guidance is None
+                        else torch.full((b,), self.embedded_guidance, device=x.device, dtype=torch.float32))
+            out = self.transformer(hidden_states=patches.to(self.dtype), timestep=t / 1000, guidance=guidance,
+                                   pooled_projections=extra["pooled"].to(self.dtype), encoder_hidden_states=embedding,
+                                   txt_ids=txt_ids, img_ids=img_ids).sample
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def coefficients(self, t):
@@ -93,14 +106,15 @@ class DiffusersFlowModel(DiffusionModel):
         return torch.ones_like(sigma), sigma
 
     def timesteps(self, steps: int) -> torch.Tensor:
-        """The pipeline's own schedule: sigma * 1000, shifted as its scheduler shifts it (Flux: by the image's
-        token count, the pipeline's `mu`)."""
+        """The pipeline's own schedule: sigma * 1000, shifted as its scheduler shifts it (Flux, Chroma: sigmas
+        from 1 to 1 / steps, shifted by the image's token count, the pipeline's `mu`, where the scheduler shifts
+        dynamically)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        config = self.scheduler.config
-        if config.get("use_dynamic_shifting"):
+        if self.family in PACKED:
             sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
-            self.scheduler.set_timesteps(sigmas=sigmas, mu=self._shift_mu())
+            dynamic = self.scheduler.config.get("use_dynamic_shifting")
+            self.scheduler.set_timesteps(sigmas=sigmas, mu=self._shift_mu() if dynamic else None)
         else:
             self.scheduler.set_timesteps(steps)
         return self.scheduler.timesteps.to(self.device, torch.float32)
@@ -139,22 +153,24 @@ class DiffusersFlowModel(DiffusionModel):
         return self._encode(rows, texts)
 
     def _tokenize(self, text: str) -> Dict[str, _Tokens]:
-        """{"clip": ..., "t5": ...}: the prompt in each tokenizer as the pipeline truncates it. Words are numbered
-        alike (the n-th word of one stream is the n-th of the other, CLIP's 75 tokens a prefix of T5's words); where
-        the tokenizers split the prompt into different words, T5's are numbered after CLIP's (each explained and left
-        out in its own stream)."""
-        clip_tok = self.clips[0][0]
-        ids = clip_tok(text, add_special_tokens=False, truncation=False).input_ids
-        truncated, ids = len(ids) > TOKENS_PER_CHUNK, ids[:TOKENS_PER_CHUNK]
-        names = clip_tok.convert_ids_to_tokens(ids)
-        out = {"clip": _Tokens(ids, word_numbers([n.endswith("</w>") for n in names], [True] * len(ids)))}
+        """{"clip": ..., "t5": ...}: the prompt in each tokenizer as the pipeline truncates it (Chroma: T5 alone).
+        Words are numbered alike (the n-th word of one stream is the n-th of the other, CLIP's 75 tokens a prefix of
+        T5's words); where the tokenizers split the prompt into different words, T5's are numbered after CLIP's (each
+        explained and left out in its own stream)."""
+        out, truncated = {}, False
+        if self.clips:
+            clip_tok = self.clips[0][0]
+            ids = clip_tok(text, add_special_tokens=False, truncation=False).input_ids
+            truncated, ids = len(ids) > TOKENS_PER_CHUNK, ids[:TOKENS_PER_CHUNK]
+            names = clip_tok.convert_ids_to_tokens(ids)
+            out["clip"] = _Tokens(ids, word_numbers([n.endswith("</w>") for n in names], [True] * len(ids)))
         if self.t5 is not None:
             t5_tok = self.t5[0]
             ids = t5_tok(text, add_special_tokens=False, truncation=False).input_ids[:T5_LENGTH[self.family] - 1]
             words = word_numbers(sentencepiece_word_ends(t5_tok.convert_ids_to_tokens(ids), [1] * len(ids)),
                                  [True] * len(ids))
-            clip_words = max(out["clip"].words, default=-1) + 1
-            if not truncated and max(words, default=-1) + 1 != clip_words:
+            clip_words = max(out["clip"].words, default=-1) + 1 if self.clips else 0
+            if self.clips and not truncated and max(words, default=-1) + 1 != clip_words:
                 words = [w + clip_words for w in words]
             out["t5"] = _Tokens(ids, words)
         return out
@@ -167,23 +183,31 @@ class DiffusersFlowModel(DiffusionModel):
             pooled.append(out[0] if self.family == "sd3" else out.pooler_output)
             hidden.append(out.hidden_states[-2])
         width = self.transformer.config.joint_attention_dim
-        t5_hidden = torch.zeros(len(rows), T5_LENGTH[self.family], width, device=self.device, dtype=self.dtype)
+        length = T5_LENGTH[self.family]
+        t5_hidden = torch.zeros(len(rows), length, width, device=self.device, dtype=self.dtype)
         if self.t5 is not None:
             tok, encoder = self.t5
-            pad = lambda ids: ids + [tok.eos_token_id] + [tok.pad_token_id] * (T5_LENGTH[self.family] - 1 - len(ids))
-            t5_hidden = encoder(torch.tensor([pad(r["t5"].ids) for r in rows], device=self.device))[0]
+            pad = lambda ids: ids + [tok.eos_token_id] + [tok.pad_token_id] * (length - 1 - len(ids))
+            t5_ids = torch.tensor([pad(r["t5"].ids) for r in rows], device=self.device)
+            # Chroma: T5 under its tokenizer's mask (the tokens and the end-of-text), the transformer under the
+            # pipeline's (those and the first padding position)
+            lengths = torch.tensor([len(r["t5"].ids) + 1 for r in rows], device=self.device).unsqueeze(1)
+            positions = torch.arange(length, device=self.device).unsqueeze(0)
+            mask = (positions < lengths).long() if self.family == "chroma" else None
+            t5_hidden = encoder(t5_ids, attention_mask=mask)[0]
         if self.family == "sd3":  # CLIP-L and CLIP-G side by side, zero-padded to T5's width, then T5's positions
             clip_hidden = torch.cat(hidden, -1)
             clip_hidden = torch.nn.functional.pad(clip_hidden, (0, width - clip_hidden.shape[-1]))
             embedding = torch.cat([clip_hidden, t5_hidden.to(clip_hidden.dtype)], 1)
             streams = [("clip", CHUNK, 1), ("t5", T5_LENGTH["sd3"], 0)]
         else:
-            embedding, streams = t5_hidden, [("t5", T5_LENGTH["flux"], 0)]
+            embedding, streams = t5_hidden, [("t5", length, 0)]
+        extra = ({"attention_mask": (positions <= lengths).to(self.dtype)} if self.family == "chroma"
+                 else {"pooled": torch.cat(pooled, -1).to(self.dtype)})
         layouts = [self._layout(r, streams) for r in rows]
         tokens, prompt, frozen, ids, words = (list(part) for part in zip(*layouts))
-        return PromptEncoding(embedding.to(self.dtype), tokens, torch.tensor(prompt), torch.tensor(frozen),
-                              {"pooled": torch.cat(pooled, -1).to(self.dtype)}, torch.tensor(ids, device=self.device),
-                              words, texts)
+        return PromptEncoding(embedding.to(self.dtype), tokens, torch.tensor(prompt), torch.tensor(frozen), extra,
+                              torch.tensor(ids, device=self.device), words, texts)
 
     def _layout(self, row: Dict[str, _Tokens], streams):
         """One prompt's positions over `streams` [(key, positions, leading BOS)]: token texts (a word's text shown
@@ -212,7 +236,7 @@ class DiffusersFlowModel(DiffusionModel):
 
     # -- images ---------------------------------------------------------------------------
     def latent_shape(self):
-        return (self.transformer.config.in_channels // (4 if self.family == "flux" else 1), self.sample_size,
+        return (self.transformer.config.in_channels // (4 if self.family in PACKED else 1), self.sample_size,
                 self.sample_size)
 
     def image_size(self):
@@ -228,7 +252,7 @@ class DiffusersFlowModel(DiffusionModel):
 
 
 def load_flow_pipeline(folder, device: str, dtype) -> DiffusersFlowModel:
-    """A local SD3 / Flux diffusers folder, offline, as a DiffusersFlowModel."""
+    """A local SD3 / Flux / Chroma diffusers folder, offline, as a DiffusersFlowModel."""
     from diffusers import DiffusionPipeline
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
