@@ -197,8 +197,8 @@ class WebUIPromptText:
             return "the tokenizer marks no word ends"
         for b, text in enumerate(texts):
             if self.word_count(text) != len(cond.word_groups(b)):
-                return ("the prompt's words do not map onto its tokens one to one (a textual-inversion embedding of "
-                        "several vectors?)")
+                return ("the prompt's words do not map onto its tokens one to one (an embedding's name found inside "
+                        "a word?)")
         distinct = list(dict.fromkeys(texts))  # as the sampler encoded them: each distinct prompt once, together
         embedding, extra = self.encode(distinct)
         row = [distinct.index(text) for text in texts]
@@ -228,6 +228,30 @@ class WebUIPromptText:
         sub = cond.rows([row for row, _ in edits])
         sub.extra.update({k: torch.cat([e[k] for e in extras]).to(sub.extra[k]) for k in extras[0]})
         return sub.with_embedding(torch.cat(embeddings).to(cond.embedding))
+
+
+def merge_embedding_words(words: List[str], tokenize: Callable[[List[str]], List[List[int]]], find_at) -> List[str]:
+    """The words of a prompt fragment with each textual-inversion embedding's name as one word (its vectors are one
+    word's positions), found as the WebUI's chunker finds it: find_at(ids, position) -> (embedding or None, how many
+    ids its name takes) over the fragment's token ids (the host's EmbeddingDatabase.find_embedding_at_position);
+    tokenize: words -> their ids. A name that spans several split words ("ng_deep_v1") joins them."""
+    starts, ids = [], []
+    for word_ids in tokenize(list(words)) if words else []:
+        starts.append(len(ids))
+        ids += list(word_ids)
+    word_at = {start: k for k, start in enumerate(starts)}
+    out, k = [], 0
+    while k < len(words):
+        embedding, taken = find_at(ids, starts[k]) if starts[k] < len(ids) else (None, None)
+        end = starts[k] + (taken or 0)
+        if embedding is not None and (end == len(ids) or end in word_at) and end > starts[k]:
+            after = word_at.get(end, len(words))
+            out.append("".join(words[k:after]))
+            k = after
+        else:
+            out.append(words[k])
+            k += 1
+    return out
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -183,4 +183,4 @@ def forge_prompt_text(p, denoiser, unet, copy) -> WebUIPromptText:
         return copy(cond), {}
 
     return WebUIPromptText(lambda text: parsing.parse_prompt_attention(text, emphasis),
-                           split_words(text_engine(sd_model).tokenizer), encode, escape=emphasis != "None")
+                           split_words(text_engine(sd_model).tokenizer, text_engine(sd_model)), encode, escape=emphasis != "None")

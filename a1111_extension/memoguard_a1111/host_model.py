@@ -8,12 +8,12 @@ inversion and long-prompt chunks already applied).
 """
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, coefficients_vp,
-                             empty_encoding)
+from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, coefficients_vp, empty_encoding,
+                             merge_embedding_words)
 from memoguard.model import Denoiser, PromptEncoding, word_numbers
 
 KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
@@ -65,19 +65,32 @@ class ReencodesPrompts:
         return replace(cond, texts=None) if self.reencode_note else cond
 
 
-def split_words(tokenizer):
+def split_words(tokenizer, chunker=None):
     """The tokenizer's word split: CLIP's pre-tokenizer pattern (HF's slow CLIPTokenizer and OpenCLIP keep it as
-    `pat`), or a fast tokenizer's pre-tokenizer (its pieces as spans of the text)."""
+    `pat`), or a fast tokenizer's pre-tokenizer (its pieces as spans of the text). With the WebUI's prompt chunker,
+    a textual-inversion embedding's name is one word, as the chunker finds it (memoguard.hosts.merge_embedding_words)."""
     pattern = getattr(tokenizer, "pat", None)
     if pattern is not None:
-        return pattern.findall
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.pre_tokenizer is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no word pattern")
-    return lambda text: [text[a:b] for _, (a, b) in backend.pre_tokenizer.pre_tokenize_str(text)]
+        split = pattern.findall
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.pre_tokenizer is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no word pattern")
+        split = lambda text: [text[a:b] for _, (a, b) in backend.pre_tokenizer.pre_tokenize_str(text)]
+    database = embedding_database(chunker)
+    if database is None:
+        return split
+    return lambda text: merge_embedding_words(split(text), chunker.tokenize, database.find_embedding_at_position)
 
 
-def a1111_prompt_text(p, tokenizer) -> WebUIPromptText:
+def embedding_database(chunker):
+    """The textual-inversion embeddings the WebUI's prompt chunker looks names up in: A1111's model_hijack's
+    (`chunker.hijack.embedding_db`), Forge's and Forge Neo's text engine's own (`chunker.embeddings`); None without."""
+    database = getattr(chunker, "embeddings", None) or getattr(getattr(chunker, "hijack", None), "embedding_db", None)
+    return database if hasattr(database, "find_embedding_at_position") else None
+
+
+def a1111_prompt_text(p, chunker) -> WebUIPromptText:
     """A1111's emphasis parser (off when opts.emphasis is "None") and its model's get_learned_conditioning at the
     first pass's size (SDXL's size conditioning)."""
     from modules import prompt_parser, shared
@@ -90,7 +103,7 @@ def a1111_prompt_text(p, tokenizer) -> WebUIPromptText:
         return (cond["crossattn"], {"vector": cond["vector"]}) if isinstance(cond, dict) else (cond, {})
 
     parse = (lambda text: [(text, 1.0)]) if literal else prompt_parser.parse_prompt_attention
-    return WebUIPromptText(parse, split_words(tokenizer), encode, escape=not literal)
+    return WebUIPromptText(parse, split_words(chunker_tokenizer(chunker), chunker), encode, escape=not literal)
 
 
 class WebUIModel(ReencodesPrompts, Denoiser):
@@ -162,9 +175,9 @@ def webui_clip():
     return model_hijack.clip
 
 
-def webui_tokenizer():
-    """The tokenizer of A1111's prompt chunker."""
-    return chunker_tokenizer(prompt_chunker(webui_clip()))
+def webui_chunker():
+    """A1111's prompt chunker (its tokenizer: chunker_tokenizer)."""
+    return prompt_chunker(webui_clip())
 
 
 def prompt_chunker(clip):
@@ -200,6 +213,21 @@ def chunker_tokenizer(clip):
     return _OpenClipTokenNames(sd_hijack_open_clip.tokenizer)
 
 
+def embedding_words(chunks, raw: List[str]):
+    """(token text, whether it ends a word) per position of `chunks`' tokens (`raw`: their BPE strings): a
+    textual-inversion embedding's vectors (the chunker's `fixes`: offset after the chunk's BOS, embedding) are one
+    word, shown by the embedding's name."""
+    names, ends = [s.replace("</w>", "") for s in raw], [s.endswith("</w>") for s in raw]
+    base = 0
+    for chunk in chunks:
+        for offset, embedding in getattr(chunk, "fixes", None) or ():
+            span = range(base + offset + 1, min(base + offset + 1 + int(embedding.vectors), len(raw)))
+            for i in span:
+                names[i], ends[i] = ("" if i > span.start else embedding.name), i == span[-1]
+        base += len(chunk.tokens)
+    return names, ends
+
+
 def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
     """Token strings, prompt masks, word numbers (memoguard.model.word_numbers: a word's BPE pieces share one) and
     the text at the first step (prompt editing applied) of every cond row, padded to `length` positions.
@@ -216,11 +244,11 @@ def row_tokens(p, layout, iteration: int, length: int, clip, tokenizer):
             text = prompt_parser.get_learned_conditioning_prompt_schedules([flat[flat_index]], max(1, p.steps))[0][0][1]
             chunks, _ = clip.tokenize_line(text)
             ids = [t for chunk in chunks for t in chunk.tokens][:length]
-            raw = tokenizer.convert_ids_to_tokens(ids)
+            names, ends = embedding_words(chunks, tokenizer.convert_ids_to_tokens(ids))
             pad = length - len(ids)
             in_prompt = [t not in specials for t in ids] + [False] * pad
-            tokens.append([s.replace("</w>", "") for s in raw] + [""] * pad)
+            tokens.append(names + [""] * pad)
             masks.append(in_prompt)
-            words.append(word_numbers([s.endswith("</w>") for s in raw] + [True] * pad, in_prompt))
+            words.append(word_numbers(ends + [True] * pad, in_prompt))
             texts.append(text)
     return tokens, torch.tensor(masks, dtype=torch.bool), words, texts

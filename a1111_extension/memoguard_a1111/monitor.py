@@ -30,7 +30,7 @@ from memoguard.verdict import verdict_for
 from . import calibrate as calibration_glue
 from . import forge
 from .host_model import (KDIFFUSION, TIMESTEPS, WebUIModel, a1111_prompt_text, cond_embedding, frozen_parameters,
-                         prompt_encodings, sampler_family, webui_tokenizer, with_embedding)
+                         prompt_encodings, sampler_family, webui_chunker, with_embedding)
 from .model_identity import model_key
 
 # A1111 writes these keys into p.extra_generation_params at a step whose uncond pass it skipped
@@ -260,7 +260,7 @@ class RunMonitor:
         model = WebUIModel(params.denoiser, pending.family)
         cond, uncond = prompt_encodings(self.p, params, pending.layout, pending.iteration)
         with frozen_parameters(self.p.sd_model):
-            yield (model, self._reencodable(model, cond, lambda: a1111_prompt_text(self.p, webui_tokenizer()), reencode),
+            yield (model, self._reencodable(model, cond, lambda: a1111_prompt_text(self.p, webui_chunker()), reencode),
                    uncond, params.x[:cond.embedding.shape[0]], params.sigma[0])
 
     @staticmethod

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from real_host import MONITOR_ONLY, call, generate, pixels, txt2img, webui_log
+from real_host import MONITOR_ONLY, TI_NAME, TI_VECTORS, call, generate, pixels, txt2img, webui_log
 
 ACCORDION = "MemoGuard Monitor"  # the always-visible script's title, its alwayson_scripts key
 # 9 short benign prompts and one over 75 tokens (two CLIP chunks): each is scored as if alone
@@ -309,6 +309,25 @@ def leave_one_out_re_encodes_through_the_webui(base):
     # gap off)
     for word, (score, drop) in pairs.items():
         assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"]), word
+
+
+def textual_inversion_is_one_word_and_re_encoded(base):
+    """An embedding of several vectors is one word of the explanation, named by its name (not CLIP's pieces of it),
+    and leave-one-out measures it: its score is the WebUI's own run of the prompt without the embedding."""
+    prompt = f"a red {TI_NAME} house on a hill"
+    got = first(txt2img(base, "Euler", EXPLAIN, prompt=prompt))
+    print("explanation with a textual-inversion embedding:", got)
+    assert TI_NAME in got.get("TI hashes", "") + got.get("TI", ""), got  # the WebUI used the embedding
+    assert unquote(got["MemoGuard explanation"]) == "leave-one-out" and "MemoGuard error" not in got, got
+    explained = call(base + "/memoguard-probe/explanation")
+    assert explained["method"] == "leave_one_out"
+    assert explained["tokens"] == ["a", "red", TI_NAME, "house", "on", "a", "hill"], explained["tokens"]
+    root = math.sqrt(explained["elements"])
+    txt2img(base, "Euler", MONITOR_ONLY, prompt="a red house on a hill")
+    drop = (explained["score"] - call(base + "/memoguard-probe/explanation")["score"]) * root
+    score = explained["scores"][2]
+    print(f"without {TI_NAME!r} ({TI_VECTORS} vectors): leave-one-out {score:.6f}, the WebUI's own run {drop:.6f}")
+    assert score == pytest.approx(drop, rel=1e-3, abs=1e-4 * explained["gap"])
 
 
 LONG_PROMPT = "a red house on a green hill under a blue sky with white clouds and a small yellow dog"

@@ -135,6 +135,18 @@ def call(url, payload=None, timeout=1200, auth=None):
         return json.loads(response.read())
 
 
+TI_NAME, TI_VECTORS = "mgvec3", 3  # a textual-inversion embedding every WebUI of the suites has (SD1's width)
+
+
+def write_embedding(folder: Path) -> None:
+    """TI_NAME as the WebUIs load one: a safetensors file of a single (vectors, width) tensor, named by the file."""
+    import torch
+    from safetensors.torch import save_file
+    folder.mkdir()
+    vectors = torch.randn(TI_VECTORS, 768, generator=torch.Generator().manual_seed(3)) * 0.3
+    save_file({"emb_params": vectors}, str(folder / f"{TI_NAME}.safetensors"))
+
+
 @contextmanager
 def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bool = True, select=None):
     """Start `launch.py` with the extension and the probe in data/extensions; yield the base URL; stop it.
@@ -142,13 +154,14 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
     api_only: `--nowebui` (the API alone); else the UI, with the API only if `flags` hold --api. Ready once the
     probe's route answers (extensions' app_started callbacks have run). The server's output goes to
     data/webui.log (see `errors_logged`); its stdin is closed (a WebUI that asks a question fails instead of
-    waiting). select: a checkpoint file to load through the options route once ready (Forge Neo loads none by
+    waiting); data/embeddings, the embeddings folder, holds TI_NAME. select: a checkpoint file to load through the options route once ready (Forge Neo loads none by
     itself).
     """
     (data / "extensions").mkdir()
     (data / "extensions" / "memoguard").symlink_to(REPO, target_is_directory=True)
     (data / "extensions" / "memoguard-probe" / "scripts").mkdir(parents=True)
     (data / "extensions" / "memoguard-probe" / "scripts" / "probe.py").write_text(PROBE)
+    write_embedding(data / "embeddings")
     port = _free_port()
     log = open(data / "webui.log", "w")
     # --server-name: with --nowebui the WebUIs' API server binds 0.0.0.0 unless told otherwise
@@ -157,7 +170,8 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
     # Generate does nothing: "submit is not defined")
     ui = [] if api_only else ["--gradio-allowed-path", str(root)]
     server = subprocess.Popen([python, "launch.py", *flags, *(["--nowebui"] if api_only else ui), "--server-name",
-                               "127.0.0.1", "--port", str(port), "--data-dir", str(data)],
+                               "127.0.0.1", "--port", str(port), "--data-dir", str(data),
+                               "--embeddings-dir", str(data / "embeddings")],
                               cwd=root, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -65,6 +65,10 @@ def test_forge_leave_one_out_re_encodes_through_forge(forge):
     real_checks.leave_one_out_re_encodes_through_the_webui(forge)
 
 
+def test_forge_textual_inversion_is_one_word_and_re_encoded(forge):
+    real_checks.textual_inversion_is_one_word_and_re_encoded(forge)
+
+
 def test_forge_long_prompts_are_explained_on_the_screened_words(forge):
     real_checks.long_prompts_are_explained_on_the_screened_words(forge)
 

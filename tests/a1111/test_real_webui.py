@@ -45,6 +45,10 @@ def test_leave_one_out_re_encodes_through_the_webui(webui):
     real_checks.leave_one_out_re_encodes_through_the_webui(webui)
 
 
+def test_textual_inversion_is_one_word_and_re_encoded(webui):
+    real_checks.textual_inversion_is_one_word_and_re_encoded(webui)
+
+
 def test_long_prompts_are_explained_on_the_screened_words(webui):
     real_checks.long_prompts_are_explained_on_the_screened_words(webui)
 

@@ -2,6 +2,7 @@
 emphasis parser and conditioning: the syntax survives, and leave-one-out, the default explanation, measures what the
 WebUI would sample from the shorter prompt."""
 import html
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -138,3 +139,51 @@ def test_token_removal_samples_the_prompt_without_the_words_it_records(host, req
 def reference(model):
     """The model whose apply_model takes A1111's conditioning (Forge's SDXL stand-in wraps the A1111 one)."""
     return getattr(model, "xl", model)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    """CLIP's real BPE (the bundled model's): its slow tokenizer keeps the word pattern as `pat`, as the WebUI's does."""
+    from transformers import CLIPTokenizer
+    from memoguard.resources import asset_path
+    return CLIPTokenizer.from_pretrained(asset_path("tiny-sd", "tokenizer"))
+
+
+class _Embeddings:
+    """A textual-inversion database as the WebUI's chunker consults it: names matched on token ids."""
+
+    def __init__(self, tokenize, **vectors):
+        self.named = {tuple(tokenize([name])[0]): SimpleNamespace(name=name, vectors=n) for name, n in vectors.items()}
+
+    def find_embedding_at_position(self, ids, position):
+        for key, embedding in sorted(self.named.items(), key=lambda kv: -len(kv[0])):
+            if tuple(ids[position:position + len(key)]) == key:
+                return embedding, len(key)
+        return None, None
+
+
+def test_a_textual_inversion_name_is_one_word_however_clip_splits_it(tiny_tokenizer):
+    from memoguard_a1111.host_model import split_words
+    tokenize = lambda words: tiny_tokenizer(words, add_special_tokens=False).input_ids
+    chunker = SimpleNamespace(tokenize=tokenize, hijack=SimpleNamespace(
+        embedding_db=_Embeddings(tokenize, mgvec3=3, **{"ng_deep_v1": 2})))
+    split = split_words(tiny_tokenizer, chunker)
+    assert split_words(tiny_tokenizer)("a mgvec3 house") == ["a", "mgvec", "3", "house"]  # CLIP's own split
+    assert split("a mgvec3 house, ng_deep_v1") == ["a", "mgvec3", "house", ",", "ng_deep_v1"]
+    assert split("a mgvec house") == ["a", "mgvec", "house"]  # a part of a name is not the name
+    text = WebUIPromptText(prompt_parser.parse_prompt_attention, split, encode=None)
+    assert text.without("a (mgvec3 house:1.2)", {1}) == "a (house:1.2)"
+
+
+def test_an_embeddings_vectors_are_one_word_shown_by_its_name():
+    from memoguard_a1111.host_model import embedding_words
+    from memoguard.model import word_numbers
+    fix = SimpleNamespace(name="mgvec3", vectors=3)
+    chunks = [SimpleNamespace(tokens=[0] * 8, fixes=[(1, fix)]), SimpleNamespace(tokens=[0] * 8, fixes=[(0, fix)])]
+    raw = ["<bos>", "a</w>", "!", "!", "!", "house</w>", "<eos>", "<eos>",
+           "<bos>", "!", "!", "!", "hill</w>", "<eos>", "<eos>", "<eos>"]
+    names, ends = embedding_words(chunks, raw)
+    assert names[1:6] == ["a", "mgvec3", "", "", "house"] and names[9:13] == ["mgvec3", "", "", "hill"]
+    in_prompt = [n not in ("<bos>", "<eos>") for n in names]
+    numbers = word_numbers(ends, in_prompt)
+    assert numbers[1:6] == [0, 1, 1, 1, 2] and numbers[9:13] == [3, 3, 3, 4]
