@@ -121,6 +121,9 @@ class Denoiser(ABC):
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
     reencodes: bool = False         # implements encode_without
     pads_with_end_token: bool = True  # the prompt's positions are CLIP's 77-token chunks, padded with its end token
+    # a shorter conditioning is repeated to a longer one's length (CLIP chunks, as the hosts' CFG does); where not
+    # (an LLM encoder's variable length under a mask: Qwen-Image), each is evaluated at its own length
+    repeats_shorter_prompt: bool = True
 
     @abstractmethod
     def raw_prediction(self, x: torch.Tensor, t: torch.Tensor, embedding: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -155,7 +158,7 @@ class Denoiser(ABC):
         """eps under the unconditional prompt for every image of x (a shared uncond row serves them all)."""
         batch = x.shape[0]
         emb = uncond.embedding
-        if emb.shape[1] != length and length % emb.shape[1] == 0:
+        if emb.shape[1] != length and length % emb.shape[1] == 0 and self.repeats_shorter_prompt:
             emb = match_length(emb, length)
         return self.eps(x, t, expand_batch(emb, batch), {k: expand_batch(v, batch) for k, v in uncond.extra.items()})
 
@@ -165,7 +168,8 @@ class Denoiser(ABC):
         they do not (a negative longer than the prompt)."""
         cond_emb = cond.embedding if cond_embedding is None else cond_embedding
         length = cond_emb.shape[1]
-        if length % uncond.embedding.shape[1]:
+        if length % uncond.embedding.shape[1] or (length != uncond.embedding.shape[1]
+                                                  and not self.repeats_shorter_prompt):
             return self.eps(x, t, cond_emb, cond.extra), self.eps_uncond(x, t, uncond, length)
         uncond_emb = match_length(uncond.embedding, length).expand(cond_emb.shape[0], -1, -1)
         extra = {k: torch.cat([v, expand_batch(uncond.extra[k], v.shape[0])]) for k, v in cond.extra.items()}
@@ -218,6 +222,10 @@ class DiffusionModel(Denoiser):
     def initial_x(self, noise: torch.Tensor) -> torch.Tensor:
         """x at the first step of a full-denoise run from unit Gaussian noise."""
         return noise * self.init_noise_sigma
+
+    def guided(self, eps_c: torch.Tensor, eps_u: torch.Tensor, scale) -> torch.Tensor:
+        """Classifier-free guidance as this model's pipeline combines the two predictions."""
+        return eps_u + scale * (eps_c - eps_u)
 
 
 def row_chunks(n: int, size: int):

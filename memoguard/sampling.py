@@ -58,7 +58,7 @@ def sample(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, 
             eps_c, eps_u = model.eps_pair(x, t, cond, uncond, cond_embedding)
             scale = (guidance[i].to(x).reshape(-1, *([1] * (x.dim() - 1))) if isinstance(guidance, torch.Tensor)
                      else guidance)
-            eps = eps_u + scale * (eps_c - eps_u)
+            eps = model.guided(eps_c, eps_u, scale)
         if scored:
             gaps = trace.record(i, eps_c - eps_u, float(t))
             if on_step is not None:

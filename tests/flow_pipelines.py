@@ -1,6 +1,6 @@
-"""Tiny random-weight diffusers pipelines of today's flow-matching families (SD3, Flux schnell / dev, Chroma), built offline
-from diffusers' and transformers' own classes: CLIP's BPE files of the bundled model, a T5 sentencepiece tokenizer
-trained here on a few hundred ordinary captions. Weights are drawn from a normal distribution (no all-zero layer: the
+"""Tiny random-weight diffusers pipelines of today's flow-matching families (SD3, Flux schnell / dev, Chroma,
+Qwen-Image), built offline from diffusers' and transformers' own classes: CLIP's BPE files of the bundled model, a T5
+sentencepiece tokenizer and a byte-level BPE with Qwen's chat tokens trained here on a few hundred ordinary captions. Weights are drawn from a normal distribution (no all-zero layer: the
 output depends on the prompt), saved as a pipeline folder `memoguard.standalone` loads like a downloaded one."""
 from pathlib import Path
 
@@ -9,7 +9,7 @@ import torch
 from memoguard.resources import asset_path
 
 CLIP_TOKENIZER = asset_path("tiny-sd", "tokenizer")
-FAMILIES = ("sd3", "flux", "flux-dev", "chroma")
+FAMILIES = ("sd3", "flux", "flux-dev", "chroma", "qwen-image")
 WORDS = ("a an the photo painting of portrait cat dog red blue green old young man woman house tree river city "
          "mountain at night in on with by under sunset street boat car garden window and beside small large bright "
          "dark forest beach flowers table chair bird horse sky clouds snow rain winter summer").split()
@@ -35,6 +35,50 @@ def t5_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+def qwen_tokenizer(template: str):
+    """A byte-level BPE (GPT-2 / Qwen style: a word's first piece carries its space) with Qwen's chat tokens, trained on
+    the captions and the pipeline's chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(captions() + [template.format("")] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def _qwen_image(seed: int):
+    """A QwenImagePipeline: a 2-layer Qwen2.5-VL (a 1-block vision tower it never uses), a 2-block DiT, the video VAE
+    at two levels."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    template = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                 transformer=None).prompt_template_encode  # the pipeline's own chat template
+    tokenizer = qwen_tokenizer(template)
+    special = dict(bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, **special),
+        vision_config=dict(depth=1, hidden_size=32, out_hidden_size=64, num_heads=2, intermediate_size=64,
+                           fullatt_block_indexes=[0]), **special))
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                              axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    _normal_init(transformer, text_encoder, vae, seed=seed)
+    _widen(transformer, attn=5, _mod=5)
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
 def _normal_init(*modules, seed: int):
     """Every parameter drawn from N(0, 0.02), norms' scales from 1 + N(0, 0.02), token embeddings ten times wider (the
     prompt must move the prediction): zero-initialised output layers and modulations (the DiT default) would make
@@ -48,14 +92,15 @@ def _normal_init(*modules, seed: int):
                 p.copy_(1 + noise if norm else noise * (10 if "embed" in name else 1))
 
 
-def _widen_chroma(transformer):
-    """Chroma's text reaches the image through attention alone, gated by its approximator's modulations (no pooled
-    text): at N(0, 0.02) the prompt moves the prediction by 1e-5 of its size. Attention 5x and the approximator 10x
-    wider make it about a tenth, as in a trained model."""
+def _widen(transformer, **factors):
+    """Chroma's and Qwen-Image's text reaches the image through attention alone, gated by time modulations (no pooled
+    text): at N(0, 0.02) the prompt moves the prediction by 1e-5 (Chroma) to 1e-3 (Qwen-Image) of its size. Parameters
+    whose name holds a key of `factors` (norms excepted) are made that much wider, so that it is a few percent."""
     with torch.no_grad():
         for name, p in transformer.named_parameters():
+            factor = next((f for key, f in factors.items() if key in name), 1)
             if "norm" not in name:
-                p.mul_(5 if "attn" in name else 10 if name.startswith("distilled_guidance_layer") else 1)
+                p.mul_(factor)
 
 
 def build_flow_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
@@ -67,6 +112,9 @@ def build_flow_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}")
     torch.manual_seed(seed)
+    if family == "qwen-image":
+        _qwen_image(seed).save_pretrained(folder)
+        return folder
     clip = lambda hidden, cls: cls(CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden,
                                                   num_hidden_layers=2, num_attention_heads=4, projection_dim=hidden,
                                                   max_position_embeddings=77, pad_token_id=49407,
@@ -111,6 +159,6 @@ def build_flow_pipeline(folder: Path, family: str, seed: int = 0) -> Path:
                             tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=t5_tok)
     _normal_init(*modules, seed=seed)
     if family == "chroma":
-        _widen_chroma(transformer)
+        _widen(transformer, attn=5, distilled_guidance_layer=10)
     pipe.save_pretrained(folder)
     return folder

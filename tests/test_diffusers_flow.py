@@ -1,4 +1,4 @@
-"""The standalone path on today's flow-matching pipelines (SD3, Flux schnell, Flux dev, Chroma): tiny random-weight pipeline
+"""The standalone path on today's flow-matching pipelines (SD3, Flux schnell, Flux dev, Chroma, Qwen-Image): tiny random-weight pipeline
 folders built by tests/flow_pipelines.py from diffusers' and transformers' own classes, loaded like downloaded ones."""
 import json
 import sys
@@ -27,13 +27,14 @@ STEPS = 4
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     return {family: build_flow_pipeline(root / family, family, seed=k)
-            for k, family in enumerate(("sd3", "flux", "flux-dev", "chroma"))}
+            for k, family in enumerate(("sd3", "flux", "flux-dev", "chroma", "qwen-image"))}
 
 
 @pytest.fixture(scope="module")
 def models(folders):
     out = {family: load_model(folder) for family, folder in folders.items()}
     out["chroma"].sample_size = 32  # 256 image tokens, not the pipeline's default 4,096: the test's time
+    out["qwen-image"].sample_size = 16
     return out
 
 
@@ -48,13 +49,14 @@ def _pipeline_latents(folder, model, x):
     b, c, h, w = x.shape
     packed = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
     extra = ({"negative_prompt": "", "guidance_scale": model.guidance} if model.family == "chroma"
+             else {"negative_prompt": "", "true_cfg_scale": model.guidance} if model.family == "qwen-image"
              else {} if model.embedded_guidance is None else {"guidance_scale": model.embedded_guidance})
     out = pipe(PROMPT, num_inference_steps=STEPS, height=size, width=size, latents=packed, output_type="latent",
                **extra).images
     return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux-dev", "chroma"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux-dev", "chroma", "qwen-image"])
 def test_monitored_sampling_is_the_pipelines_own_and_the_monitor_changes_no_bit(folders, models, family):
     model = models[family]
     cond, uncond = model.encode([PROMPT]), model.encode([""])
@@ -104,6 +106,32 @@ def test_leaving_a_word_out_is_the_prompt_typed_without_it_in_every_stream(model
     assert not torch.allclose(without.embedding[0], enc.embedding[0], atol=1e-4)
 
 
+def test_qwen_image_leaves_a_word_out_as_the_prompt_typed_without_it(models):
+    """Qwen-Image: the words are the prompt's, not the chat template's; a prompt without a word is encoded at its own
+    length and padded under the mask to the batch's, which predicts what the shorter prompt alone predicts."""
+    model = models["qwen-image"]
+    enc = model.encode([PROMPT])
+    assert ["".join(enc.tokens[0][i] for i in g) for g in enc.word_groups(0)] == ["a", "red", "cat", ",", "on", "a",
+                                                                                   "mat"]
+    assert bool(enc.frozen_mask.any()) and not bool((enc.frozen_mask & enc.prompt_mask).any())  # the template
+    groups = enc.word_groups(0)
+    without = model.encode_without(enc, [(0, groups[1]), (0, groups[3]), (0, groups[0])])
+    typed = ["a cat, on a mat", "a red cat on a mat", "red cat, on a mat"]
+    assert without.embedding.shape[1] == enc.embedding.shape[1]
+    x = initial_noise(model, model.latent_shape(), [0])
+    t = model.timesteps(STEPS)[0]
+    padded = model.eps(x.repeat(3, 1, 1, 1), t, without.embedding, without.extra)
+    for k, text in enumerate(typed):
+        alone = model.encode([text])
+        assert int(without.extra["mask"][k].sum()) == alone.embedding.shape[1]
+        assert torch.allclose(padded[k], model.eps(x, t, alone.embedding, alone.extra)[0], atol=1e-5)
+    # the empty prompt is shorter and is evaluated at its own length, never repeated to the prompt's
+    uncond = model.encode([""])
+    assert uncond.embedding.shape[1] < enc.embedding.shape[1]
+    eps_c, eps_u = model.eps_pair(x, t, enc, uncond)
+    assert torch.equal(eps_u, model.eps(x, t, uncond.embedding, uncond.extra))
+
+
 def test_words_past_clips_75_tokens_are_explained_in_t5_alone(models):
     model = models["sd3"]
     prompt = " ".join(["red cat"] * 40)  # 80 words: CLIP keeps 75 of them, T5 all
@@ -114,7 +142,7 @@ def test_words_past_clips_75_tokens_are_explained_in_t5_alone(models):
     assert ["".join(enc.tokens[0][i] for i in g) for g in groups[74:77]] == ["red", "cat", "red"]
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux-dev", "chroma"])
+@pytest.mark.parametrize("family", ["sd3", "flux-dev", "chroma", "qwen-image"])
 def test_leave_one_out_explains_the_words_of_a_flow_prompt(models, family):
     model = models[family]
     cond, uncond = model.encode([PROMPT]), model.encode([""])

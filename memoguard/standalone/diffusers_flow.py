@@ -25,10 +25,11 @@ from ..identity import weights_fingerprint
 from ..model import CHUNK, TOKENS_PER_CHUNK, WORD_START, DiffusionModel, PromptEncoding, sentencepiece_word_ends, \
     word_numbers
 
-PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ChromaPipeline": "chroma"}
+PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ChromaPipeline": "chroma",
+             "QwenImagePipeline": "qwen-image"}  # Qwen-Image: memoguard.standalone.diffusers_qwen
 T5_LENGTH = {"sd3": 256, "flux": 512, "chroma": 512}  # the pipelines' max_sequence_length
 GUIDANCE = {"sd3": 7.0, "flux": 1.0, "chroma": 5.0}  # CFG scale the pipelines sample at (Flux is guidance-distilled)
-PACKED = ("flux", "chroma")  # 2x2 latent patches as tokens, Flux's layout
+PACKED = ("flux", "chroma", "qwen-image")  # 2x2 latent patches as tokens, Flux's layout
 FLUX_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale, Flux dev's input
 LATENT_SIZE = 128  # the pipelines' default sample size (1024 px)
 
@@ -252,7 +253,7 @@ class DiffusersFlowModel(DiffusionModel):
 
 
 def load_flow_pipeline(folder, device: str, dtype) -> DiffusersFlowModel:
-    """A local SD3 / Flux / Chroma diffusers folder, offline, as a DiffusersFlowModel."""
+    """A local SD3 / Flux / Chroma / Qwen-Image diffusers folder, offline, as a DiffusersFlowModel."""
     from diffusers import DiffusionPipeline
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
@@ -263,4 +264,7 @@ def load_flow_pipeline(folder, device: str, dtype) -> DiffusersFlowModel:
                                                 ("text_encoder", "text_encoder_2", "text_encoder_3")]):
         if part is not None:
             part.eval().requires_grad_(False)
+    if type(pipe).__name__ == "QwenImagePipeline":
+        from .diffusers_qwen import QwenImageModel
+        return QwenImageModel(pipe, name=folder.name)
     return DiffusersFlowModel(pipe, name=folder.name)
