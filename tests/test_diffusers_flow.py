@@ -132,6 +132,14 @@ def test_qwen_image_leaves_a_word_out_as_the_prompt_typed_without_it(models):
     assert torch.equal(eps_u, model.eps(x, t, uncond.embedding, uncond.extra))
 
 
+def test_qwen_image_without_a_fast_tokenizer_is_refused_with_the_reason():
+    from types import SimpleNamespace
+    from memoguard.errors import ModelLoadError
+    from memoguard.standalone.diffusers_qwen import QwenImageModel
+    with pytest.raises(ModelLoadError, match="fast tokenizer"):
+        QwenImageModel(SimpleNamespace(tokenizer=SimpleNamespace(is_fast=False)), name="slow")
+
+
 def test_words_past_clips_75_tokens_are_explained_in_t5_alone(models):
     model = models["sd3"]
     prompt = " ".join(["red cat"] * 40)  # 80 words: CLIP keeps 75 of them, T5 all

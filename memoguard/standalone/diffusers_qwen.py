@@ -14,7 +14,7 @@ from typing import List
 
 import torch
 
-from ..errors import MemoGuardError
+from ..errors import MemoGuardError, ModelLoadError
 from ..model import PromptEncoding
 from .diffusers_flow import DiffusersFlowModel
 
@@ -38,6 +38,10 @@ class QwenImageModel(DiffusersFlowModel):
     guidance = 4.0  # the pipeline's true_cfg_scale
 
     def __init__(self, pipe, name: str = "pipeline"):
+        if not getattr(pipe.tokenizer, "is_fast", False):  # words are found by the tokens' character offsets
+            raise ModelLoadError(f"{name}: Qwen-Image's words need a fast tokenizer (character offsets); "
+                                 f"{type(pipe.tokenizer).__name__} is not one (transformers >= 5 loads Qwen2Tokenizer "
+                                 f"as one)")
         self.family, self.name = "qwen-image", name
         self.transformer, self.scheduler, self.vae = pipe.transformer, pipe.scheduler, pipe.vae
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
