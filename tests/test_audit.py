@@ -39,9 +39,10 @@ def test_the_audit_ranks_the_duplicated_captions_first_and_finds_their_images(da
     assert len(out.with_suffix(".jsonl").read_text().splitlines()) == len(records)
 
 
-def test_a_lora_is_scored_with_and_without_and_off_is_the_model_alone(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def lora_state():
+    """A LoRA of the bundled UNet's attention projections as peft holds it (rank 4, alpha 4), B weights moved too."""
     pytest.importorskip("peft")
-    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     model = load_model(BUNDLED_MODEL)
@@ -51,21 +52,54 @@ def test_a_lora_is_scored_with_and_without_and_off_is_the_model_alone(dataset, t
         for name, p in model.unet.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(model.unet))
-    (lora,) = (tmp_path / "lora").glob("*.safetensors")
-    small = tmp_path / "small"  # a few captions are enough here
-    small.mkdir()
+    return get_peft_model_state_dict(model.unet)
+
+
+@pytest.fixture(scope="module")
+def small(dataset, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("small")  # a few captions are enough here
     for f in sorted(dataset.iterdir())[:20]:
-        (small / f.name).write_bytes(f.read_bytes())
-    out = tmp_path / "lora.html"
-    assert cli(["audit", "--dataset", str(small), "--cache", str(tmp_path / "cache"), "--lora", str(lora),
-                "--out", str(out), *FAST]) == 0
-    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
-    plain = tmp_path / "plain.html"
-    assert cli(["audit", "--dataset", str(small), "--cache", str(tmp_path / "cache"), "--out", str(plain),
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _audit(small, tmp_path, name, *extra):
+    out = tmp_path / f"{name}.html"
+    assert cli(["audit", "--dataset", str(small), "--cache", str(tmp_path / "cache"), "--out", str(out), *extra,
                 *FAST]) == 0
-    alone = {json.loads(line)["caption"]: json.loads(line)["score"] for line in
-             plain.with_suffix(".jsonl").read_text().splitlines()}
+    return out, [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+
+
+def test_a_lora_is_scored_with_and_without_and_off_is_the_model_alone(lora_state, small, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=lora_state)
+    (lora,) = (tmp_path / "lora").glob("*.safetensors")
+    out, records = _audit(small, tmp_path, "lora", "--lora", str(lora))
+    alone = {r["caption"]: r["score"] for r in _audit(small, tmp_path, "plain")[1]}
     assert all(r["base_score"] == pytest.approx(alone[r["caption"]], rel=1e-5, abs=1e-7) for r in records)
     assert any(abs(r["added"]) > 1e-4 for r in records)
     assert "LoRA " + lora.name in out.read_text()
+
+
+def test_a_kohya_layout_lora_scores_as_the_same_lora_in_diffusers_layout(lora_state, small, tmp_path):
+    """kohya-ss/sd-scripts' file layout (lora_unet_<module path with underscores>.lora_down / lora_up / alpha), the
+    one most LoRAs hobbyists share are in, is read as the same LoRA."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "diffusers", unet_lora_layers=lora_state)
+    (diffusers_file,) = (tmp_path / "diffusers").glob("*.safetensors")
+    kohya = {}
+    for key, value in lora_state.items():
+        module, _, kind = key.rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    kohya_file = tmp_path / "kohya_style.safetensors"
+    save_file(kohya, str(kohya_file))
+    theirs = {r["caption"]: r for r in _audit(small, tmp_path, "diffusers", "--lora", str(diffusers_file))[1]}
+    out, records = _audit(small, tmp_path, "kohya", "--lora", str(kohya_file))
+    assert records and any(abs(r["added"]) > 1e-4 for r in records)
+    for r in records:
+        assert r["score"] == pytest.approx(theirs[r["caption"]]["score"], rel=1e-4, abs=1e-7)
+        assert r["added"] == pytest.approx(theirs[r["caption"]]["added"], rel=1e-3, abs=1e-6)
+    assert "LoRA kohya_style.safetensors" in out.read_text()
