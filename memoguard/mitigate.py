@@ -1,6 +1,6 @@
 """Inference-time mitigation: steer a generation away from a memorized image before it forms.
 
-Six strategies, measured side by side by `bench` on both evaluation models (BENCHMARKS.md):
+Seven strategies, measured side by side by `bench` on both evaluation models (BENCHMARKS.md):
   - "remove_tokens": leave out, one word at a time (a word's BPE pieces together), the word whose
     removal brings the first-step score under `target` with the smallest drop (the least edit that
     ends the recall; the largest drop while none reaches it), at most `max_removals` words. The first
@@ -20,6 +20,12 @@ Six strategies, measured side by side by `bench` on both evaluation models (BENC
     memorized prompt recalls): up to `noise_candidates` fresh initial noises, each scored at the
     first step (one guided pair), the first under `target` kept, else the lowest. The prompt is kept.
     A candidate is the noise of a recorded seed, so the image can be made again.
+  - "optimize_noise" (Jeon et al.'s SAIL, arXiv 2412.04140, Algorithm 2): Adam on the initial noise itself,
+    loss = the guidance difference's L2 norm at the noise moved one unit along that difference (their
+    sharpness proxy) + SAIL_GAUSSIAN_WEIGHT x the noise's norm (keeps it a plausible Gaussian draw), at most
+    `max_iters` steps of `lr` (the paper's 10 and 0.05); an image keeps the first noise whose first-step score
+    is under `target`, else its lowest. The prompt and guidance are kept; the noise is a deterministic function
+    of the seed's noise, the prompt and the settings.
   - "mask_padding" (after Kim & No, arXiv 2605.02908: CLIP pads with copies of the end-of-text token,
     and those copies drive the recall): the padding positions' embeddings, the `pad_share` of them
     nearest the end-of-text first, set to zero (each chunk's BOS, prompt tokens and end-of-text kept).
@@ -50,7 +56,9 @@ DEFAULT_DELAY = 0.3  # the best measured delay (BENCHMARKS.md, mitigation table)
 OPPOSITE_DELAY, DEFAULT_EARLY_SCALE = 0.2, -3.0
 DEFAULT_NOISE_CANDIDATES = 4
 SEED_STRIDE = 1_000_003     # candidate k of seed s is seed s + k * SEED_STRIDE: never a batch neighbour's seed
-STARTS = ("remove_tokens", "minimize", "new_noise", "mask_padding")
+STARTS = ("remove_tokens", "minimize", "new_noise", "optimize_noise", "mask_padding")
+# SAIL's weight of the noise's norm for SD1 (raw L2 norms both: their ratio does not depend on the latent's size)
+SAIL_GAUSSIAN_WEIGHT = 0.05
 DEFAULT_PAD_SHARE = 1.0
 SCHEDULES = ("guidance_delay", "opposite_guidance")
 STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "new_noise", "mask_padding")
@@ -67,7 +75,8 @@ PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end t
                    "are not CLIP chunks alone (T5)")
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
-                  "new_noise": "new initial noise", "mask_padding": "padding masked"}
+                  "new_noise": "new initial noise", "optimize_noise": "optimized initial noise (SAIL)",
+                  "mask_padding": "padding masked"}
 
 
 class MitigationError(MemoGuardError, ValueError):
@@ -111,6 +120,7 @@ class MitigationRecord:
         what = {"remove_tokens": lambda: f"removed {', '.join(repr(t) for t in self.removed[image]) or 'nothing'}",
                 "new_noise": lambda: f"seed {self.seeds[image]}" if self.seeds[image] is not None else "noise kept",
                 "minimize": lambda: f"{moved} iterations",
+                "optimize_noise": lambda: f"noise optimized for {moved} steps",
                 "mask_padding": lambda: f"{self.masked[image]} padding positions zeroed"}[start]()
         then = f"; then {self._schedule_text()}" if schedule else ""
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
@@ -444,6 +454,69 @@ def choose_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnco
     return x, record
 
 
+def optimize_noise(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor, t_first,
+                   *, mode: str = "always", threshold: Optional[float] = None, target: float = 0.0, lr: float = 0.05,
+                   max_iters: int = 10, should_stop: Optional[Callable[[], bool]] = None, first_step=None,
+                   detector: str = DEFAULT_DETECTOR):
+    """Returns (x_T to sample from, MitigationRecord): SAIL's optimized initial noise for the images over `target`
+    (and, in auto mode, flagged); the others keep theirs bit for bit. Each Adam step is 4 evaluations and a
+    backward through them; the score of each new noise comes free with the next step's first two."""
+    check_settings(mode, lr, max_iters, target)
+    _, gap, record, active = _start(model, cond, uncond, x_T, t_first, mode, threshold, target, "optimize_noise",
+                                    detector, first_step)
+    if active is None:
+        return x_T, record
+    rows = torch.nonzero(active).flatten().tolist()
+    index = torch.tensor(rows, device=x_T.device)
+    sub, t = cond.rows(rows), rows_of_t(t_first, rows)
+    emb, length = sub.embedding.detach(), sub.embedding.shape[1]
+    x = x_T[index].detach().float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    best, best_x, best_step = gap[rows].clone(), x_T[index].clone(), [0] * len(rows)
+    searching = torch.ones(len(rows), dtype=torch.bool)
+    share = 1 / gap.shape[0]
+
+    def guidance_difference(z, sel):
+        extra = {k: v[sel] for k, v in sub.extra.items()}
+        return (model.eps(z, t if not t.dim() else t[sel], emb[sel], extra)
+                - model.eps_uncond(z, t if not t.dim() else t[sel], uncond, length))
+
+    for step in range(max_iters + 1):
+        check_stop(should_stop)
+        sel = torch.nonzero(searching).flatten()
+        descend = step < max_iters
+        with torch.enable_grad() if descend else torch.no_grad():
+            z = x[sel.to(x.device)].to(x_T.dtype)
+            diff = guidance_difference(z, sel.to(x.device))
+            record.passes += 2 * len(sel) * share
+            if step:  # the noise the last Adam step made, scored as the verdict scores it
+                score = step_score(diff.detach(), detector).float().cpu()
+                for j, k in enumerate(sel.tolist()):
+                    if score[j] < best[k]:
+                        best[k], best_x[k], best_step[k] = score[j], z[j].detach(), step
+                searching &= best > target
+                if not bool(searching.any()):
+                    break
+                keep = searching[sel]
+                sel, z, diff = sel[keep], z[keep.to(z.device)], diff[keep.to(diff.device)]
+            if not descend:
+                break
+            unit = diff / diff.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (diff.dim() - 1))
+            sharpness = guidance_difference(z + unit, sel.to(x.device)).flatten(1).norm(dim=1)
+            loss = sharpness.float() + SAIL_GAUSSIAN_WEIGHT * x[sel.to(x.device)].flatten(1).norm(dim=1)
+            # autograd.grad, not backward(): the host's weights must not collect .grad
+            (x.grad,) = torch.autograd.grad(loss.sum(), [x])
+        record.passes += 2 * len(sel) * share + 2 * 4 * len(sel) * share  # the shifted pair, the backward through 4
+        opt.step()
+        record.iterations += 1
+        record.losses.append(best.tolist())
+    out = x_T.clone()
+    out[index] = best_x.to(x_T.dtype)
+    for k, b in enumerate(rows):
+        record.after[b], record.image_iterations[b] = float(best[k]), best_step[k]
+    return out, record
+
+
 def padding_positions(cond: PromptEncoding, b: int) -> List[int]:
     """Row b's padding positions, nearest the end-of-text first: in each 77-position chunk, what follows the
     first position after the chunk's last prompt token (its end-of-text). BOS and prompt tokens are never padding."""
@@ -499,7 +572,7 @@ class Mitigation:
     cond: PromptEncoding
     guidance: Optional[torch.Tensor]  # (steps, B) scale per step and image; None: the run's own throughout
     record: MitigationRecord
-    x_T: Optional[torch.Tensor] = None  # new_noise: the noise to start from; None: the run's own
+    x_T: Optional[torch.Tensor] = None  # new_noise, optimize_noise: the noise to start from; None: the run's own
 
 
 def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding, x_T: torch.Tensor,
@@ -537,6 +610,10 @@ def mitigate(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEncoding
         cond, record = remove_tokens(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
                                      target=target, max_removals=max_removals, should_stop=should_stop,
                                      detector=detector)
+    elif start == "optimize_noise":
+        new_x, record = optimize_noise(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold,
+                                       target=target, lr=lr, max_iters=max_iters, should_stop=should_stop,
+                                       detector=detector)
     elif start == "mask_padding":
         cond, record = mask_padding(model, cond, uncond, x_T, t_first, mode=mode, threshold=threshold, target=target,
                                     pad_share=pad_share, detector=detector)

@@ -382,6 +382,34 @@ def test_new_noise_keeps_the_prompt_and_records_a_seed_that_remakes_the_noise(ti
     assert f"new initial noise: seed {rec.seeds[moved]}, first-step score" in rec.summary(moved)
 
 
+def test_optimized_noise_lowers_the_first_step_score_and_leaves_images_under_the_target_alone(tiny_model):
+    from memoguard.mitigate import SAIL_GAUSSIAN_WEIGHT, mitigate
+    from memoguard.score import step_score
+    cond, uncond, x = _setup(tiny_model, ["a red circle", "a blue ring", "a green square"], [10, 11, 12])
+    ts = tiny_model.timesteps(10)
+    plan = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="optimize_noise", target=0.0, max_iters=3)
+    rec = plan.record
+    assert torch.equal(plan.cond.embedding, cond.embedding) and plan.guidance is None  # the prompt is kept
+    with torch.no_grad():  # the recorded score after is the new noise's own first-step score
+        eps_u = tiny_model.eps_uncond(plan.x_T, ts[0], uncond, cond.embedding.shape[1])
+        rescored = step_score(tiny_model.eps(plan.x_T, ts[0], cond.embedding, cond.extra) - eps_u)
+    for b in range(3):
+        assert 0 < rec.image_iterations[b] <= 3 and rec.after[b] < rec.before[b]
+        assert rec.after[b] == pytest.approx(float(rescored[b]), rel=1e-4)
+    # per Adam step and image: the pair at the noise, the pair one unit along the difference, a backward through
+    # the four (2 each); the first step's pair again with gradients, and the last noise scored
+    assert rec.passes == pytest.approx(2 + 3 * (2 + 2 + 8) + 2)
+    assert 0 < SAIL_GAUSSIAN_WEIGHT and rec.summary(0).startswith("optimized initial noise (SAIL): noise optimized")
+    # an image under the target keeps its noise bit for bit; the others still move
+    target = float(torch.tensor(rec.before).median())
+    kept = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="optimize_noise", target=target, max_iters=2)
+    for b in range(3):
+        assert torch.equal(kept.x_T[b], x[b]) == (rec.before[b] <= target)
+    # deterministic: the same settings remake the same noise
+    again = mitigate(tiny_model, cond, uncond, x, ts, 3.0, strategy="optimize_noise", target=0.0, max_iters=3)
+    assert torch.equal(again.x_T, plan.x_T)
+
+
 def test_opposite_guidance_and_a_start_followed_by_a_schedule(tiny_model):
     from memoguard.mitigate import MitigationError, mitigate
     from memoguard.sampling import sample

@@ -330,7 +330,7 @@ def long_prompts(memorized, ordinary, tokenizer, length: int = 75):
     return out
 
 
-AUTO_ROWS = (DEFAULT_MITIGATION, HOST_MITIGATION, "opposite_guidance_0.2", "new_noise_p50",
+AUTO_ROWS = (DEFAULT_MITIGATION, HOST_MITIGATION, "opposite_guidance_0.2", "new_noise_p50", "optimize_noise_p50",
              "remove_tokens_p50+opposite_0.1", "new_noise_p50+opposite_0.1", "remove_tokens_p50", "guidance_delay_0.3")
 
 
@@ -391,6 +391,8 @@ def mitigation_settings(negatives: np.ndarray) -> dict:
         "opposite_guidance_0.2_s3": dict(strategy="opposite_guidance", delay=0.2, early_scale=-3.0),
         "new_noise_p50": dict(strategy="new_noise", target=p(50), noise_candidates=4),
         "new_noise_p50_c8": dict(strategy="new_noise", target=p(50), noise_candidates=8),
+        "optimize_noise_p50": dict(strategy="optimize_noise", target=p(50)),
+        "optimize_noise_p50_i1": dict(strategy="optimize_noise", target=p(50), max_iters=1),
         "remove_tokens_p50+guidance_delay_0.1": dict(strategy="remove_tokens+guidance_delay", target=p(50), delay=0.1),
         "remove_tokens_p50+opposite_0.1": dict(strategy="remove_tokens+opposite_guidance", target=p(50), delay=0.1,
                                                early_scale=-1.0),
