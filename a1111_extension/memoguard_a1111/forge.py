@@ -182,5 +182,6 @@ def forge_prompt_text(p, denoiser, unet, copy) -> WebUIPromptText:
             return copy(cond["crossattn"]), {"y": copy(cond["vector"])}
         return copy(cond), {}
 
+    engine = text_engine(sd_model)
     return WebUIPromptText(lambda text: parsing.parse_prompt_attention(text, emphasis),
-                           split_words(text_engine(sd_model).tokenizer, text_engine(sd_model)), encode, escape=emphasis != "None")
+                           split_words(engine.tokenizer, engine), encode, escape=emphasis != "None")
