@@ -34,6 +34,19 @@ FLUX_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale, Flux dev's input
 LATENT_SIZE = 128  # the pipelines' default sample size (1024 px)
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) latents -> (B, H/2 * W/2, 4C) tokens, 2x2 patches as Flux's, Chroma's and Qwen-Image's
+    pipelines pack them."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, shape) -> torch.Tensor:
+    """pack_latents undone: tokens -> latents of `shape` (B, C, H, W)."""
+    b, c, h, w = shape
+    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
 class _Tokens(NamedTuple):
     """One prompt in one tokenizer: ids without BOS/EOS and the word each id belongs to."""
     ids: List[int]
@@ -84,7 +97,7 @@ class DiffusersFlowModel(DiffusionModel):
             return self.transformer(hidden_states=x.to(self.dtype), timestep=t, encoder_hidden_states=embedding,
                                     pooled_projections=extra["pooled"].to(self.dtype)).sample
         b, c, h, w = x.shape
-        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        patches = pack_latents(x)
         rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x.device, self.dtype)
         txt_ids = torch.zeros(embedding.shape[1], 3, device=x.device, dtype=self.dtype)
@@ -100,7 +113,7 @@ class DiffusersFlowModel(DiffusionModel):
             out = self.transformer(hidden_states=patches.to(self.dtype), timestep=t / 1000, guidance=guidance,
                                    pooled_projections=extra["pooled"].to(self.dtype), encoder_hidden_states=embedding,
                                    txt_ids=txt_ids, img_ids=img_ids).sample
-        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack_latents(out, x.shape)
 
     def coefficients(self, t):
         sigma = torch.as_tensor(t, dtype=torch.float32) / 1000

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import MemoGuardError, ModelLoadError
 from ..model import PromptEncoding
-from .diffusers_flow import DiffusersFlowModel
+from .diffusers_flow import DiffusersFlowModel, pack_latents, unpack_latents
 
 WORD = re.compile(r"\w+|[^\w\s]+")
 
@@ -58,12 +58,11 @@ class QwenImageModel(DiffusersFlowModel):
     def raw_prediction(self, x, t, embedding, extra):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).to(self.dtype)
         b, c, h, w = x.shape
-        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-        out = self.transformer(hidden_states=patches.to(self.dtype), timestep=t / 1000,
+        out = self.transformer(hidden_states=pack_latents(x).to(self.dtype), timestep=t / 1000,
                                encoder_hidden_states=embedding.to(self.dtype),
                                encoder_hidden_states_mask=extra["mask"].to(x.device),
                                img_shapes=[[(1, h // 2, w // 2)]] * b).sample
-        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return unpack_latents(out, x.shape)
 
     def guided(self, eps_c, eps_u, scale):
         """The pipeline's CFG: u + s (c - u), rescaled in each 2x2 patch (a token of the DiT) to the norm of c."""
