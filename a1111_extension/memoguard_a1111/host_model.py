@@ -12,8 +12,8 @@ from typing import List, Optional
 
 import torch
 
-from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, coefficients_vp, empty_encoding,
-                             merge_embedding_words)
+from memoguard.hosts import (WebUIPromptText, chunked_encoding, coefficients_kdiffusion, coefficients_vp,
+                             empty_encoding, merge_embedding_words)
 from memoguard.model import Denoiser, PromptEncoding, word_numbers
 
 KDIFFUSION = "k-diffusion"  # outputs denoised x0 at noise level sigma
@@ -67,8 +67,9 @@ class ReencodesPrompts:
 
 def split_words(tokenizer, chunker=None):
     """The tokenizer's word split: CLIP's pre-tokenizer pattern (HF's slow CLIPTokenizer and OpenCLIP keep it as
-    `pat`), or a fast tokenizer's pre-tokenizer (its pieces as spans of the text). With the WebUI's prompt chunker,
-    a textual-inversion embedding's name is one word, as the chunker finds it (memoguard.hosts.merge_embedding_words)."""
+    `pat`), or a fast tokenizer's pre-tokenizer (its pieces as spans of the text). With the WebUI's prompt
+    chunker, a textual-inversion embedding's name is one word, as the chunker finds it
+    (memoguard.hosts.merge_embedding_words)."""
     pattern = getattr(tokenizer, "pat", None)
     if pattern is not None:
         split = pattern.findall

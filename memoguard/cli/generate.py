@@ -60,8 +60,10 @@ def add_arguments(p):
     p.add_argument("--pad-share", type=float, default=DEFAULT_PAD_SHARE,
                    help=f"mask_padding: share of the padding positions zeroed, nearest the end-of-text first "
                         f"(default {DEFAULT_PAD_SHARE:g})")
-    p.add_argument("--lr", type=float, default=0.05, help="minimize / optimize_noise: AdamW / Adam step size (default 0.05)")
-    p.add_argument("--max-iters", type=int, default=10, help="minimize / optimize_noise: most AdamW / Adam steps (default 10)")
+    p.add_argument("--lr", type=float, default=0.05,
+                   help="minimize / optimize_noise: AdamW / Adam step size (default 0.05)")
+    p.add_argument("--max-iters", type=int, default=10,
+                   help="minimize / optimize_noise: most AdamW / Adam steps (default 10)")
     p.add_argument("--calibration", type=Path, default=None,
                    help="calibration JSON (default: the model's own in the calibration folder, or the bundled preset)")
     p.add_argument("--fpr", type=float, default=0.01, help="false-positive rate that sets the threshold (default 0.01)")

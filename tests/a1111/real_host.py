@@ -154,7 +154,8 @@ def running_webui(root: Path, python: str, flags: list, data: Path, api_only: bo
     api_only: `--nowebui` (the API alone); else the UI, with the API only if `flags` hold --api. Ready once the
     probe's route answers (extensions' app_started callbacks have run). The server's output goes to
     data/webui.log (see `errors_logged`); its stdin is closed (a WebUI that asks a question fails instead of
-    waiting); data/embeddings, the embeddings folder, holds TI_NAME. select: a checkpoint file to load through the options route once ready (Forge Neo loads none by
+    waiting); data/embeddings, the embeddings folder, holds TI_NAME.
+    select: a checkpoint file to load through the options route once ready (Forge Neo loads none by
     itself).
     """
     (data / "extensions").mkdir()
