@@ -12,7 +12,7 @@ samplers use the VP schedule.
 """
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,7 +22,8 @@ from .explain import check_method
 from .mitigate import (DEFAULT_EARLY_SCALE, MitigationError, SCHEDULES, check_early_scale, check_settings,
                        delay_steps, schedule_delay, schedule_scale)
 from .errors import MemoGuardError
-from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding, is_out_of_memory, release_memory
+from .model import CHUNK, TOKENS_PER_CHUNK, Interrupted, PromptEncoding, fit_shorter_prompt, is_out_of_memory, \
+    release_memory
 from .score import coefficients_vp, eps_difference
 
 # what a host's sampler hook can run: the schedules read the predictions CFG already has; the starts change the
@@ -210,24 +211,24 @@ class WebUIPromptText:
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
         """Denoiser.encode_without for cond.texts: one row per (row, positions to leave out), at cond's length.
         Each shorter prompt is encoded alone, as the WebUI encodes a prompt generated alone: its emphasis rescales
-        by the mean over the prompts encoded together. One that lost a 77-token chunk is padded with the empty
-        prompt's chunk, as the WebUI pads the shorter prompts of a batch."""
+        by the mean over the prompts encoded together. One that lost 77-token chunks is brought back to the length
+        by fit_shorter_prompt: the prompt typed alone where its length divides cond's, else marked padded."""
         length = cond.embedding.shape[1]
-        embeddings, extras, empty = [], [], None
+        embeddings, extras, padded = [], [], []
+        empty = lambda: self.encode([""])[0]
         for row, drop in edits:
             embedding, extra = self.encode([self.without(cond.texts[row], {cond.words[row][i] for i in drop})])
-            if embedding.shape[1] < length:
-                empty = self.encode([""])[0] if empty is None else empty
-                embedding = torch.cat([embedding, empty.repeat(1, -(-(length - embedding.shape[1]) // empty.shape[1]),
-                                                               1)], 1)[:, :length]
-            if embedding.shape[1] != length:
-                raise MemoGuardError(f"a prompt re-encoded without a word has {embedding.shape[1]} positions, not "
-                                     f"{length}")
+            try:
+                embedding, was_padded = fit_shorter_prompt(embedding, length, empty)
+            except ValueError as e:
+                raise MemoGuardError(str(e)) from None
             embeddings.append(embedding)
             extras.append(extra)
+            padded.append(was_padded)
         sub = cond.rows([row for row, _ in edits])
         sub.extra.update({k: torch.cat([e[k] for e in extras]).to(sub.extra[k]) for k in extras[0]})
-        return sub.with_embedding(torch.cat(embeddings).to(cond.embedding))
+        return replace(sub.with_embedding(torch.cat(embeddings).to(cond.embedding)),
+                       padded=padded if any(padded) else None)
 
 
 def merge_embedding_words(words: List[str], tokenize: Callable[[List[str]], List[List[int]]], find_at) -> List[str]:

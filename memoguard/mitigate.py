@@ -73,6 +73,7 @@ DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
 DEFAULT_WITHOUT_PADDING = "remove_tokens"
 PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end token); this model's prompt positions "
                    "are not CLIP chunks alone (T5)")
+PADDED_NOTE = "padded to the prompt's length with an empty chunk, as in a batch: typed alone it gives another image"
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
                   "new_noise": "new initial noise", "optimize_noise": "optimized initial noise (SAIL)",
@@ -95,6 +96,9 @@ class MitigationRecord:
     reason: str = ""
     strategy: str = "minimize"
     removed: List[List[str]] = field(default_factory=list)    # remove_tokens: words left out, per image
+    # remove_tokens: the shorter prompt padded with the empty prompt's chunk (a batch's padding), per image: the
+    # prompt typed without the words gives another image (memoguard.model.fit_shorter_prompt)
+    padded: List[bool] = field(default_factory=list)
     delay_steps: int = 0                                      # schedules: steps at early_scale
     early_scale: float = 0.0                                  # schedules: scale of those steps (0: no guidance)
     seeds: List[Optional[int]] = field(default_factory=list)  # new_noise: the seed of each image's new noise
@@ -123,8 +127,12 @@ class MitigationRecord:
                 "optimize_noise": lambda: f"noise optimized for {moved} steps",
                 "mask_padding": lambda: f"{self.masked[image]} padding positions zeroed"}[start]()
         then = f"; then {self._schedule_text()}" if schedule else ""
+        padded = f"; {PADDED_NOTE}" if start == "remove_tokens" and self.is_padded(image) else ""
         return (f"{self.strategy_name}: {what}, first-step score {self.before[image]:.4f} -> "
-                f"{self.after[image]:.4f}{then}")
+                f"{self.after[image]:.4f}{padded}{then}")
+
+    def is_padded(self, image: int) -> bool:
+        return image < len(self.padded) and self.padded[image]
 
     def _schedule_text(self) -> str:
         if self.early_scale == 0:
@@ -338,6 +346,7 @@ def remove_tokens(model: DiffusionModel, cond: PromptEncoding, uncond: PromptEnc
     if not edited:
         return cond, record
     new = model.encode_without(cond, [(b, [i for w in r for i in w]) for b, r in enumerate(removed)])
+    record.padded = [bool(r) and new.padded is not None and new.padded[b] for b, r in enumerate(removed)]
     keep = torch.tensor([not r for r in removed], device=cond.embedding.device).reshape(-1, 1, 1)
     # images left as they were keep their own embedding bit for bit
     return new.with_embedding(torch.where(keep, cond.embedding, new.embedding.to(cond.embedding))), record

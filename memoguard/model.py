@@ -34,6 +34,8 @@ class PromptEncoding:
     words: words[b][i] numbers the word position i belongs to (BPE pieces of one word share it; -1 outside
     the prompt), where the adapter's tokenizer marks word ends; None: every token is its own word.
     texts: each row's prompt text, kept by adapters that re-encode from the text (ComfyUI: its weights syntax).
+    padded: per row of an encoding made without words, whether a shorter prompt was padded with the empty prompt's
+    chunk to this length (fit_shorter_prompt), which the prompt typed alone is not; None: no row was.
     """
     embedding: torch.Tensor
     tokens: List[List[str]]
@@ -43,6 +45,7 @@ class PromptEncoding:
     ids: Optional[torch.Tensor] = None
     words: Optional[List[List[int]]] = None
     texts: Optional[List[str]] = None
+    padded: Optional[List[bool]] = None
 
     def __post_init__(self):
         if self.embedding.dim() != 3:
@@ -54,7 +57,7 @@ class PromptEncoding:
 
     def with_embedding(self, embedding: torch.Tensor) -> "PromptEncoding":
         return PromptEncoding(embedding, self.tokens, self.prompt_mask, self.frozen_mask, self.extra, self.ids,
-                              self.words, self.texts)
+                              self.words, self.texts, self.padded)
 
     def rows(self, index) -> "PromptEncoding":
         """The encoding of the rows `index` (a list or tensor of row numbers), in that order."""
@@ -326,6 +329,23 @@ def match_length(embedding: torch.Tensor, length: int) -> torch.Tensor:
     if length % embedding.shape[1]:
         raise ValueError(f"cannot match an embedding of {embedding.shape[1]} tokens to {length}")
     return embedding.repeat(1, length // embedding.shape[1], 1)
+
+
+def fit_shorter_prompt(embedding: torch.Tensor, length: int, empty_chunk: Callable[[], torch.Tensor]):
+    """(embedding at `length` positions, padded) for a prompt re-encoded without words that lost 77-token chunks, so
+    that cross-attention sees the prompt as if typed alone: repeated whole where its length divides `length`
+    (attention over a sequence repeated whole is attention over the sequence, as ComfyUI's and Forge's CFG batch
+    prompts of different lengths); else padded with the empty prompt's chunk (`empty_chunk()`, (1, 77, C)), as the
+    WebUI pads the shorter prompts of a batch, which the prompt typed alone is not (padded True)."""
+    short = embedding.shape[1]
+    if short == length:
+        return embedding, False
+    if short > length:
+        raise ValueError(f"a prompt re-encoded without words has {short} positions, more than {length}")
+    if length % short == 0:
+        return embedding.repeat(1, length // short, 1), False
+    pad = empty_chunk().to(embedding).repeat(embedding.shape[0], -(-(length - short) // CHUNK), 1)
+    return torch.cat([embedding, pad], 1)[:, :length], True
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, coeff_now, coeff_next) -> torch.Tensor:

@@ -32,6 +32,25 @@ def test_long_prompts_are_chunked_with_bos_and_eos(random_model):
     torch.testing.assert_close(enc.embedding[1, :77], alone.embedding[0])
 
 
+@pytest.mark.parametrize("tokens, padded", [(76, False), (151, True)])
+def test_a_prompt_that_loses_a_chunk_is_the_prompt_typed_alone_or_marked_padded(random_model, tokens, padded):
+    """Left out of a 76-token prompt, a word takes it to one chunk: repeated whole, cross-attention sees exactly the
+    prompt typed alone (the same first-step prediction); 151 -> 150 tokens (3 chunks -> 2) cannot repeat into 3 and
+    is padded with the empty chunk, said in `padded`."""
+    words = ["red"] * (tokens - 1) + ["ring"]
+    cond = random_model.encode([" ".join(words)])
+    shorter = random_model.encode_without(cond, [(0, cond.word_groups(0)[-1])])
+    alone = random_model.encode([" ".join(words[:-1])])
+    assert shorter.embedding.shape == cond.embedding.shape and shorter.padded == ([True] if padded else None)
+    assert shorter.word_groups(0) == alone.word_groups(0) and shorter.prompt_tokens(0) == alone.prompt_tokens(0)
+    x = torch.randn(1, *random_model.latent_shape(), generator=torch.Generator().manual_seed(0))
+    t = random_model.timesteps(10)[:1]
+    with torch.no_grad():
+        same = torch.allclose(random_model.eps(x, t, shorter.embedding), random_model.eps(x, t, alone.embedding),
+                              rtol=1e-4, atol=1e-5)
+    assert same != padded
+
+
 def test_empty_prompt_has_no_tokens_and_zero_gap(random_model):
     enc = random_model.encode([""])
     assert enc.prompt_mask.sum() == 0 and enc.embedding.shape[1] == 77

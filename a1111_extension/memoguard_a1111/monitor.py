@@ -349,11 +349,13 @@ class RunMonitor:
         row_moves = dict(zip(rows, sub.image_iterations))
         row_masked = dict(zip(rows, sub.masked))
         row_removed = dict(zip(rows, sub.removed))
+        row_padded = dict(zip(rows, sub.padded))
         per_image = lambda of: [max([of.get(r, 0) for r in rs] or [0]) for rs in rows_of]
         result.mitigation = MitigationRecord(s.mitigation, sub.ran, sub.iterations, per_image(row_moves),
                                              sub.losses, before, after, sub.reason, strategy=s.strategy,
                                              masked=per_image(row_masked),
-                                             removed=[[w for r in rs for w in row_removed.get(r, [])] for rs in rows_of])
+                                             removed=[[w for r in rs for w in row_removed.get(r, [])] for rs in rows_of],
+                                             padded=[any(row_padded.get(r, False) for r in rs) for rs in rows_of])
         if sub.ran:
             result.embedding = embedding.to(cond_embedding(params.text_cond).dtype)
             result.vector = vector

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from memoguard import MitigationRecord, TokenContributions, Verdict
+from memoguard.mitigate import PADDED_NOTE
 
 PLOT_W, PLOT_H = 360, 150
 LEFT, RIGHT, TOP, BOTTOM = 46, 12, 10, 30   # margins: room for the tick labels and the axis titles
@@ -49,7 +50,8 @@ def verdict_label(v: Verdict) -> str:
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
     """The infotext value: what was changed, so the image can be made again: "MODE padding masked N positions
-    BEFORE -> AFTER", "MODE removed WORD ... BEFORE -> AFTER" (the prompt without those words), "MODE N iterations
+    BEFORE -> AFTER", "MODE removed WORD ... BEFORE -> AFTER" (the prompt without those words, as typed alone unless
+    marked padded), "MODE N iterations
     BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE guidance S for K steps" (opposite
     guidance), "MODE not needed (first-step score X under the threshold T)" or "MODE not run (why)"."""
     if record is None:
@@ -66,7 +68,8 @@ def mitigation_text(record: Optional[MitigationRecord], position: int) -> Option
     if record.strategy == "mask_padding":
         return f"{record.mode} padding masked {record.masked[position]} positions {before:.4f} -> {after:.4f}"
     if record.strategy == "remove_tokens":
-        return f"{record.mode} removed {' '.join(record.removed[position])} {before:.4f} -> {after:.4f}"
+        padded = f" ({PADDED_NOTE})" if record.is_padded(position) else ""
+        return f"{record.mode} removed {' '.join(record.removed[position])} {before:.4f} -> {after:.4f}{padded}"
     return f"{record.mode} {record.iterations} iterations {before:.4f} -> {after:.4f}"
 
 

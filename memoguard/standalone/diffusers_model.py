@@ -94,26 +94,31 @@ class DiffusersModel(DiffusionModel):
             keep = cond.prompt_mask[row].clone()
             keep[list(drop)] = False
             pieces.append(cond.ids[row][keep.to(cond.ids.device)].tolist())
-        return self._encode_ids(pieces, chunks=cond.embedding.shape[1] // CHUNK)
+        return self._encode_ids(pieces, chunks=cond.embedding.shape[1] // CHUNK, repeat_shorter=True)
 
-    def _encode_ids(self, pieces: List[List[int]], chunks: int = 1) -> PromptEncoding:
-        """Prompts given as token ids without BOS/EOS, in 75-token chunks, at least `chunks` of them."""
+    def _encode_ids(self, pieces: List[List[int]], chunks: int = 1, repeat_shorter: bool = False) -> PromptEncoding:
+        """Prompts given as token ids without BOS/EOS, in 75-token chunks, at least `chunks` of them: a prompt with
+        fewer chunks gets empty ones, or with repeat_shorter its own chunks repeated where their number divides
+        the length (memoguard.model.fit_shorter_prompt: the prompt as if typed alone; else marked padded)."""
         tok = self.tokenizers[0]
-        n_chunks = max(chunks, max((len(ids) + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK for ids in pieces))
-        rows = []
-        for ids in pieces:
-            row = []
-            for c in range(n_chunks):
-                chunk = ids[c * TOKENS_PER_CHUNK:(c + 1) * TOKENS_PER_CHUNK]
-                row += [tok.bos_token_id, *chunk, tok.eos_token_id] + [tok.pad_token_id] * (TOKENS_PER_CHUNK - len(chunk))
-            rows.append(row)
-        # where each chunk's BOS, words, EOS and padding lie, from the prompt lengths alone
+        own = [max(1, -(-len(ids) // TOKENS_PER_CHUNK)) for ids in pieces]
+        n_chunks = max(chunks, *own)
+        repeats = [n_chunks // n if repeat_shorter and n_chunks % n == 0 else 1 for n in own]
+        rows, lengths = [], []  # token ids; prompt tokens per chunk
+        for ids, n, times in zip(pieces, own, repeats):
+            mine = ([ids[c * TOKENS_PER_CHUNK:(c + 1) * TOKENS_PER_CHUNK] for c in range(n)] * times)
+            mine += [[]] * (n_chunks - len(mine))
+            rows.append([i for chunk in mine for i in [tok.bos_token_id, *chunk, tok.eos_token_id]
+                         + [tok.pad_token_id] * (TOKENS_PER_CHUNK - len(chunk))])
+            lengths.append([len(chunk) for chunk in mine])
+        # where each chunk's BOS, words, EOS and padding lie, from the chunks' lengths alone
         position = torch.arange(n_chunks * CHUNK)
         in_chunk = position % CHUNK
-        words = (torch.tensor([len(ids) for ids in pieces])[:, None] - TOKENS_PER_CHUNK * (position // CHUNK))
-        words = words.clamp(0, TOKENS_PER_CHUNK)
-        masks = (in_chunk >= 1) & (in_chunk <= words)
-        frozen = (in_chunk == 0).expand_as(masks)
+        words = torch.tensor(lengths)[:, position // CHUNK]
+        # a repeat is the prompt attended again, not words of its own: frozen, outside the prompt mask
+        repeat = (position >= torch.tensor(own)[:, None] * CHUNK) & (words > 0)
+        masks = (in_chunk >= 1) & (in_chunk <= words) & ~repeat
+        frozen = (in_chunk == 0) | repeat
         ids = torch.tensor(rows, device=self.device)
         if self.is_sdxl:  # the second tokenizer pads with its own id ("!" in SDXL)
             ids_2 = ids.masked_fill((in_chunk > words + 1).to(self.device), self.tokenizers[1].pad_token_id)
@@ -133,9 +138,10 @@ class DiffusersModel(DiffusionModel):
             extra = {"text_embeds": pooled.to(self.dtype),
                      "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * len(pieces), device=self.device, dtype=self.dtype)}
         texts = [self._texts(row) for row in rows]
+        padded = [repeat_shorter and n < n_chunks and times == 1 for n, times in zip(own, repeats)]
         return PromptEncoding(torch.cat(hidden, dim=1).to(self.dtype), [[t for t, _ in row] for row in texts], masks,
-                              frozen.clone(), extra, ids, [word_numbers([e for _, e in row], mask) for row, mask in
-                                                           zip(texts, masks.tolist())])
+                              frozen, extra, ids, [word_numbers([e for _, e in row], mask) for row, mask in
+                                                     zip(texts, masks.tolist())], padded=padded if any(padded) else None)
 
     def _texts(self, ids: List[int]) -> List[Tuple[str, bool]]:
         """Each id's token as shown to users, and whether it ends a word (CLIP's "</w>"); memoised (an audit
@@ -212,7 +218,7 @@ def load_model(path: Optional[Path] = None, device: str = "cpu", dtype=torch.flo
     if index.get("_class_name") in PIPELINES:
         if prediction != "auto":
             raise ModelLoadError(f"{index['_class_name']} is a flow-matching model: --prediction does not apply")
-        return load_flow_pipeline(folder, device, dtype)
+        return load_flow_pipeline(folder, index, device, dtype)
     sdxl = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)

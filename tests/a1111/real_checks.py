@@ -367,6 +367,32 @@ def token_removal_samples_the_prompt_without_its_words(base):
     assert mitigated == pytest.approx(call(base + "/memoguard-probe/explanation")["score"], rel=1e-3)
 
 
+# 76 words of one CLIP token each, no comma: two chunks (75 + 1); any word left out makes it one
+CHUNK_EDGE_PROMPT = (
+    "red green blue white black yellow orange purple brown gray house tree car road river lake hill mountain sky cloud "
+    "sun moon star night day morning evening summer winter spring autumn snow rain wind storm field forest garden "
+    "flower grass stone rock sand beach ocean wave boat ship bridge tower castle church city town street window door "
+    "roof wall floor table chair bed lamp book paper glass bottle cup plate bowl apple bread cheese fish bird")
+
+
+def token_removal_across_a_chunk_is_the_prompt_typed_alone(base):
+    """Words left out of a two-chunk prompt leave one chunk: the image is the WebUI's own of the prompt typed without
+    them, generated alone (one chunk, not the shorter prompt padded with an empty chunk), up to float rounding."""
+    settings = dict(prompt=CHUNK_EDGE_PROMPT, steps=8)
+    result = txt2img(base, "Euler", [1, 0, "", 0.01, False, 1, "always", 0, 0.05, 10, "remove_tokens"], **settings)
+    got = first(result)
+    mode, action, *words, before, arrow, after = unquote(got["MemoGuard mitigation"]).split()
+    assert (mode, action, arrow) == ("always", "removed", "->") and words and "MemoGuard error" not in got
+    mitigated = call(base + "/memoguard-probe/explanation")["score"]
+    typed = txt2img(base, "Euler", MONITOR_ONLY, **dict(settings, prompt=" ".join(
+        w for w in CHUNK_EDGE_PROMPT.split() if w not in words)))
+    assert mitigated == pytest.approx(call(base + "/memoguard-probe/explanation")["score"], rel=1e-3)
+    (size, a), (_, b) = pixels(result["images"][0]), pixels(typed["images"][0])
+    differ = sum(abs(x - y) for x, y in zip(a, b)) / len(a)
+    print(f"removed {words}: mean abs pixel difference from the typed prompt {differ:.3f} (of 255)")
+    assert differ < 1.0
+
+
 def checkpoint_b(ckpt_env):
     first = Path(os.environ.get(ckpt_env) or "/work/hosts/models/random-sd15.safetensors")
     return os.environ.get("MEMOGUARD_CKPT_B") or str(first.with_name("random-sd15-b.safetensors"))

@@ -77,6 +77,10 @@ def test_forge_token_removal_samples_the_prompt_without_its_words(forge):
     real_checks.token_removal_samples_the_prompt_without_its_words(forge)
 
 
+def test_forge_token_removal_across_a_chunk_is_the_prompt_typed_alone(forge):
+    real_checks.token_removal_across_a_chunk_is_the_prompt_typed_alone(forge)
+
+
 def test_forge_cfg_1_is_scored_with_the_negative_pass_memoguard_runs(forge):
     """The first step's x does not depend on the CFG scale, nor does its gap: at CFG 1, where Forge runs no negative
     pass, MemoGuard's own pass gives the score Forge's own passes give at CFG 7; the words are explained against

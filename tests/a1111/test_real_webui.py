@@ -57,6 +57,10 @@ def test_token_removal_samples_the_prompt_without_its_words(webui):
     real_checks.token_removal_samples_the_prompt_without_its_words(webui)
 
 
+def test_token_removal_across_a_chunk_is_the_prompt_typed_alone(webui):
+    real_checks.token_removal_across_a_chunk_is_the_prompt_typed_alone(webui)
+
+
 def test_timestep_sampler_is_scored(webui):
     assert_core_gap(webui, txt2img(webui, "DDIM", MONITOR_ONLY))
 

@@ -9,6 +9,7 @@ import torch
 
 from memoguard.score import raw_step_score
 from memoguard.hosts import WebUIPromptText
+from memoguard.mitigate import PADDED_NOTE
 from modules import prompt_parser, shared
 from test_script import infotext_fields, kdiffusion_start, make_p, run
 from memoguard_a1111.script import panel_for
@@ -187,3 +188,34 @@ def test_an_embeddings_vectors_are_one_word_shown_by_its_name():
     in_prompt = [n not in ("<bos>", "<eos>") for n in names]
     numbers = word_numbers(ends, in_prompt)
     assert numbers[1:6] == [0, 1, 1, 1, 2] and numbers[9:13] == [3, 3, 3, 4]
+
+
+def distinct_words(tokenizer, n):
+    """n distinct lowercase words that CLIP's BPE keeps as one token each (no comma: the chunks break at 75)."""
+    words = [t[:-4] for t in tokenizer.get_vocab() if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].islower()
+             and 3 <= len(t) - 4 <= 6]
+    return sorted(words)[:n]
+
+
+@pytest.mark.parametrize("tokens, padded", [(76, False), (151, True)])
+def test_token_removal_across_a_chunk_samples_the_prompt_typed_without_the_words(webui, tokens, padded):
+    """A prompt that loses a 77-token chunk with its removed words: repeated whole it is the prompt typed alone
+    (76 -> 75 tokens: two chunks become one, attention over [c, c] is attention over c); where its length does not
+    divide the prompt's (151 -> 150 tokens: three chunks become two) it is padded with the empty chunk, as a batch
+    pads, and the infotext says so."""
+    words = distinct_words(webui.diffusers_model.tokenizers[0], tokens)
+    prompt = " ".join(words)
+    p = make_p(webui, sampler_name="Euler", prompt=prompt)
+    monitor, processed = run(p, mitigation="always", strategy="remove_tokens")
+    assert not monitor.errors
+    record = monitor.results[0].mitigation
+    (removed,) = record.removed
+    assert record.ran and removed and record.padded == [padded]
+    note = f" ({PADDED_NOTE})" if padded else ""
+    assert infotext_fields(processed.infotexts[0])["MemoGuard mitigation"] == \
+        f"always removed {' '.join(removed)} {record.before[0]:.4f} -> {record.after[0]:.4f}{note}"
+    x, t = kdiffusion_start(webui, p)
+    typed_alone = gap(webui, x, t, " ".join(w for w in words if w not in removed)) / x[0].numel() ** 0.5
+    first_step = float(monitor.results[0].trace.per_step()[0, 0])
+    assert first_step == pytest.approx(record.after[0], rel=1e-3)
+    assert (first_step == pytest.approx(typed_alone, rel=1e-3)) != padded
