@@ -16,6 +16,7 @@ A word is the same in every tokenizer stream (the n-th word of each: CLIP BPE pi
 pieces start them, punctuation is a word in both), so leaving a word out removes it from every stream, the pooled CLIP
 too: the prompt as if typed without it.
 """
+import json
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
@@ -27,7 +28,7 @@ from ..model import CHUNK, TOKENS_PER_CHUNK, WORD_START, DiffusionModel, PromptE
 
 PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "ChromaPipeline": "chroma",
              "QwenImagePipeline": "qwen-image"}  # Qwen-Image: memoguard.standalone.diffusers_qwen
-T5_LENGTH = {"sd3": 256, "flux": 512, "chroma": 512}  # the pipelines' max_sequence_length
+T5_LENGTH = {"sd3": 256, "flux": 512, "chroma": 512}  # the pipelines' default max_sequence_length
 GUIDANCE = {"sd3": 7.0, "flux": 1.0, "chroma": 5.0}  # CFG scale the pipelines sample at (Flux is guidance-distilled)
 PACKED = ("flux", "chroma", "qwen-image")  # 2x2 latent patches as tokens, Flux's layout
 FLUX_EMBEDDED_GUIDANCE = 3.5  # FluxPipeline's guidance_scale, Flux dev's input
@@ -75,6 +76,7 @@ class DiffusersFlowModel(DiffusionModel):
         else:
             self.clips, self.t5 = [], (pipe.tokenizer, pipe.text_encoder)
         self.guidance = GUIDANCE[family]
+        self.t5_length = T5_LENGTH.get(family)  # the max_sequence_length it samples at (an evaluation model's notes)
         guided = family == "flux" and self.transformer.config.guidance_embeds
         self.embedded_guidance: Optional[float] = FLUX_EMBEDDED_GUIDANCE if guided else None
         self.sample_size = getattr(self.transformer.config, "sample_size", None) or LATENT_SIZE
@@ -180,7 +182,7 @@ class DiffusersFlowModel(DiffusionModel):
             out["clip"] = _Tokens(ids, word_numbers([n.endswith("</w>") for n in names], [True] * len(ids)))
         if self.t5 is not None:
             t5_tok = self.t5[0]
-            ids = t5_tok(text, add_special_tokens=False, truncation=False).input_ids[:T5_LENGTH[self.family] - 1]
+            ids = t5_tok(text, add_special_tokens=False, truncation=False).input_ids[:self.t5_length - 1]
             words = word_numbers(sentencepiece_word_ends(t5_tok.convert_ids_to_tokens(ids), [1] * len(ids)),
                                  [True] * len(ids))
             clip_words = max(out["clip"].words, default=-1) + 1 if self.clips else 0
@@ -197,7 +199,7 @@ class DiffusersFlowModel(DiffusionModel):
             pooled.append(out[0] if self.family == "sd3" else out.pooler_output)
             hidden.append(out.hidden_states[-2])
         width = self.transformer.config.joint_attention_dim
-        length = T5_LENGTH[self.family]
+        length = self.t5_length
         t5_hidden = torch.zeros(len(rows), length, width, device=self.device, dtype=self.dtype)
         if self.t5 is not None:
             tok, encoder = self.t5
@@ -213,7 +215,7 @@ class DiffusersFlowModel(DiffusionModel):
             clip_hidden = torch.cat(hidden, -1)
             clip_hidden = torch.nn.functional.pad(clip_hidden, (0, width - clip_hidden.shape[-1]))
             embedding = torch.cat([clip_hidden, t5_hidden.to(clip_hidden.dtype)], 1)
-            streams = [("clip", CHUNK, 1), ("t5", T5_LENGTH["sd3"], 0)]
+            streams = [("clip", CHUNK, 1), ("t5", length, 0)]
         else:
             embedding, streams = t5_hidden, [("t5", length, 0)]
         extra = ({"attention_mask": (positions <= lengths).to(self.dtype)} if self.family == "chroma"
@@ -265,11 +267,13 @@ class DiffusersFlowModel(DiffusionModel):
         return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-def load_flow_pipeline(folder, device: str, dtype) -> DiffusersFlowModel:
-    """A local SD3 / Flux / Chroma / Qwen-Image diffusers folder, offline, as a DiffusersFlowModel."""
+def load_flow_pipeline(folder, index: dict, device: str, dtype) -> DiffusersFlowModel:
+    """A local SD3 / Flux / Chroma / Qwen-Image diffusers folder, offline, as a DiffusersFlowModel. Components its
+    model_index.json lists as null stay absent (SD3 without T5, as the pipeline takes text_encoder_3=None)."""
     from diffusers import DiffusionPipeline
+    absent = {name: None for name, spec in index.items() if isinstance(spec, list) and spec[0] is None}
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype, **absent)
     except Exception as e:  # diffusers/transformers raise many types for missing or corrupt files
         raise ModelLoadError(f"could not load the pipeline in {folder}: {type(e).__name__}: {e}") from None
     pipe.to(device)
@@ -279,5 +283,12 @@ def load_flow_pipeline(folder, device: str, dtype) -> DiffusersFlowModel:
             part.eval().requires_grad_(False)
     if type(pipe).__name__ == "QwenImagePipeline":
         from .diffusers_qwen import QwenImageModel
-        return QwenImageModel(pipe, name=folder.name)
-    return DiffusersFlowModel(pipe, name=folder.name)
+        model = QwenImageModel(pipe, name=folder.name)
+    else:
+        model = DiffusersFlowModel(pipe, name=folder.name)
+    notes = folder / "memoguard_training.json"  # an evaluation model's own (its guidance, its dataset)
+    if notes.is_file():
+        model.training_notes = json.loads(notes.read_text())
+        model.guidance = float(model.training_notes.get("guidance", model.guidance))
+        model.t5_length = int(model.training_notes.get("max_sequence_length", model.t5_length))
+    return model
