@@ -79,3 +79,37 @@ def test_table_scripts_take_each_models_own_labels(tmp_path):
     assert first_step.shape == positive.shape
     with pytest.raises(SystemExit, match="measured on the 'outdoor' set"):
         labelled_run("t", ["--labels", str(root / "benchmarks" / "bench_detection_ldm.json"), "--json", str(out)])
+
+
+def test_the_flow_model_is_a_standard_sd3_folder_sampled_as_its_pipeline_samples():
+    """The flow evaluation model loads with diffusers' own API (no T5), MemoGuard encodes prompts as the pipeline
+    does at the max_sequence_length its notes record, as it was trained (memoguard.tiny.train_flow), and samples
+    what the pipeline samples from the same noise."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+    from memoguard.resources import asset_path
+    from memoguard.sampling import initial_noise, sample
+    from memoguard.standalone.diffusers_model import load_model
+    from memoguard.tiny.train import tokenize
+    from memoguard.tiny.train_flow import encode_text
+    folder = asset_path("tiny-flow")
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, text_encoder_3=None,
+                                                    tokenizer_3=None)
+    model = load_model(folder)
+    assert (model.family, model.t5_length, model.training_notes["dataset"]) == ("sd3", 16, "outdoor")
+    captions = [outdoor.build_dataset(0).memorized_captions[0], "a red ball in the snow", ""]
+    enc = model.encode(captions)
+    theirs, _, pooled, _ = pipe.encode_prompt(captions, captions, None, do_classifier_free_guidance=False,
+                                              max_sequence_length=model.t5_length)
+    assert torch.equal(enc.embedding, theirs) and torch.equal(enc.extra["pooled"], pooled)
+    with torch.no_grad():
+        trained = encode_text([pipe.text_encoder, pipe.text_encoder_2], tokenize(pipe.tokenizer, captions)[0])
+    assert torch.equal(enc.embedding, trained[0]) and torch.equal(enc.extra["pooled"], trained[1])
+    x = initial_noise(model, model.latent_shape(), [0])
+    ours = sample(model, model.encode(captions[:1]), model.encode([""]), x, 10).latents
+    size = model.image_size()[0]
+    with torch.no_grad():
+        pipeline = pipe(captions[0], negative_prompt="", num_inference_steps=10, guidance_scale=model.guidance,
+                        height=size, width=size, latents=x, output_type="latent",
+                        max_sequence_length=model.t5_length).images
+    assert torch.allclose(ours, pipeline, rtol=1e-4, atol=1e-5)
