@@ -69,7 +69,8 @@ STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "n
 DEFAULT_STRATEGY = "mask_padding"
 DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
 # where the prompt's positions are not CLIP's end-token padded chunks (T5: SD3, Flux), nothing is padding to mask;
-# token removal re-encodes the prompt without its words (unmeasured there: no flow evaluation model exists)
+# token removal re-encodes the prompt without its words (on the flow evaluation model the one strategy that stops
+# the copies: BENCHMARKS.md)
 DEFAULT_WITHOUT_PADDING = "remove_tokens"
 PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end token); this model's prompt positions "
                    "are not CLIP chunks alone (T5)")

@@ -84,6 +84,11 @@ class DiffusersFlowModel(DiffusionModel):
         self._key = None
 
     @property
+    def tokenizers(self) -> list:
+        """The pipeline's tokenizers, CLIP's first where it has one (as DiffusersModel.tokenizers)."""
+        return [tok for tok, _ in self.clips] + ([self.t5[0]] if self.t5 is not None else [])
+
+    @property
     def model_key(self) -> str:
         """The fingerprint of the transformer's weights (memoguard.identity). ComfyUI holds these families' weights
         in their original layout (fused attention projections), which fingerprints differently: calibrate there."""
