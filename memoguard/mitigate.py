@@ -68,12 +68,12 @@ STRATEGIES = STARTS + SCHEDULES + tuple(f"{a}+{b}" for a in ("remove_tokens", "n
 # host knows neither the prompt's tokens nor its text, opposite guidance leaves the fewest of the schedules
 DEFAULT_STRATEGY = "mask_padding"
 DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
-# where the prompt's positions are not CLIP's end-token padded chunks (T5: SD3, Flux), nothing is padding to mask;
-# token removal re-encodes the prompt without its words (on the flow evaluation model the one strategy that stops
-# the copies: BENCHMARKS.md)
+# where the prompt's positions have no CLIP chunk padded with its end token (Flux's, Chroma's T5, Qwen-Image's LLM),
+# nothing is padding to mask; token removal re-encodes the prompt without its words (SD3 masks its CLIP chunk: on
+# the flow evaluation model that keeps the stated attributes, token removal stops more copies, BENCHMARKS.md)
 DEFAULT_WITHOUT_PADDING = "remove_tokens"
 PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end token); this model's prompt positions "
-                   "are not CLIP chunks alone (T5)")
+                   "have no CLIP chunk (T5 or an LLM alone)")
 PADDED_NOTE = "padded to the prompt's length with an empty chunk, as in a batch: typed alone it gives another image"
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
@@ -559,7 +559,7 @@ def mask_padding(model: Denoiser, cond: PromptEncoding, uncond: PromptEncoding, 
     rows = torch.nonzero(active).flatten().tolist()
     masked = torch.zeros(cond.embedding.shape[:2], dtype=torch.bool)
     for b in rows:
-        pads = padding_positions(cond, b)
+        pads = [i for i in padding_positions(cond, b) if model.clip_positions is None or i < model.clip_positions]
         masked[b, pads[:math.ceil(pad_share * len(pads))]] = True
         record.masked[b], record.image_iterations[b] = int(masked[b].sum()), 1
     new = cond.with_embedding(torch.where(masked.to(cond.embedding.device).unsqueeze(-1),

@@ -124,6 +124,7 @@ class Denoiser(ABC):
     prediction: Optional[str] = None  # what it was trained to predict (eps, v, flow), when the adapter outputs x0
     reencodes: bool = False         # implements encode_without
     pads_with_end_token: bool = True  # the prompt's positions are CLIP's 77-token chunks, padded with its end token
+    clip_positions: Optional[int] = None  # how many leading positions are those chunks (None: all; SD3: then T5's)
     # a shorter conditioning is repeated to a longer one's length (CLIP chunks, as the hosts' CFG does); where not
     # (an LLM encoder's variable length under a mask: Qwen-Image), each is evaluated at its own length
     repeats_shorter_prompt: bool = True

@@ -161,21 +161,29 @@ def test_leave_one_out_explains_the_words_of_a_flow_prompt(models, family):
     assert any(abs(v) > 0 for v in result.scores)
 
 
-def test_flow_models_mitigate_by_removing_words_and_refuse_padding_masking(models):
+def test_flow_models_mitigate_by_removing_words_and_mask_only_clips_padding(models):
     model, prompt = models["sd3"], "red cat on old mat"
     cond, uncond = model.encode([prompt]), model.encode([""])
     x = initial_noise(model, model.latent_shape(), [0])
     t = model.timesteps(STEPS)
-    plan = mitigate(model, cond, uncond, x, t, model.guidance, strategy="auto", target=0.0, max_removals=2)
-    assert plan.record.strategy == "remove_tokens" and len(plan.record.removed[0]) == 2
+    plan = mitigate(model, cond, uncond, x, t, model.guidance, strategy="remove_tokens", target=0.0, max_removals=2)
+    assert len(plan.record.removed[0]) == 2
     # the prompt sampled is the one typed without the removed words, and the record's score is that prompt's
     typed = model.encode([" ".join(w for w in prompt.split() if w not in plan.record.removed[0])])
     assert torch.allclose(plan.cond.embedding, typed.embedding, atol=1e-6)
     eps_u = model.eps(x, t[0], uncond.embedding, uncond.extra)
     after = step_score(model.eps(x, t[0], typed.embedding, typed.extra) - eps_u)
     assert float(after[0]) == pytest.approx(plan.record.after[0], rel=1e-4)
+    # SD3's default: its CLIP chunk's padding zeroed (after the end-of-text), T5's positions untouched
+    plan = mitigate(model, cond, uncond, x, t, model.guidance, strategy="auto", target=0.0)
+    zeroed = (plan.cond.embedding[0] != cond.embedding[0]).any(-1).nonzero().flatten().tolist()
+    words = len(prompt.split())
+    assert plan.record.strategy == "mask_padding" and zeroed == list(range(words + 2, 77))
+    assert plan.record.masked == [77 - words - 2] and not plan.cond.embedding[0, zeroed].any()
+    chroma = models["chroma"]
     with pytest.raises(MitigationError, match="CLIP's padding"):
-        mitigate(model, cond, uncond, x, t, model.guidance, strategy="mask_padding", target=0.0)
+        mitigate(chroma, chroma.encode([prompt]), chroma.encode([""]), initial_noise(chroma, chroma.latent_shape(),
+                 [0]), chroma.timesteps(STEPS), chroma.guidance, strategy="mask_padding", target=0.0)
 
 
 def test_cli_calibrates_scans_and_generates_a_flow_model_under_its_own_key(folders, models, tmp_path, capsys):

@@ -58,6 +58,7 @@ class DiffusersFlowModel(DiffusionModel):
     parameterization = "flow"
     reencodes = True
     pads_with_end_token = False  # T5 pads with <pad>, not copies of an end token: no padding masking
+    clip_positions = CHUNK  # SD3: CLIP-L and CLIP-G's chunk comes first, padded as SDXL's (then T5's positions)
 
     def __init__(self, pipe, name: str = "pipeline"):
         family = PIPELINES.get(type(pipe).__name__)
@@ -65,6 +66,7 @@ class DiffusersFlowModel(DiffusionModel):
             raise ModelLoadError(f"{type(pipe).__name__} is not a flow pipeline MemoGuard serves "
                                  f"({', '.join(PIPELINES)})")
         self.family, self.name = family, name
+        self.pads_with_end_token = family == "sd3"
         self.transformer, self.scheduler, self.vae = pipe.transformer, pipe.scheduler, pipe.vae
         self.device, self.dtype = self.transformer.device, self.transformer.dtype
         if family == "sd3":
