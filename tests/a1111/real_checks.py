@@ -387,7 +387,7 @@ def token_removal_across_a_chunk_is_the_prompt_typed_alone(base):
     typed = txt2img(base, "Euler", MONITOR_ONLY, **dict(settings, prompt=" ".join(
         w for w in CHUNK_EDGE_PROMPT.split() if w not in words)))
     assert mitigated == pytest.approx(call(base + "/memoguard-probe/explanation")["score"], rel=1e-3)
-    (size, a), (_, b) = pixels(result["images"][0]), pixels(typed["images"][0])
+    (_, a), (_, b) = pixels(result["images"][0]), pixels(typed["images"][0])
     differ = sum(abs(x - y) for x, y in zip(a, b)) / len(a)
     print(f"removed {words}: mean abs pixel difference from the typed prompt {differ:.3f} (of 255)")
     assert differ < 1.0

@@ -8,7 +8,6 @@ the repository's own copy of CLIP's BPE (memoguard/assets/tiny-sd/tokenizer); th
 ViT-L/14's published architecture. Run it with a python that has transformers (the WebUI venv).
 Use with HF_HOME=<HF_HOME> HF_HUB_OFFLINE=1.
 """
-import json
 import shutil
 import sys
 from pathlib import Path
