@@ -35,9 +35,9 @@ def _json(name):
     return json.loads((ROOT / name).read_text())
 
 
-def _unet_params(model="tiny-sd"):
+def _unet_params(model="tiny-sd", part="unet"):
     from safetensors.torch import load_file
-    return sum(t.numel() for t in load_file(ROOT / f"memoguard/assets/{model}/unet/diffusion_pytorch_model.safetensors")
+    return sum(t.numel() for t in load_file(ROOT / f"memoguard/assets/{model}/{part}/diffusion_pytorch_model.safetensors")
                .values())
 
 
@@ -123,6 +123,9 @@ CLAIMS = [
     ("of 4.2 M parameters", lambda: round(_unet_params("tiny-ldm") / 1e6, 1) == 4.2),
     ("a 3-layer `CLIPTextModel`", lambda: _ldm("text_encoder/config.json")["num_hidden_layers"] == 3),
     ("(1,539 s on 2 cores", lambda: _ldm("memoguard_training.json")["train_seconds"] == 1539),
+    ("(1,857 s on 2 cores)", lambda: _json("memoguard/assets/tiny-flow/memoguard_training.json")["train_seconds"]
+     == 1857),
+    ("an MMDiT of 1.3 M parameters", lambda: round(_unet_params("tiny-flow", "transformer") / 1e6, 1) == 1.3),
     ("Its 32 memorized", lambda: len(_outdoor().memorized_captions) == 32),
     ("duplicated 10, 20, 40 or 80 times", lambda: sorted(set(_outdoor().memorized_duplicates)) == [10, 20, 40, 80]),
     ("each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4),
