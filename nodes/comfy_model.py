@@ -122,13 +122,13 @@ class _Stream(NamedTuple):
 
 class _Layout(NamedTuple):
     """Where a tokenization's prompt lies: each position's token text, prompt and BOS masks, ids, word numbers, and
-    whether the positions are one CLIP's chunks alone (no T5 stream)."""
+    how many leading positions are a CLIP's chunks (all of them without a T5 stream; None where T5 comes alone)."""
     tokens: List[str]
     prompt_mask: torch.Tensor
     frozen_mask: torch.Tensor
     ids: torch.Tensor
     words: List[int]
-    clip_only: bool
+    clip_positions: Optional[int]
 
 
 class _Row(NamedTuple):
@@ -294,12 +294,13 @@ class ComfyDiffusionModel(DiffusionModel):
                 ids.append(tok if isinstance(tok, int) else -1)  # an embedding's vectors (textual inversion): -1
                 words.append(word)
         return _Layout(text, torch.tensor(prompt), torch.tensor(frozen), torch.tensor(ids), words,
-                       feeding[0] in CLIP_STREAMS and len(feeding) == 1)
+                       len(streams[feeding[0]].pairs) if feeding[0] in CLIP_STREAMS else None)
 
-    def clip_chunks(self, text: str, length: int) -> bool:
-        """Whether a conditioning of `length` positions that encodes `text` is one CLIP's 77-token chunks alone:
-        padding masking's premise (CLIP pads a prompt with copies of its end token)."""
-        return self._layout(self._tokenize(text), length).clip_only
+    def clip_positions_of(self, text: str, length: int) -> Optional[int]:
+        """How many leading positions of a conditioning of `length` positions that encodes `text` are a CLIP's
+        77-token chunks (SD1, SDXL: all; SD3: those before T5's), None where none are: padding masking's premise
+        (CLIP pads a prompt with copies of its end token)."""
+        return self._layout(self._tokenize(text), length).clip_positions
 
     def prompt_encoding(self, text: str, embedding: torch.Tensor, extra: dict,
                         check: bool) -> Optional[PromptEncoding]:

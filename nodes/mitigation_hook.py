@@ -119,11 +119,13 @@ class MitigationSession:
                                                  lr=s.lr, max_iters=s.max_iters, should_stop=interrupted, **common)
                 new_extra = {}
             else:
-                if self.strategy == "mask_padding" and not model.clip_chunks(source.text, cond.shape[1]):
-                    if s.strategy != "auto":
-                        raise UnsupportedModel(f"{PADDING_PREMISE}: choose {DEFAULT_WITHOUT_PADDING}")
-                    self.strategy = DEFAULT_WITHOUT_PADDING  # auto: the prompt strategy whose premise holds for any encoder
-                    self.notes.append("auto: token removal (padding masking needs a CLIP-only conditioning)")
+                if self.strategy == "mask_padding":
+                    model.clip_positions = model.clip_positions_of(source.text, cond.shape[1])
+                    if model.clip_positions is None:
+                        if s.strategy != "auto":
+                            raise UnsupportedModel(f"{PADDING_PREMISE}: choose {DEFAULT_WITHOUT_PADDING}")
+                        self.strategy = DEFAULT_WITHOUT_PADDING  # auto: the strategy whose premise holds for any encoder
+                        self.notes.append("auto: token removal (padding masking needs a CLIP chunk in the conditioning)")
                 prompt = model.prompt_encoding(source.text, cond, extra_c, check=self.strategy == "remove_tokens")
                 if prompt is None:
                     self._report_skip(f"the positive conditioning is not MemoGuard Text Encode's encoding of its "

@@ -23,8 +23,9 @@ class EmbeddingMinimization(io.ComfyNode):
                         "the positive prompt comes from MemoGuard Text Encode (the prompt's padding, copies of its "
                         "end token that drive the recall, zeroed at the first step: one extra model call), else "
                         "opposite guidance (the first steps guided away from the prompt: no extra call). Both are "
-                        "the best measured on both evaluation models (BENCHMARKS.md); with T5 positions (SD3, Flux) "
-                        "auto removes words instead. Where a model's positions are not its words the prompt "
+                        "the best measured on both evaluation models (BENCHMARKS.md); SD3 masks its CLIP part's padding "
+                        "(T5's untouched), and where T5 or an LLM feeds the model alone (Flux, Chroma) auto removes "
+                        "words instead. Where a model's positions are not its words the prompt "
                         "strategies say so and leave the prompt unchanged.",
             inputs=[
                 io.Model.Input("model", tooltip="The model your sampler uses."),

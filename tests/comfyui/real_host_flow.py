@@ -244,10 +244,13 @@ def main():
                                    "pooled_vs_typed": float(max((edited.extra[k] - typed.extra[k]).abs().max()
                                                                 for k in typed.extra)),
                                    "effect": float((edited.embedding - cond.embedding).abs().max())}
+                clip_positions = adapter.clip_positions_of(TEXT, cond.embedding.shape[1])  # SD3: its CLIP chunk's
+                row["reencode"]["clip_padding"] = (None if clip_positions is None else clip_positions - 2 - int(
+                    cond.prompt_mask[0, :clip_positions].sum()))  # after BOS, the prompt and the end-of-text
             auto = MitigationSession(MitigationSettings(mitigation="always", strategy="auto"), **quiet)
             sample(attach_mitigation(model, auto))
             row["auto_strategy"] = {"strategy": auto.record.strategy if auto.record else None, "notes": auto.notes,
-                                    "error": auto.error}
+                                    "error": auto.error, "masked": auto.record.masked if auto.record else None}
             session = MitigationSession(MitigationSettings(mitigation="always", strategy="remove_tokens"), **quiet)
             after = MonitorSession(MonitorSettings(), **quiet)
             sample(attach_monitor(attach_mitigation(model, session), after))

@@ -217,7 +217,7 @@ def test_a_clip_and_t5_conditioning_maps_each_word_to_both_streams_and_leaves_it
     assert ["".join(cond.tokens[0][i] for i in g) for g in groups] == ["a", "purple", "ring", ",", "lighthouse",
                                                                        "poster"]
     torch.testing.assert_close(edited.embedding, typed.embedding)
-    assert not adapter.clip_chunks(TEXT, 2 * CHUNK)
+    assert adapter.clip_positions_of(TEXT, 2 * CHUNK) == CHUNK
     texts = []
     auto = MitigationSession(MitigationSettings(mitigation="always", strategy="auto"), emit=lambda e, d: None,
                              show=lambda t, n: texts.append(t))
@@ -225,5 +225,6 @@ def test_a_clip_and_t5_conditioning_maps_each_word_to_both_streams_and_leaves_it
         pos = with_prompt_source(clip.encode_from_tokens_scheduled(clip.tokenize(TEXT)), TEXT, clip)
         neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     harness.sample(attach_mitigation(patcher, auto), torch.randn(1, 3, 16, 16), pos, neg, cfg=3.0, steps=STEPS)
-    assert auto.error is None and auto.record.strategy == "remove_tokens" and auto.record.ran
-    assert any("padding masking needs" in n for n in auto.notes)
+    # SD3's default: the CLIP chunk's padding masked (after BOS, the prompt and the end-of-text), T5's untouched
+    assert auto.error is None and auto.record.strategy == "mask_padding" and auto.record.ran and not auto.notes
+    assert auto.record.masked == [CHUNK - 2 - int(cond.prompt_mask[0, :CHUNK].sum())]

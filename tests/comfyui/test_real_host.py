@@ -504,9 +504,13 @@ def test_flow_families_are_scored_calibrated_explained_and_mitigated_in_the_real
         assert reencode["words"] == ["a", "purple", "ring", ",", "lighthouse", "poster"] and reencode["length"] == length
         assert min(reencode["positions"]) >= (2 if name.startswith("sd3") else 1)
         assert reencode["edited_vs_typed"] < 1e-5 and reencode["pooled_vs_typed"] < 1e-5 < reencode["effect"]
-        # padding masking's premise is CLIP's padding: with T5 positions "auto" removes words, and says so
-        auto = present[name]["auto_strategy"]
-        assert auto["strategy"] == "remove_tokens" and any("padding masking needs" in n for n in auto["notes"])
+    # padding masking's premise is CLIP's padding: SD3 masks its CLIP chunk's (T5's positions untouched); Flux's T5
+    # alone has none, and "auto" removes words there, and says so
+    sd3, flux = present["sd3_own_encoders"]["auto_strategy"], present["flux_own_encoders"]["auto_strategy"]
+    assert sd3["strategy"] == "mask_padding" and sd3["notes"] == [] and sd3["error"] is None
+    assert sd3["masked"] == [present["sd3_own_encoders"]["reencode"]["clip_padding"]] and sd3["masked"][0] > 0
+    assert present["flux_own_encoders"]["reencode"]["clip_padding"] is None
+    assert flux["strategy"] == "remove_tokens" and any("padding masking needs" in n for n in flux["notes"])
     assert present["sd3"]["auto_strategy"]["strategy"] == "mask_padding"  # fed by a CLIP alone
     # Flux dev's embedded guidance: recorded by the calibration, a run at another one says so
     assert present["flux"]["calibration"]["embedded_guidance"] == 3.5
