@@ -50,10 +50,10 @@ def verdict_label(v: Verdict) -> str:
 
 def mitigation_text(record: Optional[MitigationRecord], position: int) -> Optional[str]:
     """The infotext value: what was changed, so the image can be made again: "MODE padding masked N positions
-    BEFORE -> AFTER", "MODE removed WORD ... BEFORE -> AFTER" (the prompt without those words, as typed alone unless
-    marked padded), "MODE N iterations
-    BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE guidance S for K steps" (opposite
-    guidance), "MODE not needed (first-step score X under the threshold T)" or "MODE not run (why)"."""
+    BEFORE -> AFTER", "MODE removed WORD ... BEFORE -> AFTER" (the prompt typed without those words, unless marked
+    padded), "MODE N iterations BEFORE -> AFTER" (minimize), "MODE guidance delayed K steps", "MODE guidance S for
+    K steps" (opposite guidance), "MODE not needed (first-step score X under the threshold T)" or "MODE not run
+    (why)"."""
     if record is None:
         return None
     if not record.ran:

@@ -57,8 +57,10 @@ class _Tokens(NamedTuple):
 class DiffusersFlowModel(DiffusionModel):
     parameterization = "flow"
     reencodes = True
-    pads_with_end_token = False  # T5 pads with <pad>, not copies of an end token: no padding masking
-    clip_positions = CHUNK  # SD3: CLIP-L and CLIP-G's chunk comes first, padded as SDXL's (then T5's positions)
+    # T5 pads with <pad>, not copies of an end token: padding masking only where a CLIP chunk comes first (SD3's
+    # CLIP-L and CLIP-G positions, padded as SDXL's; T5's positions after them untouched)
+    pads_with_end_token = False
+    clip_positions = CHUNK
 
     def __init__(self, pipe, name: str = "pipeline"):
         family = PIPELINES.get(type(pipe).__name__)
@@ -297,5 +299,6 @@ def load_flow_pipeline(folder, index: dict, device: str, dtype) -> DiffusersFlow
     if notes.is_file():
         model.training_notes = json.loads(notes.read_text())
         model.guidance = float(model.training_notes.get("guidance", model.guidance))
-        model.t5_length = int(model.training_notes.get("max_sequence_length", model.t5_length))
+        if "max_sequence_length" in model.training_notes:
+            model.t5_length = int(model.training_notes["max_sequence_length"])
     return model

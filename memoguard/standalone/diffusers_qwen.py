@@ -54,6 +54,10 @@ class QwenImageModel(DiffusersFlowModel):
         self.training_notes = {}
         self._key = None
 
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer]
+
     # -- DiffusionModel -------------------------------------------------------------------
     def raw_prediction(self, x, t, embedding, extra):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).to(self.dtype)
