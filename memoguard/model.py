@@ -324,7 +324,7 @@ def expand_batch(value: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def match_length(embedding: torch.Tensor, length: int) -> torch.Tensor:
-    """Repeat a one-chunk (uncond) embedding to `length` tokens, as A1111 and ComfyUI do."""
+    """Repeat an embedding whole to `length` tokens (a one-chunk uncond to the prompt's), as A1111 and ComfyUI do."""
     if embedding.shape[1] == length:
         return embedding
     if length % embedding.shape[1]:
@@ -344,7 +344,7 @@ def fit_shorter_prompt(embedding: torch.Tensor, length: int, empty_chunk: Callab
     if short > length:
         raise ValueError(f"a prompt re-encoded without words has {short} positions, more than {length}")
     if length % short == 0:
-        return embedding.repeat(1, length // short, 1), False
+        return match_length(embedding, length), False
     pad = empty_chunk().to(embedding).repeat(embedding.shape[0], -(-(length - short) // CHUNK), 1)
     return torch.cat([embedding, pad], 1)[:, :length], True
 

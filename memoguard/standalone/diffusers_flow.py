@@ -16,13 +16,13 @@ A word is the same in every tokenizer stream (the n-th word of each: CLIP BPE pi
 pieces start them, punctuation is a word in both), so leaving a word out removes it from every stream, the pooled CLIP
 too: the prompt as if typed without it.
 """
-import json
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
 from ..errors import ModelLoadError
 from ..identity import weights_fingerprint
+from .diffusers_model import read_training_notes
 from ..model import CHUNK, TOKENS_PER_CHUNK, WORD_START, DiffusionModel, PromptEncoding, sentencepiece_word_ends, \
     word_numbers
 
@@ -295,10 +295,7 @@ def load_flow_pipeline(folder, index: dict, device: str, dtype) -> DiffusersFlow
         model = QwenImageModel(pipe, name=folder.name)
     else:
         model = DiffusersFlowModel(pipe, name=folder.name)
-    notes = folder / "memoguard_training.json"  # an evaluation model's own (its guidance, its dataset)
-    if notes.is_file():
-        model.training_notes = json.loads(notes.read_text())
-        model.guidance = float(model.training_notes.get("guidance", model.guidance))
-        if "max_sequence_length" in model.training_notes:
-            model.t5_length = int(model.training_notes["max_sequence_length"])
+    read_training_notes(model, folder)
+    if "max_sequence_length" in model.training_notes:  # what the flow evaluation model samples at
+        model.t5_length = int(model.training_notes["max_sequence_length"])
     return model

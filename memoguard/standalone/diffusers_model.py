@@ -246,9 +246,15 @@ def build_model(unet, encoders, tokenizers, scheduler, vae, name, device="cpu", 
         if dtype != torch.float32:
             m.to(dtype)
     model = DiffusersModel(unet, encoders, tokenizers, scheduler, vae, name=name, device=device, dtype=dtype)
-    notes = notes_dir / "memoguard_training.json" if notes_dir is not None else None  # the evaluation models' own
-    if notes is not None and notes.is_file():
+    if notes_dir is not None:
+        read_training_notes(model, notes_dir)
+    return model
+
+
+def read_training_notes(model, folder: Path) -> None:
+    """An evaluation model's own memoguard_training.json, where its folder has one: its guidance and its dataset."""
+    notes = folder / "memoguard_training.json"
+    if notes.is_file():
         model.training_notes = json.loads(notes.read_text())
         model.guidance = float(model.training_notes.get("guidance", model.guidance))
-    return model
 
