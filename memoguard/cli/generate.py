@@ -42,8 +42,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's own; 7.5 for SD)")
     p.add_argument("--mitigation", choices=MITIGATIONS, default="off",
-                   help="off; default (padding masking, the best measured on both evaluation models); or a "
-                        "strategy")
+                   help="off; default (padding masking, the best measured on the evaluation models; token "
+                        "removal where no CLIP chunk feeds the model: Flux, Chroma, Qwen-Image); or a strategy")
     p.add_argument("--mode", choices=MODES[1:], default=None,
                    help="auto: mitigate only flagged images (needs a calibration); always: every image "
                         "(default: auto with a calibration, always without)")
