@@ -101,10 +101,11 @@ def test_the_flow_model_is_a_standard_sd3_folder_sampled_as_its_pipeline_samples
     enc = model.encode(captions)
     theirs, _, pooled, _ = pipe.encode_prompt(captions, captions, None, do_classifier_free_guidance=False,
                                               max_sequence_length=model.t5_length)
-    assert torch.equal(enc.embedding, theirs) and torch.equal(enc.extra["pooled"], pooled)
+    same = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # the same encoder calls, however BLAS splits them
+    assert same(enc.embedding, theirs) and same(enc.extra["pooled"], pooled)
     with torch.no_grad():
         trained = encode_text([pipe.text_encoder, pipe.text_encoder_2], tokenize(pipe.tokenizer, captions)[0])
-    assert torch.equal(enc.embedding, trained[0]) and torch.equal(enc.extra["pooled"], trained[1])
+    assert same(enc.embedding, trained[0]) and same(enc.extra["pooled"], trained[1])
     x = initial_noise(model, model.latent_shape(), [0])
     ours = sample(model, model.encode(captions[:1]), model.encode([""]), x, 10).latents
     size = model.image_size()[0]
