@@ -74,7 +74,7 @@ DEFAULT_WITHOUT_PROMPT = "opposite_guidance"
 DEFAULT_WITHOUT_PADDING = "remove_tokens"
 PADDING_PREMISE = ("padding masking zeroes a CLIP's padding (copies of its end token); this model's prompt positions "
                    "have no CLIP chunk (T5 or an LLM alone)")
-PADDED_NOTE = "padded to the prompt's length with an empty chunk, as in a batch: typed alone it gives another image"
+PADDED_NOTE = "padded to the prompt's length, as in a batch: typed alone it gives another image"
 STRATEGY_NAMES = {"remove_tokens": "token removal", "minimize": "embedding minimization (paper)",
                   "guidance_delay": "delayed guidance", "opposite_guidance": "opposite guidance",
                   "new_noise": "new initial noise", "optimize_noise": "optimized initial noise (SAIL)",
@@ -97,8 +97,8 @@ class MitigationRecord:
     reason: str = ""
     strategy: str = "minimize"
     removed: List[List[str]] = field(default_factory=list)    # remove_tokens: words left out, per image
-    # remove_tokens: the shorter prompt padded with the empty prompt's chunk (a batch's padding), per image: the
-    # prompt typed without the words gives another image (memoguard.model.fit_shorter_prompt)
+    # remove_tokens: the shorter prompt padded to the prompt's length (a batch's padding), per image: the prompt
+    # typed without the words gives another image (memoguard.model.fit_shorter_prompt)
     padded: List[bool] = field(default_factory=list)
     delay_steps: int = 0                                      # schedules: steps at early_scale
     early_scale: float = 0.0                                  # schedules: scale of those steps (0: no guidance)

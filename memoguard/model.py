@@ -34,8 +34,9 @@ class PromptEncoding:
     words: words[b][i] numbers the word position i belongs to (BPE pieces of one word share it; -1 outside
     the prompt), where the adapter's tokenizer marks word ends; None: every token is its own word.
     texts: each row's prompt text, kept by adapters that re-encode from the text (ComfyUI: its weights syntax).
-    padded: per row of an encoding made without words, whether a shorter prompt was padded with the empty prompt's
-    chunk to this length (fit_shorter_prompt), which the prompt typed alone is not; None: no row was.
+    padded: per row of an encoding made without words, whether the shorter prompt was padded to this length (with
+    the empty prompt's chunk: fit_shorter_prompt; or in place, each chunk), which the prompt typed alone is not;
+    None: no row was.
     """
     embedding: torch.Tensor
     tokens: List[List[str]]

@@ -14,14 +14,14 @@ Explanation and mitigation also need the words behind each position: known where
 512 padded positions, Chroma's unpadded T5 once a word is left out) are refused with the reason.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, NamedTuple, Optional
 
 import torch
 
 from memoguard import DiffusionModel, PromptEncoding
 from memoguard.errors import MemoGuardError
-from memoguard.model import WORD_START, sentencepiece_word_ends, word_numbers
+from memoguard.model import WORD_START, fit_shorter_prompt, sentencepiece_word_ends, word_numbers
 from memoguard.host_autograd import ordinary
 from memoguard.hosts import CHUNK, coefficients_kdiffusion
 
@@ -96,6 +96,27 @@ def model_inputs(extra: dict) -> dict:
             key = key[len(CONSTANT):]
         out[key] = value
     return out
+
+
+def _cut_out(text: str, spans) -> str:
+    """text without the (start, end) spans. Where a cut word is followed by a character of its own (a comma), that
+    character joins the word before, as it is typed without the word ("a ring, sky" less "ring" is "a, sky":
+    SentencePiece marks the space before it); two words the cut would join stay apart."""
+    for start, end in sorted(spans, reverse=True):
+        left, right = text[:start], text[end:]
+        if right[:1].strip():
+            left = left.rstrip()
+            if left[-1:].isalnum() and right[:1].isalnum():
+                left += " "
+        text = left + right
+    return text
+
+
+def _same_tokens(a: list, b: list) -> bool:
+    """Whether two lists of (token, weight) are the same: ids equal, or an embedding's vectors equal."""
+    same = lambda x, y: (torch.equal(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+                         else not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y)
+    return len(a) == len(b) and all(same(x, y) and v == w for (x, v), (y, w) in zip(a, b))
 
 
 def _without(chunks, drop: set, pad):
@@ -201,27 +222,75 @@ class ComfyDiffusionModel(DiffusionModel):
                  self._batch([r for r, n in zip(rows, lengths) if n == length])) for length in sorted(set(lengths))]
 
     def encode_without(self, cond: PromptEncoding, edits) -> PromptEncoding:
-        """The prompt tokenized again by the CLIP (its weights syntax, embeddings and chunks), the words at the
-        left-out positions dropped from every tokenizer's stream (SD3's CLIP and T5 alike, Flux's pooling CLIP too),
-        each chunk closed and padded again; every other token keeps its weight. The row's prompt_type is "positive"
-        (the explained and mitigated prompt)."""
+        """The prompt typed without the words at the left-out positions, one row per edit at cond's length: its text
+        with those words cut out, tokenized and encoded by the CLIP as ComfyUI encodes any prompt (its weights syntax,
+        embeddings and 77-token chunks, so the words after a cut one move up a chunk). One that lost a chunk comes
+        back to cond's length by memoguard.model.fit_shorter_prompt: repeated whole, as ComfyUI's CFG batches
+        prompts of different lengths, else padded and marked. Where the cut text does not tokenize to the prompt's
+        tokens less the word's (text the tokenizer normalises, e.g. an HTML entity), the tokens are left out in
+        place, each chunk closed and padded again, and a prompt of several chunks is marked padded (typed alone
+        it would be chunked otherwise)."""
         if cond.texts is None or cond.words is None:
             raise ValueError("this encoding carries no prompt text (it was not made by encode())")
-        pads = {key: chunks[0][-1] if len(chunks[0]) > 1 else None  # each encoder's padding token (None: unpadded)
-                for key, chunks in self._tokenize("").items()}
-        rows = []
+        length = cond.embedding.shape[1]
+        empty = lambda: self._encode_one("", "positive").embedding
+        rows, padded = [], []
         for row, drop in edits:
+            text = cond.texts[row]
             left_out = {cond.words[row][i] for i in drop} - {-1}
-            tokens = self._tokenize(cond.texts[row])
+            tokens = self._tokenize(text)
             streams = self._streams(tokens)
-            edited = {key: _without(chunks, {i for i, w in enumerate(streams[key].words) if w in left_out},
-                                    pads[key]) if key in streams else chunks
-                      for key, chunks in tokens.items()}
-            rows.append(self._encode_tokens(edited, cond.texts[row], "positive"))
-        if any(r.embedding.shape[1] != cond.embedding.shape[1] for r in rows):
+            cut = self._typed_without(text, cond.tokens[row], cond.words[row], left_out, streams)
+            encoded = None if cut is None else self._encode_tokens(cut[1], cut[0], "positive")
+            if encoded is not None and encoded.embedding.shape[1] < length and self._layout(
+                    tokens, length).clip_positions == length:  # CLIP chunks alone (SD1, SDXL): one was lost
+                embedding, was_padded = fit_shorter_prompt(encoded.embedding, length, empty)
+                encoded = encoded._replace(embedding=embedding)
+            elif encoded is None or encoded.embedding.shape[1] != length:
+                pads = {key: chunks[0][-1] if len(chunks[0]) > 1 else None  # each encoder's padding (None: unpadded)
+                        for key, chunks in self._tokenize("").items()}
+                edited = {key: _without(chunks, {i for i, w in enumerate(streams[key].words) if w in left_out},
+                                        pads[key]) if key in streams else chunks
+                          for key, chunks in tokens.items()}
+                encoded = self._encode_tokens(edited, text, "positive")
+                was_padded = any(len(tokens[key]) > 1 for key in streams)
+            else:
+                was_padded = False
+            rows.append(encoded)
+            padded.append(was_padded)
+        if any(r.embedding.shape[1] != length for r in rows):
             raise UnsupportedModel("a prompt re-encoded without a word changed its length: supported are "
                                    f"{WORDS_SUPPORTED}")
-        return self._batch(rows)
+        embedding = torch.cat([r.embedding for r in rows])
+        extra = {k: torch.cat([r.extra[k] for r in rows]) for k in rows[0].extra}
+        if self.device is not None:
+            embedding, extra = embedding.to(self.device), {k: v.to(self.device) for k, v in extra.items()}
+        sub = cond.rows([row for row, _ in edits])
+        return replace(sub.with_embedding(embedding), extra=extra, padded=padded if any(padded) else None)
+
+    def _typed_without(self, text: str, tokens: List[str], words: List[int], left_out: set, streams: dict):
+        """(text, its tokenization) of `text` with the words numbered `left_out` cut out (_cut_out), or None where a word is not found in the text as its pieces spell it, or the cut text does not tokenize to
+        the prompt's tokens less the word's in every stream (the same tokens and weights, in order)."""
+        spelled = {}
+        for position, word in enumerate(words):
+            if word >= 0:
+                spelled[word] = spelled.get(word, "") + tokens[position]
+        lower, spans, at = text.lower(), {}, 0
+        for word in sorted(spelled):
+            start = lower.find(spelled[word].lower(), at) if spelled[word] else -1
+            if start < 0:
+                return None
+            at = start + len(spelled[word])
+            spans[word] = (start, at)
+        cut = _cut_out(text, [spans[w] for w in left_out])
+        retokenized = self._tokenize(cut)
+        again = self._streams(retokenized)
+        for key, stream in streams.items():
+            kept = [(tok, weight) for (tok, weight, seg), word in zip(stream.pairs, stream.words)
+                    if seg > 0 and word not in left_out]
+            if key not in again or not _same_tokens(kept, [(t, w) for t, w, seg in again[key].pairs if seg > 0]):
+                return None
+        return cut, retokenized
 
     def _tokenize(self, text: str) -> dict:
         """{encoder key: chunks of (token, weight, word id)}: word id 0 marks BOS, EOS and padding."""

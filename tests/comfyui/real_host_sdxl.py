@@ -16,6 +16,11 @@ from comfyui_host import load_comfy  # noqa: E402
 
 TEXT = "a purple ring, lighthouse poster"
 WEIGHTED, WEIGHTED_WITHOUT = "a (purple:1.3) ring, lighthouse poster", "a (purple:1.3) ring, poster"
+# 74 tokens, then a weighted group of 2 that ComfyUI moves whole into the second chunk; without "lighthouse" it
+# fits the first: typed alone, the prompt is chunked otherwise than its tokens left out in place
+LONG = "a purple ring, lighthouse poster" + " red" * 68 + " (blue sky:1.2)" + " red" * 10
+# 76 tokens, two chunks; without "lighthouse" 75, one
+LOSES_A_CHUNK = "a purple ring, lighthouse poster" + " red" * 70
 STEPS = 4
 
 
@@ -84,12 +89,26 @@ def main():
             weighted = adapter.encode([WEIGHTED])
             edited = adapter.encode_without(weighted, [(0, weighted.word_groups(0)[4])])
             typed, unweighted = adapter.encode([WEIGHTED_WITHOUT]), adapter.encode([WEIGHTED_WITHOUT.replace("(purple:1.3)", "purple")])
+            long, loses = adapter.encode([LONG]), adapter.encode([LOSES_A_CHUNK])
+            long_edited = adapter.encode_without(long, [(0, long.word_groups(0)[4])])
+            long_typed = adapter.encode([LONG.replace(" lighthouse", "")])
+            lost = adapter.encode_without(loses, [(0, loses.word_groups(0)[4])])
+            alone = adapter.encode([LOSES_A_CHUNK.replace(" lighthouse", "")])
+            x = adapter.initial_x(noise)
+            eps_lost, eps_alone = (adapter.eps(x, sigmas[0], e.embedding, e.extra) for e in (lost, alone))
+        out["long"] = {
+            "tokens": [c.tolist().count(True) for c in long.prompt_mask], "length": long.embedding.shape[1],
+            "group_moved": clip.tokenize(LONG)["l"][0][-2][0] == clip.tokenize("")["l"][0][-1][0],
+            "edited_vs_typed": float((long_edited.embedding - long_typed.embedding).abs().max()),
+            "y_vs_typed": float((long_edited.extra["y"] - long_typed.extra["y"]).abs().max()),
+            "padded": long_edited.padded, "lost_length": [lost.embedding.shape[1], alone.embedding.shape[1]],
+            "lost_padded": lost.padded, "lost_eps_vs_typed": float((eps_lost - eps_alone).abs().max()),
+            "eps_scale": float(eps_alone.abs().max())}
         out["y_shape"] = list(cond.extra["y"].shape)
         out["adapter_first_step"] = step_score(eps_c - eps_u).tolist()
         out["reencode"] = {"words": ["".join(weighted.tokens[0][i] for i in g) for g in weighted.word_groups(0)],
                            "edited_vs_typed": float((edited.embedding - typed.embedding).abs().max()),
-                           "weight_effect": float((typed.embedding - unweighted.embedding).abs().max()),
-                           "edited_tokens": edited.tokens[0] == typed.tokens[0]}
+                           "weight_effect": float((typed.embedding - unweighted.embedding).abs().max())}
 
         hidden = {io.Hidden.unique_id: "10"}
         takes_v3_data = "v3_data" in inspect.signature(TokenContributionsNode.PREPARE_CLASS_CLONE).parameters

@@ -159,10 +159,54 @@ def test_words_are_bpe_pieces_together_and_a_word_left_out_is_the_prompt_without
         ring, lighthouse = cond.word_groups(0)[2], cond.word_groups(0)[4]
         edited = adapter.encode_without(cond, [(0, lighthouse), (0, ring + lighthouse)])
         typed = adapter.encode(["a purple ring, poster", "a purple , poster"])
-    assert torch.allclose(edited.embedding, typed.embedding, atol=1e-6)
-    assert edited.tokens == typed.tokens and torch.equal(edited.prompt_mask, typed.prompt_mask)
+    assert torch.allclose(edited.embedding, typed.embedding, atol=1e-6) and edited.padded is None
     # an encoding a host handed over (no text) is not re-encoded: the explanation falls back to gradient x input
     assert not adapter.can_reencode(encoding(cond.embedding, 7))
+
+
+def test_a_cut_word_leaves_its_punctuation_to_the_word_before_and_never_joins_two_words():
+    from nodes.comfy_model import _cut_out
+    text = "a purple ring, sky,cloud"
+    span = lambda word: (text.index(word), text.index(word) + len(word))
+    assert _cut_out(text, [span("ring")]) == "a purple, sky,cloud"
+    comma = text.rindex(",")
+    assert _cut_out(text, [(comma, comma + 1)]) == "a purple ring, sky cloud"
+    assert _cut_out(text, [span("a"), span("ring")]) == " purple, sky,cloud"
+
+
+def test_a_word_left_out_of_a_long_prompt_is_the_prompt_typed_without_it(with_clip):
+    """ComfyUI chunks a prompt typed without a word afresh (the words after it move up a chunk): encode_without is
+    that prompt, brought back to the length the sampler has by repeating it whole where a chunk was lost (as
+    ComfyUI's CFG batches prompts of different lengths), else padded with the empty prompt's chunk and marked."""
+    base, clip = with_clip
+    head = "a purple ring, lighthouse poster"
+    with torch.inference_mode():
+        adapter = ComfyDiffusionModel(base, harness.schedule(base, 4), clip, torch.randn(1, 3, 16, 16))
+        # 6 words + 74 fillers = 80 tokens: two chunks before and after; "lighthouse" (word 4) lies in the first
+        text = head + " red" * 74
+        cond = adapter.encode([text])
+        assert cond.embedding.shape[1] == 2 * CHUNK
+        edited = adapter.encode_without(cond, [(0, cond.word_groups(0)[4])])
+        typed = adapter.encode([head.replace(" lighthouse", "") + " red" * 74])
+        # one token fewer than two chunks' 151 (ids 0..150: BOS, 75, EOS, BOS, 75 ...): typed alone it is one chunk
+        short = adapter.encode([head + " red" * 70])
+        assert short.embedding.shape[1] == 2 * CHUNK
+        lost = adapter.encode_without(short, [(0, short.word_groups(0)[4])])
+        alone = adapter.encode([head.replace(" lighthouse", "") + " red" * 70])
+        # three chunks that lose one: two do not divide three, so the shorter prompt is padded, and marked
+        three = adapter.encode([head + " red" * 145])
+        padded = adapter.encode_without(three, [(0, three.word_groups(0)[4])])
+        # a word the text does not spell as its pieces do (CLIP's byte-level pieces of "é"): left out in place
+        accented = adapter.encode(["a purple café, lighthouse poster" + " red" * 74])
+        cafe = next(g for g in accented.word_groups(0) if "".join(accented.tokens[0][i] for i in g) != "".join(
+            accented.tokens[0][i] for i in g).encode("ascii", "ignore").decode())
+        kept_chunks = adapter.encode_without(accented, [(0, cafe)])
+    assert torch.allclose(edited.embedding, typed.embedding, atol=1e-6) and edited.padded is None
+    assert alone.embedding.shape[1] == CHUNK and lost.padded is None
+    assert torch.allclose(lost.embedding, alone.embedding.repeat(1, 2, 1), atol=1e-6)
+    assert padded.embedding.shape[1] == 3 * CHUNK and padded.padded == [True]
+    assert torch.allclose(padded.embedding[:, 2 * CHUNK:], adapter.encode([""]).embedding, atol=1e-6)
+    assert kept_chunks.embedding.shape[1] == 2 * CHUNK and kept_chunks.padded == [True]
 
 
 def test_token_contributions_node_leaves_each_word_out_and_says_when_none_ends_the_recall(with_clip, tmp_path):

@@ -457,8 +457,15 @@ def test_sdxl_token_contributions_and_mitigation_in_the_real_host():
     assert sum(out["tokens_gradient"]["shares"]) == pytest.approx(1.0) and min(out["tokens_gradient"]["scores"]) > 0
     # a word left out keeps the weights of the others: the same conditioning as the prompt typed without it
     reencode = out["reencode"]
-    assert reencode["words"] == ["a", "purple", "ring", ",", "lighthouse", "poster"] and reencode["edited_tokens"]
+    assert reencode["words"] == ["a", "purple", "ring", ",", "lighthouse", "poster"]
     assert reencode["edited_vs_typed"] < 1e-5 < reencode["weight_effect"]
+    # past a 77-token chunk too: the words after a left-out one move up a chunk as ComfyUI chunks the prompt typed
+    # without it (a weighted group kept whole included), and one that loses a chunk samples as the shorter prompt
+    long = out["long"]
+    assert long["tokens"] == [86] and long["length"] == 154 and long["group_moved"]
+    assert long["edited_vs_typed"] < 1e-5 and long["y_vs_typed"] < 1e-5 and long["padded"] is None
+    assert long["lost_length"] == [154, 77] and long["lost_padded"] is None
+    assert long["lost_eps_vs_typed"] < 1e-4 * long["eps_scale"]
     mitigation = out["mitigation"]
     assert mitigation["error"] is None and mitigation["ran"] and mitigation["after"][0] < mitigation["before"][0]
     assert mitigation["sampler_first_step"] == pytest.approx(mitigation["after"], rel=1e-4)
