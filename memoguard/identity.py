@@ -29,7 +29,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         n = flat.numel()
         idx = torch.arange(min(n, SAMPLES), device=flat.device) * n // min(n, SAMPLES)
         records.append(n)
-        signs.append(flat[idx] > 0)
+        signs.append(flat[idx].float() > 0)  # fp8 weights (Forge Neo, ComfyUI) have no comparison on the CPU
     if not records:
         raise ValueError(f"{type(module).__name__} has no floating-point weights to fingerprint")
     sampled = torch.cat(signs).cpu()  # one transfer for the whole model

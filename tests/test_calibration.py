@@ -107,6 +107,10 @@ def test_fingerprint_ignores_names_layouts_and_precision_but_not_weights():
     key = weights_fingerprint(conv)
     assert key.startswith("unet-") and key == weights_fingerprint(lin) == weights_fingerprint(conv.half())
     assert key == weights_fingerprint(conv.to(torch.bfloat16))
+    # a checkpoint kept in fp8 (Forge Neo and ComfyUI load them so) is keyed by the signs of what it holds
+    fp8 = conv.to(torch.float8_e4m3fn)
+    assert fp8[0].weight.dtype == torch.float8_e4m3fn
+    assert weights_fingerprint(fp8).startswith("unet-") and weights_fingerprint(fp8) == weights_fingerprint(fp8.float())
     conv.float()
     with torch.no_grad():
         conv[0].weight.mul_(-1)
