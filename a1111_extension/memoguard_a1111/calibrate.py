@@ -4,8 +4,8 @@ The core's `memoguard.measure.calibrate` needs a `DiffusionModel` that encodes p
 a schedule. Here that model is the WebUI's: prompts go through `sd_model.get_learned_conditioning`
 (A1111's hijacked CLIP with its chunking and emphasis; Forge's text-processing engine), the UNet is
 called as the sampler calls it (A1111: the k-diffusion CompVisDenoiser / CompVisVDenoiser the Euler
-sampler wraps shared.sd_model in, so denoised x0 at sigma; Forge: the KModel's apply_model), and
-the schedule is that wrapper's own sigmas (Euler, "Automatic" schedule; DDIM in sigma form = Euler).
+sampler wraps shared.sd_model in, so denoised x0 at sigma; Forge: the KModel's apply_model, Forge Neo's flow
+models included), and the schedule is the one Euler's "Automatic" scheduler gives (DDIM in sigma form = Euler).
 The result is saved as <models_path>/memoguard/<key>.json, keyed by the weights fingerprint, and
 the script's verdicts pick it up by key.
 """
@@ -113,7 +113,8 @@ class _Encoder:
         if isinstance(cond, dict):
             extra[self.extra_key] = cond["vector"].float()
             cond = cond["crossattn"]
-        if isinstance(cond, (list, tuple)):  # one tensor per prompt
+        if isinstance(cond, (list, tuple)):  # one tensor per prompt: (L, C), or (1, L, C) (Forge Neo's Anima)
+            cond = [c[0] if c.dim() == 3 and c.shape[0] == 1 else c for c in cond]
             length = max(c.shape[0] for c in cond)
             cond = torch.stack([c.repeat(length // c.shape[0], 1) if c.shape[0] != length else c for c in cond])
         emb = cond.float()
@@ -123,21 +124,22 @@ class _Encoder:
 
 
 class _SigmaModel(DiffusionModel):
-    """What both WebUIs share: prompts through _Encoder, the schedule of a k-diffusion wrapper (`schedule`),
-    denoised x0 at sigma (x = x0 + sigma * eps)."""
+    """What both WebUIs share: prompts through _Encoder, the schedule the Euler sampler's "Automatic" scheduler
+    gives (`sigmas(n)`: n sigmas and a final 0), denoised x0 at sigma (x = x0 + sigma * eps; a rectified flow read
+    in the same form, memoguard.score)."""
 
     parameterization = "x0"
 
-    def __init__(self, schedule):
-        self.schedule = schedule  # the k-diffusion wrapper whose get_sigmas the samplers use
-        self.sigma_max = float(schedule.get_sigmas(2)[0])
-        self.init_noise_sigma = self.sigma_max
+    def __init__(self, sigmas):
+        self.sigmas = sigmas
+        self.sigma_max = float(sigmas(2)[0])
+        self.init_noise_sigma = self.sigma_max  # the sampler's x_T (a flow model's sigma_max is 1: the noise itself)
 
     def encode(self, prompts):
         return self._encode(prompts)
 
     def timesteps(self, steps: int) -> torch.Tensor:
-        return self.schedule.get_sigmas(steps)[:-1].float()
+        return self.sigmas(steps)[:-1].float()
 
     def coefficients(self, t):
         return coefficients_kdiffusion(t)
@@ -158,7 +160,7 @@ class WebUIKDiffusionModel(_SigmaModel):
         self.prediction = prediction_of(sd_model)
         self._encode = _Encoder(sd_model, width, height, "vector")
         self.sdxl = hasattr(sd_model, "conditioner")
-        super().__init__(self.wrap)
+        super().__init__(self.wrap.get_sigmas)
 
     def raw_prediction(self, x, t, embedding, extra):
         image_cond = x.new_zeros(x.shape[0], 5, 1, 1)  # what txt2img passes a text-to-image model
@@ -177,12 +179,9 @@ class ForgeKModel(_SigmaModel):
         from modules import sd_samplers_kdiffusion
         self.unet = sd_model.forge_objects.unet
         self.kmodel = self.unet.model
-        if prediction_name(getattr(self.kmodel.predictor, "prediction_type", "epsilon")) == "flow":
-            raise CalibrationError("calibration in the WebUI supports SD1.x, SD2.x and SDXL; this checkpoint is a "
-                                   "rectified-flow model (SD3 / Flux)")
         self.prediction = prediction_of(sd_model)
         self._encode = _Encoder(sd_model, width, height, "y")
-        super().__init__(sd_samplers_kdiffusion.CFGDenoiserKDiffusion(None).inner_model)  # Forge's schedule linker
+        super().__init__(_forge_sigmas(sd_model, sd_samplers_kdiffusion.CFGDenoiserKDiffusion(None).inner_model))
         self._prepared = False
 
     def raw_prediction(self, x, t, embedding, extra):
@@ -195,6 +194,17 @@ class ForgeKModel(_SigmaModel):
             self._prepared = True
         return self.kmodel.apply_model(x, t.to(x.device), c_crossattn=embedding, transformer_options={},
                                        **extra).float()
+
+
+def _forge_sigmas(sd_model, linker):
+    """Forge's "Automatic" schedule for Euler: its schedule linker's own sigmas, except on Forge Neo for the
+    families that are not SD1 / SDXL (Flux, Anima, Qwen-Image ...), where Automatic is Neo's Normal scheduler over
+    the predictor's sigma range (the linker's own would start a flow model above sigma 1)."""
+    if host_name() != "forge-neo" or sd_model.is_webui_legacy_model():
+        return linker.get_sigmas
+    from modules import sd_schedulers
+    normal = sd_schedulers.schedulers_map["Normal"].function
+    return lambda n: normal(n, float(linker.sigmas[0]), float(linker.sigmas[-1]), inner_model=linker, device="cpu")
 
 
 def sampling_model(sd_model, width: int, height: int) -> DiffusionModel:
@@ -324,7 +334,7 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
     try:
         with _webui_job(show), torch.inference_mode() if is_forge() else torch.no_grad():
             model = sampling_model(sd_model, s["width"], s["height"])
-            shape = (_latent_channels(sd_model), s["height"] // 8, s["width"] // 8)
+            shape = _latent_shape(sd_model, s["width"], s["height"])
             show("MemoGuard calibration: preparing")
             _first_forward(model, shape)  # weights final (lazy LoRA merge, Forge's load) before the key is taken
             key = model_key(sd_model)
@@ -352,6 +362,16 @@ def calibrate_current(settings: Optional[dict] = None, progress: Optional[Callab
             "band": calibration.band is not None, "band_prompts": s["band_prompts"] if calibration.band else 0,
             "conditions": calibration.conditions, "saved_to": str(path),
             "seconds": round(time.time() - started, 1)}
+
+
+def _latent_shape(sd_model, width: int, height: int) -> tuple:
+    """One image's txt2img latent as the WebUI makes it: Forge's VAE's channels (16 for Flux, Anima, Qwen-Image)
+    with a frame axis where Forge Neo samples video latents (is_wan: Anima, Qwen-Image), else the denoiser's input
+    channels; 1/8 of the image size."""
+    vae = getattr(getattr(sd_model, "forge_objects", None), "vae", None)
+    channels = getattr(vae, "latent_channels", None) or _latent_channels(sd_model)
+    frames = (1,) if getattr(sd_model, "is_wan", False) else ()
+    return (channels, *frames, height // 8, width // 8)
 
 
 def _latent_channels(sd_model) -> int:

@@ -69,11 +69,16 @@ def guided_difference(args: dict) -> torch.Tensor:
     return diff if strength == 1 else strength * diff
 
 
+PROMPT_FAMILIES = "SD1.x, SD2.x and SDXL only; ComfyUI explains and mitigates flow models"
+
+
 def check_supported(kmodel) -> None:
-    """Gradient features map embedding positions to CLIP tokens: not possible on T5-conditioned flow models."""
+    """Explanation and the prompt strategies map embedding positions to CLIP tokens: not on Forge's flow models,
+    whose text engines (T5, Qwen, Gemma, an adapter's rows) the WebUI does not lay out as words."""
     if is_rectified_flow(kmodel):
-        raise ValueError(f"{type(kmodel.diffusion_model).__name__} is a rectified-flow model (SD3, Flux): token "
-                         "explanation and mitigation support SD1.x, SD2.x and SDXL only; the score still works")
+        raise ValueError(f"{type(kmodel.diffusion_model).__name__} is a rectified-flow model: in the WebUI token "
+                         f"explanation and the prompt strategies support {PROMPT_FAMILIES}; the score, calibration "
+                         "and the schedules (opposite_guidance, guidance_delay) work on it")
 
 
 class ForgeModel(ReencodesPrompts, Denoiser):

@@ -24,7 +24,8 @@ from memoguard.calibration_lookup import run_detector
 from memoguard.host_autograd import differentiable, ordinary
 from memoguard.hosts import (HostSettings, combine_rows, failure_message, noise_level_vp,
                              release_memory, cond_for_early_guidance, early_guidance)
-from memoguard.mitigate import GuidanceDelay, MitigationError, mask_padding, plan_guidance_delay, remove_tokens
+from memoguard.mitigate import (DEFAULT_WITHOUT_PROMPT, GuidanceDelay, MitigationError, mask_padding, plan_guidance_delay,
+                               remove_tokens)
 from memoguard.verdict import verdict_for
 
 from . import calibrate as calibration_glue
@@ -491,6 +492,7 @@ class ForgeRunMonitor(RunMonitor):
         self._own_uncond: Optional[torch.Tensor] = None  # CFG 1: the negative prompt's prediction MemoGuard ran
         self._negatives: Dict[int, object] = {}  # CFG 1: the negative conditioning MemoGuard encoded, per iteration
         self.cfg1_scored = False
+        self.strategy_note = ""  # a prompt strategy a flow model cannot take, replaced by the best schedule
 
     def _post_cfg_hook(self):
         # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
@@ -513,11 +515,14 @@ class ForgeRunMonitor(RunMonitor):
         return memoguard_post_cfg
 
     def _before(self, params) -> None:
+        if getattr(params.denoiser, "p", None) is self.p:
+            unet = forge.forge_unet(params.denoiser)
+            self._flow = forge.is_rectified_flow(unet.model)
+            if self._flow and self.settings.changes_prompt:
+                self._schedule_instead()
         super()._before(params)
         self._own_uncond = None
         if self._pending is not None:
-            unet = forge.forge_unet(params.denoiser)
-            self._flow = forge.is_rectified_flow(unet.model)
             forge.install_post_cfg(params.denoiser, self.post_cfg)
             if params.text_uncond is None and self._pending.step < self.settings.window and not self._flow:
                 self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params, unet)
@@ -532,8 +537,16 @@ class ForgeRunMonitor(RunMonitor):
             self._negatives[iteration] = forge.negative_conditioning(self.p, params, unet)
         return self._negatives[iteration]
 
+    def _schedule_instead(self) -> None:
+        """On a rectified-flow model (Forge Neo's Flux, Anima, Qwen-Image ...) the WebUI maps no prompt positions to
+        words: a prompt strategy becomes the best measured schedule, which needs none, and the infotext says so."""
+        chosen = self.settings.strategy
+        self.settings = replace(self.settings, strategy=DEFAULT_WITHOUT_PROMPT)
+        self.strategy_note = (f"mitigation {DEFAULT_WITHOUT_PROMPT} instead of {chosen}: on a rectified-flow model "
+                              f"the WebUI changes no prompt embedding ({forge.PROMPT_FAMILIES})")
+
     def scoring_notes(self) -> List[str]:
-        return [FORGE_CFG1_NOTE] if self.cfg1_scored else []
+        return [FORGE_CFG1_NOTE] * self.cfg1_scored + [self.strategy_note] * bool(self.strategy_note)
 
     def _family(self, denoiser) -> str:
         return "forge"  # every Forge sampler calls the model in k-diffusion form (DDIM's timesteps become sigmas)

@@ -155,8 +155,22 @@ def test_forge_flow_model_is_scored_with_its_own_convention_and_refuses_gradient
     run(eps_p)
     monkeypatch.setattr(forge.forge_objects.unet.model.predictor, "prediction_type", "const")  # Forge: SD3 / Flux
     monitor, processed = run(p, explain=True)
-    assert "rectified-flow model (SD3, Flux)" in processed.comments
+    assert "is a rectified-flow model: in the WebUI token explanation" in processed.comments
     # a flow read as x = x0 + sigma * v: the same denoised outputs are the same difference, of velocities (the
     # noise difference (1 - sigma)(v_c - v_u) would vanish where flow samplers start, at sigma 1)
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0],
                                eps_p.memoguard.results[0].trace.per_step()[0], rtol=1e-4, atol=1e-7)
+
+
+def test_forge_flow_model_mitigates_with_the_best_schedule_instead_of_a_prompt_strategy(forge, monkeypatch):
+    """Forge Neo's Flux or Anima with the panel's default strategy (padding masking, which needs the prompt's
+    words): the opposite guidance schedule steers it instead, and the infotext says so."""
+    plain = processing.process_images(make_p(forge))
+    monkeypatch.setattr(forge.forge_objects.unet.model.predictor, "prediction_type", "const")
+    monitor, processed = run(make_p(forge), mitigation="always", strategy="mask_padding")
+    record = monitor.results[0].mitigation
+    assert record.strategy == "opposite_guidance" and record.ran and not monitor.errors
+    fields = infotext_fields(processed.infotexts[0])
+    assert fields["MemoGuard mitigation"].startswith("always guidance -3 for ")
+    assert "mitigation opposite_guidance instead of mask_padding" in fields["MemoGuard note"]
+    assert not torch.equal(plain.images[0], processed.images[0])
