@@ -181,6 +181,7 @@ CLAIMS = [
         "memoguard.evidence", "TrainingIndex.calibrate_copies", "fpr")) == 100),
     ("`--generations` (default\n100)", lambda: _cli_default("index", "generations") == 100),
     ("past CLIP's 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
+    ("afresh past 75 tokens", lambda: __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 75),
     # two chunks cannot repeat into three: a prompt losing its third is padded (memoguard.model.fit_shorter_prompt)
     ("prompt over 150 tokens that", lambda: 2 * __import__("memoguard.model", fromlist=["x"]).TOKENS_PER_CHUNK == 150),
     ("embedded guidance (3.5", lambda: __import__("memoguard.standalone.diffusers_flow",
