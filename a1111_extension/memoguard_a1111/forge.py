@@ -165,8 +165,10 @@ def negative_prediction(params, unet, cond) -> torch.Tensor:
     applied)."""
     x = params.x
     extra = _model_extras(params, unet, list(range(x.shape[0])), x)
-    if isinstance(cond, dict):
+    if isinstance(cond, dict):  # the model inputs Forge's compile_conditions makes of it
         extra["y"] = cond["vector"]
+        if "guidance" in cond:  # Flux dev's distilled guidance
+            extra["guidance"] = cond["guidance"]
     return unet.model.apply_model(x, params.sigma, c_crossattn=cond_embedding(cond), transformer_options={}, **extra)
 
 

@@ -26,8 +26,13 @@ def sampler_family(denoiser) -> str:
 
 
 def cond_embedding(cond) -> torch.Tensor:
-    """The cross-attention tensor of a conditioning: SD1/SD2 tensor or SDXL {'crossattn', 'vector'}."""
-    return cond["crossattn"] if isinstance(cond, dict) else cond
+    """The cross-attention tensor of a conditioning: SD1/SD2 tensor, SDXL's or Flux's {'crossattn', 'vector', ...},
+    or a text engine's list of one (1, L, C) tensor a prompt (Forge Neo's Anima)."""
+    if isinstance(cond, dict):
+        return cond["crossattn"]
+    if isinstance(cond, (list, tuple)):
+        return torch.cat([c if c.dim() == 3 else c[None] for c in cond])
+    return cond
 
 
 def with_embedding(cond, embedding: torch.Tensor, vector: Optional[torch.Tensor] = None):

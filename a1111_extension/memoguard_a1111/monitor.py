@@ -39,8 +39,7 @@ from .model_identity import model_key
 SKIPPED_UNCOND_KEYS = ("NGMS", "Skip Early CFG")
 
 FORGE_CFG1_REASON = ("Forge skips the negative-prompt pass at CFG scale 1, and MemoGuard's own pass failed (see "
-                     "MemoGuard error) or does not serve this model yet (flow models: Flux, Chroma, Qwen-Image); use a "
-                     "CFG scale other than 1 to score")
+                     "MemoGuard error); use a CFG scale other than 1 to score")
 FORGE_CFG1_NOTE = ("CFG scale 1: MemoGuard ran the negative prompt's pass itself at the scored steps (1 extra model "
                    "call each)")
 
@@ -488,7 +487,6 @@ class ForgeRunMonitor(RunMonitor):
     def __init__(self, p, settings: Settings, shared_state=None):
         super().__init__(p, settings, shared_state)
         self.post_cfg = self._post_cfg_hook()
-        self._flow = False
         self._own_uncond: Optional[torch.Tensor] = None  # CFG 1: the negative prompt's prediction MemoGuard ran
         self._negatives: Dict[int, object] = {}  # CFG 1: the negative conditioning MemoGuard encoded, per iteration
         self.cfg1_scored = False
@@ -516,16 +514,15 @@ class ForgeRunMonitor(RunMonitor):
 
     def _before(self, params) -> None:
         if getattr(params.denoiser, "p", None) is self.p:
-            unet = forge.forge_unet(params.denoiser)
-            self._flow = forge.is_rectified_flow(unet.model)
-            if self._flow and self.settings.changes_prompt:
+            if self.settings.changes_prompt and forge.is_rectified_flow(forge.forge_unet(params.denoiser).model):
                 self._schedule_instead()
         super()._before(params)
         self._own_uncond = None
         if self._pending is not None:
             forge.install_post_cfg(params.denoiser, self.post_cfg)
-            if params.text_uncond is None and self._pending.step < self.settings.window and not self._flow:
-                self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params, unet)
+            if params.text_uncond is None and self._pending.step < self.settings.window:
+                self._attempt("running the negative prompt's pass at CFG scale 1", self._negative_pass, params,
+                              forge.forge_unet(params.denoiser))
 
     def _negative_pass(self, params, unet) -> None:
         self._own_uncond = forge.negative_prediction(params, unet, self._negative(params, unet))

@@ -174,3 +174,19 @@ def test_forge_flow_model_mitigates_with_the_best_schedule_instead_of_a_prompt_s
     assert fields["MemoGuard mitigation"].startswith("always guidance -3 for ")
     assert "mitigation opposite_guidance instead of mask_padding" in fields["MemoGuard note"]
     assert not torch.equal(plain.images[0], processed.images[0])
+
+
+def test_forge_flow_model_at_cfg_1_is_scored_with_the_negative_pass_memoguard_runs(forge, monkeypatch):
+    """A guidance-distilled flow model on Forge Neo (Flux dev, Z-Image Turbo) samples at CFG scale 1: MemoGuard runs
+    the negative pass itself, also where the text engine hands one (1, L, C) tensor a prompt (Neo's Anima)."""
+    p = make_p(forge, cfg_scale=1.0, batch_size=2, negative_prompt="blurry")
+    plain = processing.process_images(make_p(forge, cfg_scale=1.0, batch_size=2, negative_prompt="blurry"))
+    monkeypatch.setattr(forge.forge_objects.unet.model.predictor, "prediction_type", "const")
+    monitor, processed = run(p)
+    assert all(torch.equal(a, b) for a, b in zip(plain.images, processed.images)) and not monitor.errors
+    fields = infotext_fields(processed.infotexts[0])
+    assert fields["MemoGuard verdict"] != "unavailable" and "1 extra model call" in fields["MemoGuard note"]
+    encode = forge_module.negative_conditioning
+    monkeypatch.setattr(forge_module, "negative_conditioning", lambda *a: list(encode(*a)[:, None]))
+    listed, _ = run(make_p(forge, cfg_scale=1.0, batch_size=2, negative_prompt="blurry"))
+    torch.testing.assert_close(listed.results[0].trace.per_step(), monitor.results[0].trace.per_step())

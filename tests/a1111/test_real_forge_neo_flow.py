@@ -1,4 +1,4 @@
-"""The extension inside a real Forge Neo on a flow-matching DiT that samples with CFG: Anima (Cosmos-Predict2 DiT,
+"""The extension inside a real Forge Neo on a flow-matching DiT that samples with CFG (and at CFG scale 1): Anima (Cosmos-Predict2 DiT,
 Qwen3-0.6B text encoder through its LLM adapter, Qwen-Image VAE, 16-channel video latents), random weights built
 from Neo's own classes by tests/hosts/make_random_anima.py. Neo detects Anima only at full size (2B parameters):
 64x64 images of 3 steps, about 8 s each on 2 CPU cores, 10-14 GiB of RAM.
@@ -84,6 +84,16 @@ def test_anima_is_scored_calibrated_judged_and_steered_in_forge_neo(anima):
     print("Anima on Forge Neo, after calibration:", judged)
     assert judged["MemoGuard verdict"] in ("ok", "flagged") and "MemoGuard note" not in judged
     assert (judged["MemoGuard verdict"] == "flagged") == (float(judged["MemoGuard score"]) >= answer["threshold"])
+
+    # at CFG scale 1 (how guidance-distilled flow models sample) Neo runs no negative pass: MemoGuard's own, once
+    plain_cfg1 = txt2img(anima, "Euler", **dict(SIZE, cfg_scale=1))
+    cfg1 = txt2img(anima, "Euler", MONITOR, **dict(SIZE, cfg_scale=1))
+    at_cfg1 = first(cfg1)
+    print("Anima on Forge Neo at CFG scale 1:", at_cfg1)
+    assert pixels(cfg1["images"][0]) == pixels(plain_cfg1["images"][0])
+    assert at_cfg1["MemoGuard verdict"] in ("ok", "flagged") and "1 extra model call" in at_cfg1["MemoGuard note"]
+    # the same first step as at CFG 4 (the same x_T, the prompt against the empty negative)
+    assert float(at_cfg1["MemoGuard score"]) == pytest.approx(float(judged["MemoGuard score"]), rel=1e-3)
 
     # mitigation: the panel's default strategy (padding masking) needs the prompt's words, which a flow model's
     # conditioning does not give the WebUI: the best schedule steers instead, and says so; both schedules run
