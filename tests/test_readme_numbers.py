@@ -154,8 +154,7 @@ CLAIMS = [
      "self.settings.window" in (ROOT / "nodes/monitor_hook.py").read_text()),
     ("(one extra model call an image with window 1,\nsaid in", lambda: "self._pending.step < self.settings.window"
      in (ROOT / "a1111_extension/memoguard_a1111/monitor.py").read_text()),
-    ("scale 1 (guidance-distilled models) MemoGuard's own negative pass", lambda: "and not self._flow" in (
-        ROOT / "a1111_extension/memoguard_a1111/monitor.py").read_text()),
+    ("score the one at CFG 4", lambda: "cfg_scale=4)" in (ROOT / "tests/a1111/test_real_forge_neo_flow.py").read_text()),
     ("and Forge Neo 2.26 (the same Forge suite", lambda: "# Forge Neo 2.26" in (
         ROOT / "tests/hosts/checkout_webuis.sh").read_text()),
     ("Every host scores each prompt at 4 seeds", lambda: _parser_default("calibrate", "seeds") == 4
