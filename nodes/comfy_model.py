@@ -269,8 +269,9 @@ class ComfyDiffusionModel(DiffusionModel):
         return replace(sub.with_embedding(embedding), extra=extra, padded=padded if any(padded) else None)
 
     def _typed_without(self, text: str, tokens: List[str], words: List[int], left_out: set, streams: dict):
-        """(text, its tokenization) of `text` with the words numbered `left_out` cut out (_cut_out), or None where a word is not found in the text as its pieces spell it, or the cut text does not tokenize to
-        the prompt's tokens less the word's in every stream (the same tokens and weights, in order)."""
+        """(text, its tokenization) of `text` with the words numbered `left_out` cut out (_cut_out), or None where a
+        word is not found in the text as its pieces spell it, or the cut text does not tokenize to the prompt's
+        tokens less the word's in every stream (the same tokens and weights, in order)."""
         spelled = {}
         for position, word in enumerate(words):
             if word >= 0:
