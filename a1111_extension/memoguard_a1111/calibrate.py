@@ -101,7 +101,8 @@ def _conditioning_prompts(prompts, width: int, height: int):
 
 
 class _Encoder:
-    """sd_model.get_learned_conditioning as PromptEncodings (SD1/SD2 tensor or SDXL {'crossattn', 'vector'})."""
+    """sd_model.get_learned_conditioning as PromptEncodings (SD1/SD2 tensor, SDXL's or Flux's {'crossattn', 'vector',
+    ...}, or one tensor a prompt)."""
 
     def __init__(self, sd_model, width, height, extra_key):
         self.sd_model, self.width, self.height, self.extra_key = sd_model, width, height, extra_key
@@ -112,6 +113,8 @@ class _Encoder:
         extra = {}
         if isinstance(cond, dict):
             extra[self.extra_key] = cond["vector"].float()
+            if "guidance" in cond:  # Forge Neo's Flux dev: its distilled guidance, a model input as the sampler's
+                extra["guidance"] = cond["guidance"].float()
             cond = cond["crossattn"]
         if isinstance(cond, (list, tuple)):  # one tensor per prompt: (L, C), or (1, L, C) (Forge Neo's Anima)
             cond = [c[0] if c.dim() == 3 and c.shape[0] == 1 else c for c in cond]
