@@ -503,11 +503,11 @@ def concurrent_clients(base):
 ARTIFACTS = Path(os.environ.get("MEMOGUARD_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "memoguard-test-artifacts"))
 
 
-def panel_in_a_browser(base, name: str):
+def generate_in_a_browser(base, name: str) -> dict:
     """The WebUI's own page in Chromium (browser_check_webui.mjs): the accordion enabled, Explain tokens on and
-    Mitigation "always" with the defaults, Generate clicked; the panel under the image shows the words by
-    leave-one-out and the padding masking; screenshots of the accordion and the panel land in ARTIFACTS for a
-    person to look at."""
+    Mitigation "always" with the defaults, Generate clicked; its result (the strategy radio, the labels, the panel's
+    text, MemoGuard's page errors). Screenshots of the accordion and the panel land in ARTIFACTS as
+    NAME_memoguard.png and NAME_memoguard_panel.png for a person to look at."""
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     if not shutil.which("node") or not os.environ.get("NODE_PATH") or not Path(chromium).exists():
         pytest.skip("needs node, NODE_PATH with playwright-core and Chromium (tests/hosts/setup_browser.sh)")
@@ -518,12 +518,19 @@ def panel_in_a_browser(base, name: str):
     assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{name} panel:", result["panel"])
+    assert not result["errors"], result["errors"]
+    assert shot.stat().st_size > 10000
+    return result
+
+
+def panel_in_a_browser(base, name: str):
+    """generate_in_a_browser on an SD checkpoint: the panel under the image shows the words by leave-one-out and
+    the padding masking."""
+    result = generate_in_a_browser(base, name)
     assert result["strategy"] == {"choices": ["mask_padding", "opposite_guidance", "guidance_delay", "remove_tokens",
                                               "minimize"], "value": "mask_padding"}, result["strategy"]
     assert "Opposite guidance scale" in result["labels"] and "padding masked" in result["panel"]
     assert "tokens: leave-one-out" in result["panel"]  # the default explanation, re-encoded by the WebUI
-    assert not result["errors"], result["errors"]
-    assert shot.stat().st_size > 10000
 
 
 def copy_evidence_in_the_infotext(base):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from real_checks import ROUTE, SMALL_CALIBRATION, first
+from real_checks import ROUTE, SMALL_CALIBRATION, first, generate_in_a_browser
 from real_host import call, errors_logged, launch_flags, pixels, running_webui, txt2img
 
 FORGE_DIR = os.environ.get("FORGE_DIR")
@@ -47,7 +47,8 @@ def anima(tmp_path_factory):
              "--text-encoder-dirs", str(folders["text_encoders"]), "--vae-dirs", str(folders["vaes"])]
     webui = data / "webui"
     webui.mkdir()
-    with running_webui(root, python, flags, webui) as base:
+    # the page and the API of one server: a second Neo with this 2B model would not fit beside it
+    with running_webui(root, python, [*flags, "--api"], webui, api_only=False) as base:
         call(base + "/sdapi/v1/options", {"sd_model_checkpoint": CHECKPOINT,
                                           "forge_additional_modules": [TEXT_ENCODER, VAE]})
         yield base
@@ -105,3 +106,12 @@ def test_anima_is_scored_calibrated_judged_and_steered_in_forge_neo(anima):
         assert fields["MemoGuard mitigation"].startswith(done) and "MemoGuard error" not in fields
         assert pixels(steered["images"][0]) != pixels(plain["images"][0])
         assert ("instead of mask_padding" in fields.get("MemoGuard note", "")) == (strategy == "mask_padding")
+
+
+def test_anima_in_the_forge_neo_page_shows_what_it_did_instead(anima):
+    """The page as a user has it (the accordion's defaults: padding masking, Explain tokens): the panel under the
+    image says that opposite guidance steered instead and why no words are explained."""
+    result = generate_in_a_browser(anima, "forge-neo_anima")
+    panel = result["panel"]
+    assert "mitigation opposite_guidance instead of mask_padding" in panel
+    assert "always guidance -3 for" in panel and EXPECTED_REFUSAL in panel
