@@ -540,7 +540,8 @@ class ForgeRunMonitor(RunMonitor):
         chosen = self.settings.strategy
         self.settings = replace(self.settings, strategy=DEFAULT_WITHOUT_PROMPT)
         self.strategy_note = (f"mitigation {DEFAULT_WITHOUT_PROMPT} instead of {chosen}: on a rectified-flow model "
-                              f"the WebUI changes no prompt embedding ({forge.PROMPT_FAMILIES})")
+                              f"the WebUI changes no prompt embedding ({forge.PROMPT_FAMILIES}); on the flow "
+                              "evaluation model the schedules left every copy, token removal none (BENCHMARKS.md)")
 
     def scoring_notes(self) -> List[str]:
         return [FORGE_CFG1_NOTE] * self.cfg1_scored + [self.strategy_note] * bool(self.strategy_note)
