@@ -231,6 +231,21 @@ class WebUIPromptText:
                        padded=padded if any(padded) else None)
 
 
+def cut_out(text: str, spans) -> str:
+    """A prompt typed without the words at the (start, end) spans of its text (ComfyUI re-tokenizes it). Where a cut
+    word is followed by a character of its own (a comma), that character joins the word before, as it is typed
+    without the word ("a ring, sky" less "ring" is "a, sky": SentencePiece marks the space before it); two words the
+    cut would join stay apart."""
+    for start, end in sorted(spans, reverse=True):
+        left, right = text[:start], text[end:]
+        if right[:1].strip():
+            left = left.rstrip()
+            if left[-1:].isalnum() and right[:1].isalnum():
+                left += " "
+        text = left + right
+    return text
+
+
 def merge_embedding_words(words: List[str], tokenize: Callable[[List[str]], List[List[int]]], find_at) -> List[str]:
     """The words of a prompt fragment with each textual-inversion embedding's name as one word (its vectors are one
     word's positions), found as the WebUI's chunker finds it: find_at(ids, position) -> (embedding or None, how many

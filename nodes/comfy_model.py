@@ -23,7 +23,7 @@ from memoguard import DiffusionModel, PromptEncoding
 from memoguard.errors import MemoGuardError
 from memoguard.model import WORD_START, fit_shorter_prompt, sentencepiece_word_ends, word_numbers
 from memoguard.host_autograd import ordinary
-from memoguard.hosts import CHUNK, coefficients_kdiffusion
+from memoguard.hosts import CHUNK, coefficients_kdiffusion, cut_out
 
 from .calibration_choice import prediction_of
 
@@ -96,20 +96,6 @@ def model_inputs(extra: dict) -> dict:
             key = key[len(CONSTANT):]
         out[key] = value
     return out
-
-
-def _cut_out(text: str, spans) -> str:
-    """text without the (start, end) spans. Where a cut word is followed by a character of its own (a comma), that
-    character joins the word before, as it is typed without the word ("a ring, sky" less "ring" is "a, sky":
-    SentencePiece marks the space before it); two words the cut would join stay apart."""
-    for start, end in sorted(spans, reverse=True):
-        left, right = text[:start], text[end:]
-        if right[:1].strip():
-            left = left.rstrip()
-            if left[-1:].isalnum() and right[:1].isalnum():
-                left += " "
-        text = left + right
-    return text
 
 
 def _same_tokens(a: list, b: list) -> bool:
@@ -269,9 +255,9 @@ class ComfyDiffusionModel(DiffusionModel):
         return replace(sub.with_embedding(embedding), extra=extra, padded=padded if any(padded) else None)
 
     def _typed_without(self, text: str, tokens: List[str], words: List[int], left_out: set, streams: dict):
-        """(text, its tokenization) of `text` with the words numbered `left_out` cut out (_cut_out), or None where a
-        word is not found in the text as its pieces spell it, or the cut text does not tokenize to the prompt's
-        tokens less the word's in every stream (the same tokens and weights, in order)."""
+        """(text, its tokenization) of `text` with the words numbered `left_out` cut out (memoguard.hosts.cut_out),
+        or None where a word is not found in the text as its pieces spell it, or the cut text does not tokenize to
+        the prompt's tokens less the word's in every stream (the same tokens and weights, in order)."""
         spelled = {}
         for position, word in enumerate(words):
             if word >= 0:
@@ -283,7 +269,7 @@ class ComfyDiffusionModel(DiffusionModel):
                 return None
             at = start + len(spelled[word])
             spans[word] = (start, at)
-        cut = _cut_out(text, [spans[w] for w in left_out])
+        cut = cut_out(text, [spans[w] for w in left_out])
         retokenized = self._tokenize(cut)
         again = self._streams(retokenized)
         for key, stream in streams.items():

@@ -212,3 +212,13 @@ def test_words_are_read_alike_from_clip_bpe_and_t5_sentencepiece():
                                                                                                 5, -1]
     assert word_numbers(sentencepiece_word_ends(t5, t5_segments), [s > 0 for s in t5_segments]) == [0, 0, 1, 2, 2, 3,
                                                                                                     4, 4, 5, -1, -1]
+
+
+def test_a_cut_word_leaves_its_punctuation_to_the_word_before_and_never_joins_two_words():
+    from memoguard.hosts import cut_out
+    text = "a purple ring, sky,cloud"
+    span = lambda word: (text.index(word), text.index(word) + len(word))
+    assert cut_out(text, [span("ring")]) == "a purple, sky,cloud"
+    comma = text.rindex(",")
+    assert cut_out(text, [(comma, comma + 1)]) == "a purple ring, sky cloud"
+    assert cut_out(text, [span("a"), span("ring")]) == " purple, sky,cloud"

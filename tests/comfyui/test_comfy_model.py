@@ -164,16 +164,6 @@ def test_words_are_bpe_pieces_together_and_a_word_left_out_is_the_prompt_without
     assert not adapter.can_reencode(encoding(cond.embedding, 7))
 
 
-def test_a_cut_word_leaves_its_punctuation_to_the_word_before_and_never_joins_two_words():
-    from nodes.comfy_model import _cut_out
-    text = "a purple ring, sky,cloud"
-    span = lambda word: (text.index(word), text.index(word) + len(word))
-    assert _cut_out(text, [span("ring")]) == "a purple, sky,cloud"
-    comma = text.rindex(",")
-    assert _cut_out(text, [(comma, comma + 1)]) == "a purple ring, sky cloud"
-    assert _cut_out(text, [span("a"), span("ring")]) == " purple, sky,cloud"
-
-
 def test_a_word_left_out_of_a_long_prompt_is_the_prompt_typed_without_it(with_clip):
     """ComfyUI chunks a prompt typed without a word afresh (the words after it move up a chunk): encode_without is
     that prompt, brought back to the length the sampler has by repeating it whole where a chunk was lost (as
