@@ -490,7 +490,7 @@ class ForgeRunMonitor(RunMonitor):
         self._own_uncond: Optional[torch.Tensor] = None  # CFG 1: the negative prompt's prediction MemoGuard ran
         self._negatives: Dict[int, object] = {}  # CFG 1: the negative conditioning MemoGuard encoded, per iteration
         self.cfg1_scored = False
-        self.strategy_note = ""  # a prompt strategy a flow model cannot take, replaced by the best schedule
+        self.flow_notes: List[str] = []  # what a flow model made MemoGuard do otherwise than asked (_flow_limits)
 
     def _post_cfg_hook(self):
         # A closure, not a bound method: UnetPatcher.clone() deep-copies model_options (and a method's object).
@@ -514,8 +514,9 @@ class ForgeRunMonitor(RunMonitor):
 
     def _before(self, params) -> None:
         if getattr(params.denoiser, "p", None) is self.p:
-            if self.settings.changes_prompt and forge.is_rectified_flow(forge.forge_unet(params.denoiser).model):
-                self._schedule_instead()
+            if (self.settings.changes_prompt or self.settings.explain) and forge.is_rectified_flow(
+                    forge.forge_unet(params.denoiser).model):
+                self._flow_limits()
         super()._before(params)
         self._own_uncond = None
         if self._pending is not None:
@@ -534,17 +535,24 @@ class ForgeRunMonitor(RunMonitor):
             self._negatives[iteration] = forge.negative_conditioning(self.p, params, unet)
         return self._negatives[iteration]
 
-    def _schedule_instead(self) -> None:
+    def _flow_limits(self) -> None:
         """On a rectified-flow model (Forge Neo's Flux, Anima, Qwen-Image ...) the WebUI maps no prompt positions to
-        words: a prompt strategy becomes the best measured schedule, which needs none, and the infotext says so."""
-        chosen = self.settings.strategy
-        self.settings = replace(self.settings, strategy=DEFAULT_WITHOUT_PROMPT)
-        self.strategy_note = (f"mitigation {DEFAULT_WITHOUT_PROMPT} instead of {chosen}: on a rectified-flow model "
-                              f"the WebUI changes no prompt embedding ({forge.PROMPT_FAMILIES}); on the flow "
-                              "evaluation model the schedules left every copy, token removal none (BENCHMARKS.md)")
+        words: a prompt strategy becomes the best measured schedule, which needs none, the explanation is left out,
+        and the infotext says both."""
+        if self.settings.changes_prompt:
+            chosen = self.settings.strategy
+            self.settings = replace(self.settings, strategy=DEFAULT_WITHOUT_PROMPT)
+            self.flow_notes.append(f"mitigation {DEFAULT_WITHOUT_PROMPT} instead of {chosen}: on a rectified-flow "
+                                   f"model the WebUI changes no prompt embedding ({forge.PROMPT_FAMILIES}); on the "
+                                   "flow evaluation model the schedules left every copy, token removal none "
+                                   "(BENCHMARKS.md)")
+        if self.settings.explain:
+            self.settings = replace(self.settings, explain=False)
+            self.flow_notes.append(f"tokens not explained: on a rectified-flow model the WebUI maps no prompt position "
+                                   f"to a word ({forge.PROMPT_FAMILIES})")
 
     def scoring_notes(self) -> List[str]:
-        return [FORGE_CFG1_NOTE] * self.cfg1_scored + [self.strategy_note] * bool(self.strategy_note)
+        return [FORGE_CFG1_NOTE] * self.cfg1_scored + self.flow_notes
 
     def _family(self, denoiser) -> str:
         return "forge"  # every Forge sampler calls the model in k-diffusion form (DDIM's timesteps become sigmas)

@@ -155,7 +155,8 @@ def test_forge_flow_model_is_scored_with_its_own_convention_and_refuses_gradient
     run(eps_p)
     monkeypatch.setattr(forge.forge_objects.unet.model.predictor, "prediction_type", "const")  # Forge: SD3 / Flux
     monitor, processed = run(p, explain=True)
-    assert "is a rectified-flow model: in the WebUI token explanation" in processed.comments
+    assert not monitor.errors and not monitor.image_explanations(0, 0)  # not explained, and said so
+    assert "tokens not explained: on a rectified-flow model" in infotext_fields(processed.infotexts[0])["MemoGuard note"]
     # a flow read as x = x0 + sigma * v: the same denoised outputs are the same difference, of velocities (the
     # noise difference (1 - sigma)(v_c - v_u) would vanish where flow samplers start, at sigma 1)
     torch.testing.assert_close(monitor.results[0].trace.per_step()[0],
